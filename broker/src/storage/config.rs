@@ -1,0 +1,86 @@
+//! Per-log settings, with Kafka's names and defaults where Kafka has them.
+
+/// When appended data is forced to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushPolicy {
+    /// Before an append is acknowledged (group commit shares one fsync among
+    /// concurrent appends).
+    Always,
+    /// At most this many milliseconds after an append.
+    IntervalMs(u64),
+    /// Left to the operating system; checkpoints and segment rolls still sync.
+    Os,
+}
+
+/// Settings of one partition log.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Roll to a new segment once the active one would exceed this size.
+    /// Default 1 GiB; range 1 KiB ..= 2 GiB (positions are 32-bit).
+    pub segment_bytes: u64,
+    /// Roll once the active segment is this old. Default 7 days.
+    pub segment_ms: i64,
+    /// Delete closed segments whose newest record is older than this; `None`
+    /// keeps them forever. Default 7 days.
+    pub retention_ms: Option<i64>,
+    /// Delete the oldest closed segments while the log is larger than this;
+    /// `None` for no limit. Default none.
+    pub retention_bytes: Option<u64>,
+    /// Bytes of batches between two offset-index entries. Default 4096.
+    pub index_interval_bytes: u64,
+    /// Maximum size of each index file; the segment rolls when one fills.
+    /// Default 10 MiB.
+    pub segment_index_bytes: u64,
+    /// When to fsync. Default [`FlushPolicy::Os`].
+    pub flush: FlushPolicy,
+    /// Check each batch's CRC again when reading it. Default true.
+    pub verify_on_read: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes: 1 << 30,
+            segment_ms: 7 * 24 * 3600 * 1000,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            retention_bytes: None,
+            index_interval_bytes: 4096,
+            segment_index_bytes: 10 << 20,
+            flush: FlushPolicy::Os,
+            verify_on_read: true,
+        }
+    }
+}
+
+impl LogConfig {
+    /// Largest allowed `segment_bytes`: positions are stored in 32 bits.
+    pub const MAX_SEGMENT_BYTES: u64 = i32::MAX as u64;
+
+    /// Every problem with this config, or nothing.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !(1024..=Self::MAX_SEGMENT_BYTES).contains(&self.segment_bytes) {
+            out.push(format!(
+                "segment_bytes must be in 1024..={}, got {}",
+                Self::MAX_SEGMENT_BYTES,
+                self.segment_bytes
+            ));
+        }
+        if self.segment_ms <= 0 {
+            out.push(format!(
+                "segment_ms must be positive, got {}",
+                self.segment_ms
+            ));
+        }
+        if self.index_interval_bytes == 0 {
+            out.push("index_interval_bytes must be positive".to_string());
+        }
+        if self.segment_index_bytes < 12 * 4 {
+            out.push(format!(
+                "segment_index_bytes must be at least 48, got {}",
+                self.segment_index_bytes
+            ));
+        }
+        out
+    }
+}

@@ -1,0 +1,76 @@
+//! Errors of the storage layer.
+
+use std::path::PathBuf;
+
+use tally_proto::batch::BatchError;
+
+/// What went wrong in the log.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// An operating-system call failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The offset is outside `[log_start, log_end]`.
+    #[error("offset {requested} is out of range: the log holds [{log_start}, {log_end})")]
+    OffsetOutOfRange {
+        /// The offset asked for.
+        requested: u64,
+        /// First offset in the log.
+        log_start: u64,
+        /// Offset after the last record.
+        log_end: u64,
+    },
+    /// Bytes on disk that fail validation.
+    #[error("corrupt batch in {path} at position {position}: {reason}")]
+    Corrupt {
+        /// The segment file.
+        path: PathBuf,
+        /// Byte position of the batch.
+        position: u64,
+        /// What was wrong.
+        reason: BatchError,
+    },
+    /// A replica batch that does not start at the log end offset.
+    #[error("replica batch starts at offset {got}, but the log ends at {expected}")]
+    NonContiguousOffset {
+        /// The log end offset.
+        expected: u64,
+        /// The batch's base offset.
+        got: u64,
+    },
+    /// An argument the log cannot act on.
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+impl StorageError {
+    /// True when the disk is full (ENOSPC or EDQUOT).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StorageError::Io { source, .. } => {
+                matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
+                )
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Wraps an `io::Error` with what was being done and where.
+pub(crate) fn io_err(
+    op: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(std::io::Error) -> StorageError {
+    let path = path.into();
+    move |source| StorageError::Io { op, path, source }
+}

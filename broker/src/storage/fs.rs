@@ -1,0 +1,82 @@
+//! File-system helpers: preallocation, directory fsync, atomic replacement,
+//! and memory maps that tolerate empty files.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use super::Result;
+use super::error::io_err;
+
+/// Opens (creating if needed) a file for reading and writing.
+pub(crate) fn open_rw(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err("open", path))
+}
+
+/// Allocates real blocks for `[0, len)` so stores into a map of the file
+/// cannot fail for lack of space (a sparse hole would SIGBUS on a full disk).
+pub(crate) fn preallocate(file: &File, len: u64, path: &Path) -> Result<()> {
+    let len_i64 = i64::try_from(len)
+        .map_err(|_| super::StorageError::InvalidArgument(format!("length {len} too large")))?;
+    // SAFETY: plain syscall on a valid descriptor.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_i64) };
+    if rc != 0 {
+        return Err(io_err("preallocate", path)(
+            std::io::Error::from_raw_os_error(rc),
+        ));
+    }
+    Ok(())
+}
+
+/// Maps `len` bytes of `file` for reading and writing; `None` when `len` is 0.
+pub(crate) fn map(file: &File, len: u64, path: &Path) -> Result<Option<MmapRaw>> {
+    if len == 0 {
+        return Ok(None);
+    }
+    let len = usize::try_from(len)
+        .map_err(|_| super::StorageError::InvalidArgument(format!("map of {len} bytes")))?;
+    MmapOptions::new()
+        .len(len)
+        .map_raw(file)
+        .map(Some)
+        .map_err(io_err("mmap", path))
+}
+
+/// fsyncs a directory so entries created, renamed or removed in it persist.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))
+}
+
+/// Replaces `path` with `contents` atomically: temp file, fsync, rename,
+/// fsync of the directory. A crash leaves either the old or the new file.
+pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    f.write_all(contents).map_err(io_err("write", &tmp))?;
+    f.sync_all().map_err(io_err("fsync", &tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Removes a file, treating "not found" as done (so recovery can repeat it).
+pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", path)(e)),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,744 @@
+//! [`Log`]: one partition's segments, with offsets, reads, rolls, retention,
+//! truncation, flushing and crash recovery.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tally_proto::batch::RecordBatch;
+
+use super::checkpoint::{Checkpoints, LeaderEpochCache};
+use super::clock::Clock;
+use super::config::{FlushPolicy, LogConfig};
+use super::error::io_err;
+use super::fs::{remove_if_exists, sync_dir};
+use super::segment::{Segment, SegmentSizes};
+use super::{Result, StorageError};
+
+/// Where an append landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    /// Offset of the batch's first record.
+    pub base_offset: u64,
+    /// Offset of its last record.
+    pub last_offset: u64,
+    /// The log end offset after the append.
+    pub log_end_offset: u64,
+}
+
+/// Batches returned by [`Log::read`]: runs of whole batches, each a zero-copy
+/// slice of a segment's map.
+#[derive(Debug, Clone, Default)]
+pub struct ReadResult {
+    /// One run of batches per segment touched, in offset order.
+    pub chunks: Vec<Bytes>,
+    /// Offset after the last batch returned (the fetch offset when empty).
+    pub next_offset: u64,
+    /// Total bytes in `chunks`.
+    pub bytes: u64,
+}
+
+/// What a retention pass deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    /// Segments deleted.
+    pub segments_deleted: usize,
+    /// Bytes of segment data deleted.
+    pub bytes_deleted: u64,
+}
+
+/// A sync that can run without the log: the files written since the last
+/// sync and the offset they will make durable. Built by [`Log::sync_plan`]
+/// under whatever lock guards the log, run outside it, then reported back
+/// with [`Log::mark_durable`].
+#[derive(Debug)]
+pub struct SyncPlan {
+    files: Vec<Arc<File>>,
+    dir: Option<PathBuf>,
+    dir_generation: u64,
+    up_to: u64,
+}
+
+impl SyncPlan {
+    /// fdatasyncs the files (and the directory when entries changed).
+    /// Returns the offset below which the log is now durable.
+    pub fn execute(&self) -> Result<u64> {
+        for f in &self.files {
+            f.sync_data()
+                .map_err(io_err("fdatasync", self.dir.clone().unwrap_or_default()))?;
+        }
+        if let Some(dir) = &self.dir {
+            sync_dir(dir)?;
+        }
+        Ok(self.up_to)
+    }
+
+    /// The offset this plan makes durable.
+    pub fn up_to(&self) -> u64 {
+        self.up_to
+    }
+}
+
+/// One partition's log.
+///
+/// ```
+/// use std::sync::Arc;
+/// use tally_broker::storage::{Log, LogConfig, SystemClock};
+/// use tally_proto::batch::{BatchBuilder, BatchLimits, RecordBatch, RecordRef};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let mut log = Log::open(dir.path(), LogConfig::default(), Arc::new(SystemClock)).unwrap();
+/// let mut b = BatchBuilder::new();
+/// b.push(&RecordRef { timestamp: 1, value: Some(b"hello"), ..Default::default() });
+/// let batch = RecordBatch::validate(b.finish(), &BatchLimits::default()).unwrap();
+/// assert_eq!(log.append(&batch, 0).unwrap().base_offset, 0);
+/// let read = log.read(0, 1 << 20, u64::MAX).unwrap();
+/// assert_eq!(read.next_offset, 1);
+/// ```
+#[derive(Debug)]
+pub struct Log {
+    dir: PathBuf,
+    config: LogConfig,
+    clock: Arc<dyn Clock>,
+    segments: BTreeMap<u64, Segment>,
+    log_start_offset: u64,
+    high_watermark: u64,
+    recovery_point: u64,
+    leader_epochs: LeaderEpochCache,
+    /// Closed segments not yet synced: (end offset, files).
+    unsynced: Vec<(u64, [Arc<File>; 3])>,
+    dir_generation: u64,
+    synced_dir_generation: u64,
+    last_flush_ms: i64,
+}
+
+fn parse_segment_name(name: &str) -> Option<(u64, &str)> {
+    let (stem, ext) = name.split_once('.')?;
+    (stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| (stem.parse().ok(), ext))
+        .and_then(|(b, e)| Some((b?, e)))
+}
+
+impl Log {
+    /// Opens (creating if needed) the log in `dir`, recovering it: stray
+    /// files from an interrupted roll or delete are removed, segments from the
+    /// one holding the recovery point on are re-validated, and the log is cut
+    /// at the first torn, zeroed or corrupt batch. Opening twice in a row, or
+    /// crashing while opening, gives the same log.
+    pub fn open(dir: &Path, config: LogConfig, clock: Arc<dyn Clock>) -> Result<Log> {
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(StorageError::InvalidArgument(problems.join("; ")));
+        }
+        std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        let checkpoints = Checkpoints::read(dir)?;
+        let bases = Self::clean_directory(dir)?;
+        let mut log = Log {
+            dir: dir.to_path_buf(),
+            config,
+            clock,
+            segments: BTreeMap::new(),
+            log_start_offset: checkpoints.log_start_offset,
+            high_watermark: 0,
+            recovery_point: checkpoints.recovery_point,
+            leader_epochs: checkpoints.leader_epochs.clone(),
+            unsynced: Vec::new(),
+            dir_generation: 1,
+            synced_dir_generation: 0,
+            last_flush_ms: 0,
+        };
+        log.load_segments(&bases)?;
+        let leo = log.log_end_offset();
+        let first_base = log.segments.keys().next().copied().unwrap_or(leo);
+        log.log_start_offset = log.log_start_offset.max(first_base).min(leo);
+        log.leader_epochs.truncate_from_end(leo);
+        log.leader_epochs.truncate_from_start(log.log_start_offset);
+        log.high_watermark = checkpoints.high_watermark.clamp(log.log_start_offset, leo);
+        log.last_flush_ms = log.clock.now_ms();
+        // Whatever recovery validated is made durable before it counts.
+        log.flush()?;
+        if log.recovery_point != checkpoints.recovery_point {
+            Checkpoints::write_recovery_point(&log.dir, log.recovery_point)?;
+        }
+        if log.leader_epochs != checkpoints.leader_epochs {
+            log.checkpoints().write_leader_epochs(&log.dir)?;
+        }
+        Ok(log)
+    }
+
+    /// Removes leftovers (temp files, index files without a log) and returns
+    /// the base offsets of the segments present, ascending.
+    fn clean_directory(dir: &Path) -> Result<Vec<u64>> {
+        let mut logs = Vec::new();
+        let mut others = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io_err("read directory", dir))? {
+            let entry = entry.map_err(io_err("read directory", dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if name.ends_with(".tmp") || name.ends_with(".deleted") || name.ends_with(".swap") {
+                remove_if_exists(&path)?;
+            } else if let Some((base, ext)) = parse_segment_name(&name) {
+                match ext {
+                    "log" => logs.push(base),
+                    "index" | "timeindex" => others.push((base, path)),
+                    _ => {}
+                }
+            }
+        }
+        logs.sort_unstable();
+        for (base, path) in others {
+            if logs.binary_search(&base).is_err() {
+                remove_if_exists(&path)?;
+            }
+        }
+        Ok(logs)
+    }
+
+    fn sizes(&self) -> SegmentSizes {
+        SegmentSizes {
+            log_bytes: self.config.segment_bytes,
+            index_bytes: self.config.segment_index_bytes,
+        }
+    }
+
+    fn load_segments(&mut self, bases: &[u64]) -> Result<()> {
+        let now = self.clock.now_ms();
+        let sizes = self.sizes();
+        let interval = self.config.index_interval_bytes;
+        if bases.is_empty() {
+            let segment = Segment::create(&self.dir, self.log_start_offset, sizes, now)?;
+            self.segments.insert(self.log_start_offset, segment);
+            return Ok(());
+        }
+        let revalidate_from = bases
+            .iter()
+            .rposition(|&b| b <= self.recovery_point)
+            .unwrap_or(0)
+            .min(bases.len() - 1);
+        let mut expected: Option<u64> = None;
+        let mut recovering = false;
+        for (i, &base) in bases.iter().enumerate() {
+            let is_last = i == bases.len() - 1;
+            if expected.is_some_and(|e| e != base) {
+                tracing::warn!(dir = %self.dir.display(), base, expected, "segment does not continue the log; removing it and all later segments");
+                self.delete_segment_files_from(&bases[i..])?;
+                break;
+            }
+            if i < revalidate_from && !recovering {
+                let mut segment = Segment::open(&self.dir, base, now, None)?;
+                segment.load_trusted(interval)?;
+                expected = Some(segment.next_offset());
+                self.segments.insert(base, segment);
+                continue;
+            }
+            recovering = true;
+            let mut segment = Segment::open(&self.dir, base, now, Some(sizes.index_bytes))?;
+            let recovered = segment.recover(base, &mut self.leader_epochs, interval, !is_last)?;
+            expected = Some(segment.next_offset());
+            let corrupt = recovered.cut_bytes > 0 && !recovered.zero_tail;
+            if corrupt || (recovered.cut_bytes > 0 && !is_last) {
+                tracing::warn!(
+                    path = %segment.path().display(),
+                    cut_bytes = recovered.cut_bytes,
+                    zero_tail = recovered.zero_tail,
+                    "recovery cut the segment after its last valid batch"
+                );
+            }
+            if corrupt {
+                self.segments.insert(base, segment);
+                self.delete_segment_files_from(&bases[i + 1..])?;
+                break;
+            }
+            if !is_last {
+                segment.close()?;
+            }
+            self.segments.insert(base, segment);
+        }
+        self.recovery_point = self.recovery_point.min(self.log_end_offset());
+        let sizes = self.sizes();
+        self.active_mut().make_active(sizes)?;
+        Ok(())
+    }
+
+    fn delete_segment_files_from(&mut self, bases: &[u64]) -> Result<()> {
+        for &base in bases {
+            for ext in ["log", "index", "timeindex"] {
+                remove_if_exists(&self.dir.join(super::segment::file_name(base, ext)))?;
+            }
+        }
+        self.dir_generation += 1;
+        Ok(())
+    }
+
+    fn active(&self) -> &Segment {
+        self.segments
+            .values()
+            .next_back()
+            .expect("a log always has an active segment")
+    }
+
+    fn active_mut(&mut self) -> &mut Segment {
+        self.segments
+            .values_mut()
+            .next_back()
+            .expect("a log always has an active segment")
+    }
+
+    /// The directory of this log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// Replaces the settings; size and time limits apply from the next
+    /// append or retention pass.
+    pub fn set_config(&mut self, config: LogConfig) -> Result<()> {
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(StorageError::InvalidArgument(problems.join("; ")));
+        }
+        self.config = config;
+        Ok(())
+    }
+
+    /// First readable offset.
+    pub fn log_start_offset(&self) -> u64 {
+        self.log_start_offset
+    }
+
+    /// Offset the next appended record gets (LEO).
+    pub fn log_end_offset(&self) -> u64 {
+        self.active().next_offset()
+    }
+
+    /// The high watermark: consumers read below it.
+    pub fn high_watermark(&self) -> u64 {
+        self.high_watermark
+    }
+
+    /// Moves the high watermark; it stays within `[log_start, log_end]`.
+    pub fn set_high_watermark(&mut self, hw: u64) {
+        debug_assert!(
+            hw <= self.log_end_offset(),
+            "hw {hw} beyond leo {}",
+            self.log_end_offset()
+        );
+        self.high_watermark = hw.clamp(self.log_start_offset, self.log_end_offset());
+    }
+
+    /// Offsets below this are durable.
+    pub fn recovery_point(&self) -> u64 {
+        self.recovery_point
+    }
+
+    /// The leader-epoch cache.
+    pub fn leader_epochs(&self) -> &LeaderEpochCache {
+        &self.leader_epochs
+    }
+
+    /// Number of segments, the active one included.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Bytes of batch data in all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.segments.values().map(Segment::size).sum()
+    }
+
+    /// Appends a validated batch as leader: assigns offsets from the log end
+    /// and stamps `leader_epoch`, patching 12 header bytes (never
+    /// re-encoding). On error the log is unchanged.
+    pub fn append(&mut self, batch: &RecordBatch, leader_epoch: u32) -> Result<AppendInfo> {
+        let base = self.log_end_offset();
+        let epoch = i32::try_from(leader_epoch)
+            .map_err(|_| StorageError::InvalidArgument("leader epoch too large".into()))?;
+        self.append_at(batch, base, epoch)
+    }
+
+    /// Appends a batch as a follower, keeping the leader's offsets and epoch.
+    /// The batch must start at the log end offset.
+    pub fn append_replica(&mut self, batch: &RecordBatch) -> Result<AppendInfo> {
+        let h = batch.header();
+        let leo = self.log_end_offset();
+        if h.base_offset() != leo as i64 {
+            return Err(StorageError::NonContiguousOffset {
+                expected: leo,
+                got: h.base_offset() as u64,
+            });
+        }
+        self.append_at(batch, leo, h.partition_leader_epoch())
+    }
+
+    fn append_at(&mut self, batch: &RecordBatch, base: u64, epoch: i32) -> Result<AppendInfo> {
+        let len = batch.len() as u64;
+        let last = base + u64::try_from(batch.header().last_offset_delta()).unwrap_or(0);
+        self.make_room(len, last)?;
+        let interval = self.config.index_interval_bytes;
+        self.active_mut().append(batch, base, epoch, interval);
+        if epoch >= 0 && self.leader_epochs.assign(epoch as u32, base) {
+            self.checkpoints().write_leader_epochs(&self.dir)?;
+        }
+        let leo = self.log_end_offset();
+        debug_assert_eq!(leo, last + 1);
+        Ok(AppendInfo {
+            base_offset: base,
+            last_offset: last,
+            log_end_offset: leo,
+        })
+    }
+
+    /// Rolls if the batch does not fit or the segment is old, and grows an
+    /// empty segment that is too small for one oversized batch.
+    fn make_room(&mut self, len: u64, last_offset: u64) -> Result<()> {
+        let now = self.clock.now_ms();
+        let active = self.active();
+        let too_old = now.saturating_sub(active.created_ms()) >= self.config.segment_ms;
+        if !active.is_empty() && (active.is_full_for(len, last_offset) || too_old) {
+            self.roll()?;
+        }
+        let active = self.active_mut();
+        if active.is_full_for(len, last_offset) {
+            active.grow_for(len)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the active segment and starts a new one at the log end offset.
+    /// Does nothing when the active segment is empty.
+    pub fn roll(&mut self) -> Result<()> {
+        if self.active().is_empty() {
+            return Ok(());
+        }
+        let base = self.log_end_offset();
+        let segment = Segment::create(&self.dir, base, self.sizes(), self.clock.now_ms())?;
+        let old = self.active_mut();
+        old.close()?;
+        let files = old.files();
+        self.unsynced.push((base, files));
+        self.segments.insert(base, segment);
+        self.dir_generation += 1;
+        Ok(())
+    }
+
+    /// Reads whole batches from the one holding `offset`, up to `max_bytes`
+    /// (at least one batch, even if larger), never including a batch that
+    /// reaches `upper` (exclusive; pass the high watermark for consumers).
+    /// Crosses segment boundaries. Fails with `OffsetOutOfRange` outside
+    /// `[log_start, log_end]`, and with `Corrupt` rather than return bad bytes.
+    pub fn read(&self, offset: u64, max_bytes: u64, upper: u64) -> Result<ReadResult> {
+        let leo = self.log_end_offset();
+        if offset < self.log_start_offset || offset > leo {
+            return Err(StorageError::OffsetOutOfRange {
+                requested: offset,
+                log_start: self.log_start_offset,
+                log_end: leo,
+            });
+        }
+        let upper = upper.min(leo);
+        let mut out = ReadResult {
+            chunks: Vec::new(),
+            next_offset: offset,
+            bytes: 0,
+        };
+        if offset >= upper {
+            return Ok(out);
+        }
+        let floor = self
+            .segments
+            .range(..=offset)
+            .next_back()
+            .map_or(0, |(b, _)| *b);
+        for segment in self.segments.range(floor..).map(|(_, s)| s) {
+            let position = if out.chunks.is_empty() {
+                match segment.find_position(offset)? {
+                    Some(p) => p,
+                    None => continue,
+                }
+            } else {
+                0
+            };
+            let budget = max_bytes.saturating_sub(out.bytes);
+            let taken = segment.read_from(
+                position,
+                budget,
+                upper,
+                out.chunks.is_empty(),
+                self.config.verify_on_read,
+            )?;
+            let Some((bytes, next)) = taken else { break };
+            out.bytes += bytes.len() as u64;
+            out.next_offset = next;
+            out.chunks.push(bytes);
+            if next < segment.next_offset() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first offset whose record timestamp is >= `timestamp`, with that
+    /// timestamp; `None` when every record is older.
+    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(u64, i64)>> {
+        for segment in self.segments.values() {
+            if segment.max_timestamp().is_some_and(|m| m >= timestamp)
+                && segment.next_offset() > self.log_start_offset
+                && let Some(found) =
+                    segment.offset_for_timestamp(timestamp, self.log_start_offset)?
+            {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes every batch at or after the one holding `offset` (followers
+    /// call this to match their leader). Returns the new log end offset,
+    /// which is at most `offset` and a batch boundary.
+    pub fn truncate_to(&mut self, offset: u64) -> Result<u64> {
+        let leo = self.log_end_offset();
+        if offset >= leo {
+            return Ok(leo);
+        }
+        if offset < self.log_start_offset {
+            return Err(StorageError::InvalidArgument(format!(
+                "cannot truncate to {offset}, below the log start offset {}",
+                self.log_start_offset
+            )));
+        }
+        // First make sure a crash from here on re-validates the cut region.
+        if self.recovery_point > offset {
+            self.recovery_point = offset;
+            Checkpoints::write_recovery_point(&self.dir, offset)?;
+        }
+        let floor = *self
+            .segments
+            .range(..=offset)
+            .next_back()
+            .expect("offset >= log start")
+            .0;
+        let cut_base = self.segments[&floor]
+            .batch_base_holding(offset)?
+            .unwrap_or(offset);
+        if cut_base < self.log_start_offset {
+            // The batch to cut also holds the log start: nothing readable remains.
+            return self.truncate_fully_and_start_at(self.log_start_offset);
+        }
+        let sizes = self.sizes();
+        {
+            let segment = self.segments.get_mut(&floor).expect("floor exists");
+            segment.truncate_to(offset)?;
+        }
+        let later: Vec<u64> = self.segments.range(floor + 1..).map(|(b, _)| *b).collect();
+        if !later.is_empty() {
+            self.segments
+                .get_mut(&floor)
+                .expect("floor exists")
+                .make_active(sizes)?;
+            for base in later {
+                let segment = self.segments.remove(&base).expect("listed");
+                segment.delete()?;
+            }
+            self.dir_generation += 1;
+        }
+        let leo = self.log_end_offset();
+        self.unsynced.retain(|(end, _)| *end <= leo);
+        self.recovery_point = self.recovery_point.min(leo);
+        if self.high_watermark > leo {
+            self.high_watermark = leo;
+        }
+        if self.leader_epochs.truncate_from_end(leo) {
+            self.checkpoints().write_leader_epochs(&self.dir)?;
+        }
+        Ok(leo)
+    }
+
+    /// Deletes every segment and starts an empty log at `offset`.
+    pub fn truncate_fully_and_start_at(&mut self, offset: u64) -> Result<u64> {
+        self.recovery_point = offset;
+        Checkpoints::write_recovery_point(&self.dir, offset)?;
+        // Creating at an existing base (offset == a segment's base) reuses its name.
+        let segment = Segment::create(&self.dir, offset, self.sizes(), self.clock.now_ms())?;
+        let old: Vec<u64> = self.segments.keys().copied().collect();
+        for base in old {
+            let seg = self.segments.remove(&base).expect("listed");
+            if base != offset {
+                seg.delete()?;
+            }
+        }
+        self.segments.insert(offset, segment);
+        self.unsynced.clear();
+        self.dir_generation += 1;
+        self.log_start_offset = offset;
+        self.high_watermark = offset;
+        Checkpoints::write_log_start(&self.dir, offset)?;
+        if self.leader_epochs.truncate_from_end(offset) {
+            self.checkpoints().write_leader_epochs(&self.dir)?;
+        }
+        Ok(offset)
+    }
+
+    /// Makes `offset` the new log start (Kafka's DeleteRecords): offsets
+    /// below it are no longer readable, and segments wholly below it are
+    /// deleted. `offset` may not pass the high watermark.
+    pub fn delete_records_before(&mut self, offset: u64) -> Result<()> {
+        if offset > self.high_watermark {
+            return Err(StorageError::OffsetOutOfRange {
+                requested: offset,
+                log_start: self.log_start_offset,
+                log_end: self.high_watermark,
+            });
+        }
+        if offset <= self.log_start_offset {
+            return Ok(());
+        }
+        self.log_start_offset = offset;
+        Checkpoints::write_log_start(&self.dir, offset)?;
+        self.delete_segments_while(|log, first| first.next_offset() <= log.log_start_offset)?;
+        if self.leader_epochs.truncate_from_start(offset) {
+            self.checkpoints().write_leader_epochs(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the oldest closed segments that are past `retention_ms` (by
+    /// their newest record) or that keep the log above `retention_bytes`.
+    /// Only segments below the high watermark go; the active one never does.
+    pub fn enforce_retention(&mut self) -> Result<RetentionOutcome> {
+        let now = self.clock.now_ms();
+        let (retention_ms, retention_bytes) =
+            (self.config.retention_ms, self.config.retention_bytes);
+        let mut total = self.size_bytes();
+        let outcome = self.delete_segments_while(|log, first| {
+            let expired = retention_ms.is_some_and(|r| {
+                first
+                    .max_timestamp()
+                    .is_some_and(|m| now.saturating_sub(m) > r)
+            });
+            let oversized =
+                retention_bytes.is_some_and(|r| total.saturating_sub(first.size()) >= r);
+            let below_start = first.next_offset() <= log.log_start_offset;
+            let deletable =
+                (expired || oversized || below_start) && first.next_offset() <= log.high_watermark;
+            if deletable {
+                total -= first.size();
+            }
+            deletable
+        })?;
+        if outcome.segments_deleted > 0 {
+            let first_base = *self.segments.keys().next().expect("active remains");
+            if first_base > self.log_start_offset {
+                self.log_start_offset = first_base;
+                Checkpoints::write_log_start(&self.dir, first_base)?;
+            }
+            if self
+                .leader_epochs
+                .truncate_from_start(self.log_start_offset)
+            {
+                self.checkpoints().write_leader_epochs(&self.dir)?;
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn delete_segments_while(
+        &mut self,
+        mut pred: impl FnMut(&Log, &Segment) -> bool,
+    ) -> Result<RetentionOutcome> {
+        let mut outcome = RetentionOutcome::default();
+        while self.segments.len() > 1 {
+            let first = self.segments.values().next().expect("len > 1");
+            if !pred(self, first) {
+                break;
+            }
+            let (_, segment) = self.segments.pop_first().expect("len > 1");
+            outcome.segments_deleted += 1;
+            outcome.bytes_deleted += segment.size();
+            segment.delete()?;
+            self.dir_generation += 1;
+        }
+        Ok(outcome)
+    }
+
+    /// What a sync right now would cover. Cheap; does no I/O.
+    pub fn sync_plan(&self) -> SyncPlan {
+        let mut files: Vec<Arc<File>> = self
+            .unsynced
+            .iter()
+            .flat_map(|(_, f)| f.iter().cloned())
+            .collect();
+        files.extend(self.active().files());
+        let dir = (self.dir_generation > self.synced_dir_generation).then(|| self.dir.clone());
+        SyncPlan {
+            files,
+            dir,
+            dir_generation: self.dir_generation,
+            up_to: self.log_end_offset(),
+        }
+    }
+
+    /// Records that `plan` ran: offsets below its `up_to` are durable.
+    pub fn mark_durable(&mut self, plan: &SyncPlan) {
+        let up_to = plan.up_to.min(self.log_end_offset());
+        self.recovery_point = self.recovery_point.max(up_to);
+        self.unsynced.retain(|(end, _)| *end > up_to);
+        self.synced_dir_generation = self.synced_dir_generation.max(plan.dir_generation);
+        self.last_flush_ms = self.clock.now_ms();
+    }
+
+    /// Syncs everything appended so far. Returns the offset below which the
+    /// log is durable.
+    pub fn flush(&mut self) -> Result<u64> {
+        let plan = self.sync_plan();
+        plan.execute()?;
+        self.mark_durable(&plan);
+        Ok(self.recovery_point)
+    }
+
+    /// True when the flush policy wants a sync now.
+    pub fn flush_due(&self) -> bool {
+        match self.config.flush {
+            FlushPolicy::IntervalMs(ms) => {
+                self.recovery_point < self.log_end_offset()
+                    && self.clock.now_ms().saturating_sub(self.last_flush_ms)
+                        >= i64::try_from(ms).unwrap_or(i64::MAX)
+            }
+            FlushPolicy::Always | FlushPolicy::Os => false,
+        }
+    }
+
+    /// The values for the checkpoint files.
+    pub fn checkpoints(&self) -> Checkpoints {
+        Checkpoints {
+            recovery_point: self.recovery_point,
+            log_start_offset: self.log_start_offset,
+            high_watermark: self.high_watermark,
+            leader_epochs: self.leader_epochs.clone(),
+        }
+    }
+
+    /// Flushes, trims the active segment's preallocation and writes every
+    /// checkpoint: the next open re-validates nothing but the last segment.
+    pub fn close(mut self) -> Result<()> {
+        self.flush()?;
+        self.active_mut().close()?;
+        self.checkpoints().write(&self.dir)
+    }
+
+    /// Deletes the log's directory and everything in it.
+    pub fn delete(self) -> Result<()> {
+        let dir = self.dir.clone();
+        drop(self);
+        std::fs::remove_dir_all(&dir).map_err(io_err("remove directory", &dir))
+    }
+}
+
+#[cfg(test)]
+#[path = "log_tests.rs"]
+mod tests;

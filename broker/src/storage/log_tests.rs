@@ -1,0 +1,610 @@
+//! Tests of the partition log. Segments and index intervals are tiny so rolls,
+//! index lookups and multi-segment reads happen in every test.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use tally_proto::batch::{BatchBuilder, BatchIter, BatchLimits, RecordBatch, RecordRef};
+
+use super::*;
+use crate::storage::{ManualClock, StorageError};
+
+fn tiny_config() -> LogConfig {
+    LogConfig {
+        segment_bytes: 1024,
+        index_interval_bytes: 100,
+        segment_index_bytes: 256,
+        retention_ms: None,
+        ..LogConfig::default()
+    }
+}
+
+fn batch(values: &[&[u8]], ts: i64) -> RecordBatch {
+    let mut b = BatchBuilder::new();
+    for (i, v) in values.iter().enumerate() {
+        b.push(&RecordRef {
+            timestamp: ts + i as i64,
+            key: None,
+            value: Some(v),
+            headers: &[],
+        });
+    }
+    RecordBatch::validate(
+        b.finish(),
+        &BatchLimits {
+            max_batch_bytes: usize::MAX,
+        },
+    )
+    .unwrap()
+}
+
+fn value_for(offset: u64) -> Vec<u8> {
+    format!("value-{offset}-{}", "x".repeat((offset % 17) as usize)).into_bytes()
+}
+
+/// Appends `n` batches of `per` records with values from [`value_for`]; the
+/// timestamp of a record is 1000 + its offset.
+fn fill(log: &mut Log, n: usize, per: usize) {
+    for _ in 0..n {
+        let start = log.log_end_offset();
+        let values: Vec<Vec<u8>> = (0..per as u64).map(|i| value_for(start + i)).collect();
+        let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+        log.append(&batch(&refs, 1000 + start as i64), 0).unwrap();
+    }
+    let leo = log.log_end_offset();
+    log.set_high_watermark(leo);
+}
+
+/// All (offset, value) pairs readable from `from`, checked for contiguity.
+fn read_all(log: &Log, from: u64) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut next = from;
+    loop {
+        let r = log.read(next, 300, u64::MAX).unwrap();
+        if r.chunks.is_empty() {
+            break;
+        }
+        for chunk in r.chunks {
+            for b in BatchIter::new(chunk) {
+                for rec in b.unwrap().records().unwrap() {
+                    let rec = rec.unwrap();
+                    if rec.offset as u64 >= from {
+                        out.push((rec.offset as u64, rec.value.unwrap().to_vec()));
+                    }
+                }
+            }
+        }
+        assert!(r.next_offset > next, "read made progress");
+        next = r.next_offset;
+    }
+    for w in out.windows(2) {
+        assert_eq!(w[0].0 + 1, w[1].0, "offsets are contiguous");
+    }
+    out
+}
+
+fn open(dir: &std::path::Path) -> Log {
+    Log::open(dir, tiny_config(), Arc::new(SystemClock)).unwrap()
+}
+
+use crate::storage::SystemClock;
+
+#[test]
+fn appends_read_back_across_segments_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    fill(&mut log, 60, 3);
+    assert_eq!(log.log_end_offset(), 180);
+    assert!(
+        log.segment_count() > 5,
+        "tiny segments roll: {}",
+        log.segment_count()
+    );
+    let all = read_all(&log, 0);
+    assert_eq!(all.len(), 180);
+    assert!(all.iter().all(|(o, v)| *v == value_for(*o)));
+    // Starting in the middle of a batch returns that batch.
+    let r = log.read(100, 1, u64::MAX).unwrap();
+    let first = BatchIter::new(r.chunks[0].clone()).next().unwrap().unwrap();
+    assert_eq!(first.header().base_offset(), 99);
+    log.close().unwrap();
+
+    let mut log = open(dir.path());
+    assert_eq!(log.log_end_offset(), 180);
+    assert_eq!(read_all(&log, 37).len(), 143);
+    fill(&mut log, 1, 2);
+    assert_eq!(log.log_end_offset(), 182);
+}
+
+#[test]
+fn reads_respect_max_bytes_and_upper_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    fill(&mut log, 10, 2);
+    let one = log.read(0, 1, u64::MAX).unwrap();
+    assert_eq!(one.next_offset, 2, "one oversized batch still comes back");
+    let below_hw = log.read(0, 1 << 20, 5).unwrap();
+    assert_eq!(
+        below_hw.next_offset, 4,
+        "batch 4..5 reaches the bound and is left out"
+    );
+    let at_end = log.read(20, 100, u64::MAX).unwrap();
+    assert!(at_end.chunks.is_empty());
+    assert!(matches!(
+        log.read(21, 100, u64::MAX),
+        Err(StorageError::OffsetOutOfRange {
+            requested: 21,
+            log_start: 0,
+            log_end: 20
+        })
+    ));
+}
+
+#[test]
+fn offset_for_timestamp_finds_the_first_record_at_or_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    fill(&mut log, 40, 3);
+    for target in [0u64, 1, 2, 59, 60, 100, 119] {
+        assert_eq!(
+            log.offset_for_timestamp(1000 + target as i64).unwrap(),
+            Some((target, 1000 + target as i64))
+        );
+    }
+    assert_eq!(log.offset_for_timestamp(0).unwrap(), Some((0, 1000)));
+    assert_eq!(log.offset_for_timestamp(5000).unwrap(), None);
+    log.close().unwrap();
+    let log = open(dir.path());
+    assert_eq!(log.offset_for_timestamp(1077).unwrap(), Some((77, 1077)));
+}
+
+#[test]
+fn retention_by_bytes_deletes_whole_old_segments_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_config();
+    config.retention_bytes = Some(3000);
+    let mut log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
+    fill(&mut log, 80, 2);
+    let before = log.segment_count();
+    let outcome = log.enforce_retention().unwrap();
+    assert!(outcome.segments_deleted > 0);
+    assert_eq!(log.segment_count(), before - outcome.segments_deleted);
+    assert!(
+        log.size_bytes() >= 3000 - 1024 && log.size_bytes() <= 3000 + 1024,
+        "size {}",
+        log.size_bytes()
+    );
+    let start = log.log_start_offset();
+    let remaining = read_all(&log, start);
+    assert_eq!(remaining.first().unwrap().0, start);
+    assert_eq!(remaining.last().unwrap().0, 159);
+    assert!(matches!(
+        log.read(0, 100, u64::MAX),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
+    log.close().unwrap();
+    assert_eq!(open(dir.path()).log_start_offset(), start);
+}
+
+#[test]
+fn retention_by_time_uses_the_newest_record_and_keeps_the_active_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_500));
+    let mut config = tiny_config();
+    config.retention_ms = Some(1_000);
+    let mut log = Log::open(dir.path(), config, clock.clone()).unwrap();
+    fill(&mut log, 30, 2); // timestamps 1000..1060
+    let before = log.segment_count();
+    assert!(before > 2);
+    assert_eq!(
+        log.enforce_retention().unwrap().segments_deleted,
+        0,
+        "records from t=1000 are not older than 1s at t=1060+"
+    );
+    clock.advance(10_000);
+    let clock_now = clock.now_ms();
+    assert!(clock_now - 1060 > 1000);
+    let deleted = log.enforce_retention().unwrap().segments_deleted;
+    assert_eq!(deleted, before - 1);
+    assert_eq!(log.segment_count(), 1, "only the active segment remains");
+    let start = log.log_start_offset();
+    assert_eq!(
+        read_all(&log, start).len() as u64,
+        log.log_end_offset() - start
+    );
+}
+
+#[test]
+fn segment_ms_rolls_an_old_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(0));
+    let mut config = tiny_config();
+    config.segment_bytes = 1 << 20;
+    config.segment_ms = 100;
+    let mut log = Log::open(dir.path(), config, clock.clone()).unwrap();
+    fill(&mut log, 2, 1);
+    assert_eq!(log.segment_count(), 1);
+    clock.advance(100);
+    fill(&mut log, 1, 1);
+    assert_eq!(log.segment_count(), 2);
+}
+
+#[test]
+fn truncation_removes_whole_batches_and_they_never_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    fill(&mut log, 50, 2);
+    log.flush().unwrap();
+    assert_eq!(
+        log.truncate_to(31).unwrap(),
+        30,
+        "the batch holding 31 starts at 30"
+    );
+    assert_eq!(log.log_end_offset(), 30);
+    assert_eq!(log.recovery_point(), 30);
+    // A shorter batch after the cut leaves old bytes behind it zeroed.
+    log.append(&batch(&[b"new"], 5), 0).unwrap();
+    drop(log); // a crash: no close
+    let log = open(dir.path());
+    assert_eq!(log.log_end_offset(), 31);
+    let all = read_all(&log, 0);
+    assert_eq!(all.last().unwrap(), &(30, b"new".to_vec()));
+}
+
+#[test]
+fn delete_records_before_moves_the_log_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    fill(&mut log, 50, 2);
+    log.delete_records_before(55).unwrap();
+    assert_eq!(log.log_start_offset(), 55);
+    assert_eq!(read_all(&log, 55).len(), 45);
+    assert!(matches!(
+        log.read(54, 10, u64::MAX),
+        Err(StorageError::OffsetOutOfRange { log_start: 55, .. })
+    ));
+    assert!(
+        log.delete_records_before(101).is_err(),
+        "cannot pass the high watermark"
+    );
+    drop(log);
+    assert_eq!(open(dir.path()).log_start_offset(), 55);
+}
+
+#[test]
+fn oversized_batch_gets_a_segment_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    fill(&mut log, 2, 1);
+    let big = vec![7u8; 5000];
+    log.append(&batch(&[&big], 1), 0).unwrap();
+    fill(&mut log, 2, 1);
+    let r = log.read(2, 1, u64::MAX).unwrap();
+    assert_eq!(r.next_offset, 3);
+    drop(log);
+    let log = open(dir.path());
+    assert_eq!(log.log_end_offset(), 5);
+}
+
+#[test]
+fn stray_files_from_interrupted_work_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    fill(&mut log, 5, 1);
+    log.close().unwrap();
+    for name in [
+        "00000000000000000099.index",
+        "00000000000000000099.timeindex",
+        "recovery-point-checkpoint.tmp",
+        "00000000000000000000.log.deleted",
+    ] {
+        std::fs::write(dir.path().join(name), b"junk").unwrap();
+    }
+    let log = open(dir.path());
+    assert_eq!(log.log_end_offset(), 5);
+    for name in [
+        "00000000000000000099.index",
+        "recovery-point-checkpoint.tmp",
+        "00000000000000000000.log.deleted",
+    ] {
+        assert!(!dir.path().join(name).exists(), "{name} removed");
+    }
+}
+
+/// Writes `n` batches, then returns the active segment's path and the byte
+/// range of its last batch.
+fn log_with_tail(dir: &std::path::Path) -> (std::path::PathBuf, u64, u64, u64) {
+    let mut config = tiny_config();
+    config.segment_bytes = 1 << 16;
+    let mut log = Log::open(dir, config, Arc::new(SystemClock)).unwrap();
+    fill(&mut log, 12, 3);
+    let leo = log.log_end_offset();
+    let last_base = leo - 3;
+    log.close().unwrap();
+    let path = dir.join("00000000000000000000.log");
+    let data = std::fs::read(&path).unwrap();
+    let mut pos = 0u64;
+    let mut last_start = 0;
+    while (pos as usize) < data.len() {
+        let len = tally_proto::batch::batch_size_at(&data[pos as usize..]).unwrap() as u64;
+        last_start = pos;
+        pos += len;
+    }
+    (path, last_start, pos, last_base)
+}
+
+fn reopen_tail_config(dir: &std::path::Path) -> Log {
+    let mut config = tiny_config();
+    config.segment_bytes = 1 << 16;
+    Log::open(dir, config, Arc::new(SystemClock)).unwrap()
+}
+
+#[test]
+fn recovery_cuts_a_torn_last_batch_at_every_byte() {
+    let template = tempfile::tempdir().unwrap();
+    let (path, start, end, last_base) = log_with_tail(template.path());
+    let original = std::fs::read(&path).unwrap();
+    for cut in start..end {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(template.path()).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+        // A torn write: the file ends inside the batch, or the rest is zeros
+        // (preallocated space that the write never reached).
+        let seg = dir.path().join("00000000000000000000.log");
+        if cut % 2 == 0 {
+            std::fs::write(&seg, &original[..cut as usize]).unwrap();
+        } else {
+            let mut torn = original.clone();
+            torn[cut as usize..].fill(0);
+            std::fs::write(&seg, &torn).unwrap();
+        }
+        // The checkpoint says the tail was durable; recovery must still check it.
+        let mut log = reopen_tail_config(dir.path());
+        assert_eq!(log.log_end_offset(), last_base, "cut at {cut}");
+        assert_eq!(read_all(&log, 0).len() as u64, last_base);
+        log.append(&batch(&[b"after"], 1), 0).unwrap();
+        assert_eq!(log.log_end_offset(), last_base + 1);
+        drop(log);
+        let log = reopen_tail_config(dir.path());
+        assert_eq!(
+            log.log_end_offset(),
+            last_base + 1,
+            "appends after recovery survive reopen (cut {cut})"
+        );
+    }
+}
+
+#[test]
+fn recovery_cuts_at_a_flipped_byte_and_keeps_the_valid_prefix() {
+    let template = tempfile::tempdir().unwrap();
+    let (path, _, end, _) = log_with_tail(template.path());
+    let original = std::fs::read(&path).unwrap();
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    for _ in 0..60 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let at = (rng % end) as usize;
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(template.path()).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+        let mut bad = original.clone();
+        bad[at] ^= 0x5a;
+        std::fs::write(dir.path().join("00000000000000000000.log"), &bad).unwrap();
+        // Which batch holds byte `at`, and where does it start?
+        let mut pos = 0usize;
+        let mut valid_end_offset = 0u64;
+        while pos < original.len() {
+            let len = tally_proto::batch::batch_size_at(&original[pos..]).unwrap();
+            if at < pos + len {
+                break;
+            }
+            let h = tally_proto::batch::BatchHeader::new(&original[pos..]).unwrap();
+            valid_end_offset = h.next_offset() as u64;
+            pos += len;
+        }
+        let log = reopen_tail_config(dir.path());
+        let in_uncovered_bytes = (at - pos) < 8 || ((at - pos) >= 12 && (at - pos) < 16);
+        if in_uncovered_bytes {
+            // baseOffset or leader epoch: the CRC does not cover them, but a
+            // changed base offset breaks contiguity, which recovery checks.
+            assert!(
+                log.log_end_offset() == valid_end_offset || log.log_end_offset() == 36,
+                "flip at {at}"
+            );
+        } else {
+            assert_eq!(log.log_end_offset(), valid_end_offset, "flip at byte {at}");
+        }
+        let readable = read_all(&log, 0);
+        assert!(
+            readable.iter().all(|(o, v)| *v == value_for(*o)),
+            "never serves a corrupt byte (flip at {at})"
+        );
+    }
+}
+
+#[test]
+fn corruption_found_at_read_time_is_an_error_not_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    fill(&mut log, 3, 2);
+    // Corrupt a value byte in the live map through the file.
+    let path = dir.path().join("00000000000000000000.log");
+    let mut data = std::fs::read(&path).unwrap();
+    let first_len = tally_proto::batch::batch_size_at(&data).unwrap();
+    data[first_len - 1] ^= 0xff;
+    std::fs::write(&path, &data).unwrap();
+    assert!(matches!(
+        log.read(0, 1 << 20, u64::MAX),
+        Err(StorageError::Corrupt { position: 0, .. })
+    ));
+}
+
+#[test]
+fn flush_makes_appends_durable_and_reports_the_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_config();
+    config.flush = FlushPolicy::IntervalMs(10);
+    let clock = Arc::new(ManualClock::new(0));
+    let mut log = Log::open(dir.path(), config, clock.clone()).unwrap();
+    fill(&mut log, 20, 2);
+    assert!(!log.flush_due());
+    clock.advance(10);
+    assert!(log.flush_due());
+    assert_eq!(log.flush().unwrap(), 40);
+    assert!(!log.flush_due());
+    assert_eq!(log.recovery_point(), 40);
+}
+
+#[test]
+fn replica_appends_keep_the_leaders_offsets_and_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut leader = open(dir.path().join("leader").as_path());
+    let mut follower = open(dir.path().join("follower").as_path());
+    leader.append(&batch(&[b"a", b"b"], 1), 3).unwrap();
+    leader.append(&batch(&[b"c"], 1), 5).unwrap();
+    let r = leader.read(0, 1 << 20, u64::MAX).unwrap();
+    for chunk in r.chunks {
+        for b in BatchIter::new(chunk) {
+            follower.append_replica(&b.unwrap()).unwrap();
+        }
+    }
+    assert_eq!(follower.log_end_offset(), 3);
+    assert_eq!(
+        follower.leader_epochs().entries(),
+        leader.leader_epochs().entries()
+    );
+    let stale = batch(&[b"x"], 1);
+    assert!(matches!(
+        follower.append_replica(&stale),
+        Err(StorageError::NonContiguousOffset {
+            expected: 3,
+            got: 0
+        })
+    ));
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append { records: usize, value_len: usize },
+    Read { at: u16, max_bytes: u16 },
+    Roll,
+    Truncate { at: u16 },
+    DeleteBefore { at: u16 },
+    Retention,
+    Reopen { clean: bool },
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (1usize..5, 0usize..200).prop_map(|(records, value_len)| Op::Append { records, value_len }),
+        4 => (any::<u16>(), 1u16..2000).prop_map(|(at, max_bytes)| Op::Read { at, max_bytes }),
+        1 => Just(Op::Roll),
+        1 => any::<u16>().prop_map(|at| Op::Truncate { at }),
+        1 => any::<u16>().prop_map(|at| Op::DeleteBefore { at }),
+        1 => Just(Op::Retention),
+        1 => any::<bool>().prop_map(|clean| Op::Reopen { clean }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    /// Random operations against a plain in-memory model of the log.
+    #[test]
+    fn log_matches_a_model(ops in proptest::collection::vec(arb_op(), 1..60)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = tiny_config();
+        config.retention_bytes = Some(2048);
+        let mut log = Log::open(dir.path(), config.clone(), Arc::new(SystemClock)).unwrap();
+        let mut model: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut batch_starts: Vec<u64> = Vec::new();
+        let mut start = 0u64;
+        let mut end = 0u64;
+        for op in ops {
+            match op {
+                Op::Append { records, value_len } => {
+                    let values: Vec<Vec<u8>> = (0..records).map(|i| vec![(end as u8).wrapping_add(i as u8); value_len]).collect();
+                    let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+                    let info = log.append(&batch(&refs, 1), 0).unwrap();
+                    prop_assert_eq!(info.base_offset, end);
+                    batch_starts.push(end);
+                    for v in values {
+                        model.insert(end, v);
+                        end += 1;
+                    }
+                    log.set_high_watermark(end);
+                }
+                Op::Read { at, max_bytes } => {
+                    let span = end - start + 1;
+                    let offset = start + u64::from(at) % span;
+                    let r = log.read(offset, u64::from(max_bytes), u64::MAX).unwrap();
+                    let mut expect = offset;
+                    for chunk in r.chunks {
+                        for b in BatchIter::new(chunk) {
+                            for rec in b.unwrap().records().unwrap() {
+                                let rec = rec.unwrap();
+                                let o = rec.offset as u64;
+                                if o < offset { continue; }
+                                prop_assert_eq!(o, expect);
+                                prop_assert_eq!(rec.value.as_deref(), model.get(&o).map(Vec::as_slice));
+                                expect += 1;
+                            }
+                        }
+                    }
+                    if offset < end { prop_assert!(expect > offset, "read at {} returned nothing", offset); }
+                }
+                Op::Roll => log.roll().unwrap(),
+                Op::Truncate { at } => {
+                    let span = end - start + 1;
+                    let offset = start + u64::from(at) % span;
+                    let new_end = log.truncate_to(offset).unwrap();
+                    // Whole batches go: the new end is the start of the batch holding `offset`.
+                    // The batch holding `offset` starts the new end; a batch that also
+                    // holds the log start leaves an empty log starting there.
+                    let expected = if offset >= end {
+                        end
+                    } else {
+                        batch_starts.iter().rev().find(|&&b| b <= offset).copied().unwrap_or(start).max(start)
+                    };
+                    prop_assert_eq!(new_end, expected);
+                    model.retain(|&o, _| o < new_end);
+                    batch_starts.retain(|&b| b < new_end);
+                    end = new_end;
+                }
+                Op::DeleteBefore { at } => {
+                    let span = end - start + 1;
+                    let offset = start + u64::from(at) % span;
+                    log.delete_records_before(offset).unwrap();
+                    start = start.max(offset);
+                    model.retain(|&o, _| o >= start);
+                }
+                Op::Retention => {
+                    log.enforce_retention().unwrap();
+                    prop_assert!(log.log_start_offset() >= start);
+                    start = log.log_start_offset();
+                    model.retain(|&o, _| o >= start);
+                }
+                Op::Reopen { clean } => {
+                    if clean { log.close().unwrap(); } else { drop(log); }
+                    log = Log::open(dir.path(), config.clone(), Arc::new(SystemClock)).unwrap();
+                    log.set_high_watermark(log.log_end_offset());
+                }
+            }
+            prop_assert_eq!(log.log_end_offset(), end);
+            prop_assert_eq!(log.log_start_offset(), start);
+        }
+        let all = read_all(&log, start);
+        prop_assert_eq!(all.len() as u64, end - start);
+        for (o, v) in all {
+            prop_assert_eq!(Some(&v), model.get(&o));
+        }
+        let _ = Bytes::new();
+    }
+}

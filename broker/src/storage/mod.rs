@@ -1,0 +1,45 @@
+//! The partition log: segments of Kafka v2 record batches on disk.
+//!
+//! This module is synchronous and knows nothing of tokio, protobuf or
+//! replication. A [`Log`] is one partition's directory:
+//!
+//! ```text
+//! 00000000000000000000.log        record batches, as received, offsets patched
+//! 00000000000000000000.index      sparse offset -> byte position (8-byte entries)
+//! 00000000000000000000.timeindex  sparse max timestamp -> offset (12-byte entries)
+//! recovery-point-checkpoint       offsets below it are durable and were validated
+//! log-start-offset-checkpoint     first readable offset
+//! high-watermark-checkpoint       last known high watermark
+//! leader-epoch-checkpoint         leader epoch -> first offset of that epoch
+//! ```
+//!
+//! Invariants:
+//! - `log_start_offset <= high_watermark <= log_end_offset`.
+//! - Segments are contiguous: each segment's base offset is the previous one's
+//!   end offset; only the last (active) segment is written.
+//! - Every byte handed out by [`Log::read`] lies below the segment's valid size
+//!   and was validated when written or recovered; batches are CRC-checked again
+//!   when read if `verify_on_read` is set.
+//! - Logs and indexes are memory-mapped; the active segment is preallocated with
+//!   real blocks so a store into the map cannot hit a hole on a full disk.
+
+mod checkpoint;
+mod clock;
+mod config;
+mod error;
+mod fs;
+mod group_commit;
+mod index;
+mod log;
+mod segment;
+
+pub use checkpoint::{Checkpoints, EpochEntry, LeaderEpochCache};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{FlushPolicy, LogConfig};
+pub use error::StorageError;
+pub use group_commit::GroupCommit;
+pub use log::{AppendInfo, Log, ReadResult, RetentionOutcome, SyncPlan};
+pub use segment::{SegmentBatch, scan_segment_file};
+
+/// Result type of this module.
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
