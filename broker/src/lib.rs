@@ -1,6 +1,24 @@
-//! The Tally broker as a library.
+//! The Tally broker as a library: `tally_broker::run(config, listener,
+//! shutdown)` serves the `tally.v1` gRPC API on a listener until `shutdown`
+//! completes.
+//!
+//! Layers, outermost first: `server` (gRPC edge, the only place that sees
+//! generated types) → `broker` (topics, admin) → `partition` (one partition's
+//! log, high watermark, group commit) → `storage` (synchronous segment files;
+//! knows nothing of tokio, protobuf or replication).
 
+pub mod broker;
+pub mod config;
+pub mod error;
+mod maintenance;
+pub mod partition;
+pub mod server;
 pub mod storage;
+pub mod topic;
+
+pub use config::BrokerConfig;
+pub use error::BrokerError;
+pub use server::run;
 
 #[cfg(not(target_pointer_width = "64"))]
 compile_error!("Tally maps whole segments into memory and needs a 64-bit target");

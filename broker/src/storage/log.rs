@@ -725,7 +725,7 @@ impl Log {
 
     /// Flushes, trims the active segment's preallocation and writes every
     /// checkpoint: the next open re-validates nothing but the last segment.
-    pub fn close(mut self) -> Result<()> {
+    pub fn close(&mut self) -> Result<()> {
         self.flush()?;
         self.active_mut().close()?;
         self.checkpoints().write(&self.dir)

@@ -27,7 +27,7 @@ mod checkpoint;
 mod clock;
 mod config;
 mod error;
-mod fs;
+pub(crate) mod fs;
 mod group_commit;
 mod index;
 mod log;

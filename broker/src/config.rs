@@ -1,0 +1,211 @@
+//! Broker configuration: data, read from TOML (unknown keys are errors),
+//! overridden by the command line, checked by [`BrokerConfig::validate`]
+//! which lists every problem at once.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::{FlushPolicy, LogConfig};
+
+/// Everything a broker needs to start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// This broker's id in the cluster. Default 1.
+    pub node_id: u32,
+    /// Address clients are told to dial (`host:port`). Default: the address
+    /// the listener is bound to.
+    pub advertised_address: Option<String>,
+    /// Where topics, partitions and their logs live. Default `./data`.
+    pub data_dir: PathBuf,
+    /// Defaults for every topic; topics override them one key at a time.
+    pub log: LogDefaults,
+    /// Largest gRPC request or response. Default 64 MiB; range 1 MiB ..= 1 GiB.
+    pub max_request_bytes: u64,
+    /// Produce bytes one partition may have in flight before new produce
+    /// requests for it wait. Default 64 MiB; at least `max_request_bytes`.
+    pub max_inflight_bytes_per_partition: u64,
+    /// Requests one connection may have in flight. Default 256.
+    pub max_concurrent_requests_per_connection: usize,
+    /// Upper bound on a fetch's `max_wait_ms`. Default 30 000.
+    pub max_fetch_wait_ms: u64,
+    /// How often retention runs. Default 300 000 (5 minutes, like Kafka).
+    pub retention_check_interval_ms: u64,
+    /// How often checkpoint files are written. Default 60 000.
+    pub checkpoint_interval_ms: u64,
+    /// Partitions of a topic created without a count. Default 1.
+    pub default_partitions: u32,
+    /// Most partitions one topic may have. Default 10 000.
+    pub max_partitions_per_topic: u32,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            node_id: 1,
+            advertised_address: None,
+            data_dir: PathBuf::from("./data"),
+            log: LogDefaults::default(),
+            max_request_bytes: 64 << 20,
+            max_inflight_bytes_per_partition: 64 << 20,
+            max_concurrent_requests_per_connection: 256,
+            max_fetch_wait_ms: 30_000,
+            retention_check_interval_ms: 300_000,
+            checkpoint_interval_ms: 60_000,
+            default_partitions: 1,
+            max_partitions_per_topic: 10_000,
+        }
+    }
+}
+
+/// Per-topic defaults, with Kafka's names (dots become underscores).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogDefaults {
+    /// `segment.bytes`. Default 1 GiB; range 1 KiB ..= 2 GiB - 1.
+    pub segment_bytes: u64,
+    /// `segment.ms`. Default 7 days.
+    pub segment_ms: i64,
+    /// `retention.ms`; -1 keeps data forever. Default 7 days.
+    pub retention_ms: i64,
+    /// `retention.bytes` per partition; -1 for no limit. Default -1.
+    pub retention_bytes: i64,
+    /// `index.interval.bytes`. Default 4096.
+    pub index_interval_bytes: u64,
+    /// `segment.index.bytes`. Default 10 MiB.
+    pub segment_index_bytes: u64,
+    /// `max.message.bytes`: largest batch accepted. Default 1 MiB + 12.
+    pub max_message_bytes: u64,
+    /// `flush`: `always`, `os`, or a number of milliseconds (`200ms`). Default `os`.
+    pub flush: String,
+    /// `min.insync.replicas`: replicas that must have a batch for acks=all. Default 1.
+    pub min_insync_replicas: u32,
+    /// `cleanup.policy`: only `delete` for now. Default `delete`.
+    pub cleanup_policy: String,
+}
+
+impl Default for LogDefaults {
+    fn default() -> Self {
+        let log = LogConfig::default();
+        LogDefaults {
+            segment_bytes: log.segment_bytes,
+            segment_ms: log.segment_ms,
+            retention_ms: log.retention_ms.unwrap_or(-1),
+            retention_bytes: -1,
+            index_interval_bytes: log.index_interval_bytes,
+            segment_index_bytes: log.segment_index_bytes,
+            max_message_bytes: (1 << 20) + 12,
+            flush: "os".to_string(),
+            min_insync_replicas: 1,
+            cleanup_policy: "delete".to_string(),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Reads a TOML file; unknown keys are errors.
+    pub fn from_toml_file(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("invalid config {}: {e}", path.display()))
+    }
+
+    /// Every problem with this config; empty when it can be used.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !((1 << 20)..=(1 << 30)).contains(&self.max_request_bytes) {
+            problems.push(format!(
+                "max_request_bytes must be in 1 MiB ..= 1 GiB, got {}",
+                self.max_request_bytes
+            ));
+        }
+        if self.max_inflight_bytes_per_partition < self.max_request_bytes {
+            problems.push(
+                "max_inflight_bytes_per_partition must be at least max_request_bytes".to_string(),
+            );
+        }
+        if self.max_inflight_bytes_per_partition > u64::from(u32::MAX) {
+            problems.push("max_inflight_bytes_per_partition must be below 4 GiB".to_string());
+        }
+        if self.max_concurrent_requests_per_connection == 0 {
+            problems.push("max_concurrent_requests_per_connection must be positive".to_string());
+        }
+        if self.default_partitions == 0 || self.default_partitions > self.max_partitions_per_topic {
+            problems
+                .push("default_partitions must be in 1 ..= max_partitions_per_topic".to_string());
+        }
+        if self.log.max_message_bytes + 1024 > self.max_request_bytes {
+            problems.push("log.max_message_bytes must leave room for a request header inside max_request_bytes".to_string());
+        }
+        let defaults = crate::topic::TopicConfig::from_defaults(&self.log);
+        if let Err(e) = defaults {
+            problems.push(format!("log.{e}"));
+        }
+        problems
+    }
+}
+
+/// Parses a flush policy: `always`, `os`, or milliseconds (`200` or `200ms`).
+pub fn parse_flush(value: &str) -> Result<FlushPolicy, String> {
+    match value.trim() {
+        "always" => Ok(FlushPolicy::Always),
+        "os" => Ok(FlushPolicy::Os),
+        other => other
+            .trim_end_matches("ms")
+            .parse::<u64>()
+            .ok()
+            .filter(|&ms| ms > 0)
+            .map(FlushPolicy::IntervalMs)
+            .ok_or_else(|| {
+                format!(
+                    "must be `always`, `os` or a positive number of milliseconds, got `{value}`"
+                )
+            }),
+    }
+}
+
+/// Formats a flush policy the way [`parse_flush`] reads it.
+pub fn format_flush(policy: FlushPolicy) -> String {
+    match policy {
+        FlushPolicy::Always => "always".to_string(),
+        FlushPolicy::Os => "os".to_string(),
+        FlushPolicy::IntervalMs(ms) => format!("{ms}ms"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_rejected_so_a_typo_cannot_disable_fsync() {
+        let err = toml::from_str::<BrokerConfig>("[log]\nenforce_fsync = true\n").unwrap_err();
+        assert!(err.to_string().contains("enforce_fsync"), "{err}");
+    }
+
+    #[test]
+    fn validate_lists_every_problem() {
+        let mut c = BrokerConfig {
+            max_request_bytes: 10,
+            default_partitions: 0,
+            ..BrokerConfig::default()
+        };
+        c.log.flush = "sometimes".into();
+        let problems = c.validate();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(BrokerConfig::default().validate().is_empty());
+    }
+
+    #[test]
+    fn flush_values_parse() {
+        assert_eq!(parse_flush("always"), Ok(FlushPolicy::Always));
+        assert_eq!(parse_flush("250ms"), Ok(FlushPolicy::IntervalMs(250)));
+        assert_eq!(parse_flush("250"), Ok(FlushPolicy::IntervalMs(250)));
+        assert!(parse_flush("0").is_err());
+        assert_eq!(
+            parse_flush(&format_flush(FlushPolicy::IntervalMs(7))),
+            Ok(FlushPolicy::IntervalMs(7))
+        );
+    }
+}

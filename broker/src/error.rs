@@ -1,0 +1,117 @@
+//! Errors of the broker layer and their wire codes.
+
+use tally_proto::ErrorCode;
+use tally_proto::batch::BatchError;
+
+use crate::storage::StorageError;
+use crate::topic::InvalidConfig;
+
+/// What a broker operation can fail with. Each maps to one wire
+/// [`ErrorCode`] and a message a person can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// No such topic, or no such partition in it.
+    #[error("unknown topic or partition: {topic}{}", .partition.map(|p| format!("/{p}")).unwrap_or_default())]
+    UnknownTopicOrPartition {
+        /// The topic.
+        topic: String,
+        /// The partition, when one was named.
+        partition: Option<u32>,
+    },
+    /// The topic name breaks the naming rules.
+    #[error("invalid topic name: {0}")]
+    InvalidTopic(String),
+    /// A topic with that name exists.
+    #[error("topic `{0}` already exists")]
+    TopicAlreadyExists(String),
+    /// A partition count that cannot be used.
+    #[error("{0}")]
+    InvalidPartitions(String),
+    /// A replication factor that cannot be satisfied.
+    #[error("{0}")]
+    InvalidReplicationFactor(String),
+    /// A config key or value that was refused.
+    #[error(transparent)]
+    InvalidConfig(#[from] InvalidConfig),
+    /// A batch failed validation.
+    #[error("corrupt record batch: {0}")]
+    CorruptMessage(BatchError),
+    /// A batch is larger than the topic allows.
+    #[error("record batch of {size} bytes exceeds max_message_bytes = {max}")]
+    MessageTooLarge {
+        /// Batch size.
+        size: usize,
+        /// Topic limit.
+        max: u64,
+    },
+    /// A fetch or list-offsets position outside the log.
+    #[error(
+        "offset {requested} is out of range: the partition holds offsets [{log_start}, {log_end})"
+    )]
+    OffsetOutOfRange {
+        /// Offset asked for.
+        requested: i64,
+        /// First offset.
+        log_start: u64,
+        /// Offset after the last.
+        log_end: u64,
+    },
+    /// acks=all with too few in-sync replicas.
+    #[error("acks=all needs {min_isr} in-sync replicas but only {isr} are in sync")]
+    NotEnoughReplicas {
+        /// In-sync replicas now.
+        isr: usize,
+        /// `min_insync_replicas`.
+        min_isr: u32,
+    },
+    /// A malformed request.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The disk or file system failed.
+    #[error("storage error: {0}")]
+    Storage(#[from] StorageError),
+    /// The broker is stopping.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+}
+
+impl BrokerError {
+    /// The wire code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BrokerError::UnknownTopicOrPartition { .. } => ErrorCode::UnknownTopicOrPartition,
+            BrokerError::InvalidTopic(_) => ErrorCode::InvalidTopicException,
+            BrokerError::TopicAlreadyExists(_) => ErrorCode::TopicAlreadyExists,
+            BrokerError::InvalidPartitions(_) => ErrorCode::InvalidPartitions,
+            BrokerError::InvalidReplicationFactor(_) => ErrorCode::InvalidReplicationFactor,
+            BrokerError::InvalidConfig(_) => ErrorCode::InvalidConfig,
+            BrokerError::CorruptMessage(BatchError::TooLarge { .. })
+            | BrokerError::MessageTooLarge { .. } => ErrorCode::MessageTooLarge,
+            BrokerError::CorruptMessage(_) => ErrorCode::CorruptMessage,
+            BrokerError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+            BrokerError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
+            BrokerError::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            BrokerError::Storage(StorageError::OffsetOutOfRange { .. }) => {
+                ErrorCode::OffsetOutOfRange
+            }
+            BrokerError::Storage(_) => ErrorCode::KafkaStorageError,
+            BrokerError::ShuttingDown => ErrorCode::LeaderNotAvailable,
+        }
+    }
+
+    /// Storage offset errors become the broker's, with the range in the message.
+    pub(crate) fn from_storage(e: StorageError) -> BrokerError {
+        match e {
+            StorageError::OffsetOutOfRange {
+                requested,
+                log_start,
+                log_end,
+            } => BrokerError::OffsetOutOfRange {
+                requested: requested as i64,
+                log_start,
+                log_end,
+            },
+            other => BrokerError::Storage(other),
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! One partition as the broker serves it: its log, the high watermark that
+//! fetches wait on, group commit, and a bound on produce bytes in flight.
+//!
+//! The log sits behind a `std::sync::RwLock` held only for in-memory work
+//! (an append is a copy into the mapped segment; a read slices the map);
+//! fsyncs run on a blocking thread outside the lock through
+//! [`GroupCommit`], so concurrent producers share one fsync.
+
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use tally_proto::batch::RecordBatch;
+use tokio::sync::{Semaphore, watch};
+
+use crate::error::BrokerError;
+use crate::storage::{AppendInfo, FlushPolicy, GroupCommit, Log, ReadResult};
+use crate::topic::TopicConfig;
+
+/// One partition's state.
+#[derive(Debug)]
+pub struct Partition {
+    topic: Arc<str>,
+    index: u32,
+    log: RwLock<Log>,
+    commit: GroupCommit,
+    high_watermark: watch::Sender<u64>,
+    inflight_bytes: Semaphore,
+    inflight_limit: u32,
+}
+
+impl Partition {
+    /// Wraps an opened log. `inflight_limit` bounds produce bytes in flight.
+    pub fn new(topic: Arc<str>, index: u32, mut log: Log, inflight_limit: u32) -> Partition {
+        // One replica: everything appended is replicated.
+        let leo = log.log_end_offset();
+        log.set_high_watermark(leo);
+        let durable = log.recovery_point();
+        Partition {
+            topic,
+            index,
+            log: RwLock::new(log),
+            commit: GroupCommit::new(durable),
+            high_watermark: watch::channel(leo).0,
+            inflight_bytes: Semaphore::new(inflight_limit as usize),
+            inflight_limit,
+        }
+    }
+
+    /// Topic name.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Partition number.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    fn read_log(&self) -> RwLockReadGuard<'_, Log> {
+        self.log
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_log(&self) -> RwLockWriteGuard<'_, Log> {
+        self.log
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends validated batches (all or, on a storage error, a prefix).
+    /// Waits (bounded) while too many produce bytes are in flight, and with
+    /// flush `always` until the batches are durable.
+    pub async fn produce(
+        self: &Arc<Self>,
+        batches: &[RecordBatch],
+        leader_epoch: u32,
+    ) -> Result<AppendInfo, BrokerError> {
+        let bytes: usize = batches.iter().map(RecordBatch::len).sum();
+        let permits = u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .min(self.inflight_limit);
+        let _permit = self
+            .inflight_bytes
+            .acquire_many(permits)
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)?;
+        let (first, last, flush) = {
+            let mut log = self.write_log();
+            let mut first = None;
+            let mut last = None;
+            for batch in batches {
+                let info = log
+                    .append(batch, leader_epoch)
+                    .map_err(BrokerError::from_storage)?;
+                first.get_or_insert(info);
+                last = Some(info);
+            }
+            let last = last.ok_or_else(|| {
+                BrokerError::InvalidRequest("no record batch in the produce data".into())
+            })?;
+            log.set_high_watermark(last.log_end_offset);
+            (first.expect("set with last"), last, log.config().flush)
+        };
+        self.high_watermark.send_replace(last.log_end_offset);
+        if flush == FlushPolicy::Always {
+            self.sync_to(last.log_end_offset).await?;
+        }
+        Ok(AppendInfo {
+            base_offset: first.base_offset,
+            last_offset: last.last_offset,
+            log_end_offset: last.log_end_offset,
+        })
+    }
+
+    /// Returns once offsets below `offset` are on disk (group commit on a
+    /// blocking thread; the log lock is not held during the fsync).
+    pub async fn sync_to(self: &Arc<Self>, offset: u64) -> Result<u64, BrokerError> {
+        if self.commit.durable() >= offset {
+            return Ok(self.commit.durable());
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.sync_blocking(offset))
+            .await
+            .map_err(|e| BrokerError::InvalidRequest(format!("sync task failed: {e}")))?
+    }
+
+    /// Blocking group-commit sync up to `offset`.
+    pub fn sync_blocking(&self, offset: u64) -> Result<u64, BrokerError> {
+        self.commit
+            .sync_to(offset, || {
+                let plan = self.read_log().sync_plan();
+                let up_to = plan.execute()?;
+                self.write_log().mark_durable(&plan);
+                Ok::<_, crate::storage::StorageError>(up_to)
+            })
+            .map_err(BrokerError::Storage)
+    }
+
+    /// Reads batches from `offset` below the high watermark.
+    pub fn fetch(&self, offset: i64, max_bytes: u64) -> Result<Fetched, BrokerError> {
+        let log = self.read_log();
+        let (log_start, hw) = (log.log_start_offset(), log.high_watermark());
+        let Ok(offset) = u64::try_from(offset) else {
+            return Err(BrokerError::OffsetOutOfRange {
+                requested: offset,
+                log_start,
+                log_end: hw,
+            });
+        };
+        if offset > hw && offset <= log.log_end_offset() {
+            // Not yet visible to consumers: nothing to return, not an error.
+            return Ok(Fetched {
+                read: ReadResult {
+                    next_offset: offset,
+                    ..ReadResult::default()
+                },
+                high_watermark: hw,
+                log_start_offset: log_start,
+            });
+        }
+        let read = log
+            .read(offset, max_bytes, hw)
+            .map_err(BrokerError::from_storage)?;
+        Ok(Fetched {
+            read,
+            high_watermark: hw,
+            log_start_offset: log_start,
+        })
+    }
+
+    /// A receiver that sees every move of the high watermark.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.high_watermark.subscribe()
+    }
+
+    /// `(log_start_offset, high_watermark, log_end_offset)`.
+    pub fn offsets(&self) -> (u64, u64, u64) {
+        let log = self.read_log();
+        (
+            log.log_start_offset(),
+            log.high_watermark(),
+            log.log_end_offset(),
+        )
+    }
+
+    /// The first offset below the high watermark whose timestamp is >= `ts`.
+    pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<(u64, i64)>, BrokerError> {
+        let log = self.read_log();
+        let found = log
+            .offset_for_timestamp(ts)
+            .map_err(BrokerError::from_storage)?;
+        Ok(found.filter(|(o, _)| *o < log.high_watermark()))
+    }
+
+    /// Applies new topic settings to the log.
+    pub fn set_config(&self, config: &TopicConfig) -> Result<(), BrokerError> {
+        self.write_log()
+            .set_config(config.log.clone())
+            .map_err(BrokerError::Storage)
+    }
+
+    /// Deletes segments past retention.
+    pub fn enforce_retention(&self) -> Result<usize, BrokerError> {
+        let outcome = self.write_log().enforce_retention()?;
+        Ok(outcome.segments_deleted)
+    }
+
+    /// Syncs if the interval flush policy says it is time.
+    pub fn flush_if_due(&self) -> Result<(), BrokerError> {
+        let due = self.read_log().flush_due();
+        if due {
+            let leo = self.read_log().log_end_offset();
+            self.sync_blocking(leo)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the checkpoint files (values taken under the lock, files
+    /// written outside it).
+    pub fn checkpoint(&self) -> Result<(), BrokerError> {
+        let (values, dir) = {
+            let log = self.read_log();
+            (log.checkpoints(), log.dir().to_path_buf())
+        };
+        values.write(&dir).map_err(BrokerError::Storage)
+    }
+
+    /// Flushes and closes the log for shutdown.
+    pub fn close(&self) -> Result<(), BrokerError> {
+        self.inflight_bytes.close();
+        self.write_log().close().map_err(BrokerError::Storage)
+    }
+
+    /// Bytes of data in the log.
+    pub fn size_bytes(&self) -> u64 {
+        self.read_log().size_bytes()
+    }
+}
+
+/// What [`Partition::fetch`] returns.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The batches.
+    pub read: ReadResult,
+    /// High watermark when read.
+    pub high_watermark: u64,
+    /// Log start offset when read.
+    pub log_start_offset: u64,
+}

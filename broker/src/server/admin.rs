@@ -1,0 +1,178 @@
+//! The `Admin` service: topics and their configs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tally_proto::v1::{self as pb, admin_server::Admin};
+use tonic::{Request, Response, Status};
+
+use crate::broker::{Broker, NewTopic};
+use crate::error::BrokerError;
+
+/// Implements the `tally.v1.Admin` service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    broker: Arc<Broker>,
+}
+
+impl AdminService {
+    /// A service over `broker`.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        AdminService { broker }
+    }
+}
+
+fn result(name: String, outcome: Result<(), BrokerError>) -> pb::TopicResult {
+    match outcome {
+        Ok(()) => pb::TopicResult {
+            name,
+            error_code: 0,
+            error_message: String::new(),
+        },
+        Err(e) => {
+            tracing::info!(topic = %name, error = %e, "admin request refused");
+            pb::TopicResult {
+                name,
+                error_code: e.code() as i32,
+                error_message: e.to_string(),
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_topics(
+        &self,
+        request: Request<pb::CreateTopicsRequest>,
+    ) -> Result<Response<pb::CreateTopicsResponse>, Status> {
+        let req = request.into_inner();
+        let mut results = Vec::with_capacity(req.topics.len());
+        for t in req.topics {
+            let new = NewTopic {
+                name: t.name.clone(),
+                partitions: t.num_partitions,
+                replication_factor: t.replication_factor,
+                configs: t.configs.into_iter().collect(),
+            };
+            results.push(result(
+                t.name,
+                self.broker.create_topic(new, req.validate_only).await,
+            ));
+        }
+        Ok(Response::new(pb::CreateTopicsResponse { results }))
+    }
+
+    async fn delete_topics(
+        &self,
+        request: Request<pb::DeleteTopicsRequest>,
+    ) -> Result<Response<pb::DeleteTopicsResponse>, Status> {
+        let mut results = Vec::new();
+        for name in request.into_inner().names {
+            let outcome = self.broker.delete_topic(&name).await;
+            results.push(result(name, outcome));
+        }
+        Ok(Response::new(pb::DeleteTopicsResponse { results }))
+    }
+
+    async fn list_topics(
+        &self,
+        _request: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let topics = self
+            .broker
+            .topics()
+            .iter()
+            .map(|t| pb::TopicListing {
+                name: t.name.to_string(),
+                partitions: t.partitions.len() as u32,
+                replication_factor: t.replication_factor,
+            })
+            .collect();
+        Ok(Response::new(pb::ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topics(
+        &self,
+        request: Request<pb::DescribeTopicsRequest>,
+    ) -> Result<Response<pb::DescribeTopicsResponse>, Status> {
+        let node = self.broker.node_id();
+        let names = request.into_inner().names;
+        let names = if names.is_empty() {
+            self.broker
+                .topics()
+                .iter()
+                .map(|t| t.name.to_string())
+                .collect()
+        } else {
+            names
+        };
+        let topics = names
+            .into_iter()
+            .map(|name| match self.broker.topic(&name) {
+                Some(t) => pb::TopicDescription {
+                    name,
+                    error_code: 0,
+                    error_message: String::new(),
+                    configs: t.config.describe().into_iter().collect(),
+                    partitions: t
+                        .partitions
+                        .iter()
+                        .map(|p| {
+                            let (start, hw, _) = p.offsets();
+                            pb::PartitionDescription {
+                                partition: p.index(),
+                                leader_id: node as i32,
+                                leader_epoch: 0,
+                                replicas: vec![node],
+                                isr: vec![node],
+                                log_start_offset: start as i64,
+                                high_watermark: hw as i64,
+                            }
+                        })
+                        .collect(),
+                },
+                None => {
+                    let e = BrokerError::UnknownTopicOrPartition {
+                        topic: name.clone(),
+                        partition: None,
+                    };
+                    pb::TopicDescription {
+                        name,
+                        error_code: e.code() as i32,
+                        error_message: e.to_string(),
+                        configs: Default::default(),
+                        partitions: Vec::new(),
+                    }
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::DescribeTopicsResponse { topics }))
+    }
+
+    async fn alter_topic_configs(
+        &self,
+        request: Request<pb::AlterTopicConfigsRequest>,
+    ) -> Result<Response<pb::AlterTopicConfigsResponse>, Status> {
+        let req = request.into_inner();
+        let set: BTreeMap<String, String> = req.set.into_iter().collect();
+        let outcome = self
+            .broker
+            .alter_topic_configs(&req.name, &set, &req.delete)
+            .await;
+        Ok(Response::new(pb::AlterTopicConfigsResponse {
+            result: Some(result(req.name, outcome)),
+        }))
+    }
+
+    async fn create_partitions(
+        &self,
+        request: Request<pb::CreatePartitionsRequest>,
+    ) -> Result<Response<pb::CreatePartitionsResponse>, Status> {
+        let req = request.into_inner();
+        let outcome = self.broker.create_partitions(&req.name, req.count).await;
+        Ok(Response::new(pb::CreatePartitionsResponse {
+            result: Some(result(req.name, outcome)),
+        }))
+    }
+}

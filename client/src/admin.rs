@@ -1,0 +1,239 @@
+//! [`Admin`]: create, delete, list, describe and alter topics.
+
+use std::collections::BTreeMap;
+
+use tally_proto::v1::{self as pb};
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+
+/// A topic to create.
+#[derive(Debug, Clone, Default)]
+pub struct NewTopic {
+    /// Name.
+    pub name: String,
+    /// Partitions (0: the broker default).
+    pub partitions: u32,
+    /// Replicas per partition (0: the default).
+    pub replication_factor: u32,
+    /// Config overrides, e.g. `retention_ms`.
+    pub configs: BTreeMap<String, String>,
+}
+
+impl NewTopic {
+    /// A topic with `partitions` partitions and one replica each.
+    pub fn new(name: impl Into<String>, partitions: u32) -> Self {
+        NewTopic {
+            name: name.into(),
+            partitions,
+            replication_factor: 1,
+            configs: BTreeMap::new(),
+        }
+    }
+
+    /// Sets a config override.
+    pub fn config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.configs.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// One partition as `describe` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionDescription {
+    /// Partition number.
+    pub partition: u32,
+    /// Leader broker, if any.
+    pub leader: Option<u32>,
+    /// Leader epoch.
+    pub leader_epoch: u32,
+    /// Replica brokers.
+    pub replicas: Vec<u32>,
+    /// In-sync replicas.
+    pub isr: Vec<u32>,
+    /// First offset.
+    pub log_start_offset: i64,
+    /// High watermark.
+    pub high_watermark: i64,
+}
+
+/// A topic as `describe` shows it.
+#[derive(Debug, Clone)]
+pub struct TopicDescription {
+    /// Name.
+    pub name: String,
+    /// Effective configs.
+    pub configs: BTreeMap<String, String>,
+    /// Partitions.
+    pub partitions: Vec<PartitionDescription>,
+}
+
+/// A topic as `list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicListing {
+    /// Name.
+    pub name: String,
+    /// Partition count.
+    pub partitions: u32,
+    /// Replication factor.
+    pub replication_factor: u32,
+}
+
+/// Admin operations; get one from [`Client::admin`].
+///
+/// ```no_run
+/// # async fn demo(client: tally_client::Client) -> Result<(), tally_client::Error> {
+/// use tally_client::NewTopic;
+/// client.admin().create_topic(NewTopic::new("orders", 3).config("retention_ms", "86400000")).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Admin {
+    client: Client,
+}
+
+fn check(r: Option<pb::TopicResult>, topic: &str) -> Result<()> {
+    let r = r.ok_or_else(|| Error::InvalidArgument("empty answer from the broker".into()))?;
+    if r.error_code != 0 {
+        return Err(Error::broker(r.error_code, r.error_message, topic, None));
+    }
+    Ok(())
+}
+
+impl Admin {
+    pub(crate) fn new(client: Client) -> Self {
+        Admin { client }
+    }
+
+    /// Creates a topic.
+    pub async fn create_topic(&self, topic: NewTopic) -> Result<()> {
+        let name = topic.name.clone();
+        let request = pb::CreateTopicsRequest {
+            topics: vec![pb::NewTopic {
+                name: topic.name,
+                num_partitions: topic.partitions,
+                replication_factor: topic.replication_factor,
+                configs: topic.configs.into_iter().collect(),
+            }],
+            validate_only: false,
+        };
+        let response = self
+            .client
+            .admin_rpc()
+            .create_topics(request)
+            .await?
+            .into_inner();
+        check(response.results.into_iter().next(), &name)?;
+        self.client.invalidate(&name);
+        Ok(())
+    }
+
+    /// Deletes a topic and its data.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let request = pb::DeleteTopicsRequest {
+            names: vec![name.to_string()],
+        };
+        let response = self
+            .client
+            .admin_rpc()
+            .delete_topics(request)
+            .await?
+            .into_inner();
+        self.client.invalidate(name);
+        check(response.results.into_iter().next(), name)
+    }
+
+    /// Every topic.
+    pub async fn list_topics(&self) -> Result<Vec<TopicListing>> {
+        let response = self
+            .client
+            .admin_rpc()
+            .list_topics(pb::ListTopicsRequest {})
+            .await?
+            .into_inner();
+        Ok(response
+            .topics
+            .into_iter()
+            .map(|t| TopicListing {
+                name: t.name,
+                partitions: t.partitions,
+                replication_factor: t.replication_factor,
+            })
+            .collect())
+    }
+
+    /// A topic's partitions, offsets and configs.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        let request = pb::DescribeTopicsRequest {
+            names: vec![name.to_string()],
+        };
+        let response = self
+            .client
+            .admin_rpc()
+            .describe_topics(request)
+            .await?
+            .into_inner();
+        let t = response
+            .topics
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::InvalidArgument("empty answer".into()))?;
+        if t.error_code != 0 {
+            return Err(Error::broker(t.error_code, t.error_message, name, None));
+        }
+        Ok(TopicDescription {
+            name: t.name,
+            configs: t.configs.into_iter().collect(),
+            partitions: t
+                .partitions
+                .into_iter()
+                .map(|p| PartitionDescription {
+                    partition: p.partition,
+                    leader: u32::try_from(p.leader_id).ok(),
+                    leader_epoch: p.leader_epoch,
+                    replicas: p.replicas,
+                    isr: p.isr,
+                    log_start_offset: p.log_start_offset,
+                    high_watermark: p.high_watermark,
+                })
+                .collect(),
+        })
+    }
+
+    /// Sets config keys (`set`) and resets others to the broker default (`reset`).
+    pub async fn alter_topic_configs(
+        &self,
+        name: &str,
+        set: BTreeMap<String, String>,
+        reset: Vec<String>,
+    ) -> Result<()> {
+        let request = pb::AlterTopicConfigsRequest {
+            name: name.to_string(),
+            set: set.into_iter().collect(),
+            delete: reset,
+        };
+        let response = self
+            .client
+            .admin_rpc()
+            .alter_topic_configs(request)
+            .await?
+            .into_inner();
+        check(response.result, name)
+    }
+
+    /// Grows a topic to `count` partitions.
+    pub async fn create_partitions(&self, name: &str, count: u32) -> Result<()> {
+        let request = pb::CreatePartitionsRequest {
+            name: name.to_string(),
+            count,
+        };
+        let response = self
+            .client
+            .admin_rpc()
+            .create_partitions(request)
+            .await?
+            .into_inner();
+        self.client.invalidate(name);
+        check(response.result, name)
+    }
+}

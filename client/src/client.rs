@@ -1,0 +1,312 @@
+//! [`Client`]: connections to the cluster and its metadata.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tally_proto::v1::admin_client::AdminClient;
+use tally_proto::v1::tally_client::TallyClient;
+use tally_proto::v1::{self as pb};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+
+/// Largest message the client sends or accepts.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Settings for [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Brokers to ask for metadata first (`host:port`).
+    pub bootstrap: Vec<String>,
+    /// Time allowed to open a connection. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Time allowed for one request, on top of any long-poll wait. Default 30 s.
+    pub request_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            bootstrap: vec!["127.0.0.1:9092".to_string()],
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Builds a [`Client`].
+#[derive(Debug, Clone, Default)]
+pub struct ClientBuilder {
+    config: ClientConfig,
+}
+
+impl ClientBuilder {
+    /// Brokers to bootstrap from.
+    pub fn bootstrap<I, S>(mut self, addresses: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.bootstrap = addresses.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Time allowed to open a connection.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// Time allowed for one request.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// Connects to the first bootstrap broker that answers a metadata request.
+    pub async fn connect(self) -> Result<Client> {
+        let config = self.config;
+        if config.bootstrap.is_empty() {
+            return Err(Error::InvalidArgument("no bootstrap address".into()));
+        }
+        let mut last = String::new();
+        for address in &config.bootstrap {
+            let channel = match endpoint(address, &config)?.connect().await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = format!("{address}: {e}");
+                    continue;
+                }
+            };
+            let client = Client {
+                inner: Arc::new(Inner {
+                    config: config.clone(),
+                    bootstrap: channel.clone(),
+                    channels: RwLock::new(HashMap::from([(address.clone(), channel)])),
+                    metadata: RwLock::new(Metadata::default()),
+                }),
+            };
+            match client.refresh_metadata(&[]).await {
+                Ok(()) => return Ok(client),
+                Err(e) => last = format!("{address}: {e}"),
+            }
+        }
+        Err(Error::Connect {
+            addresses: config.bootstrap.join(","),
+            message: last,
+        })
+    }
+}
+
+fn endpoint(address: &str, config: &ClientConfig) -> Result<Endpoint> {
+    let uri = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| Error::InvalidArgument(format!("bad address `{address}`: {e}")))?
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .initial_connection_window_size(Some(8 << 20))
+        .initial_stream_window_size(Some(4 << 20)))
+}
+
+/// What the client knows of one topic.
+#[derive(Debug, Clone)]
+pub struct TopicInfo {
+    /// Leader broker id of each partition (`None` while leaderless).
+    pub leaders: Vec<Option<u32>>,
+}
+
+#[derive(Debug, Default)]
+struct Metadata {
+    brokers: HashMap<u32, String>,
+    topics: HashMap<String, Arc<TopicInfo>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ClientConfig,
+    bootstrap: Channel,
+    channels: RwLock<HashMap<String, Channel>>,
+    metadata: RwLock<Metadata>,
+}
+
+/// A connection to a Tally cluster. Cheap to clone; clones share
+/// connections and metadata.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), tally_client::Error> {
+/// let client = tally_client::Client::builder().bootstrap(["127.0.0.1:9092"]).connect().await?;
+/// let topics = client.admin().list_topics().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// A builder with default settings (bootstrap `127.0.0.1:9092`).
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// Admin operations.
+    pub fn admin(&self) -> crate::Admin {
+        crate::Admin::new(self.clone())
+    }
+
+    /// A client for one partition.
+    pub fn partition_client(
+        &self,
+        topic: impl Into<String>,
+        partition: u32,
+    ) -> crate::PartitionClient {
+        crate::PartitionClient::new(self.clone(), topic.into(), partition)
+    }
+
+    pub(crate) fn admin_rpc(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.inner.bootstrap.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn tally_rpc(channel: Channel) -> TallyClient<Channel> {
+        TallyClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Asks the cluster for brokers and topics (`topics` empty: all) and
+    /// caches the answer.
+    pub async fn refresh_metadata(&self, topics: &[String]) -> Result<()> {
+        let request = pb::MetadataRequest {
+            topics: topics.to_vec(),
+        };
+        let response = Self::tally_rpc(self.inner.bootstrap.clone())
+            .metadata(request)
+            .await?
+            .into_inner();
+        let mut md = self
+            .inner
+            .metadata
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        md.brokers = response
+            .brokers
+            .into_iter()
+            .map(|b| (b.node_id, b.address))
+            .collect();
+        for t in response.topics {
+            if t.error_code != 0 {
+                md.topics.remove(&t.name);
+                continue;
+            }
+            let mut leaders = vec![None; t.partitions.len()];
+            for p in &t.partitions {
+                if let Some(slot) = leaders.get_mut(p.partition as usize) {
+                    *slot = u32::try_from(p.leader_id).ok();
+                }
+            }
+            md.topics.insert(t.name, Arc::new(TopicInfo { leaders }));
+        }
+        Ok(())
+    }
+
+    /// Cached metadata of `topic`, fetched if unknown.
+    pub async fn topic_info(&self, topic: &str) -> Result<Arc<TopicInfo>> {
+        if let Some(info) = self.cached_topic(topic) {
+            return Ok(info);
+        }
+        self.refresh_metadata(&[topic.to_string()]).await?;
+        self.cached_topic(topic).ok_or_else(|| Error::Broker {
+            code: tally_proto::ErrorCode::UnknownTopicOrPartition,
+            message: format!("topic `{topic}` does not exist"),
+            topic: topic.to_string(),
+            partition: None,
+        })
+    }
+
+    pub(crate) fn cached_topic(&self, topic: &str) -> Option<Arc<TopicInfo>> {
+        self.inner
+            .metadata
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .topics
+            .get(topic)
+            .cloned()
+    }
+
+    /// Forgets what is cached about `topic` (after NOT_LEADER and the like).
+    pub(crate) fn invalidate(&self, topic: &str) {
+        self.inner
+            .metadata
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .topics
+            .remove(topic);
+    }
+
+    /// A gRPC client for the leader of `topic`/`partition`.
+    pub(crate) async fn leader(&self, topic: &str, partition: u32) -> Result<TallyClient<Channel>> {
+        let info = self.topic_info(topic).await?;
+        let unknown = || Error::Broker {
+            code: tally_proto::ErrorCode::UnknownTopicOrPartition,
+            message: format!("topic `{topic}` has no partition {partition}"),
+            topic: topic.to_string(),
+            partition: Some(partition),
+        };
+        let leader = info
+            .leaders
+            .get(partition as usize)
+            .ok_or_else(unknown)?
+            .ok_or_else(|| Error::Broker {
+                code: tally_proto::ErrorCode::LeaderNotAvailable,
+                message: "no leader".into(),
+                topic: topic.to_string(),
+                partition: Some(partition),
+            })?;
+        let address = {
+            let md = self
+                .inner
+                .metadata
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            md.brokers.get(&leader).cloned()
+        };
+        let address = address.ok_or_else(|| {
+            Error::InvalidArgument(format!("broker {leader} is not in the metadata"))
+        })?;
+        Ok(Self::tally_rpc(self.channel(&address)?))
+    }
+
+    fn channel(&self, address: &str) -> Result<Channel> {
+        if let Some(c) = self
+            .inner
+            .channels
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(address)
+        {
+            return Ok(c.clone());
+        }
+        let channel = endpoint(address, &self.inner.config)?.connect_lazy();
+        self.inner
+            .channels
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+}

@@ -1,0 +1,100 @@
+//! The client's error type.
+
+use tally_proto::ErrorCode;
+use tally_proto::batch::BatchError;
+
+/// What a client call can fail with. Cheap to clone, so one failed batch can
+/// fail every record in it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// No bootstrap broker could be reached.
+    #[error("cannot connect to any of {addresses}: {message}")]
+    Connect {
+        /// The addresses tried.
+        addresses: String,
+        /// The last failure.
+        message: String,
+    },
+    /// The broker answered with an error code for a topic or partition.
+    #[error("{code:?} ({topic}{}): {message}", .partition.map(|p| format!("/{p}")).unwrap_or_default())]
+    Broker {
+        /// The wire error code.
+        code: ErrorCode,
+        /// The broker's message.
+        message: String,
+        /// Topic concerned.
+        topic: String,
+        /// Partition concerned, if any.
+        partition: Option<u32>,
+    },
+    /// The gRPC call failed (connection lost, deadline, malformed request).
+    #[error("request failed: {code:?}: {message}")]
+    Rpc {
+        /// gRPC status code.
+        code: tonic::Code,
+        /// Status message.
+        message: String,
+    },
+    /// The broker returned bytes that are not valid record batches.
+    #[error("corrupt data from the broker: {0}")]
+    Corrupt(#[from] BatchError),
+    /// An argument the client cannot use.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The operation did not finish in time.
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    /// The producer or consumer was closed.
+    #[error("closed")]
+    Closed,
+}
+
+impl Error {
+    /// True when retrying the same operation may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Error::Broker { code, .. } => code.is_retriable(),
+            Error::Rpc { code, .. } => {
+                matches!(
+                    code,
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::ResourceExhausted
+                        | tonic::Code::Aborted
+                )
+            }
+            Error::Connect { .. } | Error::Timeout(_) => true,
+            Error::Corrupt(_) | Error::InvalidArgument(_) | Error::Closed => false,
+        }
+    }
+
+    /// The broker's error code, when the broker answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Broker { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn broker(code: i32, message: String, topic: &str, partition: Option<u32>) -> Error {
+        let code = ErrorCode::try_from(code).unwrap_or(ErrorCode::UnknownServerError);
+        Error::Broker {
+            code,
+            message,
+            topic: topic.to_string(),
+            partition,
+        }
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        Error::Rpc {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+/// Result type of the client.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
