@@ -1,0 +1,275 @@
+//! Produce and consume benchmarks against a running broker: records/s, MB/s
+//! and request latency percentiles (HdrHistogram), with a progress line on
+//! stderr and, given the broker's pid, its peak anonymous memory.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use tally_client::{Acks, Client, NewTopic};
+use tally_proto::batch::{BatchBuilder, RecordRef};
+
+use crate::child::rss_anon_kib;
+
+/// Parameters of a produce benchmark.
+#[derive(Debug, Clone)]
+pub struct ProduceParams {
+    /// Topic (created with `partitions` partitions if missing).
+    pub topic: String,
+    /// Concurrent producers; producer i writes partition i % partitions.
+    pub producers: usize,
+    /// Partitions of the topic.
+    pub partitions: u32,
+    /// Value bytes per record.
+    pub record_size: usize,
+    /// Records per batch (one batch per request).
+    pub records_per_batch: usize,
+    /// Acknowledgement level.
+    pub acks: Acks,
+    /// Measured time.
+    pub duration: Duration,
+    /// Unmeasured time before it.
+    pub warmup: Duration,
+    /// Topic configs used when the topic is created (e.g. flush=always).
+    pub topic_configs: Vec<(String, String)>,
+    /// Broker pid, to report its RssAnon.
+    pub broker_pid: Option<u32>,
+}
+
+/// Parameters of a consume benchmark.
+#[derive(Debug, Clone)]
+pub struct ConsumeParams {
+    /// Topic to read (from the beginning).
+    pub topic: String,
+    /// Concurrent consumers; consumer i reads partition i % partitions.
+    pub consumers: usize,
+    /// Bytes per fetch.
+    pub fetch_bytes: u32,
+    /// Upper bound on the measured time.
+    pub duration: Duration,
+    /// Broker pid, to report its RssAnon.
+    pub broker_pid: Option<u32>,
+}
+
+/// Figures of one run.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Records per second.
+    pub records_per_s: f64,
+    /// Megabytes (10^6) of record values (produce) or batches (consume) per second.
+    pub mb_per_s: f64,
+    /// Request latency percentiles in milliseconds: p50, p99, p99.9.
+    pub latency_ms: [f64; 3],
+    /// Requests measured.
+    pub requests: u64,
+    /// Peak broker RssAnon seen, in MiB.
+    pub broker_rss_anon_mib: Option<f64>,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0} records/s, {:.1} MB/s, latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({} requests)",
+            self.records_per_s,
+            self.mb_per_s,
+            self.latency_ms[0],
+            self.latency_ms[1],
+            self.latency_ms[2],
+            self.requests
+        )?;
+        if let Some(rss) = self.broker_rss_anon_mib {
+            write!(f, ", broker RssAnon peak {rss:.1} MiB")?;
+        }
+        Ok(())
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+fn percentiles(h: &Histogram<u64>) -> [f64; 3] {
+    [0.5, 0.99, 0.999].map(|q| h.value_at_quantile(q) as f64 / 1000.0)
+}
+
+/// Samples the broker's RssAnon every 100 ms until stopped; returns the peak.
+fn watch_rss(pid: Option<u32>, stop: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<u64>> {
+    let pid = pid?;
+    Some(std::thread::spawn(move || {
+        let mut peak = 0;
+        while !stop.load(Ordering::Relaxed) {
+            peak = peak.max(rss_anon_kib(pid).unwrap_or(0));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        peak.max(rss_anon_kib(pid).unwrap_or(0))
+    }))
+}
+
+fn progress(
+    label: &'static str,
+    records: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) {
+    std::thread::spawn(move || {
+        let (mut last_r, mut last_b) = (0, 0);
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_secs(1));
+            let (r, b) = (
+                records.load(Ordering::Relaxed),
+                bytes.load(Ordering::Relaxed),
+            );
+            eprint!(
+                "\r{label}: {} records/s, {:.1} MB/s        ",
+                r - last_r,
+                (b - last_b) as f64 / 1e6
+            );
+            (last_r, last_b) = (r, b);
+        }
+        eprintln!();
+    });
+}
+
+/// Runs a produce benchmark.
+pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Report> {
+    let topic = NewTopic {
+        name: p.topic.clone(),
+        partitions: p.partitions,
+        replication_factor: 1,
+        configs: p.topic_configs.iter().cloned().collect(),
+    };
+    match client.admin().create_topic(topic).await {
+        Ok(()) => {}
+        Err(e) if e.code() == Some(tally_client::ErrorCode::TopicAlreadyExists) => {}
+        Err(e) => return Err(e).context("cannot create the benchmark topic"),
+    }
+    let value = vec![b'x'; p.record_size];
+    let mut builder = BatchBuilder::with_capacity(p.records_per_batch * (p.record_size + 16) + 64);
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )?;
+    for _ in 0..p.records_per_batch {
+        builder.push(&RecordRef {
+            timestamp: now,
+            key: None,
+            value: Some(&value),
+            headers: &[],
+        });
+    }
+    let batch: Bytes = builder.finish();
+    let records = Arc::new(AtomicU64::new(0));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    progress("produce", records.clone(), bytes.clone(), stop.clone());
+    let rss = watch_rss(p.broker_pid, stop.clone());
+    let start = Instant::now();
+    let measure_from = start + p.warmup;
+    let end = measure_from + p.duration;
+    let mut tasks = Vec::new();
+    for i in 0..p.producers {
+        let pc = client.partition_client(p.topic.clone(), (i as u32) % p.partitions);
+        let (batch, records, bytes) = (batch.clone(), records.clone(), bytes.clone());
+        let (per_batch, payload, acks) = (
+            p.records_per_batch as u64,
+            (p.records_per_batch * p.record_size) as u64,
+            p.acks,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut h = histogram();
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    break;
+                }
+                pc.produce(batch.clone(), acks).await?;
+                if t0 >= measure_from {
+                    h.saturating_record(t0.elapsed().as_micros() as u64);
+                    records.fetch_add(per_batch, Ordering::Relaxed);
+                    bytes.fetch_add(payload, Ordering::Relaxed);
+                }
+            }
+            anyhow::Ok(h)
+        }));
+    }
+    let mut all = histogram();
+    for t in tasks {
+        all.add(t.await??)?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let secs = p.duration.as_secs_f64();
+    Ok(Report {
+        records_per_s: records.load(Ordering::Relaxed) as f64 / secs,
+        mb_per_s: bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
+        latency_ms: percentiles(&all),
+        requests: all.len(),
+        broker_rss_anon_mib: rss
+            .and_then(|h| h.join().ok())
+            .map(|kib| kib as f64 / 1024.0),
+    })
+}
+
+/// Runs a consume benchmark: each consumer reads its partition from the
+/// beginning to the high watermark it saw at the start.
+pub async fn consume(client: &Client, p: &ConsumeParams) -> anyhow::Result<Report> {
+    let info = client.topic_info(&p.topic).await?;
+    let partitions = info.leaders.len() as u32;
+    let records = Arc::new(AtomicU64::new(0));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    progress("consume", records.clone(), bytes.clone(), stop.clone());
+    let rss = watch_rss(p.broker_pid, stop.clone());
+    let start = Instant::now();
+    let end = start + p.duration;
+    let mut tasks = Vec::new();
+    for i in 0..p.consumers {
+        let pc = client.partition_client(p.topic.clone(), (i as u32) % partitions);
+        let (records, bytes, fetch_bytes) = (records.clone(), bytes.clone(), p.fetch_bytes);
+        tasks.push(tokio::spawn(async move {
+            let mut h = histogram();
+            let mut offset = pc
+                .list_offset(tally_client::OffsetSpec::Earliest)
+                .await?
+                .unwrap_or(0);
+            let target = pc
+                .list_offset(tally_client::OffsetSpec::Latest)
+                .await?
+                .unwrap_or(0);
+            while offset < target && Instant::now() < end {
+                let t0 = Instant::now();
+                let fetched = pc
+                    .fetch(offset, fetch_bytes, Duration::from_millis(100))
+                    .await?;
+                h.saturating_record(t0.elapsed().as_micros() as u64);
+                for b in &fetched.batches {
+                    let hd = b.header();
+                    let fresh = (hd.next_offset() - offset.max(hd.base_offset())).max(0) as u64;
+                    records.fetch_add(fresh, Ordering::Relaxed);
+                    bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                }
+                offset = fetched.next_offset().unwrap_or(offset).max(offset);
+            }
+            anyhow::Ok(h)
+        }));
+    }
+    let mut all = histogram();
+    for t in tasks {
+        all.add(t.await??)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    Ok(Report {
+        records_per_s: records.load(Ordering::Relaxed) as f64 / secs,
+        mb_per_s: bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
+        latency_ms: percentiles(&all),
+        requests: all.len(),
+        broker_rss_anon_mib: rss
+            .and_then(|h| h.join().ok())
+            .map(|kib| kib as f64 / 1024.0),
+    })
+}

@@ -1,0 +1,101 @@
+//! Runs `tally serve` as a child process on a free port, for benchmarks and
+//! process-level tests.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// A `tally serve` child; killed when dropped.
+#[derive(Debug)]
+pub struct BrokerProcess {
+    child: Child,
+    /// `host:port` it listens on.
+    pub address: String,
+}
+
+impl BrokerProcess {
+    /// Starts `binary serve --listen 127.0.0.1:0 --data-dir DIR` with extra
+    /// `args`, and waits (up to 30 s) for it to print its address.
+    pub fn start(binary: &Path, data_dir: &Path, args: &[&str]) -> anyhow::Result<BrokerProcess> {
+        let mut child = Command::new(binary)
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(args)
+            .env("TALLY_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent && let Some(addr) = line.strip_prefix("tally broker listening on ") {
+                    let _ = tx.send(addr.trim().to_string());
+                    sent = true;
+                } else {
+                    eprintln!("[broker] {line}");
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let address = loop {
+            if let Ok(a) = rx.recv_timeout(Duration::from_millis(100)) {
+                break a;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("broker exited early: {status}");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("broker did not start within 30 s");
+            }
+        };
+        Ok(BrokerProcess { child, address })
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit (up to 30 s).
+    pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = i32::try_from(self.child.id()).context("pid out of range")?;
+        // SAFETY: signalling our own child, which we have not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("broker did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `RssAnon` of a process in KiB, from /proc.
+pub fn rss_anon_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

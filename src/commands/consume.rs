@@ -1,0 +1,235 @@
+//! `tally consume`: print records, kcat-style.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tally_client::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, SeekTo};
+
+use super::Context;
+
+/// Flags of `tally consume`.
+#[derive(Debug, clap::Args)]
+pub struct ConsumeArgs {
+    /// Topic.
+    topic: String,
+    /// Read only this partition (default: all).
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Where to start: beginning, end, an offset, or @TIMESTAMP_MS.
+    #[arg(long, default_value = "end")]
+    from: String,
+    /// Stop after this many records.
+    #[arg(short = 'n', long = "count")]
+    count: Option<u64>,
+    /// Stop when every partition has been read to its high watermark.
+    #[arg(long)]
+    exit_at_end: bool,
+    /// Output format: %t topic, %p partition, %o offset, %k key, %v value,
+    /// %T timestamp, %h headers, %% a percent sign; \n, \t escapes.
+    #[arg(long, default_value = "%v\\n")]
+    format: String,
+}
+
+fn parse_from(s: &str) -> anyhow::Result<SeekTo> {
+    Ok(match s {
+        "beginning" | "earliest" => SeekTo::Beginning,
+        "end" | "latest" => SeekTo::End,
+        ts if ts.starts_with('@') => SeekTo::Timestamp(
+            ts[1..]
+                .parse()
+                .with_context(|| format!("bad timestamp in `{s}`"))?,
+        ),
+        offset => SeekTo::Offset(offset.parse().with_context(|| {
+            format!("--from takes beginning, end, OFFSET or @TIMESTAMP_MS, not `{s}`")
+        })?),
+    })
+}
+
+/// One piece of a parsed `--format`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Literal(String),
+    Topic,
+    Partition,
+    Offset,
+    Key,
+    Value,
+    Timestamp,
+    Headers,
+}
+
+fn parse_format(format: &str) -> Vec<Token> {
+    let mut out = Vec::new();
+    let mut lit = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        let token = match (c, chars.clone().next()) {
+            ('%', Some(n)) => {
+                chars.next();
+                match n {
+                    't' => Some(Token::Topic),
+                    'p' => Some(Token::Partition),
+                    'o' => Some(Token::Offset),
+                    'k' => Some(Token::Key),
+                    'v' => Some(Token::Value),
+                    'T' => Some(Token::Timestamp),
+                    'h' => Some(Token::Headers),
+                    '%' => {
+                        lit.push('%');
+                        None
+                    }
+                    other => {
+                        lit.push('%');
+                        lit.push(other);
+                        None
+                    }
+                }
+            }
+            ('\\', Some(n)) => {
+                chars.next();
+                lit.push(match n {
+                    'n' => '\n',
+                    't' => '\t',
+                    '\\' => '\\',
+                    other => other,
+                });
+                None
+            }
+            (c, _) => {
+                lit.push(c);
+                None
+            }
+        };
+        if let Some(t) = token {
+            if !lit.is_empty() {
+                out.push(Token::Literal(std::mem::take(&mut lit)));
+            }
+            out.push(t);
+        }
+    }
+    if !lit.is_empty() {
+        out.push(Token::Literal(lit));
+    }
+    out
+}
+
+fn write_record(out: &mut impl Write, tokens: &[Token], r: &ConsumerRecord) -> std::io::Result<()> {
+    for t in tokens {
+        match t {
+            Token::Literal(s) => out.write_all(s.as_bytes())?,
+            Token::Topic => out.write_all(r.topic.as_bytes())?,
+            Token::Partition => write!(out, "{}", r.partition)?,
+            Token::Offset => write!(out, "{}", r.offset)?,
+            Token::Key => out.write_all(r.key.as_deref().unwrap_or(b""))?,
+            Token::Value => out.write_all(r.value.as_deref().unwrap_or(b""))?,
+            Token::Timestamp => write!(out, "{}", r.timestamp)?,
+            Token::Headers => {
+                for (i, (k, v)) in r.headers.iter().enumerate() {
+                    if i > 0 {
+                        out.write_all(b",")?;
+                    }
+                    out.write_all(k.as_bytes())?;
+                    out.write_all(b"=")?;
+                    out.write_all(v.as_deref().unwrap_or(b""))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `tally consume`.
+pub async fn run(ctx: &Context, args: ConsumeArgs) -> anyhow::Result<()> {
+    let client = ctx.connect().await?;
+    let from = parse_from(&args.from)?;
+    let tokens = parse_format(&args.format);
+    let info = client
+        .topic_info(&args.topic)
+        .await
+        .with_context(|| format!("cannot consume `{}`", args.topic))?;
+    let partitions: Vec<u32> = match args.partition {
+        Some(p) if (p as usize) < info.leaders.len() => vec![p],
+        Some(p) => bail!(
+            "topic `{}` has {} partitions; there is no partition {p}",
+            args.topic,
+            info.leaders.len()
+        ),
+        None => (0..info.leaders.len() as u32).collect(),
+    };
+    let config = ConsumerConfig {
+        max_wait: if args.exit_at_end {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(500)
+        },
+        auto_offset_reset: OffsetReset::Earliest,
+        ..ConsumerConfig::default()
+    };
+    let mut consumer = Consumer::new(client, config);
+    for p in &partitions {
+        consumer.assign(&args.topic, *p, from).await?;
+    }
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut printed = 0u64;
+    loop {
+        let records = consumer.poll().await?;
+        for r in &records {
+            if args.count.is_some_and(|n| printed >= n) {
+                break;
+            }
+            match write_record(&mut out, &tokens, r) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                other => other?,
+            }
+            printed += 1;
+        }
+        match out.flush() {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            other => other?,
+        }
+        if args.count.is_some_and(|n| printed >= n) || (args.exit_at_end && consumer.at_end()) {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_tokens_parse_like_kcat() {
+        assert_eq!(
+            parse_format("%t/%p@%o %k=%v\\n"),
+            vec![
+                Token::Topic,
+                Token::Literal("/".into()),
+                Token::Partition,
+                Token::Literal("@".into()),
+                Token::Offset,
+                Token::Literal(" ".into()),
+                Token::Key,
+                Token::Literal("=".into()),
+                Token::Value,
+                Token::Literal("\n".into()),
+            ]
+        );
+        assert_eq!(
+            parse_format("100%% %x"),
+            vec![Token::Literal("100% %x".into())]
+        );
+    }
+
+    #[test]
+    fn from_accepts_names_offsets_and_timestamps() {
+        assert_eq!(parse_from("beginning").unwrap(), SeekTo::Beginning);
+        assert_eq!(parse_from("42").unwrap(), SeekTo::Offset(42));
+        assert_eq!(
+            parse_from("@1700000000000").unwrap(),
+            SeekTo::Timestamp(1_700_000_000_000)
+        );
+        assert!(parse_from("soon").is_err());
+    }
+}

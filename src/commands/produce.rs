@@ -1,0 +1,113 @@
+//! `tally produce`: one record per line of standard input.
+
+use std::collections::VecDeque;
+
+use anyhow::{Context as _, bail};
+use tally_client::{Acks, DeliveryFuture, HeaderRef, Producer, ProducerConfig, ProducerRecord};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::{Context, parse_key_value};
+
+/// Acknowledged sends kept in flight before waiting for the oldest.
+const MAX_PENDING: usize = 100_000;
+
+/// Flags of `tally produce`.
+#[derive(Debug, clap::Args)]
+pub struct ProduceArgs {
+    /// Topic.
+    topic: String,
+    /// Acknowledgement level: 0, 1 or all.
+    #[arg(long, default_value = "1")]
+    acks: Acks,
+    /// Split each line into key and value at the first SEP.
+    #[arg(long)]
+    key_separator: Option<String>,
+    /// Send every record to this partition.
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Header KEY=VALUE added to every record (repeatable).
+    #[arg(long = "header", value_parser = parse_key_value)]
+    headers: Vec<(String, String)>,
+    /// Linger before a batch is sent, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u64,
+}
+
+/// Runs `tally produce`; exits non-zero unless every line was acknowledged.
+pub async fn run(ctx: &Context, args: ProduceArgs) -> anyhow::Result<()> {
+    let client = ctx.connect().await?;
+    client
+        .topic_info(&args.topic)
+        .await
+        .with_context(|| format!("cannot produce to `{}`", args.topic))?;
+    let config = ProducerConfig {
+        acks: args.acks,
+        linger: std::time::Duration::from_millis(args.linger_ms),
+        ..ProducerConfig::default()
+    };
+    let producer = Producer::new(client, config);
+    let headers: Vec<HeaderRef<'_>> = args
+        .headers
+        .iter()
+        .map(|(k, v)| HeaderRef {
+            key: k,
+            value: Some(v.as_bytes()),
+        })
+        .collect();
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut pending: VecDeque<(u64, DeliveryFuture)> = VecDeque::new();
+    let (mut sent, mut failed) = (0u64, 0u64);
+    let mut first_error = None;
+    let mut settle = |r: Result<_, tally_client::Error>, line: u64, failed: &mut u64| {
+        if let Err(e) = r {
+            *failed += 1;
+            if first_error.is_none() {
+                first_error = Some(format!("line {line}: {e}"));
+            }
+        }
+    };
+    while let Some(line) = lines
+        .next_line()
+        .await
+        .context("cannot read standard input")?
+    {
+        sent += 1;
+        let (key, value) = match &args.key_separator {
+            Some(sep) => match line.split_once(sep.as_str()) {
+                Some((k, v)) => (Some(k.as_bytes()), v.as_bytes()),
+                None => (None, line.as_bytes()),
+            },
+            None => (None, line.as_bytes()),
+        };
+        let record = ProducerRecord {
+            topic: &args.topic,
+            partition: args.partition,
+            key,
+            value: Some(value),
+            headers: &headers,
+            timestamp: None,
+        };
+        match producer.send(record).await {
+            Ok(f) => pending.push_back((sent, f)),
+            Err(e) => settle(Err(e), sent, &mut failed),
+        }
+        if pending.len() >= MAX_PENDING
+            && let Some((n, f)) = pending.pop_front()
+        {
+            settle(f.wait().await.map(|_| ()), n, &mut failed);
+        }
+    }
+    producer.flush().await;
+    while let Some((n, f)) = pending.pop_front() {
+        settle(f.wait().await.map(|_| ()), n, &mut failed);
+    }
+    producer.close().await;
+    if failed > 0 {
+        bail!(
+            "{failed} of {sent} records were not acknowledged; first failure: {}",
+            first_error.unwrap_or_default()
+        );
+    }
+    eprintln!("produced {sent} records to {}", args.topic);
+    Ok(())
+}
