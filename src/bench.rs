@@ -109,25 +109,13 @@ fn watch_rss(pid: Option<u32>, stop: Arc<AtomicBool>) -> Option<std::thread::Joi
     }))
 }
 
-fn progress(
-    label: &'static str,
-    records: Arc<AtomicU64>,
-    bytes: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-) {
+fn progress(label: &'static str, records: Arc<AtomicU64>, bytes: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         let (mut last_r, mut last_b) = (0, 0);
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_secs(1));
-            let (r, b) = (
-                records.load(Ordering::Relaxed),
-                bytes.load(Ordering::Relaxed),
-            );
-            eprint!(
-                "\r{label}: {} records/s, {:.1} MB/s        ",
-                r - last_r,
-                (b - last_b) as f64 / 1e6
-            );
+            let (r, b) = (records.load(Ordering::Relaxed), bytes.load(Ordering::Relaxed));
+            eprint!("\r{label}: {} records/s, {:.1} MB/s        ", r - last_r, (b - last_b) as f64 / 1e6);
             (last_r, last_b) = (r, b);
         }
         eprintln!();
@@ -149,18 +137,9 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
     }
     let value = vec![b'x'; p.record_size];
     let mut builder = BatchBuilder::with_capacity(p.records_per_batch * (p.record_size + 16) + 64);
-    let now = i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis(),
-    )?;
+    let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis())?;
     for _ in 0..p.records_per_batch {
-        builder.push(&RecordRef {
-            timestamp: now,
-            key: None,
-            value: Some(&value),
-            headers: &[],
-        });
+        builder.push(&RecordRef { timestamp: now, key: None, value: Some(&value), headers: &[] });
     }
     let batch: Bytes = builder.finish();
     let records = Arc::new(AtomicU64::new(0));
@@ -175,11 +154,8 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
     for i in 0..p.producers {
         let pc = client.partition_client(p.topic.clone(), (i as u32) % p.partitions);
         let (batch, records, bytes) = (batch.clone(), records.clone(), bytes.clone());
-        let (per_batch, payload, acks) = (
-            p.records_per_batch as u64,
-            (p.records_per_batch * p.record_size) as u64,
-            p.acks,
-        );
+        let (per_batch, payload, acks) =
+            (p.records_per_batch as u64, (p.records_per_batch * p.record_size) as u64, p.acks);
         tasks.push(tokio::spawn(async move {
             let mut h = histogram();
             loop {
@@ -208,9 +184,7 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
         mb_per_s: bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
         latency_ms: percentiles(&all),
         requests: all.len(),
-        broker_rss_anon_mib: rss
-            .and_then(|h| h.join().ok())
-            .map(|kib| kib as f64 / 1024.0),
+        broker_rss_anon_mib: rss.and_then(|h| h.join().ok()).map(|kib| kib as f64 / 1024.0),
     })
 }
 
@@ -232,19 +206,11 @@ pub async fn consume(client: &Client, p: &ConsumeParams) -> anyhow::Result<Repor
         let (records, bytes, fetch_bytes) = (records.clone(), bytes.clone(), p.fetch_bytes);
         tasks.push(tokio::spawn(async move {
             let mut h = histogram();
-            let mut offset = pc
-                .list_offset(tally_client::OffsetSpec::Earliest)
-                .await?
-                .unwrap_or(0);
-            let target = pc
-                .list_offset(tally_client::OffsetSpec::Latest)
-                .await?
-                .unwrap_or(0);
+            let mut offset = pc.list_offset(tally_client::OffsetSpec::Earliest).await?.unwrap_or(0);
+            let target = pc.list_offset(tally_client::OffsetSpec::Latest).await?.unwrap_or(0);
             while offset < target && Instant::now() < end {
                 let t0 = Instant::now();
-                let fetched = pc
-                    .fetch(offset, fetch_bytes, Duration::from_millis(100))
-                    .await?;
+                let fetched = pc.fetch(offset, fetch_bytes, Duration::from_millis(100)).await?;
                 h.saturating_record(t0.elapsed().as_micros() as u64);
                 for b in &fetched.batches {
                     let hd = b.header();
@@ -268,8 +234,6 @@ pub async fn consume(client: &Client, p: &ConsumeParams) -> anyhow::Result<Repor
         mb_per_s: bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
         latency_ms: percentiles(&all),
         requests: all.len(),
-        broker_rss_anon_mib: rss
-            .and_then(|h| h.join().ok())
-            .map(|kib| kib as f64 / 1024.0),
+        broker_rss_anon_mib: rss.and_then(|h| h.join().ok()).map(|kib| kib as f64 / 1024.0),
     })
 }

@@ -15,13 +15,7 @@ use commands::{bench, consume, dump_log, offsets, produce, serve, topic};
 #[command(name = "tally", version, about)]
 struct Cli {
     /// Brokers to connect to (host:port, comma-separated).
-    #[arg(
-        long,
-        global = true,
-        env = "TALLY_BOOTSTRAP",
-        default_value = "127.0.0.1:9092",
-        value_delimiter = ','
-    )]
+    #[arg(long, global = true, env = "TALLY_BOOTSTRAP", default_value = "127.0.0.1:9092", value_delimiter = ',')]
     bootstrap: Vec<String>,
     /// How to print results: `table` for people, `json` for scripts.
     #[arg(long, global = true, default_value = "table")]
@@ -55,30 +49,21 @@ enum Command {
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let server = matches!(cli.command, Command::Serve(_) | Command::Dev(_));
     init_tracing(if server { "info" } else { "warn" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let ctx = commands::Context {
-        bootstrap: cli.bootstrap,
-        output: cli.output,
-    };
+    let ctx = commands::Context { bootstrap: cli.bootstrap, output: cli.output };
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::serve(args).await,

@@ -96,12 +96,7 @@ fn random_id() -> String {
     for salt in 0..2u64 {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(salt);
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos(),
-        );
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
         out.push_str(&format!("{:016x}", h.finish()));
     }
     out
@@ -114,9 +109,7 @@ impl Broker {
         let dir = config.data_dir.clone();
         let io = |op: &'static str, path: &Path| {
             let path = path.to_path_buf();
-            move |source| {
-                BrokerError::Storage(crate::storage::StorageError::Io { op, path, source })
-            }
+            move |source| BrokerError::Storage(crate::storage::StorageError::Io { op, path, source })
         };
         std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
         let lock_path = dir.join(".lock");
@@ -132,8 +125,7 @@ impl Broker {
         for entry in std::fs::read_dir(&dir).map_err(io("read directory", &dir))? {
             let entry = entry.map_err(io("read directory", &dir))?;
             if entry.file_name().to_string_lossy().ends_with(".delete") {
-                std::fs::remove_dir_all(entry.path())
-                    .map_err(io("remove directory", &entry.path()))?;
+                std::fs::remove_dir_all(entry.path()).map_err(io("remove directory", &entry.path()))?;
             }
         }
         let broker = Broker {
@@ -148,9 +140,8 @@ impl Broker {
         for t in stored.topics {
             let name = TopicName::new(&t.name).map_err(BrokerError::InvalidTopic)?;
             let config = TopicConfig::with_overrides(&broker.config.log, &t.configs)?;
-            let partitions = (0..t.partitions)
-                .map(|p| broker.open_partition(&name, p, &config))
-                .collect::<Result<_, _>>()?;
+            let partitions =
+                (0..t.partitions).map(|p| broker.open_partition(&name, p, &config)).collect::<Result<_, _>>()?;
             tracing::info!(topic = %name, partitions = t.partitions, "loaded topic");
             let topic = Topic {
                 name,
@@ -162,10 +153,7 @@ impl Broker {
             };
             topics.insert(t.name, Arc::new(topic));
         }
-        *broker
-            .topics
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = topics;
+        *broker.topics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = topics;
         Ok(broker)
     }
 
@@ -176,18 +164,10 @@ impl Broker {
     fn read_store(&self) -> Result<StoredTopics, BrokerError> {
         let path = self.store_path();
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                BrokerError::InvalidRequest(format!("cannot parse {}: {e}", path.display()))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoredTopics {
-                version: 1,
-                topics: Vec::new(),
-            }),
-            Err(source) => Err(BrokerError::Storage(crate::storage::StorageError::Io {
-                op: "read",
-                path,
-                source,
-            })),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| BrokerError::InvalidRequest(format!("cannot parse {}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoredTopics { version: 1, topics: Vec::new() }),
+            Err(source) => Err(BrokerError::Storage(crate::storage::StorageError::Io { op: "read", path, source })),
         }
     }
 
@@ -218,12 +198,7 @@ impl Broker {
         let dir = partition_dir(&self.config.data_dir, topic.as_str(), index);
         let log = Log::open(&dir, config.log.clone(), Arc::new(SystemClock))?;
         let limit = u32::try_from(self.config.max_inflight_bytes_per_partition).unwrap_or(u32::MAX);
-        Ok(Arc::new(Partition::new(
-            Arc::from(topic.as_str()),
-            index,
-            log,
-            limit,
-        )))
+        Ok(Arc::new(Partition::new(Arc::from(topic.as_str()), index, log, limit)))
     }
 
     /// This broker's id.
@@ -243,72 +218,34 @@ impl Broker {
 
     /// The topic called `name`.
     pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
-        self.topics
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(name)
-            .cloned()
+        self.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
     }
 
     /// All topics, by name.
     pub fn topics(&self) -> Vec<Arc<Topic>> {
-        self.topics
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect()
+        self.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner).values().cloned().collect()
     }
 
     /// Partition `index` of `topic`, with the topic.
-    pub fn partition(
-        &self,
-        topic: &str,
-        index: u32,
-    ) -> Result<(Arc<Topic>, Arc<Partition>), BrokerError> {
-        let unknown = || BrokerError::UnknownTopicOrPartition {
-            topic: topic.to_string(),
-            partition: Some(index),
-        };
+    pub fn partition(&self, topic: &str, index: u32) -> Result<(Arc<Topic>, Arc<Partition>), BrokerError> {
+        let unknown = || BrokerError::UnknownTopicOrPartition { topic: topic.to_string(), partition: Some(index) };
         let t = self.topic(topic).ok_or_else(unknown)?;
-        let p = t
-            .partitions
-            .get(index as usize)
-            .cloned()
-            .ok_or_else(unknown)?;
+        let p = t.partitions.get(index as usize).cloned().ok_or_else(unknown)?;
         Ok((t, p))
     }
 
-    fn swap_topics(
-        &self,
-        f: impl FnOnce(&mut BTreeMap<String, Arc<Topic>>),
-    ) -> Result<(), BrokerError> {
-        let mut next = self
-            .topics
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+    fn swap_topics(&self, f: impl FnOnce(&mut BTreeMap<String, Arc<Topic>>)) -> Result<(), BrokerError> {
+        let mut next = self.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         f(&mut next);
         self.write_store(&next)?;
-        *self
-            .topics
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        *self.topics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
         Ok(())
     }
 
     /// Creates a topic (or only checks that it could be, with `validate_only`).
-    pub async fn create_topic(
-        self: &Arc<Self>,
-        new: NewTopic,
-        validate_only: bool,
-    ) -> Result<(), BrokerError> {
+    pub async fn create_topic(self: &Arc<Self>, new: NewTopic, validate_only: bool) -> Result<(), BrokerError> {
         let name = TopicName::new(&new.name).map_err(BrokerError::InvalidTopic)?;
-        let partitions = if new.partitions == 0 {
-            self.config.default_partitions
-        } else {
-            new.partitions
-        };
+        let partitions = if new.partitions == 0 { self.config.default_partitions } else { new.partitions };
         if partitions > self.config.max_partitions_per_topic {
             return Err(BrokerError::InvalidPartitions(format!(
                 "{partitions} partitions requested; the limit is {}",
@@ -321,11 +258,8 @@ impl Broker {
                 "replication factor {replication_factor} is larger than the number of brokers (1)"
             )));
         }
-        let overrides: BTreeMap<String, String> = new
-            .configs
-            .iter()
-            .map(|(k, v)| (canonical_key(k), v.clone()))
-            .collect();
+        let overrides: BTreeMap<String, String> =
+            new.configs.iter().map(|(k, v)| (canonical_key(k), v.clone())).collect();
         let config = TopicConfig::with_overrides(&self.config.log, &overrides)?;
         let _admin = self.admin.lock().await;
         if self.topic(name.as_str()).is_some() {
@@ -336,17 +270,8 @@ impl Broker {
         }
         let this = self.clone();
         let topic = tokio::task::spawn_blocking(move || -> Result<Topic, BrokerError> {
-            let parts = (0..partitions)
-                .map(|p| this.open_partition(&name, p, &config))
-                .collect::<Result<_, _>>()?;
-            Ok(Topic {
-                name,
-                id: random_id(),
-                replication_factor,
-                overrides,
-                config,
-                partitions: parts,
-            })
+            let parts = (0..partitions).map(|p| this.open_partition(&name, p, &config)).collect::<Result<_, _>>()?;
+            Ok(Topic { name, id: random_id(), replication_factor, overrides, config, partitions: parts })
         })
         .await
         .map_err(|e| BrokerError::InvalidRequest(format!("create task failed: {e}")))??;
@@ -362,10 +287,7 @@ impl Broker {
         let _admin = self.admin.lock().await;
         let topic = self
             .topic(name)
-            .ok_or_else(|| BrokerError::UnknownTopicOrPartition {
-                topic: name.to_string(),
-                partition: None,
-            })?;
+            .ok_or_else(|| BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None })?;
         self.swap_topics(|m| {
             m.remove(name);
         })?;
@@ -374,8 +296,7 @@ impl Broker {
             for p in &topic.partitions {
                 let _ = p.close();
                 let dir = partition_dir(&data_dir, topic.name.as_str(), p.index());
-                let doomed =
-                    data_dir.join(format!("{}-{}.{}.delete", topic.name, p.index(), topic.id));
+                let doomed = data_dir.join(format!("{}-{}.{}.delete", topic.name, p.index(), topic.id));
                 if std::fs::rename(&dir, &doomed).is_ok() {
                     let _ = std::fs::remove_dir_all(&doomed);
                 }
@@ -397,10 +318,7 @@ impl Broker {
         let _admin = self.admin.lock().await;
         let topic = self
             .topic(name)
-            .ok_or_else(|| BrokerError::UnknownTopicOrPartition {
-                topic: name.to_string(),
-                partition: None,
-            })?;
+            .ok_or_else(|| BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None })?;
         let mut overrides = topic.overrides.clone();
         for k in delete {
             overrides.remove(&canonical_key(k));
@@ -426,18 +344,11 @@ impl Broker {
     }
 
     /// Grows a topic to `count` partitions.
-    pub async fn create_partitions(
-        self: &Arc<Self>,
-        name: &str,
-        count: u32,
-    ) -> Result<(), BrokerError> {
+    pub async fn create_partitions(self: &Arc<Self>, name: &str, count: u32) -> Result<(), BrokerError> {
         let _admin = self.admin.lock().await;
         let topic = self
             .topic(name)
-            .ok_or_else(|| BrokerError::UnknownTopicOrPartition {
-                topic: name.to_string(),
-                partition: None,
-            })?;
+            .ok_or_else(|| BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None })?;
         let current = topic.partitions.len() as u32;
         if count <= current {
             return Err(BrokerError::InvalidPartitions(format!(
@@ -453,9 +364,7 @@ impl Broker {
         let this = self.clone();
         let t = topic.clone();
         let added: Vec<Arc<Partition>> = tokio::task::spawn_blocking(move || {
-            (current..count)
-                .map(|p| this.open_partition(&t.name, p, &t.config))
-                .collect::<Result<Vec<_>, _>>()
+            (current..count).map(|p| this.open_partition(&t.name, p, &t.config)).collect::<Result<Vec<_>, _>>()
         })
         .await
         .map_err(|e| BrokerError::InvalidRequest(format!("create task failed: {e}")))??;
@@ -476,10 +385,7 @@ impl Broker {
 
     /// Every partition of every topic.
     pub fn all_partitions(&self) -> Vec<Arc<Partition>> {
-        self.topics()
-            .iter()
-            .flat_map(|t| t.partitions.iter().cloned())
-            .collect()
+        self.topics().iter().flat_map(|t| t.partitions.iter().cloned()).collect()
     }
 
     /// Flushes, checkpoints and closes every log. Blocking.

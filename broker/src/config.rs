@@ -106,8 +106,7 @@ impl Default for LogDefaults {
 impl BrokerConfig {
     /// Reads a TOML file; unknown keys are errors.
     pub fn from_toml_file(path: &std::path::Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| format!("invalid config {}: {e}", path.display()))
     }
 
@@ -115,15 +114,10 @@ impl BrokerConfig {
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if !((1 << 20)..=(1 << 30)).contains(&self.max_request_bytes) {
-            problems.push(format!(
-                "max_request_bytes must be in 1 MiB ..= 1 GiB, got {}",
-                self.max_request_bytes
-            ));
+            problems.push(format!("max_request_bytes must be in 1 MiB ..= 1 GiB, got {}", self.max_request_bytes));
         }
         if self.max_inflight_bytes_per_partition < self.max_request_bytes {
-            problems.push(
-                "max_inflight_bytes_per_partition must be at least max_request_bytes".to_string(),
-            );
+            problems.push("max_inflight_bytes_per_partition must be at least max_request_bytes".to_string());
         }
         if self.max_inflight_bytes_per_partition > u64::from(u32::MAX) {
             problems.push("max_inflight_bytes_per_partition must be below 4 GiB".to_string());
@@ -132,11 +126,12 @@ impl BrokerConfig {
             problems.push("max_concurrent_requests_per_connection must be positive".to_string());
         }
         if self.default_partitions == 0 || self.default_partitions > self.max_partitions_per_topic {
-            problems
-                .push("default_partitions must be in 1 ..= max_partitions_per_topic".to_string());
+            problems.push("default_partitions must be in 1 ..= max_partitions_per_topic".to_string());
         }
         if self.log.max_message_bytes + 1024 > self.max_request_bytes {
-            problems.push("log.max_message_bytes must leave room for a request header inside max_request_bytes".to_string());
+            problems.push(
+                "log.max_message_bytes must leave room for a request header inside max_request_bytes".to_string(),
+            );
         }
         let defaults = crate::topic::TopicConfig::from_defaults(&self.log);
         if let Err(e) = defaults {
@@ -157,11 +152,7 @@ pub fn parse_flush(value: &str) -> Result<FlushPolicy, String> {
             .ok()
             .filter(|&ms| ms > 0)
             .map(FlushPolicy::IntervalMs)
-            .ok_or_else(|| {
-                format!(
-                    "must be `always`, `os` or a positive number of milliseconds, got `{value}`"
-                )
-            }),
+            .ok_or_else(|| format!("must be `always`, `os` or a positive number of milliseconds, got `{value}`")),
     }
 }
 
@@ -186,11 +177,7 @@ mod tests {
 
     #[test]
     fn validate_lists_every_problem() {
-        let mut c = BrokerConfig {
-            max_request_bytes: 10,
-            default_partitions: 0,
-            ..BrokerConfig::default()
-        };
+        let mut c = BrokerConfig { max_request_bytes: 10, default_partitions: 0, ..BrokerConfig::default() };
         c.log.flush = "sometimes".into();
         let problems = c.validate();
         assert_eq!(problems.len(), 4, "{problems:?}");
@@ -203,9 +190,6 @@ mod tests {
         assert_eq!(parse_flush("250ms"), Ok(FlushPolicy::IntervalMs(250)));
         assert_eq!(parse_flush("250"), Ok(FlushPolicy::IntervalMs(250)));
         assert!(parse_flush("0").is_err());
-        assert_eq!(
-            parse_flush(&format_flush(FlushPolicy::IntervalMs(7))),
-            Ok(FlushPolicy::IntervalMs(7))
-        );
+        assert_eq!(parse_flush(&format_flush(FlushPolicy::IntervalMs(7))), Ok(FlushPolicy::IntervalMs(7)));
     }
 }

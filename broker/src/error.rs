@@ -45,9 +45,7 @@ pub enum BrokerError {
         max: u64,
     },
     /// A fetch or list-offsets position outside the log.
-    #[error(
-        "offset {requested} is out of range: the partition holds offsets [{log_start}, {log_end})"
-    )]
+    #[error("offset {requested} is out of range: the partition holds offsets [{log_start}, {log_end})")]
     OffsetOutOfRange {
         /// Offset asked for.
         requested: i64,
@@ -64,6 +62,9 @@ pub enum BrokerError {
         /// `min_insync_replicas`.
         min_isr: u32,
     },
+    /// An acks value other than 0, 1 or all.
+    #[error("acks must be 0, 1 or all (got wire value {0})")]
+    InvalidRequiredAcks(i32),
     /// A malformed request.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -85,15 +86,15 @@ impl BrokerError {
             BrokerError::InvalidPartitions(_) => ErrorCode::InvalidPartitions,
             BrokerError::InvalidReplicationFactor(_) => ErrorCode::InvalidReplicationFactor,
             BrokerError::InvalidConfig(_) => ErrorCode::InvalidConfig,
-            BrokerError::CorruptMessage(BatchError::TooLarge { .. })
-            | BrokerError::MessageTooLarge { .. } => ErrorCode::MessageTooLarge,
+            BrokerError::CorruptMessage(BatchError::TooLarge { .. }) | BrokerError::MessageTooLarge { .. } => {
+                ErrorCode::MessageTooLarge
+            }
             BrokerError::CorruptMessage(_) => ErrorCode::CorruptMessage,
             BrokerError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
             BrokerError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
+            BrokerError::InvalidRequiredAcks(_) => ErrorCode::InvalidRequiredAcks,
             BrokerError::InvalidRequest(_) => ErrorCode::InvalidRequest,
-            BrokerError::Storage(StorageError::OffsetOutOfRange { .. }) => {
-                ErrorCode::OffsetOutOfRange
-            }
+            BrokerError::Storage(StorageError::OffsetOutOfRange { .. }) => ErrorCode::OffsetOutOfRange,
             BrokerError::Storage(_) => ErrorCode::KafkaStorageError,
             BrokerError::ShuttingDown => ErrorCode::LeaderNotAvailable,
         }
@@ -102,15 +103,9 @@ impl BrokerError {
     /// Storage offset errors become the broker's, with the range in the message.
     pub(crate) fn from_storage(e: StorageError) -> BrokerError {
         match e {
-            StorageError::OffsetOutOfRange {
-                requested,
-                log_start,
-                log_end,
-            } => BrokerError::OffsetOutOfRange {
-                requested: requested as i64,
-                log_start,
-                log_end,
-            },
+            StorageError::OffsetOutOfRange { requested, log_start, log_end } => {
+                BrokerError::OffsetOutOfRange { requested: requested as i64, log_start, log_end }
+            }
             other => BrokerError::Storage(other),
         }
     }

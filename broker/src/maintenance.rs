@@ -33,8 +33,7 @@ pub async fn run(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
         let b = broker.clone();
         let work = tokio::task::spawn_blocking(move || {
             for p in b.all_partitions() {
-                let span =
-                    tracing::info_span!("maintenance", topic = p.topic(), partition = p.index());
+                let span = tracing::info_span!("maintenance", topic = p.topic(), partition = p.index());
                 let _enter = span.enter();
                 if let Err(e) = p.flush_if_due() {
                     tracing::error!(error = %e, "interval flush failed");

@@ -56,15 +56,11 @@ impl Partition {
     }
 
     fn read_log(&self) -> RwLockReadGuard<'_, Log> {
-        self.log
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.log.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn write_log(&self) -> RwLockWriteGuard<'_, Log> {
-        self.log
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.log.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Appends validated batches (all or, on a storage error, a prefix).
@@ -76,28 +72,18 @@ impl Partition {
         leader_epoch: u32,
     ) -> Result<AppendInfo, BrokerError> {
         let bytes: usize = batches.iter().map(RecordBatch::len).sum();
-        let permits = u32::try_from(bytes)
-            .unwrap_or(u32::MAX)
-            .min(self.inflight_limit);
-        let _permit = self
-            .inflight_bytes
-            .acquire_many(permits)
-            .await
-            .map_err(|_| BrokerError::ShuttingDown)?;
+        let permits = u32::try_from(bytes).unwrap_or(u32::MAX).min(self.inflight_limit);
+        let _permit = self.inflight_bytes.acquire_many(permits).await.map_err(|_| BrokerError::ShuttingDown)?;
         let (first, last, flush) = {
             let mut log = self.write_log();
             let mut first = None;
             let mut last = None;
             for batch in batches {
-                let info = log
-                    .append(batch, leader_epoch)
-                    .map_err(BrokerError::from_storage)?;
+                let info = log.append(batch, leader_epoch).map_err(BrokerError::from_storage)?;
                 first.get_or_insert(info);
                 last = Some(info);
             }
-            let last = last.ok_or_else(|| {
-                BrokerError::InvalidRequest("no record batch in the produce data".into())
-            })?;
+            let last = last.ok_or_else(|| BrokerError::InvalidRequest("no record batch in the produce data".into()))?;
             log.set_high_watermark(last.log_end_offset);
             (first.expect("set with last"), last, log.config().flush)
         };
@@ -141,31 +127,18 @@ impl Partition {
         let log = self.read_log();
         let (log_start, hw) = (log.log_start_offset(), log.high_watermark());
         let Ok(offset) = u64::try_from(offset) else {
-            return Err(BrokerError::OffsetOutOfRange {
-                requested: offset,
-                log_start,
-                log_end: hw,
-            });
+            return Err(BrokerError::OffsetOutOfRange { requested: offset, log_start, log_end: hw });
         };
         if offset > hw && offset <= log.log_end_offset() {
             // Not yet visible to consumers: nothing to return, not an error.
             return Ok(Fetched {
-                read: ReadResult {
-                    next_offset: offset,
-                    ..ReadResult::default()
-                },
+                read: ReadResult { next_offset: offset, ..ReadResult::default() },
                 high_watermark: hw,
                 log_start_offset: log_start,
             });
         }
-        let read = log
-            .read(offset, max_bytes, hw)
-            .map_err(BrokerError::from_storage)?;
-        Ok(Fetched {
-            read,
-            high_watermark: hw,
-            log_start_offset: log_start,
-        })
+        let read = log.read(offset, max_bytes, hw).map_err(BrokerError::from_storage)?;
+        Ok(Fetched { read, high_watermark: hw, log_start_offset: log_start })
     }
 
     /// A receiver that sees every move of the high watermark.
@@ -176,27 +149,19 @@ impl Partition {
     /// `(log_start_offset, high_watermark, log_end_offset)`.
     pub fn offsets(&self) -> (u64, u64, u64) {
         let log = self.read_log();
-        (
-            log.log_start_offset(),
-            log.high_watermark(),
-            log.log_end_offset(),
-        )
+        (log.log_start_offset(), log.high_watermark(), log.log_end_offset())
     }
 
     /// The first offset below the high watermark whose timestamp is >= `ts`.
     pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<(u64, i64)>, BrokerError> {
         let log = self.read_log();
-        let found = log
-            .offset_for_timestamp(ts)
-            .map_err(BrokerError::from_storage)?;
+        let found = log.offset_for_timestamp(ts).map_err(BrokerError::from_storage)?;
         Ok(found.filter(|(o, _)| *o < log.high_watermark()))
     }
 
     /// Applies new topic settings to the log.
     pub fn set_config(&self, config: &TopicConfig) -> Result<(), BrokerError> {
-        self.write_log()
-            .set_config(config.log.clone())
-            .map_err(BrokerError::Storage)
+        self.write_log().set_config(config.log.clone()).map_err(BrokerError::Storage)
     }
 
     /// Deletes segments past retention.

@@ -23,16 +23,9 @@ impl TopicName {
             return Err(format!("topic name cannot be `{name}`"));
         }
         if name.len() > Self::MAX_LEN {
-            return Err(format!(
-                "topic name is {} characters long; the limit is {}",
-                name.len(),
-                Self::MAX_LEN
-            ));
+            return Err(format!("topic name is {} characters long; the limit is {}", name.len(), Self::MAX_LEN));
         }
-        if let Some(bad) = name
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-        {
+        if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
             return Err(format!(
                 "topic name `{name}` contains `{bad}`; only ASCII letters, digits, `.`, `_` and `-` are allowed"
             ));
@@ -111,20 +104,11 @@ fn defaults_map(d: &LogDefaults) -> BTreeMap<String, String> {
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> InvalidConfig {
-    InvalidConfig {
-        key: key.to_string(),
-        reason: reason.into(),
-    }
+    InvalidConfig { key: key.to_string(), reason: reason.into() }
 }
 
-fn num<T: std::str::FromStr>(
-    map: &BTreeMap<String, String>,
-    key: &str,
-) -> Result<T, InvalidConfig> {
-    map[key]
-        .trim()
-        .parse()
-        .map_err(|_| invalid(key, format!("`{}` is not a valid number", map[key])))
+fn num<T: std::str::FromStr>(map: &BTreeMap<String, String>, key: &str) -> Result<T, InvalidConfig> {
+    map[key].trim().parse().map_err(|_| invalid(key, format!("`{}` is not a valid number", map[key])))
 }
 
 impl TopicConfig {
@@ -143,13 +127,7 @@ impl TopicConfig {
         for (k, v) in overrides {
             let key = canonical_key(k);
             if !TOPIC_CONFIG_KEYS.contains(&key.as_str()) {
-                return Err(invalid(
-                    k,
-                    format!(
-                        "unknown topic config; known keys: {}",
-                        TOPIC_CONFIG_KEYS.join(", ")
-                    ),
-                ));
+                return Err(invalid(k, format!("unknown topic config; known keys: {}", TOPIC_CONFIG_KEYS.join(", "))));
             }
             map.insert(key, v.clone());
         }
@@ -159,10 +137,7 @@ impl TopicConfig {
     fn parse(map: &BTreeMap<String, String>) -> Result<TopicConfig, InvalidConfig> {
         let segment_bytes: u64 = num(map, "segment_bytes")?;
         if !(1024..=LogConfig::MAX_SEGMENT_BYTES).contains(&segment_bytes) {
-            return Err(invalid(
-                "segment_bytes",
-                format!("must be in 1024 ..= {}", LogConfig::MAX_SEGMENT_BYTES),
-            ));
+            return Err(invalid("segment_bytes", format!("must be in 1024 ..= {}", LogConfig::MAX_SEGMENT_BYTES)));
         }
         let segment_ms: i64 = num(map, "segment_ms")?;
         if segment_ms <= 0 {
@@ -170,17 +145,11 @@ impl TopicConfig {
         }
         let retention_ms: i64 = num(map, "retention_ms")?;
         if retention_ms < -1 {
-            return Err(invalid(
-                "retention_ms",
-                "must be -1 (forever) or at least 0",
-            ));
+            return Err(invalid("retention_ms", "must be -1 (forever) or at least 0"));
         }
         let retention_bytes: i64 = num(map, "retention_bytes")?;
         if retention_bytes < -1 {
-            return Err(invalid(
-                "retention_bytes",
-                "must be -1 (no limit) or at least 0",
-            ));
+            return Err(invalid("retention_bytes", "must be -1 (no limit) or at least 0"));
         }
         let index_interval_bytes: u64 = num(map, "index_interval_bytes")?;
         if index_interval_bytes == 0 {
@@ -191,9 +160,7 @@ impl TopicConfig {
             return Err(invalid("segment_index_bytes", "must be at least 48"));
         }
         let max_message_bytes: u64 = num(map, "max_message_bytes")?;
-        if max_message_bytes < tally_proto::batch::HEADER_LEN as u64
-            || max_message_bytes > (1 << 30)
-        {
+        if max_message_bytes < tally_proto::batch::HEADER_LEN as u64 || max_message_bytes > (1 << 30) {
             return Err(invalid("max_message_bytes", "must be in 61 ..= 1 GiB"));
         }
         let flush = parse_flush(&map["flush"]).map_err(|r| invalid("flush", r))?;
@@ -204,16 +171,10 @@ impl TopicConfig {
         match map["cleanup_policy"].trim() {
             "delete" => {}
             "compact" | "compact,delete" | "delete,compact" => {
-                return Err(invalid(
-                    "cleanup_policy",
-                    "compaction is not supported yet; use `delete`",
-                ));
+                return Err(invalid("cleanup_policy", "compaction is not supported yet; use `delete`"));
             }
             other => {
-                return Err(invalid(
-                    "cleanup_policy",
-                    format!("`{other}` is not `delete`"),
-                ));
+                return Err(invalid("cleanup_policy", format!("`{other}` is not `delete`")));
             }
         }
         Ok(TopicConfig {
@@ -241,10 +202,7 @@ impl TopicConfig {
             ("index_interval_bytes", l.index_interval_bytes.to_string()),
             ("max_message_bytes", self.max_message_bytes.to_string()),
             ("min_insync_replicas", self.min_insync_replicas.to_string()),
-            (
-                "retention_bytes",
-                l.retention_bytes.map_or(-1, |b| b as i64).to_string(),
-            ),
+            ("retention_bytes", l.retention_bytes.map_or(-1, |b| b as i64).to_string()),
             ("retention_ms", l.retention_ms.unwrap_or(-1).to_string()),
             ("segment_bytes", l.segment_bytes.to_string()),
             ("segment_index_bytes", l.segment_index_bytes.to_string()),
@@ -262,24 +220,10 @@ mod tests {
 
     #[test]
     fn topic_names_follow_kafkas_rules() {
-        for ok in [
-            "a",
-            "orders.v1",
-            "__consumer_offsets",
-            "A-b_c.9",
-            &"x".repeat(249),
-        ] {
+        for ok in ["a", "orders.v1", "__consumer_offsets", "A-b_c.9", &"x".repeat(249)] {
             assert!(TopicName::new(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            ".",
-            "..",
-            "has space",
-            "slash/",
-            "ümlaut",
-            &"x".repeat(250),
-        ] {
+        for bad in ["", ".", "..", "has space", "slash/", "ümlaut", &"x".repeat(250)] {
             assert!(TopicName::new(bad).is_err(), "{bad}");
         }
     }
@@ -294,15 +238,9 @@ mod tests {
         assert_eq!(c.log.retention_ms, Some(1000));
         assert_eq!(c.describe()["flush"], "always");
         o.insert("segment_bytes".to_string(), "12".to_string());
-        assert_eq!(
-            TopicConfig::with_overrides(&d, &o).unwrap_err().key,
-            "segment_bytes"
-        );
+        assert_eq!(TopicConfig::with_overrides(&d, &o).unwrap_err().key, "segment_bytes");
         let mut u = BTreeMap::new();
         u.insert("retention_hours".to_string(), "1".to_string());
-        assert_eq!(
-            TopicConfig::with_overrides(&d, &u).unwrap_err().key,
-            "retention_hours"
-        );
+        assert_eq!(TopicConfig::with_overrides(&d, &u).unwrap_err().key, "retention_hours");
     }
 }

@@ -23,12 +23,7 @@ pub struct NewTopic {
 impl NewTopic {
     /// A topic with `partitions` partitions and one replica each.
     pub fn new(name: impl Into<String>, partitions: u32) -> Self {
-        NewTopic {
-            name: name.into(),
-            partitions,
-            replication_factor: 1,
-            configs: BTreeMap::new(),
-        }
+        NewTopic { name: name.into(), partitions, replication_factor: 1, configs: BTreeMap::new() }
     }
 
     /// Sets a config override.
@@ -117,12 +112,7 @@ impl Admin {
             }],
             validate_only: false,
         };
-        let response = self
-            .client
-            .admin_rpc()
-            .create_topics(request)
-            .await?
-            .into_inner();
+        let response = self.client.admin_rpc().create_topics(request).await?.into_inner();
         check(response.results.into_iter().next(), &name)?;
         self.client.invalidate(&name);
         Ok(())
@@ -130,54 +120,27 @@ impl Admin {
 
     /// Deletes a topic and its data.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        let request = pb::DeleteTopicsRequest {
-            names: vec![name.to_string()],
-        };
-        let response = self
-            .client
-            .admin_rpc()
-            .delete_topics(request)
-            .await?
-            .into_inner();
+        let request = pb::DeleteTopicsRequest { names: vec![name.to_string()] };
+        let response = self.client.admin_rpc().delete_topics(request).await?.into_inner();
         self.client.invalidate(name);
         check(response.results.into_iter().next(), name)
     }
 
     /// Every topic.
     pub async fn list_topics(&self) -> Result<Vec<TopicListing>> {
-        let response = self
-            .client
-            .admin_rpc()
-            .list_topics(pb::ListTopicsRequest {})
-            .await?
-            .into_inner();
+        let response = self.client.admin_rpc().list_topics(pb::ListTopicsRequest {}).await?.into_inner();
         Ok(response
             .topics
             .into_iter()
-            .map(|t| TopicListing {
-                name: t.name,
-                partitions: t.partitions,
-                replication_factor: t.replication_factor,
-            })
+            .map(|t| TopicListing { name: t.name, partitions: t.partitions, replication_factor: t.replication_factor })
             .collect())
     }
 
     /// A topic's partitions, offsets and configs.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
-        let request = pb::DescribeTopicsRequest {
-            names: vec![name.to_string()],
-        };
-        let response = self
-            .client
-            .admin_rpc()
-            .describe_topics(request)
-            .await?
-            .into_inner();
-        let t = response
-            .topics
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::InvalidArgument("empty answer".into()))?;
+        let request = pb::DescribeTopicsRequest { names: vec![name.to_string()] };
+        let response = self.client.admin_rpc().describe_topics(request).await?.into_inner();
+        let t = response.topics.into_iter().next().ok_or_else(|| Error::InvalidArgument("empty answer".into()))?;
         if t.error_code != 0 {
             return Err(Error::broker(t.error_code, t.error_message, name, None));
         }
@@ -207,32 +170,16 @@ impl Admin {
         set: BTreeMap<String, String>,
         reset: Vec<String>,
     ) -> Result<()> {
-        let request = pb::AlterTopicConfigsRequest {
-            name: name.to_string(),
-            set: set.into_iter().collect(),
-            delete: reset,
-        };
-        let response = self
-            .client
-            .admin_rpc()
-            .alter_topic_configs(request)
-            .await?
-            .into_inner();
+        let request =
+            pb::AlterTopicConfigsRequest { name: name.to_string(), set: set.into_iter().collect(), delete: reset };
+        let response = self.client.admin_rpc().alter_topic_configs(request).await?.into_inner();
         check(response.result, name)
     }
 
     /// Grows a topic to `count` partitions.
     pub async fn create_partitions(&self, name: &str, count: u32) -> Result<()> {
-        let request = pb::CreatePartitionsRequest {
-            name: name.to_string(),
-            count,
-        };
-        let response = self
-            .client
-            .admin_rpc()
-            .create_partitions(request)
-            .await?
-            .into_inner();
+        let request = pb::CreatePartitionsRequest { name: name.to_string(), count };
+        let response = self.client.admin_rpc().create_partitions(request).await?.into_inner();
         self.client.invalidate(name);
         check(response.result, name)
     }

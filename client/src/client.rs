@@ -92,19 +92,12 @@ impl ClientBuilder {
                 Err(e) => last = format!("{address}: {e}"),
             }
         }
-        Err(Error::Connect {
-            addresses: config.bootstrap.join(","),
-            message: last,
-        })
+        Err(Error::Connect { addresses: config.bootstrap.join(","), message: last })
     }
 }
 
 fn endpoint(address: &str, config: &ClientConfig) -> Result<Endpoint> {
-    let uri = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
+    let uri = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
     Ok(Endpoint::from_shared(uri)
         .map_err(|e| Error::InvalidArgument(format!("bad address `{address}`: {e}")))?
         .connect_timeout(config.connect_timeout)
@@ -168,11 +161,7 @@ impl Client {
     }
 
     /// A client for one partition.
-    pub fn partition_client(
-        &self,
-        topic: impl Into<String>,
-        partition: u32,
-    ) -> crate::PartitionClient {
+    pub fn partition_client(&self, topic: impl Into<String>, partition: u32) -> crate::PartitionClient {
         crate::PartitionClient::new(self.clone(), topic.into(), partition)
     }
 
@@ -191,23 +180,10 @@ impl Client {
     /// Asks the cluster for brokers and topics (`topics` empty: all) and
     /// caches the answer.
     pub async fn refresh_metadata(&self, topics: &[String]) -> Result<()> {
-        let request = pb::MetadataRequest {
-            topics: topics.to_vec(),
-        };
-        let response = Self::tally_rpc(self.inner.bootstrap.clone())
-            .metadata(request)
-            .await?
-            .into_inner();
-        let mut md = self
-            .inner
-            .metadata
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        md.brokers = response
-            .brokers
-            .into_iter()
-            .map(|b| (b.node_id, b.address))
-            .collect();
+        let request = pb::MetadataRequest { topics: topics.to_vec() };
+        let response = Self::tally_rpc(self.inner.bootstrap.clone()).metadata(request).await?.into_inner();
+        let mut md = self.inner.metadata.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        md.brokers = response.brokers.into_iter().map(|b| (b.node_id, b.address)).collect();
         for t in response.topics {
             if t.error_code != 0 {
                 md.topics.remove(&t.name);
@@ -239,23 +215,12 @@ impl Client {
     }
 
     pub(crate) fn cached_topic(&self, topic: &str) -> Option<Arc<TopicInfo>> {
-        self.inner
-            .metadata
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .topics
-            .get(topic)
-            .cloned()
+        self.inner.metadata.read().unwrap_or_else(std::sync::PoisonError::into_inner).topics.get(topic).cloned()
     }
 
     /// Forgets what is cached about `topic` (after NOT_LEADER and the like).
     pub(crate) fn invalidate(&self, topic: &str) {
-        self.inner
-            .metadata
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .topics
-            .remove(topic);
+        self.inner.metadata.write().unwrap_or_else(std::sync::PoisonError::into_inner).topics.remove(topic);
     }
 
     /// A gRPC client for the leader of `topic`/`partition`.
@@ -267,38 +232,23 @@ impl Client {
             topic: topic.to_string(),
             partition: Some(partition),
         };
-        let leader = info
-            .leaders
-            .get(partition as usize)
-            .ok_or_else(unknown)?
-            .ok_or_else(|| Error::Broker {
-                code: tally_proto::ErrorCode::LeaderNotAvailable,
-                message: "no leader".into(),
-                topic: topic.to_string(),
-                partition: Some(partition),
-            })?;
+        let leader = info.leaders.get(partition as usize).ok_or_else(unknown)?.ok_or_else(|| Error::Broker {
+            code: tally_proto::ErrorCode::LeaderNotAvailable,
+            message: "no leader".into(),
+            topic: topic.to_string(),
+            partition: Some(partition),
+        })?;
         let address = {
-            let md = self
-                .inner
-                .metadata
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let md = self.inner.metadata.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             md.brokers.get(&leader).cloned()
         };
-        let address = address.ok_or_else(|| {
-            Error::InvalidArgument(format!("broker {leader} is not in the metadata"))
-        })?;
+        let address =
+            address.ok_or_else(|| Error::InvalidArgument(format!("broker {leader} is not in the metadata")))?;
         Ok(Self::tally_rpc(self.channel(&address)?))
     }
 
     fn channel(&self, address: &str) -> Result<Channel> {
-        if let Some(c) = self
-            .inner
-            .channels
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(address)
-        {
+        if let Some(c) = self.inner.channels.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(address) {
             return Ok(c.clone());
         }
         let channel = endpoint(address, &self.inner.config)?.connect_lazy();

@@ -124,11 +124,7 @@ pub struct Consumer {
 impl Consumer {
     /// A consumer with nothing assigned.
     pub fn new(client: Client, config: ConsumerConfig) -> Consumer {
-        Consumer {
-            client,
-            config,
-            assigned: BTreeMap::new(),
-        }
+        Consumer { client, config, assigned: BTreeMap::new() }
     }
 
     /// Starts reading `topic`/`partition` from `from` (replacing any earlier
@@ -144,13 +140,7 @@ impl Consumer {
             });
         }
         let position = self.resolve(topic, partition, from).await?;
-        self.assigned.insert(
-            (Arc::from(topic), partition),
-            Assigned {
-                position,
-                high_watermark: -1,
-            },
-        );
+        self.assigned.insert((Arc::from(topic), partition), Assigned { position, high_watermark: -1 });
         Ok(())
     }
 
@@ -161,24 +151,18 @@ impl Consumer {
 
     /// The next offset to be read from a partition.
     pub fn position(&self, topic: &str, partition: u32) -> Option<i64> {
-        self.assigned
-            .get(&(Arc::from(topic), partition))
-            .map(|a| a.position)
+        self.assigned.get(&(Arc::from(topic), partition)).map(|a| a.position)
     }
 
     /// The high watermark seen by the last fetch of a partition (-1 before).
     pub fn high_watermark(&self, topic: &str, partition: u32) -> Option<i64> {
-        self.assigned
-            .get(&(Arc::from(topic), partition))
-            .map(|a| a.high_watermark)
+        self.assigned.get(&(Arc::from(topic), partition)).map(|a| a.high_watermark)
     }
 
     /// True when every assigned partition's position has reached the high
     /// watermark of its last fetch.
     pub fn at_end(&self) -> bool {
-        self.assigned
-            .values()
-            .all(|a| a.high_watermark >= 0 && a.position >= a.high_watermark)
+        self.assigned.values().all(|a| a.high_watermark >= 0 && a.position >= a.high_watermark)
     }
 
     async fn resolve(&self, topic: &str, partition: u32, from: SeekTo) -> Result<i64> {
@@ -190,11 +174,7 @@ impl Consumer {
         };
         match list_offset_rpc(&self.client, topic, partition, spec).await? {
             Some(o) => Ok(o),
-            None => Ok(
-                list_offset_rpc(&self.client, topic, partition, OffsetSpec::Latest)
-                    .await?
-                    .unwrap_or(0),
-            ),
+            None => Ok(list_offset_rpc(&self.client, topic, partition, OffsetSpec::Latest).await?.unwrap_or(0)),
         }
     }
 
@@ -236,10 +216,7 @@ impl Consumer {
             };
             match by_topic.last_mut() {
                 Some(t) if t.name == **topic => t.partitions.push(fp),
-                _ => by_topic.push(pb::FetchTopic {
-                    name: topic.to_string(),
-                    partitions: vec![fp],
-                }),
+                _ => by_topic.push(pb::FetchTopic { name: topic.to_string(), partitions: vec![fp] }),
             }
         }
         by_topic
@@ -252,21 +229,15 @@ impl Consumer {
         out: &mut Vec<ConsumerRecord>,
     ) -> Result<()> {
         let partition = p.partition;
-        let key_topic: Arc<str> = match self
-            .assigned
-            .keys()
-            .find(|(t, part)| &**t == topic && *part == partition)
-        {
+        let key_topic: Arc<str> = match self.assigned.keys().find(|(t, part)| &**t == topic && *part == partition) {
             Some((t, _)) => t.clone(),
             None => return Ok(()),
         };
         let fetched = match decode_fetch(topic, p) {
             Ok(f) => f,
-            Err(Error::Broker {
-                code: ErrorCode::OffsetOutOfRange,
-                message,
-                ..
-            }) if self.config.auto_offset_reset != OffsetReset::Error => {
+            Err(Error::Broker { code: ErrorCode::OffsetOutOfRange, message, .. })
+                if self.config.auto_offset_reset != OffsetReset::Error =>
+            {
                 let to = if self.config.auto_offset_reset == OffsetReset::Earliest {
                     SeekTo::Beginning
                 } else {
@@ -285,10 +256,7 @@ impl Consumer {
             }
             Err(e) => return Err(e),
         };
-        let assigned = self
-            .assigned
-            .get_mut(&(key_topic.clone(), partition))
-            .expect("found above");
+        let assigned = self.assigned.get_mut(&(key_topic.clone(), partition)).expect("found above");
         assigned.high_watermark = fetched.high_watermark;
         for record in fetched.records(assigned.position) {
             let r = record?;
@@ -324,11 +292,7 @@ impl Consumer {
                 }
             }
         });
-        RecordStream {
-            rx,
-            buffered: VecDeque::new(),
-            task,
-        }
+        RecordStream { rx, buffered: VecDeque::new(), task }
     }
 }
 

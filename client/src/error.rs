@@ -78,21 +78,13 @@ impl Error {
 
     pub(crate) fn broker(code: i32, message: String, topic: &str, partition: Option<u32>) -> Error {
         let code = ErrorCode::try_from(code).unwrap_or(ErrorCode::UnknownServerError);
-        Error::Broker {
-            code,
-            message,
-            topic: topic.to_string(),
-            partition,
-        }
+        Error::Broker { code, message, topic: topic.to_string(), partition }
     }
 }
 
 impl From<tonic::Status> for Error {
     fn from(s: tonic::Status) -> Self {
-        Error::Rpc {
-            code: s.code(),
-            message: s.message().to_string(),
-        }
+        Error::Rpc { code: s.code(), message: s.message().to_string() }
     }
 }
 

@@ -39,9 +39,7 @@ impl std::str::FromStr for Acks {
             "0" => Ok(Acks::None),
             "1" => Ok(Acks::Leader),
             "all" | "-1" => Ok(Acks::All),
-            other => Err(Error::InvalidArgument(format!(
-                "acks must be 0, 1 or all, got `{other}`"
-            ))),
+            other => Err(Error::InvalidArgument(format!("acks must be 0, 1 or all, got `{other}`"))),
         }
     }
 }
@@ -118,11 +116,7 @@ pub struct PartitionClient {
 
 impl PartitionClient {
     pub(crate) fn new(client: Client, topic: String, partition: u32) -> Self {
-        PartitionClient {
-            client,
-            topic,
-            partition,
-        }
+        PartitionClient { client, topic, partition }
     }
 
     /// Topic name.
@@ -154,12 +148,7 @@ impl PartitionClient {
     }
 
     /// Reads batches from `offset`, waiting up to `max_wait` for data.
-    pub async fn fetch(
-        &self,
-        offset: i64,
-        max_bytes: u32,
-        max_wait: Duration,
-    ) -> Result<FetchedBatches> {
+    pub async fn fetch(&self, offset: i64, max_bytes: u32, max_wait: Duration) -> Result<FetchedBatches> {
         let request = pb::FetchRequest {
             max_wait_ms: u32::try_from(max_wait.as_millis()).unwrap_or(u32::MAX),
             min_bytes: 1,
@@ -182,9 +171,7 @@ impl PartitionClient {
             .into_iter()
             .flat_map(|t| t.partitions)
             .find(|p| p.partition == self.partition)
-            .ok_or_else(|| {
-                Error::InvalidArgument("the broker did not answer for the partition".into())
-            })?;
+            .ok_or_else(|| Error::InvalidArgument("the broker did not answer for the partition".into()))?;
         decode_fetch(&self.topic, p)
     }
 
@@ -197,12 +184,7 @@ impl PartitionClient {
 /// Turns one partition of a fetch response into checked batches.
 pub(crate) fn decode_fetch(topic: &str, p: pb::FetchPartitionResponse) -> Result<FetchedBatches> {
     if p.error_code != 0 {
-        return Err(Error::broker(
-            p.error_code,
-            p.error_message,
-            topic,
-            Some(p.partition),
-        ));
+        return Err(Error::broker(p.error_code, p.error_message, topic, Some(p.partition)));
     }
     let mut batches = Vec::new();
     for chunk in p.records {
@@ -210,11 +192,7 @@ pub(crate) fn decode_fetch(topic: &str, p: pb::FetchPartitionResponse) -> Result
             batches.push(b?);
         }
     }
-    Ok(FetchedBatches {
-        batches,
-        high_watermark: p.high_watermark,
-        log_start_offset: p.log_start_offset,
-    })
+    Ok(FetchedBatches { batches, high_watermark: p.high_watermark, log_start_offset: p.log_start_offset })
 }
 
 pub(crate) async fn produce_rpc(
@@ -241,16 +219,9 @@ pub(crate) async fn produce_rpc(
         .into_iter()
         .flat_map(|t| t.partitions)
         .find(|p| p.partition == partition)
-        .ok_or_else(|| {
-            Error::InvalidArgument("the broker did not answer for the partition".into())
-        })?;
+        .ok_or_else(|| Error::InvalidArgument("the broker did not answer for the partition".into()))?;
     if p.error_code != 0 {
-        return Err(Error::broker(
-            p.error_code,
-            p.error_message,
-            topic,
-            Some(partition),
-        ));
+        return Err(Error::broker(p.error_code, p.error_message, topic, Some(partition)));
     }
     Ok(p.base_offset)
 }
@@ -264,10 +235,7 @@ pub(crate) async fn list_offset_rpc(
     let request = pb::ListOffsetsRequest {
         topics: vec![pb::ListOffsetsTopic {
             name: topic.to_string(),
-            partitions: vec![pb::ListOffsetsPartition {
-                partition,
-                timestamp: spec.to_wire(),
-            }],
+            partitions: vec![pb::ListOffsetsPartition { partition, timestamp: spec.to_wire() }],
         }],
     };
     let mut rpc = client.leader(topic, partition).await?;
@@ -277,16 +245,9 @@ pub(crate) async fn list_offset_rpc(
         .into_iter()
         .flat_map(|t| t.partitions)
         .find(|p| p.partition == partition)
-        .ok_or_else(|| {
-            Error::InvalidArgument("the broker did not answer for the partition".into())
-        })?;
+        .ok_or_else(|| Error::InvalidArgument("the broker did not answer for the partition".into()))?;
     if p.error_code != 0 {
-        return Err(Error::broker(
-            p.error_code,
-            p.error_message,
-            topic,
-            Some(partition),
-        ));
+        return Err(Error::broker(p.error_code, p.error_message, topic, Some(partition)));
     }
     Ok((p.offset >= 0).then_some(p.offset))
 }

@@ -53,10 +53,7 @@ mod tests {
             (b"foobar", -790332482),
             (b"a-little-bit-long-string", -985981536),
             (b"a-little-bit-longer-string", -1486304829),
-            (
-                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
-                -58897971,
-            ),
+            (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
             (b"abc", 479470107),
         ];
         for (key, expected) in cases {
@@ -67,14 +64,8 @@ mod tests {
     #[test]
     fn keys_map_to_kafkas_partitions() {
         // toPositive(murmur2(key)) % n, computed from the vectors above.
-        assert_eq!(
-            partition_for_key(b"21", 3),
-            ((-973932308i32 & 0x7fffffff) as u32) % 3
-        );
-        assert_eq!(
-            partition_for_key(b"foobar", 10),
-            ((-790332482i32 & 0x7fffffff) as u32) % 10
-        );
+        assert_eq!(partition_for_key(b"21", 3), ((-973932308i32 & 0x7fffffff) as u32) % 3);
+        assert_eq!(partition_for_key(b"foobar", 10), ((-790332482i32 & 0x7fffffff) as u32) % 10);
         assert_eq!(partition_for_key(b"abc", 7), 479470107 % 7);
         assert_eq!(partition_for_key(b"abc", 1), 0);
     }

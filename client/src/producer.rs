@@ -86,14 +86,7 @@ pub struct ProducerRecord<'a> {
 impl<'a> ProducerRecord<'a> {
     /// A record with a value and nothing else.
     pub fn new(topic: &'a str, value: &'a [u8]) -> Self {
-        ProducerRecord {
-            topic,
-            partition: None,
-            key: None,
-            value: Some(value),
-            headers: &[],
-            timestamp: None,
-        }
+        ProducerRecord { topic, partition: None, key: None, value: Some(value), headers: &[], timestamp: None }
     }
     /// Sets the key.
     pub fn key(mut self, key: &'a [u8]) -> Self {
@@ -171,11 +164,7 @@ impl DeliveryFuture {
         Ok(RecordMetadata {
             topic: self.topic,
             partition: self.partition,
-            offset: if base < 0 {
-                -1
-            } else {
-                base + i64::from(self.offset_delta)
-            },
+            offset: if base < 0 { -1 } else { base + i64::from(self.offset_delta) },
             timestamp: self.timestamp,
         })
     }
@@ -205,12 +194,7 @@ struct SealedBatch {
 
 impl OpenBatch {
     fn seal(self) -> SealedBatch {
-        SealedBatch {
-            bytes: self.builder.finish(),
-            created: self.created,
-            outcome: self.outcome,
-            _permit: self.permit,
-        }
+        SealedBatch { bytes: self.builder.finish(), created: self.created, outcome: self.outcome, _permit: self.permit }
     }
 }
 
@@ -255,9 +239,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn random(&self) -> u64 {
@@ -290,27 +272,19 @@ pub struct Producer {
 
 impl std::fmt::Debug for Producer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Producer")
-            .field("config", &self.shared.config)
-            .finish_non_exhaustive()
+        f.debug_struct("Producer").field("config", &self.shared.config).finish_non_exhaustive()
     }
 }
 
 fn now_ms() -> i64 {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// An upper bound on a record's encoded size (varint overheads included).
 fn record_size_bound(r: &ProducerRecord<'_>) -> usize {
     let field = |f: Option<&[u8]>| f.map_or(1, |b| b.len() + 5);
-    let headers: usize = r
-        .headers
-        .iter()
-        .map(|h| h.key.len() + 5 + field(h.value))
-        .sum();
+    let headers: usize = r.headers.iter().map(|h| h.key.len() + 5 + field(h.value)).sum();
     1 + 10 + 5 + 5 + field(r.key) + field(r.value) + 5 + headers + 5
 }
 
@@ -322,18 +296,12 @@ impl Producer {
             client,
             buffer: Arc::new(Semaphore::new(config.buffer_bytes.max(1))),
             config,
-            state: Mutex::new(State {
-                topics: HashMap::new(),
-                closed: false,
-            }),
+            state: Mutex::new(State { topics: HashMap::new(), closed: false }),
             wake: Notify::new(),
             rng: AtomicU64::new(seed),
         });
         let sender = tokio::spawn(run_sender(shared.clone()));
-        Producer {
-            shared,
-            sender: Some(sender),
-        }
+        Producer { shared, sender: Some(sender) }
     }
 
     /// Queues a record; waits while the buffer is full. The returned future
@@ -347,34 +315,19 @@ impl Producer {
         {
             return Err(Error::Broker {
                 code: ErrorCode::UnknownTopicOrPartition,
-                message: format!(
-                    "topic `{}` has {partitions} partitions; there is no partition {p}",
-                    record.topic
-                ),
+                message: format!("topic `{}` has {partitions} partitions; there is no partition {p}", record.topic),
                 topic: record.topic.to_string(),
                 partition: Some(p),
             });
         }
         let size = record_size_bound(&record);
         if size > shared.config.buffer_bytes {
-            return Err(Error::InvalidArgument(format!(
-                "record of {size} bytes is larger than buffer_bytes"
-            )));
+            return Err(Error::InvalidArgument(format!("record of {size} bytes is larger than buffer_bytes")));
         }
         let permits = u32::try_from(size).unwrap_or(u32::MAX);
-        let permit = shared
-            .buffer
-            .clone()
-            .acquire_many_owned(permits)
-            .await
-            .map_err(|_| Error::Closed)?;
+        let permit = shared.buffer.clone().acquire_many_owned(permits).await.map_err(|_| Error::Closed)?;
         let timestamp = record.timestamp.unwrap_or_else(now_ms);
-        let rec = RecordRef {
-            timestamp,
-            key: record.key,
-            value: record.value,
-            headers: record.headers,
-        };
+        let rec = RecordRef { timestamp, key: record.key, value: record.value, headers: record.headers };
 
         let mut state = shared.lock();
         if state.closed {
@@ -390,9 +343,7 @@ impl Producer {
         }
         let topic = state.topics.get_mut(record.topic).expect("inserted above");
         if topic.partitions.len() < partitions as usize {
-            topic
-                .partitions
-                .resize_with(partitions as usize, PartitionQueue::default);
+            topic.partitions.resize_with(partitions as usize, PartitionQueue::default);
         }
         let partition = match (record.partition, record.key) {
             (Some(p), _) => p,
@@ -434,13 +385,7 @@ impl Producer {
         if wake {
             shared.wake.notify_one();
         }
-        Ok(DeliveryFuture {
-            outcome,
-            topic: topic_name,
-            partition,
-            offset_delta,
-            timestamp,
-        })
+        Ok(DeliveryFuture { outcome, topic: topic_name, partition, offset_delta, timestamp })
     }
 
     /// Sends every buffered record now and waits until each is acknowledged
@@ -500,8 +445,7 @@ async fn run_sender(shared: Arc<Shared>) {
                         if closed || now >= due {
                             q.seal_open();
                         } else {
-                            next_deadline =
-                                Some(next_deadline.map_or(due, |d: Instant| d.min(due)));
+                            next_deadline = Some(next_deadline.map_or(due, |d: Instant| d.min(due)));
                         }
                     }
                     if q.in_flight.is_none()
@@ -543,15 +487,7 @@ async fn send_batch(shared: Arc<Shared>, topic: Arc<str>, partition: u32, batch:
         batch.outcome.complete(Ok(-1));
     }
     let result = loop {
-        match produce_rpc(
-            &shared.client,
-            &topic,
-            partition,
-            batch.bytes.clone(),
-            config.acks,
-        )
-        .await
-        {
+        match produce_rpc(&shared.client, &topic, partition, batch.bytes.clone(), config.acks).await {
             Ok(offset) => break Ok(offset),
             Err(e) if e.is_retriable() && Instant::now() + backoff < deadline => {
                 tracing::debug!(topic = %topic, partition, error = %e, "retrying produce");

@@ -179,20 +179,14 @@ pub fn check_framing_slice(buf: &[u8]) -> Result<BatchHeader<'_>, BatchError> {
     let header = BatchHeader::new(buf)?;
     let declared = header.total_size();
     if declared != buf.len() as i64 {
-        return Err(BatchError::LengthMismatch {
-            declared,
-            actual: buf.len(),
-        });
+        return Err(BatchError::LengthMismatch { declared, actual: buf.len() });
     }
     if header.magic() != MAGIC {
         return Err(BatchError::BadMagic(header.magic()));
     }
     let computed = compute_crc(buf);
     if computed != header.crc() {
-        return Err(BatchError::CrcMismatch {
-            stored: header.crc(),
-            computed,
-        });
+        return Err(BatchError::CrcMismatch { stored: header.crc(), computed });
     }
     Ok(header)
 }
@@ -206,10 +200,7 @@ impl<'a> BatchHeader<'a> {
     /// Views the header at the front of `buf`.
     pub fn new(buf: &'a [u8]) -> Result<Self, BatchError> {
         if buf.len() < HEADER_LEN {
-            return Err(BatchError::Truncated {
-                needed: HEADER_LEN,
-                available: buf.len(),
-            });
+            return Err(BatchError::Truncated { needed: HEADER_LEN, available: buf.len() });
         }
         Ok(BatchHeader(&buf[..HEADER_LEN]))
     }
@@ -304,9 +295,7 @@ pub struct BatchLimits {
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits {
-            max_batch_bytes: 1024 * 1024,
-        }
+        BatchLimits { max_batch_bytes: 1024 * 1024 }
     }
 }
 
@@ -325,10 +314,7 @@ impl RecordBatch {
     pub fn validate(bytes: Bytes, limits: &BatchLimits) -> Result<RecordBatch, BatchError> {
         let batch = Self::check_framing(bytes)?;
         if batch.bytes.len() > limits.max_batch_bytes {
-            return Err(BatchError::TooLarge {
-                size: batch.bytes.len(),
-                max: limits.max_batch_bytes,
-            });
+            return Err(BatchError::TooLarge { size: batch.bytes.len(), max: limits.max_batch_bytes });
         }
         let header = batch.header();
         let count = header.record_count();
@@ -352,10 +338,7 @@ impl RecordBatch {
         for record in &mut records {
             let record = record?;
             if record.offset_delta != found {
-                return Err(BatchError::OffsetDeltaMismatch {
-                    index: found,
-                    delta: record.offset_delta,
-                });
+                return Err(BatchError::OffsetDeltaMismatch { index: found, delta: record.offset_delta });
             }
             max_ts = max_ts.max(base_ts.wrapping_add(record.timestamp_delta));
             found += 1;
@@ -364,16 +347,10 @@ impl RecordBatch {
             return Err(BatchError::TrailingBytes(records.remaining()));
         }
         if found != count {
-            return Err(BatchError::RecordCountMismatch {
-                declared: count,
-                found: i64::from(found),
-            });
+            return Err(BatchError::RecordCountMismatch { declared: count, found: i64::from(found) });
         }
         if !header.is_log_append_time() && max_ts != header.max_timestamp() {
-            return Err(BatchError::TimestampMismatch {
-                declared: header.max_timestamp(),
-                actual: max_ts,
-            });
+            return Err(BatchError::TimestampMismatch { declared: header.max_timestamp(), actual: max_ts });
         }
         Ok(batch)
     }
@@ -453,11 +430,7 @@ impl Record {
     /// Iterates `(key, value)` headers. Header keys that are not UTF-8 are
     /// reported as errors.
     pub fn headers(&self) -> HeaderIter {
-        HeaderIter {
-            bytes: self.headers.clone(),
-            pos: 0,
-            left: self.header_count,
-        }
+        HeaderIter { bytes: self.headers.clone(), pos: 0, left: self.header_count }
     }
 
     /// Number of headers.
@@ -537,10 +510,7 @@ impl Records {
         let (len, n) = get_varint(&self.bytes[self.pos..]).ok_or(bad("bad record length"))?;
         let len = usize::try_from(len).map_err(|_| bad("negative record length"))?;
         let start = self.pos + n;
-        let end = start
-            .checked_add(len)
-            .filter(|&e| e <= self.bytes.len())
-            .ok_or(bad("record overruns the batch"))?;
+        let end = start.checked_add(len).filter(|&e| e <= self.bytes.len()).ok_or(bad("record overruns the batch"))?;
         let body = self.bytes.slice(..end);
         let mut pos = start + 1; // attributes: one unused byte
         if pos > end {
@@ -563,8 +533,7 @@ impl Records {
             if key.is_none() {
                 return Err(bad("null header key"));
             }
-            let (_, next) =
-                read_field(&body, next).ok_or(bad("header value overruns the record"))?;
+            let (_, next) = read_field(&body, next).ok_or(bad("header value overruns the record"))?;
             hp = next;
         }
         if hp != end {
@@ -575,9 +544,7 @@ impl Records {
             offset: self.base_offset + i64::from(offset_delta),
             offset_delta,
             timestamp_delta,
-            timestamp: self
-                .append_time
-                .unwrap_or(self.base_timestamp.wrapping_add(timestamp_delta)),
+            timestamp: self.append_time.unwrap_or(self.base_timestamp.wrapping_add(timestamp_delta)),
             key,
             value,
             headers: body.slice(headers_start..end),
@@ -705,11 +672,7 @@ impl BatchBuilder {
     }
 
     fn body_len(&self, record: &RecordRef<'_>, offset_delta: i32) -> usize {
-        let ts_delta = if self.count == 0 {
-            0
-        } else {
-            record.timestamp.wrapping_sub(self.base_timestamp)
-        };
+        let ts_delta = if self.count == 0 { 0 } else { record.timestamp.wrapping_sub(self.base_timestamp) };
         let mut len = 1 + varlong_len(ts_delta) + varint_len(offset_delta);
         len += field_len(record.key) + field_len(record.value);
         len += varint_len(len_i32(record.headers.len()));
@@ -770,18 +733,12 @@ impl BatchBuilder {
         let batch_length = len_i32(b.len() - LOG_OVERHEAD);
         b[BASE_OFFSET..BASE_OFFSET + 8].copy_from_slice(&0i64.to_be_bytes());
         b[BATCH_LENGTH..BATCH_LENGTH + 4].copy_from_slice(&batch_length.to_be_bytes());
-        b[PARTITION_LEADER_EPOCH..PARTITION_LEADER_EPOCH + 4]
-            .copy_from_slice(&NO_PARTITION_LEADER_EPOCH.to_be_bytes());
+        b[PARTITION_LEADER_EPOCH..PARTITION_LEADER_EPOCH + 4].copy_from_slice(&NO_PARTITION_LEADER_EPOCH.to_be_bytes());
         b[MAGIC_AT] = MAGIC as u8;
         b[ATTRIBUTES..ATTRIBUTES + 2].copy_from_slice(&0i16.to_be_bytes());
-        b[LAST_OFFSET_DELTA..LAST_OFFSET_DELTA + 4]
-            .copy_from_slice(&(self.count - 1).to_be_bytes());
+        b[LAST_OFFSET_DELTA..LAST_OFFSET_DELTA + 4].copy_from_slice(&(self.count - 1).to_be_bytes());
         b[BASE_TIMESTAMP..BASE_TIMESTAMP + 8].copy_from_slice(&self.base_timestamp.to_be_bytes());
-        let max_ts = if self.count == 0 {
-            self.base_timestamp
-        } else {
-            self.max_timestamp
-        };
+        let max_ts = if self.count == 0 { self.base_timestamp } else { self.max_timestamp };
         b[MAX_TIMESTAMP..MAX_TIMESTAMP + 8].copy_from_slice(&max_ts.to_be_bytes());
         b[PRODUCER_ID..PRODUCER_ID + 8].copy_from_slice(&self.producer_id.to_be_bytes());
         b[PRODUCER_EPOCH..PRODUCER_EPOCH + 2].copy_from_slice(&self.producer_epoch.to_be_bytes());
@@ -804,10 +761,7 @@ pub struct BatchIter {
 impl BatchIter {
     /// Iterates the batches in `bytes`.
     pub fn new(bytes: Bytes) -> Self {
-        BatchIter {
-            bytes,
-            failed: false,
-        }
+        BatchIter { bytes, failed: false }
     }
 }
 
@@ -821,18 +775,11 @@ impl Iterator for BatchIter {
             Some(size) if size >= HEADER_LEN && size <= self.bytes.len() => {
                 RecordBatch::check_framing(self.bytes.split_to(size))
             }
-            Some(size) if size >= HEADER_LEN => Err(BatchError::Truncated {
-                needed: size,
-                available: self.bytes.len(),
-            }),
-            Some(size) => Err(BatchError::LengthMismatch {
-                declared: size as i64,
-                actual: self.bytes.len(),
-            }),
-            None => Err(BatchError::Truncated {
-                needed: LOG_OVERHEAD,
-                available: self.bytes.len(),
-            }),
+            Some(size) if size >= HEADER_LEN => {
+                Err(BatchError::Truncated { needed: size, available: self.bytes.len() })
+            }
+            Some(size) => Err(BatchError::LengthMismatch { declared: size as i64, actual: self.bytes.len() }),
+            None => Err(BatchError::Truncated { needed: LOG_OVERHEAD, available: self.bytes.len() }),
         };
         self.failed = result.is_err();
         Some(result)
@@ -846,20 +793,12 @@ pub fn split_batches(bytes: &Bytes) -> Result<Vec<Bytes>, BatchError> {
     let mut rest = bytes.clone();
     while !rest.is_empty() {
         match batch_size_at(&rest) {
-            Some(size) if (HEADER_LEN..=rest.len()).contains(&size) => {
-                out.push(rest.split_to(size))
-            }
+            Some(size) if (HEADER_LEN..=rest.len()).contains(&size) => out.push(rest.split_to(size)),
             Some(size) => {
-                return Err(BatchError::Truncated {
-                    needed: size.max(HEADER_LEN),
-                    available: rest.len(),
-                });
+                return Err(BatchError::Truncated { needed: size.max(HEADER_LEN), available: rest.len() });
             }
             None => {
-                return Err(BatchError::Truncated {
-                    needed: LOG_OVERHEAD,
-                    available: rest.len(),
-                });
+                return Err(BatchError::Truncated { needed: LOG_OVERHEAD, available: rest.len() });
             }
         }
     }
@@ -871,39 +810,21 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    type Rec = (
-        i64,
-        Option<Vec<u8>>,
-        Option<Vec<u8>>,
-        Vec<(String, Option<Vec<u8>>)>,
-    );
+    type Rec = (i64, Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Option<Vec<u8>>)>);
 
     fn build(records: &[Rec]) -> Bytes {
         let mut b = BatchBuilder::new();
         for (ts, k, v, hs) in records {
-            let headers: Vec<HeaderRef<'_>> = hs
-                .iter()
-                .map(|(k, v)| HeaderRef {
-                    key: k,
-                    value: v.as_deref(),
-                })
-                .collect();
-            b.push(&RecordRef {
-                timestamp: *ts,
-                key: k.as_deref(),
-                value: v.as_deref(),
-                headers: &headers,
-            });
+            let headers: Vec<HeaderRef<'_>> =
+                hs.iter().map(|(k, v)| HeaderRef { key: k, value: v.as_deref() }).collect();
+            b.push(&RecordRef { timestamp: *ts, key: k.as_deref(), value: v.as_deref(), headers: &headers });
         }
         b.finish()
     }
 
     #[test]
     fn header_fields_are_where_kafka_puts_them() {
-        let bytes = build(&[
-            (1000, Some(b"k".to_vec()), Some(b"v".to_vec()), vec![]),
-            (990, None, None, vec![]),
-        ]);
+        let bytes = build(&[(1000, Some(b"k".to_vec()), Some(b"v".to_vec()), vec![]), (990, None, None, vec![])]);
         let h = BatchHeader::new(&bytes).unwrap();
         assert_eq!(h.base_offset(), 0);
         assert_eq!(h.total_size(), bytes.len() as i64);
@@ -932,20 +853,8 @@ mod tests {
     #[test]
     fn oversized_batch_is_refused_with_its_size() {
         let bytes = build(&[(5, None, Some(vec![0u8; 500]), vec![])]);
-        let err = RecordBatch::validate(
-            bytes.clone(),
-            &BatchLimits {
-                max_batch_bytes: 100,
-            },
-        )
-        .unwrap_err();
-        assert_eq!(
-            err,
-            BatchError::TooLarge {
-                size: bytes.len(),
-                max: 100
-            }
-        );
+        let err = RecordBatch::validate(bytes.clone(), &BatchLimits { max_batch_bytes: 100 }).unwrap_err();
+        assert_eq!(err, BatchError::TooLarge { size: bytes.len(), max: 100 });
     }
 
     #[test]
@@ -970,20 +879,14 @@ mod tests {
 
     #[test]
     fn record_count_lie_is_caught_even_with_a_fixed_crc() {
-        let bytes = build(&[
-            (5, None, Some(b"x".to_vec()), vec![]),
-            (6, None, None, vec![]),
-        ]);
+        let bytes = build(&[(5, None, Some(b"x".to_vec()), vec![]), (6, None, None, vec![])]);
         let mut v = bytes.to_vec();
         v[RECORD_COUNT..RECORD_COUNT + 4].copy_from_slice(&3i32.to_be_bytes());
         v[LAST_OFFSET_DELTA..LAST_OFFSET_DELTA + 4].copy_from_slice(&2i32.to_be_bytes());
         let crc = compute_crc(&v);
         v[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
         let err = RecordBatch::validate(Bytes::from(v), &BatchLimits::default()).unwrap_err();
-        assert!(
-            matches!(err, BatchError::MalformedRecord { index: 2, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, BatchError::MalformedRecord { index: 2, .. }), "{err}");
     }
 
     #[test]

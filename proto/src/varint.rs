@@ -74,13 +74,9 @@ mod tests {
     #[test]
     fn known_encodings_match_kafka() {
         // From Kafka's ByteUtilsTest: zig-zag maps 0,-1,1,-2,2 to 0,1,2,3,4.
-        for (value, expected) in [
-            (0, vec![0u8]),
-            (-1, vec![1]),
-            (1, vec![2]),
-            (-64, vec![0x7f]),
-            (64, vec![0x80, 0x01]),
-        ] {
+        for (value, expected) in
+            [(0, vec![0u8]), (-1, vec![1]), (1, vec![2]), (-64, vec![0x7f]), (64, vec![0x80, 0x01])]
+        {
             let mut out = Vec::new();
             put_varint(&mut out, value);
             assert_eq!(out, expected, "varint {value}");

@@ -93,20 +93,9 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
             };
             produce(&client, &params).await?
         }
-        BenchCommand::Consume {
-            topic,
-            consumers,
-            fetch_bytes,
-            duration_s,
-            broker_pid,
-        } => {
-            let params = ConsumeParams {
-                topic,
-                consumers,
-                fetch_bytes,
-                duration: Duration::from_secs(duration_s),
-                broker_pid,
-            };
+        BenchCommand::Consume { topic, consumers, fetch_bytes, duration_s, broker_pid } => {
+            let params =
+                ConsumeParams { topic, consumers, fetch_bytes, duration: Duration::from_secs(duration_s), broker_pid };
             consume(&client, &params).await?
         }
     };

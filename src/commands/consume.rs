@@ -35,14 +35,14 @@ fn parse_from(s: &str) -> anyhow::Result<SeekTo> {
     Ok(match s {
         "beginning" | "earliest" => SeekTo::Beginning,
         "end" | "latest" => SeekTo::End,
-        ts if ts.starts_with('@') => SeekTo::Timestamp(
-            ts[1..]
+        ts if ts.starts_with('@') => {
+            SeekTo::Timestamp(ts[1..].parse().with_context(|| format!("bad timestamp in `{s}`"))?)
+        }
+        offset => SeekTo::Offset(
+            offset
                 .parse()
-                .with_context(|| format!("bad timestamp in `{s}`"))?,
+                .with_context(|| format!("--from takes beginning, end, OFFSET or @TIMESTAMP_MS, not `{s}`"))?,
         ),
-        offset => SeekTo::Offset(offset.parse().with_context(|| {
-            format!("--from takes beginning, end, OFFSET or @TIMESTAMP_MS, not `{s}`")
-        })?),
     })
 }
 
@@ -144,25 +144,14 @@ pub async fn run(ctx: &Context, args: ConsumeArgs) -> anyhow::Result<()> {
     let client = ctx.connect().await?;
     let from = parse_from(&args.from)?;
     let tokens = parse_format(&args.format);
-    let info = client
-        .topic_info(&args.topic)
-        .await
-        .with_context(|| format!("cannot consume `{}`", args.topic))?;
+    let info = client.topic_info(&args.topic).await.with_context(|| format!("cannot consume `{}`", args.topic))?;
     let partitions: Vec<u32> = match args.partition {
         Some(p) if (p as usize) < info.leaders.len() => vec![p],
-        Some(p) => bail!(
-            "topic `{}` has {} partitions; there is no partition {p}",
-            args.topic,
-            info.leaders.len()
-        ),
+        Some(p) => bail!("topic `{}` has {} partitions; there is no partition {p}", args.topic, info.leaders.len()),
         None => (0..info.leaders.len() as u32).collect(),
     };
     let config = ConsumerConfig {
-        max_wait: if args.exit_at_end {
-            Duration::from_millis(100)
-        } else {
-            Duration::from_millis(500)
-        },
+        max_wait: if args.exit_at_end { Duration::from_millis(100) } else { Duration::from_millis(500) },
         auto_offset_reset: OffsetReset::Earliest,
         ..ConsumerConfig::default()
     };
@@ -216,20 +205,14 @@ mod tests {
                 Token::Literal("\n".into()),
             ]
         );
-        assert_eq!(
-            parse_format("100%% %x"),
-            vec![Token::Literal("100% %x".into())]
-        );
+        assert_eq!(parse_format("100%% %x"), vec![Token::Literal("100% %x".into())]);
     }
 
     #[test]
     fn from_accepts_names_offsets_and_timestamps() {
         assert_eq!(parse_from("beginning").unwrap(), SeekTo::Beginning);
         assert_eq!(parse_from("42").unwrap(), SeekTo::Offset(42));
-        assert_eq!(
-            parse_from("@1700000000000").unwrap(),
-            SeekTo::Timestamp(1_700_000_000_000)
-        );
+        assert_eq!(parse_from("@1700000000000").unwrap(), SeekTo::Timestamp(1_700_000_000_000));
         assert!(parse_from("soon").is_err());
     }
 }

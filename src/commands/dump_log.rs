@@ -66,12 +66,8 @@ fn print_batch(b: &SegmentBatch, print_data: bool) {
             "| offset: {} timestamp: {} key: {} value: {}",
             r.offset,
             r.timestamp,
-            r.key
-                .as_deref()
-                .map_or("null".into(), String::from_utf8_lossy),
-            r.value
-                .as_deref()
-                .map_or("null".into(), String::from_utf8_lossy)
+            r.key.as_deref().map_or("null".into(), String::from_utf8_lossy),
+            r.value.as_deref().map_or("null".into(), String::from_utf8_lossy)
         );
     }
 }
@@ -95,10 +91,7 @@ pub fn run(ctx: &Context, args: DumpLogArgs) -> anyhow::Result<()> {
                         })
                     })
                     .collect();
-                println!(
-                    "{}",
-                    serde_json::json!({"file": file.display().to_string(), "batches": list})
-                );
+                println!("{}", serde_json::json!({"file": file.display().to_string(), "batches": list}));
             }
             Output::Table => {
                 println!("Dumping {}", file.display());

@@ -36,24 +36,15 @@ pub struct ProduceArgs {
 /// Runs `tally produce`; exits non-zero unless every line was acknowledged.
 pub async fn run(ctx: &Context, args: ProduceArgs) -> anyhow::Result<()> {
     let client = ctx.connect().await?;
-    client
-        .topic_info(&args.topic)
-        .await
-        .with_context(|| format!("cannot produce to `{}`", args.topic))?;
+    client.topic_info(&args.topic).await.with_context(|| format!("cannot produce to `{}`", args.topic))?;
     let config = ProducerConfig {
         acks: args.acks,
         linger: std::time::Duration::from_millis(args.linger_ms),
         ..ProducerConfig::default()
     };
     let producer = Producer::new(client, config);
-    let headers: Vec<HeaderRef<'_>> = args
-        .headers
-        .iter()
-        .map(|(k, v)| HeaderRef {
-            key: k,
-            value: Some(v.as_bytes()),
-        })
-        .collect();
+    let headers: Vec<HeaderRef<'_>> =
+        args.headers.iter().map(|(k, v)| HeaderRef { key: k, value: Some(v.as_bytes()) }).collect();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut pending: VecDeque<(u64, DeliveryFuture)> = VecDeque::new();
     let (mut sent, mut failed) = (0u64, 0u64);
@@ -66,11 +57,7 @@ pub async fn run(ctx: &Context, args: ProduceArgs) -> anyhow::Result<()> {
             }
         }
     };
-    while let Some(line) = lines
-        .next_line()
-        .await
-        .context("cannot read standard input")?
-    {
+    while let Some(line) = lines.next_line().await.context("cannot read standard input")? {
         sent += 1;
         let (key, value) = match &args.key_separator {
             Some(sep) => match line.split_once(sep.as_str()) {
@@ -103,10 +90,7 @@ pub async fn run(ctx: &Context, args: ProduceArgs) -> anyhow::Result<()> {
     }
     producer.close().await;
     if failed > 0 {
-        bail!(
-            "{failed} of {sent} records were not acknowledged; first failure: {}",
-            first_error.unwrap_or_default()
-        );
+        bail!("{failed} of {sent} records were not acknowledged; first failure: {}", first_error.unwrap_or_default());
     }
     eprintln!("produced {sent} records to {}", args.topic);
     Ok(())

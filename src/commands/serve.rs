@@ -57,9 +57,7 @@ async fn shutdown_signal() {
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr()?;
     // Scripts and tests read this line to find the port.
     eprintln!("tally broker listening on {local}");
@@ -93,25 +91,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// `tally dev`: a local broker with a `demo` topic.
 pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
-    let config = BrokerConfig {
-        data_dir: args.data_dir.clone(),
-        ..BrokerConfig::default()
-    };
+    let config = BrokerConfig { data_dir: args.data_dir.clone(), ..BrokerConfig::default() };
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?.to_string();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let broker = tokio::spawn(tally_broker::run(config, listener, async move {
         let _ = stop_rx.await;
     }));
-    let client = tally_client::Client::builder()
-        .bootstrap([address.clone()])
-        .connect()
-        .await?;
-    match client
-        .admin()
-        .create_topic(tally_client::NewTopic::new("demo", 3))
-        .await
-    {
+    let client = tally_client::Client::builder().bootstrap([address.clone()]).connect().await?;
+    match client.admin().create_topic(tally_client::NewTopic::new("demo", 3)).await {
         Ok(()) => {}
         Err(e) if e.code() == Some(tally_client::ErrorCode::TopicAlreadyExists) => {}
         Err(e) => return Err(e).context("cannot create the demo topic"),

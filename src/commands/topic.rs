@@ -58,18 +58,9 @@ pub async fn run(ctx: &Context, cmd: TopicCommand) -> anyhow::Result<()> {
     let client = ctx.connect().await?;
     let admin = client.admin();
     match cmd {
-        TopicCommand::Create {
-            name,
-            partitions,
-            replication_factor,
-            configs,
-        } => {
-            let topic = NewTopic {
-                name: name.clone(),
-                partitions,
-                replication_factor,
-                configs: configs.into_iter().collect(),
-            };
+        TopicCommand::Create { name, partitions, replication_factor, configs } => {
+            let topic =
+                NewTopic { name: name.clone(), partitions, replication_factor, configs: configs.into_iter().collect() };
             admin.create_topic(topic).await?;
             eprintln!("created topic {name} with {partitions} partition(s)");
         }
@@ -86,13 +77,7 @@ pub async fn run(ctx: &Context, cmd: TopicCommand) -> anyhow::Result<()> {
                 Output::Table => {
                     let rows: Vec<Vec<String>> = topics
                         .iter()
-                        .map(|t| {
-                            vec![
-                                t.name.clone(),
-                                t.partitions.to_string(),
-                                t.replication_factor.to_string(),
-                            ]
-                        })
+                        .map(|t| vec![t.name.clone(), t.partitions.to_string(), t.replication_factor.to_string()])
                         .collect();
                     print_table(&["TOPIC", "PARTITIONS", "REPLICATION"], &rows);
                 }
@@ -116,13 +101,11 @@ pub async fn run(ctx: &Context, cmd: TopicCommand) -> anyhow::Result<()> {
                             })
                         })
                         .collect();
-                    let out =
-                        json!({"name": d.name, "configs": d.configs, "partitions": partitions});
+                    let out = json!({"name": d.name, "configs": d.configs, "partitions": partitions});
                     println!("{}", serde_json::to_string_pretty(&out)?);
                 }
                 Output::Table => {
-                    let list =
-                        |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+                    let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
                     let rows: Vec<Vec<String>> = d
                         .partitions
                         .iter()
@@ -138,33 +121,14 @@ pub async fn run(ctx: &Context, cmd: TopicCommand) -> anyhow::Result<()> {
                         })
                         .collect();
                     println!("Topic: {}", d.name);
-                    print_table(
-                        &[
-                            "PARTITION",
-                            "LEADER",
-                            "REPLICAS",
-                            "ISR",
-                            "LOG-START",
-                            "HIGH-WATERMARK",
-                        ],
-                        &rows,
-                    );
+                    print_table(&["PARTITION", "LEADER", "REPLICAS", "ISR", "LOG-START", "HIGH-WATERMARK"], &rows);
                     println!();
-                    let rows: Vec<Vec<String>> = d
-                        .configs
-                        .iter()
-                        .map(|(k, v)| vec![k.clone(), v.clone()])
-                        .collect();
+                    let rows: Vec<Vec<String>> = d.configs.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
                     print_table(&["CONFIG", "VALUE"], &rows);
                 }
             }
         }
-        TopicCommand::Alter {
-            name,
-            partitions,
-            configs,
-            delete_configs,
-        } => {
+        TopicCommand::Alter { name, partitions, configs, delete_configs } => {
             if partitions.is_none() && configs.is_empty() && delete_configs.is_empty() {
                 bail!("nothing to change: give --partitions, --config or --delete-config");
             }
@@ -174,9 +138,7 @@ pub async fn run(ctx: &Context, cmd: TopicCommand) -> anyhow::Result<()> {
             }
             if !configs.is_empty() || !delete_configs.is_empty() {
                 let set: BTreeMap<String, String> = configs.into_iter().collect();
-                admin
-                    .alter_topic_configs(&name, set, delete_configs)
-                    .await?;
+                admin.alter_topic_configs(&name, set, delete_configs).await?;
                 eprintln!("updated configs of {name}");
             }
         }

@@ -24,18 +24,10 @@ impl AdminService {
 
 fn result(name: String, outcome: Result<(), BrokerError>) -> pb::TopicResult {
     match outcome {
-        Ok(()) => pb::TopicResult {
-            name,
-            error_code: 0,
-            error_message: String::new(),
-        },
+        Ok(()) => pb::TopicResult { name, error_code: 0, error_message: String::new() },
         Err(e) => {
             tracing::info!(topic = %name, error = %e, "admin request refused");
-            pb::TopicResult {
-                name,
-                error_code: e.code() as i32,
-                error_message: e.to_string(),
-            }
+            pb::TopicResult { name, error_code: e.code() as i32, error_message: e.to_string() }
         }
     }
 }
@@ -55,10 +47,7 @@ impl Admin for AdminService {
                 replication_factor: t.replication_factor,
                 configs: t.configs.into_iter().collect(),
             };
-            results.push(result(
-                t.name,
-                self.broker.create_topic(new, req.validate_only).await,
-            ));
+            results.push(result(t.name, self.broker.create_topic(new, req.validate_only).await));
         }
         Ok(Response::new(pb::CreateTopicsResponse { results }))
     }
@@ -98,15 +87,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::DescribeTopicsResponse>, Status> {
         let node = self.broker.node_id();
         let names = request.into_inner().names;
-        let names = if names.is_empty() {
-            self.broker
-                .topics()
-                .iter()
-                .map(|t| t.name.to_string())
-                .collect()
-        } else {
-            names
-        };
+        let names =
+            if names.is_empty() { self.broker.topics().iter().map(|t| t.name.to_string()).collect() } else { names };
         let topics = names
             .into_iter()
             .map(|name| match self.broker.topic(&name) {
@@ -133,10 +115,7 @@ impl Admin for AdminService {
                         .collect(),
                 },
                 None => {
-                    let e = BrokerError::UnknownTopicOrPartition {
-                        topic: name.clone(),
-                        partition: None,
-                    };
+                    let e = BrokerError::UnknownTopicOrPartition { topic: name.clone(), partition: None };
                     pb::TopicDescription {
                         name,
                         error_code: e.code() as i32,
@@ -156,13 +135,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::AlterTopicConfigsResponse>, Status> {
         let req = request.into_inner();
         let set: BTreeMap<String, String> = req.set.into_iter().collect();
-        let outcome = self
-            .broker
-            .alter_topic_configs(&req.name, &set, &req.delete)
-            .await;
-        Ok(Response::new(pb::AlterTopicConfigsResponse {
-            result: Some(result(req.name, outcome)),
-        }))
+        let outcome = self.broker.alter_topic_configs(&req.name, &set, &req.delete).await;
+        Ok(Response::new(pb::AlterTopicConfigsResponse { result: Some(result(req.name, outcome)) }))
     }
 
     async fn create_partitions(
@@ -171,8 +145,6 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::CreatePartitionsResponse>, Status> {
         let req = request.into_inner();
         let outcome = self.broker.create_partitions(&req.name, req.count).await;
-        Ok(Response::new(pb::CreatePartitionsResponse {
-            result: Some(result(req.name, outcome)),
-        }))
+        Ok(Response::new(pb::CreatePartitionsResponse { result: Some(result(req.name, outcome)) }))
     }
 }

@@ -37,16 +37,12 @@ impl TallyService {
         topic: &str,
         partition: u32,
         records: Bytes,
-        acks: Option<pb::Acks>,
+        acks: Result<pb::Acks, i32>,
     ) -> Result<crate::storage::AppendInfo, BrokerError> {
-        let acks =
-            acks.ok_or_else(|| BrokerError::InvalidRequest("acks must be 0, 1 or all".into()))?;
+        let acks = acks.map_err(BrokerError::InvalidRequiredAcks)?;
         let (topic, partition) = self.broker.partition(topic, partition)?;
         if acks == pb::Acks::All && topic.config.min_insync_replicas > 1 {
-            return Err(BrokerError::NotEnoughReplicas {
-                isr: 1,
-                min_isr: topic.config.min_insync_replicas,
-            });
+            return Err(BrokerError::NotEnoughReplicas { isr: 1, min_isr: topic.config.min_insync_replicas });
         }
         let batches = validate_payload(&records, topic.config.max_message_bytes)?;
         partition.produce(&batches, LEADER_EPOCH).await
@@ -55,32 +51,20 @@ impl TallyService {
 
 /// Splits a produce payload into batches and validates every one before any
 /// is appended, so a bad batch leaves the log untouched.
-fn validate_payload(
-    records: &Bytes,
-    max_message_bytes: u64,
-) -> Result<Vec<RecordBatch>, BrokerError> {
+fn validate_payload(records: &Bytes, max_message_bytes: u64) -> Result<Vec<RecordBatch>, BrokerError> {
     let max = usize::try_from(max_message_bytes).unwrap_or(usize::MAX);
     let parts = split_batches(records).map_err(BrokerError::CorruptMessage)?;
     if parts.is_empty() {
-        return Err(BrokerError::InvalidRequest(
-            "no record batch in the produce data".into(),
-        ));
+        return Err(BrokerError::InvalidRequest("no record batch in the produce data".into()));
     }
     parts
         .into_iter()
         .map(|b| {
             let size = b.len();
-            RecordBatch::validate(
-                b,
-                &BatchLimits {
-                    max_batch_bytes: max,
-                },
-            )
-            .map_err(|e| match e {
-                tally_proto::batch::BatchError::TooLarge { .. } => BrokerError::MessageTooLarge {
-                    size,
-                    max: max_message_bytes,
-                },
+            RecordBatch::validate(b, &BatchLimits { max_batch_bytes: max }).map_err(|e| match e {
+                tally_proto::batch::BatchError::TooLarge { .. } => {
+                    BrokerError::MessageTooLarge { size, max: max_message_bytes }
+                }
                 other => BrokerError::CorruptMessage(other),
             })
         })
@@ -102,27 +86,17 @@ struct FetchTarget {
 
 #[tonic::async_trait]
 impl Tally for TallyService {
-    async fn produce(
-        &self,
-        request: Request<pb::ProduceRequest>,
-    ) -> Result<Response<pb::ProduceResponse>, Status> {
+    async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
         let req = request.into_inner();
-        let acks = pb::Acks::try_from(req.acks).ok();
+        let acks = pb::Acks::try_from(req.acks).map_err(|_| req.acks);
         let mut topics = Vec::with_capacity(req.topics.len());
         for t in req.topics {
             let mut partitions = Vec::with_capacity(t.partitions.len());
             for p in t.partitions {
-                let span =
-                    tracing::debug_span!("produce", topic = %t.name, partition = p.partition);
-                let result = self
-                    .produce_partition(&t.name, p.partition, p.records, acks)
-                    .instrument(span)
-                    .await;
-                let log_start = self
-                    .broker
-                    .partition(&t.name, p.partition)
-                    .map(|(_, p)| p.offsets().0 as i64)
-                    .unwrap_or(-1);
+                let span = tracing::debug_span!("produce", topic = %t.name, partition = p.partition);
+                let result = self.produce_partition(&t.name, p.partition, p.records, acks).instrument(span).await;
+                let log_start =
+                    self.broker.partition(&t.name, p.partition).map(|(_, p)| p.offsets().0 as i64).unwrap_or(-1);
                 partitions.push(match result {
                     Ok(info) => pb::PartitionProduceResponse {
                         partition: p.partition,
@@ -146,34 +120,17 @@ impl Tally for TallyService {
                     }
                 });
             }
-            topics.push(pb::TopicProduceResponse {
-                name: t.name,
-                partitions,
-            });
+            topics.push(pb::TopicProduceResponse { name: t.name, partitions });
         }
         Ok(Response::new(pb::ProduceResponse { topics }))
     }
 
-    async fn fetch(
-        &self,
-        request: Request<pb::FetchRequest>,
-    ) -> Result<Response<pb::FetchResponse>, Status> {
+    async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
         let req = request.into_inner();
-        let max_wait = Duration::from_millis(
-            u64::from(req.max_wait_ms).min(self.broker.config().max_fetch_wait_ms),
-        );
+        let max_wait = Duration::from_millis(u64::from(req.max_wait_ms).min(self.broker.config().max_fetch_wait_ms));
         let deadline = tokio::time::Instant::now() + max_wait;
-        let limit = self
-            .broker
-            .config()
-            .max_request_bytes
-            .saturating_sub(64 << 10);
-        let max_bytes = if req.max_bytes == 0 {
-            DEFAULT_FETCH_MAX_BYTES
-        } else {
-            u64::from(req.max_bytes)
-        }
-        .min(limit);
+        let limit = self.broker.config().max_request_bytes.saturating_sub(64 << 10);
+        let max_bytes = if req.max_bytes == 0 { DEFAULT_FETCH_MAX_BYTES } else { u64::from(req.max_bytes) }.min(limit);
         let min_bytes = u64::from(req.min_bytes);
         let names: Vec<String> = req.topics.iter().map(|t| t.name.clone()).collect();
         let mut targets = Vec::new();
@@ -183,33 +140,21 @@ impl Tally for TallyService {
                     topic_index,
                     partition: p.partition,
                     offset: p.fetch_offset,
-                    max_bytes: if p.partition_max_bytes == 0 {
-                        max_bytes
-                    } else {
-                        u64::from(p.partition_max_bytes)
-                    },
+                    max_bytes: if p.partition_max_bytes == 0 { max_bytes } else { u64::from(p.partition_max_bytes) },
                     resolved: self.broker.partition(&t.name, p.partition).map(|(_, p)| p),
                 });
             }
         }
         // Subscribe before the first read so an append between the read and
         // the wait still wakes us.
-        let mut watchers: Vec<watch::Receiver<u64>> = targets
-            .iter()
-            .filter_map(|t| t.resolved.as_ref().ok().map(|p| p.subscribe()))
-            .collect();
+        let mut watchers: Vec<watch::Receiver<u64>> =
+            targets.iter().filter_map(|t| t.resolved.as_ref().ok().map(|p| p.subscribe())).collect();
         loop {
             let (response, total, any_error) = read_targets(&targets, &names, max_bytes);
-            if total >= min_bytes
-                || any_error
-                || watchers.is_empty()
-                || tokio::time::Instant::now() >= deadline
-            {
+            if total >= min_bytes || any_error || watchers.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(Response::new(response));
             }
-            let changed = futures_util::future::select_all(
-                watchers.iter_mut().map(|w| Box::pin(w.changed())),
-            );
+            let changed = futures_util::future::select_all(watchers.iter_mut().map(|w| Box::pin(w.changed())));
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 let (response, _, _) = read_targets(&targets, &names, max_bytes);
                 return Ok(Response::new(response));
@@ -228,22 +173,17 @@ impl Tally for TallyService {
                 .partitions
                 .iter()
                 .map(|p| {
-                    let found =
-                        self.broker
-                            .partition(&t.name, p.partition)
-                            .and_then(|(_, part)| {
-                                let (start, hw, _) = part.offsets();
-                                match p.timestamp {
-                                    -2 => Ok((start as i64, -1)),
-                                    -1 => Ok((hw as i64, -1)),
-                                    ts if ts < 0 => Err(BrokerError::InvalidRequest(format!(
-                                        "timestamp {ts} is not -2, -1 or >= 0"
-                                    ))),
-                                    ts => Ok(part
-                                        .offset_for_timestamp(ts)?
-                                        .map_or((-1, -1), |(o, t)| (o as i64, t))),
-                                }
-                            });
+                    let found = self.broker.partition(&t.name, p.partition).and_then(|(_, part)| {
+                        let (start, hw, _) = part.offsets();
+                        match p.timestamp {
+                            -2 => Ok((start as i64, -1)),
+                            -1 => Ok((hw as i64, -1)),
+                            ts if ts < 0 => {
+                                Err(BrokerError::InvalidRequest(format!("timestamp {ts} is not -2, -1 or >= 0")))
+                            }
+                            ts => Ok(part.offset_for_timestamp(ts)?.map_or((-1, -1), |(o, t)| (o as i64, t))),
+                        }
+                    });
                     match found {
                         Ok((offset, timestamp)) => pb::ListOffsetsPartitionResponse {
                             partition: p.partition,
@@ -265,52 +205,31 @@ impl Tally for TallyService {
                     }
                 })
                 .collect();
-            topics.push(pb::ListOffsetsTopicResponse {
-                name: t.name,
-                partitions,
-            });
+            topics.push(pb::ListOffsetsTopicResponse { name: t.name, partitions });
         }
         Ok(Response::new(pb::ListOffsetsResponse { topics }))
     }
 
-    async fn metadata(
-        &self,
-        request: Request<pb::MetadataRequest>,
-    ) -> Result<Response<pb::MetadataResponse>, Status> {
+    async fn metadata(&self, request: Request<pb::MetadataRequest>) -> Result<Response<pb::MetadataResponse>, Status> {
         let req = request.into_inner();
         let node = self.broker.node_id();
         let topics = if req.topics.is_empty() {
-            self.broker
-                .topics()
-                .iter()
-                .map(|t| topic_metadata(node, t))
-                .collect()
+            self.broker.topics().iter().map(|t| topic_metadata(node, t)).collect()
         } else {
             req.topics
                 .iter()
                 .map(|name| match self.broker.topic(name) {
                     Some(t) => topic_metadata(node, &t),
                     None => {
-                        let e = BrokerError::UnknownTopicOrPartition {
-                            topic: name.clone(),
-                            partition: None,
-                        };
+                        let e = BrokerError::UnknownTopicOrPartition { topic: name.clone(), partition: None };
                         let (error_code, error_message) = code_and_message(&e);
-                        pb::TopicMetadata {
-                            name: name.clone(),
-                            error_code,
-                            error_message,
-                            partitions: Vec::new(),
-                        }
+                        pb::TopicMetadata { name: name.clone(), error_code, error_message, partitions: Vec::new() }
                     }
                 })
                 .collect()
         };
         Ok(Response::new(pb::MetadataResponse {
-            brokers: vec![pb::BrokerMetadata {
-                node_id: node,
-                address: self.broker.advertised_address().to_string(),
-            }],
+            brokers: vec![pb::BrokerMetadata { node_id: node, address: self.broker.advertised_address().to_string() }],
             controller_id: node as i32,
             topics,
         }))
@@ -339,18 +258,9 @@ fn topic_metadata(node: u32, t: &crate::broker::Topic) -> pb::TopicMetadata {
 
 /// Reads every target once: the response, its data bytes, and whether any
 /// partition failed.
-fn read_targets(
-    targets: &[FetchTarget],
-    names: &[String],
-    max_bytes: u64,
-) -> (pb::FetchResponse, u64, bool) {
-    let mut topics: Vec<pb::FetchTopicResponse> = names
-        .iter()
-        .map(|n| pb::FetchTopicResponse {
-            name: n.clone(),
-            partitions: Vec::new(),
-        })
-        .collect();
+fn read_targets(targets: &[FetchTarget], names: &[String], max_bytes: u64) -> (pb::FetchResponse, u64, bool) {
+    let mut topics: Vec<pb::FetchTopicResponse> =
+        names.iter().map(|n| pb::FetchTopicResponse { name: n.clone(), partitions: Vec::new() }).collect();
     let mut total = 0u64;
     let mut any_error = false;
     for t in targets {
@@ -399,10 +309,7 @@ fn read_targets(
 fn clone_error(e: &BrokerError) -> BrokerError {
     match e {
         BrokerError::UnknownTopicOrPartition { topic, partition } => {
-            BrokerError::UnknownTopicOrPartition {
-                topic: topic.clone(),
-                partition: *partition,
-            }
+            BrokerError::UnknownTopicOrPartition { topic: topic.clone(), partition: *partition }
         }
         other => BrokerError::InvalidRequest(other.to_string()),
     }

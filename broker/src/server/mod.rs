@@ -32,18 +32,11 @@ pub async fn run(
 ) -> Result<(), BrokerError> {
     let problems = config.validate();
     if !problems.is_empty() {
-        return Err(BrokerError::InvalidRequest(format!(
-            "invalid broker config: {}",
-            problems.join("; ")
-        )));
+        return Err(BrokerError::InvalidRequest(format!("invalid broker config: {}", problems.join("; "))));
     }
-    let local = listener
-        .local_addr()
-        .map_err(|e| BrokerError::InvalidRequest(format!("listener has no address: {e}")))?;
-    let advertised = config
-        .advertised_address
-        .clone()
-        .unwrap_or_else(|| local.to_string());
+    let local =
+        listener.local_addr().map_err(|e| BrokerError::InvalidRequest(format!("listener has no address: {e}")))?;
+    let advertised = config.advertised_address.clone().unwrap_or_else(|| local.to_string());
     let data_dir = config.data_dir.clone();
     let broker = tokio::task::spawn_blocking(move || Broker::open(config, advertised))
         .await
@@ -62,9 +55,7 @@ pub async fn run(
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<TallyServer<TallyService>>()
-        .await;
+    health_reporter.set_serving::<TallyServer<TallyService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tally_proto::FILE_DESCRIPTOR_SET)
         .build_v1()

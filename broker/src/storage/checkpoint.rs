@@ -45,10 +45,7 @@ impl LeaderEpochCache {
         match self.entries.last() {
             Some(last) if last.epoch >= epoch => false,
             _ => {
-                self.entries.push(EpochEntry {
-                    epoch,
-                    start_offset: offset,
-                });
+                self.entries.push(EpochEntry { epoch, start_offset: offset });
                 true
             }
         }
@@ -58,10 +55,7 @@ impl LeaderEpochCache {
     /// offset where that epoch ended (the next epoch's start, or `log_end`).
     pub fn end_offset_for(&self, epoch: u32, log_end: u64) -> Option<(u32, u64)> {
         let idx = self.entries.iter().rposition(|e| e.epoch <= epoch)?;
-        let end = self
-            .entries
-            .get(idx + 1)
-            .map_or(log_end, |n| n.start_offset);
+        let end = self.entries.get(idx + 1).map_or(log_end, |n| n.start_offset);
         Some((self.entries[idx].epoch, end))
     }
 
@@ -74,11 +68,7 @@ impl LeaderEpochCache {
 
     /// Drops epochs wholly below `offset` and moves the first to start there.
     pub fn truncate_from_start(&mut self, offset: u64) -> bool {
-        let keep_from = self
-            .entries
-            .iter()
-            .rposition(|e| e.start_offset <= offset)
-            .unwrap_or(0);
+        let keep_from = self.entries.iter().rposition(|e| e.start_offset <= offset).unwrap_or(0);
         let mut changed = keep_from > 0;
         self.entries.drain(..keep_from);
         if let Some(first) = self.entries.first_mut()
@@ -120,10 +110,7 @@ impl Checkpoints {
                     continue;
                 };
                 if let (Ok(epoch), Ok(start_offset)) = (e.parse(), o.parse()) {
-                    out.leader_epochs.entries.push(EpochEntry {
-                        epoch,
-                        start_offset,
-                    });
+                    out.leader_epochs.entries.push(EpochEntry { epoch, start_offset });
                 }
             }
         }
@@ -132,35 +119,20 @@ impl Checkpoints {
 
     /// Writes every checkpoint file atomically.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        write_atomic(
-            &dir.join(RECOVERY_POINT),
-            format!("{VERSION}\n{}\n", self.recovery_point).as_bytes(),
-        )?;
-        write_atomic(
-            &dir.join(LOG_START),
-            format!("{VERSION}\n{}\n", self.log_start_offset).as_bytes(),
-        )?;
-        write_atomic(
-            &dir.join(HIGH_WATERMARK),
-            format!("{VERSION}\n{}\n", self.high_watermark).as_bytes(),
-        )?;
+        write_atomic(&dir.join(RECOVERY_POINT), format!("{VERSION}\n{}\n", self.recovery_point).as_bytes())?;
+        write_atomic(&dir.join(LOG_START), format!("{VERSION}\n{}\n", self.log_start_offset).as_bytes())?;
+        write_atomic(&dir.join(HIGH_WATERMARK), format!("{VERSION}\n{}\n", self.high_watermark).as_bytes())?;
         self.write_leader_epochs(dir)
     }
 
     /// Writes only the recovery point.
     pub fn write_recovery_point(dir: &Path, offset: u64) -> Result<()> {
-        write_atomic(
-            &dir.join(RECOVERY_POINT),
-            format!("{VERSION}\n{offset}\n").as_bytes(),
-        )
+        write_atomic(&dir.join(RECOVERY_POINT), format!("{VERSION}\n{offset}\n").as_bytes())
     }
 
     /// Writes only the log start offset.
     pub fn write_log_start(dir: &Path, offset: u64) -> Result<()> {
-        write_atomic(
-            &dir.join(LOG_START),
-            format!("{VERSION}\n{offset}\n").as_bytes(),
-        )
+        write_atomic(&dir.join(LOG_START), format!("{VERSION}\n{offset}\n").as_bytes())
     }
 
     /// Writes only the leader-epoch file.
@@ -197,16 +169,8 @@ mod tests {
     #[test]
     fn checkpoints_round_trip_and_missing_files_read_as_defaults() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(
-            Checkpoints::read(dir.path()).unwrap(),
-            Checkpoints::default()
-        );
-        let mut c = Checkpoints {
-            recovery_point: 10,
-            log_start_offset: 3,
-            high_watermark: 9,
-            ..Default::default()
-        };
+        assert_eq!(Checkpoints::read(dir.path()).unwrap(), Checkpoints::default());
+        let mut c = Checkpoints { recovery_point: 10, log_start_offset: 3, high_watermark: 9, ..Default::default() };
         c.leader_epochs.assign(0, 0);
         c.leader_epochs.assign(2, 7);
         c.write(dir.path()).unwrap();
@@ -228,12 +192,6 @@ mod tests {
         assert_eq!(c.latest_epoch(), Some(1));
         c.assign(3, 10);
         c.truncate_from_start(12);
-        assert_eq!(
-            c.entries(),
-            &[EpochEntry {
-                epoch: 3,
-                start_offset: 12
-            }]
-        );
+        assert_eq!(c.entries(), &[EpochEntry { epoch: 3, start_offset: 12 }]);
     }
 }

@@ -67,19 +67,13 @@ impl LogConfig {
             ));
         }
         if self.segment_ms <= 0 {
-            out.push(format!(
-                "segment_ms must be positive, got {}",
-                self.segment_ms
-            ));
+            out.push(format!("segment_ms must be positive, got {}", self.segment_ms));
         }
         if self.index_interval_bytes == 0 {
             out.push("index_interval_bytes must be positive".to_string());
         }
         if self.segment_index_bytes < 12 * 4 {
-            out.push(format!(
-                "segment_index_bytes must be at least 48, got {}",
-                self.segment_index_bytes
-            ));
+            out.push(format!("segment_index_bytes must be at least 48, got {}", self.segment_index_bytes));
         }
         out
     }

@@ -56,10 +56,7 @@ impl StorageError {
     pub fn is_disk_full(&self) -> bool {
         match self {
             StorageError::Io { source, .. } => {
-                matches!(
-                    source.raw_os_error(),
-                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
-                )
+                matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
             }
             _ => false,
         }
@@ -67,10 +64,7 @@ impl StorageError {
 }
 
 /// Wraps an `io::Error` with what was being done and where.
-pub(crate) fn io_err(
-    op: &'static str,
-    path: impl Into<PathBuf>,
-) -> impl FnOnce(std::io::Error) -> StorageError {
+pub(crate) fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> StorageError {
     let path = path.into();
     move |source| StorageError::Io { op, path, source }
 }

@@ -13,26 +13,18 @@ use super::error::io_err;
 
 /// Opens (creating if needed) a file for reading and writing.
 pub(crate) fn open_rw(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(io_err("open", path))
+    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err("open", path))
 }
 
 /// Allocates real blocks for `[0, len)` so stores into a map of the file
 /// cannot fail for lack of space (a sparse hole would SIGBUS on a full disk).
 pub(crate) fn preallocate(file: &File, len: u64, path: &Path) -> Result<()> {
-    let len_i64 = i64::try_from(len)
-        .map_err(|_| super::StorageError::InvalidArgument(format!("length {len} too large")))?;
+    let len_i64 =
+        i64::try_from(len).map_err(|_| super::StorageError::InvalidArgument(format!("length {len} too large")))?;
     // SAFETY: plain syscall on a valid descriptor.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_i64) };
     if rc != 0 {
-        return Err(io_err("preallocate", path)(
-            std::io::Error::from_raw_os_error(rc),
-        ));
+        return Err(io_err("preallocate", path)(std::io::Error::from_raw_os_error(rc)));
     }
     Ok(())
 }
@@ -42,20 +34,13 @@ pub(crate) fn map(file: &File, len: u64, path: &Path) -> Result<Option<MmapRaw>>
     if len == 0 {
         return Ok(None);
     }
-    let len = usize::try_from(len)
-        .map_err(|_| super::StorageError::InvalidArgument(format!("map of {len} bytes")))?;
-    MmapOptions::new()
-        .len(len)
-        .map_raw(file)
-        .map(Some)
-        .map_err(io_err("mmap", path))
+    let len = usize::try_from(len).map_err(|_| super::StorageError::InvalidArgument(format!("map of {len} bytes")))?;
+    MmapOptions::new().len(len).map_raw(file).map(Some).map_err(io_err("mmap", path))
 }
 
 /// fsyncs a directory so entries created, renamed or removed in it persist.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", dir))
 }
 
 /// Replaces `path` with `contents` atomically: temp file, fsync, rename,

@@ -25,13 +25,7 @@ struct State {
 impl GroupCommit {
     /// A group commit whose durable offset starts at `durable`.
     pub fn new(durable: u64) -> Self {
-        GroupCommit {
-            state: Mutex::new(State {
-                durable,
-                syncing: false,
-            }),
-            done: Condvar::new(),
-        }
+        GroupCommit { state: Mutex::new(State { durable, syncing: false }), done: Condvar::new() }
     }
 
     /// Offsets below this are durable.
@@ -40,29 +34,20 @@ impl GroupCommit {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Returns once offsets below `target` are durable. `sync` performs one
     /// sync of everything appended so far and returns the offset it made
     /// durable; it runs on at most one thread at a time.
-    pub fn sync_to<E>(
-        &self,
-        target: u64,
-        mut sync: impl FnMut() -> Result<u64, E>,
-    ) -> Result<u64, E> {
+    pub fn sync_to<E>(&self, target: u64, mut sync: impl FnMut() -> Result<u64, E>) -> Result<u64, E> {
         let mut state = self.lock();
         loop {
             if state.durable >= target {
                 return Ok(state.durable);
             }
             if state.syncing {
-                state = self
-                    .done
-                    .wait(state)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                state = self.done.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
                 continue;
             }
             state.syncing = true;
@@ -121,11 +106,7 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(gc.durable(), 400);
-        assert!(
-            syncs.load(Ordering::SeqCst) < 400,
-            "syncs were shared: {}",
-            syncs.load(Ordering::SeqCst)
-        );
+        assert!(syncs.load(Ordering::SeqCst) < 400, "syncs were shared: {}", syncs.load(Ordering::SeqCst));
     }
 
     #[test]

@@ -37,19 +37,10 @@ impl IndexFile {
     /// Opens `path`. With `writable_bytes`, the file is preallocated to that
     /// size for appends; otherwise it is mapped at its length and all of it
     /// is taken as entries.
-    pub(crate) fn open(
-        path: &Path,
-        entry_len: usize,
-        writable_bytes: Option<u64>,
-        keep_entries: bool,
-    ) -> Result<Self> {
+    pub(crate) fn open(path: &Path, entry_len: usize, writable_bytes: Option<u64>, keep_entries: bool) -> Result<Self> {
         let file = open_rw(path)?;
         let file_len = file.metadata().map_err(io_err("stat", path))?.len();
-        let existing = if keep_entries {
-            usize::try_from(file_len).unwrap_or(0) / entry_len
-        } else {
-            0
-        };
+        let existing = if keep_entries { usize::try_from(file_len).unwrap_or(0) / entry_len } else { 0 };
         let map_len = match writable_bytes {
             Some(bytes) => {
                 let bytes = bytes.max(file_len) / entry_len as u64 * entry_len as u64;
@@ -110,11 +101,7 @@ impl IndexFile {
             let map = self.map.as_ref().expect("entries imply a map");
             // SAFETY: the zeroed range [len, self.len) lies inside the mapping.
             unsafe {
-                std::ptr::write_bytes(
-                    map.as_mut_ptr().add(len * self.entry_len),
-                    0,
-                    (self.len - len) * self.entry_len,
-                )
+                std::ptr::write_bytes(map.as_mut_ptr().add(len * self.entry_len), 0, (self.len - len) * self.entry_len)
             };
             self.len = len;
         }
@@ -123,9 +110,7 @@ impl IndexFile {
     /// Shrinks the file to its entries (when the segment closes).
     pub(crate) fn trim(&mut self) -> Result<()> {
         let bytes = (self.len * self.entry_len) as u64;
-        self.file
-            .set_len(bytes)
-            .map_err(io_err("truncate", &self.path))?;
+        self.file.set_len(bytes).map_err(io_err("truncate", &self.path))?;
         self.capacity = self.len;
         Ok(())
     }
@@ -168,8 +153,7 @@ impl OffsetIndex {
 
     /// Adds `offset -> position`. The caller keeps both increasing.
     pub(crate) fn push(&mut self, offset: u64, position: u32) {
-        let rel = u32::try_from(offset - self.base_offset)
-            .expect("segment rolls before relative offsets overflow");
+        let rel = u32::try_from(offset - self.base_offset).expect("segment rolls before relative offsets overflow");
         let mut e = [0u8; Self::ENTRY];
         e[..4].copy_from_slice(&rel.to_be_bytes());
         e[4..].copy_from_slice(&position.to_be_bytes());
@@ -195,9 +179,7 @@ impl OffsetIndex {
 
     /// Drops entries for batches at or after `position`.
     pub(crate) fn truncate_to_position(&mut self, position: u32) {
-        let keep = (0..self.file.len())
-            .take_while(|&i| self.get(i).1 < position)
-            .count();
+        let keep = (0..self.file.len()).take_while(|&i| self.get(i).1 < position).count();
         self.file.truncate_entries(keep);
     }
 
@@ -247,8 +229,7 @@ impl TimeIndex {
         if self.file.is_full() || self.last().is_some_and(|(ts, _)| ts >= timestamp) {
             return;
         }
-        let rel = u32::try_from(offset - self.base_offset)
-            .expect("segment rolls before relative offsets overflow");
+        let rel = u32::try_from(offset - self.base_offset).expect("segment rolls before relative offsets overflow");
         let mut e = [0u8; Self::ENTRY];
         e[..8].copy_from_slice(&timestamp.to_be_bytes());
         e[8..].copy_from_slice(&rel.to_be_bytes());
@@ -272,9 +253,7 @@ impl TimeIndex {
 
     /// Drops entries for offsets at or after `offset`.
     pub(crate) fn truncate_to_offset(&mut self, offset: u64) {
-        let keep = (0..self.file.len())
-            .take_while(|&i| self.get(i).1 < offset)
-            .count();
+        let keep = (0..self.file.len()).take_while(|&i| self.get(i).1 < offset).count();
         self.file.truncate_entries(keep);
     }
 

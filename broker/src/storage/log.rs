@@ -66,8 +66,7 @@ impl SyncPlan {
     /// Returns the offset below which the log is now durable.
     pub fn execute(&self) -> Result<u64> {
         for f in &self.files {
-            f.sync_data()
-                .map_err(io_err("fdatasync", self.dir.clone().unwrap_or_default()))?;
+            f.sync_data().map_err(io_err("fdatasync", self.dir.clone().unwrap_or_default()))?;
         }
         if let Some(dir) = &self.dir {
             sync_dir(dir)?;
@@ -197,10 +196,7 @@ impl Log {
     }
 
     fn sizes(&self) -> SegmentSizes {
-        SegmentSizes {
-            log_bytes: self.config.segment_bytes,
-            index_bytes: self.config.segment_index_bytes,
-        }
+        SegmentSizes { log_bytes: self.config.segment_bytes, index_bytes: self.config.segment_index_bytes }
     }
 
     fn load_segments(&mut self, bases: &[u64]) -> Result<()> {
@@ -212,11 +208,7 @@ impl Log {
             self.segments.insert(self.log_start_offset, segment);
             return Ok(());
         }
-        let revalidate_from = bases
-            .iter()
-            .rposition(|&b| b <= self.recovery_point)
-            .unwrap_or(0)
-            .min(bases.len() - 1);
+        let revalidate_from = bases.iter().rposition(|&b| b <= self.recovery_point).unwrap_or(0).min(bases.len() - 1);
         let mut expected: Option<u64> = None;
         let mut recovering = false;
         for (i, &base) in bases.iter().enumerate() {
@@ -273,17 +265,11 @@ impl Log {
     }
 
     fn active(&self) -> &Segment {
-        self.segments
-            .values()
-            .next_back()
-            .expect("a log always has an active segment")
+        self.segments.values().next_back().expect("a log always has an active segment")
     }
 
     fn active_mut(&mut self) -> &mut Segment {
-        self.segments
-            .values_mut()
-            .next_back()
-            .expect("a log always has an active segment")
+        self.segments.values_mut().next_back().expect("a log always has an active segment")
     }
 
     /// The directory of this log.
@@ -324,11 +310,7 @@ impl Log {
 
     /// Moves the high watermark; it stays within `[log_start, log_end]`.
     pub fn set_high_watermark(&mut self, hw: u64) {
-        debug_assert!(
-            hw <= self.log_end_offset(),
-            "hw {hw} beyond leo {}",
-            self.log_end_offset()
-        );
+        debug_assert!(hw <= self.log_end_offset(), "hw {hw} beyond leo {}", self.log_end_offset());
         self.high_watermark = hw.clamp(self.log_start_offset, self.log_end_offset());
     }
 
@@ -357,8 +339,8 @@ impl Log {
     /// re-encoding). On error the log is unchanged.
     pub fn append(&mut self, batch: &RecordBatch, leader_epoch: u32) -> Result<AppendInfo> {
         let base = self.log_end_offset();
-        let epoch = i32::try_from(leader_epoch)
-            .map_err(|_| StorageError::InvalidArgument("leader epoch too large".into()))?;
+        let epoch =
+            i32::try_from(leader_epoch).map_err(|_| StorageError::InvalidArgument("leader epoch too large".into()))?;
         self.append_at(batch, base, epoch)
     }
 
@@ -368,10 +350,7 @@ impl Log {
         let h = batch.header();
         let leo = self.log_end_offset();
         if h.base_offset() != leo as i64 {
-            return Err(StorageError::NonContiguousOffset {
-                expected: leo,
-                got: h.base_offset() as u64,
-            });
+            return Err(StorageError::NonContiguousOffset { expected: leo, got: h.base_offset() as u64 });
         }
         self.append_at(batch, leo, h.partition_leader_epoch())
     }
@@ -381,17 +360,13 @@ impl Log {
         let last = base + u64::try_from(batch.header().last_offset_delta()).unwrap_or(0);
         self.make_room(len, last)?;
         let interval = self.config.index_interval_bytes;
-        self.active_mut().append(batch, base, epoch, interval);
+        self.active_mut().append(batch, base, epoch, interval)?;
         if epoch >= 0 && self.leader_epochs.assign(epoch as u32, base) {
             self.checkpoints().write_leader_epochs(&self.dir)?;
         }
         let leo = self.log_end_offset();
         debug_assert_eq!(leo, last + 1);
-        Ok(AppendInfo {
-            base_offset: base,
-            last_offset: last,
-            log_end_offset: leo,
-        })
+        Ok(AppendInfo { base_offset: base, last_offset: last, log_end_offset: leo })
     }
 
     /// Rolls if the batch does not fit or the segment is old, and grows an
@@ -442,19 +417,11 @@ impl Log {
             });
         }
         let upper = upper.min(leo);
-        let mut out = ReadResult {
-            chunks: Vec::new(),
-            next_offset: offset,
-            bytes: 0,
-        };
+        let mut out = ReadResult { chunks: Vec::new(), next_offset: offset, bytes: 0 };
         if offset >= upper {
             return Ok(out);
         }
-        let floor = self
-            .segments
-            .range(..=offset)
-            .next_back()
-            .map_or(0, |(b, _)| *b);
+        let floor = self.segments.range(..=offset).next_back().map_or(0, |(b, _)| *b);
         for segment in self.segments.range(floor..).map(|(_, s)| s) {
             let position = if out.chunks.is_empty() {
                 match segment.find_position(offset)? {
@@ -465,13 +432,8 @@ impl Log {
                 0
             };
             let budget = max_bytes.saturating_sub(out.bytes);
-            let taken = segment.read_from(
-                position,
-                budget,
-                upper,
-                out.chunks.is_empty(),
-                self.config.verify_on_read,
-            )?;
+            let taken =
+                segment.read_from(position, budget, upper, out.chunks.is_empty(), self.config.verify_on_read)?;
             let Some((bytes, next)) = taken else { break };
             out.bytes += bytes.len() as u64;
             out.next_offset = next;
@@ -489,8 +451,7 @@ impl Log {
         for segment in self.segments.values() {
             if segment.max_timestamp().is_some_and(|m| m >= timestamp)
                 && segment.next_offset() > self.log_start_offset
-                && let Some(found) =
-                    segment.offset_for_timestamp(timestamp, self.log_start_offset)?
+                && let Some(found) = segment.offset_for_timestamp(timestamp, self.log_start_offset)?
             {
                 return Ok(Some(found));
             }
@@ -517,15 +478,8 @@ impl Log {
             self.recovery_point = offset;
             Checkpoints::write_recovery_point(&self.dir, offset)?;
         }
-        let floor = *self
-            .segments
-            .range(..=offset)
-            .next_back()
-            .expect("offset >= log start")
-            .0;
-        let cut_base = self.segments[&floor]
-            .batch_base_holding(offset)?
-            .unwrap_or(offset);
+        let floor = *self.segments.range(..=offset).next_back().expect("offset >= log start").0;
+        let cut_base = self.segments[&floor].batch_base_holding(offset)?.unwrap_or(offset);
         if cut_base < self.log_start_offset {
             // The batch to cut also holds the log start: nothing readable remains.
             return self.truncate_fully_and_start_at(self.log_start_offset);
@@ -537,10 +491,7 @@ impl Log {
         }
         let later: Vec<u64> = self.segments.range(floor + 1..).map(|(b, _)| *b).collect();
         if !later.is_empty() {
-            self.segments
-                .get_mut(&floor)
-                .expect("floor exists")
-                .make_active(sizes)?;
+            self.segments.get_mut(&floor).expect("floor exists").make_active(sizes)?;
             for base in later {
                 let segment = self.segments.remove(&base).expect("listed");
                 segment.delete()?;
@@ -612,20 +563,14 @@ impl Log {
     /// Only segments below the high watermark go; the active one never does.
     pub fn enforce_retention(&mut self) -> Result<RetentionOutcome> {
         let now = self.clock.now_ms();
-        let (retention_ms, retention_bytes) =
-            (self.config.retention_ms, self.config.retention_bytes);
+        let (retention_ms, retention_bytes) = (self.config.retention_ms, self.config.retention_bytes);
         let mut total = self.size_bytes();
         let outcome = self.delete_segments_while(|log, first| {
-            let expired = retention_ms.is_some_and(|r| {
-                first
-                    .max_timestamp()
-                    .is_some_and(|m| now.saturating_sub(m) > r)
-            });
-            let oversized =
-                retention_bytes.is_some_and(|r| total.saturating_sub(first.size()) >= r);
+            let expired =
+                retention_ms.is_some_and(|r| first.max_timestamp().is_some_and(|m| now.saturating_sub(m) > r));
+            let oversized = retention_bytes.is_some_and(|r| total.saturating_sub(first.size()) >= r);
             let below_start = first.next_offset() <= log.log_start_offset;
-            let deletable =
-                (expired || oversized || below_start) && first.next_offset() <= log.high_watermark;
+            let deletable = (expired || oversized || below_start) && first.next_offset() <= log.high_watermark;
             if deletable {
                 total -= first.size();
             }
@@ -637,20 +582,14 @@ impl Log {
                 self.log_start_offset = first_base;
                 Checkpoints::write_log_start(&self.dir, first_base)?;
             }
-            if self
-                .leader_epochs
-                .truncate_from_start(self.log_start_offset)
-            {
+            if self.leader_epochs.truncate_from_start(self.log_start_offset) {
                 self.checkpoints().write_leader_epochs(&self.dir)?;
             }
         }
         Ok(outcome)
     }
 
-    fn delete_segments_while(
-        &mut self,
-        mut pred: impl FnMut(&Log, &Segment) -> bool,
-    ) -> Result<RetentionOutcome> {
+    fn delete_segments_while(&mut self, mut pred: impl FnMut(&Log, &Segment) -> bool) -> Result<RetentionOutcome> {
         let mut outcome = RetentionOutcome::default();
         while self.segments.len() > 1 {
             let first = self.segments.values().next().expect("len > 1");
@@ -668,19 +607,13 @@ impl Log {
 
     /// What a sync right now would cover. Cheap; does no I/O.
     pub fn sync_plan(&self) -> SyncPlan {
-        let mut files: Vec<Arc<File>> = self
-            .unsynced
-            .iter()
-            .flat_map(|(_, f)| f.iter().cloned())
-            .collect();
-        files.extend(self.active().files());
+        // Closed segments are synced whole; of the active segment only the
+        // `.log`: its indexes are rebuilt by recovery, which always re-reads
+        // the last segment.
+        let mut files: Vec<Arc<File>> = self.unsynced.iter().flat_map(|(_, f)| f.iter().cloned()).collect();
+        files.push(self.active().log_file().clone());
         let dir = (self.dir_generation > self.synced_dir_generation).then(|| self.dir.clone());
-        SyncPlan {
-            files,
-            dir,
-            dir_generation: self.dir_generation,
-            up_to: self.log_end_offset(),
-        }
+        SyncPlan { files, dir, dir_generation: self.dir_generation, up_to: self.log_end_offset() }
     }
 
     /// Records that `plan` ran: offsets below its `up_to` are durable.
@@ -706,8 +639,7 @@ impl Log {
         match self.config.flush {
             FlushPolicy::IntervalMs(ms) => {
                 self.recovery_point < self.log_end_offset()
-                    && self.clock.now_ms().saturating_sub(self.last_flush_ms)
-                        >= i64::try_from(ms).unwrap_or(i64::MAX)
+                    && self.clock.now_ms().saturating_sub(self.last_flush_ms) >= i64::try_from(ms).unwrap_or(i64::MAX)
             }
             FlushPolicy::Always | FlushPolicy::Os => false,
         }

@@ -24,20 +24,9 @@ fn tiny_config() -> LogConfig {
 fn batch(values: &[&[u8]], ts: i64) -> RecordBatch {
     let mut b = BatchBuilder::new();
     for (i, v) in values.iter().enumerate() {
-        b.push(&RecordRef {
-            timestamp: ts + i as i64,
-            key: None,
-            value: Some(v),
-            headers: &[],
-        });
+        b.push(&RecordRef { timestamp: ts + i as i64, key: None, value: Some(v), headers: &[] });
     }
-    RecordBatch::validate(
-        b.finish(),
-        &BatchLimits {
-            max_batch_bytes: usize::MAX,
-        },
-    )
-    .unwrap()
+    RecordBatch::validate(b.finish(), &BatchLimits { max_batch_bytes: usize::MAX }).unwrap()
 }
 
 fn value_for(offset: u64) -> Vec<u8> {
@@ -97,11 +86,7 @@ fn appends_read_back_across_segments_and_reopen() {
     let mut log = open(dir.path());
     fill(&mut log, 60, 3);
     assert_eq!(log.log_end_offset(), 180);
-    assert!(
-        log.segment_count() > 5,
-        "tiny segments roll: {}",
-        log.segment_count()
-    );
+    assert!(log.segment_count() > 5, "tiny segments roll: {}", log.segment_count());
     let all = read_all(&log, 0);
     assert_eq!(all.len(), 180);
     assert!(all.iter().all(|(o, v)| *v == value_for(*o)));
@@ -126,19 +111,12 @@ fn reads_respect_max_bytes_and_upper_bound() {
     let one = log.read(0, 1, u64::MAX).unwrap();
     assert_eq!(one.next_offset, 2, "one oversized batch still comes back");
     let below_hw = log.read(0, 1 << 20, 5).unwrap();
-    assert_eq!(
-        below_hw.next_offset, 4,
-        "batch 4..5 reaches the bound and is left out"
-    );
+    assert_eq!(below_hw.next_offset, 4, "batch 4..5 reaches the bound and is left out");
     let at_end = log.read(20, 100, u64::MAX).unwrap();
     assert!(at_end.chunks.is_empty());
     assert!(matches!(
         log.read(21, 100, u64::MAX),
-        Err(StorageError::OffsetOutOfRange {
-            requested: 21,
-            log_start: 0,
-            log_end: 20
-        })
+        Err(StorageError::OffsetOutOfRange { requested: 21, log_start: 0, log_end: 20 })
     ));
 }
 
@@ -148,10 +126,7 @@ fn offset_for_timestamp_finds_the_first_record_at_or_after() {
     let mut log = open(dir.path());
     fill(&mut log, 40, 3);
     for target in [0u64, 1, 2, 59, 60, 100, 119] {
-        assert_eq!(
-            log.offset_for_timestamp(1000 + target as i64).unwrap(),
-            Some((target, 1000 + target as i64))
-        );
+        assert_eq!(log.offset_for_timestamp(1000 + target as i64).unwrap(), Some((target, 1000 + target as i64)));
     }
     assert_eq!(log.offset_for_timestamp(0).unwrap(), Some((0, 1000)));
     assert_eq!(log.offset_for_timestamp(5000).unwrap(), None);
@@ -171,19 +146,12 @@ fn retention_by_bytes_deletes_whole_old_segments_only() {
     let outcome = log.enforce_retention().unwrap();
     assert!(outcome.segments_deleted > 0);
     assert_eq!(log.segment_count(), before - outcome.segments_deleted);
-    assert!(
-        log.size_bytes() >= 3000 - 1024 && log.size_bytes() <= 3000 + 1024,
-        "size {}",
-        log.size_bytes()
-    );
+    assert!(log.size_bytes() >= 3000 - 1024 && log.size_bytes() <= 3000 + 1024, "size {}", log.size_bytes());
     let start = log.log_start_offset();
     let remaining = read_all(&log, start);
     assert_eq!(remaining.first().unwrap().0, start);
     assert_eq!(remaining.last().unwrap().0, 159);
-    assert!(matches!(
-        log.read(0, 100, u64::MAX),
-        Err(StorageError::OffsetOutOfRange { .. })
-    ));
+    assert!(matches!(log.read(0, 100, u64::MAX), Err(StorageError::OffsetOutOfRange { .. })));
     log.close().unwrap();
     assert_eq!(open(dir.path()).log_start_offset(), start);
 }
@@ -210,10 +178,7 @@ fn retention_by_time_uses_the_newest_record_and_keeps_the_active_segment() {
     assert_eq!(deleted, before - 1);
     assert_eq!(log.segment_count(), 1, "only the active segment remains");
     let start = log.log_start_offset();
-    assert_eq!(
-        read_all(&log, start).len() as u64,
-        log.log_end_offset() - start
-    );
+    assert_eq!(read_all(&log, start).len() as u64, log.log_end_offset() - start);
 }
 
 #[test]
@@ -237,11 +202,7 @@ fn truncation_removes_whole_batches_and_they_never_come_back() {
     let mut log = open(dir.path());
     fill(&mut log, 50, 2);
     log.flush().unwrap();
-    assert_eq!(
-        log.truncate_to(31).unwrap(),
-        30,
-        "the batch holding 31 starts at 30"
-    );
+    assert_eq!(log.truncate_to(31).unwrap(), 30, "the batch holding 31 starts at 30");
     assert_eq!(log.log_end_offset(), 30);
     assert_eq!(log.recovery_point(), 30);
     // A shorter batch after the cut leaves old bytes behind it zeroed.
@@ -261,14 +222,8 @@ fn delete_records_before_moves_the_log_start() {
     log.delete_records_before(55).unwrap();
     assert_eq!(log.log_start_offset(), 55);
     assert_eq!(read_all(&log, 55).len(), 45);
-    assert!(matches!(
-        log.read(54, 10, u64::MAX),
-        Err(StorageError::OffsetOutOfRange { log_start: 55, .. })
-    ));
-    assert!(
-        log.delete_records_before(101).is_err(),
-        "cannot pass the high watermark"
-    );
+    assert!(matches!(log.read(54, 10, u64::MAX), Err(StorageError::OffsetOutOfRange { log_start: 55, .. })));
+    assert!(log.delete_records_before(101).is_err(), "cannot pass the high watermark");
     drop(log);
     assert_eq!(open(dir.path()).log_start_offset(), 55);
 }
@@ -304,11 +259,7 @@ fn stray_files_from_interrupted_work_are_removed() {
     }
     let log = open(dir.path());
     assert_eq!(log.log_end_offset(), 5);
-    for name in [
-        "00000000000000000099.index",
-        "recovery-point-checkpoint.tmp",
-        "00000000000000000000.log.deleted",
-    ] {
+    for name in ["00000000000000000099.index", "recovery-point-checkpoint.tmp", "00000000000000000000.log.deleted"] {
         assert!(!dir.path().join(name).exists(), "{name} removed");
     }
 }
@@ -370,11 +321,7 @@ fn recovery_cuts_a_torn_last_batch_at_every_byte() {
         assert_eq!(log.log_end_offset(), last_base + 1);
         drop(log);
         let log = reopen_tail_config(dir.path());
-        assert_eq!(
-            log.log_end_offset(),
-            last_base + 1,
-            "appends after recovery survive reopen (cut {cut})"
-        );
+        assert_eq!(log.log_end_offset(), last_base + 1, "appends after recovery survive reopen (cut {cut})");
     }
 }
 
@@ -414,18 +361,12 @@ fn recovery_cuts_at_a_flipped_byte_and_keeps_the_valid_prefix() {
         if in_uncovered_bytes {
             // baseOffset or leader epoch: the CRC does not cover them, but a
             // changed base offset breaks contiguity, which recovery checks.
-            assert!(
-                log.log_end_offset() == valid_end_offset || log.log_end_offset() == 36,
-                "flip at {at}"
-            );
+            assert!(log.log_end_offset() == valid_end_offset || log.log_end_offset() == 36, "flip at {at}");
         } else {
             assert_eq!(log.log_end_offset(), valid_end_offset, "flip at byte {at}");
         }
         let readable = read_all(&log, 0);
-        assert!(
-            readable.iter().all(|(o, v)| *v == value_for(*o)),
-            "never serves a corrupt byte (flip at {at})"
-        );
+        assert!(readable.iter().all(|(o, v)| *v == value_for(*o)), "never serves a corrupt byte (flip at {at})");
     }
 }
 
@@ -440,10 +381,7 @@ fn corruption_found_at_read_time_is_an_error_not_data() {
     let first_len = tally_proto::batch::batch_size_at(&data).unwrap();
     data[first_len - 1] ^= 0xff;
     std::fs::write(&path, &data).unwrap();
-    assert!(matches!(
-        log.read(0, 1 << 20, u64::MAX),
-        Err(StorageError::Corrupt { position: 0, .. })
-    ));
+    assert!(matches!(log.read(0, 1 << 20, u64::MAX), Err(StorageError::Corrupt { position: 0, .. })));
 }
 
 #[test]
@@ -476,18 +414,9 @@ fn replica_appends_keep_the_leaders_offsets_and_epochs() {
         }
     }
     assert_eq!(follower.log_end_offset(), 3);
-    assert_eq!(
-        follower.leader_epochs().entries(),
-        leader.leader_epochs().entries()
-    );
+    assert_eq!(follower.leader_epochs().entries(), leader.leader_epochs().entries());
     let stale = batch(&[b"x"], 1);
-    assert!(matches!(
-        follower.append_replica(&stale),
-        Err(StorageError::NonContiguousOffset {
-            expected: 3,
-            got: 0
-        })
-    ));
+    assert!(matches!(follower.append_replica(&stale), Err(StorageError::NonContiguousOffset { expected: 3, got: 0 })));
 }
 
 #[derive(Debug, Clone)]

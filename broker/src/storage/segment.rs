@@ -67,12 +67,7 @@ pub(crate) struct Segment {
 
 impl Segment {
     /// Creates an empty active segment at `base_offset`.
-    pub(crate) fn create(
-        dir: &Path,
-        base_offset: u64,
-        sizes: SegmentSizes,
-        now_ms: i64,
-    ) -> Result<Segment> {
+    pub(crate) fn create(dir: &Path, base_offset: u64, sizes: SegmentSizes, now_ms: i64) -> Result<Segment> {
         let path = dir.join(file_name(base_offset, "log"));
         let result = Self::create_files(dir, &path, base_offset, sizes, now_ms);
         if result.is_err() {
@@ -84,19 +79,12 @@ impl Segment {
         result
     }
 
-    fn create_files(
-        dir: &Path,
-        path: &Path,
-        base_offset: u64,
-        sizes: SegmentSizes,
-        now_ms: i64,
-    ) -> Result<Segment> {
+    fn create_files(dir: &Path, path: &Path, base_offset: u64, sizes: SegmentSizes, now_ms: i64) -> Result<Segment> {
         let file = open_rw(path)?;
         file.set_len(0).map_err(io_err("truncate", path))?;
         preallocate(&file, sizes.log_bytes, path)?;
         let map = map(&file, sizes.log_bytes, path)?.map(Arc::new);
-        let (offset_index, time_index) =
-            open_indexes(dir, base_offset, Some(sizes.index_bytes), false)?;
+        let (offset_index, time_index) = open_indexes(dir, base_offset, Some(sizes.index_bytes), false)?;
         Ok(Segment {
             base_offset,
             path: path.to_path_buf(),
@@ -118,12 +106,7 @@ impl Segment {
     /// trusted yet: call [`Segment::load_trusted`] (with `recover_index_bytes`
     /// `None`: the index files are read as they are) or [`Segment::recover`]
     /// (with `Some`: the indexes get room to be rebuilt).
-    pub(crate) fn open(
-        dir: &Path,
-        base_offset: u64,
-        now_ms: i64,
-        recover_index_bytes: Option<u64>,
-    ) -> Result<Segment> {
+    pub(crate) fn open(dir: &Path, base_offset: u64, now_ms: i64, recover_index_bytes: Option<u64>) -> Result<Segment> {
         let path = dir.join(file_name(base_offset, "log"));
         let file = open_rw(&path)?;
         let len = file.metadata().map_err(io_err("stat", &path))?.len();
@@ -165,12 +148,13 @@ impl Segment {
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
+    /// The `.log` file.
+    pub(crate) fn log_file(&self) -> &Arc<File> {
+        &self.file
+    }
+
     pub(crate) fn files(&self) -> [Arc<File>; 3] {
-        [
-            self.file.clone(),
-            self.offset_index.file.file().clone(),
-            self.time_index.file.file().clone(),
-        ]
+        [self.file.clone(), self.offset_index.file.file().clone(), self.time_index.file.file().clone()]
     }
 
     /// True when `len` more bytes or another index entry may not fit.
@@ -185,9 +169,7 @@ impl Segment {
         debug_assert!(position + len <= self.size.max(self.capacity));
         match &self.map {
             // SAFETY: callers stay inside the mapping (see debug_assert).
-            Some(m) => unsafe {
-                std::slice::from_raw_parts(m.as_ptr().add(position as usize), len as usize)
-            },
+            Some(m) => unsafe { std::slice::from_raw_parts(m.as_ptr().add(position as usize), len as usize) },
             None => &[],
         }
     }
@@ -197,10 +179,7 @@ impl Segment {
         debug_assert!(position + len <= self.size);
         match &self.map {
             Some(m) => {
-                let owner = MapSlice {
-                    map: m.clone(),
-                    len: (position + len) as usize,
-                };
+                let owner = MapSlice { map: m.clone(), len: (position + len) as usize };
                 Bytes::from_owner(owner).slice(position as usize..)
             }
             None => Bytes::new(),
@@ -215,9 +194,7 @@ impl Segment {
         }
         let header = BatchHeader::new(self.bytes(position, HEADER_LEN as u64)).ok()?;
         let total = header.total_size();
-        let fits = total >= HEADER_LEN as i64
-            && position + total as u64 <= limit
-            && header.magic() == batch::MAGIC;
+        let fits = total >= HEADER_LEN as i64 && position + total as u64 <= limit && header.magic() == batch::MAGIC;
         fits.then(|| HeaderInfo {
             base_offset: header.base_offset(),
             last_offset: header.last_offset(),
@@ -227,57 +204,34 @@ impl Segment {
     }
 
     /// Writes `batch` at the end with `base_offset` and `epoch` patched in.
-    pub(crate) fn append(
-        &mut self,
-        batch: &RecordBatch,
-        base_offset: u64,
-        epoch: i32,
-        interval: u64,
-    ) {
+    /// The write goes through the page cache with one `pwritev` (the patched
+    /// header from the stack, the rest from the batch), so a full disk is an
+    /// error, never a SIGBUS, and readers of the shared map see the bytes.
+    pub(crate) fn append(&mut self, batch: &RecordBatch, base_offset: u64, epoch: i32, interval: u64) -> Result<()> {
         let len = batch.len() as u64;
         debug_assert!(self.size + len <= self.capacity);
-        let map = self.map.as_ref().expect("an active segment is mapped");
         let position = self.size;
-        // SAFETY: [position, position + len) lies inside the mapping (checked
-        // by the caller through is_full_for); readers never look at or past
-        // `size`, which moves only after the copy.
-        unsafe {
-            let dst = map.as_mut_ptr().add(position as usize);
-            std::ptr::copy_nonoverlapping(batch.bytes().as_ptr(), dst, batch.len());
-            let head = std::slice::from_raw_parts_mut(dst, HEADER_LEN);
-            batch::set_base_offset(head, base_offset as i64);
-            batch::set_partition_leader_epoch(head, epoch);
-        }
+        let bytes = batch.bytes();
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&bytes[..HEADER_LEN]);
+        batch::set_base_offset(&mut header, base_offset as i64);
+        batch::set_partition_leader_epoch(&mut header, epoch);
+        pwrite_all(&self.file, &[&header, &bytes[HEADER_LEN..]], position).map_err(io_err("write", &self.path))?;
         let h = batch.header();
         let last_offset = base_offset + h.last_offset_delta() as u64;
-        self.track(
-            position,
-            len,
-            base_offset,
-            last_offset,
-            h.max_timestamp(),
-            interval,
-        );
+        self.track(position, len, base_offset, last_offset, h.max_timestamp(), interval);
+        Ok(())
     }
 
     /// Index and timestamp bookkeeping for a batch now at `position`.
-    fn track(
-        &mut self,
-        position: u64,
-        len: u64,
-        base_offset: u64,
-        last_offset: u64,
-        max_ts: i64,
-        interval: u64,
-    ) {
+    fn track(&mut self, position: u64, len: u64, base_offset: u64, last_offset: u64, max_ts: i64, interval: u64) {
         if max_ts > self.max_timestamp {
             self.max_timestamp = max_ts;
             self.offset_of_max_timestamp = last_offset;
         }
         if self.bytes_since_index >= interval && !self.offset_index.file.is_full() {
             self.offset_index.push(base_offset, position as u32);
-            self.time_index
-                .maybe_push(self.max_timestamp, self.offset_of_max_timestamp);
+            self.time_index.maybe_push(self.max_timestamp, self.offset_of_max_timestamp);
             self.bytes_since_index = 0;
         }
         self.bytes_since_index += len;
@@ -290,9 +244,7 @@ impl Segment {
     pub(crate) fn find_position(&self, offset: u64) -> Result<Option<u64>> {
         let mut position = u64::from(self.offset_index.lookup(offset));
         while position < self.size {
-            let header = self
-                .header_at(position, self.size)
-                .ok_or_else(|| self.corrupt_header(position))?;
+            let header = self.header_at(position, self.size).ok_or_else(|| self.corrupt_header(position))?;
             if header.last_offset() >= offset as i64 {
                 return Ok(Some(position));
             }
@@ -306,9 +258,7 @@ impl Segment {
         let Some(position) = self.find_position(offset)? else {
             return Ok(None);
         };
-        let h = self
-            .header_at(position, self.size)
-            .ok_or_else(|| self.corrupt_header(position))?;
+        let h = self.header_at(position, self.size).ok_or_else(|| self.corrupt_header(position))?;
         Ok(Some(h.base_offset() as u64))
     }
 
@@ -317,10 +267,7 @@ impl Segment {
         StorageError::Corrupt {
             path: self.path.clone(),
             position,
-            reason: BatchError::Truncated {
-                needed: HEADER_LEN,
-                available,
-            },
+            reason: BatchError::Truncated { needed: HEADER_LEN, available },
         }
     }
 
@@ -339,9 +286,7 @@ impl Segment {
         let mut end = position;
         let mut next = None;
         while end < self.size {
-            let header = self
-                .header_at(end, self.size)
-                .ok_or_else(|| self.corrupt_header(end))?;
+            let header = self.header_at(end, self.size).ok_or_else(|| self.corrupt_header(end))?;
             if header.last_offset() as u64 >= upper {
                 break;
             }
@@ -374,32 +319,17 @@ impl Segment {
     }
 
     /// First record offset at or after `timestamp` with its timestamp.
-    pub(crate) fn offset_for_timestamp(
-        &self,
-        timestamp: i64,
-        from_offset: u64,
-    ) -> Result<Option<(u64, i64)>> {
-        let start = self
-            .time_index
-            .last_offset_older_than(timestamp)
-            .map_or(from_offset, |o| (o + 1).max(from_offset));
+    pub(crate) fn offset_for_timestamp(&self, timestamp: i64, from_offset: u64) -> Result<Option<(u64, i64)>> {
+        let start = self.time_index.last_offset_older_than(timestamp).map_or(from_offset, |o| (o + 1).max(from_offset));
         let Some(mut position) = self.find_position(start)? else {
             return Ok(None);
         };
         while position < self.size {
-            let header = self
-                .header_at(position, self.size)
-                .ok_or_else(|| self.corrupt_header(position))?;
+            let header = self.header_at(position, self.size).ok_or_else(|| self.corrupt_header(position))?;
             let total = header.total_size() as u64;
             if header.max_timestamp() >= timestamp && header.last_offset() >= start as i64 {
-                let batch =
-                    RecordBatch::check_framing(self.slice(position, total)).map_err(|reason| {
-                        StorageError::Corrupt {
-                            path: self.path.clone(),
-                            position,
-                            reason,
-                        }
-                    })?;
+                let batch = RecordBatch::check_framing(self.slice(position, total))
+                    .map_err(|reason| StorageError::Corrupt { path: self.path.clone(), position, reason })?;
                 let compressed_or_append_time =
                     batch.header().compression() != 0 || batch.header().is_log_append_time();
                 if compressed_or_append_time {
@@ -412,11 +342,8 @@ impl Segment {
                     reason,
                 })?;
                 for record in records {
-                    let record = record.map_err(|reason| StorageError::Corrupt {
-                        path: self.path.clone(),
-                        position,
-                        reason,
-                    })?;
+                    let record =
+                        record.map_err(|reason| StorageError::Corrupt { path: self.path.clone(), position, reason })?;
                     if record.timestamp >= timestamp && record.offset as u64 >= start {
                         return Ok(Some((record.offset as u64, record.timestamp)));
                     }
@@ -440,11 +367,7 @@ impl Segment {
         if let Some(map) = &self.map {
             // SAFETY: [position, size) lies inside the mapping.
             unsafe {
-                std::ptr::write_bytes(
-                    map.as_mut_ptr().add(position as usize),
-                    0,
-                    (self.size - position) as usize,
-                )
+                std::ptr::write_bytes(map.as_mut_ptr().add(position as usize), 0, (self.size - position) as usize)
             };
         }
         self.size = position;
@@ -460,9 +383,7 @@ impl Segment {
         self.offset_of_max_timestamp = self.base_offset;
         let mut position = 0;
         while position < self.size {
-            let h = self
-                .header_at(position, self.size)
-                .ok_or_else(|| self.corrupt_header(position))?;
+            let h = self.header_at(position, self.size).ok_or_else(|| self.corrupt_header(position))?;
             if h.max_timestamp() > self.max_timestamp {
                 self.max_timestamp = h.max_timestamp();
                 self.offset_of_max_timestamp = h.last_offset() as u64;
@@ -491,14 +412,7 @@ impl Segment {
             if !index_ok {
                 let last = h.last_offset() as u64;
                 self.size = position;
-                self.track(
-                    position,
-                    total,
-                    h.base_offset() as u64,
-                    last,
-                    h.max_timestamp(),
-                    interval,
-                );
+                self.track(position, total, h.base_offset() as u64, last, h.max_timestamp(), interval);
             }
             next = h.next_offset() as u64;
             position += total;
@@ -510,9 +424,7 @@ impl Segment {
         }
         self.recompute_max_timestamp_from_time_index()?;
         if self.size < file_len {
-            self.file
-                .set_len(self.size)
-                .map_err(io_err("truncate", &self.path))?;
+            self.file.set_len(self.size).map_err(io_err("truncate", &self.path))?;
             self.capacity = self.size;
         }
         Ok(())
@@ -567,10 +479,7 @@ impl Segment {
             let Ok(h) = batch::check_framing_slice(self.bytes(position, total)) else {
                 break;
             };
-            if h.base_offset() != expected as i64
-                || h.last_offset_delta() < 0
-                || h.record_count() <= 0
-            {
+            if h.base_offset() != expected as i64 || h.last_offset_delta() < 0 || h.record_count() <= 0 {
                 break;
             }
             let epoch = h.partition_leader_epoch();
@@ -582,23 +491,14 @@ impl Segment {
             expected = last + 1;
             position += total;
         }
-        let zero_tail = !check_tail
-            || self
-                .bytes(position, file_len - position)
-                .iter()
-                .all(|&b| b == 0);
+        let zero_tail = !check_tail || self.bytes(position, file_len - position).iter().all(|&b| b == 0);
         let cut_bytes = file_len - position;
         if cut_bytes > 0 {
-            self.file
-                .set_len(position)
-                .map_err(io_err("truncate", &self.path))?;
+            self.file.set_len(position).map_err(io_err("truncate", &self.path))?;
             self.map = map(&self.file, position, &self.path)?.map(Arc::new);
             self.capacity = position;
         }
-        Ok(Recovered {
-            cut_bytes,
-            zero_tail,
-        })
+        Ok(Recovered { cut_bytes, zero_tail })
     }
 
     /// Makes this the active segment: preallocates room for appends and maps it.
@@ -611,12 +511,12 @@ impl Segment {
         self.map = map(&self.file, capacity, &self.path)?.map(Arc::new);
         self.capacity = capacity;
         let entries = sizes.index_bytes;
-        self.offset_index.file.make_writable(
-            entries.max((self.offset_index.file.len() * OffsetIndex::ENTRY) as u64 + 8 * 64),
-        )?;
-        self.time_index.file.make_writable(
-            entries.max((self.time_index.file.len() * TimeIndex::ENTRY) as u64 + 12 * 64),
-        )?;
+        self.offset_index
+            .file
+            .make_writable(entries.max((self.offset_index.file.len() * OffsetIndex::ENTRY) as u64 + 8 * 64))?;
+        self.time_index
+            .file
+            .make_writable(entries.max((self.time_index.file.len() * TimeIndex::ENTRY) as u64 + 12 * 64))?;
         Ok(())
     }
 
@@ -634,12 +534,9 @@ impl Segment {
     /// to their contents.
     pub(crate) fn close(&mut self) -> Result<()> {
         if self.max_timestamp != i64::MIN {
-            self.time_index
-                .maybe_push(self.max_timestamp, self.offset_of_max_timestamp);
+            self.time_index.maybe_push(self.max_timestamp, self.offset_of_max_timestamp);
         }
-        self.file
-            .set_len(self.size)
-            .map_err(io_err("truncate", &self.path))?;
+        self.file.set_len(self.size).map_err(io_err("truncate", &self.path))?;
         self.capacity = self.size;
         self.offset_index.file.trim()?;
         self.time_index.file.trim()?;
@@ -681,6 +578,44 @@ impl HeaderInfo {
     }
 }
 
+/// Writes all of `parts` at `position` with `pwritev`, resuming after short
+/// writes and retrying interrupted ones.
+fn pwrite_all(file: &File, parts: &[&[u8]; 2], position: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut done = 0usize;
+    while done < total {
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
+        let mut n = 0;
+        let mut skip = done;
+        for p in parts {
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            iov[n] = libc::iovec { iov_base: p[skip..].as_ptr() as *mut libc::c_void, iov_len: p.len() - skip };
+            skip = 0;
+            n += 1;
+        }
+        let offset = libc::off_t::try_from(position + done as u64)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: the iovecs point into slices that outlive the call.
+        let written = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), n as libc::c_int, offset) };
+        if written < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if written == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+        }
+        done += written as usize;
+    }
+    Ok(())
+}
+
 /// What [`Segment::recover`] found.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Recovered {
@@ -695,24 +630,9 @@ fn batch_size_at_checked(head: &[u8], available: u64) -> Option<u64> {
     (total >= HEADER_LEN as u64 && total <= available).then_some(total)
 }
 
-fn open_indexes(
-    dir: &Path,
-    base: u64,
-    writable: Option<u64>,
-    keep: bool,
-) -> Result<(OffsetIndex, TimeIndex)> {
-    let oi = IndexFile::open(
-        &dir.join(file_name(base, "index")),
-        OffsetIndex::ENTRY,
-        writable,
-        keep,
-    )?;
-    let ti = IndexFile::open(
-        &dir.join(file_name(base, "timeindex")),
-        TimeIndex::ENTRY,
-        writable,
-        keep,
-    )?;
+fn open_indexes(dir: &Path, base: u64, writable: Option<u64>, keep: bool) -> Result<(OffsetIndex, TimeIndex)> {
+    let oi = IndexFile::open(&dir.join(file_name(base, "index")), OffsetIndex::ENTRY, writable, keep)?;
+    let ti = IndexFile::open(&dir.join(file_name(base, "timeindex")), TimeIndex::ENTRY, writable, keep)?;
     Ok((OffsetIndex::new(oi, base), TimeIndex::new(ti, base)))
 }
 
@@ -766,14 +686,7 @@ pub fn scan_segment_file(path: &Path) -> Result<Vec<SegmentBatch>> {
         };
         let total = header.total_size();
         if total < HEADER_LEN as i64 || total as usize > rest.len() {
-            out.push(broken(
-                position,
-                rest.len(),
-                BatchError::LengthMismatch {
-                    declared: total,
-                    actual: rest.len(),
-                },
-            ));
+            out.push(broken(position, rest.len(), BatchError::LengthMismatch { declared: total, actual: rest.len() }));
             break;
         }
         let bytes = data.slice(position..position + total as usize);

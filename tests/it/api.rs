@@ -1,0 +1,330 @@
+//! The broker's API through the client crate and raw gRPC.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tally_client::partitioner::partition_for_key;
+use tally_client::{
+    Acks, Consumer, ConsumerConfig, ErrorCode, HeaderRef, NewTopic, OffsetSpec, Producer, ProducerConfig,
+    ProducerRecord, SeekTo,
+};
+use tally_proto::batch::{BatchBuilder, RecordRef};
+use tally_proto::v1 as pb;
+
+use crate::harness::{TestBroker, test_config, wait_for};
+
+fn code(e: &tally_client::Error) -> Option<ErrorCode> {
+    e.code()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_and_consume_round_trip_keys_headers_and_nulls() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    client.admin().create_topic(NewTopic::new("rt", 3)).await.unwrap();
+    let producer =
+        Producer::new(client.clone(), ProducerConfig { linger: Duration::from_millis(1), ..Default::default() });
+    let headers = [HeaderRef { key: "trace", value: Some(b"abc") }, HeaderRef { key: "empty", value: None }];
+    let mut futures = Vec::new();
+    for i in 0..300u32 {
+        let key = format!("key-{}", i % 7);
+        let value = format!("value-{i}");
+        let mut record = ProducerRecord::new("rt", value.as_bytes()).key(key.as_bytes()).headers(&headers);
+        if i % 50 == 0 {
+            record.value = None; // a tombstone
+        }
+        let delivery = producer.send(record).await.unwrap();
+        futures.push((key.clone(), delivery));
+    }
+    let mut acked = Vec::new();
+    for (key, f) in futures {
+        let meta = f.await.unwrap();
+        assert_eq!(meta.partition, partition_for_key(key.as_bytes(), 3), "keys land on Kafka's partition");
+        acked.push((meta.partition, meta.offset));
+    }
+    producer.close().await;
+    // Offsets per partition are 0..n without gaps or repeats.
+    for p in 0..3 {
+        let mut offsets: Vec<i64> = acked.iter().filter(|(q, _)| *q == p).map(|(_, o)| *o).collect();
+        offsets.sort_unstable();
+        assert_eq!(offsets, (0..offsets.len() as i64).collect::<Vec<_>>());
+    }
+
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    for p in 0..3 {
+        consumer.assign("rt", p, SeekTo::Beginning).await.unwrap();
+    }
+    let mut stream = consumer.into_stream();
+    let mut seen = BTreeMap::new();
+    while seen.len() < 300 {
+        let r = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("records arrive")
+            .unwrap()
+            .unwrap();
+        let key = String::from_utf8(r.key.clone().unwrap().to_vec()).unwrap();
+        assert_eq!(r.partition, partition_for_key(key.as_bytes(), 3));
+        assert_eq!(
+            r.headers,
+            vec![("trace".to_string(), Some(Bytes::from_static(b"abc"))), ("empty".to_string(), None)]
+        );
+        assert!(seen.insert((r.partition, r.offset), r.value.clone()).is_none(), "no duplicates");
+    }
+    let tombstones = seen.values().filter(|v| v.is_none()).count();
+    assert_eq!(tombstones, 6);
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_fetch_wakes_on_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    client.admin().create_topic(NewTopic::new("lp", 1)).await.unwrap();
+    let pc = client.partition_client("lp", 0);
+    let waiting = {
+        let pc = pc.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let fetched = pc.fetch(0, 1 << 20, Duration::from_secs(25)).await.unwrap();
+            (started.elapsed(), fetched)
+        })
+    };
+    // Give the fetch time to park on the broker, then append.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pc.produce_records(&[RecordRef { timestamp: 1, value: Some(b"wake"), ..Default::default() }], Acks::Leader)
+        .await
+        .unwrap();
+    let (elapsed, fetched) = waiting.await.unwrap();
+    assert!(elapsed < Duration::from_secs(20), "woken by the append, not by max_wait ({elapsed:?})");
+    let values: Vec<Bytes> = fetched.records(0).map(|r| r.unwrap().value.unwrap()).collect();
+    assert_eq!(values, vec![Bytes::from_static(b"wake")]);
+    broker.stop().await.unwrap();
+}
+
+fn batch_bytes(values: &[&[u8]]) -> Vec<u8> {
+    let mut b = BatchBuilder::new();
+    for v in values {
+        b.push(&RecordRef { timestamp: 5, value: Some(v), ..Default::default() });
+    }
+    b.finish_vec()
+}
+
+async fn raw_produce(
+    address: &str,
+    topic: &str,
+    partition: u32,
+    records: Vec<u8>,
+    acks: i32,
+) -> pb::PartitionProduceResponse {
+    let mut rpc = pb::tally_client::TallyClient::connect(format!("http://{address}")).await.unwrap();
+    let request = pb::ProduceRequest {
+        acks,
+        timeout_ms: 1000,
+        topics: vec![pb::TopicProduceData {
+            name: topic.to_string(),
+            partitions: vec![pb::PartitionProduceData { partition, records: records.into() }],
+        }],
+    };
+    rpc.produce(request).await.unwrap().into_inner().topics.remove(0).partitions.remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_its_code_and_the_broker_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    let admin = client.admin();
+    admin.create_topic(NewTopic::new("good", 1).config("max_message_bytes", "2000")).await.unwrap();
+
+    // Admin errors.
+    let e = admin.create_topic(NewTopic::new("good", 1)).await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::TopicAlreadyExists));
+    for bad in ["", ".", "..", "a b", &"x".repeat(250)] {
+        let e = admin.create_topic(NewTopic::new(bad, 1)).await.unwrap_err();
+        assert_eq!(code(&e), Some(ErrorCode::InvalidTopicException), "{bad:?}");
+    }
+    let e = admin.create_topic(NewTopic::new("cfg", 1).config("retention_ms", "soon")).await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::InvalidConfig));
+    assert!(e.to_string().contains("retention_ms"), "the message names the key: {e}");
+    let e = admin.create_topic(NewTopic { replication_factor: 3, ..NewTopic::new("rf", 1) }).await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::InvalidReplicationFactor));
+    let e = admin.create_partitions("good", 1).await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::InvalidPartitions));
+    let e = admin.delete_topic("missing").await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::UnknownTopicOrPartition));
+
+    // Produce errors, each leaving the log untouched.
+    let ok = raw_produce(&broker.address, "good", 0, batch_bytes(&[b"one"]), 0).await;
+    assert_eq!(ok.error_code, 0);
+    let r = raw_produce(&broker.address, "missing", 0, batch_bytes(&[b"x"]), 0).await;
+    assert_eq!(r.error_code, ErrorCode::UnknownTopicOrPartition as i32);
+    let r = raw_produce(&broker.address, "good", 9, batch_bytes(&[b"x"]), 0).await;
+    assert_eq!(r.error_code, ErrorCode::UnknownTopicOrPartition as i32);
+    let mut corrupt = batch_bytes(&[b"two", b"three"]);
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0x40;
+    let r = raw_produce(&broker.address, "good", 0, corrupt, 0).await;
+    assert_eq!(r.error_code, ErrorCode::CorruptMessage as i32);
+    assert!(r.error_message.contains("CRC"), "{}", r.error_message);
+    // A good batch followed by a corrupt one: neither is appended.
+    let mut mixed = batch_bytes(&[b"ok"]);
+    mixed.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 99, 1, 2, 3]);
+    let r = raw_produce(&broker.address, "good", 0, mixed, 0).await;
+    assert_eq!(r.error_code, ErrorCode::CorruptMessage as i32);
+    let big = vec![7u8; 3000];
+    let r = raw_produce(&broker.address, "good", 0, batch_bytes(&[&big]), 0).await;
+    assert_eq!(r.error_code, ErrorCode::MessageTooLarge as i32);
+    let r = raw_produce(&broker.address, "good", 0, batch_bytes(&[b"x"]), 99).await;
+    assert_eq!(r.error_code, ErrorCode::InvalidRequiredAcks as i32);
+    let r = raw_produce(&broker.address, "good", 0, Vec::new(), 0).await;
+    assert_eq!(r.error_code, ErrorCode::InvalidRequest as i32);
+    let pc = client.partition_client("good", 0);
+    assert_eq!(pc.list_offset(OffsetSpec::Latest).await.unwrap(), Some(1), "only the good batch is in the log");
+
+    // Fetch errors.
+    let e = pc.fetch(5, 1 << 20, Duration::ZERO).await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::OffsetOutOfRange));
+    assert!(e.to_string().contains("[0, 1)"), "the message gives the valid range: {e}");
+    let e = pc.fetch(-3, 1 << 20, Duration::ZERO).await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::OffsetOutOfRange));
+    let e = client.partition_client("missing", 0).fetch(0, 100, Duration::ZERO).await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::UnknownTopicOrPartition));
+
+    // acks=all needs min_insync_replicas in sync; one broker has one.
+    admin.create_topic(NewTopic::new("strict", 1).config("min_insync_replicas", "2")).await.unwrap();
+    let e = client
+        .partition_client("strict", 0)
+        .produce_records(&[RecordRef { timestamp: 1, value: Some(b"x"), ..Default::default() }], Acks::All)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::NotEnoughReplicas));
+
+    // A client that goes away mid long-poll does not disturb the broker.
+    let parked = {
+        let pc = pc.clone();
+        tokio::spawn(async move { pc.fetch(1, 1 << 20, Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    parked.abort();
+    // A burst of concurrent requests is served.
+    let mut burst = Vec::new();
+    for i in 0..64u8 {
+        let pc = pc.clone();
+        burst.push(tokio::spawn(async move {
+            pc.produce_records(&[RecordRef { timestamp: 1, value: Some(&[i]), ..Default::default() }], Acks::Leader)
+                .await
+        }));
+    }
+    for b in burst {
+        b.await.unwrap().unwrap();
+    }
+    assert_eq!(pc.list_offset(OffsetSpec::Latest).await.unwrap(), Some(65));
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_and_topic_configs_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic(NewTopic::new("keep", 2).config("retention.ms", "3600000").config("segment_bytes", "4096"))
+        .await
+        .unwrap();
+    let pc = client.partition_client("keep", 1);
+    for i in 0..200u32 {
+        let v = format!("v{i}");
+        pc.produce_records(
+            &[RecordRef { timestamp: i64::from(i), value: Some(v.as_bytes()), ..Default::default() }],
+            Acks::Leader,
+        )
+        .await
+        .unwrap();
+    }
+    broker.stop().await.unwrap();
+
+    let broker = TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    let d = client.admin().describe_topic("keep").await.unwrap();
+    assert_eq!(d.configs["retention_ms"], "3600000");
+    assert_eq!(d.configs["segment_bytes"], "4096");
+    assert_eq!(d.partitions.len(), 2);
+    assert_eq!(d.partitions[1].high_watermark, 200);
+    let pc = client.partition_client("keep", 1);
+    let mut next = 0;
+    while next < 200 {
+        let f = pc.fetch(next, 1 << 20, Duration::ZERO).await.unwrap();
+        for r in f.records(next) {
+            let r = r.unwrap();
+            assert_eq!(r.offset, next);
+            assert_eq!(r.value.unwrap(), format!("v{next}").as_bytes());
+            next += 1;
+        }
+    }
+    assert_eq!(pc.list_offset(OffsetSpec::Timestamp(150)).await.unwrap(), Some(150));
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_admin_alter_grow_delete_and_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start_with(test_config(dir.path())).await;
+    let client = broker.client().await;
+    let admin = client.admin();
+    admin.create_topic(NewTopic::new("t", 1).config("segment_bytes", "2048").config("flush", "always")).await.unwrap();
+    let pc = client.partition_client("t", 0);
+    let value = vec![1u8; 200];
+    for _ in 0..100 {
+        pc.produce_records(&[RecordRef { timestamp: 1, value: Some(&value), ..Default::default() }], Acks::All)
+            .await
+            .unwrap();
+    }
+    assert_eq!(pc.list_offset(OffsetSpec::Earliest).await.unwrap(), Some(0));
+    // Shrink retention: the maintenance task deletes old segments.
+    let mut set = BTreeMap::new();
+    set.insert("retention_bytes".to_string(), "4096".to_string());
+    admin.alter_topic_configs("t", set, vec![]).await.unwrap();
+    assert_eq!(admin.describe_topic("t").await.unwrap().configs["retention_bytes"], "4096");
+    let trimmed = wait_for(Duration::from_secs(10), async || {
+        pc.list_offset(OffsetSpec::Earliest).await.unwrap().unwrap_or(0) > 0
+    })
+    .await;
+    assert!(trimmed, "retention moved the log start");
+    let start = pc.list_offset(OffsetSpec::Earliest).await.unwrap().unwrap();
+    let f = pc.fetch(start, 1 << 20, Duration::ZERO).await.unwrap();
+    assert_eq!(f.records(start).next().unwrap().unwrap().offset, start);
+
+    admin.create_partitions("t", 4).await.unwrap();
+    assert_eq!(admin.describe_topic("t").await.unwrap().partitions.len(), 4);
+    client
+        .partition_client("t", 3)
+        .produce_records(&[RecordRef { timestamp: 1, value: Some(b"p3"), ..Default::default() }], Acks::Leader)
+        .await
+        .unwrap();
+
+    admin.delete_topic("t").await.unwrap();
+    assert!(admin.list_topics().await.unwrap().is_empty());
+    admin.create_topic(NewTopic::new("t", 1)).await.unwrap();
+    assert_eq!(
+        client.partition_client("t", 0).list_offset(OffsetSpec::Latest).await.unwrap(),
+        Some(0),
+        "a recreated topic starts empty"
+    );
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_broker_cannot_open_the_same_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestBroker::start(dir.path()).await;
+    let _client = first.client().await;
+    let second = TestBroker::start(dir.path()).await;
+    let err = second.stop().await.unwrap_err();
+    assert!(err.to_string().contains("in use"), "{err}");
+    first.stop().await.unwrap();
+}

@@ -1,0 +1,91 @@
+//! The `tally` binary end to end against an in-process broker.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::harness::TestBroker;
+
+fn tally(address: &str, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .env("TALLY_BOOTSTRAP", address)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tally");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+async fn run(address: &str, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let (address, args, stdin) =
+        (address.to_string(), args.iter().map(|s| s.to_string()).collect::<Vec<_>>(), stdin.map(str::to_string));
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tally(&address, &args, stdin.as_deref())
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_produces_lines_and_consumes_them_back_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let a = broker.address.clone();
+
+    let out = run(&a, &["topic", "create", "lines", "--partitions", "1", "--config", "retention_ms=-1"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let input: String = (0..500).map(|i| format!("line number {i}\n")).collect();
+    let out = run(&a, &["produce", "lines", "--acks", "all"], Some(&input)).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = run(&a, &["consume", "lines", "--from", "beginning", "--exit-at-end"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), input);
+
+    let out = run(&a, &["consume", "lines", "--from", "10", "-n", "2", "--format", "%p:%o:%v\\n"], None).await;
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "0:10:line number 10\n0:11:line number 11\n");
+
+    let out = run(&a, &["produce", "lines", "--key-separator", "=", "--header", "h=1"], Some("k=v\n")).await;
+    assert!(out.status.success());
+    let out = run(&a, &["consume", "lines", "--from", "500", "--exit-at-end", "--format", "%k|%v|%h\\n"], None).await;
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "k|v|h=1\n");
+
+    let out = run(&a, &["topic", "describe", "lines", "--output", "json"], None).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["name"], "lines");
+    assert_eq!(json["configs"]["retention_ms"], "-1");
+    assert_eq!(json["partitions"][0]["partition"], 0);
+    assert_eq!(json["partitions"][0]["leader"], 1);
+    assert_eq!(json["partitions"][0]["high_watermark"], 501);
+    assert_eq!(json["partitions"][0]["log_start_offset"], 0);
+    assert_eq!(json["partitions"][0]["isr"], serde_json::json!([1]));
+
+    let out = run(&a, &["offsets", "lines", "--time", "earliest", "--output", "json"], None).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[0]["offset"], 0);
+
+    // Errors exit non-zero with a message.
+    let out = run(&a, &["produce", "nope"], Some("x\n")).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UnknownTopicOrPartition"));
+    let out = run(&a, &["topic", "create", "bad/name"], None).await;
+    assert!(!out.status.success());
+    let out = run("127.0.0.1:1", &["topic", "list"], None).await;
+    assert!(!out.status.success(), "an unreachable broker is an error");
+
+    broker.stop().await.unwrap();
+    // dump-log reads the closed segment and verifies it.
+    let out =
+        run(&a, &["dump-log", dir.path().join("lines-0").to_str().unwrap(), "--verify", "--print-data"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("value: line number 499"), "{text}");
+    assert!(text.contains("valid: ok"));
+}

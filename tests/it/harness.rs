@@ -1,0 +1,66 @@
+//! An in-process broker on 127.0.0.1:0 with its own data directory.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tally_broker::{BrokerConfig, BrokerError};
+use tally_client::Client;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct TestBroker {
+    pub address: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), BrokerError>>>,
+}
+
+/// A config with small limits so rolls and retention happen in tests.
+pub fn test_config(data_dir: &Path) -> BrokerConfig {
+    BrokerConfig { data_dir: data_dir.to_path_buf(), retention_check_interval_ms: 100, ..BrokerConfig::default() }
+}
+
+impl TestBroker {
+    pub async fn start(data_dir: &Path) -> TestBroker {
+        Self::start_with(test_config(data_dir)).await
+    }
+
+    pub async fn start_with(config: BrokerConfig) -> TestBroker {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(tally_broker::run(config, listener, async move {
+            let _ = rx.await;
+        }));
+        TestBroker { address, stop: Some(tx), task: Some(task) }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::builder().bootstrap([self.address.clone()]).connect().await.expect("connect")
+    }
+
+    /// Graceful shutdown; returns the broker's result.
+    pub async fn stop(mut self) -> Result<(), BrokerError> {
+        let _ = self.stop.take().expect("running").send(());
+        self.task.take().expect("running").await.expect("broker task")
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Polls `check` until it returns true or `limit` passes.
+pub async fn wait_for(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}

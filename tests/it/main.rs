@@ -1,0 +1,8 @@
+//! Integration tests: brokers in this process on port 0, driven through the
+//! client crate, raw gRPC, and the real `tally` binary. One test binary keeps
+//! link time down.
+
+mod api;
+mod cli;
+mod harness;
+mod process;
