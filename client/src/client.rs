@@ -105,8 +105,9 @@ fn endpoint(address: &str, config: &ClientConfig) -> Result<Endpoint> {
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)
-        .initial_connection_window_size(Some(8 << 20))
-        .initial_stream_window_size(Some(4 << 20)))
+        .initial_connection_window_size(Some(16 << 20))
+        .initial_stream_window_size(Some(8 << 20))
+        .max_frame_size(Some(1 << 20)))
 }
 
 /// What the client knows of one topic.
