@@ -1,0 +1,122 @@
+//! Broker benchmark: the figures against a real `tally serve` child
+//! process, each the median of three runs after a warm-up.
+//!
+//! `cargo bench --bench broker` prints records/s, MB/s and latency
+//! percentiles for: 100-byte and 1 KiB records in batches of 1,000 from two
+//! producers (acks=1), 1 KiB with flush=always, two consumers reading back,
+//! and one 1 KiB record per request; then the broker's peak RssAnon.
+//!
+//! Environment: TALLY_BENCH_QUICK=1 for one short run per case;
+//! TALLY_BENCH_PREFAULT_GIB=N touches N GiB of memory first. On a VM whose
+//! host backs guest memory on first touch, page-cache writes into never-used
+//! memory run at a few hundred MB/s; prefaulting once per boot shows the
+//! steady state.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tally::bench::{ConsumeParams, ProduceParams, Report, consume, produce};
+use tally::child::BrokerProcess;
+use tally_client::{Acks, Client};
+
+fn quick() -> bool {
+    std::env::var("TALLY_BENCH_QUICK").is_ok_and(|v| v == "1")
+}
+
+fn prefault() {
+    let gib: usize = std::env::var("TALLY_BENCH_PREFAULT_GIB").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    for _ in 0..gib {
+        let mut block = vec![0u8; 1 << 30];
+        for page in block.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        std::hint::black_box(&block);
+    }
+    if gib > 0 {
+        println!("prefaulted {gib} GiB");
+    }
+}
+
+fn median(mut reports: Vec<Report>) -> Report {
+    reports.sort_by(|a, b| a.mb_per_s.total_cmp(&b.mb_per_s));
+    reports.swap_remove(reports.len() / 2)
+}
+
+async fn produce_case(client: &Client, pid: u32, name: &str, p: ProduceParams) -> Report {
+    let runs = if quick() { 1 } else { 3 };
+    let mut reports = Vec::new();
+    for _ in 0..runs {
+        reports.push(produce(client, &ProduceParams { broker_pid: Some(pid), ..p.clone() }).await.expect("bench"));
+    }
+    let m = median(reports);
+    println!("{name:<44} {m}");
+    m
+}
+
+#[tokio::main]
+async fn main() {
+    prefault();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = BrokerProcess::start(Path::new(env!("CARGO_BIN_EXE_tally")), dir.path(), &[]).expect("start broker");
+    let pid = broker.pid();
+    let client = Client::builder().bootstrap([broker.address.clone()]).connect().await.expect("connect");
+    let duration = Duration::from_secs(if quick() { 2 } else { 5 });
+    let base = ProduceParams {
+        topic: String::new(),
+        producers: 2,
+        partitions: 2,
+        record_size: 100,
+        records_per_batch: 1000,
+        acks: Acks::Leader,
+        duration,
+        warmup: Duration::from_secs(1),
+        topic_configs: Vec::new(),
+        broker_pid: Some(pid),
+    };
+    println!("broker pid {pid} at {}; median of {} run(s)", broker.address, if quick() { 1 } else { 3 });
+    let mut peak_rss: f64 = 0.0;
+    let mut track = |r: &Report| peak_rss = peak_rss.max(r.broker_rss_anon_mib.unwrap_or(0.0));
+    let r = produce_case(&client, pid, "produce 100 B x 1000/batch, 2 producers", ProduceParams { topic: "b100".into(), ..base.clone() }).await;
+    track(&r);
+    let r = produce_case(
+        &client,
+        pid,
+        "produce 1 KiB x 1000/batch, 2 producers",
+        ProduceParams { topic: "b1k".into(), record_size: 1024, ..base.clone() },
+    )
+    .await;
+    track(&r);
+    let r = produce_case(
+        &client,
+        pid,
+        "produce 1 KiB x 1000/batch, flush=always",
+        ProduceParams {
+            topic: "b1k-always".into(),
+            record_size: 1024,
+            topic_configs: vec![("flush".into(), "always".into())],
+            ..base.clone()
+        },
+    )
+    .await;
+    track(&r);
+    let runs = if quick() { 1 } else { 3 };
+    let mut reports = Vec::new();
+    for _ in 0..runs {
+        let p = ConsumeParams { topic: "b1k".into(), consumers: 2, fetch_bytes: 4 << 20, duration: Duration::from_secs(30), broker_pid: Some(pid) };
+        reports.push(consume(&client, &p).await.expect("bench"));
+    }
+    let r = median(reports);
+    println!("{:<44} {r}", "consume 2 consumers from the beginning");
+    track(&r);
+    let r = produce_case(
+        &client,
+        pid,
+        "produce 1 record (1 KiB) per request",
+        ProduceParams { topic: "single".into(), producers: 1, partitions: 1, record_size: 1024, records_per_batch: 1, ..base.clone() },
+    )
+    .await;
+    track(&r);
+    println!("broker RssAnon peak over all runs: {peak_rss:.1} MiB (target <= 256)");
+    let status = broker.stop().expect("stop");
+    assert!(status.success(), "broker exited cleanly: {status}");
+}
