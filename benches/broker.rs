@@ -76,7 +76,13 @@ async fn main() {
     println!("broker pid {pid} at {}; median of {} run(s)", broker.address, if quick() { 1 } else { 3 });
     let mut peak_rss: f64 = 0.0;
     let mut track = |r: &Report| peak_rss = peak_rss.max(r.broker_rss_anon_mib.unwrap_or(0.0));
-    let r = produce_case(&client, pid, "produce 100 B x 1000/batch, 2 producers", ProduceParams { topic: "b100".into(), ..base.clone() }).await;
+    let r = produce_case(
+        &client,
+        pid,
+        "produce 100 B x 1000/batch, 2 producers",
+        ProduceParams { topic: "b100".into(), ..base.clone() },
+    )
+    .await;
     track(&r);
     let r = produce_case(
         &client,
@@ -102,7 +108,13 @@ async fn main() {
     let runs = if quick() { 1 } else { 3 };
     let mut reports = Vec::new();
     for _ in 0..runs {
-        let p = ConsumeParams { topic: "b1k".into(), consumers: 2, fetch_bytes: 4 << 20, duration: Duration::from_secs(30), broker_pid: Some(pid) };
+        let p = ConsumeParams {
+            topic: "b1k".into(),
+            consumers: 2,
+            fetch_bytes: 4 << 20,
+            duration: Duration::from_secs(30),
+            broker_pid: Some(pid),
+        };
         reports.push(consume(&client, &p).await.expect("bench"));
     }
     let r = median(reports);
@@ -112,7 +124,14 @@ async fn main() {
         &client,
         pid,
         "produce 1 record (1 KiB) per request",
-        ProduceParams { topic: "single".into(), producers: 1, partitions: 1, record_size: 1024, records_per_batch: 1, ..base.clone() },
+        ProduceParams {
+            topic: "single".into(),
+            producers: 1,
+            partitions: 1,
+            record_size: 1024,
+            records_per_batch: 1,
+            ..base.clone()
+        },
     )
     .await;
     track(&r);

@@ -6,13 +6,13 @@
 //! fsyncs run on a blocking thread outside the lock through
 //! [`GroupCommit`], so concurrent producers share one fsync.
 
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tally_proto::batch::RecordBatch;
 use tokio::sync::{Semaphore, watch};
 
 use crate::error::BrokerError;
-use crate::storage::{AppendInfo, FlushPolicy, GroupCommit, Log, ReadResult};
+use crate::storage::{AppendInfo, Checkpoints, FlushPolicy, GroupCommit, Log, ReadResult};
 use crate::topic::TopicConfig;
 
 /// One partition's state.
@@ -25,6 +25,7 @@ pub struct Partition {
     high_watermark: watch::Sender<u64>,
     inflight_bytes: Semaphore,
     inflight_limit: u32,
+    last_checkpoint: Mutex<Option<Checkpoints>>,
 }
 
 impl Partition {
@@ -42,6 +43,7 @@ impl Partition {
             high_watermark: watch::channel(leo).0,
             inflight_bytes: Semaphore::new(inflight_limit as usize),
             inflight_limit,
+            last_checkpoint: Mutex::new(None),
         }
     }
 
@@ -182,12 +184,24 @@ impl Partition {
 
     /// Writes the checkpoint files (values taken under the lock, files
     /// written outside it).
+    ///
+    /// First syncs closed segments that are not yet durable, so the recovery
+    /// point can move up to the active segment. Files are rewritten only when
+    /// their values changed.
     pub fn checkpoint(&self) -> Result<(), BrokerError> {
+        let plan = self.read_log().sync_plan_closed();
+        plan.execute()?;
         let (values, dir) = {
-            let log = self.read_log();
+            let mut log = self.write_log();
+            log.mark_durable(&plan);
             (log.checkpoints(), log.dir().to_path_buf())
         };
-        values.write(&dir).map_err(BrokerError::Storage)
+        let mut last = self.last_checkpoint.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.as_ref() != Some(&values) {
+            values.write(&dir)?;
+            *last = Some(values);
+        }
+        Ok(())
     }
 
     /// Flushes and closes the log for shutdown.

@@ -57,10 +57,8 @@ impl Error {
             Error::Rpc { code, .. } => {
                 matches!(
                     code,
-                    tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::ResourceExhausted
-                        | tonic::Code::Aborted
+                    // Not ResourceExhausted: that is what an oversized message gets.
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Aborted
                 )
             }
             Error::Connect { .. } | Error::Timeout(_) => true,

@@ -537,3 +537,22 @@ proptest! {
         let _ = Bytes::new();
     }
 }
+
+#[test]
+fn syncing_closed_segments_moves_the_recovery_point_up_to_the_active_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    fill(&mut log, 40, 2);
+    assert_eq!(log.recovery_point(), 0);
+    let plan = log.sync_plan_closed();
+    plan.execute().unwrap();
+    log.mark_durable(&plan);
+    let rp = log.recovery_point();
+    assert!(rp > 0 && rp <= log.log_end_offset(), "recovery point {rp}");
+    assert_eq!(rp, plan.up_to());
+    // A crash now re-validates only from the recovery point on, and keeps everything.
+    drop(log);
+    let log = open(dir.path());
+    assert_eq!(log.log_end_offset(), 80);
+    assert_eq!(read_all(&log, 0).len(), 80);
+}
