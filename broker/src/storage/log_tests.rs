@@ -556,3 +556,55 @@ fn syncing_closed_segments_moves_the_recovery_point_up_to_the_active_segment() {
     assert_eq!(log.log_end_offset(), 80);
     assert_eq!(read_all(&log, 0).len(), 80);
 }
+
+/// Runs `scenario` in a child copy of this test binary with the file-size
+/// limit set to `limit_bytes`, so writes past it fail with EFBIG the way a
+/// full disk fails with ENOSPC, without touching other tests.
+fn in_child_with_file_size_limit(test_name: &str, limit_bytes: u64, scenario: impl FnOnce()) {
+    if std::env::var_os("TALLY_FSIZE_CHILD").is_some() {
+        let limit = libc::rlimit { rlim_cur: limit_bytes, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: plain syscalls; SIGXFSZ is ignored so the write returns EFBIG.
+        unsafe {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+        }
+        scenario();
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test_name, "--exact", "--test-threads=1", "--nocapture"])
+        .env("TALLY_FSIZE_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "child failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("1 passed"), "the child ran the scenario:\n{stdout}");
+}
+
+#[test]
+fn a_write_error_during_append_is_typed_and_leaves_the_log_intact() {
+    in_child_with_file_size_limit(
+        "storage::log::tests::a_write_error_during_append_is_typed_and_leaves_the_log_intact",
+        256 << 10,
+        || {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = tiny_config();
+            config.segment_bytes = 64 << 10;
+            let mut log = Log::open(dir.path(), config.clone(), Arc::new(SystemClock)).unwrap();
+            fill(&mut log, 20, 2);
+            let before = read_all(&log, 0);
+            // This batch needs a segment larger than the file-size limit.
+            let big = vec![1u8; 300 << 10];
+            let err = log.append(&batch(&[&big], 1), 0).unwrap_err();
+            assert!(matches!(err, StorageError::Io { op: "preallocate", .. }), "{err}");
+            assert_eq!(log.log_end_offset(), 40, "nothing of the failed batch is visible");
+            assert_eq!(read_all(&log, 0), before);
+            fill(&mut log, 1, 2);
+            assert_eq!(log.log_end_offset(), 42, "the log keeps taking appends");
+            drop(log);
+            let log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
+            assert_eq!(log.log_end_offset(), 42, "and nothing partial appears after a restart");
+            assert_eq!(read_all(&log, 0).len(), 42);
+        },
+    );
+}
