@@ -334,20 +334,19 @@ impl RecordBatch {
         let base_ts = header.base_timestamp();
         let mut max_ts = i64::MIN;
         let mut found: i32 = 0;
-        let mut records = batch.records()?;
-        for record in &mut records {
-            let record = record?;
+        let mut pos = HEADER_LEN;
+        let bytes: &[u8] = &batch.bytes;
+        while found < count {
+            let (record, next) = parse_record(bytes, pos, found)?;
             if record.offset_delta != found {
                 return Err(BatchError::OffsetDeltaMismatch { index: found, delta: record.offset_delta });
             }
             max_ts = max_ts.max(base_ts.wrapping_add(record.timestamp_delta));
             found += 1;
+            pos = next;
         }
-        if records.remaining() != 0 {
-            return Err(BatchError::TrailingBytes(records.remaining()));
-        }
-        if found != count {
-            return Err(BatchError::RecordCountMismatch { declared: count, found: i64::from(found) });
+        if pos != bytes.len() {
+            return Err(BatchError::TrailingBytes(bytes.len() - pos));
         }
         if !header.is_log_append_time() && max_ts != header.max_timestamp() {
             return Err(BatchError::TimestampMismatch { declared: header.max_timestamp(), actual: max_ts });
@@ -471,20 +470,77 @@ impl Iterator for HeaderIter {
     }
 }
 
-/// Reads a varint-length-prefixed field at `pos`: `(field, next_pos)`.
-/// Length -1 is a null field.
-fn read_field(bytes: &Bytes, pos: usize) -> Option<(Option<Bytes>, usize)> {
-    let (len, n) = get_varint(bytes.get(pos..)?)?;
+/// Reads a varint-length-prefixed field at `pos` of `buf`: `(range, next_pos)`,
+/// the range `None` for a null field (length -1). `None` when it overruns `buf`.
+fn field_range(buf: &[u8], pos: usize) -> Option<(Option<std::ops::Range<usize>>, usize)> {
+    let (len, n) = get_varint(buf.get(pos..)?)?;
     let start = pos + n;
     if len == -1 {
         return Some((None, start));
     }
     let len = usize::try_from(len).ok()?;
     let end = start.checked_add(len)?;
-    if end > bytes.len() {
+    if end > buf.len() {
         return None;
     }
-    Some((Some(bytes.slice(start..end)), end))
+    Some((Some(start..end), end))
+}
+
+/// [`field_range`] as a zero-copy slice of `bytes`.
+fn read_field(bytes: &Bytes, pos: usize) -> Option<(Option<Bytes>, usize)> {
+    let (range, next) = field_range(bytes, pos)?;
+    Some((range.map(|r| bytes.slice(r)), next))
+}
+
+/// Where one record's fields lie in its batch.
+struct RawRecord {
+    offset_delta: i32,
+    timestamp_delta: i64,
+    key: Option<std::ops::Range<usize>>,
+    value: Option<std::ops::Range<usize>>,
+    headers: std::ops::Range<usize>,
+    header_count: i32,
+}
+
+/// Parses the record at `pos` of `batch` (the whole batch), checking that
+/// every field lies inside the record's declared length. Returns the record
+/// and the position after it. Borrows only: validation allocates nothing.
+fn parse_record(batch: &[u8], pos: usize, index: i32) -> Result<(RawRecord, usize), BatchError> {
+    let bad = |what| BatchError::MalformedRecord { index, what };
+    let (len, n) = get_varint(batch.get(pos..).unwrap_or_default()).ok_or(bad("bad record length"))?;
+    let len = usize::try_from(len).map_err(|_| bad("negative record length"))?;
+    let start = pos + n;
+    let end = start.checked_add(len).filter(|&e| e <= batch.len()).ok_or(bad("record overruns the batch"))?;
+    let body = &batch[..end];
+    let mut p = start + 1; // attributes: one unused byte
+    if p > end {
+        return Err(bad("record too short"));
+    }
+    let (timestamp_delta, n) = get_varlong(&body[p..]).ok_or(bad("bad timestamp delta"))?;
+    p += n;
+    let (offset_delta, n) = get_varint(&body[p..]).ok_or(bad("bad offset delta"))?;
+    p += n;
+    let (key, p) = field_range(body, p).ok_or(bad("key overruns the record"))?;
+    let (value, p) = field_range(body, p).ok_or(bad("value overruns the record"))?;
+    let (header_count, n) = get_varint(&body[p..]).ok_or(bad("bad header count"))?;
+    if header_count < 0 {
+        return Err(bad("negative header count"));
+    }
+    let headers_start = p + n;
+    let mut hp = headers_start;
+    for _ in 0..header_count {
+        let (key, next) = field_range(body, hp).ok_or(bad("header key overruns the record"))?;
+        if key.is_none() {
+            return Err(bad("null header key"));
+        }
+        let (_, next) = field_range(body, next).ok_or(bad("header value overruns the record"))?;
+        hp = next;
+    }
+    if hp != end {
+        return Err(bad("record length does not match its fields"));
+    }
+    let raw = RawRecord { offset_delta, timestamp_delta, key, value, headers: headers_start..end, header_count };
+    Ok((raw, end))
 }
 
 /// Iterator over the records of an uncompressed batch.
@@ -505,50 +561,17 @@ impl Records {
     }
 
     fn parse_one(&mut self) -> Result<Record, BatchError> {
-        let index = self.index;
-        let bad = |what| BatchError::MalformedRecord { index, what };
-        let (len, n) = get_varint(&self.bytes[self.pos..]).ok_or(bad("bad record length"))?;
-        let len = usize::try_from(len).map_err(|_| bad("negative record length"))?;
-        let start = self.pos + n;
-        let end = start.checked_add(len).filter(|&e| e <= self.bytes.len()).ok_or(bad("record overruns the batch"))?;
-        let body = self.bytes.slice(..end);
-        let mut pos = start + 1; // attributes: one unused byte
-        if pos > end {
-            return Err(bad("record too short"));
-        }
-        let (timestamp_delta, n) = get_varlong(&body[pos..]).ok_or(bad("bad timestamp delta"))?;
-        pos += n;
-        let (offset_delta, n) = get_varint(&body[pos..]).ok_or(bad("bad offset delta"))?;
-        pos += n;
-        let (key, p) = read_field(&body, pos).ok_or(bad("key overruns the record"))?;
-        let (value, p) = read_field(&body, p).ok_or(bad("value overruns the record"))?;
-        let (header_count, n) = get_varint(&body[p..]).ok_or(bad("bad header count"))?;
-        if header_count < 0 {
-            return Err(bad("negative header count"));
-        }
-        let headers_start = p + n;
-        let mut hp = headers_start;
-        for _ in 0..header_count {
-            let (key, next) = read_field(&body, hp).ok_or(bad("header key overruns the record"))?;
-            if key.is_none() {
-                return Err(bad("null header key"));
-            }
-            let (_, next) = read_field(&body, next).ok_or(bad("header value overruns the record"))?;
-            hp = next;
-        }
-        if hp != end {
-            return Err(bad("record length does not match its fields"));
-        }
+        let (raw, end) = parse_record(&self.bytes, self.pos, self.index)?;
         self.pos = end;
         Ok(Record {
-            offset: self.base_offset + i64::from(offset_delta),
-            offset_delta,
-            timestamp_delta,
-            timestamp: self.append_time.unwrap_or(self.base_timestamp.wrapping_add(timestamp_delta)),
-            key,
-            value,
-            headers: body.slice(headers_start..end),
-            header_count,
+            offset: self.base_offset + i64::from(raw.offset_delta),
+            offset_delta: raw.offset_delta,
+            timestamp_delta: raw.timestamp_delta,
+            timestamp: self.append_time.unwrap_or(self.base_timestamp.wrapping_add(raw.timestamp_delta)),
+            key: raw.key.map(|r| self.bytes.slice(r)),
+            value: raw.value.map(|r| self.bytes.slice(r)),
+            headers: self.bytes.slice(raw.headers),
+            header_count: raw.header_count,
         })
     }
 }
