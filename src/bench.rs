@@ -122,6 +122,34 @@ fn progress(label: &'static str, records: Arc<AtomicU64>, bytes: Arc<AtomicU64>,
     });
 }
 
+/// The moving parts of one run, and how they become a [`Report`].
+struct Run {
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Histogram<u64>>>>,
+    records: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    rss: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Run {
+    /// Waits for the tasks, then computes rates over `measured()`.
+    async fn finish(self, measured: impl FnOnce() -> Duration) -> anyhow::Result<Report> {
+        let mut all = histogram();
+        for t in self.tasks {
+            all.add(t.await??)?;
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        let secs = measured().as_secs_f64();
+        Ok(Report {
+            records_per_s: self.records.load(Ordering::Relaxed) as f64 / secs,
+            mb_per_s: self.bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
+            latency_ms: percentiles(&all),
+            requests: all.len(),
+            broker_rss_anon_mib: self.rss.and_then(|h| h.join().ok()).map(|kib| kib as f64 / 1024.0),
+        })
+    }
+}
+
 /// Runs a produce benchmark.
 pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Report> {
     let topic = NewTopic {
@@ -173,19 +201,8 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
             anyhow::Ok(h)
         }));
     }
-    let mut all = histogram();
-    for t in tasks {
-        all.add(t.await??)?;
-    }
-    stop.store(true, Ordering::Relaxed);
-    let secs = p.duration.as_secs_f64();
-    Ok(Report {
-        records_per_s: records.load(Ordering::Relaxed) as f64 / secs,
-        mb_per_s: bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
-        latency_ms: percentiles(&all),
-        requests: all.len(),
-        broker_rss_anon_mib: rss.and_then(|h| h.join().ok()).map(|kib| kib as f64 / 1024.0),
-    })
+    let run = Run { tasks, records, bytes, stop, rss };
+    run.finish(|| p.duration).await
 }
 
 /// Runs a consume benchmark: each consumer reads its partition from the
@@ -223,17 +240,6 @@ pub async fn consume(client: &Client, p: &ConsumeParams) -> anyhow::Result<Repor
             anyhow::Ok(h)
         }));
     }
-    let mut all = histogram();
-    for t in tasks {
-        all.add(t.await??)?;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    Ok(Report {
-        records_per_s: records.load(Ordering::Relaxed) as f64 / secs,
-        mb_per_s: bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
-        latency_ms: percentiles(&all),
-        requests: all.len(),
-        broker_rss_anon_mib: rss.and_then(|h| h.join().ok()).map(|kib| kib as f64 / 1024.0),
-    })
+    let run = Run { tasks, records, bytes, stop, rss };
+    run.finish(|| start.elapsed()).await
 }

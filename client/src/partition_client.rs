@@ -195,6 +195,38 @@ pub(crate) fn decode_fetch(topic: &str, p: pb::FetchPartitionResponse) -> Result
     Ok(FetchedBatches { batches, high_watermark: p.high_watermark, log_start_offset: p.log_start_offset })
 }
 
+/// A per-partition answer in a response.
+trait PartitionAnswer {
+    fn partition(&self) -> u32;
+    /// Error code and message.
+    fn error(self) -> (i32, String);
+    fn error_code(&self) -> i32;
+}
+
+macro_rules! partition_answer {
+    ($($t:ty),*) => {$(
+        impl PartitionAnswer for $t {
+            fn partition(&self) -> u32 { self.partition }
+            fn error(self) -> (i32, String) { (self.error_code, self.error_message) }
+            fn error_code(&self) -> i32 { self.error_code }
+        }
+    )*};
+}
+partition_answer!(pb::PartitionProduceResponse, pb::ListOffsetsPartitionResponse);
+
+/// The answer for `partition`, or its error.
+fn answer<P: PartitionAnswer>(parts: impl IntoIterator<Item = P>, topic: &str, partition: u32) -> Result<P> {
+    let p = parts
+        .into_iter()
+        .find(|p| p.partition() == partition)
+        .ok_or_else(|| Error::InvalidArgument("the broker did not answer for the partition".into()))?;
+    if p.error_code() != 0 {
+        let (code, message) = p.error();
+        return Err(Error::broker(code, message, topic, Some(partition)));
+    }
+    Ok(p)
+}
+
 pub(crate) async fn produce_rpc(
     client: &Client,
     topic: &str,
@@ -214,15 +246,7 @@ pub(crate) async fn produce_rpc(
     let mut request = tonic::Request::new(request);
     request.set_timeout(client.config().request_timeout);
     let response = rpc.produce(request).await?.into_inner();
-    let p = response
-        .topics
-        .into_iter()
-        .flat_map(|t| t.partitions)
-        .find(|p| p.partition == partition)
-        .ok_or_else(|| Error::InvalidArgument("the broker did not answer for the partition".into()))?;
-    if p.error_code != 0 {
-        return Err(Error::broker(p.error_code, p.error_message, topic, Some(partition)));
-    }
+    let p = answer(response.topics.into_iter().flat_map(|t| t.partitions), topic, partition)?;
     Ok(p.base_offset)
 }
 
@@ -240,14 +264,6 @@ pub(crate) async fn list_offset_rpc(
     };
     let mut rpc = client.leader(topic, partition).await?;
     let response = rpc.list_offsets(request).await?.into_inner();
-    let p = response
-        .topics
-        .into_iter()
-        .flat_map(|t| t.partitions)
-        .find(|p| p.partition == partition)
-        .ok_or_else(|| Error::InvalidArgument("the broker did not answer for the partition".into()))?;
-    if p.error_code != 0 {
-        return Err(Error::broker(p.error_code, p.error_message, topic, Some(partition)));
-    }
+    let p = answer(response.topics.into_iter().flat_map(|t| t.partitions), topic, partition)?;
     Ok((p.offset >= 0).then_some(p.offset))
 }

@@ -85,21 +85,15 @@ impl Segment {
         preallocate(&file, sizes.log_bytes, path)?;
         let map = map(&file, sizes.log_bytes, path)?.map(Arc::new);
         let (offset_index, time_index) = open_indexes(dir, base_offset, Some(sizes.index_bytes), false)?;
-        Ok(Segment {
+        Ok(Segment::new(
             base_offset,
-            path: path.to_path_buf(),
-            file: Arc::new(file),
+            path.to_path_buf(),
+            file,
             map,
-            capacity: sizes.log_bytes,
-            size: 0,
-            next_offset: base_offset,
-            max_timestamp: i64::MIN,
-            offset_of_max_timestamp: base_offset,
-            offset_index,
-            time_index,
-            bytes_since_index: 0,
-            created_ms: now_ms,
-        })
+            sizes.log_bytes,
+            (offset_index, time_index),
+            now_ms,
+        ))
     }
 
     /// Opens an existing segment mapped at its file length. Nothing is
@@ -113,12 +107,25 @@ impl Segment {
         let map = map(&file, len, &path)?.map(Arc::new);
         let keep = recover_index_bytes.is_none();
         let (offset_index, time_index) = open_indexes(dir, base_offset, recover_index_bytes, keep)?;
-        Ok(Segment {
+        Ok(Segment::new(base_offset, path, file, map, len, (offset_index, time_index), now_ms))
+    }
+
+    /// A segment with no batches accounted for yet.
+    fn new(
+        base_offset: u64,
+        path: PathBuf,
+        file: File,
+        map: Option<Arc<MmapRaw>>,
+        capacity: u64,
+        (offset_index, time_index): (OffsetIndex, TimeIndex),
+        created_ms: i64,
+    ) -> Segment {
+        Segment {
             base_offset,
             path,
             file: Arc::new(file),
             map,
-            capacity: len,
+            capacity,
             size: 0,
             next_offset: base_offset,
             max_timestamp: i64::MIN,
@@ -126,8 +133,8 @@ impl Segment {
             offset_index,
             time_index,
             bytes_since_index: 0,
-            created_ms: now_ms,
-        })
+            created_ms,
+        }
     }
 
     pub(crate) fn next_offset(&self) -> u64 {
