@@ -105,21 +105,41 @@ async fn main() {
     )
     .await;
     track(&r);
-    let runs = if quick() { 1 } else { 3 };
-    let mut reports = Vec::new();
-    for _ in 0..runs {
-        let p = ConsumeParams {
-            topic: "b1k".into(),
-            consumers: 2,
-            fetch_bytes: 4 << 20,
-            duration: Duration::from_secs(30),
-            broker_pid: Some(pid),
-        };
-        reports.push(consume(&client, &p).await.expect("bench"));
-    }
-    let r = median(reports);
-    println!("{:<44} {r}", "consume 2 consumers from the beginning");
+    // Reading back: the default write-behind dropped all but the newest
+    // windows from the page cache, so this reads the disk; a topic with
+    // write-behind off reads back from the page cache.
+    let r = produce_case(
+        &client,
+        pid,
+        "produce 1 KiB x 1000/batch, write-behind off",
+        ProduceParams {
+            topic: "b1k-cached".into(),
+            record_size: 1024,
+            topic_configs: vec![("writeback_window_bytes".into(), "0".into())],
+            ..base.clone()
+        },
+    )
+    .await;
     track(&r);
+    for (topic, label) in
+        [("b1k", "consume 2 consumers, from disk"), ("b1k-cached", "consume 2 consumers, from page cache")]
+    {
+        let runs = if quick() { 1 } else { 3 };
+        let mut reports = Vec::new();
+        for _ in 0..runs {
+            let p = ConsumeParams {
+                topic: topic.into(),
+                consumers: 2,
+                fetch_bytes: 4 << 20,
+                duration: Duration::from_secs(30),
+                broker_pid: Some(pid),
+            };
+            reports.push(consume(&client, &p).await.expect("bench"));
+        }
+        let r = median(reports);
+        println!("{label:<44} {r}");
+        track(&r);
+    }
     let r = produce_case(
         &client,
         pid,

@@ -83,6 +83,10 @@ pub struct LogDefaults {
     pub min_insync_replicas: u32,
     /// `cleanup.policy`: only `delete` for now. Default `delete`.
     pub cleanup_policy: String,
+    /// Write-behind window per partition (see `storage::LogConfig`): bounds
+    /// dirty and cached bytes of the active segment. 0 leaves it to the OS.
+    /// Default 32 MiB; a multiple of 1 MiB.
+    pub writeback_window_bytes: u64,
 }
 
 impl Default for LogDefaults {
@@ -99,6 +103,7 @@ impl Default for LogDefaults {
             flush: "os".to_string(),
             min_insync_replicas: 1,
             cleanup_policy: "delete".to_string(),
+            writeback_window_bytes: log.writeback_window_bytes,
         }
     }
 }

@@ -76,7 +76,7 @@ impl Partition {
         let bytes: usize = batches.iter().map(RecordBatch::len).sum();
         let permits = u32::try_from(bytes).unwrap_or(u32::MAX).min(self.inflight_limit);
         let _permit = self.inflight_bytes.acquire_many(permits).await.map_err(|_| BrokerError::ShuttingDown)?;
-        let (first, last, flush) = {
+        let (first, last, flush, writeback) = {
             let mut log = self.write_log();
             let mut first = None;
             let mut last = None;
@@ -87,9 +87,17 @@ impl Partition {
             }
             let last = last.ok_or_else(|| BrokerError::InvalidRequest("no record batch in the produce data".into()))?;
             log.set_high_watermark(last.log_end_offset);
-            (first.expect("set with last"), last, log.config().flush)
+            (first.expect("set with last"), last, log.config().flush, log.take_writeback())
         };
         self.high_watermark.send_replace(last.log_end_offset);
+        if let Some(writeback) = writeback {
+            // Waiting here is the backpressure that keeps a producer at the
+            // disk's pace instead of filling memory with dirty pages.
+            let outcome = tokio::task::spawn_blocking(move || writeback.run()).await;
+            if let Ok(Err(e)) = outcome {
+                tracing::warn!(topic = %self.topic, partition = self.index, error = %e, "write-behind failed");
+            }
+        }
         if flush == FlushPolicy::Always {
             self.sync_to(last.log_end_offset).await?;
         }

@@ -78,6 +78,7 @@ pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "segment_bytes",
     "segment_index_bytes",
     "segment_ms",
+    "writeback_window_bytes",
 ];
 
 /// `retention.ms` and `retention_ms` name the same key.
@@ -97,6 +98,7 @@ fn defaults_map(d: &LogDefaults) -> BTreeMap<String, String> {
         ("segment_bytes", d.segment_bytes.to_string()),
         ("segment_index_bytes", d.segment_index_bytes.to_string()),
         ("segment_ms", d.segment_ms.to_string()),
+        ("writeback_window_bytes", d.writeback_window_bytes.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -163,6 +165,10 @@ impl TopicConfig {
         if max_message_bytes < tally_proto::batch::HEADER_LEN as u64 || max_message_bytes > (1 << 30) {
             return Err(invalid("max_message_bytes", "must be in 61 ..= 1 GiB"));
         }
+        let writeback_window_bytes: u64 = num(map, "writeback_window_bytes")?;
+        if !writeback_window_bytes.is_multiple_of(1 << 20) {
+            return Err(invalid("writeback_window_bytes", "must be 0 or a multiple of 1 MiB (1048576)"));
+        }
         let flush = parse_flush(&map["flush"]).map_err(|r| invalid("flush", r))?;
         let min_insync_replicas: u32 = num(map, "min_insync_replicas")?;
         if min_insync_replicas == 0 {
@@ -187,6 +193,7 @@ impl TopicConfig {
                 segment_index_bytes,
                 flush,
                 verify_on_read: true,
+                writeback_window_bytes,
             },
             max_message_bytes,
             min_insync_replicas,
@@ -207,6 +214,7 @@ impl TopicConfig {
             ("segment_bytes", l.segment_bytes.to_string()),
             ("segment_index_bytes", l.segment_index_bytes.to_string()),
             ("segment_ms", l.segment_ms.to_string()),
+            ("writeback_window_bytes", l.writeback_window_bytes.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

@@ -281,11 +281,25 @@ impl Consumer {
     }
 
     /// Turns the consumer into a stream; a background task fetches ahead.
+    /// Retriable errors (a broker restarting, say) are retried with backoff
+    /// from 100 ms to 5 s; any other error ends the stream after it is
+    /// yielded.
     pub fn into_stream(mut self) -> RecordStream {
         let (tx, rx) = mpsc::channel(self.config.prefetch.max(1));
         let task = tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
             loop {
                 let round = self.poll().await;
+                match &round {
+                    Err(e) if e.is_retriable() => {
+                        tracing::debug!(error = %e, ?backoff, "fetch failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                    Ok(_) => backoff = Duration::from_millis(100),
+                    Err(_) => {}
+                }
                 let failed = round.is_err();
                 if tx.send(round).await.is_err() || failed {
                     return;

@@ -328,3 +328,45 @@ async fn a_second_broker_cannot_open_the_same_data_directory() {
     assert!(err.to_string().contains("in use"), "{err}");
     first.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_stream_rides_out_a_broker_restart_without_gaps_or_repeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let address = broker.address.clone();
+    let client = broker.client().await;
+    client.admin().create_topic(NewTopic::new("restart", 1)).await.unwrap();
+    let pc = client.partition_client("restart", 0);
+    let produce = |pc: tally_client::PartitionClient, from: u32| async move {
+        for i in from..from + 10 {
+            let v = format!("r{i}");
+            pc.produce_records(
+                &[RecordRef { timestamp: 1, value: Some(v.as_bytes()), ..Default::default() }],
+                Acks::Leader,
+            )
+            .await
+            .unwrap();
+        }
+    };
+    produce(pc.clone(), 0).await;
+    let mut consumer =
+        Consumer::new(client.clone(), ConsumerConfig { max_wait: Duration::from_millis(100), ..Default::default() });
+    consumer.assign("restart", 0, SeekTo::Beginning).await.unwrap();
+    let mut stream = consumer.into_stream();
+    for i in 0..10 {
+        expect_next(&mut stream, i).await;
+    }
+    broker.stop().await.unwrap();
+    let broker = TestBroker::start_at(test_config(dir.path()), &address).await;
+    produce(pc, 10).await;
+    for i in 10..20 {
+        expect_next(&mut stream, i).await;
+    }
+    broker.stop().await.unwrap();
+}
+
+async fn expect_next(stream: &mut tally_client::RecordStream, expected: i64) {
+    let r = tokio::time::timeout(Duration::from_secs(20), stream.next()).await.expect("a record").unwrap().unwrap();
+    assert_eq!(r.offset, expected);
+    assert_eq!(r.value.unwrap(), format!("r{expected}").as_bytes());
+}

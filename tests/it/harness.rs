@@ -25,7 +25,12 @@ impl TestBroker {
     }
 
     pub async fn start_with(config: BrokerConfig) -> TestBroker {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_at(config, "127.0.0.1:0").await
+    }
+
+    /// Starts on a given address (to restart a broker where clients expect it).
+    pub async fn start_at(config: BrokerConfig, address: &str) -> TestBroker {
+        let listener = tokio::net::TcpListener::bind(address).await.expect("bind");
         let address = listener.local_addr().expect("addr").to_string();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(tally_broker::run(config, listener, async move {

@@ -35,6 +35,13 @@ pub struct LogConfig {
     pub flush: FlushPolicy,
     /// Check each batch's CRC again when reading it. Default true.
     pub verify_on_read: bool,
+    /// Write-behind window of the active segment: once a window of this many
+    /// bytes is complete its writeback starts, and the window before it is
+    /// waited for and dropped from the page cache. Bounds dirty and cached
+    /// bytes per partition (and throttles a producer to the disk's pace);
+    /// tail reads are served from the two newest windows. 0 leaves it all to
+    /// the OS. Default 32 MiB; a multiple of 1 MiB.
+    pub writeback_window_bytes: u64,
 }
 
 impl Default for LogConfig {
@@ -48,6 +55,7 @@ impl Default for LogConfig {
             segment_index_bytes: 10 << 20,
             flush: FlushPolicy::Os,
             verify_on_read: true,
+            writeback_window_bytes: 32 << 20,
         }
     }
 }
@@ -71,6 +79,12 @@ impl LogConfig {
         }
         if self.index_interval_bytes == 0 {
             out.push("index_interval_bytes must be positive".to_string());
+        }
+        if !self.writeback_window_bytes.is_multiple_of(1 << 20) {
+            out.push(format!(
+                "writeback_window_bytes must be a multiple of 1 MiB, got {}",
+                self.writeback_window_bytes
+            ));
         }
         if self.segment_index_bytes < 12 * 4 {
             out.push(format!("segment_index_bytes must be at least 48, got {}", self.segment_index_bytes));

@@ -14,7 +14,7 @@ use super::clock::Clock;
 use super::config::{FlushPolicy, LogConfig};
 use super::error::io_err;
 use super::fs::{remove_if_exists, sync_dir};
-use super::segment::{Segment, SegmentSizes};
+use super::segment::{Segment, SegmentSizes, Writeback};
 use super::{Result, StorageError};
 
 /// Where an append landed.
@@ -603,6 +603,14 @@ impl Log {
             self.dir_generation += 1;
         }
         Ok(outcome)
+    }
+
+    /// Write-behind work made due by appends since the last call; run it
+    /// outside whatever lock guards the log. `None` when there is none or
+    /// `writeback_window_bytes` is 0.
+    pub fn take_writeback(&mut self) -> Option<Writeback> {
+        let window = self.config.writeback_window_bytes;
+        self.active_mut().take_writeback(window)
     }
 
     /// What a sync right now would cover. Cheap; does no I/O.

@@ -39,7 +39,7 @@ pub use config::{FlushPolicy, LogConfig};
 pub use error::StorageError;
 pub use group_commit::GroupCommit;
 pub use log::{AppendInfo, Log, ReadResult, RetentionOutcome, SyncPlan};
-pub use segment::{SegmentBatch, scan_segment_file};
+pub use segment::{SegmentBatch, Writeback, scan_segment_file};
 
 /// Result type of this module.
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;

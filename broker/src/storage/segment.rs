@@ -63,6 +63,10 @@ pub(crate) struct Segment {
     time_index: TimeIndex,
     bytes_since_index: u64,
     created_ms: i64,
+    /// Writeback was started for bytes below this.
+    written_back: u64,
+    /// Bytes below this were dropped from the page cache.
+    dropped: u64,
 }
 
 impl Segment {
@@ -134,6 +138,8 @@ impl Segment {
             time_index,
             bytes_since_index: 0,
             created_ms,
+            written_back: 0,
+            dropped: 0,
         }
     }
 
@@ -208,6 +214,24 @@ impl Segment {
             total: total as u64,
             max_timestamp: header.max_timestamp(),
         })
+    }
+
+    /// The write-behind work that appends since the last call made due (see
+    /// [`LogConfig::writeback_window_bytes`](super::LogConfig)), or `None`.
+    pub(crate) fn take_writeback(&mut self, window: u64) -> Option<Writeback> {
+        if window == 0 {
+            return None;
+        }
+        let complete = self.size / window * window;
+        if complete <= self.written_back {
+            return None;
+        }
+        let start = self.written_back..complete;
+        let drop_to = complete.saturating_sub(window).max(self.dropped);
+        let drop = self.dropped..drop_to;
+        self.written_back = complete;
+        self.dropped = drop_to;
+        Some(Writeback { file: self.file.clone(), map: self.map.clone(), start, drop })
     }
 
     /// Writes `batch` at the end with `base_offset` and `epoch` patched in.
@@ -582,6 +606,56 @@ impl HeaderInfo {
     }
     fn max_timestamp(&self) -> i64 {
         self.max_timestamp
+    }
+}
+
+/// Write-behind work for one segment, run outside the log's lock: start
+/// writeback of `start`, then wait for `drop` to be on disk and drop it from
+/// this process's map and the page cache. It changes no data: a reader that
+/// touches a dropped range faults it back in from the file.
+#[derive(Debug)]
+pub struct Writeback {
+    file: Arc<File>,
+    map: Option<Arc<MmapRaw>>,
+    start: std::ops::Range<u64>,
+    drop: std::ops::Range<u64>,
+}
+
+impl Writeback {
+    /// Runs it. Blocks while the disk catches up with the dropped range.
+    pub fn run(&self) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let range = |r: &std::ops::Range<u64>| -> std::io::Result<(libc::off64_t, libc::off64_t)> {
+            let at = libc::off64_t::try_from(r.start).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+            let len =
+                libc::off64_t::try_from(r.end - r.start).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+            Ok((at, len))
+        };
+        let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+        let (at, len) = range(&self.start)?;
+        // SAFETY: plain syscalls on a descriptor we own.
+        check(unsafe { libc::sync_file_range(fd, at, len, libc::SYNC_FILE_RANGE_WRITE) })?;
+        if self.drop.is_empty() {
+            return Ok(());
+        }
+        let (at, len) = range(&self.drop)?;
+        let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: as above.
+        check(unsafe { libc::sync_file_range(fd, at, len, wait) })?;
+        if let Some(map) = &self.map
+            && self.drop.end <= map.len() as u64
+        {
+            // SAFETY: the range lies inside a shared file mapping; dropping
+            // its pages only makes the next access fault them back in.
+            unsafe { libc::madvise(map.as_mut_ptr().add(at as usize).cast(), len as usize, libc::MADV_DONTNEED) };
+        }
+        // SAFETY: as above.
+        let rc = unsafe { libc::posix_fadvise(fd, at, len, libc::POSIX_FADV_DONTNEED) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(())
     }
 }
 
