@@ -12,7 +12,7 @@ use tally_proto::batch::RecordBatch;
 use tokio::sync::{Semaphore, watch};
 
 use crate::error::BrokerError;
-use crate::storage::{AppendInfo, Checkpoints, FlushPolicy, GroupCommit, Log, ReadResult};
+use crate::storage::{AppendInfo, Checkpoints, FlushPolicy, GroupCommit, Log, ReadResult, Writeback};
 use crate::topic::TopicConfig;
 
 /// One partition's state.
@@ -26,6 +26,8 @@ pub struct Partition {
     inflight_bytes: Semaphore,
     inflight_limit: u32,
     last_checkpoint: Mutex<Option<Checkpoints>>,
+    /// Cold pages of the last read, dropped once a fetch passes their end.
+    read_behind: Mutex<Option<(u64, Vec<Writeback>)>>,
 }
 
 impl Partition {
@@ -44,6 +46,7 @@ impl Partition {
             inflight_bytes: Semaphore::new(inflight_limit as usize),
             inflight_limit,
             last_checkpoint: Mutex::new(None),
+            read_behind: Mutex::new(None),
         }
     }
 
@@ -147,8 +150,36 @@ impl Partition {
                 log_start_offset: log_start,
             });
         }
-        let read = log.read(offset, max_bytes, hw).map_err(BrokerError::from_storage)?;
+        let mut read = log.read(offset, max_bytes, hw).map_err(BrokerError::from_storage)?;
+        drop(log);
+        self.drop_behind_reader(offset, &mut read);
         Ok(Fetched { read, high_watermark: hw, log_start_offset: log_start })
+    }
+
+    /// Read-side drop-behind: a cold read's pages are dropped from the cache
+    /// when a later fetch starts at or past its end (the reader has moved on),
+    /// so a consumer catching up from disk recycles page-cache pages instead
+    /// of growing the cache. Dropping clean pages is a quick syscall.
+    fn drop_behind_reader(&self, offset: u64, read: &mut ReadResult) {
+        let due = {
+            let mut pending = self.read_behind.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = match pending.take() {
+                Some((end, drops)) if offset >= end => Some(drops),
+                other => {
+                    *pending = other;
+                    None
+                }
+            };
+            if pending.is_none() && !read.cold.is_empty() {
+                *pending = Some((read.next_offset, std::mem::take(&mut read.cold)));
+            }
+            due
+        };
+        for d in due.into_iter().flatten() {
+            if let Err(e) = d.run() {
+                tracing::debug!(topic = %self.topic, partition = self.index, error = %e, "dropping read pages failed");
+            }
+        }
     }
 
     /// A receiver that sees every move of the high watermark.

@@ -38,6 +38,9 @@ pub struct ReadResult {
     pub next_offset: u64,
     /// Total bytes in `chunks`.
     pub bytes: u64,
+    /// Page-cache work that drops the cold parts of this read once the
+    /// reader has moved past them (empty unless write-behind is on).
+    pub cold: Vec<Writeback>,
 }
 
 /// What a retention pass deleted.
@@ -417,7 +420,9 @@ impl Log {
             });
         }
         let upper = upper.min(leo);
-        let mut out = ReadResult { chunks: Vec::new(), next_offset: offset, bytes: 0 };
+        let mut out = ReadResult { chunks: Vec::new(), next_offset: offset, bytes: 0, cold: Vec::new() };
+        let window = self.config.writeback_window_bytes;
+        let active_base = self.active().base_offset_of();
         if offset >= upper {
             return Ok(out);
         }
@@ -432,9 +437,12 @@ impl Log {
                 0
             };
             let budget = max_bytes.saturating_sub(out.bytes);
+            let is_active = segment.base_offset_of() == active_base;
+            segment.read_ahead(position, budget, window, is_active);
             let taken =
                 segment.read_from(position, budget, upper, out.chunks.is_empty(), self.config.verify_on_read)?;
             let Some((bytes, next)) = taken else { break };
+            out.cold.extend(segment.cold_read(position, bytes.len() as u64, window, is_active));
             out.bytes += bytes.len() as u64;
             out.next_offset = next;
             out.chunks.push(bytes);

@@ -143,6 +143,10 @@ impl Segment {
         }
     }
 
+    pub(crate) fn base_offset_of(&self) -> u64 {
+        self.base_offset
+    }
+
     pub(crate) fn next_offset(&self) -> u64 {
         self.next_offset
     }
@@ -333,6 +337,41 @@ impl Segment {
             end += total;
         }
         Ok(next.map(|n| (self.slice(position, end - position), n)))
+    }
+
+    /// For a range just read: if write-behind is on (`window` > 0) and the
+    /// range lies below what it keeps cached (the segment is closed, or the
+    /// range is below the dropped mark), the work that drops it again once
+    /// the reader has moved on. Reads of cold data then recycle page-cache
+    /// pages instead of growing the cache.
+    pub(crate) fn cold_read(&self, position: u64, len: u64, window: u64, active: bool) -> Option<Writeback> {
+        let end = position + len;
+        let cold = window > 0 && (!active || end <= self.dropped);
+        let page = 4096;
+        let (start, end) = (position.div_ceil(page) * page, end / page * page);
+        (cold && end > start).then(|| Writeback {
+            file: self.file.clone(),
+            map: self.map.clone(),
+            start: 0..0,
+            drop: start..end,
+        })
+    }
+
+    /// Before reading `len` bytes at `position` of data write-behind no
+    /// longer caches: ask the kernel to read that range and as much again
+    /// after it, so one fetch waits on one large read instead of a page
+    /// fault per readahead window, and the next fetch finds its data cached.
+    pub(crate) fn read_ahead(&self, position: u64, len: u64, window: u64, active: bool) {
+        let cold = window > 0 && (!active || position < self.dropped);
+        let Some(map) = &self.map else { return };
+        if !cold || position >= self.size {
+            return;
+        }
+        let start = position / 4096 * 4096;
+        let end = (position + len.saturating_mul(2)).min(self.size);
+        // SAFETY: [start, end) lies inside the mapping; MADV_WILLNEED only
+        // starts reads.
+        unsafe { libc::madvise(map.as_mut_ptr().add(start as usize).cast(), (end - start) as usize, libc::MADV_WILLNEED) };
     }
 
     fn check_batch(&self, position: u64, total: u64) -> Result<()> {
@@ -613,7 +652,7 @@ impl HeaderInfo {
 /// writeback of `start`, then wait for `drop` to be on disk and drop it from
 /// this process's map and the page cache. It changes no data: a reader that
 /// touches a dropped range faults it back in from the file.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Writeback {
     file: Arc<File>,
     map: Option<Arc<MmapRaw>>,
@@ -633,9 +672,11 @@ impl Writeback {
             Ok((at, len))
         };
         let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
-        let (at, len) = range(&self.start)?;
-        // SAFETY: plain syscalls on a descriptor we own.
-        check(unsafe { libc::sync_file_range(fd, at, len, libc::SYNC_FILE_RANGE_WRITE) })?;
+        if !self.start.is_empty() {
+            let (at, len) = range(&self.start)?;
+            // SAFETY: plain syscalls on a descriptor we own.
+            check(unsafe { libc::sync_file_range(fd, at, len, libc::SYNC_FILE_RANGE_WRITE) })?;
+        }
         if self.drop.is_empty() {
             return Ok(());
         }
