@@ -370,3 +370,64 @@ async fn expect_next(stream: &mut tally_client::RecordStream, expected: i64) {
     assert_eq!(r.offset, expected);
     assert_eq!(r.value.unwrap(), format!("r{expected}").as_bytes());
 }
+
+/// Sends raw bytes as a gRPC message body, to test what the broker does
+/// with a message that is not valid protobuf.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_grpc_message_is_refused_and_the_broker_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    client.admin().create_topic(NewTopic::new("after", 1)).await.unwrap();
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", broker.address)).unwrap().connect().await.unwrap();
+    for body in [vec![0xff; 64], vec![0x0a, 0x80], b"not protobuf at all".to_vec()] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static("/tally.v1.Tally/Produce");
+        let status = grpc.unary(tonic::Request::new(body), path, RawCodec).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    }
+    let offset = client
+        .partition_client("after", 0)
+        .produce_records(&[RecordRef { timestamp: 1, value: Some(b"still here"), ..Default::default() }], Acks::Leader)
+        .await
+        .unwrap();
+    assert_eq!(offset, 0);
+    broker.stop().await.unwrap();
+}

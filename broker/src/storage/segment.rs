@@ -371,7 +371,9 @@ impl Segment {
         let end = (position + len.saturating_mul(2)).min(self.size);
         // SAFETY: [start, end) lies inside the mapping; MADV_WILLNEED only
         // starts reads.
-        unsafe { libc::madvise(map.as_mut_ptr().add(start as usize).cast(), (end - start) as usize, libc::MADV_WILLNEED) };
+        unsafe {
+            libc::madvise(map.as_mut_ptr().add(start as usize).cast(), (end - start) as usize, libc::MADV_WILLNEED)
+        };
     }
 
     fn check_batch(&self, position: u64, total: u64) -> Result<()> {
