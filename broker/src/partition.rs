@@ -182,6 +182,11 @@ impl Partition {
         }
     }
 
+    /// True when reading from `offset` may fault pages in from disk.
+    pub fn may_read_disk(&self, offset: u64) -> bool {
+        self.read_log().may_read_disk(offset)
+    }
+
     /// A receiver that sees every move of the high watermark.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.high_watermark.subscribe()

@@ -453,6 +453,21 @@ impl Log {
         Ok(out)
     }
 
+    /// True when a read from `offset` may have to go to disk: write-behind is
+    /// on and the offset lies in a closed segment or below what the active
+    /// segment keeps cached. (With write-behind off the OS decides, and this
+    /// says false.)
+    pub fn may_read_disk(&self, offset: u64) -> bool {
+        if self.config.writeback_window_bytes == 0 {
+            return false;
+        }
+        let active = self.active();
+        if offset < active.base_offset_of() {
+            return true;
+        }
+        active.find_position(offset).ok().flatten().is_some_and(|p| active.is_dropped(p))
+    }
+
     /// The first offset whose record timestamp is >= `timestamp`, with that
     /// timestamp; `None` when every record is older.
     pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(u64, i64)>> {

@@ -628,6 +628,8 @@ fn write_behind_covers_completed_windows_and_dropped_pages_read_back_intact() {
     // ~3.75 MiB written: windows complete at 1, 2 and 3 MiB.
     assert_eq!(runs, 3);
     assert!(log.take_writeback().is_none(), "nothing new is due");
+    assert!(log.may_read_disk(0), "the first window was dropped from the cache");
+    assert!(!log.may_read_disk(59), "the newest windows stay cached");
     let r = log.read(0, u64::MAX, u64::MAX).unwrap();
     let mut n = 0;
     for chunk in r.chunks {

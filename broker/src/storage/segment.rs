@@ -143,6 +143,11 @@ impl Segment {
         }
     }
 
+    /// True when `position` lies in what write-behind dropped from the cache.
+    pub(crate) fn is_dropped(&self, position: u64) -> bool {
+        position < self.dropped
+    }
+
     pub(crate) fn base_offset_of(&self) -> u64 {
         self.base_offset
     }
