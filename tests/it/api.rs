@@ -431,3 +431,67 @@ async fn a_malformed_grpc_message_is_refused_and_the_broker_keeps_serving() {
     assert_eq!(offset, 0);
     broker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_producers_keep_per_key_order_and_every_ack_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    client.admin().create_topic(NewTopic::new("history", 4)).await.unwrap();
+    let mut producers = Vec::new();
+    for p in 0..4u32 {
+        let client = client.clone();
+        producers.push(tokio::spawn(async move {
+            let producer = Producer::new(
+                client,
+                ProducerConfig { linger: Duration::from_millis(2), batch_bytes: 4096, ..Default::default() },
+            );
+            let mut deliveries = Vec::new();
+            for i in 0..500u32 {
+                let key = format!("producer-{p}-key-{}", i % 5);
+                let value = format!("{p}:{i}");
+                let d =
+                    producer.send(ProducerRecord::new("history", value.as_bytes()).key(key.as_bytes())).await.unwrap();
+                deliveries.push((key, value, d));
+            }
+            let mut acked = Vec::new();
+            for (key, value, d) in deliveries {
+                let meta = d.await.unwrap();
+                acked.push((key, value, meta.partition, meta.offset));
+            }
+            producer.close().await;
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for p in producers {
+        acked.extend(p.await.unwrap());
+    }
+    assert_eq!(acked.len(), 2000);
+
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    for p in 0..4 {
+        consumer.assign("history", p, SeekTo::Beginning).await.unwrap();
+    }
+    let mut stored: BTreeMap<(u32, i64), (String, String)> = BTreeMap::new();
+    while stored.len() < 2000 {
+        for r in consumer.poll().await.unwrap() {
+            let key = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
+            let value = String::from_utf8(r.value.unwrap().to_vec()).unwrap();
+            assert!(stored.insert((r.partition, r.offset), (key, value)).is_none(), "each offset is read once");
+        }
+    }
+    // Every acknowledged record is stored exactly where its ack said.
+    for (key, value, partition, offset) in &acked {
+        assert_eq!(stored.get(&(*partition, *offset)), Some(&(key.clone(), value.clone())));
+    }
+    // Each key's records are stored in the order they were sent.
+    let mut last_seq: BTreeMap<&str, u32> = BTreeMap::new();
+    for (key, value) in stored.values() {
+        let seq: u32 = value.split(':').nth(1).unwrap().parse().unwrap();
+        if let Some(prev) = last_seq.insert(key, seq) {
+            assert!(seq > prev, "{key}: {seq} after {prev}");
+        }
+    }
+    broker.stop().await.unwrap();
+}
