@@ -146,6 +146,63 @@ impl BrokerConfig {
     }
 }
 
+/// Top-level keys of [`BrokerConfig`], for environment overrides.
+const BROKER_KEYS: &[&str] = &[
+    "node_id",
+    "advertised_address",
+    "data_dir",
+    "max_request_bytes",
+    "max_inflight_bytes_per_partition",
+    "max_concurrent_requests_per_connection",
+    "max_fetch_wait_ms",
+    "retention_check_interval_ms",
+    "checkpoint_interval_ms",
+    "default_partitions",
+    "max_partitions_per_topic",
+];
+
+/// `TALLY_*` variables that are not config fields: the command line's own.
+const NOT_CONFIG: &[&str] = &["TALLY_BOOTSTRAP", "TALLY_CONFIG", "TALLY_LISTEN", "TALLY_LOG"];
+
+impl BrokerConfig {
+    /// Overrides fields from environment variables: `TALLY_<FIELD>` for a
+    /// top-level field (`TALLY_NODE_ID=3`) and `TALLY_LOG_<FIELD>` for a
+    /// `[log]` field (`TALLY_LOG_RETENTION_MS=3600000`). Values are parsed as
+    /// the field's type. A `TALLY_` variable that names no field is an error,
+    /// so a typo cannot silently leave a setting at its default. The command
+    /// line's own variables (`TALLY_BOOTSTRAP`, `TALLY_CONFIG`,
+    /// `TALLY_LISTEN`, `TALLY_LOG`) and `TALLY_BENCH_*` are skipped.
+    pub fn apply_env(self, vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, String> {
+        let mut tree = toml::Value::try_from(&self).map_err(|e| format!("cannot represent the config: {e}"))?;
+        for (name, raw) in vars {
+            let Some(key) = name.strip_prefix("TALLY_") else { continue };
+            if NOT_CONFIG.contains(&name.as_str()) || key.starts_with("BENCH_") {
+                continue;
+            }
+            let key = key.to_ascii_lowercase();
+            let table = tree.as_table_mut().expect("a struct is a table");
+            let (table, field) = match key.strip_prefix("log_") {
+                Some(field) if crate::topic::TOPIC_CONFIG_KEYS.contains(&field) => {
+                    (table.get_mut("log").and_then(toml::Value::as_table_mut).expect("log is a table"), field)
+                }
+                _ if BROKER_KEYS.contains(&key.as_str()) => (table, key.as_str()),
+                _ => return Err(format!("{name} names no config field (known: TALLY_<FIELD> and TALLY_LOG_<FIELD>)")),
+            };
+            let value = match table.get(field) {
+                Some(toml::Value::Integer(_)) => {
+                    toml::Value::Integer(raw.trim().parse().map_err(|_| format!("{name}={raw} is not an integer"))?)
+                }
+                Some(toml::Value::Boolean(_)) => {
+                    toml::Value::Boolean(raw.trim().parse().map_err(|_| format!("{name}={raw} is not true or false"))?)
+                }
+                _ => toml::Value::String(raw),
+            };
+            table.insert(field.to_string(), value);
+        }
+        tree.try_into().map_err(|e| format!("invalid config from the environment: {e}"))
+    }
+}
+
 /// Parses a flush policy: `always`, `os`, or milliseconds (`200` or `200ms`).
 pub fn parse_flush(value: &str) -> Result<FlushPolicy, String> {
     match value.trim() {
@@ -187,6 +244,31 @@ mod tests {
         let problems = c.validate();
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(BrokerConfig::default().validate().is_empty());
+    }
+
+    #[test]
+    fn environment_overrides_fields_and_refuses_unknown_names() {
+        let env = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        let c = BrokerConfig::default()
+            .apply_env(env(&[
+                ("TALLY_NODE_ID", "3"),
+                ("TALLY_LOG_RETENTION_MS", "5000"),
+                ("TALLY_LOG_FLUSH", "always"),
+                ("TALLY_DATA_DIR", "/srv/tally"),
+                ("TALLY_ADVERTISED_ADDRESS", "broker-3:9092"),
+                ("TALLY_BOOTSTRAP", "ignored:1"),
+                ("PATH", "/bin"),
+            ]))
+            .unwrap();
+        assert_eq!(c.node_id, 3);
+        assert_eq!(c.log.retention_ms, 5000);
+        assert_eq!(c.log.flush, "always");
+        assert_eq!(c.data_dir, PathBuf::from("/srv/tally"));
+        assert_eq!(c.advertised_address.as_deref(), Some("broker-3:9092"));
+        let err = BrokerConfig::default().apply_env(env(&[("TALLY_LOG_RETENTION_HOURS", "1")])).unwrap_err();
+        assert!(err.contains("TALLY_LOG_RETENTION_HOURS"), "{err}");
+        let err = BrokerConfig::default().apply_env(env(&[("TALLY_NODE_ID", "three")])).unwrap_err();
+        assert!(err.contains("not an integer"), "{err}");
     }
 
     #[test]

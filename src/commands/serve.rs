@@ -13,17 +13,18 @@ pub struct ServeArgs {
     /// TOML config file (unknown keys are errors).
     #[arg(long, env = "TALLY_CONFIG")]
     config: Option<PathBuf>,
-    /// Data directory (overrides the config file).
-    #[arg(long, env = "TALLY_DATA_DIR")]
+    /// Data directory (overrides the config file and TALLY_DATA_DIR).
+    #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Address to listen on; port 0 picks a free port and prints it.
     #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:9092")]
     listen: SocketAddr,
-    /// This broker's id (overrides the config file).
-    #[arg(long, env = "TALLY_NODE_ID")]
+    /// This broker's id (overrides the config file and TALLY_NODE_ID).
+    #[arg(long)]
     node_id: Option<u32>,
-    /// Default flush policy for topics: always, os, or milliseconds.
-    #[arg(long, env = "TALLY_FLUSH")]
+    /// Default flush policy for topics: always, os, or milliseconds
+    /// (overrides the config file and TALLY_LOG_FLUSH).
+    #[arg(long)]
     flush: Option<String>,
 }
 
@@ -66,10 +67,12 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// `tally serve`.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = match &args.config {
+    let config = match &args.config {
         Some(path) => BrokerConfig::from_toml_file(path).map_err(anyhow::Error::msg)?,
         None => BrokerConfig::default(),
     };
+    // Precedence: the TOML file, then TALLY_* variables, then flags.
+    let mut config = config.apply_env(std::env::vars()).map_err(anyhow::Error::msg)?;
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
     }
