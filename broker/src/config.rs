@@ -248,7 +248,8 @@ mod tests {
 
     #[test]
     fn environment_overrides_fields_and_refuses_unknown_names() {
-        let env = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        let env =
+            |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
         let c = BrokerConfig::default()
             .apply_env(env(&[
                 ("TALLY_NODE_ID", "3"),

@@ -7,8 +7,10 @@
 //!   u32)` where the offset is the last offset of the batch that raised the
 //!   segment's max timestamp; timestamps strictly increase.
 //!
-//! The active segment's index files are preallocated to `segment_index_bytes`
-//! and trimmed to their entries when the segment is closed. The number of
+//! The active segment's index files are mapped at `segment_index_bytes` but
+//! allocated on disk in steps of [`INDEX_ALLOCATION_STEP`] as entries arrive
+//! (so a thousand idle partitions do not reserve 20 MiB each), and trimmed to
+//! their entries when the segment is closed. The number of
 //! entries is kept in memory; on open it comes from the file length (closed
 //! segments) or from a rebuild (segments that recovery re-validates).
 
@@ -22,6 +24,9 @@ use super::Result;
 use super::error::io_err;
 use super::fs::{map, open_rw, preallocate};
 
+/// Bytes of index file allocated at a time.
+pub(crate) const INDEX_ALLOCATION_STEP: u64 = 64 << 10;
+
 /// One mapped index file of fixed-size entries.
 #[derive(Debug)]
 pub(crate) struct IndexFile {
@@ -29,7 +34,10 @@ pub(crate) struct IndexFile {
     file: Arc<File>,
     map: Option<MmapRaw>,
     entry_len: usize,
+    /// Most entries the map can hold.
     capacity: usize,
+    /// Entries the file has real blocks for (stores beyond would hit a hole).
+    allocated: usize,
     len: usize,
 }
 
@@ -41,24 +49,39 @@ impl IndexFile {
         let file = open_rw(path)?;
         let file_len = file.metadata().map_err(io_err("stat", path))?.len();
         let existing = if keep_entries { usize::try_from(file_len).unwrap_or(0) / entry_len } else { 0 };
-        let map_len = match writable_bytes {
+        let whole = |bytes: u64| bytes / entry_len as u64 * entry_len as u64;
+        let (map_len, allocated_bytes) = match writable_bytes {
             Some(bytes) => {
-                let bytes = bytes.max(file_len) / entry_len as u64 * entry_len as u64;
-                preallocate(&file, bytes, path)?;
-                bytes
+                let first_step = whole(file_len.max(INDEX_ALLOCATION_STEP.min(bytes)));
+                preallocate(&file, first_step, path)?;
+                (whole(bytes.max(file_len)), first_step)
             }
-            None => file_len / entry_len as u64 * entry_len as u64,
+            None => (whole(file_len), whole(file_len)),
         };
         let map = map(&file, map_len, path)?;
         let capacity = usize::try_from(map_len).unwrap_or(0) / entry_len;
+        let allocated = usize::try_from(allocated_bytes).unwrap_or(0) / entry_len;
         Ok(IndexFile {
             path: path.to_path_buf(),
             file: Arc::new(file),
             map,
             entry_len,
             capacity,
+            allocated,
             len: existing.min(capacity),
         })
+    }
+
+    /// Allocates the next step of the file; false when the disk refuses
+    /// (the entry is then skipped: indexes are sparse, lookups scan on).
+    fn allocate_more(&mut self) -> bool {
+        let step = (INDEX_ALLOCATION_STEP as usize / self.entry_len).max(1);
+        let target = (self.allocated + step).min(self.capacity);
+        if target <= self.allocated || preallocate(&self.file, (target * self.entry_len) as u64, &self.path).is_err() {
+            return false;
+        }
+        self.allocated = target;
+        true
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -83,6 +106,9 @@ impl IndexFile {
     fn push(&mut self, entry: &[u8]) {
         debug_assert_eq!(entry.len(), self.entry_len);
         debug_assert!(!self.is_full());
+        if self.len >= self.allocated && !self.allocate_more() {
+            return;
+        }
         let map = self.map.as_ref().expect("capacity implies a map");
         // SAFETY: len < capacity, so the destination lies inside the mapping;
         // nobody reads entries at or after len.
@@ -112,6 +138,7 @@ impl IndexFile {
         let bytes = (self.len * self.entry_len) as u64;
         self.file.set_len(bytes).map_err(io_err("truncate", &self.path))?;
         self.capacity = self.len;
+        self.allocated = self.len;
         Ok(())
     }
 
@@ -119,9 +146,9 @@ impl IndexFile {
     /// becomes active again after a truncation).
     pub(crate) fn make_writable(&mut self, bytes: u64) -> Result<()> {
         let bytes = bytes / self.entry_len as u64 * self.entry_len as u64;
-        preallocate(&self.file, bytes, &self.path)?;
         self.map = map(&self.file, bytes, &self.path)?;
         self.capacity = usize::try_from(bytes).unwrap_or(0) / self.entry_len;
+        self.allocated = self.allocated.max(self.len).min(self.capacity);
         Ok(())
     }
 

@@ -640,3 +640,33 @@ fn write_behind_covers_completed_windows_and_dropped_pages_read_back_intact() {
     }
     assert_eq!(n, 60, "bytes dropped from the cache fault back in from the file");
 }
+
+fn allocated_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn an_idle_partition_reserves_one_allocation_step_not_a_whole_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { retention_ms: None, ..LogConfig::default() }; // 1 GiB segments
+    let mut log = Log::open(dir.path(), config.clone(), Arc::new(SystemClock)).unwrap();
+    let seg = dir.path().join("00000000000000000000.log");
+    let step = super::super::segment::LOG_ALLOCATION_STEP;
+    assert!(allocated_bytes(&seg) <= step, "allocated {}", allocated_bytes(&seg));
+    for ext in ["index", "timeindex"] {
+        let idx = dir.path().join(format!("00000000000000000000.{ext}"));
+        assert!(allocated_bytes(&idx) <= 64 << 10, "{ext} allocated {}", allocated_bytes(&idx));
+    }
+    // Appending past the first step allocates the next one, and the data reads back.
+    let value = vec![3u8; 512 << 10];
+    let batches = step / (512 << 10) + 2;
+    for _ in 0..batches {
+        log.append(&batch(&[&value], 1), 0).unwrap();
+    }
+    let allocated = allocated_bytes(&seg);
+    assert!(allocated > step && allocated <= 3 * step, "allocated {allocated}");
+    drop(log);
+    let log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
+    assert_eq!(log.log_end_offset(), batches);
+}

@@ -20,8 +20,9 @@
 //! - Every byte handed out by [`Log::read`] lies below the segment's valid size
 //!   and was validated when written or recovered; batches are CRC-checked again
 //!   when read if `verify_on_read` is set.
-//! - Logs and indexes are memory-mapped; the active segment is preallocated with
-//!   real blocks so a store into the map cannot hit a hole on a full disk.
+//! - Logs and indexes are memory-mapped; the active segment's files get real
+//!   blocks (fallocate, in steps) before anything is written into them, so a
+//!   full disk is an error from the allocation, never a hole in the map.
 
 mod checkpoint;
 mod clock;

@@ -19,6 +19,10 @@ use super::fs::{map, open_rw, preallocate, remove_if_exists};
 use super::index::{IndexFile, OffsetIndex, TimeIndex};
 use super::{Result, StorageError};
 
+/// Bytes of `.log` allocated at a time as the active segment fills, so an
+/// idle partition does not reserve a whole `segment_bytes` of disk.
+pub(crate) const LOG_ALLOCATION_STEP: u64 = 32 << 20;
+
 /// File name of a segment file: the base offset, 20 digits, and `ext`.
 pub(crate) fn file_name(base_offset: u64, ext: &str) -> String {
     format!("{base_offset:020}.{ext}")
@@ -54,7 +58,11 @@ pub(crate) struct Segment {
     path: PathBuf,
     file: Arc<File>,
     map: Option<Arc<MmapRaw>>,
+    /// Most bytes the segment may hold: the length of its map.
     capacity: u64,
+    /// Bytes of the file with real blocks (the file's length); appends
+    /// allocate ahead in steps of [`LOG_ALLOCATION_STEP`].
+    allocated: u64,
     size: u64,
     next_offset: u64,
     max_timestamp: i64,
@@ -86,18 +94,15 @@ impl Segment {
     fn create_files(dir: &Path, path: &Path, base_offset: u64, sizes: SegmentSizes, now_ms: i64) -> Result<Segment> {
         let file = open_rw(path)?;
         file.set_len(0).map_err(io_err("truncate", path))?;
-        preallocate(&file, sizes.log_bytes, path)?;
+        let first_step = LOG_ALLOCATION_STEP.min(sizes.log_bytes);
+        preallocate(&file, first_step, path)?;
+        // The map covers the whole segment; only allocated bytes are ever read.
         let map = map(&file, sizes.log_bytes, path)?.map(Arc::new);
         let (offset_index, time_index) = open_indexes(dir, base_offset, Some(sizes.index_bytes), false)?;
-        Ok(Segment::new(
-            base_offset,
-            path.to_path_buf(),
-            file,
-            map,
-            sizes.log_bytes,
-            (offset_index, time_index),
-            now_ms,
-        ))
+        let indexes = (offset_index, time_index);
+        let mut segment = Segment::new(base_offset, path.to_path_buf(), file, map, sizes.log_bytes, indexes, now_ms);
+        segment.allocated = first_step;
+        Ok(segment)
     }
 
     /// Opens an existing segment mapped at its file length. Nothing is
@@ -130,6 +135,7 @@ impl Segment {
             file: Arc::new(file),
             map,
             capacity,
+            allocated: capacity,
             size: 0,
             next_offset: base_offset,
             max_timestamp: i64::MIN,
@@ -243,6 +249,18 @@ impl Segment {
         Some(Writeback { file: self.file.clone(), map: self.map.clone(), start, drop })
     }
 
+    /// Makes sure the file has real blocks up to `end`, allocating a step
+    /// ahead. A full disk fails here, before anything is written.
+    fn allocate_to(&mut self, end: u64) -> Result<()> {
+        if end <= self.allocated {
+            return Ok(());
+        }
+        let target = end.max(self.allocated + LOG_ALLOCATION_STEP).min(self.capacity.max(end));
+        preallocate(&self.file, target, &self.path)?;
+        self.allocated = target;
+        Ok(())
+    }
+
     /// Writes `batch` at the end with `base_offset` and `epoch` patched in.
     /// The write goes through the page cache with one `pwritev` (the patched
     /// header from the stack, the rest from the batch), so a full disk is an
@@ -251,6 +269,7 @@ impl Segment {
         let len = batch.len() as u64;
         debug_assert!(self.size + len <= self.capacity);
         let position = self.size;
+        self.allocate_to(position + len)?;
         let bytes = batch.bytes();
         let mut header = [0u8; HEADER_LEN];
         header.copy_from_slice(&bytes[..HEADER_LEN]);
@@ -503,6 +522,7 @@ impl Segment {
         if self.size < file_len {
             self.file.set_len(self.size).map_err(io_err("truncate", &self.path))?;
             self.capacity = self.size;
+            self.allocated = self.size;
         }
         Ok(())
     }
@@ -574,6 +594,7 @@ impl Segment {
             self.file.set_len(position).map_err(io_err("truncate", &self.path))?;
             self.map = map(&self.file, position, &self.path)?.map(Arc::new);
             self.capacity = position;
+            self.allocated = position;
         }
         Ok(Recovered { cut_bytes, zero_tail })
     }
@@ -584,7 +605,6 @@ impl Segment {
         // bytes past `size` are zeros already (preallocated, zeroed by a
         // truncation, or cut away by recovery).
         let capacity = sizes.log_bytes.max(self.size).max(self.capacity);
-        preallocate(&self.file, capacity, &self.path)?;
         self.map = map(&self.file, capacity, &self.path)?.map(Arc::new);
         self.capacity = capacity;
         let entries = sizes.index_bytes;
@@ -604,6 +624,7 @@ impl Segment {
         preallocate(&self.file, capacity, &self.path)?;
         self.map = map(&self.file, capacity, &self.path)?.map(Arc::new);
         self.capacity = capacity;
+        self.allocated = capacity;
         Ok(())
     }
 
@@ -615,6 +636,7 @@ impl Segment {
         }
         self.file.set_len(self.size).map_err(io_err("truncate", &self.path))?;
         self.capacity = self.size;
+        self.allocated = self.size;
         self.offset_index.file.trim()?;
         self.time_index.file.trim()?;
         Ok(())
