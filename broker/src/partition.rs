@@ -253,11 +253,6 @@ impl Partition {
         self.inflight_bytes.close();
         self.write_log().close().map_err(BrokerError::Storage)
     }
-
-    /// Bytes of data in the log.
-    pub fn size_bytes(&self) -> u64 {
-        self.read_log().size_bytes()
-    }
 }
 
 /// What [`Partition::fetch`] returns.

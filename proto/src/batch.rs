@@ -555,11 +555,6 @@ pub struct Records {
 }
 
 impl Records {
-    /// Bytes after the records read so far.
-    pub fn remaining(&self) -> usize {
-        self.bytes.len() - self.pos
-    }
-
     fn parse_one(&mut self) -> Result<Record, BatchError> {
         let (raw, end) = parse_record(&self.bytes, self.pos, self.index)?;
         self.pos = end;

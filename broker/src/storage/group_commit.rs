@@ -65,11 +65,6 @@ impl GroupCommit {
             }
         }
     }
-
-    /// Lowers the durable offset after a truncation.
-    pub fn reset(&self, durable: u64) {
-        self.lock().durable = durable;
-    }
 }
 
 #[cfg(test)]

@@ -820,7 +820,17 @@ pub struct SegmentBatch {
 /// batch whose framing is unreadable (reported with its error) or at a
 /// zero-filled tail (preallocated space, not an error).
 pub fn scan_segment_file(path: &Path) -> Result<Vec<SegmentBatch>> {
-    let data = Bytes::from(std::fs::read(path).map_err(io_err("read", path))?);
+    let file = File::open(path).map_err(io_err("open", path))?;
+    let len = file.metadata().map_err(io_err("stat", path))?.len();
+    let data = if len == 0 {
+        Bytes::new()
+    } else {
+        // SAFETY: a read-only map of a file that a running broker may still
+        // append to; bytes past what it has written read as zeros or as a
+        // torn batch, which the walk below reports as such.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err("mmap", path))?;
+        Bytes::from_owner(map)
+    };
     let mut out = Vec::new();
     let mut position = 0usize;
     while position < data.len() {
