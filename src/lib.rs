@@ -4,3 +4,8 @@
 
 pub mod bench;
 pub mod child;
+
+/// README.md's Rust examples, compiled as doctests so the README stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -287,6 +287,7 @@ fn read_targets(targets: &[FetchTarget], names: &[String], max_bytes: u64) -> (p
     let mut total = 0u64;
     let mut any_error = false;
     for t in targets {
+        let _span = tracing::debug_span!("fetch", topic = %names[t.topic_index], partition = t.partition).entered();
         let budget = t.max_bytes.min(max_bytes.saturating_sub(total));
         let result = t.resolved.as_ref().map_err(clone_error).and_then(|p| {
             if budget == 0 {
