@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tally_broker::storage::{FlushPolicy, Log, LogConfig, SystemClock};
+use tally_broker::storage::{FlushPolicy, Log, LogConfig, Offset, SystemClock};
 use tally_proto::batch::{BatchBuilder, BatchLimits, RecordBatch, RecordRef};
 
 struct Case {
@@ -107,7 +107,7 @@ fn lookups(log: &Log, records: u64) -> (Duration, Duration) {
     };
     let start = Instant::now();
     for _ in 0..n {
-        let r = log.read(next(), 1, u64::MAX).expect("read");
+        let r = log.read(Offset(next()), 1, Offset::MAX).expect("read");
         std::hint::black_box(r);
     }
     let offset = start.elapsed() / n as u32;
@@ -123,9 +123,9 @@ fn sequential_read(log: &Log) -> (Duration, u64) {
     let end = log.log_end_offset();
     let start = Instant::now();
     let mut bytes = 0;
-    let mut offset = 0;
+    let mut offset = Offset(0);
     while offset < end {
-        let r = log.read(offset, 1 << 20, u64::MAX).expect("read");
+        let r = log.read(offset, 1 << 20, Offset::MAX).expect("read");
         bytes += r.bytes;
         offset = r.next_offset;
     }
@@ -154,7 +154,7 @@ fn run_case(root: &Path, case: &Case) {
     let start = Instant::now();
     let log = Log::open(&dir, config(FlushPolicy::Os, 0), Arc::new(SystemClock)).expect("recover");
     let t_recover = start.elapsed();
-    assert_eq!(log.log_end_offset(), records, "recovery kept every record");
+    assert_eq!(log.log_end_offset(), Offset(records), "recovery kept every record");
     drop(log);
     let _ = std::fs::remove_dir_all(&dir);
 

@@ -3,7 +3,7 @@
 use tally_proto::ErrorCode;
 use tally_proto::batch::BatchError;
 
-use crate::storage::StorageError;
+use crate::storage::{Offset, StorageError};
 use crate::topic::InvalidConfig;
 
 /// What a broker operation can fail with. Each maps to one wire
@@ -50,9 +50,9 @@ pub enum BrokerError {
         /// Offset asked for.
         requested: i64,
         /// First offset.
-        log_start: u64,
+        log_start: Offset,
         /// Offset after the last.
-        log_end: u64,
+        log_end: Offset,
     },
     /// acks=all with too few in-sync replicas.
     #[error("acks=all needs {min_isr} in-sync replicas but only {isr} are in sync")]
@@ -104,7 +104,7 @@ impl BrokerError {
     pub(crate) fn from_storage(e: StorageError) -> BrokerError {
         match e {
             StorageError::OffsetOutOfRange { requested, log_start, log_end } => {
-                BrokerError::OffsetOutOfRange { requested: requested as i64, log_start, log_end }
+                BrokerError::OffsetOutOfRange { requested: requested.to_wire(), log_start, log_end }
             }
             other => BrokerError::Storage(other),
         }

@@ -12,7 +12,7 @@ use tally_proto::batch::RecordBatch;
 use tokio::sync::{Semaphore, watch};
 
 use crate::error::BrokerError;
-use crate::storage::{AppendInfo, Checkpoints, FlushPolicy, GroupCommit, Log, ReadResult, Writeback};
+use crate::storage::{AppendInfo, Checkpoints, FlushPolicy, GroupCommit, Log, Offset, ReadResult, Writeback};
 use crate::topic::TopicConfig;
 
 /// One partition's state.
@@ -22,12 +22,12 @@ pub struct Partition {
     index: u32,
     log: RwLock<Log>,
     commit: GroupCommit,
-    high_watermark: watch::Sender<u64>,
+    high_watermark: watch::Sender<Offset>,
     inflight_bytes: Semaphore,
     inflight_limit: u32,
     last_checkpoint: Mutex<Option<Checkpoints>>,
     /// Cold pages of the last read, dropped once a fetch passes their end.
-    read_behind: Mutex<Option<(u64, Vec<Writeback>)>>,
+    read_behind: Mutex<Option<(Offset, Vec<Writeback>)>>,
 }
 
 impl Partition {
@@ -113,7 +113,7 @@ impl Partition {
 
     /// Returns once offsets below `offset` are on disk (group commit on a
     /// blocking thread; the log lock is not held during the fsync).
-    pub async fn sync_to(self: &Arc<Self>, offset: u64) -> Result<u64, BrokerError> {
+    pub async fn sync_to(self: &Arc<Self>, offset: Offset) -> Result<Offset, BrokerError> {
         if self.commit.durable() >= offset {
             return Ok(self.commit.durable());
         }
@@ -124,7 +124,7 @@ impl Partition {
     }
 
     /// Blocking group-commit sync up to `offset`.
-    pub fn sync_blocking(&self, offset: u64) -> Result<u64, BrokerError> {
+    pub fn sync_blocking(&self, offset: Offset) -> Result<Offset, BrokerError> {
         self.commit
             .sync_to(offset, || {
                 let plan = self.read_log().sync_plan();
@@ -139,7 +139,7 @@ impl Partition {
     pub fn fetch(&self, offset: i64, max_bytes: u64) -> Result<Fetched, BrokerError> {
         let log = self.read_log();
         let (log_start, hw) = (log.log_start_offset(), log.high_watermark());
-        let Ok(offset) = u64::try_from(offset) else {
+        let Some(offset) = Offset::from_wire(offset) else {
             return Err(BrokerError::OffsetOutOfRange { requested: offset, log_start, log_end: hw });
         };
         if offset > hw && offset <= log.log_end_offset() {
@@ -160,7 +160,7 @@ impl Partition {
     /// when a later fetch starts at or past its end (the reader has moved on),
     /// so a consumer catching up from disk recycles page-cache pages instead
     /// of growing the cache. Dropping clean pages is a quick syscall.
-    fn drop_behind_reader(&self, offset: u64, read: &mut ReadResult) {
+    fn drop_behind_reader(&self, offset: Offset, read: &mut ReadResult) {
         let due = {
             let mut pending = self.read_behind.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let due = match pending.take() {
@@ -183,23 +183,23 @@ impl Partition {
     }
 
     /// True when reading from `offset` may fault pages in from disk.
-    pub fn may_read_disk(&self, offset: u64) -> bool {
+    pub fn may_read_disk(&self, offset: Offset) -> bool {
         self.read_log().may_read_disk(offset)
     }
 
     /// A receiver that sees every move of the high watermark.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub fn subscribe(&self) -> watch::Receiver<Offset> {
         self.high_watermark.subscribe()
     }
 
     /// `(log_start_offset, high_watermark, log_end_offset)`.
-    pub fn offsets(&self) -> (u64, u64, u64) {
+    pub fn offsets(&self) -> (Offset, Offset, Offset) {
         let log = self.read_log();
         (log.log_start_offset(), log.high_watermark(), log.log_end_offset())
     }
 
     /// The first offset below the high watermark whose timestamp is >= `ts`.
-    pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<(u64, i64)>, BrokerError> {
+    pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<(Offset, i64)>, BrokerError> {
         let log = self.read_log();
         let found = log.offset_for_timestamp(ts).map_err(BrokerError::from_storage)?;
         Ok(found.filter(|(o, _)| *o < log.high_watermark()))
@@ -261,7 +261,7 @@ pub struct Fetched {
     /// The batches.
     pub read: ReadResult,
     /// High watermark when read.
-    pub high_watermark: u64,
+    pub high_watermark: Offset,
     /// Log start offset when read.
-    pub log_start_offset: u64,
+    pub log_start_offset: Offset,
 }

@@ -108,8 +108,8 @@ impl Admin for AdminService {
                                 leader_epoch: 0,
                                 replicas: vec![node],
                                 isr: vec![node],
-                                log_start_offset: start as i64,
-                                high_watermark: hw as i64,
+                                log_start_offset: start.to_wire(),
+                                high_watermark: hw.to_wire(),
                             }
                         })
                         .collect(),

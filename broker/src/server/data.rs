@@ -14,6 +14,7 @@ use tracing::Instrument;
 use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::partition::Partition;
+use crate::storage::Offset;
 
 /// Leader epoch of every partition until the controller hands them out.
 const LEADER_EPOCH: u32 = 0;
@@ -96,13 +97,13 @@ impl Tally for TallyService {
                 let span = tracing::debug_span!("produce", topic = %t.name, partition = p.partition);
                 let result = self.produce_partition(&t.name, p.partition, p.records, acks).instrument(span).await;
                 let log_start =
-                    self.broker.partition(&t.name, p.partition).map(|(_, p)| p.offsets().0 as i64).unwrap_or(-1);
+                    self.broker.partition(&t.name, p.partition).map(|(_, p)| p.offsets().0.to_wire()).unwrap_or(-1);
                 partitions.push(match result {
                     Ok(info) => pb::PartitionProduceResponse {
                         partition: p.partition,
                         error_code: ErrorCode::None as i32,
                         error_message: String::new(),
-                        base_offset: info.base_offset as i64,
+                        base_offset: info.base_offset.to_wire(),
                         log_append_time_ms: -1,
                         log_start_offset: log_start,
                     },
@@ -147,7 +148,7 @@ impl Tally for TallyService {
         }
         // Subscribe before the first read so an append between the read and
         // the wait still wakes us.
-        let mut watchers: Vec<watch::Receiver<u64>> =
+        let mut watchers: Vec<watch::Receiver<Offset>> =
             targets.iter().filter_map(|t| t.resolved.as_ref().ok().map(|p| p.subscribe())).collect();
         let shared = Arc::new((targets, names));
         loop {
@@ -177,12 +178,12 @@ impl Tally for TallyService {
                     let found = self.broker.partition(&t.name, p.partition).and_then(|(_, part)| {
                         let (start, hw, _) = part.offsets();
                         match p.timestamp {
-                            -2 => Ok((start as i64, -1)),
-                            -1 => Ok((hw as i64, -1)),
+                            -2 => Ok((start.to_wire(), -1)),
+                            -1 => Ok((hw.to_wire(), -1)),
                             ts if ts < 0 => {
                                 Err(BrokerError::InvalidRequest(format!("timestamp {ts} is not -2, -1 or >= 0")))
                             }
-                            ts => Ok(part.offset_for_timestamp(ts)?.map_or((-1, -1), |(o, t)| (o as i64, t))),
+                            ts => Ok(part.offset_for_timestamp(ts)?.map_or((-1, -1), |(o, t)| (o.to_wire(), t))),
                         }
                     });
                     match found {
@@ -269,7 +270,7 @@ async fn read_off_runtime(
     let may_block = shared
         .0
         .iter()
-        .any(|t| t.resolved.as_ref().is_ok_and(|p| u64::try_from(t.offset).is_ok_and(|o| p.may_read_disk(o))));
+        .any(|t| t.resolved.as_ref().is_ok_and(|p| Offset::from_wire(t.offset).is_some_and(|o| p.may_read_disk(o))));
     if !may_block {
         return Ok(read_targets(&shared.0, &shared.1, max_bytes));
     }
@@ -304,8 +305,8 @@ fn read_targets(targets: &[FetchTarget], names: &[String], max_bytes: u64) -> (p
                     partition: t.partition,
                     error_code: 0,
                     error_message: String::new(),
-                    high_watermark: hw as i64,
-                    log_start_offset: start as i64,
+                    high_watermark: hw.to_wire(),
+                    log_start_offset: start.to_wire(),
                     records: chunks,
                 }
             }

@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::Result;
 use super::error::io_err;
 use super::fs::write_atomic;
+use super::{Offset, Result};
 
 const RECOVERY_POINT: &str = "recovery-point-checkpoint";
 const LOG_START: &str = "log-start-offset-checkpoint";
@@ -19,7 +19,7 @@ pub struct EpochEntry {
     /// The leader epoch.
     pub epoch: u32,
     /// First offset written under it.
-    pub start_offset: u64,
+    pub start_offset: Offset,
 }
 
 /// Epoch -> start offset, ascending in both.
@@ -41,7 +41,7 @@ impl LeaderEpochCache {
 
     /// Records that `epoch` starts at `offset` if it is newer than the last
     /// one. Returns true when the cache changed.
-    pub fn assign(&mut self, epoch: u32, offset: u64) -> bool {
+    pub fn assign(&mut self, epoch: u32, offset: Offset) -> bool {
         match self.entries.last() {
             Some(last) if last.epoch >= epoch => false,
             _ => {
@@ -53,21 +53,21 @@ impl LeaderEpochCache {
 
     /// For a follower asking about `epoch`: the largest epoch <= it and the
     /// offset where that epoch ended (the next epoch's start, or `log_end`).
-    pub fn end_offset_for(&self, epoch: u32, log_end: u64) -> Option<(u32, u64)> {
+    pub fn end_offset_for(&self, epoch: u32, log_end: Offset) -> Option<(u32, Offset)> {
         let idx = self.entries.iter().rposition(|e| e.epoch <= epoch)?;
         let end = self.entries.get(idx + 1).map_or(log_end, |n| n.start_offset);
         Some((self.entries[idx].epoch, end))
     }
 
     /// Drops epochs that start at or after `offset` (after a truncation).
-    pub fn truncate_from_end(&mut self, offset: u64) -> bool {
+    pub fn truncate_from_end(&mut self, offset: Offset) -> bool {
         let before = self.entries.len();
         self.entries.retain(|e| e.start_offset < offset);
         before != self.entries.len()
     }
 
     /// Drops epochs wholly below `offset` and moves the first to start there.
-    pub fn truncate_from_start(&mut self, offset: u64) -> bool {
+    pub fn truncate_from_start(&mut self, offset: Offset) -> bool {
         let keep_from = self.entries.iter().rposition(|e| e.start_offset <= offset).unwrap_or(0);
         let mut changed = keep_from > 0;
         self.entries.drain(..keep_from);
@@ -85,11 +85,11 @@ impl LeaderEpochCache {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checkpoints {
     /// Offsets below this are durable and were validated.
-    pub recovery_point: u64,
+    pub recovery_point: Offset,
     /// First readable offset.
-    pub log_start_offset: u64,
+    pub log_start_offset: Offset,
     /// Last known high watermark.
-    pub high_watermark: u64,
+    pub high_watermark: Offset,
     /// Leader epochs.
     pub leader_epochs: LeaderEpochCache,
 }
@@ -98,9 +98,9 @@ impl Checkpoints {
     /// Reads the checkpoint files in `dir`; a missing file gives the default.
     pub fn read(dir: &Path) -> Result<Checkpoints> {
         let mut out = Checkpoints {
-            recovery_point: read_offset(&dir.join(RECOVERY_POINT))?.unwrap_or(0),
-            log_start_offset: read_offset(&dir.join(LOG_START))?.unwrap_or(0),
-            high_watermark: read_offset(&dir.join(HIGH_WATERMARK))?.unwrap_or(0),
+            recovery_point: read_offset(&dir.join(RECOVERY_POINT))?.unwrap_or_default(),
+            log_start_offset: read_offset(&dir.join(LOG_START))?.unwrap_or_default(),
+            high_watermark: read_offset(&dir.join(HIGH_WATERMARK))?.unwrap_or_default(),
             leader_epochs: LeaderEpochCache::default(),
         };
         if let Some(lines) = read_lines(&dir.join(LEADER_EPOCH))? {
@@ -126,12 +126,12 @@ impl Checkpoints {
     }
 
     /// Writes only the recovery point.
-    pub fn write_recovery_point(dir: &Path, offset: u64) -> Result<()> {
+    pub fn write_recovery_point(dir: &Path, offset: Offset) -> Result<()> {
         write_atomic(&dir.join(RECOVERY_POINT), format!("{VERSION}\n{offset}\n").as_bytes())
     }
 
     /// Writes only the log start offset.
-    pub fn write_log_start(dir: &Path, offset: u64) -> Result<()> {
+    pub fn write_log_start(dir: &Path, offset: Offset) -> Result<()> {
         write_atomic(&dir.join(LOG_START), format!("{VERSION}\n{offset}\n").as_bytes())
     }
 
@@ -158,7 +158,7 @@ fn read_lines(path: &PathBuf) -> Result<Option<Vec<String>>> {
     }
 }
 
-fn read_offset(path: &PathBuf) -> Result<Option<u64>> {
+fn read_offset(path: &PathBuf) -> Result<Option<Offset>> {
     Ok(read_lines(path)?.and_then(|lines| lines.first().and_then(|l| l.trim().parse().ok())))
 }
 
@@ -170,9 +170,14 @@ mod tests {
     fn checkpoints_round_trip_and_missing_files_read_as_defaults() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(Checkpoints::read(dir.path()).unwrap(), Checkpoints::default());
-        let mut c = Checkpoints { recovery_point: 10, log_start_offset: 3, high_watermark: 9, ..Default::default() };
-        c.leader_epochs.assign(0, 0);
-        c.leader_epochs.assign(2, 7);
+        let mut c = Checkpoints {
+            recovery_point: Offset(10),
+            log_start_offset: Offset(3),
+            high_watermark: Offset(9),
+            ..Default::default()
+        };
+        c.leader_epochs.assign(0, Offset(0));
+        c.leader_epochs.assign(2, Offset(7));
         c.write(dir.path()).unwrap();
         assert_eq!(Checkpoints::read(dir.path()).unwrap(), c);
         assert!(!dir.path().join("recovery-point-checkpoint.tmp").exists());
@@ -181,17 +186,17 @@ mod tests {
     #[test]
     fn epoch_cache_answers_end_offsets_and_truncates() {
         let mut c = LeaderEpochCache::default();
-        assert!(c.assign(1, 0));
-        assert!(!c.assign(1, 5), "same epoch is not a new entry");
-        assert!(c.assign(3, 10));
-        assert_eq!(c.end_offset_for(1, 20), Some((1, 10)));
-        assert_eq!(c.end_offset_for(2, 20), Some((1, 10)));
-        assert_eq!(c.end_offset_for(3, 20), Some((3, 20)));
-        assert_eq!(c.end_offset_for(0, 20), None);
-        c.truncate_from_end(10);
+        assert!(c.assign(1, Offset(0)));
+        assert!(!c.assign(1, Offset(5)), "same epoch is not a new entry");
+        assert!(c.assign(3, Offset(10)));
+        assert_eq!(c.end_offset_for(1, Offset(20)), Some((1, Offset(10))));
+        assert_eq!(c.end_offset_for(2, Offset(20)), Some((1, Offset(10))));
+        assert_eq!(c.end_offset_for(3, Offset(20)), Some((3, Offset(20))));
+        assert_eq!(c.end_offset_for(0, Offset(20)), None);
+        c.truncate_from_end(Offset(10));
         assert_eq!(c.latest_epoch(), Some(1));
-        c.assign(3, 10);
-        c.truncate_from_start(12);
-        assert_eq!(c.entries(), &[EpochEntry { epoch: 3, start_offset: 12 }]);
+        c.assign(3, Offset(10));
+        c.truncate_from_start(Offset(12));
+        assert_eq!(c.entries(), &[EpochEntry { epoch: 3, start_offset: Offset(12) }]);
     }
 }

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use tally_proto::batch::BatchError;
 
+use super::Offset;
+
 /// What went wrong in the log.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -22,11 +24,11 @@ pub enum StorageError {
     #[error("offset {requested} is out of range: the log holds [{log_start}, {log_end})")]
     OffsetOutOfRange {
         /// The offset asked for.
-        requested: u64,
+        requested: Offset,
         /// First offset in the log.
-        log_start: u64,
+        log_start: Offset,
         /// Offset after the last record.
-        log_end: u64,
+        log_end: Offset,
     },
     /// Bytes on disk that fail validation.
     #[error("corrupt batch in {path} at position {position}: {reason}")]
@@ -42,9 +44,9 @@ pub enum StorageError {
     #[error("replica batch starts at offset {got}, but the log ends at {expected}")]
     NonContiguousOffset {
         /// The log end offset.
-        expected: u64,
+        expected: Offset,
         /// The batch's base offset.
-        got: u64,
+        got: i64,
     },
     /// An argument the log cannot act on.
     #[error("{0}")]

@@ -9,6 +9,8 @@
 
 use std::sync::{Condvar, Mutex};
 
+use super::Offset;
+
 /// Shared fsync bookkeeping for one log.
 #[derive(Debug, Default)]
 pub struct GroupCommit {
@@ -18,18 +20,18 @@ pub struct GroupCommit {
 
 #[derive(Debug, Default)]
 struct State {
-    durable: u64,
+    durable: Offset,
     syncing: bool,
 }
 
 impl GroupCommit {
     /// A group commit whose durable offset starts at `durable`.
-    pub fn new(durable: u64) -> Self {
+    pub fn new(durable: Offset) -> Self {
         GroupCommit { state: Mutex::new(State { durable, syncing: false }), done: Condvar::new() }
     }
 
     /// Offsets below this are durable.
-    pub fn durable(&self) -> u64 {
+    pub fn durable(&self) -> Offset {
         self.lock().durable
     }
 
@@ -40,7 +42,7 @@ impl GroupCommit {
     /// Returns once offsets below `target` are durable. `sync` performs one
     /// sync of everything appended so far and returns the offset it made
     /// durable; it runs on at most one thread at a time.
-    pub fn sync_to<E>(&self, target: u64, mut sync: impl FnMut() -> Result<u64, E>) -> Result<u64, E> {
+    pub fn sync_to<E>(&self, target: Offset, mut sync: impl FnMut() -> Result<Offset, E>) -> Result<Offset, E> {
         let mut state = self.lock();
         loop {
             if state.durable >= target {
@@ -75,7 +77,7 @@ mod tests {
 
     #[test]
     fn concurrent_waiters_share_syncs() {
-        let gc = Arc::new(GroupCommit::new(0));
+        let gc = Arc::new(GroupCommit::new(Offset(0)));
         let appended = Arc::new(AtomicU64::new(0));
         let syncs = Arc::new(AtomicU64::new(0));
         let threads: Vec<_> = (0..8)
@@ -83,13 +85,13 @@ mod tests {
                 let (gc, appended, syncs) = (gc.clone(), appended.clone(), syncs.clone());
                 std::thread::spawn(move || {
                     for _ in 0..50 {
-                        let mine = appended.fetch_add(1, Ordering::SeqCst) + 1;
+                        let mine = Offset(appended.fetch_add(1, Ordering::SeqCst) + 1);
                         let durable = gc
                             .sync_to(mine, || {
                                 syncs.fetch_add(1, Ordering::SeqCst);
                                 let upto = appended.load(Ordering::SeqCst);
                                 std::thread::sleep(std::time::Duration::from_micros(200));
-                                Ok::<_, ()>(upto)
+                                Ok::<_, ()>(Offset(upto))
                             })
                             .unwrap();
                         assert!(durable >= mine);
@@ -100,14 +102,14 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(gc.durable(), 400);
+        assert_eq!(gc.durable(), Offset(400));
         assert!(syncs.load(Ordering::SeqCst) < 400, "syncs were shared: {}", syncs.load(Ordering::SeqCst));
     }
 
     #[test]
     fn a_failed_sync_is_reported_and_the_next_caller_retries() {
-        let gc = GroupCommit::new(0);
-        assert_eq!(gc.sync_to(5, || Err::<u64, &str>("eio")), Err("eio"));
-        assert_eq!(gc.sync_to(5, || Ok::<_, &str>(5)), Ok(5));
+        let gc = GroupCommit::new(Offset(0));
+        assert_eq!(gc.sync_to(Offset(5), || Err::<Offset, &str>("eio")), Err("eio"));
+        assert_eq!(gc.sync_to(Offset(5), || Ok::<_, &str>(Offset(5))), Ok(Offset(5)));
     }
 }

@@ -15,17 +15,17 @@ use super::config::{FlushPolicy, LogConfig};
 use super::error::io_err;
 use super::fs::{remove_if_exists, sync_dir};
 use super::segment::{Segment, SegmentSizes, Writeback};
-use super::{Result, StorageError};
+use super::{Offset, Result, StorageError};
 
 /// Where an append landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendInfo {
     /// Offset of the batch's first record.
-    pub base_offset: u64,
+    pub base_offset: Offset,
     /// Offset of its last record.
-    pub last_offset: u64,
+    pub last_offset: Offset,
     /// The log end offset after the append.
-    pub log_end_offset: u64,
+    pub log_end_offset: Offset,
 }
 
 /// Batches returned by [`Log::read`]: runs of whole batches, each a zero-copy
@@ -35,7 +35,7 @@ pub struct ReadResult {
     /// One run of batches per segment touched, in offset order.
     pub chunks: Vec<Bytes>,
     /// Offset after the last batch returned (the fetch offset when empty).
-    pub next_offset: u64,
+    pub next_offset: Offset,
     /// Total bytes in `chunks`.
     pub bytes: u64,
     /// Page-cache work that drops the cold parts of this read once the
@@ -67,19 +67,19 @@ pub struct SyncPlan {
 impl SyncPlan {
     /// fdatasyncs the files (and the directory when entries changed).
     /// Returns the offset below which the log is now durable.
-    pub fn execute(&self) -> Result<u64> {
+    pub fn execute(&self) -> Result<Offset> {
         for f in &self.files {
             f.sync_data().map_err(io_err("fdatasync", self.dir.clone().unwrap_or_default()))?;
         }
         if let Some(dir) = &self.dir {
             sync_dir(dir)?;
         }
-        Ok(self.up_to)
+        Ok(Offset(self.up_to))
     }
 
     /// The offset this plan makes durable.
-    pub fn up_to(&self) -> u64 {
-        self.up_to
+    pub fn up_to(&self) -> Offset {
+        Offset(self.up_to)
     }
 }
 
@@ -87,7 +87,7 @@ impl SyncPlan {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use tally_broker::storage::{Log, LogConfig, SystemClock};
+/// use tally_broker::storage::{Log, LogConfig, Offset, SystemClock};
 /// use tally_proto::batch::{BatchBuilder, BatchLimits, RecordBatch, RecordRef};
 ///
 /// let dir = tempfile::tempdir().unwrap();
@@ -95,9 +95,9 @@ impl SyncPlan {
 /// let mut b = BatchBuilder::new();
 /// b.push(&RecordRef { timestamp: 1, value: Some(b"hello"), ..Default::default() });
 /// let batch = RecordBatch::validate(b.finish(), &BatchLimits::default()).unwrap();
-/// assert_eq!(log.append(&batch, 0).unwrap().base_offset, 0);
-/// let read = log.read(0, 1 << 20, u64::MAX).unwrap();
-/// assert_eq!(read.next_offset, 1);
+/// assert_eq!(log.append(&batch, 0).unwrap().base_offset, Offset(0));
+/// let read = log.read(Offset(0), 1 << 20, Offset::MAX).unwrap();
+/// assert_eq!(read.next_offset, Offset(1));
 /// ```
 #[derive(Debug)]
 pub struct Log {
@@ -142,9 +142,9 @@ impl Log {
             config,
             clock,
             segments: BTreeMap::new(),
-            log_start_offset: checkpoints.log_start_offset,
+            log_start_offset: checkpoints.log_start_offset.get(),
             high_watermark: 0,
-            recovery_point: checkpoints.recovery_point,
+            recovery_point: checkpoints.recovery_point.get(),
             leader_epochs: checkpoints.leader_epochs.clone(),
             unsynced: Vec::new(),
             dir_generation: 1,
@@ -152,17 +152,17 @@ impl Log {
             last_flush_ms: 0,
         };
         log.load_segments(&bases)?;
-        let leo = log.log_end_offset();
+        let leo = log.leo();
         let first_base = log.segments.keys().next().copied().unwrap_or(leo);
         log.log_start_offset = log.log_start_offset.max(first_base).min(leo);
-        log.leader_epochs.truncate_from_end(leo);
-        log.leader_epochs.truncate_from_start(log.log_start_offset);
-        log.high_watermark = checkpoints.high_watermark.clamp(log.log_start_offset, leo);
+        log.leader_epochs.truncate_from_end(Offset(leo));
+        log.leader_epochs.truncate_from_start(Offset(log.log_start_offset));
+        log.high_watermark = checkpoints.high_watermark.get().clamp(log.log_start_offset, leo);
         log.last_flush_ms = log.clock.now_ms();
         // Whatever recovery validated is made durable before it counts.
         log.flush()?;
-        if log.recovery_point != checkpoints.recovery_point {
-            Checkpoints::write_recovery_point(&log.dir, log.recovery_point)?;
+        if log.recovery_point != checkpoints.recovery_point.get() {
+            Checkpoints::write_recovery_point(&log.dir, Offset(log.recovery_point))?;
         }
         if log.leader_epochs != checkpoints.leader_epochs {
             log.checkpoints().write_leader_epochs(&log.dir)?;
@@ -251,7 +251,7 @@ impl Log {
             }
             self.segments.insert(base, segment);
         }
-        self.recovery_point = self.recovery_point.min(self.log_end_offset());
+        self.recovery_point = self.recovery_point.min(self.leo());
         let sizes = self.sizes();
         self.active_mut().make_active(sizes)?;
         Ok(())
@@ -297,29 +297,33 @@ impl Log {
     }
 
     /// First readable offset.
-    pub fn log_start_offset(&self) -> u64 {
-        self.log_start_offset
+    pub fn log_start_offset(&self) -> Offset {
+        Offset(self.log_start_offset)
     }
 
     /// Offset the next appended record gets (LEO).
-    pub fn log_end_offset(&self) -> u64 {
+    pub fn log_end_offset(&self) -> Offset {
+        Offset(self.leo())
+    }
+
+    fn leo(&self) -> u64 {
         self.active().next_offset()
     }
 
     /// The high watermark: consumers read below it.
-    pub fn high_watermark(&self) -> u64 {
-        self.high_watermark
+    pub fn high_watermark(&self) -> Offset {
+        Offset(self.high_watermark)
     }
 
     /// Moves the high watermark; it stays within `[log_start, log_end]`.
-    pub fn set_high_watermark(&mut self, hw: u64) {
-        debug_assert!(hw <= self.log_end_offset(), "hw {hw} beyond leo {}", self.log_end_offset());
-        self.high_watermark = hw.clamp(self.log_start_offset, self.log_end_offset());
+    pub fn set_high_watermark(&mut self, hw: Offset) {
+        debug_assert!(hw.get() <= self.leo(), "hw {hw} beyond leo {}", self.leo());
+        self.high_watermark = hw.get().clamp(self.log_start_offset, self.leo());
     }
 
     /// Offsets below this are durable.
-    pub fn recovery_point(&self) -> u64 {
-        self.recovery_point
+    pub fn recovery_point(&self) -> Offset {
+        Offset(self.recovery_point)
     }
 
     /// The leader-epoch cache.
@@ -341,7 +345,7 @@ impl Log {
     /// and stamps `leader_epoch`, patching 12 header bytes (never
     /// re-encoding). On error the log is unchanged.
     pub fn append(&mut self, batch: &RecordBatch, leader_epoch: u32) -> Result<AppendInfo> {
-        let base = self.log_end_offset();
+        let base = self.leo();
         let epoch =
             i32::try_from(leader_epoch).map_err(|_| StorageError::InvalidArgument("leader epoch too large".into()))?;
         self.append_at(batch, base, epoch)
@@ -351,9 +355,9 @@ impl Log {
     /// The batch must start at the log end offset.
     pub fn append_replica(&mut self, batch: &RecordBatch) -> Result<AppendInfo> {
         let h = batch.header();
-        let leo = self.log_end_offset();
+        let leo = self.leo();
         if h.base_offset() != leo as i64 {
-            return Err(StorageError::NonContiguousOffset { expected: leo, got: h.base_offset() as u64 });
+            return Err(StorageError::NonContiguousOffset { expected: Offset(leo), got: h.base_offset() });
         }
         self.append_at(batch, leo, h.partition_leader_epoch())
     }
@@ -364,12 +368,12 @@ impl Log {
         self.make_room(len, last)?;
         let interval = self.config.index_interval_bytes;
         self.active_mut().append(batch, base, epoch, interval)?;
-        if epoch >= 0 && self.leader_epochs.assign(epoch as u32, base) {
+        if epoch >= 0 && self.leader_epochs.assign(epoch as u32, Offset(base)) {
             self.checkpoints().write_leader_epochs(&self.dir)?;
         }
-        let leo = self.log_end_offset();
+        let leo = self.leo();
         debug_assert_eq!(leo, last + 1);
-        Ok(AppendInfo { base_offset: base, last_offset: last, log_end_offset: leo })
+        Ok(AppendInfo { base_offset: Offset(base), last_offset: Offset(last), log_end_offset: Offset(leo) })
     }
 
     /// Rolls if the batch does not fit or the segment is old, and grows an
@@ -394,7 +398,7 @@ impl Log {
         if self.active().is_empty() {
             return Ok(());
         }
-        let base = self.log_end_offset();
+        let base = self.leo();
         let segment = Segment::create(&self.dir, base, self.sizes(), self.clock.now_ms())?;
         let old = self.active_mut();
         old.close()?;
@@ -410,17 +414,18 @@ impl Log {
     /// reaches `upper` (exclusive; pass the high watermark for consumers).
     /// Crosses segment boundaries. Fails with `OffsetOutOfRange` outside
     /// `[log_start, log_end]`, and with `Corrupt` rather than return bad bytes.
-    pub fn read(&self, offset: u64, max_bytes: u64, upper: u64) -> Result<ReadResult> {
-        let leo = self.log_end_offset();
+    pub fn read(&self, offset: Offset, max_bytes: u64, upper: Offset) -> Result<ReadResult> {
+        let leo = self.leo();
+        let (offset, upper) = (offset.get(), upper.get());
         if offset < self.log_start_offset || offset > leo {
             return Err(StorageError::OffsetOutOfRange {
-                requested: offset,
-                log_start: self.log_start_offset,
-                log_end: leo,
+                requested: Offset(offset),
+                log_start: Offset(self.log_start_offset),
+                log_end: Offset(leo),
             });
         }
         let upper = upper.min(leo);
-        let mut out = ReadResult { chunks: Vec::new(), next_offset: offset, bytes: 0, cold: Vec::new() };
+        let mut out = ReadResult { chunks: Vec::new(), next_offset: Offset(offset), bytes: 0, cold: Vec::new() };
         let window = self.config.writeback_window_bytes;
         let active_base = self.active().base_offset_of();
         if offset >= upper {
@@ -444,7 +449,7 @@ impl Log {
             let Some((bytes, next)) = taken else { break };
             out.cold.extend(segment.cold_read(position, bytes.len() as u64, window, is_active));
             out.bytes += bytes.len() as u64;
-            out.next_offset = next;
+            out.next_offset = Offset(next);
             out.chunks.push(bytes);
             if next < segment.next_offset() {
                 break;
@@ -457,7 +462,8 @@ impl Log {
     /// on and the offset lies in a closed segment or below what the active
     /// segment keeps cached. (With write-behind off the OS decides, and this
     /// says false.)
-    pub fn may_read_disk(&self, offset: u64) -> bool {
+    pub fn may_read_disk(&self, offset: Offset) -> bool {
+        let offset = offset.get();
         if self.config.writeback_window_bytes == 0 {
             return false;
         }
@@ -470,13 +476,13 @@ impl Log {
 
     /// The first offset whose record timestamp is >= `timestamp`, with that
     /// timestamp; `None` when every record is older.
-    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(u64, i64)>> {
+    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(Offset, i64)>> {
         for segment in self.segments.values() {
             if segment.max_timestamp().is_some_and(|m| m >= timestamp)
                 && segment.next_offset() > self.log_start_offset
                 && let Some(found) = segment.offset_for_timestamp(timestamp, self.log_start_offset)?
             {
-                return Ok(Some(found));
+                return Ok(Some((Offset(found.0), found.1)));
             }
         }
         Ok(None)
@@ -485,10 +491,11 @@ impl Log {
     /// Removes every batch at or after the one holding `offset` (followers
     /// call this to match their leader). Returns the new log end offset,
     /// which is at most `offset` and a batch boundary.
-    pub fn truncate_to(&mut self, offset: u64) -> Result<u64> {
-        let leo = self.log_end_offset();
+    pub fn truncate_to(&mut self, offset: Offset) -> Result<Offset> {
+        let offset = offset.get();
+        let leo = self.leo();
         if offset >= leo {
-            return Ok(leo);
+            return Ok(Offset(leo));
         }
         if offset < self.log_start_offset {
             return Err(StorageError::InvalidArgument(format!(
@@ -499,13 +506,13 @@ impl Log {
         // First make sure a crash from here on re-validates the cut region.
         if self.recovery_point > offset {
             self.recovery_point = offset;
-            Checkpoints::write_recovery_point(&self.dir, offset)?;
+            Checkpoints::write_recovery_point(&self.dir, Offset(offset))?;
         }
         let floor = *self.segments.range(..=offset).next_back().expect("offset >= log start").0;
         let cut_base = self.segments[&floor].batch_base_holding(offset)?.unwrap_or(offset);
         if cut_base < self.log_start_offset {
             // The batch to cut also holds the log start: nothing readable remains.
-            return self.truncate_fully_and_start_at(self.log_start_offset);
+            return self.truncate_fully_and_start_at(Offset(self.log_start_offset));
         }
         let sizes = self.sizes();
         {
@@ -521,22 +528,23 @@ impl Log {
             }
             self.dir_generation += 1;
         }
-        let leo = self.log_end_offset();
+        let leo = self.leo();
         self.unsynced.retain(|(end, _)| *end <= leo);
         self.recovery_point = self.recovery_point.min(leo);
         if self.high_watermark > leo {
             self.high_watermark = leo;
         }
-        if self.leader_epochs.truncate_from_end(leo) {
+        if self.leader_epochs.truncate_from_end(Offset(leo)) {
             self.checkpoints().write_leader_epochs(&self.dir)?;
         }
-        Ok(leo)
+        Ok(Offset(leo))
     }
 
     /// Deletes every segment and starts an empty log at `offset`.
-    pub fn truncate_fully_and_start_at(&mut self, offset: u64) -> Result<u64> {
+    pub fn truncate_fully_and_start_at(&mut self, offset: Offset) -> Result<Offset> {
+        let offset = offset.get();
         self.recovery_point = offset;
-        Checkpoints::write_recovery_point(&self.dir, offset)?;
+        Checkpoints::write_recovery_point(&self.dir, Offset(offset))?;
         // Creating at an existing base (offset == a segment's base) reuses its name.
         let segment = Segment::create(&self.dir, offset, self.sizes(), self.clock.now_ms())?;
         let old: Vec<u64> = self.segments.keys().copied().collect();
@@ -551,31 +559,32 @@ impl Log {
         self.dir_generation += 1;
         self.log_start_offset = offset;
         self.high_watermark = offset;
-        Checkpoints::write_log_start(&self.dir, offset)?;
-        if self.leader_epochs.truncate_from_end(offset) {
+        Checkpoints::write_log_start(&self.dir, Offset(offset))?;
+        if self.leader_epochs.truncate_from_end(Offset(offset)) {
             self.checkpoints().write_leader_epochs(&self.dir)?;
         }
-        Ok(offset)
+        Ok(Offset(offset))
     }
 
     /// Makes `offset` the new log start (Kafka's DeleteRecords): offsets
     /// below it are no longer readable, and segments wholly below it are
     /// deleted. `offset` may not pass the high watermark.
-    pub fn delete_records_before(&mut self, offset: u64) -> Result<()> {
+    pub fn delete_records_before(&mut self, offset: Offset) -> Result<()> {
+        let offset = offset.get();
         if offset > self.high_watermark {
             return Err(StorageError::OffsetOutOfRange {
-                requested: offset,
-                log_start: self.log_start_offset,
-                log_end: self.high_watermark,
+                requested: Offset(offset),
+                log_start: Offset(self.log_start_offset),
+                log_end: Offset(self.high_watermark),
             });
         }
         if offset <= self.log_start_offset {
             return Ok(());
         }
         self.log_start_offset = offset;
-        Checkpoints::write_log_start(&self.dir, offset)?;
+        Checkpoints::write_log_start(&self.dir, Offset(offset))?;
         self.delete_segments_while(|log, first| first.next_offset() <= log.log_start_offset)?;
-        if self.leader_epochs.truncate_from_start(offset) {
+        if self.leader_epochs.truncate_from_start(Offset(offset)) {
             self.checkpoints().write_leader_epochs(&self.dir)?;
         }
         Ok(())
@@ -603,9 +612,9 @@ impl Log {
             let first_base = *self.segments.keys().next().expect("active remains");
             if first_base > self.log_start_offset {
                 self.log_start_offset = first_base;
-                Checkpoints::write_log_start(&self.dir, first_base)?;
+                Checkpoints::write_log_start(&self.dir, Offset(first_base))?;
             }
-            if self.leader_epochs.truncate_from_start(self.log_start_offset) {
+            if self.leader_epochs.truncate_from_start(Offset(self.log_start_offset)) {
                 self.checkpoints().write_leader_epochs(&self.dir)?;
             }
         }
@@ -644,7 +653,7 @@ impl Log {
         let mut files: Vec<Arc<File>> = self.unsynced.iter().flat_map(|(_, f)| f.iter().cloned()).collect();
         files.push(self.active().log_file().clone());
         let dir = (self.dir_generation > self.synced_dir_generation).then(|| self.dir.clone());
-        SyncPlan { files, dir, dir_generation: self.dir_generation, up_to: self.log_end_offset() }
+        SyncPlan { files, dir, dir_generation: self.dir_generation, up_to: self.leo() }
     }
 
     /// A sync of the closed segments only, which makes everything below the
@@ -660,7 +669,7 @@ impl Log {
 
     /// Records that `plan` ran: offsets below its `up_to` are durable.
     pub fn mark_durable(&mut self, plan: &SyncPlan) {
-        let up_to = plan.up_to.min(self.log_end_offset());
+        let up_to = plan.up_to.min(self.leo());
         self.recovery_point = self.recovery_point.max(up_to);
         self.unsynced.retain(|(end, _)| *end > up_to);
         self.synced_dir_generation = self.synced_dir_generation.max(plan.dir_generation);
@@ -669,18 +678,18 @@ impl Log {
 
     /// Syncs everything appended so far. Returns the offset below which the
     /// log is durable.
-    pub fn flush(&mut self) -> Result<u64> {
+    pub fn flush(&mut self) -> Result<Offset> {
         let plan = self.sync_plan();
         plan.execute()?;
         self.mark_durable(&plan);
-        Ok(self.recovery_point)
+        Ok(Offset(self.recovery_point))
     }
 
     /// True when the flush policy wants a sync now.
     pub fn flush_due(&self) -> bool {
         match self.config.flush {
             FlushPolicy::IntervalMs(ms) => {
-                self.recovery_point < self.log_end_offset()
+                self.recovery_point < self.leo()
                     && self.clock.now_ms().saturating_sub(self.last_flush_ms) >= i64::try_from(ms).unwrap_or(i64::MAX)
             }
             FlushPolicy::Always | FlushPolicy::Os => false,
@@ -690,9 +699,9 @@ impl Log {
     /// The values for the checkpoint files.
     pub fn checkpoints(&self) -> Checkpoints {
         Checkpoints {
-            recovery_point: self.recovery_point,
-            log_start_offset: self.log_start_offset,
-            high_watermark: self.high_watermark,
+            recovery_point: Offset(self.recovery_point),
+            log_start_offset: Offset(self.log_start_offset),
+            high_watermark: Offset(self.high_watermark),
             leader_epochs: self.leader_epochs.clone(),
         }
     }

@@ -9,6 +9,7 @@ use proptest::prelude::*;
 use tally_proto::batch::{BatchBuilder, BatchIter, BatchLimits, RecordBatch, RecordRef};
 
 use super::*;
+use crate::storage::Offset;
 use crate::storage::{ManualClock, StorageError};
 
 fn tiny_config() -> LogConfig {
@@ -37,13 +38,13 @@ fn value_for(offset: u64) -> Vec<u8> {
 /// timestamp of a record is 1000 + its offset.
 fn fill(log: &mut Log, n: usize, per: usize) {
     for _ in 0..n {
-        let start = log.log_end_offset();
+        let start = log.log_end_offset().get();
         let values: Vec<Vec<u8>> = (0..per as u64).map(|i| value_for(start + i)).collect();
         let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
         log.append(&batch(&refs, 1000 + start as i64), 0).unwrap();
     }
-    let leo = log.log_end_offset();
-    log.set_high_watermark(leo);
+    let leo = log.log_end_offset().get();
+    log.set_high_watermark(Offset(leo));
 }
 
 /// All (offset, value) pairs readable from `from`, checked for contiguity.
@@ -51,7 +52,7 @@ fn read_all(log: &Log, from: u64) -> Vec<(u64, Vec<u8>)> {
     let mut out = Vec::new();
     let mut next = from;
     loop {
-        let r = log.read(next, 300, u64::MAX).unwrap();
+        let r = log.read(Offset(next), 300, Offset::MAX).unwrap();
         if r.chunks.is_empty() {
             break;
         }
@@ -65,8 +66,8 @@ fn read_all(log: &Log, from: u64) -> Vec<(u64, Vec<u8>)> {
                 }
             }
         }
-        assert!(r.next_offset > next, "read made progress");
-        next = r.next_offset;
+        assert!(r.next_offset.get() > next, "read made progress");
+        next = r.next_offset.get();
     }
     for w in out.windows(2) {
         assert_eq!(w[0].0 + 1, w[1].0, "offsets are contiguous");
@@ -85,22 +86,22 @@ fn appends_read_back_across_segments_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = open(dir.path());
     fill(&mut log, 60, 3);
-    assert_eq!(log.log_end_offset(), 180);
+    assert_eq!(log.log_end_offset().get(), 180);
     assert!(log.segment_count() > 5, "tiny segments roll: {}", log.segment_count());
     let all = read_all(&log, 0);
     assert_eq!(all.len(), 180);
     assert!(all.iter().all(|(o, v)| *v == value_for(*o)));
     // Starting in the middle of a batch returns that batch.
-    let r = log.read(100, 1, u64::MAX).unwrap();
+    let r = log.read(Offset(100), 1, Offset::MAX).unwrap();
     let first = BatchIter::new(r.chunks[0].clone()).next().unwrap().unwrap();
     assert_eq!(first.header().base_offset(), 99);
     log.close().unwrap();
 
     let mut log = open(dir.path());
-    assert_eq!(log.log_end_offset(), 180);
+    assert_eq!(log.log_end_offset().get(), 180);
     assert_eq!(read_all(&log, 37).len(), 143);
     fill(&mut log, 1, 2);
-    assert_eq!(log.log_end_offset(), 182);
+    assert_eq!(log.log_end_offset().get(), 182);
 }
 
 #[test]
@@ -108,15 +109,15 @@ fn reads_respect_max_bytes_and_upper_bound() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = open(dir.path());
     fill(&mut log, 10, 2);
-    let one = log.read(0, 1, u64::MAX).unwrap();
-    assert_eq!(one.next_offset, 2, "one oversized batch still comes back");
-    let below_hw = log.read(0, 1 << 20, 5).unwrap();
-    assert_eq!(below_hw.next_offset, 4, "batch 4..5 reaches the bound and is left out");
-    let at_end = log.read(20, 100, u64::MAX).unwrap();
+    let one = log.read(Offset(0), 1, Offset::MAX).unwrap();
+    assert_eq!(one.next_offset, Offset(2), "one oversized batch still comes back");
+    let below_hw = log.read(Offset(0), 1 << 20, Offset(5)).unwrap();
+    assert_eq!(below_hw.next_offset, Offset(4), "batch 4..5 reaches the bound and is left out");
+    let at_end = log.read(Offset(20), 100, Offset::MAX).unwrap();
     assert!(at_end.chunks.is_empty());
     assert!(matches!(
-        log.read(21, 100, u64::MAX),
-        Err(StorageError::OffsetOutOfRange { requested: 21, log_start: 0, log_end: 20 })
+        log.read(Offset(21), 100, Offset::MAX),
+        Err(StorageError::OffsetOutOfRange { requested: Offset(21), log_start: Offset(0), log_end: Offset(20) })
     ));
 }
 
@@ -126,13 +127,16 @@ fn offset_for_timestamp_finds_the_first_record_at_or_after() {
     let mut log = open(dir.path());
     fill(&mut log, 40, 3);
     for target in [0u64, 1, 2, 59, 60, 100, 119] {
-        assert_eq!(log.offset_for_timestamp(1000 + target as i64).unwrap(), Some((target, 1000 + target as i64)));
+        assert_eq!(
+            log.offset_for_timestamp(1000 + target as i64).unwrap(),
+            Some((Offset(target), 1000 + target as i64))
+        );
     }
-    assert_eq!(log.offset_for_timestamp(0).unwrap(), Some((0, 1000)));
+    assert_eq!(log.offset_for_timestamp(0).unwrap(), Some((Offset(0), 1000)));
     assert_eq!(log.offset_for_timestamp(5000).unwrap(), None);
     log.close().unwrap();
     let log = open(dir.path());
-    assert_eq!(log.offset_for_timestamp(1077).unwrap(), Some((77, 1077)));
+    assert_eq!(log.offset_for_timestamp(1077).unwrap(), Some((Offset(77), 1077)));
 }
 
 #[test]
@@ -147,13 +151,13 @@ fn retention_by_bytes_deletes_whole_old_segments_only() {
     assert!(outcome.segments_deleted > 0);
     assert_eq!(log.segment_count(), before - outcome.segments_deleted);
     assert!(log.size_bytes() >= 3000 - 1024 && log.size_bytes() <= 3000 + 1024, "size {}", log.size_bytes());
-    let start = log.log_start_offset();
+    let start = log.log_start_offset().get();
     let remaining = read_all(&log, start);
     assert_eq!(remaining.first().unwrap().0, start);
     assert_eq!(remaining.last().unwrap().0, 159);
-    assert!(matches!(log.read(0, 100, u64::MAX), Err(StorageError::OffsetOutOfRange { .. })));
+    assert!(matches!(log.read(Offset(0), 100, Offset::MAX), Err(StorageError::OffsetOutOfRange { .. })));
     log.close().unwrap();
-    assert_eq!(open(dir.path()).log_start_offset(), start);
+    assert_eq!(open(dir.path()).log_start_offset().get(), start);
 }
 
 #[test]
@@ -177,8 +181,8 @@ fn retention_by_time_uses_the_newest_record_and_keeps_the_active_segment() {
     let deleted = log.enforce_retention().unwrap().segments_deleted;
     assert_eq!(deleted, before - 1);
     assert_eq!(log.segment_count(), 1, "only the active segment remains");
-    let start = log.log_start_offset();
-    assert_eq!(read_all(&log, start).len() as u64, log.log_end_offset() - start);
+    let start = log.log_start_offset().get();
+    assert_eq!(read_all(&log, start).len() as u64, log.log_end_offset().get() - start);
 }
 
 #[test]
@@ -202,14 +206,14 @@ fn truncation_removes_whole_batches_and_they_never_come_back() {
     let mut log = open(dir.path());
     fill(&mut log, 50, 2);
     log.flush().unwrap();
-    assert_eq!(log.truncate_to(31).unwrap(), 30, "the batch holding 31 starts at 30");
-    assert_eq!(log.log_end_offset(), 30);
-    assert_eq!(log.recovery_point(), 30);
+    assert_eq!(log.truncate_to(Offset(31)).unwrap(), Offset(30), "the batch holding 31 starts at 30");
+    assert_eq!(log.log_end_offset().get(), 30);
+    assert_eq!(log.recovery_point().get(), 30);
     // A shorter batch after the cut leaves old bytes behind it zeroed.
     log.append(&batch(&[b"new"], 5), 0).unwrap();
     drop(log); // a crash: no close
     let log = open(dir.path());
-    assert_eq!(log.log_end_offset(), 31);
+    assert_eq!(log.log_end_offset().get(), 31);
     let all = read_all(&log, 0);
     assert_eq!(all.last().unwrap(), &(30, b"new".to_vec()));
 }
@@ -219,13 +223,16 @@ fn delete_records_before_moves_the_log_start() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = open(dir.path());
     fill(&mut log, 50, 2);
-    log.delete_records_before(55).unwrap();
-    assert_eq!(log.log_start_offset(), 55);
+    log.delete_records_before(Offset(55)).unwrap();
+    assert_eq!(log.log_start_offset().get(), 55);
     assert_eq!(read_all(&log, 55).len(), 45);
-    assert!(matches!(log.read(54, 10, u64::MAX), Err(StorageError::OffsetOutOfRange { log_start: 55, .. })));
-    assert!(log.delete_records_before(101).is_err(), "cannot pass the high watermark");
+    assert!(matches!(
+        log.read(Offset(54), 10, Offset::MAX),
+        Err(StorageError::OffsetOutOfRange { log_start: Offset(55), .. })
+    ));
+    assert!(log.delete_records_before(Offset(101)).is_err(), "cannot pass the high watermark");
     drop(log);
-    assert_eq!(open(dir.path()).log_start_offset(), 55);
+    assert_eq!(open(dir.path()).log_start_offset().get(), 55);
 }
 
 #[test]
@@ -236,11 +243,11 @@ fn oversized_batch_gets_a_segment_of_its_own() {
     let big = vec![7u8; 5000];
     log.append(&batch(&[&big], 1), 0).unwrap();
     fill(&mut log, 2, 1);
-    let r = log.read(2, 1, u64::MAX).unwrap();
-    assert_eq!(r.next_offset, 3);
+    let r = log.read(Offset(2), 1, Offset::MAX).unwrap();
+    assert_eq!(r.next_offset.get(), 3);
     drop(log);
     let log = open(dir.path());
-    assert_eq!(log.log_end_offset(), 5);
+    assert_eq!(log.log_end_offset().get(), 5);
 }
 
 #[test]
@@ -258,7 +265,7 @@ fn stray_files_from_interrupted_work_are_removed() {
         std::fs::write(dir.path().join(name), b"junk").unwrap();
     }
     let log = open(dir.path());
-    assert_eq!(log.log_end_offset(), 5);
+    assert_eq!(log.log_end_offset().get(), 5);
     for name in ["00000000000000000099.index", "recovery-point-checkpoint.tmp", "00000000000000000000.log.deleted"] {
         assert!(!dir.path().join(name).exists(), "{name} removed");
     }
@@ -271,7 +278,7 @@ fn log_with_tail(dir: &std::path::Path) -> (std::path::PathBuf, u64, u64, u64) {
     config.segment_bytes = 1 << 16;
     let mut log = Log::open(dir, config, Arc::new(SystemClock)).unwrap();
     fill(&mut log, 12, 3);
-    let leo = log.log_end_offset();
+    let leo = log.log_end_offset().get();
     let last_base = leo - 3;
     log.close().unwrap();
     let path = dir.join("00000000000000000000.log");
@@ -315,13 +322,13 @@ fn recovery_cuts_a_torn_last_batch_at_every_byte() {
         }
         // The checkpoint says the tail was durable; recovery must still check it.
         let mut log = reopen_tail_config(dir.path());
-        assert_eq!(log.log_end_offset(), last_base, "cut at {cut}");
+        assert_eq!(log.log_end_offset().get(), last_base, "cut at {cut}");
         assert_eq!(read_all(&log, 0).len() as u64, last_base);
         log.append(&batch(&[b"after"], 1), 0).unwrap();
-        assert_eq!(log.log_end_offset(), last_base + 1);
+        assert_eq!(log.log_end_offset().get(), last_base + 1);
         drop(log);
         let log = reopen_tail_config(dir.path());
-        assert_eq!(log.log_end_offset(), last_base + 1, "appends after recovery survive reopen (cut {cut})");
+        assert_eq!(log.log_end_offset().get(), last_base + 1, "appends after recovery survive reopen (cut {cut})");
     }
 }
 
@@ -361,9 +368,9 @@ fn recovery_cuts_at_a_flipped_byte_and_keeps_the_valid_prefix() {
         if in_uncovered_bytes {
             // baseOffset or leader epoch: the CRC does not cover them, but a
             // changed base offset breaks contiguity, which recovery checks.
-            assert!(log.log_end_offset() == valid_end_offset || log.log_end_offset() == 36, "flip at {at}");
+            assert!(log.log_end_offset().get() == valid_end_offset || log.log_end_offset().get() == 36, "flip at {at}");
         } else {
-            assert_eq!(log.log_end_offset(), valid_end_offset, "flip at byte {at}");
+            assert_eq!(log.log_end_offset().get(), valid_end_offset, "flip at byte {at}");
         }
         let readable = read_all(&log, 0);
         assert!(readable.iter().all(|(o, v)| *v == value_for(*o)), "never serves a corrupt byte (flip at {at})");
@@ -381,7 +388,7 @@ fn corruption_found_at_read_time_is_an_error_not_data() {
     let first_len = tally_proto::batch::batch_size_at(&data).unwrap();
     data[first_len - 1] ^= 0xff;
     std::fs::write(&path, &data).unwrap();
-    assert!(matches!(log.read(0, 1 << 20, u64::MAX), Err(StorageError::Corrupt { position: 0, .. })));
+    assert!(matches!(log.read(Offset(0), 1 << 20, Offset::MAX), Err(StorageError::Corrupt { position: 0, .. })));
 }
 
 #[test]
@@ -395,9 +402,9 @@ fn flush_makes_appends_durable_and_reports_the_offset() {
     assert!(!log.flush_due());
     clock.advance(10);
     assert!(log.flush_due());
-    assert_eq!(log.flush().unwrap(), 40);
+    assert_eq!(log.flush().unwrap(), Offset(40));
     assert!(!log.flush_due());
-    assert_eq!(log.recovery_point(), 40);
+    assert_eq!(log.recovery_point().get(), 40);
 }
 
 #[test]
@@ -407,16 +414,19 @@ fn replica_appends_keep_the_leaders_offsets_and_epochs() {
     let mut follower = open(dir.path().join("follower").as_path());
     leader.append(&batch(&[b"a", b"b"], 1), 3).unwrap();
     leader.append(&batch(&[b"c"], 1), 5).unwrap();
-    let r = leader.read(0, 1 << 20, u64::MAX).unwrap();
+    let r = leader.read(Offset(0), 1 << 20, Offset::MAX).unwrap();
     for chunk in r.chunks {
         for b in BatchIter::new(chunk) {
             follower.append_replica(&b.unwrap()).unwrap();
         }
     }
-    assert_eq!(follower.log_end_offset(), 3);
+    assert_eq!(follower.log_end_offset().get(), 3);
     assert_eq!(follower.leader_epochs().entries(), leader.leader_epochs().entries());
     let stale = batch(&[b"x"], 1);
-    assert!(matches!(follower.append_replica(&stale), Err(StorageError::NonContiguousOffset { expected: 3, got: 0 })));
+    assert!(matches!(
+        follower.append_replica(&stale),
+        Err(StorageError::NonContiguousOffset { expected: Offset(3), got: 0 })
+    ));
 }
 
 #[derive(Debug, Clone)]
@@ -462,18 +472,18 @@ proptest! {
                     let values: Vec<Vec<u8>> = (0..records).map(|i| vec![(end as u8).wrapping_add(i as u8); value_len]).collect();
                     let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
                     let info = log.append(&batch(&refs, 1), 0).unwrap();
-                    prop_assert_eq!(info.base_offset, end);
+                    prop_assert_eq!(info.base_offset.get(), end);
                     batch_starts.push(end);
                     for v in values {
                         model.insert(end, v);
                         end += 1;
                     }
-                    log.set_high_watermark(end);
+                    log.set_high_watermark(Offset(end));
                 }
                 Op::Read { at, max_bytes } => {
                     let span = end - start + 1;
                     let offset = start + u64::from(at) % span;
-                    let r = log.read(offset, u64::from(max_bytes), u64::MAX).unwrap();
+                    let r = log.read(Offset(offset), u64::from(max_bytes), Offset::MAX).unwrap();
                     let mut expect = offset;
                     for chunk in r.chunks {
                         for b in BatchIter::new(chunk) {
@@ -493,7 +503,7 @@ proptest! {
                 Op::Truncate { at } => {
                     let span = end - start + 1;
                     let offset = start + u64::from(at) % span;
-                    let new_end = log.truncate_to(offset).unwrap();
+                    let new_end = log.truncate_to(Offset(offset)).unwrap().get();
                     // Whole batches go: the new end is the start of the batch holding `offset`.
                     // The batch holding `offset` starts the new end; a batch that also
                     // holds the log start leaves an empty log starting there.
@@ -510,14 +520,14 @@ proptest! {
                 Op::DeleteBefore { at } => {
                     let span = end - start + 1;
                     let offset = start + u64::from(at) % span;
-                    log.delete_records_before(offset).unwrap();
+                    log.delete_records_before(Offset(offset)).unwrap();
                     start = start.max(offset);
                     model.retain(|&o, _| o >= start);
                 }
                 Op::Retention => {
                     log.enforce_retention().unwrap();
-                    prop_assert!(log.log_start_offset() >= start);
-                    start = log.log_start_offset();
+                    prop_assert!(log.log_start_offset().get() >= start);
+                    start = log.log_start_offset().get();
                     model.retain(|&o, _| o >= start);
                 }
                 Op::Reopen { clean } => {
@@ -526,8 +536,8 @@ proptest! {
                     log.set_high_watermark(log.log_end_offset());
                 }
             }
-            prop_assert_eq!(log.log_end_offset(), end);
-            prop_assert_eq!(log.log_start_offset(), start);
+            prop_assert_eq!(log.log_end_offset().get(), end);
+            prop_assert_eq!(log.log_start_offset().get(), start);
         }
         let all = read_all(&log, start);
         prop_assert_eq!(all.len() as u64, end - start);
@@ -543,17 +553,17 @@ fn syncing_closed_segments_moves_the_recovery_point_up_to_the_active_segment() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = open(dir.path());
     fill(&mut log, 40, 2);
-    assert_eq!(log.recovery_point(), 0);
+    assert_eq!(log.recovery_point().get(), 0);
     let plan = log.sync_plan_closed();
     plan.execute().unwrap();
     log.mark_durable(&plan);
-    let rp = log.recovery_point();
-    assert!(rp > 0 && rp <= log.log_end_offset(), "recovery point {rp}");
-    assert_eq!(rp, plan.up_to());
+    let rp = log.recovery_point().get();
+    assert!(rp > 0 && rp <= log.log_end_offset().get(), "recovery point {rp}");
+    assert_eq!(rp, plan.up_to().get());
     // A crash now re-validates only from the recovery point on, and keeps everything.
     drop(log);
     let log = open(dir.path());
-    assert_eq!(log.log_end_offset(), 80);
+    assert_eq!(log.log_end_offset().get(), 80);
     assert_eq!(read_all(&log, 0).len(), 80);
 }
 
@@ -597,13 +607,13 @@ fn a_write_error_during_append_is_typed_and_leaves_the_log_intact() {
             let big = vec![1u8; 300 << 10];
             let err = log.append(&batch(&[&big], 1), 0).unwrap_err();
             assert!(matches!(err, StorageError::Io { op: "preallocate", .. }), "{err}");
-            assert_eq!(log.log_end_offset(), 40, "nothing of the failed batch is visible");
+            assert_eq!(log.log_end_offset().get(), 40, "nothing of the failed batch is visible");
             assert_eq!(read_all(&log, 0), before);
             fill(&mut log, 1, 2);
-            assert_eq!(log.log_end_offset(), 42, "the log keeps taking appends");
+            assert_eq!(log.log_end_offset().get(), 42, "the log keeps taking appends");
             drop(log);
             let log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
-            assert_eq!(log.log_end_offset(), 42, "and nothing partial appears after a restart");
+            assert_eq!(log.log_end_offset().get(), 42, "and nothing partial appears after a restart");
             assert_eq!(read_all(&log, 0).len(), 42);
         },
     );
@@ -628,9 +638,9 @@ fn write_behind_covers_completed_windows_and_dropped_pages_read_back_intact() {
     // ~3.75 MiB written: windows complete at 1, 2 and 3 MiB.
     assert_eq!(runs, 3);
     assert!(log.take_writeback().is_none(), "nothing new is due");
-    assert!(log.may_read_disk(0), "the first window was dropped from the cache");
-    assert!(!log.may_read_disk(59), "the newest windows stay cached");
-    let r = log.read(0, u64::MAX, u64::MAX).unwrap();
+    assert!(log.may_read_disk(Offset(0)), "the first window was dropped from the cache");
+    assert!(!log.may_read_disk(Offset(59)), "the newest windows stay cached");
+    let r = log.read(Offset(0), u64::MAX, Offset::MAX).unwrap();
     let mut n = 0;
     for chunk in r.chunks {
         for b in BatchIter::new(chunk) {
@@ -668,5 +678,5 @@ fn an_idle_partition_reserves_one_allocation_step_not_a_whole_segment() {
     assert!(allocated > step && allocated <= 3 * step, "allocated {allocated}");
     drop(log);
     let log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
-    assert_eq!(log.log_end_offset(), batches);
+    assert_eq!(log.log_end_offset().get(), batches);
 }

@@ -32,6 +32,7 @@ pub(crate) mod fs;
 mod group_commit;
 mod index;
 mod log;
+mod offset;
 mod segment;
 
 pub use checkpoint::{Checkpoints, EpochEntry, LeaderEpochCache};
@@ -40,6 +41,7 @@ pub use config::{FlushPolicy, LogConfig};
 pub use error::StorageError;
 pub use group_commit::GroupCommit;
 pub use log::{AppendInfo, Log, ReadResult, RetentionOutcome, SyncPlan};
+pub use offset::Offset;
 pub use segment::{SegmentBatch, Writeback, scan_segment_file};
 
 /// Result type of this module.

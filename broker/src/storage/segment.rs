@@ -582,7 +582,7 @@ impl Segment {
             let epoch = h.partition_leader_epoch();
             let (last, max_ts) = (h.last_offset() as u64, h.max_timestamp());
             if epoch >= 0 {
-                epochs.assign(epoch as u32, expected);
+                epochs.assign(epoch as u32, super::Offset(expected));
             }
             self.track(position, total, expected, last, max_ts, interval);
             expected = last + 1;
