@@ -72,6 +72,7 @@ async fn main() {
         warmup: Duration::from_secs(1),
         topic_configs: Vec::new(),
         broker_pid: Some(pid),
+        through_producer: false,
     };
     println!("broker pid {pid} at {}; median of {} run(s)", broker.address, if quick() { 1 } else { 3 });
     let mut peak_rss: f64 = 0.0;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use tally_client::{Acks, Client, NewTopic};
+use tally_client::{Acks, Client, NewTopic, Producer, ProducerConfig, ProducerRecord};
 use tally_proto::batch::{BatchBuilder, RecordRef};
 
 use crate::child::rss_anon_kib;
@@ -37,6 +37,10 @@ pub struct ProduceParams {
     pub topic_configs: Vec<(String, String)>,
     /// Broker pid, to report its RssAnon.
     pub broker_pid: Option<u32>,
+    /// Send records one by one through the batching [`Producer`] (which
+    /// partitions, batches up to `records_per_batch` records and retries)
+    /// instead of pre-built batches through a `PartitionClient`.
+    pub through_producer: bool,
 }
 
 /// Parameters of a consume benchmark.
@@ -63,7 +67,7 @@ pub struct Report {
     pub mb_per_s: f64,
     /// Request latency percentiles in milliseconds: p50, p99, p99.9.
     pub latency_ms: [f64; 3],
-    /// Requests measured.
+    /// Latency samples: requests, or records when sent through the Producer.
     pub requests: u64,
     /// Peak broker RssAnon seen, in MiB.
     pub broker_rss_anon_mib: Option<f64>,
@@ -73,7 +77,7 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:.0} records/s, {:.1} MB/s, latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({} requests)",
+            "{:.0} records/s, {:.1} MB/s, latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms ({} samples)",
             self.records_per_s,
             self.mb_per_s,
             self.latency_ms[0],
@@ -163,6 +167,9 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
         Err(e) if e.code() == Some(tally_client::ErrorCode::TopicAlreadyExists) => {}
         Err(e) => return Err(e).context("cannot create the benchmark topic"),
     }
+    if p.through_producer {
+        return produce_records(client, p).await;
+    }
     let value = vec![b'x'; p.record_size];
     let mut builder = BatchBuilder::with_capacity(p.records_per_batch * (p.record_size + 16) + 64);
     let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis())?;
@@ -198,6 +205,64 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
                     bytes.fetch_add(payload, Ordering::Relaxed);
                 }
             }
+            anyhow::Ok(h)
+        }));
+    }
+    let run = Run { tasks, records, bytes, stop, rss };
+    run.finish(|| p.duration).await
+}
+
+/// The produce benchmark through the batching `Producer`: each task sends
+/// records one at a time and keeps up to 100,000 deliveries outstanding;
+/// latency is from `send` to the acknowledgement being observed.
+async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<Report> {
+    let records = Arc::new(AtomicU64::new(0));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    progress("produce", records.clone(), bytes.clone(), stop.clone());
+    let rss = watch_rss(p.broker_pid, stop.clone());
+    let start = Instant::now();
+    let measure_from = start + p.warmup;
+    let end = measure_from + p.duration;
+    let config = ProducerConfig {
+        acks: p.acks,
+        batch_bytes: (p.records_per_batch * (p.record_size + 16)).clamp(1024, 1 << 20),
+        ..ProducerConfig::default()
+    };
+    let mut tasks = Vec::new();
+    for i in 0..p.producers {
+        let producer = Producer::new(client.clone(), config.clone());
+        let (topic, records, bytes, size) = (p.topic.clone(), records.clone(), bytes.clone(), p.record_size);
+        let partition = (i as u32) % p.partitions;
+        tasks.push(tokio::spawn(async move {
+            let value = vec![b'x'; size];
+            let mut h = histogram();
+            let mut pending = std::collections::VecDeque::new();
+            let mut settle =
+                |sent: Instant, r: tally_client::Result<tally_client::RecordMetadata>| -> anyhow::Result<()> {
+                    r?;
+                    if sent >= measure_from && sent < end {
+                        h.saturating_record(sent.elapsed().as_micros() as u64);
+                        records.fetch_add(1, Ordering::Relaxed);
+                        bytes.fetch_add(size as u64, Ordering::Relaxed);
+                    }
+                    Ok(())
+                };
+            while Instant::now() < end {
+                let sent = Instant::now();
+                let record = ProducerRecord::new(&topic, &value).partition(partition);
+                pending.push_back((sent, producer.send(record).await?));
+                if pending.len() > 100_000
+                    && let Some((sent, d)) = pending.pop_front()
+                {
+                    settle(sent, d.wait().await)?;
+                }
+            }
+            producer.flush().await;
+            for (sent, d) in pending {
+                settle(sent, d.wait().await)?;
+            }
+            producer.close().await;
             anyhow::Ok(h)
         }));
     }

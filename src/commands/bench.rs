@@ -42,6 +42,10 @@ pub enum BenchCommand {
         /// Broker process id, to report its RssAnon.
         #[arg(long)]
         broker_pid: Option<u32>,
+        /// Send records one by one through the batching Producer instead of
+        /// pre-built batches (measures the client as well as the broker).
+        #[arg(long)]
+        through_producer: bool,
     },
     /// Consumers reading a topic from the beginning.
     Consume {
@@ -78,6 +82,7 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
             warmup_s,
             topic_configs,
             broker_pid,
+            through_producer,
         } => {
             let params = ProduceParams {
                 topic,
@@ -90,6 +95,7 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
                 warmup: Duration::from_secs(warmup_s),
                 topic_configs,
                 broker_pid,
+                through_producer,
             };
             produce(&client, &params).await?
         }
