@@ -119,12 +119,14 @@ pub struct Consumer {
     client: Client,
     config: ConsumerConfig,
     assigned: BTreeMap<(Arc<str>, u32), Assigned>,
+    /// A partition's failure, held back while other partitions had records.
+    deferred_error: Option<Error>,
 }
 
 impl Consumer {
     /// A consumer with nothing assigned.
     pub fn new(client: Client, config: ConsumerConfig) -> Consumer {
-        Consumer { client, config, assigned: BTreeMap::new() }
+        Consumer { client, config, assigned: BTreeMap::new(), deferred_error: None }
     }
 
     /// Starts reading `topic`/`partition` from `from` (replacing any earlier
@@ -180,7 +182,13 @@ impl Consumer {
 
     /// One fetch round over every assigned partition: records in offset
     /// order per partition. Waits up to `max_wait` when there is nothing new.
+    ///
+    /// A partition that fails does not cost the others their records: they
+    /// are returned, and the failure comes from the next call.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>> {
+        if let Some(e) = self.deferred_error.take() {
+            return Err(e);
+        }
         if self.assigned.is_empty() {
             return Err(Error::InvalidArgument("no partition is assigned".into()));
         }
@@ -198,12 +206,22 @@ impl Consumer {
         tonic_request.set_timeout(self.client.config().request_timeout + self.config.max_wait);
         let response = rpc.fetch(tonic_request).await?.into_inner();
         let mut out = Vec::new();
+        let mut failure = None;
         for t in response.topics {
             for p in t.partitions {
-                self.take_partition(&t.name, p, &mut out).await?;
+                if let Err(e) = self.take_partition(&t.name, p, &mut out).await {
+                    failure.get_or_insert(e);
+                }
             }
         }
-        Ok(out)
+        match failure {
+            Some(e) if out.is_empty() => Err(e),
+            Some(e) => {
+                self.deferred_error = Some(e);
+                Ok(out)
+            }
+            None => Ok(out),
+        }
     }
 
     fn fetch_topics(&self) -> Vec<pb::FetchTopic> {
@@ -258,13 +276,16 @@ impl Consumer {
         };
         let assigned = self.assigned.get_mut(&(key_topic.clone(), partition)).expect("found above");
         assigned.high_watermark = fetched.high_watermark;
+        // Decode the whole partition before handing out any of it, so a bad
+        // record leaves neither the output nor the position half-moved.
+        let mut decoded = Vec::new();
         for record in fetched.records(assigned.position) {
             let r = record?;
             let headers = r
                 .headers()
                 .map(|h| h.map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v)))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            out.push(ConsumerRecord {
+            decoded.push(ConsumerRecord {
                 topic: key_topic.clone(),
                 partition,
                 offset: r.offset,
@@ -274,6 +295,7 @@ impl Consumer {
                 headers,
             });
         }
+        out.append(&mut decoded);
         if let Some(next) = fetched.next_offset() {
             assigned.position = assigned.position.max(next);
         }

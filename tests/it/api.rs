@@ -530,3 +530,33 @@ async fn health_and_reflection_answer_like_grpcurl_expects() {
     );
     broker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_partition_does_not_cost_the_others_their_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    client.admin().create_topic(NewTopic::new("good", 1)).await.unwrap();
+    client.admin().create_topic(NewTopic::new("bad", 1)).await.unwrap();
+    let pc = client.partition_client("good", 0);
+    for v in [b"a", b"b"] {
+        pc.produce_records(&[RecordRef { timestamp: 1, value: Some(v), ..Default::default() }], Acks::Leader)
+            .await
+            .unwrap();
+    }
+    let config = ConsumerConfig {
+        auto_offset_reset: tally_client::OffsetReset::Error,
+        max_wait: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let mut consumer = Consumer::new(client.clone(), config);
+    consumer.assign("bad", 0, SeekTo::Offset(100)).await.unwrap();
+    consumer.assign("good", 0, SeekTo::Beginning).await.unwrap();
+    let records = consumer.poll().await.unwrap();
+    let values: Vec<Bytes> = records.into_iter().map(|r| r.value.unwrap()).collect();
+    assert_eq!(values, vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+    let err = consumer.poll().await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::OffsetOutOfRange), "the failure comes next: {err}");
+    assert_eq!(consumer.position("good", 0), Some(2), "the good partition moved on exactly once");
+    broker.stop().await.unwrap();
+}
