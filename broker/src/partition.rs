@@ -79,20 +79,28 @@ impl Partition {
         let bytes: usize = batches.iter().map(RecordBatch::len).sum();
         let permits = u32::try_from(bytes).unwrap_or(u32::MAX).min(self.inflight_limit);
         let _permit = self.inflight_bytes.acquire_many(permits).await.map_err(|_| BrokerError::ShuttingDown)?;
-        let (first, last, flush, writeback) = {
+        let (appended, failure, flush, writeback) = {
             let mut log = self.write_log();
-            let mut first = None;
-            let mut last = None;
+            let mut appended: Option<(AppendInfo, AppendInfo)> = None;
+            let mut failure = None;
             for batch in batches {
-                let info = log.append(batch, leader_epoch).map_err(BrokerError::from_storage)?;
-                first.get_or_insert(info);
-                last = Some(info);
+                match log.append(batch, leader_epoch) {
+                    Ok(info) => appended = Some((appended.map_or(info, |(first, _)| first), info)),
+                    Err(e) => {
+                        failure = Some(BrokerError::from_storage(e));
+                        break;
+                    }
+                }
             }
-            let last = last.ok_or_else(|| BrokerError::InvalidRequest("no record batch in the produce data".into()))?;
-            log.set_high_watermark(last.log_end_offset);
-            (first.expect("set with last"), last, log.config().flush, log.take_writeback())
+            // Whatever was appended is visible, even when a later batch of the
+            // same request failed: the high watermark never lags what is stored.
+            let leo = log.log_end_offset();
+            log.set_high_watermark(leo);
+            (appended, failure, log.config().flush, log.take_writeback())
         };
-        self.high_watermark.send_replace(last.log_end_offset);
+        if let Some((_, last)) = appended {
+            self.high_watermark.send_replace(last.log_end_offset);
+        }
         if let Some(writeback) = writeback {
             // Waiting here is the backpressure that keeps a producer at the
             // disk's pace instead of filling memory with dirty pages.
@@ -101,6 +109,11 @@ impl Partition {
                 tracing::warn!(topic = %self.topic, partition = self.index, error = %e, "write-behind failed");
             }
         }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let (first, last) =
+            appended.ok_or_else(|| BrokerError::InvalidRequest("no record batch in the produce data".into()))?;
         if flush == FlushPolicy::Always {
             self.sync_to(last.log_end_offset).await?;
         }
