@@ -37,6 +37,11 @@ fn prefault() {
     }
 }
 
+/// Topic configs that cap each partition at about 2 GiB on disk.
+fn bounded_topic() -> Vec<(String, String)> {
+    vec![("retention_bytes".into(), (2u64 << 30).to_string()), ("segment_bytes".into(), (256u64 << 20).to_string())]
+}
+
 fn median(mut reports: Vec<Report>) -> Report {
     reports.sort_by(|a, b| a.mb_per_s.total_cmp(&b.mb_per_s));
     reports.swap_remove(reports.len() / 2)
@@ -57,7 +62,10 @@ async fn produce_case(client: &Client, pid: u32, name: &str, p: ProduceParams) -
 async fn main() {
     prefault();
     let dir = tempfile::tempdir().expect("temp dir");
-    let broker = BrokerProcess::start(Path::new(env!("CARGO_BIN_EXE_tally")), dir.path(), &[]).expect("start broker");
+    // Retention keeps the disk in check: the runs write tens of GB in all.
+    let envs = [("TALLY_RETENTION_CHECK_INTERVAL_MS", "1000")];
+    let broker = BrokerProcess::start_with_env(Path::new(env!("CARGO_BIN_EXE_tally")), dir.path(), &[], &envs)
+        .expect("start broker");
     let pid = broker.pid();
     let client = Client::builder().bootstrap([broker.address.clone()]).connect().await.expect("connect");
     let duration = Duration::from_secs(if quick() { 2 } else { 5 });
@@ -70,7 +78,7 @@ async fn main() {
         acks: Acks::Leader,
         duration,
         warmup: Duration::from_secs(1),
-        topic_configs: Vec::new(),
+        topic_configs: bounded_topic(),
         broker_pid: Some(pid),
         through_producer: false,
     };
@@ -100,7 +108,7 @@ async fn main() {
         ProduceParams {
             topic: "b1k-always".into(),
             record_size: 1024,
-            topic_configs: vec![("flush".into(), "always".into())],
+            topic_configs: [bounded_topic(), vec![("flush".into(), "always".into())]].concat(),
             ..base.clone()
         },
     )
@@ -116,7 +124,7 @@ async fn main() {
         ProduceParams {
             topic: "b1k-cached".into(),
             record_size: 1024,
-            topic_configs: vec![("writeback_window_bytes".into(), "0".into())],
+            topic_configs: [bounded_topic(), vec![("writeback_window_bytes".into(), "0".into())]].concat(),
             ..base.clone()
         },
     )

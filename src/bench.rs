@@ -292,7 +292,16 @@ pub async fn consume(client: &Client, p: &ConsumeParams) -> anyhow::Result<Repor
             let target = pc.list_offset(tally_client::OffsetSpec::Latest).await?.unwrap_or(0);
             while offset < target && Instant::now() < end {
                 let t0 = Instant::now();
-                let fetched = pc.fetch(offset, fetch_bytes, Duration::from_millis(100)).await?;
+                let fetched = match pc.fetch(offset, fetch_bytes, Duration::from_millis(100)).await {
+                    Ok(f) => f,
+                    // Retention moved the log start past us: go on from there.
+                    Err(e) if e.code() == Some(tally_client::ErrorCode::OffsetOutOfRange) => {
+                        offset =
+                            pc.list_offset(tally_client::OffsetSpec::Earliest).await?.unwrap_or(offset).max(offset);
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 h.saturating_record(t0.elapsed().as_micros() as u64);
                 for b in &fetched.batches {
                     let hd = b.header();

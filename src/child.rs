@@ -20,6 +20,17 @@ impl BrokerProcess {
     /// Starts `binary serve --listen 127.0.0.1:0 --data-dir DIR` with extra
     /// `args`, and waits (up to 30 s) for it to print its address.
     pub fn start(binary: &Path, data_dir: &Path, args: &[&str]) -> anyhow::Result<BrokerProcess> {
+        Self::start_with_env(binary, data_dir, args, &[])
+    }
+
+    /// [`BrokerProcess::start`] with extra environment variables (config
+    /// overrides such as `TALLY_RETENTION_CHECK_INTERVAL_MS`).
+    pub fn start_with_env(
+        binary: &Path,
+        data_dir: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<BrokerProcess> {
         let mut child = Command::new(binary)
             .arg("serve")
             .arg("--listen")
@@ -28,6 +39,7 @@ impl BrokerProcess {
             .arg(data_dir)
             .args(args)
             .env("TALLY_LOG", "warn")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
