@@ -37,9 +37,10 @@ fn prefault() {
     }
 }
 
-/// Topic configs that cap each partition at about 2 GiB on disk.
+/// Topic configs that cap each partition at about 4 GiB on disk (3 GiB of
+/// closed 1 GiB segments plus the active one).
 fn bounded_topic() -> Vec<(String, String)> {
-    vec![("retention_bytes".into(), (2u64 << 30).to_string()), ("segment_bytes".into(), (256u64 << 20).to_string())]
+    vec![("retention_bytes".into(), (3u64 << 30).to_string())]
 }
 
 fn median(mut reports: Vec<Report>) -> Report {

@@ -225,7 +225,9 @@ impl Partition {
 
     /// Deletes segments past retention.
     pub fn enforce_retention(&self) -> Result<usize, BrokerError> {
-        let outcome = self.write_log().enforce_retention()?;
+        // Checkpoint writes and file deletion happen outside the log lock.
+        let (outcome, removed) = self.write_log().enforce_retention_deferred();
+        removed.finish()?;
         Ok(outcome.segments_deleted)
     }
 

@@ -52,6 +52,31 @@ pub struct RetentionOutcome {
     pub bytes_deleted: u64,
 }
 
+/// Segments taken out of a log by retention, whose files are still to be
+/// deleted; see [`Log::enforce_retention_deferred`].
+#[derive(Debug)]
+#[must_use = "the files are deleted by finish()"]
+pub struct RemovedSegments {
+    dir: PathBuf,
+    segments: Vec<Segment>,
+    checkpoints: Option<Checkpoints>,
+}
+
+impl RemovedSegments {
+    /// Writes the log-start and leader-epoch checkpoints, then deletes the
+    /// segment files. Readers still holding bytes of them keep their maps.
+    pub fn finish(self) -> Result<()> {
+        if let Some(c) = &self.checkpoints {
+            Checkpoints::write_log_start(&self.dir, c.log_start_offset)?;
+            c.write_leader_epochs(&self.dir)?;
+        }
+        for segment in self.segments {
+            segment.delete()?;
+        }
+        Ok(())
+    }
+}
+
 /// A sync that can run without the log: the files written since the last
 /// sync and the offset they will make durable. Built by [`Log::sync_plan`]
 /// under whatever lock guards the log, run outside it, then reported back
@@ -583,7 +608,9 @@ impl Log {
         }
         self.log_start_offset = offset;
         Checkpoints::write_log_start(&self.dir, Offset(offset))?;
-        self.delete_segments_while(|log, first| first.next_offset() <= log.log_start_offset)?;
+        for segment in self.remove_segments_while(|log, first| first.next_offset() <= log.log_start_offset) {
+            segment.delete()?;
+        }
         if self.leader_epochs.truncate_from_start(Offset(offset)) {
             self.checkpoints().write_leader_epochs(&self.dir)?;
         }
@@ -594,10 +621,21 @@ impl Log {
     /// their newest record) or that keep the log above `retention_bytes`.
     /// Only segments below the high watermark go; the active one never does.
     pub fn enforce_retention(&mut self) -> Result<RetentionOutcome> {
+        let (outcome, removed) = self.enforce_retention_deferred();
+        removed.finish()?;
+        Ok(outcome)
+    }
+
+    /// [`Log::enforce_retention`] in two steps: this one takes the segments
+    /// out of the log (readers no longer see them) and moves the log start;
+    /// [`RemovedSegments::finish`], run outside whatever lock guards the log,
+    /// writes the checkpoints and deletes the files. A crash in between
+    /// leaves files that the next open loads and the next pass removes.
+    pub fn enforce_retention_deferred(&mut self) -> (RetentionOutcome, RemovedSegments) {
         let now = self.clock.now_ms();
         let (retention_ms, retention_bytes) = (self.config.retention_ms, self.config.retention_bytes);
         let mut total = self.size_bytes();
-        let outcome = self.delete_segments_while(|log, first| {
+        let removed = self.remove_segments_while(|log, first| {
             let expired =
                 retention_ms.is_some_and(|r| first.max_timestamp().is_some_and(|m| now.saturating_sub(m) > r));
             let oversized = retention_bytes.is_some_and(|r| total.saturating_sub(first.size()) >= r);
@@ -607,34 +645,33 @@ impl Log {
                 total -= first.size();
             }
             deletable
-        })?;
-        if outcome.segments_deleted > 0 {
+        });
+        let outcome = RetentionOutcome {
+            segments_deleted: removed.len(),
+            bytes_deleted: removed.iter().map(Segment::size).sum(),
+        };
+        let mut checkpoints = None;
+        if !removed.is_empty() {
             let first_base = *self.segments.keys().next().expect("active remains");
-            if first_base > self.log_start_offset {
-                self.log_start_offset = first_base;
-                Checkpoints::write_log_start(&self.dir, Offset(first_base))?;
-            }
-            if self.leader_epochs.truncate_from_start(Offset(self.log_start_offset)) {
-                self.checkpoints().write_leader_epochs(&self.dir)?;
-            }
+            self.log_start_offset = self.log_start_offset.max(first_base);
+            self.leader_epochs.truncate_from_start(Offset(self.log_start_offset));
+            checkpoints = Some(self.checkpoints());
         }
-        Ok(outcome)
+        (outcome, RemovedSegments { dir: self.dir.clone(), segments: removed, checkpoints })
     }
 
-    fn delete_segments_while(&mut self, mut pred: impl FnMut(&Log, &Segment) -> bool) -> Result<RetentionOutcome> {
-        let mut outcome = RetentionOutcome::default();
+    fn remove_segments_while(&mut self, mut pred: impl FnMut(&Log, &Segment) -> bool) -> Vec<Segment> {
+        let mut removed = Vec::new();
         while self.segments.len() > 1 {
             let first = self.segments.values().next().expect("len > 1");
             if !pred(self, first) {
                 break;
             }
             let (_, segment) = self.segments.pop_first().expect("len > 1");
-            outcome.segments_deleted += 1;
-            outcome.bytes_deleted += segment.size();
-            segment.delete()?;
+            removed.push(segment);
             self.dir_generation += 1;
         }
-        Ok(outcome)
+        removed
     }
 
     /// Write-behind work made due by appends since the last call; run it

@@ -40,7 +40,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{FlushPolicy, LogConfig};
 pub use error::StorageError;
 pub use group_commit::GroupCommit;
-pub use log::{AppendInfo, Log, ReadResult, RetentionOutcome, SyncPlan};
+pub use log::{AppendInfo, Log, ReadResult, RemovedSegments, RetentionOutcome, SyncPlan};
 pub use offset::Offset;
 pub use segment::{SegmentBatch, Writeback, scan_segment_file};
 
