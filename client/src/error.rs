@@ -54,13 +54,19 @@ impl Error {
     pub fn is_retriable(&self) -> bool {
         match self {
             Error::Broker { code, .. } => code.is_retriable(),
-            Error::Rpc { code, .. } => {
-                matches!(
-                    code,
-                    // Not ResourceExhausted: that is what an oversized message gets.
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Aborted
-                )
-            }
+            Error::Rpc { code, message } => match code {
+                // Not ResourceExhausted: that is what an oversized message gets.
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Aborted
+                | tonic::Code::Cancelled => true,
+                // A connection that breaks mid-call (a broker restarting) comes
+                // back from tonic as INTERNAL or UNKNOWN with the transport's
+                // words; a server's own INTERNAL (say, an undecodable request)
+                // is not retried.
+                tonic::Code::Internal | tonic::Code::Unknown => is_transport_failure(message),
+                _ => false,
+            },
             Error::Connect { .. } | Error::Timeout(_) => true,
             Error::Corrupt(_) | Error::InvalidArgument(_) | Error::Closed => false,
         }
@@ -80,6 +86,13 @@ impl Error {
     }
 }
 
+/// True for the messages tonic gives a call whose connection failed.
+fn is_transport_failure(message: &str) -> bool {
+    ["h2 protocol error", "transport error", "connection reset", "broken pipe", "connection closed"]
+        .iter()
+        .any(|m| message.to_ascii_lowercase().contains(m))
+}
+
 impl From<tonic::Status> for Error {
     fn from(s: tonic::Status) -> Self {
         Error::Rpc { code: s.code(), message: s.message().to_string() }
@@ -88,3 +101,18 @@ impl From<tonic::Status> for Error {
 
 /// Result type of the client.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_connection_is_retriable_and_a_server_internal_error_is_not() {
+        let rpc = |code, message: &str| Error::Rpc { code, message: message.to_string() };
+        assert!(rpc(tonic::Code::Internal, "h2 protocol error: http2 error").is_retriable());
+        assert!(rpc(tonic::Code::Unknown, "transport error").is_retriable());
+        assert!(rpc(tonic::Code::Unavailable, "connection refused").is_retriable());
+        assert!(!rpc(tonic::Code::Internal, "failed to decode Protobuf message").is_retriable());
+        assert!(!rpc(tonic::Code::ResourceExhausted, "message too large").is_retriable());
+    }
+}
