@@ -15,6 +15,12 @@ use tally_proto::v1 as pb;
 
 use crate::harness::{TestBroker, test_config, wait_for};
 
+/// Wall-clock ms: records that count for retention must look recent (a
+/// record stamped 1970 is past any retention_ms).
+fn now_ms() -> i64 {
+    i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()).unwrap()
+}
+
 fn code(e: &tally_client::Error) -> Option<ErrorCode> {
     e.code()
 }
@@ -237,10 +243,11 @@ async fn data_and_topic_configs_survive_a_restart() {
         .await
         .unwrap();
     let pc = client.partition_client("keep", 1);
+    let now = now_ms();
     for i in 0..200u32 {
         let v = format!("v{i}");
         pc.produce_records(
-            &[RecordRef { timestamp: i64::from(i), value: Some(v.as_bytes()), ..Default::default() }],
+            &[RecordRef { timestamp: now + i64::from(i), value: Some(v.as_bytes()), ..Default::default() }],
             Acks::Leader,
         )
         .await
@@ -266,7 +273,7 @@ async fn data_and_topic_configs_survive_a_restart() {
             next += 1;
         }
     }
-    assert_eq!(pc.list_offset(OffsetSpec::Timestamp(150)).await.unwrap(), Some(150));
+    assert_eq!(pc.list_offset(OffsetSpec::Timestamp(now + 150)).await.unwrap(), Some(150));
     broker.stop().await.unwrap();
 }
 
@@ -280,7 +287,7 @@ async fn topic_admin_alter_grow_delete_and_retention() {
     let pc = client.partition_client("t", 0);
     let value = vec![1u8; 200];
     for _ in 0..100 {
-        pc.produce_records(&[RecordRef { timestamp: 1, value: Some(&value), ..Default::default() }], Acks::All)
+        pc.produce_records(&[RecordRef { timestamp: now_ms(), value: Some(&value), ..Default::default() }], Acks::All)
             .await
             .unwrap();
     }
