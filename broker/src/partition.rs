@@ -26,6 +26,9 @@ pub struct Partition {
     inflight_bytes: Semaphore,
     inflight_limit: u32,
     last_checkpoint: Mutex<Option<Checkpoints>>,
+    /// Serializes upkeep (flush, checkpoint, retention) with `close`; true
+    /// once closed.
+    upkeep: Mutex<bool>,
     /// Cold pages of the last read, dropped once a fetch passes their end.
     read_behind: Mutex<Option<(Offset, Vec<Writeback>)>>,
 }
@@ -47,6 +50,7 @@ impl Partition {
             inflight_limit,
             last_checkpoint: Mutex::new(None),
             read_behind: Mutex::new(None),
+            upkeep: Mutex::new(false),
         }
     }
 
@@ -225,6 +229,7 @@ impl Partition {
 
     /// Deletes segments past retention.
     pub fn enforce_retention(&self) -> Result<usize, BrokerError> {
+        let Some(_upkeep) = self.upkeep() else { return Ok(0) };
         // Checkpoint writes and file deletion happen outside the log lock.
         let (outcome, removed) = self.write_log().enforce_retention_deferred();
         removed.finish()?;
@@ -233,6 +238,7 @@ impl Partition {
 
     /// Syncs if the interval flush policy says it is time.
     pub fn flush_if_due(&self) -> Result<(), BrokerError> {
+        let Some(_upkeep) = self.upkeep() else { return Ok(()) };
         let due = self.read_log().flush_due();
         if due {
             let leo = self.read_log().log_end_offset();
@@ -248,6 +254,7 @@ impl Partition {
     /// point can move up to the active segment. Files are rewritten only when
     /// their values changed.
     pub fn checkpoint(&self) -> Result<(), BrokerError> {
+        let Some(_upkeep) = self.upkeep() else { return Ok(()) };
         let plan = self.read_log().sync_plan_closed();
         plan.execute()?;
         let (values, dir) = {
@@ -264,9 +271,24 @@ impl Partition {
     }
 
     /// Flushes and closes the log for shutdown.
+    ///
+    /// Waits for any upkeep in progress, and no upkeep runs afterwards: once
+    /// this returns, the partition's directory may be renamed or removed
+    /// without an old maintenance pass writing or deleting files by path in
+    /// a directory that a new topic of the same name may own by then.
     pub fn close(&self) -> Result<(), BrokerError> {
         self.inflight_bytes.close();
+        let mut closed = self.upkeep.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *closed = true;
         self.write_log().close().map_err(BrokerError::Storage)
+    }
+
+    /// The upkeep guard, or `None` once the partition is closed. Held across
+    /// the file work of flushes, checkpoints and retention (that is its job),
+    /// never by appends or fetches.
+    fn upkeep(&self) -> Option<std::sync::MutexGuard<'_, bool>> {
+        let guard = self.upkeep.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (!*guard).then_some(guard)
     }
 }
 
