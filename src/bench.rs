@@ -136,6 +136,16 @@ struct Run {
 }
 
 impl Run {
+    /// Counters, a progress line on stderr and the broker's memory watch.
+    fn start(label: &'static str, broker_pid: Option<u32>) -> Run {
+        let records = Arc::new(AtomicU64::new(0));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        progress(label, records.clone(), bytes.clone(), stop.clone());
+        let rss = watch_rss(broker_pid, stop.clone());
+        Run { tasks: Vec::new(), records, bytes, stop, rss }
+    }
+
     /// Waits for the tasks, then computes rates over `measured()`.
     async fn finish(self, measured: impl FnOnce() -> Duration) -> anyhow::Result<Report> {
         let mut all = histogram();
@@ -177,11 +187,7 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
         builder.push(&RecordRef { timestamp: now, key: None, value: Some(&value), headers: &[] });
     }
     let batch: Bytes = builder.finish();
-    let records = Arc::new(AtomicU64::new(0));
-    let bytes = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    progress("produce", records.clone(), bytes.clone(), stop.clone());
-    let rss = watch_rss(p.broker_pid, stop.clone());
+    let Run { records, bytes, stop, rss, .. } = Run::start("produce", p.broker_pid);
     let start = Instant::now();
     let measure_from = start + p.warmup;
     let end = measure_from + p.duration;
@@ -216,11 +222,7 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
 /// records one at a time and keeps up to 100,000 deliveries outstanding;
 /// latency is from `send` to the acknowledgement being observed.
 async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<Report> {
-    let records = Arc::new(AtomicU64::new(0));
-    let bytes = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    progress("produce", records.clone(), bytes.clone(), stop.clone());
-    let rss = watch_rss(p.broker_pid, stop.clone());
+    let Run { records, bytes, stop, rss, .. } = Run::start("produce", p.broker_pid);
     let start = Instant::now();
     let measure_from = start + p.warmup;
     let end = measure_from + p.duration;
@@ -275,11 +277,7 @@ async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<R
 pub async fn consume(client: &Client, p: &ConsumeParams) -> anyhow::Result<Report> {
     let info = client.topic_info(&p.topic).await?;
     let partitions = info.leaders.len() as u32;
-    let records = Arc::new(AtomicU64::new(0));
-    let bytes = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    progress("consume", records.clone(), bytes.clone(), stop.clone());
-    let rss = watch_rss(p.broker_pid, stop.clone());
+    let Run { records, bytes, stop, rss, .. } = Run::start("consume", p.broker_pid);
     let start = Instant::now();
     let end = start + p.duration;
     let mut tasks = Vec::new();
