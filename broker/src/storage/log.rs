@@ -452,7 +452,7 @@ impl Log {
         let upper = upper.min(leo);
         let mut out = ReadResult { chunks: Vec::new(), next_offset: Offset(offset), bytes: 0, cold: Vec::new() };
         let window = self.config.writeback_window_bytes;
-        let active_base = self.active().base_offset_of();
+        let active_base = self.active().base_offset();
         if offset >= upper {
             return Ok(out);
         }
@@ -467,7 +467,7 @@ impl Log {
                 0
             };
             let budget = max_bytes.saturating_sub(out.bytes);
-            let is_active = segment.base_offset_of() == active_base;
+            let is_active = segment.base_offset() == active_base;
             segment.read_ahead(position, budget, window, is_active);
             let taken =
                 segment.read_from(position, budget, upper, out.chunks.is_empty(), self.config.verify_on_read)?;
@@ -493,7 +493,7 @@ impl Log {
             return false;
         }
         let active = self.active();
-        if offset < active.base_offset_of() {
+        if offset < active.base_offset() {
             return true;
         }
         active.find_position(offset).ok().flatten().is_some_and(|p| active.is_dropped(p))

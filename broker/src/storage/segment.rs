@@ -154,7 +154,7 @@ impl Segment {
         position < self.dropped
     }
 
-    pub(crate) fn base_offset_of(&self) -> u64 {
+    pub(crate) fn base_offset(&self) -> u64 {
         self.base_offset
     }
 
