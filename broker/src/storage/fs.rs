@@ -65,3 +65,41 @@ pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
         _ => Ok(()),
     }
 }
+
+/// Writes all of `parts` at `position` with `pwritev`, resuming after short
+/// writes and retrying interrupted ones.
+pub(crate) fn pwrite_all(file: &File, parts: &[&[u8]; 2], position: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut done = 0usize;
+    while done < total {
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
+        let mut n = 0;
+        let mut skip = done;
+        for p in parts {
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            iov[n] = libc::iovec { iov_base: p[skip..].as_ptr() as *mut libc::c_void, iov_len: p.len() - skip };
+            skip = 0;
+            n += 1;
+        }
+        let offset = libc::off_t::try_from(position + done as u64)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: the iovecs point into slices that outlive the call.
+        let written = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), n as libc::c_int, offset) };
+        if written < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if written == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+        }
+        done += written as usize;
+    }
+    Ok(())
+}

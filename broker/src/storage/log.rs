@@ -14,7 +14,8 @@ use super::clock::Clock;
 use super::config::{FlushPolicy, LogConfig};
 use super::error::io_err;
 use super::fs::{remove_if_exists, sync_dir};
-use super::segment::{Segment, SegmentSizes, Writeback};
+use super::segment::{Segment, SegmentSizes};
+use super::writeback::Writeback;
 use super::{Offset, Result, StorageError};
 
 /// Where an append landed.

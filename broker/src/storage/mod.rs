@@ -33,7 +33,9 @@ mod group_commit;
 mod index;
 mod log;
 mod offset;
+mod scan;
 mod segment;
+mod writeback;
 
 pub use checkpoint::{Checkpoints, EpochEntry, LeaderEpochCache};
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -42,7 +44,8 @@ pub use error::StorageError;
 pub use group_commit::GroupCommit;
 pub use log::{AppendInfo, Log, ReadResult, RemovedSegments, RetentionOutcome, SyncPlan};
 pub use offset::Offset;
-pub use segment::{SegmentBatch, Writeback, scan_segment_file};
+pub use scan::{SegmentBatch, scan_segment_file};
+pub use writeback::Writeback;
 
 /// Result type of this module.
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;

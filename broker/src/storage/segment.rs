@@ -15,8 +15,9 @@ use tally_proto::batch::{self, BatchError, BatchHeader, HEADER_LEN, RecordBatch}
 
 use super::checkpoint::LeaderEpochCache;
 use super::error::io_err;
-use super::fs::{map, open_rw, preallocate, remove_if_exists};
+use super::fs::{map, open_rw, preallocate, pwrite_all, remove_if_exists};
 use super::index::{IndexFile, OffsetIndex, TimeIndex};
+use super::writeback::Writeback;
 use super::{Result, StorageError};
 
 /// Bytes of `.log` allocated at a time as the active segment fills, so an
@@ -677,96 +678,6 @@ impl HeaderInfo {
     }
 }
 
-/// Write-behind work for one segment, run outside the log's lock: start
-/// writeback of `start`, then wait for `drop` to be on disk and drop it from
-/// this process's map and the page cache. It changes no data: a reader that
-/// touches a dropped range faults it back in from the file.
-#[derive(Debug, Clone)]
-pub struct Writeback {
-    file: Arc<File>,
-    map: Option<Arc<MmapRaw>>,
-    start: std::ops::Range<u64>,
-    drop: std::ops::Range<u64>,
-}
-
-impl Writeback {
-    /// Runs it. Blocks while the disk catches up with the dropped range.
-    pub fn run(&self) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let fd = self.file.as_raw_fd();
-        let range = |r: &std::ops::Range<u64>| -> std::io::Result<(libc::off64_t, libc::off64_t)> {
-            let at = libc::off64_t::try_from(r.start).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
-            let len =
-                libc::off64_t::try_from(r.end - r.start).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
-            Ok((at, len))
-        };
-        let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
-        if !self.start.is_empty() {
-            let (at, len) = range(&self.start)?;
-            // SAFETY: plain syscalls on a descriptor we own.
-            check(unsafe { libc::sync_file_range(fd, at, len, libc::SYNC_FILE_RANGE_WRITE) })?;
-        }
-        if self.drop.is_empty() {
-            return Ok(());
-        }
-        let (at, len) = range(&self.drop)?;
-        let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-        // SAFETY: as above.
-        check(unsafe { libc::sync_file_range(fd, at, len, wait) })?;
-        if let Some(map) = &self.map
-            && self.drop.end <= map.len() as u64
-        {
-            // SAFETY: the range lies inside a shared file mapping; dropping
-            // its pages only makes the next access fault them back in.
-            unsafe { libc::madvise(map.as_mut_ptr().add(at as usize).cast(), len as usize, libc::MADV_DONTNEED) };
-        }
-        // SAFETY: as above.
-        let rc = unsafe { libc::posix_fadvise(fd, at, len, libc::POSIX_FADV_DONTNEED) };
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(rc));
-        }
-        Ok(())
-    }
-}
-
-/// Writes all of `parts` at `position` with `pwritev`, resuming after short
-/// writes and retrying interrupted ones.
-fn pwrite_all(file: &File, parts: &[&[u8]; 2], position: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    let mut done = 0usize;
-    while done < total {
-        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
-        let mut n = 0;
-        let mut skip = done;
-        for p in parts {
-            if skip >= p.len() {
-                skip -= p.len();
-                continue;
-            }
-            iov[n] = libc::iovec { iov_base: p[skip..].as_ptr() as *mut libc::c_void, iov_len: p.len() - skip };
-            skip = 0;
-            n += 1;
-        }
-        let offset = libc::off_t::try_from(position + done as u64)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
-        // SAFETY: the iovecs point into slices that outlive the call.
-        let written = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), n as libc::c_int, offset) };
-        if written < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if written == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
-        }
-        done += written as usize;
-    }
-    Ok(())
-}
-
 /// What [`Segment::recover`] found.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Recovered {
@@ -785,105 +696,4 @@ fn open_indexes(dir: &Path, base: u64, writable: Option<u64>, keep: bool) -> Res
     let oi = IndexFile::open(&dir.join(file_name(base, "index")), OffsetIndex::ENTRY, writable, keep)?;
     let ti = IndexFile::open(&dir.join(file_name(base, "timeindex")), TimeIndex::ENTRY, writable, keep)?;
     Ok((OffsetIndex::new(oi, base), TimeIndex::new(ti, base)))
-}
-
-/// One batch as `tally dump-log` shows it.
-#[derive(Debug, Clone)]
-pub struct SegmentBatch {
-    /// Byte position in the file.
-    pub position: u64,
-    /// Total size in bytes.
-    pub size: u64,
-    /// First offset.
-    pub base_offset: i64,
-    /// Last offset.
-    pub last_offset: i64,
-    /// Records.
-    pub record_count: i32,
-    /// Leader epoch.
-    pub partition_leader_epoch: i32,
-    /// First record timestamp.
-    pub base_timestamp: i64,
-    /// Largest record timestamp.
-    pub max_timestamp: i64,
-    /// Producer id.
-    pub producer_id: i64,
-    /// Compression codec id.
-    pub compression: u8,
-    /// `None` when the batch is valid, else why not.
-    pub error: Option<BatchError>,
-    /// The batch bytes (for printing records).
-    pub bytes: Bytes,
-}
-
-/// Walks a segment file batch by batch, for inspection. Stops at the first
-/// batch whose framing is unreadable (reported with its error) or at a
-/// zero-filled tail (preallocated space, not an error).
-pub fn scan_segment_file(path: &Path) -> Result<Vec<SegmentBatch>> {
-    let file = File::open(path).map_err(io_err("open", path))?;
-    let len = file.metadata().map_err(io_err("stat", path))?.len();
-    let data = if len == 0 {
-        Bytes::new()
-    } else {
-        // SAFETY: a read-only map of a file that a running broker may still
-        // append to; bytes past what it has written read as zeros or as a
-        // torn batch, which the walk below reports as such.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err("mmap", path))?;
-        Bytes::from_owner(map)
-    };
-    let mut out = Vec::new();
-    let mut position = 0usize;
-    while position < data.len() {
-        let rest = &data[position..];
-        if rest.iter().take(HEADER_LEN).all(|&b| b == 0) {
-            break;
-        }
-        let header = match BatchHeader::new(rest) {
-            Ok(h) => h,
-            Err(e) => {
-                out.push(broken(position, rest.len(), e));
-                break;
-            }
-        };
-        let total = header.total_size();
-        if total < HEADER_LEN as i64 || total as usize > rest.len() {
-            out.push(broken(position, rest.len(), BatchError::LengthMismatch { declared: total, actual: rest.len() }));
-            break;
-        }
-        let bytes = data.slice(position..position + total as usize);
-        let error = RecordBatch::check_framing(bytes.clone()).err();
-        out.push(SegmentBatch {
-            position: position as u64,
-            size: total as u64,
-            base_offset: header.base_offset(),
-            last_offset: header.last_offset(),
-            record_count: header.record_count(),
-            partition_leader_epoch: header.partition_leader_epoch(),
-            base_timestamp: header.base_timestamp(),
-            max_timestamp: header.max_timestamp(),
-            producer_id: header.producer_id(),
-            compression: header.compression(),
-            error,
-            bytes,
-        });
-        position += total as usize;
-    }
-    Ok(out)
-}
-
-fn broken(position: usize, available: usize, error: BatchError) -> SegmentBatch {
-    SegmentBatch {
-        position: position as u64,
-        size: available as u64,
-        base_offset: -1,
-        last_offset: -1,
-        record_count: 0,
-        partition_leader_epoch: -1,
-        base_timestamp: -1,
-        max_timestamp: -1,
-        producer_id: -1,
-        compression: 0,
-        error: Some(error),
-        bytes: Bytes::new(),
-    }
 }
