@@ -5,6 +5,15 @@
 //! (an append is a copy into the mapped segment; a read slices the map);
 //! fsyncs run on a blocking thread outside the lock through
 //! [`GroupCommit`], so concurrent producers share one fsync.
+//!
+//! High watermark: with one replica it is the log end, except that with
+//! flush `always` it is the durable end: no consumer reads a record a crash
+//! could take back (and whose offset would then be reused). The `watch` that
+//! long polls wait on only ever moves forward.
+//!
+//! A failed fsync or write-behind fails the partition for good: every
+//! produce, fetch and sync answers KAFKA_STORAGE_ERROR until the broker
+//! restarts and recovers the log.
 
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -12,7 +21,7 @@ use tally_proto::batch::RecordBatch;
 use tokio::sync::{Semaphore, watch};
 
 use crate::error::BrokerError;
-use crate::storage::{AppendInfo, Checkpoints, FlushPolicy, GroupCommit, Log, Offset, ReadResult, Writeback};
+use crate::storage::{AppendInfo, FlushPolicy, GroupCommit, Log, Offset, ReadResult, StorageError, Writeback};
 use crate::topic::TopicConfig;
 
 /// One partition's state.
@@ -25,7 +34,6 @@ pub struct Partition {
     high_watermark: watch::Sender<Offset>,
     inflight_bytes: Semaphore,
     inflight_limit: u32,
-    last_checkpoint: Mutex<Option<Checkpoints>>,
     /// Serializes upkeep (flush, checkpoint, retention) with `close`; true
     /// once closed.
     upkeep: Mutex<bool>,
@@ -35,23 +43,62 @@ pub struct Partition {
 
 impl Partition {
     /// Wraps an opened log. `inflight_limit` bounds produce bytes in flight.
+    /// The high watermark starts from the log's (its checkpoint) and moves
+    /// by [`Partition::hw_candidate`].
     pub fn new(topic: Arc<str>, index: u32, mut log: Log, inflight_limit: u32) -> Partition {
-        // One replica: everything appended is replicated.
-        let leo = log.log_end_offset();
-        log.set_high_watermark(leo);
-        let durable = log.recovery_point();
+        let hw = Self::advance_hw(&mut log);
         Partition {
             topic,
             index,
             log: RwLock::new(log),
-            commit: GroupCommit::new(durable),
-            high_watermark: watch::channel(leo).0,
+            commit: GroupCommit::new(),
+            high_watermark: watch::channel(hw).0,
             inflight_bytes: Semaphore::new(inflight_limit as usize),
             inflight_limit,
-            last_checkpoint: Mutex::new(None),
             read_behind: Mutex::new(None),
             upkeep: Mutex::new(false),
         }
+    }
+
+    /// Where the high watermark may move to now. One replica: the log end,
+    /// or with flush `always` the durable end (what a crash cannot take
+    /// back). Replication replaces this with the minimum over the ISR.
+    fn hw_candidate(log: &Log) -> Offset {
+        let leo = log.log_end_offset();
+        match log.config().flush {
+            FlushPolicy::Always => leo.min(log.recovery_point()),
+            FlushPolicy::IntervalMs(_) | FlushPolicy::Os => leo,
+        }
+    }
+
+    /// Moves the log's high watermark up to the candidate (never down) and
+    /// returns it.
+    fn advance_hw(log: &mut Log) -> Offset {
+        let hw = log.high_watermark().max(Self::hw_candidate(log));
+        log.set_high_watermark(hw);
+        log.high_watermark()
+    }
+
+    /// Tells long polls about `hw`; the watch never moves back.
+    fn publish_hw(&self, hw: Offset) {
+        self.high_watermark.send_if_modified(|current| {
+            let moved = hw > *current;
+            if moved {
+                *current = hw;
+            }
+            moved
+        });
+    }
+
+    /// Fails the partition after an I/O error that may have lost data.
+    fn fail(&self, error: &StorageError) {
+        tracing::error!(topic = %self.topic, partition = self.index, %error, "partition failed: it answers KAFKA_STORAGE_ERROR until the broker restarts and recovers its log");
+        self.write_log().fail(error);
+    }
+
+    /// Why the partition failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.read_log().failure().map(str::to_string)
     }
 
     /// Topic name.
@@ -83,7 +130,7 @@ impl Partition {
         let bytes: usize = batches.iter().map(RecordBatch::len).sum();
         let permits = u32::try_from(bytes).unwrap_or(u32::MAX).min(self.inflight_limit);
         let _permit = self.inflight_bytes.acquire_many(permits).await.map_err(|_| BrokerError::ShuttingDown)?;
-        let (appended, failure, flush, writeback) = {
+        let (appended, failure, flush, writeback, hw) = {
             let mut log = self.write_log();
             let mut appended: Option<(AppendInfo, AppendInfo)> = None;
             let mut failure = None;
@@ -96,21 +143,22 @@ impl Partition {
                     }
                 }
             }
-            // Whatever was appended is visible, even when a later batch of the
-            // same request failed: the high watermark never lags what is stored.
-            let leo = log.log_end_offset();
-            log.set_high_watermark(leo);
-            (appended, failure, log.config().flush, log.take_writeback())
+            // Whatever was appended is visible (up to what the flush policy
+            // allows), even when a later batch of the same request failed:
+            // the high watermark never lags what is stored.
+            let hw = Self::advance_hw(&mut log);
+            (appended, failure, log.config().flush, log.take_writeback(), hw)
         };
-        if let Some((_, last)) = appended {
-            self.high_watermark.send_replace(last.log_end_offset);
-        }
+        self.publish_hw(hw);
         if let Some(writeback) = writeback {
             // Waiting here is the backpressure that keeps a producer at the
             // disk's pace instead of filling memory with dirty pages.
             let outcome = tokio::task::spawn_blocking(move || writeback.run()).await;
             if let Ok(Err(e)) = outcome {
-                tracing::warn!(topic = %self.topic, partition = self.index, error = %e, "write-behind failed");
+                // Writeback that failed may have lost the pages it covered.
+                let e = StorageError::Io { op: "write-behind", path: self.read_log().dir().to_path_buf(), source: e };
+                self.fail(&e);
+                return Err(BrokerError::Storage(e));
             }
         }
         if let Some(e) = failure {
@@ -129,10 +177,17 @@ impl Partition {
     }
 
     /// Returns once offsets below `offset` are on disk (group commit on a
-    /// blocking thread; the log lock is not held during the fsync).
+    /// blocking thread; the log lock is not held during the fsync), and the
+    /// high watermark has moved over what became durable.
     pub async fn sync_to(self: &Arc<Self>, offset: Offset) -> Result<Offset, BrokerError> {
-        if self.commit.durable() >= offset {
-            return Ok(self.commit.durable());
+        let reached = {
+            let mut log = self.write_log();
+            let durable = log.recovery_point();
+            (durable >= offset && log.failure().is_none()).then(|| (durable, Self::advance_hw(&mut log)))
+        };
+        if let Some((durable, hw)) = reached {
+            self.publish_hw(hw);
+            return Ok(durable);
         }
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.sync_blocking(offset))
@@ -140,21 +195,41 @@ impl Partition {
             .map_err(|e| BrokerError::InvalidRequest(format!("sync task failed: {e}")))?
     }
 
-    /// Blocking group-commit sync up to `offset`.
+    /// Blocking group-commit sync up to `offset`. A failed sync fails the
+    /// partition; it is never retried.
     pub fn sync_blocking(&self, offset: Offset) -> Result<Offset, BrokerError> {
-        self.commit
-            .sync_to(offset, || {
-                let plan = self.read_log().sync_plan();
-                let up_to = plan.execute()?;
-                self.write_log().mark_durable(&plan);
-                Ok::<_, crate::storage::StorageError>(up_to)
-            })
-            .map_err(BrokerError::Storage)
+        let durable = self
+            .commit
+            .sync_to(
+                offset,
+                || self.read_log().recovery_point(),
+                || {
+                    let plan = {
+                        let log = self.read_log();
+                        if let Some(reason) = log.failure() {
+                            return Err(StorageError::LogFailed { reason: reason.to_string() });
+                        }
+                        log.sync_plan()
+                    };
+                    if let Err(e) = plan.execute() {
+                        self.fail(&e);
+                        return Err(e);
+                    }
+                    Ok(self.write_log().mark_durable(&plan))
+                },
+            )
+            .map_err(BrokerError::Storage)?;
+        let hw = Self::advance_hw(&mut self.write_log());
+        self.publish_hw(hw);
+        Ok(durable)
     }
 
     /// Reads batches from `offset` below the high watermark.
     pub fn fetch(&self, offset: i64, max_bytes: u64) -> Result<Fetched, BrokerError> {
         let log = self.read_log();
+        if let Some(reason) = log.failure() {
+            return Err(BrokerError::Storage(StorageError::LogFailed { reason: reason.to_string() }));
+        }
         let (log_start, hw) = (log.log_start_offset(), log.high_watermark());
         let Some(offset) = Offset::from_wire(offset) else {
             return Err(BrokerError::OffsetOutOfRange { requested: offset, log_start, log_end: hw });
@@ -248,25 +323,31 @@ impl Partition {
     }
 
     /// Writes the checkpoint files (values taken under the lock, files
-    /// written outside it).
+    /// written outside it by the log's one checkpoint writer, which never
+    /// lets an older value replace a newer one).
     ///
     /// First syncs closed segments that are not yet durable, so the recovery
     /// point can move up to the active segment. Files are rewritten only when
-    /// their values changed.
+    /// their values changed. Does nothing on a failed partition.
     pub fn checkpoint(&self) -> Result<(), BrokerError> {
         let Some(_upkeep) = self.upkeep() else { return Ok(()) };
-        let plan = self.read_log().sync_plan_closed();
-        plan.execute()?;
-        let (values, dir) = {
+        let plan = {
+            let log = self.read_log();
+            if log.failure().is_some() {
+                return Ok(());
+            }
+            log.sync_plan_closed()
+        };
+        if let Err(e) = plan.execute() {
+            self.fail(&e);
+            return Err(BrokerError::Storage(e));
+        }
+        let snapshot = {
             let mut log = self.write_log();
             log.mark_durable(&plan);
-            (log.checkpoints(), log.dir().to_path_buf())
+            log.checkpoint_snapshot()
         };
-        let mut last = self.last_checkpoint.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if last.as_ref() != Some(&values) {
-            values.write(&dir)?;
-            *last = Some(values);
-        }
+        snapshot.write()?;
         Ok(())
     }
 

@@ -48,6 +48,51 @@ pub enum StorageError {
         /// The batch's base offset.
         got: i64,
     },
+    /// Bytes that were durable and validated (below the recovery point) no
+    /// longer read back as the batches they were. Recovery refuses to cut
+    /// or drop them silently.
+    #[error(
+        "{path}: data below the recovery point {recovery_point} is damaged at position {position} ({what}); \
+         the log was not opened and nothing was deleted. Inspect it with `tally dump-log --verify {path}`; \
+         to give up the partition's data, move its directory away"
+    )]
+    CorruptBelowRecoveryPoint {
+        /// The segment file.
+        path: PathBuf,
+        /// Byte position of the damage.
+        position: u64,
+        /// The checkpointed recovery point.
+        recovery_point: Offset,
+        /// What was found.
+        what: String,
+    },
+    /// A checkpoint file that exists but does not parse.
+    #[error("checkpoint file {path} is corrupt: {reason}")]
+    CorruptCheckpoint {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The log stopped taking writes and serving reads after an I/O failure
+    /// that may have lost data (a failed fsync); only reopening it, which
+    /// recovers it from what is on disk, clears this.
+    #[error("the log is failed and takes no more writes or reads until the broker restarts and recovers it: {reason}")]
+    LogFailed {
+        /// The failure that stopped it.
+        reason: String,
+    },
+    /// A batch from a leader that this log cannot take as it is.
+    #[error("invalid replica batch: {0}")]
+    InvalidReplicaBatch(String),
+    /// A leader append in an epoch older than the newest one in the log.
+    #[error("leader epoch {epoch} is older than the log's latest epoch {latest}")]
+    StaleLeaderEpoch {
+        /// The epoch of the append.
+        epoch: u32,
+        /// The latest epoch in the log.
+        latest: u32,
+    },
     /// An argument the log cannot act on.
     #[error("{0}")]
     InvalidArgument(String),

@@ -40,7 +40,22 @@ pub(crate) fn map(file: &File, len: u64, path: &Path) -> Result<Option<MmapRaw>>
 
 /// fsyncs a directory so entries created, renamed or removed in it persist.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", dir))?;
+    #[cfg(test)]
+    super::testfs::after_sync_dir(dir);
+    Ok(())
+}
+
+/// fdatasyncs `file` (`path` names it in errors). An error means the data
+/// written since the last sync may be lost even if a later sync succeeds
+/// (Linux drops the dirty pages): callers must treat it as fatal for the file.
+pub(crate) fn sync_data(file: &File, path: &Path) -> Result<()> {
+    #[cfg(test)]
+    super::testfs::before_sync(file).map_err(io_err("fdatasync", path))?;
+    file.sync_data().map_err(io_err("fdatasync", path))?;
+    #[cfg(test)]
+    super::testfs::after_sync(file);
+    Ok(())
 }
 
 /// Replaces `path` with `contents` atomically: temp file, fsync, rename,
@@ -48,8 +63,10 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    #[cfg(test)]
+    super::testfs::before_write(&f).map_err(io_err("write", &tmp))?;
     f.write_all(contents).map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("fsync", &tmp))?;
+    sync_data(&f, &tmp)?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
     if let Some(dir) = path.parent() {
@@ -70,6 +87,8 @@ pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
 /// writes and retrying interrupted ones.
 pub(crate) fn pwrite_all(file: &File, parts: &[&[u8]; 2], position: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
+    #[cfg(test)]
+    super::testfs::before_write(file)?;
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut done = 0usize;
     while done < total {

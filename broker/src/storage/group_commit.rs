@@ -6,10 +6,20 @@
 //! the others. Callers that arrive during a sync wait for it and, if it did
 //! not reach their offset, lead the next one. The lock is never held across
 //! the sync itself.
+//!
+//! The durable offset is the log's (its recovery point), read through a
+//! closure, so a truncation that moves it back is seen at once.
+//!
+//! A failed sync is never retried: after an fsync error Linux may have
+//! dropped the dirty pages and marked them clean, so a second fsync would
+//! succeed without the data ever reaching the disk (PostgreSQL's
+//! "fsyncgate"). The first error fails the group commit for good: the leader
+//! gets the error, and every waiter, now and later, gets
+//! [`StorageError::LogFailed`].
 
 use std::sync::{Condvar, Mutex};
 
-use super::Offset;
+use super::{Offset, Result, StorageError};
 
 /// Shared fsync bookkeeping for one log.
 #[derive(Debug, Default)]
@@ -20,33 +30,44 @@ pub struct GroupCommit {
 
 #[derive(Debug, Default)]
 struct State {
-    durable: Offset,
     syncing: bool,
+    /// Why syncing stopped for good.
+    failed: Option<String>,
 }
 
 impl GroupCommit {
-    /// A group commit whose durable offset starts at `durable`.
-    pub fn new(durable: Offset) -> Self {
-        GroupCommit { state: Mutex::new(State { durable, syncing: false }), done: Condvar::new() }
-    }
-
-    /// Offsets below this are durable.
-    pub fn durable(&self) -> Offset {
-        self.lock().durable
+    /// A group commit with no sync running.
+    pub fn new() -> Self {
+        GroupCommit::default()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Returns once offsets below `target` are durable. `sync` performs one
-    /// sync of everything appended so far and returns the offset it made
-    /// durable; it runs on at most one thread at a time.
-    pub fn sync_to<E>(&self, target: Offset, mut sync: impl FnMut() -> Result<Offset, E>) -> Result<Offset, E> {
+    /// Why syncs stopped, once one failed.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
+    }
+
+    /// Returns once `durable()` reaches `target`. `sync` performs one sync
+    /// of everything appended so far and returns the durable offset after
+    /// it; it runs on at most one thread at a time, and never again after it
+    /// failed once.
+    pub fn sync_to(
+        &self,
+        target: Offset,
+        durable: impl Fn() -> Offset,
+        mut sync: impl FnMut() -> Result<Offset>,
+    ) -> Result<Offset> {
         let mut state = self.lock();
         loop {
-            if state.durable >= target {
-                return Ok(state.durable);
+            if let Some(reason) = &state.failed {
+                return Err(StorageError::LogFailed { reason: reason.clone() });
+            }
+            let now = durable();
+            if now >= target {
+                return Ok(now);
             }
             if state.syncing {
                 state = self.done.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -57,14 +78,11 @@ impl GroupCommit {
             let result = sync();
             state = self.lock();
             state.syncing = false;
-            if let Ok(upto) = &result {
-                state.durable = state.durable.max(*upto);
+            if let Err(e) = &result {
+                state.failed = Some(e.to_string());
             }
             self.done.notify_all();
-            match result {
-                Ok(_) => continue,
-                Err(e) => return Err(e),
-            }
+            result?;
         }
     }
 }
@@ -75,26 +93,36 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
+    fn eio() -> StorageError {
+        StorageError::Io { op: "fdatasync", path: "seg".into(), source: std::io::Error::from_raw_os_error(libc::EIO) }
+    }
+
     #[test]
     fn concurrent_waiters_share_syncs() {
-        let gc = Arc::new(GroupCommit::new(Offset(0)));
+        let gc = Arc::new(GroupCommit::new());
         let appended = Arc::new(AtomicU64::new(0));
+        let durable = Arc::new(AtomicU64::new(0));
         let syncs = Arc::new(AtomicU64::new(0));
         let threads: Vec<_> = (0..8)
             .map(|_| {
-                let (gc, appended, syncs) = (gc.clone(), appended.clone(), syncs.clone());
+                let (gc, appended, durable, syncs) = (gc.clone(), appended.clone(), durable.clone(), syncs.clone());
                 std::thread::spawn(move || {
                     for _ in 0..50 {
                         let mine = Offset(appended.fetch_add(1, Ordering::SeqCst) + 1);
-                        let durable = gc
-                            .sync_to(mine, || {
-                                syncs.fetch_add(1, Ordering::SeqCst);
-                                let upto = appended.load(Ordering::SeqCst);
-                                std::thread::sleep(std::time::Duration::from_micros(200));
-                                Ok::<_, ()>(Offset(upto))
-                            })
+                        let reached = gc
+                            .sync_to(
+                                mine,
+                                || Offset(durable.load(Ordering::SeqCst)),
+                                || {
+                                    syncs.fetch_add(1, Ordering::SeqCst);
+                                    let upto = appended.load(Ordering::SeqCst);
+                                    std::thread::sleep(std::time::Duration::from_micros(200));
+                                    durable.fetch_max(upto, Ordering::SeqCst);
+                                    Ok(Offset(upto))
+                                },
+                            )
                             .unwrap();
-                        assert!(durable >= mine);
+                        assert!(reached >= mine);
                     }
                 })
             })
@@ -102,14 +130,47 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(gc.durable(), Offset(400));
-        assert!(syncs.load(Ordering::SeqCst) < 400, "syncs were shared: {}", syncs.load(Ordering::SeqCst));
+        assert_eq!(durable.load(Ordering::SeqCst), 400);
+        let syncs = syncs.load(Ordering::SeqCst);
+        assert!(syncs < 400, "8 threads x 50 waits shared syncs: {syncs}");
     }
 
     #[test]
-    fn a_failed_sync_is_reported_and_the_next_caller_retries() {
-        let gc = GroupCommit::new(Offset(0));
-        assert_eq!(gc.sync_to(Offset(5), || Err::<Offset, &str>("eio")), Err("eio"));
-        assert_eq!(gc.sync_to(Offset(5), || Ok::<_, &str>(Offset(5))), Ok(Offset(5)));
+    fn a_failed_sync_fails_every_later_caller_without_syncing_again() {
+        let gc = GroupCommit::new();
+        let calls = AtomicU64::new(0);
+        let sync = || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(eio())
+        };
+        assert!(matches!(gc.sync_to(Offset(5), || Offset(0), sync), Err(StorageError::Io { .. })));
+        let ok_sync = || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok(Offset(5))
+        };
+        let again = gc.sync_to(Offset(5), || Offset(0), ok_sync);
+        assert!(matches!(again, Err(StorageError::LogFailed { .. })), "{again:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "a failed fsync is never retried");
+        assert!(gc.failure().unwrap().contains("fdatasync"));
+    }
+
+    #[test]
+    fn waiters_of_a_failing_sync_all_get_the_failure() {
+        let gc = Arc::new(GroupCommit::new());
+        let started = Arc::new(std::sync::Barrier::new(5));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (gc, started) = (gc.clone(), started.clone());
+                std::thread::spawn(move || {
+                    started.wait();
+                    gc.sync_to(Offset(1), || Offset(0), || Err(eio())).is_err()
+                })
+            })
+            .collect();
+        started.wait();
+        for t in threads {
+            assert!(t.join().unwrap(), "every waiter sees an error");
+        }
+        assert!(gc.failure().is_some());
     }
 }

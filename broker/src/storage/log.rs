@@ -1,5 +1,17 @@
 //! [`Log`]: one partition's segments, with offsets, reads, rolls, retention,
 //! truncation, flushing and crash recovery.
+//!
+//! Durability rules kept here:
+//! - The recovery point only moves up over data this process synced (at
+//!   open too: every segment recovery re-validated is synced first).
+//! - A truncation never rewrites or shrinks bytes a reader may hold: the
+//!   segment holding the cut ends there and a new segment file starts at the
+//!   cut; later segments are unlinked. It is durable when it returns: the
+//!   recovery point is lowered first, the directory is fsynced last, and on
+//!   disk a segment ends where the next begins.
+//! - After a failed fsync the log is failed ([`StorageError::LogFailed`]):
+//!   no more appends, reads or syncs until it is reopened and recovered.
+//! - Corruption below the recovery point is an error at open, never cut.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -9,12 +21,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tally_proto::batch::RecordBatch;
 
-use super::checkpoint::{Checkpoints, LeaderEpochCache};
+use super::checkpoint::{CheckpointSnapshot, CheckpointWriter, Checkpoints, Kind, LeaderEpochCache};
 use super::clock::Clock;
 use super::config::{FlushPolicy, LogConfig};
 use super::error::io_err;
-use super::fs::{remove_if_exists, sync_dir};
-use super::segment::{Segment, SegmentSizes};
+use super::fs::{remove_if_exists, sync_data, sync_dir};
+use super::segment::{Segment, SegmentSizes, Tail, file_name};
 use super::writeback::Writeback;
 use super::{Offset, Result, StorageError};
 
@@ -58,18 +70,17 @@ pub struct RetentionOutcome {
 #[derive(Debug)]
 #[must_use = "the files are deleted by finish()"]
 pub struct RemovedSegments {
-    dir: PathBuf,
     segments: Vec<Segment>,
-    checkpoints: Option<Checkpoints>,
+    checkpoints: Option<CheckpointSnapshot>,
 }
 
 impl RemovedSegments {
-    /// Writes the log-start and leader-epoch checkpoints, then deletes the
-    /// segment files. Readers still holding bytes of them keep their maps.
+    /// Writes the checkpoints (log start and leader epochs moved), then
+    /// deletes the segment files. Readers still holding bytes of them keep
+    /// their maps.
     pub fn finish(self) -> Result<()> {
         if let Some(c) = &self.checkpoints {
-            Checkpoints::write_log_start(&self.dir, c.log_start_offset)?;
-            c.write_leader_epochs(&self.dir)?;
+            c.write()?;
         }
         for segment in self.segments {
             segment.delete()?;
@@ -85,20 +96,23 @@ impl RemovedSegments {
 #[derive(Debug)]
 pub struct SyncPlan {
     files: Vec<Arc<File>>,
-    dir: Option<PathBuf>,
+    log_dir: PathBuf,
+    sync_dir: bool,
     dir_generation: u64,
+    truncations: u64,
     up_to: u64,
 }
 
 impl SyncPlan {
     /// fdatasyncs the files (and the directory when entries changed).
-    /// Returns the offset below which the log is now durable.
+    /// Returns the offset below which the log is now durable. An error
+    /// must fail the log ([`Log::fail`]): it is never retried.
     pub fn execute(&self) -> Result<Offset> {
         for f in &self.files {
-            f.sync_data().map_err(io_err("fdatasync", self.dir.clone().unwrap_or_default()))?;
+            sync_data(f, &self.log_dir)?;
         }
-        if let Some(dir) = &self.dir {
-            sync_dir(dir)?;
+        if self.sync_dir {
+            sync_dir(&self.log_dir)?;
         }
         Ok(Offset(self.up_to))
     }
@@ -139,7 +153,13 @@ pub struct Log {
     unsynced: Vec<(u64, [Arc<File>; 3])>,
     dir_generation: u64,
     synced_dir_generation: u64,
+    /// Truncations so far: a sync planned before one marks nothing durable.
+    truncations: u64,
     last_flush_ms: i64,
+    /// The one writer of the checkpoint files.
+    writer: Arc<CheckpointWriter>,
+    /// Why the log stopped (a failed fsync), if it did.
+    failed: Option<String>,
 }
 
 fn parse_segment_name(name: &str) -> Option<(u64, &str)> {
@@ -175,7 +195,10 @@ impl Log {
             unsynced: Vec::new(),
             dir_generation: 1,
             synced_dir_generation: 0,
+            truncations: 0,
             last_flush_ms: 0,
+            writer: Arc::new(CheckpointWriter::new(dir)),
+            failed: None,
         };
         log.load_segments(&bases)?;
         let leo = log.leo();
@@ -185,13 +208,16 @@ impl Log {
         log.leader_epochs.truncate_from_start(Offset(log.log_start_offset));
         log.high_watermark = checkpoints.high_watermark.get().clamp(log.log_start_offset, leo);
         log.last_flush_ms = log.clock.now_ms();
-        // Whatever recovery validated is made durable before it counts.
+        // Whatever recovery validated (and trimmed) is synced before the
+        // recovery point moves over it: the segments it re-validated are in
+        // the unsynced list, the active one and the directory in every plan.
         log.flush()?;
-        if log.recovery_point != checkpoints.recovery_point.get() {
-            Checkpoints::write_recovery_point(&log.dir, Offset(log.recovery_point))?;
-        }
+        // Epochs first: the recovery point vouches for what lies below it.
         if log.leader_epochs != checkpoints.leader_epochs {
-            log.checkpoints().write_leader_epochs(&log.dir)?;
+            log.writer.write_epochs_now(&log.leader_epochs)?;
+        }
+        if log.recovery_point != checkpoints.recovery_point.get() {
+            log.writer.write_offset_now(Kind::RecoveryPoint, Offset(log.recovery_point))?;
         }
         Ok(log)
     }
@@ -228,65 +254,106 @@ impl Log {
         SegmentSizes { log_bytes: self.config.segment_bytes, index_bytes: self.config.segment_index_bytes }
     }
 
+    /// Loads the segments: those wholly below the recovery point are
+    /// trusted (their ends found by walking headers), the one holding it and
+    /// all later ones are re-validated batch by batch. Each segment ends at
+    /// the next one's base. What does not hold up is cut only above the
+    /// recovery point; below it, it is an error.
     fn load_segments(&mut self, bases: &[u64]) -> Result<()> {
         let now = self.clock.now_ms();
         let sizes = self.sizes();
         let interval = self.config.index_interval_bytes;
+        let rp = self.recovery_point;
         if bases.is_empty() {
             let segment = Segment::create(&self.dir, self.log_start_offset, sizes, now)?;
             self.segments.insert(self.log_start_offset, segment);
+            self.recovery_point = self.recovery_point.min(self.log_start_offset);
             return Ok(());
         }
-        let revalidate_from = bases.iter().rposition(|&b| b <= self.recovery_point).unwrap_or(0).min(bases.len() - 1);
+        let revalidate_from = bases.iter().rposition(|&b| b <= rp).unwrap_or(0).min(bases.len() - 1);
         let mut expected: Option<u64> = None;
-        let mut recovering = false;
         for (i, &base) in bases.iter().enumerate() {
             let is_last = i == bases.len() - 1;
-            if expected.is_some_and(|e| e != base) {
-                tracing::warn!(dir = %self.dir.display(), base, expected, "segment does not continue the log; removing it and all later segments");
+            let limit = bases.get(i + 1).copied().unwrap_or(u64::MAX);
+            if let Some(e) = expected
+                && e != base
+            {
+                let what = format!("offsets {e}..{base} are missing: this segment does not continue the log");
+                self.below_recovery_point(e, &self.dir.join(file_name(base, "log")), 0, what)?;
+                tracing::warn!(dir = %self.dir.display(), base, expected = e, "segment does not continue the log, above the recovery point; removing it and all later segments");
                 self.delete_segment_files_from(&bases[i..])?;
                 break;
             }
-            if i < revalidate_from && !recovering {
+            if i < revalidate_from {
                 let mut segment = Segment::open(&self.dir, base, now, None)?;
-                segment.load_trusted(interval)?;
+                segment.load_trusted(interval, limit, rp)?;
                 expected = Some(segment.next_offset());
                 self.segments.insert(base, segment);
                 continue;
             }
-            recovering = true;
             let mut segment = Segment::open(&self.dir, base, now, Some(sizes.index_bytes))?;
-            let recovered = segment.recover(base, &mut self.leader_epochs, interval, !is_last)?;
-            expected = Some(segment.next_offset());
-            let corrupt = recovered.cut_bytes > 0 && !recovered.zero_tail;
-            if corrupt || (recovered.cut_bytes > 0 && !is_last) {
-                tracing::warn!(
-                    path = %segment.path().display(),
-                    cut_bytes = recovered.cut_bytes,
-                    zero_tail = recovered.zero_tail,
-                    "recovery cut the segment after its last valid batch"
-                );
+            let recovered = segment.recover(base, &mut self.leader_epochs, interval, limit)?;
+            let end = segment.next_offset();
+            expected = Some(end);
+            let path = segment.path().to_path_buf();
+            match recovered.tail {
+                Tail::Damaged => {
+                    let what = "a torn or damaged batch (framing, CRC, offsets or record count)".to_string();
+                    self.below_recovery_point(end, &path, recovered.end, what)?;
+                    tracing::warn!(path = %path.display(), position = recovered.end, cut_bytes = recovered.cut_bytes, offset = end, "recovery cut a torn or damaged tail after the last valid batch");
+                }
+                Tail::Zeros if !is_last => {
+                    tracing::info!(path = %path.display(), cut_bytes = recovered.cut_bytes, "recovery trimmed preallocated space of a closed segment");
+                }
+                Tail::Stale => {
+                    tracing::debug!(path = %path.display(), position = recovered.end, "ignoring batches a truncation left before the next segment");
+                }
+                Tail::None | Tail::Zeros => {}
             }
-            if corrupt {
-                self.segments.insert(base, segment);
-                self.delete_segment_files_from(&bases[i + 1..])?;
-                break;
-            }
+            segment.cut_recovered_tail(&recovered)?;
             if !is_last {
                 segment.close()?;
             }
+            // Re-validated bytes count as durable only once synced.
+            self.unsynced.push((end, segment.files()));
             self.segments.insert(base, segment);
+            if recovered.tail == Tail::Damaged && !is_last {
+                tracing::warn!(dir = %self.dir.display(), "removing the segments after the damaged one: they follow a hole");
+                self.delete_segment_files_from(&bases[i + 1..])?;
+                break;
+            }
         }
-        self.recovery_point = self.recovery_point.min(self.leo());
+        let leo = self.leo();
+        if leo < rp {
+            let last = self.active().path().to_path_buf();
+            let what = format!("the log ends at offset {leo}");
+            let size = self.active().size();
+            self.below_recovery_point(leo, &last, size, what)?;
+        }
+        self.recovery_point = self.recovery_point.min(leo);
         let sizes = self.sizes();
         self.active_mut().make_active(sizes)?;
+        Ok(())
+    }
+
+    /// The error for damage found at `offset`, if that lies below the
+    /// recovery point (data recorded as durable), else `Ok`.
+    fn below_recovery_point(&self, offset: u64, path: &Path, position: u64, what: String) -> Result<()> {
+        if offset < self.recovery_point {
+            return Err(StorageError::CorruptBelowRecoveryPoint {
+                path: path.to_path_buf(),
+                position,
+                recovery_point: Offset(self.recovery_point),
+                what,
+            });
+        }
         Ok(())
     }
 
     fn delete_segment_files_from(&mut self, bases: &[u64]) -> Result<()> {
         for &base in bases {
             for ext in ["log", "index", "timeindex"] {
-                remove_if_exists(&self.dir.join(super::segment::file_name(base, ext)))?;
+                remove_if_exists(&self.dir.join(file_name(base, ext)))?;
             }
         }
         self.dir_generation += 1;
@@ -367,10 +434,41 @@ impl Log {
         self.segments.values().map(Segment::size).sum()
     }
 
+    /// Why the log failed, if it did (see [`Log::fail`]).
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Fails the log after an I/O error that may have lost data (a failed
+    /// fsync): from now on it refuses appends, truncations, reads and syncs
+    /// with [`StorageError::LogFailed`], until it is reopened (which
+    /// recovers it from what the disk holds).
+    pub fn fail(&mut self, reason: &dyn std::fmt::Display) {
+        if self.failed.is_none() {
+            let reason = reason.to_string();
+            tracing::error!(dir = %self.dir.display(), %reason, "log failed: it takes no more writes or reads until the broker restarts and recovers it");
+            self.failed = Some(reason);
+        }
+    }
+
+    fn check_not_failed(&self) -> Result<()> {
+        match &self.failed {
+            Some(reason) => Err(StorageError::LogFailed { reason: reason.clone() }),
+            None => Ok(()),
+        }
+    }
+
     /// Appends a validated batch as leader: assigns offsets from the log end
     /// and stamps `leader_epoch`, patching 12 header bytes (never
-    /// re-encoding). On error the log is unchanged.
+    /// re-encoding). An epoch older than the log's latest is refused. On
+    /// error the log is unchanged.
     pub fn append(&mut self, batch: &RecordBatch, leader_epoch: u32) -> Result<AppendInfo> {
+        self.check_not_failed()?;
+        if let Some(latest) = self.leader_epochs.latest_epoch()
+            && leader_epoch < latest
+        {
+            return Err(StorageError::StaleLeaderEpoch { epoch: leader_epoch, latest });
+        }
         let base = self.leo();
         let epoch =
             i32::try_from(leader_epoch).map_err(|_| StorageError::InvalidArgument("leader epoch too large".into()))?;
@@ -378,24 +476,58 @@ impl Log {
     }
 
     /// Appends a batch as a follower, keeping the leader's offsets and epoch.
-    /// The batch must start at the log end offset.
+    /// The batch must start at the log end offset, have a record count that
+    /// matches its offsets, and an epoch no older than the log's latest. On
+    /// error the log is unchanged.
     pub fn append_replica(&mut self, batch: &RecordBatch) -> Result<AppendInfo> {
+        self.check_not_failed()?;
         let h = batch.header();
         let leo = self.leo();
         if h.base_offset() != leo as i64 {
             return Err(StorageError::NonContiguousOffset { expected: Offset(leo), got: h.base_offset() });
         }
-        self.append_at(batch, leo, h.partition_leader_epoch())
+        let (delta, count) = (h.last_offset_delta(), h.record_count());
+        if delta < 0 || i64::from(delta) + 1 != i64::from(count) {
+            return Err(StorageError::InvalidReplicaBatch(format!(
+                "lastOffsetDelta {delta} does not match recordCount {count}"
+            )));
+        }
+        if h.last_offset().checked_add(1).is_none() {
+            return Err(StorageError::InvalidReplicaBatch(format!("last offset {} overflows", h.last_offset())));
+        }
+        let epoch = h.partition_leader_epoch();
+        if epoch < 0 {
+            return Err(StorageError::InvalidReplicaBatch(format!("partitionLeaderEpoch {epoch} is not an epoch")));
+        }
+        if let Some(latest) = self.leader_epochs.latest_epoch()
+            && (epoch as u32) < latest
+        {
+            return Err(StorageError::StaleLeaderEpoch { epoch: epoch as u32, latest });
+        }
+        self.append_at(batch, leo, epoch)
     }
 
     fn append_at(&mut self, batch: &RecordBatch, base: u64, epoch: i32) -> Result<AppendInfo> {
         let len = batch.len() as u64;
-        let last = base + u64::try_from(batch.header().last_offset_delta()).unwrap_or(0);
-        self.make_room(len, last)?;
+        let delta = u64::try_from(batch.header().last_offset_delta())
+            .map_err(|_| StorageError::InvalidArgument("negative lastOffsetDelta".into()))?;
+        let last = base + delta;
+        let now = self.clock.now_ms();
+        self.make_room(len, last, now)?;
         let interval = self.config.index_interval_bytes;
-        self.active_mut().append(batch, base, epoch, interval)?;
-        if epoch >= 0 && self.leader_epochs.assign(epoch as u32, Offset(base)) {
-            self.checkpoints().write_leader_epochs(&self.dir)?;
+        let new_epoch = epoch >= 0 && self.leader_epochs.latest_epoch() != Some(epoch as u32);
+        if new_epoch {
+            // The epoch file is written before the batch: if the batch write
+            // then fails, the file holds an entry at the log end, which open
+            // drops, and the cache in memory is unchanged. Either way the
+            // caller's error means nothing was stored.
+            let mut epochs = self.leader_epochs.clone();
+            epochs.assign(epoch as u32, Offset(base));
+            self.writer.write_epochs_now(&epochs)?;
+            self.active_mut().append(batch, base, epoch, interval, now)?;
+            self.leader_epochs = epochs;
+        } else {
+            self.active_mut().append(batch, base, epoch, interval, now)?;
         }
         let leo = self.leo();
         debug_assert_eq!(leo, last + 1);
@@ -404,8 +536,7 @@ impl Log {
 
     /// Rolls if the batch does not fit or the segment is old, and grows an
     /// empty segment that is too small for one oversized batch.
-    fn make_room(&mut self, len: u64, last_offset: u64) -> Result<()> {
-        let now = self.clock.now_ms();
+    fn make_room(&mut self, len: u64, last_offset: u64, now: i64) -> Result<()> {
         let active = self.active();
         let too_old = now.saturating_sub(active.created_ms()) >= self.config.segment_ms;
         if !active.is_empty() && (active.is_full_for(len, last_offset) || too_old) {
@@ -441,6 +572,7 @@ impl Log {
     /// Crosses segment boundaries. Fails with `OffsetOutOfRange` outside
     /// `[log_start, log_end]`, and with `Corrupt` rather than return bad bytes.
     pub fn read(&self, offset: Offset, max_bytes: u64, upper: Offset) -> Result<ReadResult> {
+        self.check_not_failed()?;
         let leo = self.leo();
         let (offset, upper) = (offset.get(), upper.get());
         if offset < self.log_start_offset || offset > leo {
@@ -517,7 +649,14 @@ impl Log {
     /// Removes every batch at or after the one holding `offset` (followers
     /// call this to match their leader). Returns the new log end offset,
     /// which is at most `offset` and a batch boundary.
+    ///
+    /// No byte a reader holds changes: the segment holding the cut ends
+    /// there (its later bytes stay in the file) and a new segment file
+    /// starts at the cut; later segments are unlinked. Durable on return:
+    /// the recovery point is lowered first, and the directory is fsynced
+    /// after the new segment exists, which is what ends the old one on disk.
     pub fn truncate_to(&mut self, offset: Offset) -> Result<Offset> {
+        self.check_not_failed()?;
         let offset = offset.get();
         let leo = self.leo();
         if offset >= leo {
@@ -529,66 +668,135 @@ impl Log {
                 self.log_start_offset
             )));
         }
-        // First make sure a crash from here on re-validates the cut region.
-        if self.recovery_point > offset {
-            self.recovery_point = offset;
-            Checkpoints::write_recovery_point(&self.dir, Offset(offset))?;
-        }
         let floor = *self.segments.range(..=offset).next_back().expect("offset >= log start").0;
-        let cut_base = self.segments[&floor].batch_base_holding(offset)?.unwrap_or(offset);
-        if cut_base < self.log_start_offset {
+        let cut = self.segments[&floor].batch_base_holding(offset)?.unwrap_or(offset);
+        if cut < self.log_start_offset {
             // The batch to cut also holds the log start: nothing readable remains.
             return self.truncate_fully_and_start_at(Offset(self.log_start_offset));
         }
-        let sizes = self.sizes();
-        {
-            let segment = self.segments.get_mut(&floor).expect("floor exists");
-            segment.truncate_to(offset)?;
-        }
+        // A crash from here on re-validates the cut region.
+        self.lower_recovery_point(cut)?;
+        self.truncations += 1;
+        // Later segments go first, the newest first, so a crash leaves a prefix.
         let later: Vec<u64> = self.segments.range(floor + 1..).map(|(b, _)| *b).collect();
-        if !later.is_empty() {
-            self.segments.get_mut(&floor).expect("floor exists").make_active(sizes)?;
-            for base in later {
-                let segment = self.segments.remove(&base).expect("listed");
-                segment.delete()?;
-            }
+        for base in later.into_iter().rev() {
+            self.segments.remove(&base).expect("listed").delete()?;
             self.dir_generation += 1;
         }
-        let leo = self.leo();
-        self.unsynced.retain(|(end, _)| *end <= leo);
-        self.recovery_point = self.recovery_point.min(leo);
-        if self.high_watermark > leo {
-            self.high_watermark = leo;
+        if cut == floor {
+            self.replace_with_empty(floor)?;
+        } else {
+            let segment = Segment::create(&self.dir, cut, self.sizes(), self.clock.now_ms())?;
+            let sealed = self.segments.get_mut(&floor).expect("floor exists");
+            sealed.seal_at(offset)?;
+            sealed.close()?;
+            let files = sealed.files();
+            self.segments.insert(cut, segment);
+            self.unsynced.retain(|(end, _)| *end <= floor);
+            self.unsynced.push((cut, files));
         }
+        self.dir_generation += 1;
+        self.sync_directory()?;
+        let leo = self.leo();
+        debug_assert_eq!(leo, cut);
+        self.unsynced.retain(|(end, _)| *end <= leo);
+        self.high_watermark = self.high_watermark.min(leo);
         if self.leader_epochs.truncate_from_end(Offset(leo)) {
-            self.checkpoints().write_leader_epochs(&self.dir)?;
+            self.writer.write_epochs_now(&self.leader_epochs)?;
         }
         Ok(Offset(leo))
     }
 
-    /// Deletes every segment and starts an empty log at `offset`.
-    pub fn truncate_fully_and_start_at(&mut self, offset: Offset) -> Result<Offset> {
-        let offset = offset.get();
-        self.recovery_point = offset;
-        Checkpoints::write_recovery_point(&self.dir, Offset(offset))?;
-        // Creating at an existing base (offset == a segment's base) reuses its name.
-        let segment = Segment::create(&self.dir, offset, self.sizes(), self.clock.now_ms())?;
-        let old: Vec<u64> = self.segments.keys().copied().collect();
-        for base in old {
-            let seg = self.segments.remove(&base).expect("listed");
-            if base != offset {
-                seg.delete()?;
+    /// Lowers the recovery point to `offset`, durably.
+    fn lower_recovery_point(&mut self, offset: u64) -> Result<()> {
+        if self.recovery_point > offset {
+            self.recovery_point = offset;
+            self.writer.write_offset_now(Kind::RecoveryPoint, Offset(offset))?;
+        }
+        Ok(())
+    }
+
+    /// fsyncs the directory now (entries created or removed persist).
+    fn sync_directory(&mut self) -> Result<()> {
+        sync_dir(&self.dir)?;
+        self.synced_dir_generation = self.dir_generation;
+        Ok(())
+    }
+
+    /// Replaces the segment at `base` by an empty one of the same name. The
+    /// old files are renamed aside first (readers keep their maps of them)
+    /// and put back if the new segment cannot be made; leftovers of a crash
+    /// in between are removed by the next open.
+    fn replace_with_empty(&mut self, base: u64) -> Result<()> {
+        let aside = |ext: &str| {
+            (self.dir.join(file_name(base, ext)), self.dir.join(format!("{}.deleted", file_name(base, ext))))
+        };
+        let mut moved = Vec::new();
+        for ext in ["log", "index", "timeindex"] {
+            let (from, to) = aside(ext);
+            match std::fs::rename(&from, &to) {
+                Ok(()) => moved.push((from, to)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    for (from, to) in moved.iter().rev() {
+                        let _ = std::fs::rename(to, from);
+                    }
+                    return Err(io_err("rename", &from)(e));
+                }
             }
         }
-        self.segments.insert(offset, segment);
+        match Segment::create(&self.dir, base, self.sizes(), self.clock.now_ms()) {
+            Ok(segment) => {
+                self.segments.insert(base, segment);
+                self.unsynced.retain(|(end, _)| *end <= base);
+                for (_, to) in &moved {
+                    remove_if_exists(to)?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                for (from, to) in moved.iter().rev() {
+                    let _ = std::fs::rename(to, from);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes every segment and starts an empty log at `offset` (a follower
+    /// whose leader's log starts past its own end). The recovery point drops
+    /// to 0 first, so a crash part way re-validates whatever remains, and
+    /// moves to `offset` once the new segment and log start are recorded.
+    pub fn truncate_fully_and_start_at(&mut self, offset: Offset) -> Result<Offset> {
+        self.check_not_failed()?;
+        let offset = offset.get();
+        self.lower_recovery_point(0)?;
+        self.truncations += 1;
+        let last = *self.segments.keys().next_back().expect("a log always has an active segment");
+        let older: Vec<u64> = self.segments.keys().copied().filter(|&b| b != last).collect();
+        for base in older.into_iter().rev() {
+            self.segments.remove(&base).expect("listed").delete()?;
+            self.dir_generation += 1;
+        }
+        self.log_start_offset = self.log_start_offset.max(last);
+        if last == offset {
+            self.replace_with_empty(offset)?;
+        } else {
+            let segment = Segment::create(&self.dir, offset, self.sizes(), self.clock.now_ms())?;
+            let old = self.segments.remove(&last).expect("listed");
+            self.segments.insert(offset, segment);
+            old.delete()?;
+        }
         self.unsynced.clear();
         self.dir_generation += 1;
+        self.sync_directory()?;
         self.log_start_offset = offset;
         self.high_watermark = offset;
-        Checkpoints::write_log_start(&self.dir, Offset(offset))?;
-        if self.leader_epochs.truncate_from_end(Offset(offset)) {
-            self.checkpoints().write_leader_epochs(&self.dir)?;
-        }
+        self.leader_epochs = LeaderEpochCache::default();
+        self.writer.write_epochs_now(&self.leader_epochs)?;
+        self.writer.write_offset_now(Kind::LogStart, Offset(offset))?;
+        self.recovery_point = offset;
+        self.writer.write_offset_now(Kind::RecoveryPoint, Offset(offset))?;
         Ok(Offset(offset))
     }
 
@@ -608,18 +816,20 @@ impl Log {
             return Ok(());
         }
         self.log_start_offset = offset;
-        Checkpoints::write_log_start(&self.dir, Offset(offset))?;
+        self.writer.write_offset_now(Kind::LogStart, Offset(offset))?;
         for segment in self.remove_segments_while(|log, first| first.next_offset() <= log.log_start_offset) {
             segment.delete()?;
         }
         if self.leader_epochs.truncate_from_start(Offset(offset)) {
-            self.checkpoints().write_leader_epochs(&self.dir)?;
+            self.writer.write_epochs_now(&self.leader_epochs)?;
         }
         Ok(())
     }
 
     /// Deletes the oldest closed segments that are past `retention_ms` (by
-    /// their newest record) or that keep the log above `retention_bytes`.
+    /// their newest record, but never later than their last append: see
+    /// `Segment::retention_time_ms`) or that keep the log above
+    /// `retention_bytes`.
     /// Only segments below the high watermark go; the active one never does.
     pub fn enforce_retention(&mut self) -> Result<RetentionOutcome> {
         let (outcome, removed) = self.enforce_retention_deferred();
@@ -637,8 +847,7 @@ impl Log {
         let (retention_ms, retention_bytes) = (self.config.retention_ms, self.config.retention_bytes);
         let mut total = self.size_bytes();
         let removed = self.remove_segments_while(|log, first| {
-            let expired =
-                retention_ms.is_some_and(|r| first.max_timestamp().is_some_and(|m| now.saturating_sub(m) > r));
+            let expired = retention_ms.is_some_and(|r| now.saturating_sub(first.retention_time_ms()) > r);
             let oversized = retention_bytes.is_some_and(|r| total.saturating_sub(first.size()) >= r);
             let below_start = first.next_offset() <= log.log_start_offset;
             let deletable = (expired || oversized || below_start) && first.next_offset() <= log.high_watermark;
@@ -656,9 +865,9 @@ impl Log {
             let first_base = *self.segments.keys().next().expect("active remains");
             self.log_start_offset = self.log_start_offset.max(first_base);
             self.leader_epochs.truncate_from_start(Offset(self.log_start_offset));
-            checkpoints = Some(self.checkpoints());
+            checkpoints = Some(self.checkpoint_snapshot());
         }
-        (outcome, RemovedSegments { dir: self.dir.clone(), segments: removed, checkpoints })
+        (outcome, RemovedSegments { segments: removed, checkpoints })
     }
 
     fn remove_segments_while(&mut self, mut pred: impl FnMut(&Log, &Segment) -> bool) -> Vec<Segment> {
@@ -688,10 +897,10 @@ impl Log {
         // Closed segments are synced whole; of the active segment only the
         // `.log`: its indexes are rebuilt by recovery, which always re-reads
         // the last segment.
-        let mut files: Vec<Arc<File>> = self.unsynced.iter().flat_map(|(_, f)| f.iter().cloned()).collect();
-        files.push(self.active().log_file().clone());
-        let dir = (self.dir_generation > self.synced_dir_generation).then(|| self.dir.clone());
-        SyncPlan { files, dir, dir_generation: self.dir_generation, up_to: self.leo() }
+        let mut plan = self.sync_plan_closed();
+        plan.files.push(self.active().log_file().clone());
+        plan.up_to = self.leo();
+        plan
     }
 
     /// A sync of the closed segments only, which makes everything below the
@@ -700,27 +909,43 @@ impl Log {
     /// re-validates little more than the active segment.
     pub fn sync_plan_closed(&self) -> SyncPlan {
         let files: Vec<Arc<File>> = self.unsynced.iter().flat_map(|(_, f)| f.iter().cloned()).collect();
-        let dir = (self.dir_generation > self.synced_dir_generation).then(|| self.dir.clone());
         let up_to = self.segments.keys().next_back().copied().unwrap_or(0).max(self.recovery_point);
-        SyncPlan { files, dir, dir_generation: self.dir_generation, up_to }
+        SyncPlan {
+            files,
+            log_dir: self.dir.clone(),
+            sync_dir: self.dir_generation > self.synced_dir_generation,
+            dir_generation: self.dir_generation,
+            truncations: self.truncations,
+            up_to,
+        }
     }
 
     /// Records that `plan` ran: offsets below its `up_to` are durable.
-    pub fn mark_durable(&mut self, plan: &SyncPlan) {
+    /// Returns the recovery point after it. A plan made before a truncation
+    /// marks nothing (its files may be gone and the offsets it covered
+    /// reused); the next sync covers what it would have.
+    pub fn mark_durable(&mut self, plan: &SyncPlan) -> Offset {
+        if plan.truncations != self.truncations {
+            return Offset(self.recovery_point);
+        }
         let up_to = plan.up_to.min(self.leo());
         self.recovery_point = self.recovery_point.max(up_to);
         self.unsynced.retain(|(end, _)| *end > up_to);
         self.synced_dir_generation = self.synced_dir_generation.max(plan.dir_generation);
         self.last_flush_ms = self.clock.now_ms();
+        Offset(self.recovery_point)
     }
 
     /// Syncs everything appended so far. Returns the offset below which the
-    /// log is durable.
+    /// log is durable. A failed sync fails the log.
     pub fn flush(&mut self) -> Result<Offset> {
+        self.check_not_failed()?;
         let plan = self.sync_plan();
-        plan.execute()?;
-        self.mark_durable(&plan);
-        Ok(Offset(self.recovery_point))
+        if let Err(e) = plan.execute() {
+            self.fail(&e);
+            return Err(e);
+        }
+        Ok(self.mark_durable(&plan))
     }
 
     /// True when the flush policy wants a sync now.
@@ -744,12 +969,19 @@ impl Log {
         }
     }
 
+    /// The checkpoint values now, to be written outside the log's lock
+    /// ([`CheckpointSnapshot::write`]); a snapshot written late never
+    /// replaces what a later one or a later change wrote.
+    pub fn checkpoint_snapshot(&self) -> CheckpointSnapshot {
+        self.writer.snapshot(self.checkpoints())
+    }
+
     /// Flushes, trims the active segment's preallocation and writes every
     /// checkpoint: the next open re-validates nothing but the last segment.
     pub fn close(&mut self) -> Result<()> {
         self.flush()?;
         self.active_mut().close()?;
-        self.checkpoints().write(&self.dir)
+        self.checkpoint_snapshot().write()
     }
 
     /// Deletes the log's directory and everything in it.

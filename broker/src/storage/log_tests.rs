@@ -271,9 +271,11 @@ fn stray_files_from_interrupted_work_are_removed() {
     }
 }
 
-/// Writes `n` batches, then returns the active segment's path and the byte
-/// range of its last batch.
-fn log_with_tail(dir: &std::path::Path) -> (std::path::PathBuf, u64, u64, u64) {
+/// Writes 12 batches of 3 records, then returns the segment's path and the
+/// byte range of its last batch, with the recovery point checkpoint set to
+/// `recovery_point` (what a crash before the later batches were synced
+/// leaves).
+fn log_with_tail(dir: &std::path::Path, recovery_point: u64) -> (std::path::PathBuf, u64, u64, u64) {
     let mut config = tiny_config();
     config.segment_bytes = 1 << 16;
     let mut log = Log::open(dir, config, Arc::new(SystemClock)).unwrap();
@@ -281,6 +283,7 @@ fn log_with_tail(dir: &std::path::Path) -> (std::path::PathBuf, u64, u64, u64) {
     let leo = log.log_end_offset().get();
     let last_base = leo - 3;
     log.close().unwrap();
+    std::fs::write(dir.join("recovery-point-checkpoint"), format!("0\n{recovery_point}\n")).unwrap();
     let path = dir.join("00000000000000000000.log");
     let data = std::fs::read(&path).unwrap();
     let mut pos = 0u64;
@@ -293,23 +296,28 @@ fn log_with_tail(dir: &std::path::Path) -> (std::path::PathBuf, u64, u64, u64) {
     (path, last_start, pos, last_base)
 }
 
-fn reopen_tail_config(dir: &std::path::Path) -> Log {
+fn reopen_tail_config(dir: &std::path::Path) -> Result<Log> {
     let mut config = tiny_config();
     config.segment_bytes = 1 << 16;
-    Log::open(dir, config, Arc::new(SystemClock)).unwrap()
+    Log::open(dir, config, Arc::new(SystemClock))
+}
+
+fn copy_dir(from: &std::path::Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
 }
 
 #[test]
 fn recovery_cuts_a_torn_last_batch_at_every_byte() {
     let template = tempfile::tempdir().unwrap();
-    let (path, start, end, last_base) = log_with_tail(template.path());
+    let (path, start, end, last_base) = log_with_tail(template.path(), 33);
     let original = std::fs::read(&path).unwrap();
     for cut in start..end {
-        let dir = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(template.path()).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-        }
+        let dir = copy_dir(template.path());
         // A torn write: the file ends inside the batch, or the rest is zeros
         // (preallocated space that the write never reached).
         let seg = dir.path().join("00000000000000000000.log");
@@ -320,61 +328,66 @@ fn recovery_cuts_a_torn_last_batch_at_every_byte() {
             torn[cut as usize..].fill(0);
             std::fs::write(&seg, &torn).unwrap();
         }
-        // The checkpoint says the tail was durable; recovery must still check it.
-        let mut log = reopen_tail_config(dir.path());
+        let mut log = reopen_tail_config(dir.path()).unwrap();
         assert_eq!(log.log_end_offset().get(), last_base, "cut at {cut}");
         assert_eq!(read_all(&log, 0).len() as u64, last_base);
         log.append(&batch(&[b"after"], 1), 0).unwrap();
         assert_eq!(log.log_end_offset().get(), last_base + 1);
         drop(log);
-        let log = reopen_tail_config(dir.path());
+        let log = reopen_tail_config(dir.path()).unwrap();
         assert_eq!(log.log_end_offset().get(), last_base + 1, "appends after recovery survive reopen (cut {cut})");
     }
 }
 
 #[test]
-fn recovery_cuts_at_a_flipped_byte_and_keeps_the_valid_prefix() {
+fn recovery_cuts_damage_above_the_recovery_point_and_refuses_damage_below_it() {
     let template = tempfile::tempdir().unwrap();
-    let (path, _, end, _) = log_with_tail(template.path());
+    let recovery_point = 18; // batches 0..6 were synced; 6..12 were not
+    let (path, _, end, _) = log_with_tail(template.path(), recovery_point);
     let original = std::fs::read(&path).unwrap();
     let mut rng = 0x2545F4914F6CDD1Du64;
-    for _ in 0..60 {
+    let (mut refused, mut cut) = (0, 0);
+    for _ in 0..80 {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
         let at = (rng % end) as usize;
-        let dir = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(template.path()).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-        }
+        let dir = copy_dir(template.path());
         let mut bad = original.clone();
         bad[at] ^= 0x5a;
         std::fs::write(dir.path().join("00000000000000000000.log"), &bad).unwrap();
-        // Which batch holds byte `at`, and where does it start?
-        let mut pos = 0usize;
-        let mut valid_end_offset = 0u64;
-        while pos < original.len() {
+        // Which batch holds byte `at`: its start and base offset.
+        let (mut pos, mut base) = (0usize, 0u64);
+        loop {
             let len = tally_proto::batch::batch_size_at(&original[pos..]).unwrap();
             if at < pos + len {
                 break;
             }
-            let h = tally_proto::batch::BatchHeader::new(&original[pos..]).unwrap();
-            valid_end_offset = h.next_offset() as u64;
+            base = tally_proto::batch::BatchHeader::new(&original[pos..]).unwrap().next_offset() as u64;
             pos += len;
         }
-        let log = reopen_tail_config(dir.path());
-        let in_uncovered_bytes = (at - pos) < 8 || ((at - pos) >= 12 && (at - pos) < 16);
-        if in_uncovered_bytes {
-            // baseOffset or leader epoch: the CRC does not cover them, but a
-            // changed base offset breaks contiguity, which recovery checks.
-            assert!(log.log_end_offset().get() == valid_end_offset || log.log_end_offset().get() == 36, "flip at {at}");
-        } else {
-            assert_eq!(log.log_end_offset().get(), valid_end_offset, "flip at byte {at}");
+        let in_epoch_field = (12..16).contains(&(at - pos));
+        match reopen_tail_config(dir.path()) {
+            // The leader epoch is not covered by the CRC: the flip goes unseen.
+            Ok(log) if in_epoch_field => assert_eq!(log.log_end_offset().get(), 36, "flip at {at}"),
+            Ok(log) => {
+                assert!(base >= recovery_point, "damage below the recovery point was cut (flip at {at})");
+                assert_eq!(log.log_end_offset().get(), base, "cut at the damaged batch (flip at byte {at})");
+                let readable = read_all(&log, 0);
+                assert!(readable.iter().all(|(o, v)| *v == value_for(*o)), "never serves a corrupt byte");
+                cut += 1;
+            }
+            Err(StorageError::CorruptBelowRecoveryPoint { position, .. }) => {
+                assert!(base < recovery_point && !in_epoch_field, "flip at {at} in batch {base} refused");
+                assert_eq!(position, pos as u64);
+                let now = std::fs::read(dir.path().join("00000000000000000000.log")).unwrap();
+                assert!(now == bad, "nothing was cut (flip at {at})");
+                refused += 1;
+            }
+            Err(e) => panic!("flip at {at}: {e}"),
         }
-        let readable = read_all(&log, 0);
-        assert!(readable.iter().all(|(o, v)| *v == value_for(*o)), "never serves a corrupt byte (flip at {at})");
     }
+    assert!(refused > 10 && cut > 10, "both sides were exercised: {refused} refused, {cut} cut");
 }
 
 #[test]

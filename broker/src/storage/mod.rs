@@ -35,9 +35,11 @@ mod log;
 mod offset;
 mod scan;
 mod segment;
+#[cfg(test)]
+pub(crate) mod testfs;
 mod writeback;
 
-pub use checkpoint::{Checkpoints, EpochEntry, LeaderEpochCache};
+pub use checkpoint::{CheckpointSnapshot, Checkpoints, EpochEntry, LeaderEpochCache};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{FlushPolicy, LogConfig};
 pub use error::StorageError;

@@ -1,9 +1,17 @@
 //! One segment: a `.log` file of record batches and its two indexes.
 //!
-//! Appends copy a batch into the memory map at the segment's end and patch its
-//! base offset and leader epoch there (bytes the CRC does not cover). Reads
-//! hand out [`Bytes`] that share the map. The active segment's files are
+//! Appends write a batch at the segment's end with one `pwritev`, its base
+//! offset and leader epoch patched (bytes the CRC does not cover). Reads hand
+//! out [`Bytes`] that share the file's map. The active segment's files are
 //! preallocated; closing a segment trims them to their contents.
+//!
+//! Invariant: no byte a reader may hold ever changes or goes away. Bytes
+//! below `size` are written once; a truncation ([`Segment::seal_at`]) only
+//! lowers the segment's logical end and leaves the bytes after it in place
+//! (the log starts a new file for what comes next), and no `set_len` at run
+//! time cuts below `keep_len`, the most the segment ever handed out. On disk
+//! a segment ends where the next one begins: recovery ignores a stale tail
+//! that a truncation left behind it.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -38,8 +46,8 @@ struct MapSlice {
 impl AsRef<[u8]> for MapSlice {
     fn as_ref(&self) -> &[u8] {
         // SAFETY: len never exceeds the written size of the segment, which
-        // is inside the mapping; bytes below it are not written again except
-        // by a truncation, which only zeroes them.
+        // is inside the mapping; bytes below it are never written again, and
+        // the file is never cut below them while the process runs.
         unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.len) }
     }
 }
@@ -65,6 +73,10 @@ pub(crate) struct Segment {
     /// allocate ahead in steps of [`LOG_ALLOCATION_STEP`].
     allocated: u64,
     size: u64,
+    /// The file is never cut below this while the process runs: the most
+    /// bytes the segment held (readers may hold slices up to it), or a
+    /// stale tail left by a truncation.
+    keep_len: u64,
     next_offset: u64,
     max_timestamp: i64,
     offset_of_max_timestamp: u64,
@@ -72,6 +84,9 @@ pub(crate) struct Segment {
     time_index: TimeIndex,
     bytes_since_index: u64,
     created_ms: i64,
+    /// Broker time of the last append (the file's mtime for a segment
+    /// loaded from disk): what retention trusts over a record's timestamp.
+    last_append_ms: i64,
     /// Writeback was started for bytes below this.
     written_back: u64,
     /// Bytes below this were dropped from the page cache.
@@ -79,12 +94,21 @@ pub(crate) struct Segment {
 }
 
 impl Segment {
-    /// Creates an empty active segment at `base_offset`.
+    /// Creates an empty active segment at `base_offset`. Fails, touching
+    /// nothing, if a `.log` of that name exists: a live file is never
+    /// truncated to be reused (readers may hold its bytes).
     pub(crate) fn create(dir: &Path, base_offset: u64, sizes: SegmentSizes, now_ms: i64) -> Result<Segment> {
         let path = dir.join(file_name(base_offset, "log"));
-        let result = Self::create_files(dir, &path, base_offset, sizes, now_ms);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
+        let result = Self::create_files(dir, &path, file, base_offset, sizes, now_ms);
         if result.is_err() {
-            // Leave no half-made segment behind (disk full, say).
+            // Leave no half-made segment behind (disk full, say); the files
+            // are ours: the `.log` did not exist before.
             for ext in ["log", "index", "timeindex"] {
                 let _ = std::fs::remove_file(dir.join(file_name(base_offset, ext)));
             }
@@ -92,9 +116,17 @@ impl Segment {
         result
     }
 
-    fn create_files(dir: &Path, path: &Path, base_offset: u64, sizes: SegmentSizes, now_ms: i64) -> Result<Segment> {
-        let file = open_rw(path)?;
-        file.set_len(0).map_err(io_err("truncate", path))?;
+    fn create_files(
+        dir: &Path,
+        path: &Path,
+        file: File,
+        base_offset: u64,
+        sizes: SegmentSizes,
+        now_ms: i64,
+    ) -> Result<Segment> {
+        // Index files without their `.log` belong to no segment.
+        remove_if_exists(&dir.join(file_name(base_offset, "index")))?;
+        remove_if_exists(&dir.join(file_name(base_offset, "timeindex")))?;
         let first_step = LOG_ALLOCATION_STEP.min(sizes.log_bytes);
         preallocate(&file, first_step, path)?;
         // The map covers the whole segment; only allocated bytes are ever read.
@@ -113,11 +145,14 @@ impl Segment {
     pub(crate) fn open(dir: &Path, base_offset: u64, now_ms: i64, recover_index_bytes: Option<u64>) -> Result<Segment> {
         let path = dir.join(file_name(base_offset, "log"));
         let file = open_rw(&path)?;
-        let len = file.metadata().map_err(io_err("stat", &path))?.len();
+        let meta = file.metadata().map_err(io_err("stat", &path))?;
+        let len = meta.len();
         let map = map(&file, len, &path)?.map(Arc::new);
         let keep = recover_index_bytes.is_none();
         let (offset_index, time_index) = open_indexes(dir, base_offset, recover_index_bytes, keep)?;
-        Ok(Segment::new(base_offset, path, file, map, len, (offset_index, time_index), now_ms))
+        let mut segment = Segment::new(base_offset, path, file, map, len, (offset_index, time_index), now_ms);
+        segment.last_append_ms = mtime_ms(&meta).unwrap_or(now_ms);
+        Ok(segment)
     }
 
     /// A segment with no batches accounted for yet.
@@ -138,6 +173,7 @@ impl Segment {
             capacity,
             allocated: capacity,
             size: 0,
+            keep_len: 0,
             next_offset: base_offset,
             max_timestamp: i64::MIN,
             offset_of_max_timestamp: base_offset,
@@ -145,6 +181,7 @@ impl Segment {
             time_index,
             bytes_since_index: 0,
             created_ms,
+            last_append_ms: created_ms,
             written_back: 0,
             dropped: 0,
         }
@@ -173,6 +210,12 @@ impl Segment {
     }
     pub(crate) fn created_ms(&self) -> i64 {
         self.created_ms
+    }
+    /// The time retention judges the segment by: its newest record's
+    /// timestamp, but never later than the broker's time of its last append,
+    /// so a record claiming a far-future timestamp cannot pin the segment.
+    pub(crate) fn retention_time_ms(&self) -> i64 {
+        self.max_timestamp().map_or(self.last_append_ms, |ts| ts.min(self.last_append_ms))
     }
     pub(crate) fn path(&self) -> &Path {
         &self.path
@@ -266,7 +309,14 @@ impl Segment {
     /// The write goes through the page cache with one `pwritev` (the patched
     /// header from the stack, the rest from the batch), so a full disk is an
     /// error, never a SIGBUS, and readers of the shared map see the bytes.
-    pub(crate) fn append(&mut self, batch: &RecordBatch, base_offset: u64, epoch: i32, interval: u64) -> Result<()> {
+    pub(crate) fn append(
+        &mut self,
+        batch: &RecordBatch,
+        base_offset: u64,
+        epoch: i32,
+        interval: u64,
+        now_ms: i64,
+    ) -> Result<()> {
         let len = batch.len() as u64;
         debug_assert!(self.size + len <= self.capacity);
         let position = self.size;
@@ -280,6 +330,7 @@ impl Segment {
         let h = batch.header();
         let last_offset = base_offset + h.last_offset_delta() as u64;
         self.track(position, len, base_offset, last_offset, h.max_timestamp(), interval);
+        self.last_append_ms = now_ms;
         Ok(())
     }
 
@@ -296,6 +347,7 @@ impl Segment {
         }
         self.bytes_since_index += len;
         self.size = position + len;
+        self.keep_len = self.keep_len.max(self.size);
         self.next_offset = last_offset + 1;
     }
 
@@ -451,28 +503,28 @@ impl Segment {
         Ok(None)
     }
 
-    /// Removes batches at and after the one holding `offset`. The cut bytes
-    /// are zeroed so a later recovery cannot mistake them for data.
-    pub(crate) fn truncate_to(&mut self, offset: u64) -> Result<()> {
+    /// Ends the segment before the batch holding `offset` and returns that
+    /// batch's base offset (the new end), or `None` when the segment does
+    /// not hold `offset`. The bytes after the new end stay as they are:
+    /// readers may hold them. The caller starts the next segment at the
+    /// returned offset, which is what marks the end on disk.
+    pub(crate) fn seal_at(&mut self, offset: u64) -> Result<Option<u64>> {
         let Some(position) = self.find_position(offset)? else {
-            return Ok(());
+            return Ok(None);
         };
         let cut_offset = self
             .header_at(position, self.size)
             .map(|h| h.base_offset() as u64)
             .ok_or_else(|| self.corrupt_header(position))?;
-        if let Some(map) = &self.map {
-            // SAFETY: [position, size) lies inside the mapping.
-            unsafe {
-                std::ptr::write_bytes(map.as_mut_ptr().add(position as usize), 0, (self.size - position) as usize)
-            };
-        }
         self.size = position;
         self.next_offset = cut_offset;
         self.offset_index.truncate_to_position(position as u32);
         self.time_index.truncate_to_offset(cut_offset);
         self.recompute_max_timestamp()?;
-        Ok(())
+        // Write-behind bookkeeping must not point past the new end.
+        self.written_back = self.written_back.min(position);
+        self.dropped = self.dropped.min(position);
+        Ok(Some(cut_offset))
     }
 
     fn recompute_max_timestamp(&mut self) -> Result<()> {
@@ -491,41 +543,86 @@ impl Segment {
     }
 
     /// Loads a closed segment that lies below the recovery point: its
-    /// contents are trusted, but the end is found by walking headers from the
-    /// last index entry, and indexes that do not look sane are rebuilt.
-    pub(crate) fn load_trusted(&mut self, interval: u64) -> Result<()> {
+    /// contents are trusted, but the end is found by walking headers from
+    /// the last index entry (up to the first batch at or past `limit`, the
+    /// next segment's base), and indexes that do not look sane are rebuilt.
+    /// A walk that does not end cleanly is retried from the start, and if
+    /// the segment still does not read back as whole batches, that is
+    /// [`StorageError::CorruptBelowRecoveryPoint`]: trusted data is never
+    /// cut.
+    pub(crate) fn load_trusted(&mut self, interval: u64, limit: u64, recovery_point: u64) -> Result<()> {
         let file_len = self.capacity;
-        let index_ok = self.offset_index.is_sane(file_len);
+        let index_ok = self.offset_index.is_sane(file_len) && self.offset_index.last().is_none_or(|(o, _)| o < limit);
         if !index_ok {
             self.offset_index.file.truncate_entries(0);
             self.time_index.file.truncate_entries(0);
         }
-        let (mut position, mut next) = match self.offset_index.last() {
+        let from = match self.offset_index.last() {
             Some((offset, pos)) if index_ok => (u64::from(pos), offset),
             _ => (0, self.base_offset),
         };
-        while let Some(h) = self.header_at(position, file_len) {
-            let total = h.total_size() as u64;
-            if !index_ok {
-                let last = h.last_offset() as u64;
-                self.size = position;
-                self.track(position, total, h.base_offset() as u64, last, h.max_timestamp(), interval);
-            }
-            next = h.next_offset() as u64;
-            position += total;
+        let mut walk = self.walk_headers(from, limit, !index_ok, interval);
+        if walk.damaged.is_some() && from.0 > 0 {
+            // The index may point somewhere wrong: walk from the start.
+            self.offset_index.file.truncate_entries(0);
+            self.time_index.file.truncate_entries(0);
+            walk = self.walk_headers((0, self.base_offset), limit, true, interval);
         }
-        self.size = position;
-        self.next_offset = next.max(self.base_offset);
+        if let Some(position) = walk.damaged {
+            let what = if self.bytes(position, file_len - position).iter().all(|&b| b == 0) {
+                "zeros where batches should be"
+            } else {
+                "bytes that are not a valid batch header"
+            };
+            return Err(StorageError::CorruptBelowRecoveryPoint {
+                path: self.path.clone(),
+                position,
+                recovery_point: super::Offset(recovery_point),
+                what: what.to_string(),
+            });
+        }
+        self.size = walk.end;
+        self.keep_len = file_len;
+        self.next_offset = walk.next.max(self.base_offset);
         if !self.time_index.is_sane(self.next_offset) {
             self.time_index.file.truncate_entries(0);
         }
         self.recompute_max_timestamp_from_time_index()?;
-        if self.size < file_len {
-            self.file.set_len(self.size).map_err(io_err("truncate", &self.path))?;
-            self.capacity = self.size;
-            self.allocated = self.size;
-        }
         Ok(())
+    }
+
+    /// Walks batch headers from `(position, offset)` until the file ends, a
+    /// batch at or past `limit` starts (a stale tail), or a header does not
+    /// parse (`damaged`). With `track`, indexes and timestamps are rebuilt.
+    fn walk_headers(&mut self, (mut position, mut next): (u64, u64), limit: u64, track: bool, interval: u64) -> Walk {
+        let file_len = self.capacity;
+        if track {
+            self.size = position;
+            self.max_timestamp = i64::MIN;
+            self.bytes_since_index = 0;
+        }
+        while position < file_len && next < limit {
+            let Some(h) = self.header_at(position, file_len) else {
+                return Walk { end: position, next, damaged: Some(position) };
+            };
+            if h.base_offset() as u64 != next {
+                return Walk { end: position, next, damaged: Some(position) };
+            }
+            let total = h.total_size() as u64;
+            if track {
+                self.track(
+                    position,
+                    total,
+                    h.base_offset() as u64,
+                    h.last_offset() as u64,
+                    h.max_timestamp(),
+                    interval,
+                );
+            }
+            next = h.next_offset() as u64;
+            position += total;
+        }
+        Walk { end: position, next, damaged: None }
     }
 
     fn recompute_max_timestamp_from_time_index(&mut self) -> Result<()> {
@@ -549,16 +646,17 @@ impl Segment {
         Ok(())
     }
 
-    /// Validates every batch (framing, CRC, contiguous offsets from
-    /// `expected_offset`), rebuilding the indexes and leader epochs, and cuts
-    /// the file where valid batches end. With `check_tail`, reports whether
-    /// what was cut was only zeros (preallocated space, not corruption).
+    /// Validates every batch (framing, CRC, record count, contiguous offsets
+    /// from `expected_offset`), rebuilding the indexes and leader epochs,
+    /// up to the first batch at or past `limit` (the next segment's base; a
+    /// truncation leaves a stale tail before it). What ends the walk is
+    /// reported; nothing is cut here (see [`Segment::cut_recovered_tail`]).
     pub(crate) fn recover(
         &mut self,
         expected_offset: u64,
         epochs: &mut LeaderEpochCache,
         interval: u64,
-        check_tail: bool,
+        limit: u64,
     ) -> Result<Recovered> {
         self.offset_index.file.truncate_entries(0);
         self.time_index.file.truncate_entries(0);
@@ -569,7 +667,13 @@ impl Segment {
         let file_len = self.capacity;
         let mut position = 0u64;
         let mut expected = expected_offset;
+        let mut stale = false;
         while position < file_len {
+            if expected >= limit {
+                // The next segment starts here: what follows was truncated away.
+                stale = !self.bytes(position, file_len - position).iter().all(|&b| b == 0);
+                break;
+            }
             let head = self.bytes(position, (file_len - position).min(12));
             let Some(total) = batch_size_at_checked(head, file_len - position) else {
                 break;
@@ -577,7 +681,8 @@ impl Segment {
             let Ok(h) = batch::check_framing_slice(self.bytes(position, total)) else {
                 break;
             };
-            if h.base_offset() != expected as i64 || h.last_offset_delta() < 0 || h.record_count() <= 0 {
+            let count_ok = h.record_count() > 0 && i64::from(h.last_offset_delta()) + 1 == i64::from(h.record_count());
+            if h.base_offset() != expected as i64 || !count_ok || h.last_offset() as u64 >= limit {
                 break;
             }
             let epoch = h.partition_leader_epoch();
@@ -589,15 +694,31 @@ impl Segment {
             expected = last + 1;
             position += total;
         }
-        let zero_tail = !check_tail || self.bytes(position, file_len - position).iter().all(|&b| b == 0);
-        let cut_bytes = file_len - position;
-        if cut_bytes > 0 {
-            self.file.set_len(position).map_err(io_err("truncate", &self.path))?;
-            self.map = map(&self.file, position, &self.path)?.map(Arc::new);
-            self.capacity = position;
-            self.allocated = position;
+        let tail = if position == file_len {
+            Tail::None
+        } else if stale {
+            Tail::Stale
+        } else if self.bytes(position, file_len - position).iter().all(|&b| b == 0) {
+            Tail::Zeros
+        } else {
+            Tail::Damaged
+        };
+        self.keep_len = self.capacity;
+        Ok(Recovered { end: position, cut_bytes: file_len - position, tail })
+    }
+
+    /// After [`Segment::recover`]: cuts a zero or damaged tail from the file
+    /// (a stale tail stays). Runs at open, before any reader.
+    pub(crate) fn cut_recovered_tail(&mut self, recovered: &Recovered) -> Result<()> {
+        if matches!(recovered.tail, Tail::Zeros | Tail::Damaged) {
+            let end = recovered.end;
+            self.file.set_len(end).map_err(io_err("truncate", &self.path))?;
+            self.map = map(&self.file, end, &self.path)?.map(Arc::new);
+            self.capacity = end;
+            self.allocated = end;
+            self.keep_len = end;
         }
-        Ok(Recovered { cut_bytes, zero_tail })
+        Ok(())
     }
 
     /// Makes this the active segment: preallocates room for appends and maps it.
@@ -630,14 +751,17 @@ impl Segment {
     }
 
     /// Closes the segment for appends: final time-index entry, files trimmed
-    /// to their contents.
+    /// to their contents (never below `keep_len`).
     pub(crate) fn close(&mut self) -> Result<()> {
         if self.max_timestamp != i64::MIN {
             self.time_index.maybe_push(self.max_timestamp, self.offset_of_max_timestamp);
         }
-        self.file.set_len(self.size).map_err(io_err("truncate", &self.path))?;
+        let keep = self.size.max(self.keep_len);
+        if self.allocated > keep {
+            self.file.set_len(keep).map_err(io_err("truncate", &self.path))?;
+            self.allocated = keep;
+        }
         self.capacity = self.size;
-        self.allocated = self.size;
         self.offset_index.file.trim()?;
         self.time_index.file.trim()?;
         Ok(())
@@ -681,10 +805,38 @@ impl HeaderInfo {
 /// What [`Segment::recover`] found.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Recovered {
-    /// Bytes cut from the end of the file.
+    /// Byte position where valid batches end.
+    pub(crate) end: u64,
+    /// Bytes after `end` (cut from the file unless the tail is stale).
     pub(crate) cut_bytes: u64,
-    /// True when the cut bytes were all zero (or not checked).
-    pub(crate) zero_tail: bool,
+    /// What follows the valid batches.
+    pub(crate) tail: Tail,
+}
+
+/// What follows a segment's last valid batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tail {
+    /// Nothing: the batches fill the file.
+    None,
+    /// Zeros: preallocated space, or a write that never reached the disk.
+    Zeros,
+    /// Batches at or past the next segment's base, left by a truncation.
+    Stale,
+    /// Bytes that are not a valid, contiguous batch: a torn write or damage.
+    Damaged,
+}
+
+/// Where a header walk of a trusted segment ended.
+#[derive(Debug, Clone, Copy)]
+struct Walk {
+    end: u64,
+    next: u64,
+    damaged: Option<u64>,
+}
+
+fn mtime_ms(meta: &std::fs::Metadata) -> Option<i64> {
+    let since = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(since.as_millis()).ok()
 }
 
 fn batch_size_at_checked(head: &[u8], available: u64) -> Option<u64> {

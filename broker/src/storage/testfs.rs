@@ -1,0 +1,270 @@
+//! A test seam over the file system (compiled into tests only): injected
+//! I/O errors, and a model of power loss that keeps only what was fsynced.
+//!
+//! The helpers in `fs` call [`before_write`], [`before_sync`],
+//! [`after_sync`] and [`after_sync_dir`] around every `pwrite`, fsync and
+//! directory fsync the storage code does. Nothing happens unless a test arms
+//! a fault or watches a directory, so other tests running in parallel in the
+//! same process are unaffected (everything is keyed by directory).
+//!
+//! Power-loss model, per watched directory:
+//! - an fsync of a file records its contents at that moment (however they
+//!   were written: `pwrite`, stores through a map, `set_len`) as the durable
+//!   image of its inode;
+//! - an fsync of the directory records which names point at which inodes;
+//! - [`power_loss`] rewrites the directory to what was durable: names
+//!   created since the last directory fsync vanish, names removed since come
+//!   back, and every file holds its inode's durable image (empty if it was
+//!   never fsynced).
+//!
+//! A failed fsync behaves as Linux's does (PostgreSQL's "fsyncgate"): the
+//! dirty data is gone, and a later fsync of the same file that succeeds does
+//! not bring it back: the inode's image stops following its contents.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Which operation a fault hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// A `pwrite` of data.
+    Write,
+    /// An fsync or fdatasync of a file.
+    Fsync,
+}
+
+#[derive(Debug)]
+struct Fault {
+    dir: PathBuf,
+    op: Op,
+    /// Only files whose name contains this, when set.
+    name_contains: Option<String>,
+    /// Faults left to fire.
+    remaining: u32,
+}
+
+#[derive(Debug, Default)]
+struct Watched {
+    /// Durable image of each inode, by inode number.
+    images: HashMap<u64, Vec<u8>>,
+    /// Inodes whose fsync failed: their image no longer follows them.
+    poisoned: HashSet<u64>,
+    /// Names and inodes as of the last directory fsync.
+    names: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    faults: Vec<Fault>,
+    watched: HashMap<PathBuf, Watched>,
+}
+
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+fn with_state<T>(f: impl FnOnce(&mut State) -> T) -> T {
+    let mut guard = STATE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let state = guard.get_or_insert_with(State::default);
+    let out = f(state);
+    ACTIVE.store(!state.faults.is_empty() || !state.watched.is_empty(), Ordering::SeqCst);
+    out
+}
+
+/// The path an open file has now (`None` once it was unlinked).
+fn path_of(file: &File) -> Option<PathBuf> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+    (!link.to_string_lossy().ends_with(" (deleted)")).then_some(link)
+}
+
+fn canonical(dir: &Path) -> PathBuf {
+    dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// Makes the next `count` operations `op` on files in `dir` (whose names
+/// contain `name_contains`, when given) fail with EIO.
+pub(crate) fn fail_next(dir: &Path, op: Op, name_contains: Option<&str>, count: u32) {
+    let dir = canonical(dir);
+    with_state(|s| {
+        s.faults.push(Fault { dir, op, name_contains: name_contains.map(str::to_string), remaining: count })
+    });
+}
+
+/// Removes every fault armed for `dir`.
+pub(crate) fn clear_faults(dir: &Path) {
+    let dir = canonical(dir);
+    with_state(|s| s.faults.retain(|f| f.dir != dir));
+}
+
+/// Starts modelling power loss for `dir`: what is in it now counts as durable.
+pub(crate) fn watch(dir: &Path) {
+    let dir = canonical(dir);
+    let mut watched = Watched::default();
+    for (name, path) in entries(&dir) {
+        let data = std::fs::read(&path).unwrap_or_default();
+        let ino = std::fs::metadata(&path).map(|m| m.ino()).unwrap_or(0);
+        watched.images.insert(ino, data);
+        watched.names.insert(name, ino);
+    }
+    with_state(|s| s.watched.insert(dir, watched));
+}
+
+/// Stops watching `dir` and drops its faults.
+pub(crate) fn forget(dir: &Path) {
+    let dir = canonical(dir);
+    with_state(|s| {
+        s.watched.remove(&dir);
+        s.faults.retain(|f| f.dir != dir);
+    });
+}
+
+fn entries(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            out.push((entry.file_name().to_string_lossy().into_owned(), entry.path()));
+        }
+    }
+    out
+}
+
+/// Rewrites `dir` to what the model says survived a power loss, and keeps
+/// watching it (the rewritten state is durable).
+pub(crate) fn power_loss(dir: &Path) {
+    let dir = canonical(dir);
+    let watched = with_state(|s| s.watched.remove(&dir)).expect("power_loss on a directory that is not watched");
+    for (_, path) in entries(&dir) {
+        std::fs::remove_file(&path).unwrap();
+    }
+    for (name, ino) in &watched.names {
+        let data = watched.images.get(ino).map_or(&[][..], Vec::as_slice);
+        std::fs::write(dir.join(name), data).unwrap();
+    }
+    watch(&dir);
+}
+
+fn take_fault(file: &File, op: Op) -> std::io::Result<()> {
+    if !ACTIVE.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    let Some(path) = path_of(file) else { return Ok(()) };
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return Ok(()) };
+    let name = name.to_string_lossy();
+    let hit = with_state(|s| {
+        let found = s
+            .faults
+            .iter_mut()
+            .find(|f| f.op == op && f.dir == dir && f.name_contains.as_deref().is_none_or(|n| name.contains(n)));
+        let Some(fault) = found else { return false };
+        fault.remaining -= 1;
+        s.faults.retain(|f| f.remaining > 0);
+        true
+    });
+    if hit { Err(std::io::Error::from_raw_os_error(libc::EIO)) } else { Ok(()) }
+}
+
+/// Called before a data write; fails when a write fault is armed.
+pub(crate) fn before_write(file: &File) -> std::io::Result<()> {
+    take_fault(file, Op::Write)
+}
+
+/// Called before an fsync; fails when an fsync fault is armed, and then the
+/// file's unsynced data is lost for good, as on Linux.
+pub(crate) fn before_sync(file: &File) -> std::io::Result<()> {
+    let result = take_fault(file, Op::Fsync);
+    if result.is_err()
+        && let (Some(path), Ok(meta)) = (path_of(file), file.metadata())
+        && let Some(dir) = path.parent()
+    {
+        with_state(|s| {
+            if let Some(w) = s.watched.get_mut(dir) {
+                w.poisoned.insert(meta.ino());
+            }
+        });
+    }
+    result
+}
+
+/// Called after a successful fsync: records the file's durable image.
+pub(crate) fn after_sync(file: &File) {
+    if !ACTIVE.load(Ordering::SeqCst) {
+        return;
+    }
+    let (Some(path), Ok(meta)) = (path_of(file), file.metadata()) else { return };
+    let Some(dir) = path.parent() else { return };
+    let watching = with_state(|s| s.watched.get(dir).is_some_and(|w| !w.poisoned.contains(&meta.ino())));
+    if !watching {
+        return;
+    }
+    // Read by path: the descriptor may be write-only.
+    let Ok(data) = std::fs::read(&path) else { return };
+    with_state(|s| {
+        if let Some(w) = s.watched.get_mut(dir) {
+            w.images.insert(meta.ino(), data);
+        }
+    });
+}
+
+/// Called after a successful directory fsync: records its names.
+pub(crate) fn after_sync_dir(dir: &Path) {
+    if !ACTIVE.load(Ordering::SeqCst) {
+        return;
+    }
+    let dir = canonical(dir);
+    let names: BTreeMap<String, u64> = entries(&dir)
+        .into_iter()
+        .filter_map(|(name, path)| std::fs::metadata(&path).ok().map(|m| (name, m.ino())))
+        .collect();
+    with_state(|s| {
+        if let Some(w) = s.watched.get_mut(&dir) {
+            w.names = names;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn fsync(f: &File) {
+        before_sync(f).unwrap();
+        f.sync_all().unwrap();
+        after_sync(f);
+    }
+
+    #[test]
+    fn power_loss_keeps_only_fsynced_contents_and_names() {
+        let dir = tempfile::tempdir().unwrap();
+        watch(dir.path());
+        let mut a = File::create(dir.path().join("a")).unwrap();
+        a.write_all(b"one").unwrap();
+        fsync(&a);
+        crate::storage::fs::sync_dir(dir.path()).unwrap();
+        a.write_all(b" two").unwrap(); // never synced
+        File::create(dir.path().join("b")).unwrap(); // entry never synced
+        power_loss(dir.path());
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), b"one");
+        assert!(!dir.path().join("b").exists());
+        forget(dir.path());
+    }
+
+    #[test]
+    fn a_failed_fsync_loses_the_data_even_if_the_next_one_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        watch(dir.path());
+        let mut a = File::create(dir.path().join("a")).unwrap();
+        crate::storage::fs::sync_dir(dir.path()).unwrap();
+        a.write_all(b"lost").unwrap();
+        fail_next(dir.path(), Op::Fsync, None, 1);
+        assert!(before_sync(&a).is_err());
+        fsync(&a);
+        power_loss(dir.path());
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), b"");
+        forget(dir.path());
+    }
+}
