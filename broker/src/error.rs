@@ -95,6 +95,8 @@ impl BrokerError {
             BrokerError::InvalidRequiredAcks(_) => ErrorCode::InvalidRequiredAcks,
             BrokerError::InvalidRequest(_) => ErrorCode::InvalidRequest,
             BrokerError::Storage(StorageError::OffsetOutOfRange { .. }) => ErrorCode::OffsetOutOfRange,
+            BrokerError::Storage(StorageError::StaleLeaderEpoch { .. }) => ErrorCode::FencedLeaderEpoch,
+            BrokerError::Storage(StorageError::InvalidReplicaBatch(_)) => ErrorCode::CorruptMessage,
             BrokerError::Storage(_) => ErrorCode::KafkaStorageError,
             BrokerError::ShuttingDown => ErrorCode::LeaderNotAvailable,
         }

@@ -383,3 +383,73 @@ pub struct Fetched {
     /// Log start offset when read.
     pub log_start_offset: Offset,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{LogConfig, SystemClock, testfs};
+    use tally_proto::ErrorCode;
+    use tally_proto::batch::{BatchBuilder, BatchLimits, RecordRef};
+
+    fn batch(value: &[u8]) -> RecordBatch {
+        let mut b = BatchBuilder::new();
+        b.push(&RecordRef { timestamp: 1, value: Some(value), ..Default::default() });
+        RecordBatch::validate(b.finish(), &BatchLimits::default()).unwrap()
+    }
+
+    fn partition(dir: &std::path::Path, flush: FlushPolicy) -> Arc<Partition> {
+        let config = LogConfig { flush, segment_bytes: 4096, ..LogConfig::default() };
+        let log = Log::open(dir, config, Arc::new(SystemClock)).unwrap();
+        Arc::new(Partition::new(Arc::from("t"), 0, log, 1 << 20))
+    }
+
+    #[tokio::test]
+    async fn with_flush_always_the_high_watermark_moves_only_after_the_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = partition(dir.path(), FlushPolicy::Always);
+        let hw = p.subscribe();
+        p.produce(&[batch(b"a")], 0).await.unwrap();
+        assert_eq!((p.offsets().1, *hw.borrow()), (Offset(1), Offset(1)));
+        testfs::fail_next(dir.path(), testfs::Op::Fsync, Some(".log"), 1);
+        let err = p.produce(&[batch(b"b")], 0).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::KafkaStorageError, "{err}");
+        assert_eq!(p.offsets(), (Offset(0), Offset(1), Offset(2)), "stored, but not visible");
+        assert_eq!(*hw.borrow(), Offset(1), "no long poll was woken for it");
+        // The partition is failed for good: no retry of the fsync, no reads.
+        let err = p.produce(&[batch(b"c")], 0).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::KafkaStorageError);
+        assert!(err.to_string().contains("restarts"), "{err}");
+        assert_eq!(p.fetch(0, 1 << 20).unwrap_err().code(), ErrorCode::KafkaStorageError);
+        assert!(p.failure().unwrap().contains("fdatasync"));
+        testfs::forget(dir.path());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_producer_waiting_on_a_failed_fsync_gets_a_storage_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = partition(dir.path(), FlushPolicy::Always);
+        testfs::fail_next(dir.path(), testfs::Op::Fsync, Some(".log"), 1);
+        let tasks: Vec<_> = (0..8u8)
+            .map(|i| {
+                let p = p.clone();
+                tokio::spawn(async move { p.produce(&[batch(&[i])], 0).await })
+            })
+            .collect();
+        for t in tasks {
+            let outcome = t.await.unwrap();
+            assert_eq!(outcome.unwrap_err().code(), ErrorCode::KafkaStorageError, "no ack after a failed fsync");
+        }
+        assert_eq!(p.offsets().1, Offset(0), "nothing became visible");
+        testfs::forget(dir.path());
+    }
+
+    #[tokio::test]
+    async fn without_flush_always_appends_are_visible_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = partition(dir.path(), FlushPolicy::Os);
+        let hw = p.subscribe();
+        p.produce(&[batch(b"a"), batch(b"b")], 0).await.unwrap();
+        assert_eq!(*hw.borrow(), Offset(2));
+        assert_eq!(p.fetch(0, 1 << 20).unwrap().read.next_offset, Offset(2));
+    }
+}
