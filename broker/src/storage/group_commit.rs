@@ -139,16 +139,19 @@ mod tests {
     fn a_failed_sync_fails_every_later_caller_without_syncing_again() {
         let gc = GroupCommit::new();
         let calls = AtomicU64::new(0);
+        let durable = AtomicU64::new(0);
         let sync = || {
             calls.fetch_add(1, Ordering::SeqCst);
             Err(eio())
         };
-        assert!(matches!(gc.sync_to(Offset(5), || Offset(0), sync), Err(StorageError::Io { .. })));
+        let now = || Offset(durable.load(Ordering::SeqCst));
+        assert!(matches!(gc.sync_to(Offset(5), now, sync), Err(StorageError::Io { .. })));
         let ok_sync = || {
             calls.fetch_add(1, Ordering::SeqCst);
+            durable.store(5, Ordering::SeqCst);
             Ok(Offset(5))
         };
-        let again = gc.sync_to(Offset(5), || Offset(0), ok_sync);
+        let again = gc.sync_to(Offset(5), now, ok_sync);
         assert!(matches!(again, Err(StorageError::LogFailed { .. })), "{again:?}");
         assert_eq!(calls.load(Ordering::SeqCst), 1, "a failed fsync is never retried");
         assert!(gc.failure().unwrap().contains("fdatasync"));
