@@ -76,29 +76,25 @@ fn print_batch(b: &SegmentBatch, print_data: bool) {
 pub fn run(ctx: &Context, args: DumpLogArgs) -> anyhow::Result<()> {
     let mut corrupt = 0usize;
     for file in segment_files(&args.path)? {
-        let batches = scan_segment_file(&file)?;
-        corrupt += batches.iter().filter(|b| b.error.is_some()).count();
-        match ctx.output {
-            Output::Json => {
-                let list: Vec<_> = batches
-                    .iter()
-                    .map(|b| {
-                        serde_json::json!({
-                            "position": b.position, "size": b.size, "base_offset": b.base_offset,
-                            "last_offset": b.last_offset, "record_count": b.record_count,
-                            "max_timestamp": b.max_timestamp, "valid": b.error.is_none(),
-                            "error": b.error.as_ref().map(ToString::to_string),
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::json!({"file": file.display().to_string(), "batches": list}));
+        if ctx.output == Output::Table {
+            println!("Dumping {}", file.display());
+        }
+        let mut list = Vec::new();
+        for b in scan_segment_file(&file)? {
+            let b = b?;
+            corrupt += usize::from(b.error.is_some());
+            match ctx.output {
+                Output::Json => list.push(serde_json::json!({
+                    "position": b.position, "size": b.size, "base_offset": b.base_offset,
+                    "last_offset": b.last_offset, "record_count": b.record_count,
+                    "max_timestamp": b.max_timestamp, "valid": b.error.is_none(),
+                    "error": b.error.as_ref().map(ToString::to_string),
+                })),
+                Output::Table => print_batch(&b, args.print_data),
             }
-            Output::Table => {
-                println!("Dumping {}", file.display());
-                for b in &batches {
-                    print_batch(b, args.print_data);
-                }
-            }
+        }
+        if ctx.output == Output::Json {
+            println!("{}", serde_json::json!({"file": file.display().to_string(), "batches": list}));
         }
     }
     if args.verify && corrupt > 0 {

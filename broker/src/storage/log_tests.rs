@@ -267,7 +267,7 @@ fn readers_keep_their_bytes_across_truncate_reappend_and_close() {
     // Readers hold slices of every segment, the active one included.
     let held = held_batches(&log.read(Offset(0), u64::MAX, Offset::MAX).unwrap());
     assert_eq!(held.len(), 40);
-    let mut check = |what: &str| {
+    let check = |what: &str| {
         for (bytes, copy) in &held {
             assert!(bytes[..] == copy[..], "a held batch changed after {what}");
             let h = tally_proto::batch::BatchHeader::new(bytes).unwrap();

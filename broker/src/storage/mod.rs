@@ -46,7 +46,7 @@ pub use error::StorageError;
 pub use group_commit::GroupCommit;
 pub use log::{AppendInfo, Log, ReadResult, RemovedSegments, RetentionOutcome, SyncPlan};
 pub use offset::Offset;
-pub use scan::{SegmentBatch, scan_segment_file};
+pub use scan::{SegmentBatch, SegmentScan, scan_segment_file};
 pub use writeback::Writeback;
 
 /// Result type of this module.

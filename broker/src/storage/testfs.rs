@@ -94,12 +94,6 @@ pub(crate) fn fail_next(dir: &Path, op: Op, name_contains: Option<&str>, count: 
     });
 }
 
-/// Removes every fault armed for `dir`.
-pub(crate) fn clear_faults(dir: &Path) {
-    let dir = canonical(dir);
-    with_state(|s| s.faults.retain(|f| f.dir != dir));
-}
-
 /// Starts modelling power loss for `dir`: what is in it now counts as durable.
 pub(crate) fn watch(dir: &Path) {
     let dir = canonical(dir);
