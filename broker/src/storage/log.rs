@@ -635,6 +635,7 @@ impl Log {
     /// The first offset whose record timestamp is >= `timestamp`, with that
     /// timestamp; `None` when every record is older.
     pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(Offset, i64)>> {
+        self.check_not_failed()?;
         for segment in self.segments.values() {
             if segment.max_timestamp().is_some_and(|m| m >= timestamp)
                 && segment.next_offset() > self.log_start_offset
@@ -950,6 +951,9 @@ impl Log {
 
     /// True when the flush policy wants a sync now.
     pub fn flush_due(&self) -> bool {
+        if self.failed.is_some() {
+            return false;
+        }
         match self.config.flush {
             FlushPolicy::IntervalMs(ms) => {
                 self.recovery_point < self.leo()
