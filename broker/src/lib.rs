@@ -9,6 +9,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod controller;
 pub mod error;
 mod maintenance;
 pub mod partition;

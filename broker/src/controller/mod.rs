@@ -1,0 +1,17 @@
+//! The cluster controller's protocol logic: the metadata state machine that
+//! the metadata log drives, and replica placement.
+//!
+//! Everything here is sans-IO and deterministic (no clock, no I/O, no
+//! random numbers): the Raft driver, the network and the metadata log's
+//! storage sit around it and feed it commands in log order. No module
+//! outside `controller` changes metadata except by proposing a
+//! [`MetadataCommand`]; the data path reads only a [`MetadataImage`].
+
+pub mod metadata;
+pub mod placement;
+
+pub use metadata::{
+    BrokerId, BrokerRegistration, LeaderEpoch, MetadataCommand, MetadataEffect, MetadataError, MetadataImage,
+    PartitionEpoch, PartitionState, TopicId, TopicState,
+};
+pub use placement::{PlacementError, place};
