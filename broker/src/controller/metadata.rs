@@ -193,7 +193,7 @@ pub enum MetadataCommand {
 }
 
 /// What applying a command changed, for the brokers following the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetadataEffect {
     /// A broker (re)registered.
     BrokerRegistered {
@@ -250,7 +250,7 @@ pub enum MetadataEffect {
 }
 
 /// Why a command was refused. The image is unchanged after a refusal.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum MetadataError {
     /// Another live process holds this broker id.
     #[error(

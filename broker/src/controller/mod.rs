@@ -9,6 +9,7 @@
 
 pub mod metadata;
 pub mod placement;
+pub mod raft;
 
 pub use metadata::{
     BrokerId, BrokerRegistration, LeaderEpoch, MetadataCommand, MetadataEffect, MetadataError, MetadataImage,

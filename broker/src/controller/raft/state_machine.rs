@@ -1,0 +1,213 @@
+//! The metadata log's state machine for openraft: committed entries applied
+//! to a [`MetadataImage`] in log order, and snapshots of the whole image.
+//!
+//! The image lives in memory; what survives a restart is the latest
+//! snapshot (file `raft-snapshot`, replaced atomically) plus the log after
+//! it, which openraft applies again up to the committed id the log store
+//! kept. A snapshot file holds its meta and the image as JSON, covered by a
+//! CRC-32C; one that does not read back is an error, never an empty image.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, BasicNode, EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
+    StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{ApplyOutcome, Entry, LogId, StorageError, TypeConfig};
+use crate::controller::metadata::MetadataImage;
+use crate::storage::fs::write_atomic;
+
+const SNAPSHOT: &str = "raft-snapshot";
+
+type Meta = SnapshotMeta<u64, BasicNode>;
+type Membership = StoredMembership<u64, BasicNode>;
+
+/// The applied state of the metadata log.
+#[derive(Debug, Clone)]
+pub struct StateMachine {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    state: Mutex<Applied>,
+    /// The latest snapshot: its meta and encoded image.
+    snapshot: Mutex<Option<(Meta, Vec<u8>)>>,
+    /// Snapshots built so far by this process, for unique ids.
+    built: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Applied {
+    image: Arc<MetadataImage>,
+    last_applied: Option<LogId>,
+    membership: Membership,
+}
+
+/// A snapshot file: the meta and the encoded image.
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: Meta,
+    crc: u32,
+    image: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn sm_error(verb: ErrorVerb, what: impl ToString) -> StorageError {
+    let e = std::io::Error::other(what.to_string());
+    StorageError::IO { source: StorageIOError::new(ErrorSubject::StateMachine, verb, AnyError::new(&e)) }
+}
+
+fn decode_image(bytes: &[u8]) -> Result<MetadataImage, StorageError> {
+    serde_json::from_slice(bytes).map_err(|e| sm_error(ErrorVerb::Read, format!("snapshot image: {e}")))
+}
+
+impl StateMachine {
+    /// Opens the state machine in `dir`: the image of the latest snapshot,
+    /// or an empty image when there is none.
+    pub fn open(dir: &Path) -> Result<StateMachine, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|e| sm_error(ErrorVerb::Write, e))?;
+        let path = dir.join(SNAPSHOT);
+        let (applied, snapshot) = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let file: SnapshotFile = serde_json::from_slice(&bytes)
+                    .map_err(|e| sm_error(ErrorVerb::Read, format!("{}: {e}", path.display())))?;
+                let image_bytes = file.image.into_bytes();
+                if crc32c::crc32c(&image_bytes) != file.crc {
+                    return Err(sm_error(ErrorVerb::Read, format!("{}: CRC mismatch", path.display())));
+                }
+                let image = decode_image(&image_bytes)?;
+                let applied = Applied {
+                    image: Arc::new(image),
+                    last_applied: file.meta.last_log_id,
+                    membership: file.meta.last_membership.clone(),
+                };
+                (applied, Some((file.meta, image_bytes)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Applied::default(), None),
+            Err(e) => return Err(sm_error(ErrorVerb::Read, format!("{}: {e}", path.display()))),
+        };
+        Ok(StateMachine {
+            shared: Arc::new(Shared {
+                dir: dir.to_path_buf(),
+                state: Mutex::new(applied),
+                snapshot: Mutex::new(snapshot),
+                built: std::sync::atomic::AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The image as of the last applied entry.
+    pub fn image(&self) -> Arc<MetadataImage> {
+        lock(&self.shared.state).image.clone()
+    }
+
+    /// Writes a snapshot file (atomically) and makes it the current one.
+    fn store_snapshot(&self, meta: &Meta, image_bytes: Vec<u8>) -> Result<(), StorageError> {
+        let file = SnapshotFile {
+            meta: meta.clone(),
+            crc: crc32c::crc32c(&image_bytes),
+            image: String::from_utf8(image_bytes.clone()).map_err(|e| sm_error(ErrorVerb::Write, e))?,
+        };
+        let json = serde_json::to_vec(&file).map_err(|e| sm_error(ErrorVerb::Write, e))?;
+        write_atomic(&self.shared.dir.join(SNAPSHOT), &json).map_err(|e| sm_error(ErrorVerb::Write, e))?;
+        *lock(&self.shared.snapshot) = Some((meta.clone(), image_bytes));
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let applied = lock(&self.shared.state).clone();
+        let image_bytes = serde_json::to_vec(&*applied.image).map_err(|e| sm_error(ErrorVerb::Write, e))?;
+        let n = self.shared.built.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let snapshot_id = match applied.last_applied {
+            Some(id) => format!("{}-{}-{n}", id.leader_id, id.index),
+            None => format!("none-{n}"),
+        };
+        let meta = Meta { last_log_id: applied.last_applied, last_membership: applied.membership, snapshot_id };
+        let this = self.clone();
+        let stored = image_bytes.clone();
+        let meta_for_store = meta.clone();
+        tokio::task::spawn_blocking(move || this.store_snapshot(&meta_for_store, stored))
+            .await
+            .map_err(|e| sm_error(ErrorVerb::Write, e))??;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(image_bytes)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        let state = lock(&self.shared.state);
+        Ok((state.last_applied, state.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyOutcome>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut guard = lock(&self.shared.state);
+        let state = &mut *guard;
+        // Copies the image only if a reader still holds the current one.
+        let image = Arc::make_mut(&mut state.image);
+        let mut outcomes = Vec::new();
+        for entry in entries {
+            state.last_applied = Some(entry.log_id);
+            let outcome = match entry.payload {
+                EntryPayload::Blank => ApplyOutcome::default(),
+                EntryPayload::Normal(command) => match image.apply(&command) {
+                    Ok(effects) => ApplyOutcome { error: None, effects },
+                    Err(e) => ApplyOutcome { error: Some(e), effects: Vec::new() },
+                },
+                EntryPayload::Membership(m) => {
+                    state.membership = StoredMembership::new(Some(entry.log_id), m);
+                    ApplyOutcome::default()
+                }
+            };
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+        let image_bytes = snapshot.into_inner();
+        let image = decode_image(&image_bytes)?;
+        let this = self.clone();
+        let meta_for_store = meta.clone();
+        tokio::task::spawn_blocking(move || this.store_snapshot(&meta_for_store, image_bytes))
+            .await
+            .map_err(|e| sm_error(ErrorVerb::Write, e))??;
+        let mut state = lock(&self.shared.state);
+        *state = Applied {
+            image: Arc::new(image),
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let current = lock(&self.shared.snapshot).clone();
+        Ok(current.map(|(meta, bytes)| Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) }))
+    }
+}

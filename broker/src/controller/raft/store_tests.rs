@@ -1,0 +1,166 @@
+//! The metadata log's storage against openraft's own storage test suite,
+//! and what the suite does not check: durability across reopen, a torn
+//! last record, and a purge that survives a restart.
+
+use std::collections::BTreeMap;
+
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader, RaftSnapshotBuilder, Vote};
+
+use super::log_store::LogStore;
+use super::state_machine::StateMachine;
+use super::{Entry, LogId, StorageError, TypeConfig};
+use crate::controller::metadata::{BrokerId, MetadataCommand, TopicId};
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(dir.path())?;
+        let sm = StateMachine::open(dir.path())?;
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn passes_openraft_storage_suite() {
+    Suite::test_all(Builder).unwrap();
+}
+
+fn log_id(term: u64, index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+fn entry(term: u64, index: u64, command: MetadataCommand) -> Entry {
+    Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(command) }
+}
+
+fn register(id: u32) -> MetadataCommand {
+    MetadataCommand::RegisterBroker { id: BrokerId(id), address: format!("h:{id}"), incarnation: u64::from(id) }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// Appends `entries` and waits for the flush callback.
+async fn append(log: &mut LogStore, entries: Vec<Entry>) {
+    log.blocking_append(entries).await.unwrap();
+}
+
+async fn indexes(log: &mut LogStore) -> Vec<u64> {
+    log.try_get_log_entries(0..).await.unwrap().iter().map(|e| e.log_id.index).collect()
+}
+
+#[test]
+fn log_vote_and_committed_survive_reopen_and_a_torn_record_is_cut() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, (1..=5).map(|i| entry(1, i, register(i as u32))).collect()).await;
+        log.save_vote(&Vote::new(3, 2)).await.unwrap();
+        log.save_committed(Some(log_id(1, 4))).await.unwrap();
+        drop(log);
+        // A crash mid-append leaves half a record at the end.
+        let path = dir.path().join("raft-log");
+        let mut data = std::fs::read(&path).unwrap();
+        let whole = data.len();
+        data.extend_from_slice(&[0, 0, 1, 0, 9, 9, 9, 9, b'{']);
+        std::fs::write(&path, &data).unwrap();
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&mut log).await, vec![1, 2, 3, 4, 5]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole as u64, "the torn record was cut");
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 4)));
+        // Appends after the cut land where the valid records end.
+        append(&mut log, vec![entry(2, 6, register(6))]).await;
+        drop(log);
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&mut log).await, vec![1, 2, 3, 4, 5, 6]);
+    });
+}
+
+#[test]
+fn a_corrupt_record_ends_the_log_and_a_hole_is_an_error() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, (1..=3).map(|i| entry(1, i, register(i as u32))).collect()).await;
+        drop(log);
+        let path = dir.path().join("raft-log");
+        let mut data = std::fs::read(&path).unwrap();
+        let last = data.len() - 3;
+        data[last] ^= 0x20; // inside the last record's JSON
+        std::fs::write(&path, &data).unwrap();
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&mut log).await, vec![1, 2], "a record whose CRC fails is not taken");
+        drop(log);
+        // A file whose indexes skip one is refused, not read around.
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, vec![entry(1, 1, register(1))]).await;
+        append(&mut log, vec![entry(1, 3, register(3))]).await;
+        drop(log);
+        assert!(LogStore::open(dir.path()).is_err());
+    });
+}
+
+#[test]
+fn truncate_and_purge_are_durable() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = LogStore::open(dir.path()).unwrap();
+        append(&mut log, (1..=10).map(|i| entry(1, i, register(i as u32))).collect()).await;
+        log.truncate(log_id(1, 8)).await.unwrap();
+        log.purge(log_id(1, 3)).await.unwrap();
+        append(&mut log, vec![entry(2, 8, register(80))]).await;
+        drop(log);
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&mut log).await, vec![4, 5, 6, 7, 8]);
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 3)));
+        assert_eq!(state.last_log_id, Some(log_id(2, 8)));
+        let eighth = log.try_get_log_entries(8..9).await.unwrap();
+        assert_eq!(eighth[0].payload, EntryPayload::Normal(register(80)), "the truncated entry was replaced");
+    });
+}
+
+#[test]
+fn a_snapshot_restores_the_image_after_reopen() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path()).unwrap();
+        let create = MetadataCommand::CreateTopic {
+            name: "t".into(),
+            id: TopicId("id".into()),
+            configs: BTreeMap::new(),
+            assignments: vec![vec![BrokerId(1)]],
+        };
+        let unfence = MetadataCommand::UnfenceBroker { id: BrokerId(1), incarnation: 1 };
+        let outcomes = sm
+            .apply(vec![
+                entry(1, 1, register(1)),
+                entry(1, 2, unfence),
+                entry(1, 3, create.clone()),
+                entry(1, 4, create),
+            ])
+            .await
+            .unwrap();
+        assert!(outcomes[..3].iter().all(|o| o.error.is_none()));
+        assert!(outcomes[3].error.is_some(), "a refused command is reported, and changes nothing");
+        let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_eq!(built.meta.last_log_id, Some(log_id(1, 4)));
+        let image = sm.image();
+        drop(sm);
+        let mut sm = StateMachine::open(dir.path()).unwrap();
+        assert_eq!(*sm.image(), *image);
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 4)));
+        // A damaged snapshot file is an error, never an empty image.
+        let path = dir.path().join("raft-snapshot");
+        let text = std::fs::read_to_string(&path).unwrap().replacen("\\\"t\\\"", "\\\"u\\\"", 1);
+        std::fs::write(&path, text).unwrap();
+        assert!(StateMachine::open(dir.path()).is_err());
+    });
+}
