@@ -8,7 +8,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".")
         .file_descriptor_set_path(out_dir.join("tally_descriptor.bin"))
-        .compile_with_config(config, &["proto/tally/v1/tally.proto"], &["proto"])?;
+        .compile_with_config(
+            config,
+            &["proto/tally/v1/tally.proto", "proto/tally/internal/v1/raft.proto"],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto/tally/v1/tally.proto");
+    println!("cargo:rerun-if-changed=proto/tally/internal/v1/raft.proto");
     Ok(())
 }

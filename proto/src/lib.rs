@@ -14,6 +14,16 @@ pub mod v1 {
     tonic::include_proto!("tally.v1");
 }
 
+/// Generated messages and services for `tally.internal.v1`: what brokers of
+/// one cluster send each other (not for clients).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod internal {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("tally.internal.v1");
+    }
+}
+
 /// The encoded file descriptor set, for the gRPC reflection service.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tally_descriptor");
 

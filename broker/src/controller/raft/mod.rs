@@ -14,6 +14,8 @@
 #![allow(clippy::result_large_err)]
 
 pub mod log_store;
+pub mod network;
+pub mod node;
 pub mod state_machine;
 
 use std::io::Cursor;
@@ -52,5 +54,7 @@ pub type LogId = openraft::LogId<u64>;
 /// openraft's storage error for this config.
 pub type StorageError = openraft::StorageError<u64>;
 
+#[cfg(test)]
+mod node_tests;
 #[cfg(test)]
 mod store_tests;
