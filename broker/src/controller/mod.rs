@@ -16,4 +16,4 @@ pub use metadata::{
     PartitionEpoch, PartitionState, TopicId, TopicState,
 };
 pub use placement::{PlacementError, place};
-pub use raft::node::{Controller, ControllerConfig, ControllerError, ControllerStatus, VoterStatus};
+pub use raft::node::{Committed, Controller, ControllerConfig, ControllerError, ControllerStatus, VoterStatus};

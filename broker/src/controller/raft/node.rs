@@ -37,7 +37,10 @@ pub struct ControllerConfig {
     pub dir: PathBuf,
     /// Leader heartbeat. Default 100 ms.
     pub heartbeat_interval_ms: u64,
-    /// Shortest election timeout; the longest is twice it. Default 1000 ms.
+    /// Election timeout: a follower that hears from no leader for between
+    /// 3/4 of this and all of it starts an election (openraft waits for the
+    /// old leader's lease, half of this, plus a random 1/4 to 1/2 of it).
+    /// Must exceed 4 heartbeats. Default 1000 ms.
     pub election_timeout_ms: u64,
     /// Entries between snapshots. Default 10,000.
     pub snapshot_every_entries: u64,
@@ -94,6 +97,15 @@ impl ControllerError {
     pub fn is_retriable(&self) -> bool {
         matches!(self, ControllerError::NotLeader { .. } | ControllerError::Timeout { .. })
     }
+}
+
+/// A committed proposal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// Its index in the metadata log.
+    pub index: u64,
+    /// What applying it changed.
+    pub effects: Vec<MetadataEffect>,
 }
 
 /// A voter's replication progress, as the leader sees it.
@@ -194,11 +206,19 @@ impl Controller {
         })
         .await
         .map_err(|e| ControllerError::Stopped(e.to_string()))??;
+        if config.election_timeout_ms <= 4 * config.heartbeat_interval_ms {
+            return Err(ControllerError::Config(format!(
+                "election_timeout_ms ({}) must exceed 4 x heartbeat_interval_ms ({})",
+                config.election_timeout_ms, config.heartbeat_interval_ms
+            )));
+        }
+        // openraft starts an election after the leader lease (its
+        // election_timeout_max) plus a random timeout in [min, max).
         let raft_config = openraft::Config {
             cluster_name: "tally".to_string(),
             heartbeat_interval: config.heartbeat_interval_ms,
-            election_timeout_min: config.election_timeout_ms,
-            election_timeout_max: config.election_timeout_ms * 2,
+            election_timeout_min: config.election_timeout_ms / 4,
+            election_timeout_max: config.election_timeout_ms / 2,
             install_snapshot_timeout: 10_000,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every_entries),
             max_in_snapshot_log_to_keep: 1000,
@@ -244,13 +264,18 @@ impl Controller {
     /// Appends `command` to the metadata log (this voter must lead) and
     /// returns what applying it changed once a majority has it.
     pub async fn propose(&self, command: MetadataCommand) -> Result<Vec<MetadataEffect>, ControllerError> {
+        self.propose_indexed(command).await.map(|c| c.effects)
+    }
+
+    /// [`Controller::propose`], also telling the log index it committed at.
+    pub async fn propose_indexed(&self, command: MetadataCommand) -> Result<Committed, ControllerError> {
         let write = tokio::time::timeout(self.propose_timeout, self.raft.client_write(command)).await;
         let timeout_ms = u64::try_from(self.propose_timeout.as_millis()).unwrap_or(u64::MAX);
         match write {
             Err(_) => Err(ControllerError::Timeout { timeout_ms }),
             Ok(Ok(response)) => match response.data.error {
                 Some(refusal) => Err(ControllerError::Refused(refusal)),
-                None => Ok(response.data.effects),
+                None => Ok(Committed { index: response.log_id.index, effects: response.data.effects }),
             },
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                 let leader = f.leader_id.and_then(|id| u32::try_from(id).ok()).map(BrokerId);
@@ -258,6 +283,12 @@ impl Controller {
             }
             Ok(Err(e)) => Err(ControllerError::Stopped(e.to_string())),
         }
+    }
+
+    /// Waits until this voter has applied the entry at `index`; false when
+    /// `timeout` passed first.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        self.raft.wait(Some(timeout)).applied_index_at_least(Some(index), "wait_applied").await.is_ok()
     }
 
     /// The metadata as of the last entry applied here.

@@ -27,7 +27,7 @@ impl Voter {
 fn config(id: u32, voters: &BTreeMap<BrokerId, String>, root: &std::path::Path) -> ControllerConfig {
     let mut c = ControllerConfig::new(BrokerId(id), voters.clone(), root.join(format!("node-{id}")));
     c.heartbeat_interval_ms = 50;
-    c.election_timeout_ms = 300;
+    c.election_timeout_ms = 400;
     c.propose_timeout_ms = 3000;
     c
 }
