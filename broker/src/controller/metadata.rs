@@ -163,6 +163,13 @@ pub enum MetadataCommand {
         /// Name.
         name: String,
     },
+    /// Replaces a topic's config overrides (validated by the proposer).
+    AlterTopicConfigs {
+        /// Name.
+        name: String,
+        /// The new overrides, whole.
+        configs: BTreeMap<String, String>,
+    },
     /// Adds partitions to a topic.
     CreatePartitions {
         /// Name.
@@ -219,6 +226,11 @@ pub enum MetadataEffect {
         name: String,
         /// Id.
         id: TopicId,
+    },
+    /// A topic's config overrides changed.
+    TopicConfigsChanged {
+        /// Topic.
+        name: String,
     },
     /// Partitions `[from, to)` were added to a topic.
     PartitionsCreated {
@@ -394,6 +406,11 @@ impl MetadataImage {
                 self.create_topic(name, id, configs, assignments)
             }
             MetadataCommand::DeleteTopic { name } => self.delete_topic(name),
+            MetadataCommand::AlterTopicConfigs { name, configs } => {
+                let topic = self.topics.get_mut(name).ok_or_else(|| MetadataError::UnknownTopic(name.clone()))?;
+                topic.configs = configs.clone();
+                Ok(vec![MetadataEffect::TopicConfigsChanged { name: name.clone() }])
+            }
             MetadataCommand::CreatePartitions { name, assignments } => self.create_partitions(name, assignments),
             MetadataCommand::AlterPartition { topic, partition, leader_epoch, partition_epoch, isr } => {
                 self.alter_partition(topic, *partition, *leader_epoch, *partition_epoch, isr)

@@ -329,3 +329,18 @@ fn the_image_round_trips_through_a_snapshot_and_replays_identically() {
     let restored: MetadataImage = serde_json::from_slice(&snapshot).unwrap();
     assert_eq!(restored, a);
 }
+
+#[test]
+fn topic_configs_are_replaced_whole() {
+    let mut image = cluster(&[&[1]]);
+    let alter = MetadataCommand::AlterTopicConfigs {
+        name: "t".into(),
+        configs: BTreeMap::from([("flush".to_string(), "always".to_string())]),
+    };
+    assert_eq!(image.apply(&alter).unwrap(), vec![MetadataEffect::TopicConfigsChanged { name: "t".into() }]);
+    let configs = &image.topic("t").unwrap().configs;
+    assert_eq!(configs.len(), 1, "retention_ms is gone: the overrides are replaced, not merged");
+    assert_eq!(configs["flush"], "always");
+    let unknown = MetadataCommand::AlterTopicConfigs { name: "u".into(), configs: BTreeMap::new() };
+    assert_eq!(refused(&mut image, &unknown), MetadataError::UnknownTopic("u".into()));
+}

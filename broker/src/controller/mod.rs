@@ -7,10 +7,12 @@
 //! outside `controller` changes metadata except by proposing a
 //! [`MetadataCommand`]; the data path reads only a [`MetadataImage`].
 
+pub mod lease;
 pub mod metadata;
 pub mod placement;
 pub mod raft;
 
+pub use lease::{BrokerLeases, HeartbeatAnswer, LeaseConfig};
 pub use metadata::{
     BrokerId, BrokerRegistration, LeaderEpoch, MetadataCommand, MetadataEffect, MetadataError, MetadataImage,
     PartitionEpoch, PartitionState, TopicId, TopicState,
