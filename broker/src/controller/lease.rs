@@ -41,7 +41,7 @@ impl Default for LeaseConfig {
 }
 
 /// What the controller answers a heartbeat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HeartbeatAnswer {
     /// The session is alive; `fenced` says whether the broker may lead.
     Alive {

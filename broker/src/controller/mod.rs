@@ -18,4 +18,6 @@ pub use metadata::{
     PartitionEpoch, PartitionState, TopicId, TopicState,
 };
 pub use placement::{PlacementError, place};
-pub use raft::node::{Committed, Controller, ControllerConfig, ControllerError, ControllerStatus, VoterStatus};
+pub use raft::node::{
+    Committed, Controller, ControllerConfig, ControllerError, ControllerStatus, HeartbeatRequest, VoterStatus,
+};

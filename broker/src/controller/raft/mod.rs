@@ -13,6 +13,7 @@
 // helpers here return the same type rather than box and unbox it.
 #![allow(clippy::result_large_err)]
 
+pub mod api;
 pub mod log_store;
 pub mod network;
 pub mod node;

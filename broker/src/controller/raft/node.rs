@@ -9,18 +9,21 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, Raft, ServerState};
 use serde::{Deserialize, Serialize};
+use tally_proto::internal::v1::controller_api_server::ControllerApiServer;
 use tally_proto::internal::v1::controller_raft_server::ControllerRaftServer;
 
 use super::TypeConfig;
+use super::api::{ControllerApiService, forward_heartbeat, forward_propose};
 use super::log_store::LogStore;
 use super::network::{MAX_MESSAGE_BYTES, Network, RaftService};
 use super::state_machine::StateMachine;
+use crate::controller::lease::{BrokerLeases, HeartbeatAnswer, LeaseConfig};
 use crate::controller::metadata::{BrokerId, MetadataCommand, MetadataEffect, MetadataError, MetadataImage};
 use crate::storage::fs::write_atomic;
 
@@ -46,6 +49,8 @@ pub struct ControllerConfig {
     pub snapshot_every_entries: u64,
     /// How long a proposal may wait for a majority. Default 5 s.
     pub propose_timeout_ms: u64,
+    /// Broker sessions, kept by whichever voter leads.
+    pub leases: LeaseConfig,
 }
 
 impl ControllerConfig {
@@ -59,12 +64,13 @@ impl ControllerConfig {
             election_timeout_ms: 1000,
             snapshot_every_entries: 10_000,
             propose_timeout_ms: 5000,
+            leases: LeaseConfig::default(),
         }
     }
 }
 
 /// Why the controller could not do what was asked.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum ControllerError {
     /// This voter is not the leader; retry at the leader (or, with `None`,
     /// after the election under way).
@@ -100,7 +106,7 @@ impl ControllerError {
 }
 
 /// A committed proposal.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Committed {
     /// Its index in the metadata log.
     pub index: u64,
@@ -136,6 +142,20 @@ pub struct ControllerStatus {
     pub voters: Vec<VoterStatus>,
 }
 
+/// A broker's session heartbeat to the active controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// The broker.
+    pub broker: BrokerId,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// True once it has applied the metadata log up to where the
+    /// controller was when it registered (it may lead).
+    pub caught_up: bool,
+    /// True when it is shutting down cleanly and wants to be fenced now.
+    pub shutting_down: bool,
+}
+
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct ClusterFile {
     voters: BTreeMap<u32, String>,
@@ -149,6 +169,10 @@ pub struct Controller {
     node_id: BrokerId,
     voters: BTreeMap<BrokerId, String>,
     propose_timeout: Duration,
+    leases: Arc<Mutex<BrokerLeases>>,
+    /// The instant the voter's monotonic milliseconds count from.
+    epoch: Instant,
+    lease_task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -240,13 +264,111 @@ impl Controller {
                 Err(e) => return Err(ControllerError::Stopped(e.to_string())),
             }
         }
-        Ok(Controller {
+        let controller = Controller {
             raft,
             state_machine,
             node_id: config.node_id,
             voters: config.voters,
             propose_timeout: Duration::from_millis(config.propose_timeout_ms),
-        })
+            leases: Arc::new(Mutex::new(BrokerLeases::new(config.leases))),
+            epoch: Instant::now(),
+            lease_task: Arc::new(Mutex::new(None)),
+        };
+        let task = tokio::spawn(controller.clone().keep_sessions());
+        *controller.lease_task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
+        Ok(controller)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, BrokerLeases> {
+        self.leases.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// While this voter leads: fences brokers whose session lapsed and
+    /// unfences those that came back, four times a second. Runs until the
+    /// Raft node stops.
+    async fn keep_sessions(self) {
+        let mut metrics = self.raft.metrics();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let me = u64::from(self.node_id.0);
+        let mut leading = false;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = metrics.changed() => if changed.is_err() { return },
+            }
+            let is_leader = {
+                let m = metrics.borrow();
+                m.state == ServerState::Leader && m.current_leader == Some(me)
+            };
+            if is_leader != leading {
+                let now = self.now_ms();
+                let mut leases = self.leases();
+                if is_leader {
+                    leases.became_leader(now)
+                } else {
+                    leases.lost_leadership()
+                }
+                leading = is_leader;
+            }
+            if !leading {
+                continue;
+            }
+            let commands = self.leases().tick(&self.image(), self.now_ms());
+            for command in commands {
+                tracing::info!(?command, "broker session change");
+                if let Err(e) = self.propose(command).await {
+                    tracing::warn!(error = %e, "could not propose a broker session change");
+                }
+            }
+        }
+    }
+
+    /// Answers a heartbeat at this voter (it must lead).
+    pub fn heartbeat_local(&self, heartbeat: &HeartbeatRequest) -> Result<HeartbeatAnswer, ControllerError> {
+        let status = self.status();
+        if status.leader != Some(self.node_id) {
+            let address = status.leader.and_then(|l| self.voters.get(&l).cloned());
+            return Err(ControllerError::NotLeader { leader: status.leader, address });
+        }
+        let image = self.image();
+        let now = self.now_ms();
+        let mut leases = self.leases();
+        if heartbeat.shutting_down {
+            leases.shutting_down(heartbeat.broker, heartbeat.incarnation);
+        }
+        Ok(leases.heartbeat(&image, now, heartbeat.broker, heartbeat.incarnation, heartbeat.caught_up))
+    }
+
+    /// A heartbeat, answered here if this voter leads, else forwarded to
+    /// the leader.
+    pub async fn heartbeat(&self, heartbeat: &HeartbeatRequest) -> Result<HeartbeatAnswer, ControllerError> {
+        match self.heartbeat_local(heartbeat) {
+            Err(ControllerError::NotLeader { address: Some(address), .. }) => {
+                forward_heartbeat(&address, heartbeat).await
+            }
+            other => other,
+        }
+    }
+
+    /// A proposal, made here if this voter leads, else forwarded to the
+    /// leader (one hop: if the leadership moved meanwhile, the answer is a
+    /// retriable NotLeader).
+    pub async fn propose_anywhere(&self, command: MetadataCommand) -> Result<Committed, ControllerError> {
+        match self.propose_indexed(command.clone()).await {
+            Err(ControllerError::NotLeader { address: Some(address), .. }) => forward_propose(&address, &command).await,
+            other => other,
+        }
+    }
+
+    /// The broker-facing gRPC service (proposals and heartbeats forwarded
+    /// from other brokers), to serve on this broker's listener.
+    pub fn api_service(&self) -> ControllerApiServer<ControllerApiService> {
+        ControllerApiServer::new(ControllerApiService::new(self.clone()))
     }
 
     /// The peer-facing gRPC service, to serve on this broker's listener.
@@ -329,6 +451,9 @@ impl Controller {
 
     /// Stops the voter (its log stays on disk).
     pub async fn shutdown(&self) {
+        if let Some(task) = self.lease_task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            task.abort();
+        }
         let _ = self.raft.shutdown().await;
     }
 }

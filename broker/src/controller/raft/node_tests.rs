@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use super::node::{Controller, ControllerConfig, ControllerError};
+use super::node::{Controller, ControllerConfig, ControllerError, HeartbeatRequest};
+use crate::controller::HeartbeatAnswer;
 use crate::controller::metadata::{BrokerId, MetadataCommand, MetadataEffect, TopicId};
 
 struct Voter {
@@ -29,15 +30,18 @@ fn config(id: u32, voters: &BTreeMap<BrokerId, String>, root: &std::path::Path) 
     c.heartbeat_interval_ms = 50;
     c.election_timeout_ms = 400;
     c.propose_timeout_ms = 3000;
+    c.leases = crate::controller::LeaseConfig { session_timeout_ms: 1000, retry_ms: 200 };
     c
 }
 
 async fn start(id: u32, voters: &BTreeMap<BrokerId, String>, root: &std::path::Path, listener: TcpListener) -> Voter {
     let controller = Controller::start(config(id, voters, root)).await.unwrap();
     let service = controller.service();
+    let api = controller.api_service();
     let server = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(service)
+            .add_service(api)
             .serve_with_incoming(TcpListenerStream::new(listener))
             .await;
     });
@@ -229,6 +233,67 @@ async fn a_single_voter_is_a_cluster_of_its_own() {
     assert_eq!(agreed_leader(&nodes).await, 1);
     propose(&nodes, register(1)).await;
     assert!(nodes[&1].controller.image().broker(BrokerId(1)).is_some());
+    for (_, v) in nodes {
+        v.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_or_heartbeat_at_a_follower_is_forwarded_to_the_leader() {
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, _, _) = cluster(root.path()).await;
+    let leader = agreed_leader(&nodes).await;
+    let follower = nodes.keys().copied().find(|id| *id != leader).unwrap();
+    let committed = nodes[&follower].controller.propose_anywhere(register(1)).await.unwrap();
+    assert_eq!(committed.effects, vec![MetadataEffect::BrokerRegistered { id: BrokerId(1), incarnation: 7 }]);
+    assert!(nodes[&follower].controller.wait_applied(committed.index, Duration::from_secs(10)).await);
+    let heartbeat = HeartbeatRequest { broker: BrokerId(1), incarnation: 7, caught_up: true, shutting_down: false };
+    assert_eq!(nodes[&follower].controller.heartbeat(&heartbeat).await, Ok(HeartbeatAnswer::Alive { fenced: true }));
+    let stranger = HeartbeatRequest { broker: BrokerId(9), ..heartbeat };
+    assert_eq!(nodes[&follower].controller.heartbeat(&stranger).await, Ok(HeartbeatAnswer::Register));
+    for (_, v) in nodes {
+        v.stop().await;
+    }
+}
+
+/// Heartbeats for broker 1 through voter `via` every 100 ms until `stop`.
+fn heartbeat_loop(controller: Controller, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let heartbeat = HeartbeatRequest { broker: BrokerId(1), incarnation: 7, caught_up: true, shutting_down: false };
+        while !*stop.borrow() {
+            let _ = controller.heartbeat(&heartbeat).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_broker_is_fenced_and_unfenced_when_it_heartbeats_again() {
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, _, _) = cluster(root.path()).await;
+    propose(&nodes, register(1)).await;
+    let via = nodes.keys().copied().find(|id| Some(BrokerId(*id)) != nodes[id].controller.status().leader).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let beats = heartbeat_loop(nodes[&via].controller.clone(), stop_rx);
+    // Registered brokers start fenced; heartbeating and caught up, it is unfenced.
+    converge(&nodes, "broker 1 unfenced", |image| image.broker(BrokerId(1)).is_some_and(|b| !b.fenced)).await;
+    propose(&nodes, create("t")).await;
+    converge(&nodes, "t led by 1", |image| image.partition("t", 0).is_some_and(|p| p.leader == Some(BrokerId(1))))
+        .await;
+    // Silence: after the session timeout it is fenced and its partition goes offline.
+    stop_tx.send(true).unwrap();
+    beats.await.unwrap();
+    let silent = Instant::now();
+    converge(&nodes, "broker 1 fenced", |image| image.broker(BrokerId(1)).is_some_and(|b| b.fenced)).await;
+    assert!(silent.elapsed() >= Duration::from_millis(800), "not fenced before its session ran out");
+    converge(&nodes, "t offline", |image| image.partition("t", 0).is_some_and(|p| p.leader.is_none())).await;
+    // It comes back.
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let _beats = heartbeat_loop(nodes[&via].controller.clone(), stop_rx);
+    converge(&nodes, "t led by 1 again", |image| {
+        image.partition("t", 0).is_some_and(|p| p.leader == Some(BrokerId(1)))
+    })
+    .await;
     for (_, v) in nodes {
         v.stop().await;
     }

@@ -1,0 +1,89 @@
+//! The controller's API for brokers (`tally.internal.v1.ControllerApi`):
+//! proposals and session heartbeats, answered by the active controller and
+//! forwarded there by any other voter. Payloads are JSON of our own types.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tally_proto::internal::v1::ControllerPayload;
+use tally_proto::internal::v1::controller_api_client::ControllerApiClient;
+use tally_proto::internal::v1::controller_api_server::ControllerApi;
+
+use super::network::peer_channel;
+use super::node::{Committed, Controller, ControllerError, HeartbeatRequest};
+use crate::controller::lease::HeartbeatAnswer;
+use crate::controller::metadata::MetadataCommand;
+
+/// Serves proposals and heartbeats from other brokers at this voter.
+#[derive(Debug, Clone)]
+pub struct ControllerApiService {
+    controller: Controller,
+}
+
+impl ControllerApiService {
+    /// Serves `controller`.
+    pub fn new(controller: Controller) -> ControllerApiService {
+        ControllerApiService { controller }
+    }
+}
+
+fn decode<T: DeserializeOwned>(payload: &ControllerPayload) -> Result<T, tonic::Status> {
+    serde_json::from_slice(&payload.json)
+        .map_err(|e| tonic::Status::invalid_argument(format!("undecodable controller request: {e}")))
+}
+
+fn encode<T: Serialize>(answer: &T) -> Result<tonic::Response<ControllerPayload>, tonic::Status> {
+    let json = serde_json::to_vec(answer).map_err(|e| tonic::Status::internal(format!("encoding: {e}")))?;
+    Ok(tonic::Response::new(ControllerPayload { json: json.into() }))
+}
+
+#[tonic::async_trait]
+impl ControllerApi for ControllerApiService {
+    async fn propose(
+        &self,
+        request: tonic::Request<ControllerPayload>,
+    ) -> Result<tonic::Response<ControllerPayload>, tonic::Status> {
+        let command: MetadataCommand = decode(request.get_ref())?;
+        encode(&self.controller.propose_indexed(command).await)
+    }
+
+    async fn heartbeat(
+        &self,
+        request: tonic::Request<ControllerPayload>,
+    ) -> Result<tonic::Response<ControllerPayload>, tonic::Status> {
+        let heartbeat: HeartbeatRequest = decode(request.get_ref())?;
+        encode(&self.controller.heartbeat_local(&heartbeat))
+    }
+}
+
+/// What went wrong reaching another voter.
+fn unreachable(address: &str, what: impl std::fmt::Display) -> ControllerError {
+    ControllerError::NotLeader { leader: None, address: Some(format!("{address} (unreachable: {what})")) }
+}
+
+async fn call<Req: Serialize, Resp: DeserializeOwned>(
+    address: &str,
+    request: &Req,
+    heartbeat: bool,
+) -> Result<Resp, ControllerError> {
+    let channel = peer_channel(address).map_err(|e| unreachable(address, e))?;
+    let mut client = ControllerApiClient::new(channel);
+    let json = serde_json::to_vec(request).map_err(|e| ControllerError::Stopped(e.to_string()))?;
+    let payload = ControllerPayload { json: json.into() };
+    let answer = if heartbeat { client.heartbeat(payload).await } else { client.propose(payload).await };
+    let answer = answer.map_err(|status| unreachable(address, status.message()))?.into_inner();
+    serde_json::from_slice(&answer.json)
+        .map_err(|e| ControllerError::Stopped(format!("bad answer from {address}: {e}")))
+}
+
+/// Sends a proposal to the voter at `address`.
+pub async fn forward_propose(address: &str, command: &MetadataCommand) -> Result<Committed, ControllerError> {
+    call::<_, Result<Committed, ControllerError>>(address, command, false).await?
+}
+
+/// Sends a heartbeat to the voter at `address`.
+pub async fn forward_heartbeat(
+    address: &str,
+    heartbeat: &HeartbeatRequest,
+) -> Result<HeartbeatAnswer, ControllerError> {
+    call::<_, Result<HeartbeatAnswer, ControllerError>>(address, heartbeat, true).await?
+}
