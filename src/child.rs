@@ -31,10 +31,22 @@ impl BrokerProcess {
         args: &[&str],
         envs: &[(&str, &str)],
     ) -> anyhow::Result<BrokerProcess> {
+        Self::start_listening(binary, data_dir, "127.0.0.1:0", args, envs)
+    }
+
+    /// [`BrokerProcess::start_with_env`] listening on `listen` (a cluster's
+    /// voters must know each other's addresses before they start).
+    pub fn start_listening(
+        binary: &Path,
+        data_dir: &Path,
+        listen: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<BrokerProcess> {
         let mut child = Command::new(binary)
             .arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(data_dir)
             .args(args)

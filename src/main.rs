@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{bench, consume, dump_log, offsets, produce, serve, topic};
+use commands::{bench, cluster, consume, dump_log, offsets, produce, serve, topic};
 
 /// Tally: a replicated, partitioned event log.
 #[derive(Debug, Parser)]
@@ -41,6 +41,9 @@ enum Command {
     Offsets(offsets::OffsetsArgs),
     /// Print the batches of a segment file (or of every segment in a directory).
     DumpLog(dump_log::DumpLogArgs),
+    /// The controller quorum and the brokers of the cluster.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Measure produce or consume throughput and latency against a broker.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
             Command::Offsets(args) => offsets::run(&ctx, args).await,
             Command::DumpLog(args) => dump_log::run(&ctx, args),
             Command::Bench(cmd) => bench::run(&ctx, cmd).await,
+            Command::Cluster(cmd) => cluster::run(&ctx, cmd).await,
         }
     });
     match result {

@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::storage::{FlushPolicy, LogConfig};
@@ -38,6 +40,20 @@ pub struct BrokerConfig {
     pub default_partitions: u32,
     /// Most partitions one topic may have. Default 10 000.
     pub max_partitions_per_topic: u32,
+    /// The controller voters, `id@host:port,...` (each voter's advertised
+    /// address). This broker must be one of them. Default: this broker
+    /// alone, a cluster of its own.
+    pub voters: Option<String>,
+    /// A broker the active controller has not heard from for this long is
+    /// fenced and its partitions move (Kafka's `broker.session.timeout.ms`).
+    /// Default 9000.
+    pub broker_session_timeout_ms: u64,
+    /// How often this broker heartbeats to the active controller. Default
+    /// 2000; below `broker_session_timeout_ms`.
+    pub broker_heartbeat_interval_ms: u64,
+    /// A controller voter that hears from no leader for 3/4 of this to all
+    /// of it starts an election. Default 1000; above 400.
+    pub controller_election_timeout_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -55,6 +71,10 @@ impl Default for BrokerConfig {
             checkpoint_interval_ms: 60_000,
             default_partitions: 1,
             max_partitions_per_topic: 10_000,
+            voters: None,
+            broker_session_timeout_ms: 9000,
+            broker_heartbeat_interval_ms: 2000,
+            controller_election_timeout_ms: 1000,
         }
     }
 }
@@ -142,7 +162,50 @@ impl BrokerConfig {
         if let Err(e) = defaults {
             problems.push(format!("log.{e}"));
         }
+        match self.parsed_voters() {
+            Err(e) => problems.push(e),
+            Ok(Some(voters)) if !voters.contains_key(&self.node_id) => problems.push(format!(
+                "node_id {} is not one of the voters {:?}; every broker is a controller voter today",
+                self.node_id,
+                voters.keys().collect::<Vec<_>>()
+            )),
+            Ok(_) => {}
+        }
+        if self.broker_heartbeat_interval_ms == 0 || self.broker_heartbeat_interval_ms >= self.broker_session_timeout_ms
+        {
+            problems.push(format!(
+                "broker_heartbeat_interval_ms ({}) must be positive and below broker_session_timeout_ms ({})",
+                self.broker_heartbeat_interval_ms, self.broker_session_timeout_ms
+            ));
+        }
+        if self.controller_election_timeout_ms <= 400 {
+            problems.push(format!(
+                "controller_election_timeout_ms must be above 400, got {}",
+                self.controller_election_timeout_ms
+            ));
+        }
         problems
+    }
+
+    /// The voters from `voters` (`id@host:port,...`), or `None` when unset.
+    pub fn parsed_voters(&self) -> Result<Option<BTreeMap<u32, String>>, String> {
+        let Some(text) = &self.voters else { return Ok(None) };
+        let mut out = BTreeMap::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (id, address) =
+                part.split_once('@').ok_or_else(|| format!("voters: `{part}` is not `id@host:port`"))?;
+            let id: u32 = id.parse().map_err(|_| format!("voters: `{id}` in `{part}` is not a node id"))?;
+            if !address.contains(':') {
+                return Err(format!("voters: `{address}` in `{part}` is not `host:port`"));
+            }
+            if out.insert(id, address.to_string()).is_some() {
+                return Err(format!("voters: node id {id} is listed twice"));
+            }
+        }
+        if out.is_empty() {
+            return Err("voters: the list is empty".to_string());
+        }
+        Ok(Some(out))
     }
 }
 
@@ -159,6 +222,10 @@ const BROKER_KEYS: &[&str] = &[
     "checkpoint_interval_ms",
     "default_partitions",
     "max_partitions_per_topic",
+    "voters",
+    "broker_session_timeout_ms",
+    "broker_heartbeat_interval_ms",
+    "controller_election_timeout_ms",
 ];
 
 /// `TALLY_*` variables that are not config fields: the command line's own.

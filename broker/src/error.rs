@@ -3,6 +3,7 @@
 use tally_proto::ErrorCode;
 use tally_proto::batch::BatchError;
 
+use crate::controller::ControllerError;
 use crate::storage::{Offset, StorageError};
 use crate::topic::InvalidConfig;
 
@@ -74,6 +75,9 @@ pub enum BrokerError {
     /// The broker is stopping.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// The metadata controller could not do what was asked.
+    #[error(transparent)]
+    Controller(#[from] ControllerError),
 }
 
 impl BrokerError {
@@ -99,6 +103,12 @@ impl BrokerError {
             BrokerError::Storage(StorageError::InvalidReplicaBatch(_)) => ErrorCode::CorruptMessage,
             BrokerError::Storage(_) => ErrorCode::KafkaStorageError,
             BrokerError::ShuttingDown => ErrorCode::LeaderNotAvailable,
+            BrokerError::Controller(ControllerError::NotLeader { .. }) => ErrorCode::LeaderNotAvailable,
+            BrokerError::Controller(ControllerError::Timeout { .. }) => ErrorCode::RequestTimedOut,
+            BrokerError::Controller(ControllerError::Refused(_) | ControllerError::Config(_)) => {
+                ErrorCode::InvalidRequest
+            }
+            BrokerError::Controller(ControllerError::Stopped(_)) => ErrorCode::UnknownServerError,
         }
     }
 

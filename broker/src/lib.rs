@@ -12,6 +12,7 @@ pub mod config;
 pub mod controller;
 pub mod error;
 mod maintenance;
+pub mod membership;
 pub mod partition;
 pub mod server;
 pub mod storage;

@@ -74,6 +74,48 @@ pub struct TopicListing {
     pub replication_factor: u32,
 }
 
+/// A controller voter as `describe_cluster` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoterDescription {
+    /// Node id.
+    pub id: u32,
+    /// Highest metadata log index known on it (when the leader answered).
+    pub matched_index: Option<u64>,
+    /// Entries it is behind the leader (when the leader answered).
+    pub lag: Option<u64>,
+}
+
+/// A broker as `describe_cluster` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerDescription {
+    /// Node id.
+    pub id: u32,
+    /// Advertised address.
+    pub address: String,
+    /// Random per process start.
+    pub incarnation: u64,
+    /// True while it may not lead (its session lapsed, or it is starting).
+    pub fenced: bool,
+}
+
+/// The controller quorum and the brokers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterDescription {
+    /// The broker that answered.
+    pub answered_by: u32,
+    /// The controller leader, or `None` during an election.
+    pub leader: Option<u32>,
+    /// Raft term.
+    pub term: u64,
+    /// Highest metadata log index the answering voter applied (applied
+    /// entries are committed).
+    pub commit_index: Option<u64>,
+    /// Controller voters.
+    pub voters: Vec<VoterDescription>,
+    /// Registered brokers.
+    pub brokers: Vec<BrokerDescription>,
+}
+
 /// Admin operations; get one from [`Client::admin`].
 ///
 /// ```no_run
@@ -182,5 +224,33 @@ impl Admin {
         let response = self.client.admin_rpc().create_partitions(request).await?.into_inner();
         self.client.invalidate(name);
         check(response.result, name)
+    }
+
+    /// The controller quorum and the brokers, as the broker this client
+    /// reaches knows them. Voter progress is filled in when that broker is
+    /// the controller leader.
+    pub async fn describe_cluster(&self) -> Result<ClusterDescription> {
+        let r = self.client.admin_rpc().describe_cluster(pb::DescribeClusterRequest {}).await?.into_inner();
+        Ok(ClusterDescription {
+            answered_by: r.node_id,
+            leader: r.leader,
+            term: r.term,
+            commit_index: r.applied_index,
+            voters: r
+                .voters
+                .into_iter()
+                .map(|v| VoterDescription { id: v.id, matched_index: v.matched_index, lag: v.lag })
+                .collect(),
+            brokers: r
+                .brokers
+                .into_iter()
+                .map(|b| BrokerDescription {
+                    id: b.id,
+                    address: b.address,
+                    incarnation: b.incarnation,
+                    fenced: b.fenced,
+                })
+                .collect(),
+        })
     }
 }

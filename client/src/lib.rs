@@ -27,7 +27,10 @@ mod partition_client;
 pub mod partitioner;
 mod producer;
 
-pub use admin::{Admin, NewTopic, PartitionDescription, TopicDescription, TopicListing};
+pub use admin::{
+    Admin, BrokerDescription, ClusterDescription, NewTopic, PartitionDescription, TopicDescription, TopicListing,
+    VoterDescription,
+};
 pub use client::{Client, ClientBuilder, ClientConfig, TopicInfo};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, RecordStream, SeekTo};
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! One module per subcommand, plus what they share.
 
 pub mod bench;
+pub mod cluster;
 pub mod consume;
 pub mod dump_log;
 pub mod offsets;

@@ -22,6 +22,15 @@ pub struct ServeArgs {
     /// This broker's id (overrides the config file and TALLY_NODE_ID).
     #[arg(long)]
     node_id: Option<u32>,
+    /// Address clients and peers are told to dial, when it differs from
+    /// `--listen` (overrides the config file and TALLY_ADVERTISED_ADDRESS).
+    #[arg(long)]
+    advertised_addr: Option<String>,
+    /// Controller voters, `id@host:port,...` with each voter's advertised
+    /// address; this broker must be one (overrides the config file and
+    /// TALLY_VOTERS). Without it the broker is a cluster of its own.
+    #[arg(long)]
+    voters: Option<String>,
     /// Default flush policy for topics: always, os, or milliseconds
     /// (overrides the config file and TALLY_LOG_FLUSH).
     #[arg(long)]
@@ -78,6 +87,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(id) = args.node_id {
         config.node_id = id;
+    }
+    if let Some(addr) = args.advertised_addr {
+        config.advertised_address = Some(addr);
+    }
+    if let Some(voters) = args.voters {
+        config.voters = Some(voters);
     }
     if let Some(flush) = args.flush {
         config.log.flush = flush;

@@ -4,5 +4,6 @@
 
 mod api;
 mod cli;
+mod cluster;
 mod harness;
 mod process;

@@ -7,18 +7,20 @@ use tally_proto::v1::{self as pb, admin_server::Admin};
 use tonic::{Request, Response, Status};
 
 use crate::broker::{Broker, NewTopic};
+use crate::controller::Controller;
 use crate::error::BrokerError;
 
 /// Implements the `tally.v1.Admin` service.
 #[derive(Debug, Clone)]
 pub struct AdminService {
     broker: Arc<Broker>,
+    controller: Controller,
 }
 
 impl AdminService {
-    /// A service over `broker`.
-    pub fn new(broker: Arc<Broker>) -> Self {
-        AdminService { broker }
+    /// A service over `broker` and its controller voter.
+    pub fn new(broker: Arc<Broker>, controller: Controller) -> Self {
+        AdminService { broker, controller }
     }
 }
 
@@ -146,5 +148,34 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let outcome = self.broker.create_partitions(&req.name, req.count).await;
         Ok(Response::new(pb::CreatePartitionsResponse { result: Some(result(req.name, outcome)) }))
+    }
+
+    async fn describe_cluster(
+        &self,
+        _request: Request<pb::DescribeClusterRequest>,
+    ) -> Result<Response<pb::DescribeClusterResponse>, Status> {
+        let status = self.controller.status();
+        let image = self.controller.image();
+        Ok(Response::new(pb::DescribeClusterResponse {
+            node_id: status.node_id.0,
+            leader: status.leader.map(|l| l.0),
+            term: status.term,
+            applied_index: status.applied_index,
+            voters: status
+                .voters
+                .iter()
+                .map(|v| pb::ControllerVoter { id: v.id.0, matched_index: v.matched_index, lag: v.lag })
+                .collect(),
+            brokers: image
+                .brokers()
+                .values()
+                .map(|b| pb::ClusterBroker {
+                    id: b.id.0,
+                    address: b.address.clone(),
+                    incarnation: b.incarnation,
+                    fenced: b.fenced,
+                })
+                .collect(),
+        }))
     }
 }

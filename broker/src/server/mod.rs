@@ -17,14 +17,18 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::broker::Broker;
 use crate::config::BrokerConfig;
+use crate::controller::{BrokerId, Controller, ControllerConfig, LeaseConfig};
 use crate::error::BrokerError;
+use crate::membership::{Membership, SessionState, new_incarnation};
 
 pub use admin::AdminService;
 pub use data::TallyService;
 
-/// Runs a broker on `listener` until `shutdown` completes, then stops
-/// accepting requests, lets in-flight ones finish, and flushes and closes
-/// every log.
+/// Runs a broker on `listener` until `shutdown` completes, then asks the
+/// controller to fence it (its partitions move), stops accepting requests,
+/// lets in-flight ones finish, stops its controller voter, and flushes and
+/// closes every log. Every broker embeds a controller voter of the
+/// metadata log (alone, without `voters`).
 pub async fn run(
     config: BrokerConfig,
     listener: TcpListener,
@@ -38,10 +42,32 @@ pub async fn run(
         listener.local_addr().map_err(|e| BrokerError::InvalidRequest(format!("listener has no address: {e}")))?;
     let advertised = config.advertised_address.clone().unwrap_or_else(|| local.to_string());
     let data_dir = config.data_dir.clone();
+    let controller_config = controller_config(&config, &advertised)?;
+    let heartbeat_interval = Duration::from_millis(config.broker_heartbeat_interval_ms);
+    let session_timeout = Duration::from_millis(config.broker_session_timeout_ms);
+    let address = advertised.clone();
     let broker = tokio::task::spawn_blocking(move || Broker::open(config, advertised))
         .await
         .map_err(|e| BrokerError::InvalidRequest(format!("startup task failed: {e}")))??;
     let broker = Arc::new(broker);
+    // After Broker::open, which holds the data directory's lock.
+    let controller = Controller::start(controller_config).await?;
+    let (member_stop, member_stop_rx) = tokio::sync::watch::channel(false);
+    let (session, _session_rx) = tokio::sync::watch::channel(SessionState::Registering);
+    let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<String>();
+    let membership = Membership {
+        controller: controller.clone(),
+        broker: BrokerId(broker.node_id()),
+        address,
+        incarnation: new_incarnation(),
+        heartbeat_interval,
+        session_timeout,
+    };
+    let membership = tokio::spawn(async move {
+        if let Err(e) = membership.run(member_stop_rx, session).await {
+            let _ = fatal_tx.send(e);
+        }
+    });
     tracing::info!(node_id = broker.node_id(), address = %local, data_dir = %data_dir.display(), "broker serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -51,7 +77,7 @@ pub async fn run(
     let tally = TallyServer::new(TallyService::new(broker.clone()))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
-    let admin = AdminServer::new(AdminService::new(broker.clone()))
+    let admin = AdminServer::new(AdminService::new(broker.clone(), controller.clone()))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -67,6 +93,20 @@ pub async fn run(
         }
         conn
     });
+    let fatal = Arc::new(std::sync::Mutex::new(None::<String>));
+    let fatal_slot = fatal.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            Ok(e) = fatal_rx => {
+                tracing::error!(error = %e, "stopping");
+                *fatal_slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+            }
+        }
+        // Controlled shutdown: the membership task asks to be fenced first.
+        let _ = member_stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(3), membership).await;
+    };
     let served = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(broker.config().max_concurrent_requests_per_connection)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -78,14 +118,35 @@ pub async fn run(
         .add_service(admin)
         .add_service(health)
         .add_service(reflection)
+        .add_service(controller.service())
+        .add_service(controller.api_service())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = stop_tx.send(true);
     let _ = maintenance.await;
+    controller.shutdown().await;
     let closing = broker.clone();
     tokio::task::spawn_blocking(move || closing.close())
         .await
         .map_err(|e| BrokerError::InvalidRequest(format!("shutdown task failed: {e}")))?;
     tracing::info!("broker stopped");
-    served.map_err(|e| BrokerError::InvalidRequest(format!("server failed: {e}")))
+    served.map_err(|e| BrokerError::InvalidRequest(format!("server failed: {e}")))?;
+    match fatal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+        Some(e) => Err(BrokerError::InvalidRequest(e)),
+        None => Ok(()),
+    }
+}
+
+/// The embedded controller voter's settings: the configured voters, or this
+/// broker alone at its advertised address.
+fn controller_config(config: &BrokerConfig, advertised: &str) -> Result<ControllerConfig, BrokerError> {
+    let voters = match config.parsed_voters().map_err(BrokerError::InvalidRequest)? {
+        Some(voters) => voters.into_iter().map(|(id, address)| (BrokerId(id), address)).collect(),
+        None => std::collections::BTreeMap::from([(BrokerId(config.node_id), advertised.to_string())]),
+    };
+    let dir = config.data_dir.join("__cluster_metadata");
+    let mut controller = ControllerConfig::new(BrokerId(config.node_id), voters, dir);
+    controller.election_timeout_ms = config.controller_election_timeout_ms;
+    controller.leases = LeaseConfig { session_timeout_ms: config.broker_session_timeout_ms, retry_ms: 1000 };
+    Ok(controller)
 }

@@ -51,7 +51,7 @@ impl ControllerApi for ControllerApiService {
         request: tonic::Request<ControllerPayload>,
     ) -> Result<tonic::Response<ControllerPayload>, tonic::Status> {
         let heartbeat: HeartbeatRequest = decode(request.get_ref())?;
-        encode(&self.controller.heartbeat_local(&heartbeat))
+        encode(&self.controller.heartbeat_local(&heartbeat).await)
     }
 }
 

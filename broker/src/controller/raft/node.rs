@@ -328,8 +328,10 @@ impl Controller {
         }
     }
 
-    /// Answers a heartbeat at this voter (it must lead).
-    pub fn heartbeat_local(&self, heartbeat: &HeartbeatRequest) -> Result<HeartbeatAnswer, ControllerError> {
+    /// Answers a heartbeat at this voter (it must lead). A broker shutting
+    /// down is fenced before the answer, so its partitions have moved when
+    /// it stops.
+    pub async fn heartbeat_local(&self, heartbeat: &HeartbeatRequest) -> Result<HeartbeatAnswer, ControllerError> {
         let status = self.status();
         if status.leader != Some(self.node_id) {
             let address = status.leader.and_then(|l| self.voters.get(&l).cloned());
@@ -337,17 +339,25 @@ impl Controller {
         }
         let image = self.image();
         let now = self.now_ms();
-        let mut leases = self.leases();
-        if heartbeat.shutting_down {
-            leases.shutting_down(heartbeat.broker, heartbeat.incarnation);
+        let answer = {
+            let mut leases = self.leases();
+            if heartbeat.shutting_down {
+                leases.shutting_down(heartbeat.broker, heartbeat.incarnation);
+            }
+            leases.heartbeat(&image, now, heartbeat.broker, heartbeat.incarnation, heartbeat.caught_up)
+        };
+        if heartbeat.shutting_down && answer != HeartbeatAnswer::Register {
+            let fence = MetadataCommand::FenceBroker { id: heartbeat.broker, incarnation: heartbeat.incarnation };
+            self.propose(fence).await?;
+            return Ok(HeartbeatAnswer::Alive { fenced: true });
         }
-        Ok(leases.heartbeat(&image, now, heartbeat.broker, heartbeat.incarnation, heartbeat.caught_up))
+        Ok(answer)
     }
 
     /// A heartbeat, answered here if this voter leads, else forwarded to
     /// the leader.
     pub async fn heartbeat(&self, heartbeat: &HeartbeatRequest) -> Result<HeartbeatAnswer, ControllerError> {
-        match self.heartbeat_local(heartbeat) {
+        match self.heartbeat_local(heartbeat).await {
             Err(ControllerError::NotLeader { address: Some(address), .. }) => {
                 forward_heartbeat(&address, heartbeat).await
             }

@@ -1,0 +1,140 @@
+//! This broker's membership in the cluster: it registers with the active
+//! controller under a new incarnation, then keeps its session alive with a
+//! heartbeat every `broker_heartbeat_interval_ms`; on a clean shutdown it
+//! asks to be fenced first, so its partitions move before it stops.
+//!
+//! Registration runs in the background, after the listener serves, because
+//! in a cluster of several voters the first broker up cannot commit anything
+//! until a second voter answers. A registration is refused while another
+//! incarnation of this id is active: after a crash, that lasts until the old
+//! session lapses and the controller fences it, so the refusal is retried;
+//! if it lasts longer than two sessions, another live process holds the id,
+//! and the task ends with the error and the broker stops (two processes with
+//! one id must never both serve).
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::controller::{
+    BrokerId, Controller, ControllerError, HeartbeatAnswer, HeartbeatRequest, MetadataCommand, MetadataError,
+};
+
+/// What a broker's session looks like from the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// Not registered yet (or told to register again).
+    Registering,
+    /// Registered; `fenced` as the controller last answered.
+    Registered {
+        /// True while the broker may not lead.
+        fenced: bool,
+    },
+}
+
+/// Settings of the session.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    /// The controller voter embedded in this broker.
+    pub controller: Controller,
+    /// This broker.
+    pub broker: BrokerId,
+    /// The address clients and peers reach it at.
+    pub address: String,
+    /// New for every start of the process.
+    pub incarnation: u64,
+    /// Time between heartbeats.
+    pub heartbeat_interval: Duration,
+    /// The controller's session timeout: an old incarnation of this id that
+    /// is still active after two of these belongs to another live process.
+    pub session_timeout: Duration,
+}
+
+impl Membership {
+    /// Registers, then heartbeats until `stop` turns true; publishes the
+    /// session state on `state`. Returns an error only for a refusal that
+    /// must stop the broker.
+    pub async fn run(self, stop: watch::Receiver<bool>, state: watch::Sender<SessionState>) -> Result<(), String> {
+        let mut stop = stop;
+        let mut registered_at: Option<u64> = None;
+        let mut warned = false;
+        let mut id_in_use_since: Option<std::time::Instant> = None;
+        while !*stop.borrow() {
+            let step = match registered_at {
+                None => self.register().await.map(|index| {
+                    registered_at = Some(index);
+                    tracing::info!(broker = %self.broker, incarnation = format!("{:#x}", self.incarnation), "registered with the controller");
+                    state.send_replace(SessionState::Registered { fenced: true });
+                }),
+                Some(index) => self.heartbeat(index, false).await.map(|answer| match answer {
+                    HeartbeatAnswer::Alive { fenced } => {
+                        state.send_replace(SessionState::Registered { fenced });
+                    }
+                    HeartbeatAnswer::Register => {
+                        tracing::warn!(broker = %self.broker, "the controller does not know this incarnation; registering again");
+                        registered_at = None;
+                        state.send_replace(SessionState::Registering);
+                    }
+                }),
+            };
+            match step {
+                Ok(()) => {
+                    warned = false;
+                    id_in_use_since = None;
+                }
+                Err(ControllerError::Refused(MetadataError::BrokerIdInUse { id, incarnation })) => {
+                    let since = *id_in_use_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > 2 * self.session_timeout {
+                        return Err(format!(
+                            "broker id {id} is in use by another running broker (incarnation {incarnation:#x}); \
+                             give this broker another node_id"
+                        ));
+                    }
+                    if !warned {
+                        tracing::warn!(broker = %id, old_incarnation = format!("{incarnation:#x}"), "an earlier incarnation of this broker is still registered; waiting for its session to lapse");
+                        warned = true;
+                    }
+                }
+                Err(e) if !warned => {
+                    tracing::warn!(broker = %self.broker, error = %e, "cannot reach the active controller yet; retrying");
+                    warned = true;
+                }
+                Err(_) => {}
+            }
+            let pause = if registered_at.is_some() { self.heartbeat_interval } else { Duration::from_millis(200) };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        if let Some(index) = registered_at {
+            // Controlled shutdown: ask to be fenced now, bounded.
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.heartbeat(index, true)).await;
+        }
+        Ok(())
+    }
+
+    async fn register(&self) -> Result<u64, ControllerError> {
+        let command = MetadataCommand::RegisterBroker {
+            id: self.broker,
+            address: self.address.clone(),
+            incarnation: self.incarnation,
+        };
+        Ok(self.controller.propose_anywhere(command).await?.index)
+    }
+
+    async fn heartbeat(&self, registered_at: u64, shutting_down: bool) -> Result<HeartbeatAnswer, ControllerError> {
+        let caught_up = self.controller.status().applied_index.is_some_and(|applied| applied >= registered_at);
+        let request = HeartbeatRequest { broker: self.broker, incarnation: self.incarnation, caught_up, shutting_down };
+        self.controller.heartbeat(&request).await
+    }
+}
+
+/// A fresh incarnation id: different for every process start.
+pub fn new_incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u32(std::process::id());
+    h.finish()
+}

@@ -1,0 +1,92 @@
+//! `tally cluster status`: the controller quorum and the brokers.
+
+use tally_client::{Client, ClusterDescription};
+
+use super::{Context, Output, print_table};
+
+/// `tally cluster` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum ClusterCommand {
+    /// The controller leader, term and commit index, each voter's progress,
+    /// and each broker with its address, incarnation and fenced state.
+    Status,
+}
+
+/// Runs a `tally cluster` subcommand.
+pub async fn run(ctx: &Context, cmd: ClusterCommand) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCommand::Status => status(ctx).await,
+    }
+}
+
+async fn status(ctx: &Context) -> anyhow::Result<()> {
+    let client = ctx.connect().await?;
+    let mut cluster = client.admin().describe_cluster().await?;
+    // Voter progress is known at the leader: ask it when someone else answered.
+    if let Some(leader) = cluster.leader
+        && leader != cluster.answered_by
+        && let Some(address) = cluster.brokers.iter().find(|b| b.id == leader).map(|b| b.address.clone())
+        && let Ok(at_leader) = async {
+            let c = Client::builder().bootstrap([address]).connect().await?;
+            c.admin().describe_cluster().await
+        }
+        .await
+        && at_leader.leader == Some(leader)
+    {
+        cluster = at_leader;
+    }
+    match ctx.output {
+        Output::Json => println!("{}", to_json(&cluster)),
+        Output::Table => print_status(&cluster),
+    }
+    Ok(())
+}
+
+fn to_json(c: &ClusterDescription) -> serde_json::Value {
+    serde_json::json!({
+        "leader": c.leader,
+        "term": c.term,
+        "commit_index": c.commit_index,
+        "answered_by": c.answered_by,
+        "voters": c.voters.iter().map(|v| serde_json::json!({
+            "id": v.id, "matched_index": v.matched_index, "lag": v.lag,
+        })).collect::<Vec<_>>(),
+        "brokers": c.brokers.iter().map(|b| serde_json::json!({
+            "id": b.id, "address": b.address, "incarnation": format!("{:#018x}", b.incarnation), "fenced": b.fenced,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn or_dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+fn print_status(c: &ClusterDescription) {
+    println!(
+        "controller leader: {}  term: {}  commit index: {}  (answered by {})",
+        c.leader.map_or_else(|| "none (election under way)".to_string(), |l| l.to_string()),
+        c.term,
+        or_dash(c.commit_index),
+        c.answered_by
+    );
+    println!();
+    let voters: Vec<Vec<String>> = c
+        .voters
+        .iter()
+        .map(|v| {
+            let role = if Some(v.id) == c.leader { "leader" } else { "follower" };
+            vec![v.id.to_string(), role.to_string(), or_dash(v.matched_index), or_dash(v.lag)]
+        })
+        .collect();
+    print_table(&["VOTER", "ROLE", "MATCHED", "LAG"], &voters);
+    println!();
+    let brokers: Vec<Vec<String>> = c
+        .brokers
+        .iter()
+        .map(|b| {
+            let state = if b.fenced { "fenced" } else { "active" };
+            vec![b.id.to_string(), b.address.clone(), format!("{:#018x}", b.incarnation), state.to_string()]
+        })
+        .collect();
+    print_table(&["BROKER", "ADDRESS", "INCARNATION", "STATE"], &brokers);
+}
