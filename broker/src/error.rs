@@ -35,7 +35,7 @@ pub enum BrokerError {
     #[error(transparent)]
     InvalidConfig(#[from] InvalidConfig),
     /// A batch failed validation.
-    #[error("corrupt record batch: {0}")]
+    #[error("invalid record batch: {0}")]
     CorruptMessage(BatchError),
     /// A batch is larger than the topic allows.
     #[error("record batch of {size} bytes exceeds max_message_bytes = {max}")]
@@ -93,6 +93,9 @@ impl BrokerError {
             BrokerError::CorruptMessage(BatchError::TooLarge { .. }) | BrokerError::MessageTooLarge { .. } => {
                 ErrorCode::MessageTooLarge
             }
+            BrokerError::CorruptMessage(
+                BatchError::ControlBatch | BatchError::ProducerFields { .. } | BatchError::HeaderKeyNotUtf8 { .. },
+            ) => ErrorCode::InvalidRecord,
             BrokerError::CorruptMessage(_) => ErrorCode::CorruptMessage,
             BrokerError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
             BrokerError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,

@@ -127,6 +127,30 @@ pub enum BatchError {
         /// The limit.
         max: usize,
     },
+    /// The control flag is set: only the broker writes control batches.
+    #[error("the batch has the control flag set; only the broker writes control batches")]
+    ControlBatch,
+    /// Producer fields that contradict each other.
+    #[error(
+        "producer fields contradict each other: producerId {producer_id}, producerEpoch {producer_epoch}, \
+         baseSequence {base_sequence} ({why})"
+    )]
+    ProducerFields {
+        /// producerId.
+        producer_id: i64,
+        /// producerEpoch.
+        producer_epoch: i16,
+        /// baseSequence.
+        base_sequence: i32,
+        /// Which rule they break.
+        why: &'static str,
+    },
+    /// A header key that is not UTF-8 (Kafka's wire type for it is a string).
+    #[error("record {index} has a header key that is not valid UTF-8")]
+    HeaderKeyNotUtf8 {
+        /// Position of the record in the batch.
+        index: i32,
+    },
     /// The batch is compressed and its records cannot be iterated here.
     #[error("batch is compressed with codec {0}; record iteration needs an uncompressed batch")]
     Compressed(u8),
@@ -321,6 +345,10 @@ impl RecordBatch {
         if count <= 0 {
             return Err(BatchError::Empty);
         }
+        if header.is_control() {
+            return Err(BatchError::ControlBatch);
+        }
+        check_producer_fields(&header)?;
         if i64::from(header.last_offset_delta()) + 1 != i64::from(count) {
             return Err(BatchError::RecordCountMismatch {
                 declared: count,
@@ -502,6 +530,31 @@ struct RawRecord {
     header_count: i32,
 }
 
+/// The producer fields of a batch as Kafka's broker checks them: no
+/// producer (id -1) means no sequence; a producer id needs a sequence and an
+/// epoch; a transactional batch needs a producer id.
+fn check_producer_fields(header: &BatchHeader<'_>) -> Result<(), BatchError> {
+    let (producer_id, producer_epoch, base_sequence) =
+        (header.producer_id(), header.producer_epoch(), header.base_sequence());
+    let why = if producer_id < -1 {
+        Some("a producer id is -1 (none) or at least 0")
+    } else if producer_id == -1 && base_sequence != -1 {
+        Some("a base sequence without a producer id")
+    } else if producer_id >= 0 && base_sequence < 0 {
+        Some("a producer id without a base sequence")
+    } else if producer_id >= 0 && producer_epoch < 0 {
+        Some("a producer id needs an epoch of at least 0")
+    } else if header.is_transactional() && producer_id < 0 {
+        Some("a transactional batch needs a producer id")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(BatchError::ProducerFields { producer_id, producer_epoch, base_sequence, why }),
+        None => Ok(()),
+    }
+}
+
 /// Parses the record at `pos` of `batch` (the whole batch), checking that
 /// every field lies inside the record's declared length. Returns the record
 /// and the position after it. Borrows only: validation allocates nothing.
@@ -530,8 +583,11 @@ fn parse_record(batch: &[u8], pos: usize, index: i32) -> Result<(RawRecord, usiz
     let mut hp = headers_start;
     for _ in 0..header_count {
         let (key, next) = field_range(body, hp).ok_or(bad("header key overruns the record"))?;
-        if key.is_none() {
+        let Some(key) = key else {
             return Err(bad("null header key"));
+        };
+        if std::str::from_utf8(&body[key]).is_err() {
+            return Err(BatchError::HeaderKeyNotUtf8 { index });
         }
         let (_, next) = field_range(body, next).ok_or(bad("header value overruns the record"))?;
         hp = next;
@@ -905,6 +961,63 @@ mod tests {
         v[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
         let err = RecordBatch::validate(Bytes::from(v), &BatchLimits::default()).unwrap_err();
         assert!(matches!(err, BatchError::MalformedRecord { index: 2, .. }), "{err}");
+    }
+
+    /// `bytes` with `patch` applied and the CRC made right again.
+    fn patched(bytes: &Bytes, patch: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+        let mut v = bytes.to_vec();
+        patch(&mut v);
+        let crc = compute_crc(&v);
+        v[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        Bytes::from(v)
+    }
+
+    #[test]
+    fn a_control_batch_from_a_client_is_refused() {
+        let bytes = build(&[(5, None, Some(b"x".to_vec()), vec![])]);
+        let control = patched(&bytes, |v| v[ATTRIBUTES + 1] |= CONTROL_BIT as u8);
+        let err = RecordBatch::validate(control, &BatchLimits::default()).unwrap_err();
+        assert_eq!(err, BatchError::ControlBatch);
+        assert!(err.to_string().contains("only the broker"), "{err}");
+    }
+
+    #[test]
+    fn contradictory_producer_fields_are_refused() {
+        let bytes = build(&[(5, None, Some(b"x".to_vec()), vec![])]);
+        let with = |pid: i64, epoch: i16, seq: i32, transactional: bool| {
+            patched(&bytes, |v| {
+                v[PRODUCER_ID..PRODUCER_ID + 8].copy_from_slice(&pid.to_be_bytes());
+                v[PRODUCER_EPOCH..PRODUCER_EPOCH + 2].copy_from_slice(&epoch.to_be_bytes());
+                v[BASE_SEQUENCE..BASE_SEQUENCE + 4].copy_from_slice(&seq.to_be_bytes());
+                if transactional {
+                    v[ATTRIBUTES + 1] |= TRANSACTIONAL_BIT as u8;
+                }
+            })
+        };
+        let limits = BatchLimits::default();
+        for (pid, epoch, seq, txn) in
+            [(7, 0, -1, false), (-1, -1, 0, false), (7, -1, 0, false), (-5, 0, 0, false), (-1, -1, -1, true)]
+        {
+            let err = RecordBatch::validate(with(pid, epoch, seq, txn), &limits).unwrap_err();
+            assert!(matches!(err, BatchError::ProducerFields { .. }), "({pid}, {epoch}, {seq}, {txn}): {err}");
+        }
+        for (pid, epoch, seq, txn) in [(-1, -1, -1, false), (7, 0, 0, false), (7, 3, 100, true)] {
+            assert!(
+                RecordBatch::validate(with(pid, epoch, seq, txn), &limits).is_ok(),
+                "({pid}, {epoch}, {seq}, {txn})"
+            );
+        }
+    }
+
+    #[test]
+    fn a_header_key_that_is_not_utf8_is_refused() {
+        let good = build(&[(5, None, Some(b"x".to_vec()), vec![("ké".to_string(), Some(b"v".to_vec()))])]);
+        assert!(RecordBatch::validate(good.clone(), &BatchLimits::default()).is_ok(), "UTF-8 keys pass");
+        // Overwrite the key's two UTF-8 bytes with an invalid sequence (same length).
+        let at = good.windows(3).position(|w| w == b"k\xc3\xa9").unwrap() + 1;
+        let bad = patched(&good, |v| v[at..at + 2].copy_from_slice(&[0xff, 0xfe]));
+        let err = RecordBatch::validate(bad, &BatchLimits::default()).unwrap_err();
+        assert_eq!(err, BatchError::HeaderKeyNotUtf8 { index: 0 });
     }
 
     #[test]

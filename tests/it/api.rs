@@ -188,6 +188,24 @@ async fn bad_input_gets_its_code_and_the_broker_keeps_serving() {
     assert_eq!(r.error_code, ErrorCode::InvalidRequiredAcks as i32);
     let r = raw_produce(&broker.address, "good", 0, Vec::new(), 0).await;
     assert_eq!(r.error_code, ErrorCode::InvalidRequest as i32);
+    // Batches a Kafka broker refuses as INVALID_RECORD: a control batch from a
+    // client, and a producer id without a base sequence (CRCs made right).
+    let fix_crc = |mut v: Vec<u8>| {
+        let crc = tally_proto::batch::compute_crc(&v);
+        v[17..21].copy_from_slice(&crc.to_be_bytes());
+        v
+    };
+    let mut control = batch_bytes(&[b"x"]);
+    control[22] |= 0x20;
+    let r = raw_produce(&broker.address, "good", 0, fix_crc(control), 0).await;
+    assert_eq!(r.error_code, ErrorCode::InvalidRecord as i32, "{}", r.error_message);
+    assert!(r.error_message.contains("control"), "{}", r.error_message);
+    let mut no_sequence = batch_bytes(&[b"x"]);
+    no_sequence[43..51].copy_from_slice(&7i64.to_be_bytes());
+    no_sequence[51..53].copy_from_slice(&0i16.to_be_bytes());
+    let r = raw_produce(&broker.address, "good", 0, fix_crc(no_sequence), 0).await;
+    assert_eq!(r.error_code, ErrorCode::InvalidRecord as i32, "{}", r.error_message);
+    assert!(r.error_message.contains("without a base sequence"), "{}", r.error_message);
     let pc = client.partition_client("good", 0);
     assert_eq!(pc.list_offset(OffsetSpec::Latest).await.unwrap(), Some(1), "only the good batch is in the log");
 
