@@ -25,8 +25,10 @@ pub struct ConsumeArgs {
     /// Stop when every partition has been read to its high watermark.
     #[arg(long)]
     exit_at_end: bool,
-    /// Output format: %t topic, %p partition, %o offset, %k key, %v value,
-    /// %T timestamp, %h headers, %% a percent sign; \n, \t escapes.
+    /// Output format, kcat's tokens: %s value (%v too), %k key, %S value
+    /// size and %K key size (-1 for null), %t topic, %p partition, %o offset,
+    /// %T timestamp, %h headers, %% a percent sign; \n, \t escapes. An
+    /// unknown token is an error.
     #[arg(long, default_value = "%v\\n")]
     format: String,
 }
@@ -55,11 +57,13 @@ enum Token {
     Offset,
     Key,
     Value,
+    KeySize,
+    ValueSize,
     Timestamp,
     Headers,
 }
 
-fn parse_format(format: &str) -> Vec<Token> {
+fn parse_format(format: &str) -> anyhow::Result<Vec<Token>> {
     let mut out = Vec::new();
     let mut lit = String::new();
     let mut chars = format.chars();
@@ -72,20 +76,19 @@ fn parse_format(format: &str) -> Vec<Token> {
                     'p' => Some(Token::Partition),
                     'o' => Some(Token::Offset),
                     'k' => Some(Token::Key),
-                    'v' => Some(Token::Value),
+                    's' | 'v' => Some(Token::Value),
+                    'K' => Some(Token::KeySize),
+                    'S' => Some(Token::ValueSize),
                     'T' => Some(Token::Timestamp),
                     'h' => Some(Token::Headers),
                     '%' => {
                         lit.push('%');
                         None
                     }
-                    other => {
-                        lit.push('%');
-                        lit.push(other);
-                        None
-                    }
+                    other => bail!("--format: unknown token `%{other}` (known: %s %v %k %S %K %t %p %o %T %h %%)"),
                 }
             }
+            ('%', None) => bail!("--format ends with a lone `%` (write %% for a percent sign)"),
             ('\\', Some(n)) => {
                 chars.next();
                 lit.push(match n {
@@ -111,7 +114,7 @@ fn parse_format(format: &str) -> Vec<Token> {
     if !lit.is_empty() {
         out.push(Token::Literal(lit));
     }
-    out
+    Ok(out)
 }
 
 fn write_record(out: &mut impl Write, tokens: &[Token], r: &ConsumerRecord) -> std::io::Result<()> {
@@ -123,6 +126,8 @@ fn write_record(out: &mut impl Write, tokens: &[Token], r: &ConsumerRecord) -> s
             Token::Offset => write!(out, "{}", r.offset)?,
             Token::Key => out.write_all(r.key.as_deref().unwrap_or(b""))?,
             Token::Value => out.write_all(r.value.as_deref().unwrap_or(b""))?,
+            Token::KeySize => write!(out, "{}", r.key.as_ref().map_or(-1, |k| k.len() as i64))?,
+            Token::ValueSize => write!(out, "{}", r.value.as_ref().map_or(-1, |v| v.len() as i64))?,
             Token::Timestamp => write!(out, "{}", r.timestamp)?,
             Token::Headers => {
                 for (i, (k, v)) in r.headers.iter().enumerate() {
@@ -139,11 +144,17 @@ fn write_record(out: &mut impl Write, tokens: &[Token], r: &ConsumerRecord) -> s
     Ok(())
 }
 
+/// How long `tally consume` rides out retriable errors before giving up.
+const RETRY_FOR: Duration = Duration::from_secs(60);
+
 /// Runs `tally consume`.
 pub async fn run(ctx: &Context, args: ConsumeArgs) -> anyhow::Result<()> {
     let client = ctx.connect().await?;
     let from = parse_from(&args.from)?;
-    let tokens = parse_format(&args.format);
+    if ctx.output == super::Output::Json {
+        bail!("tally consume prints records with --format, not --output json");
+    }
+    let tokens = parse_format(&args.format)?;
     let info = client.topic_info(&args.topic).await.with_context(|| format!("cannot consume `{}`", args.topic))?;
     let partitions: Vec<u32> = match args.partition {
         Some(p) if (p as usize) < info.leaders.len() => vec![p],
@@ -162,8 +173,25 @@ pub async fn run(ctx: &Context, args: ConsumeArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut printed = 0u64;
+    let mut failing_since: Option<std::time::Instant> = None;
     loop {
-        let records = consumer.poll().await?;
+        let records = match consumer.poll().await {
+            Ok(records) => {
+                failing_since = None;
+                records
+            }
+            // Ride out a leader move or a broker restart, as the Rust stream does.
+            Err(e) if e.is_retriable() => {
+                let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > RETRY_FOR {
+                    return Err(e).context(format!("still failing after {} s", RETRY_FOR.as_secs()));
+                }
+                eprintln!("tally consume: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         for r in &records {
             if args.count.is_some_and(|n| printed >= n) {
                 break;
@@ -191,7 +219,7 @@ mod tests {
     #[test]
     fn format_tokens_parse_like_kcat() {
         assert_eq!(
-            parse_format("%t/%p@%o %k=%v\\n"),
+            parse_format("%t/%p@%o %k=%v\\n").unwrap(),
             vec![
                 Token::Topic,
                 Token::Literal("/".into()),
@@ -205,7 +233,19 @@ mod tests {
                 Token::Literal("\n".into()),
             ]
         );
-        assert_eq!(parse_format("100%% %x"), vec![Token::Literal("100% %x".into())]);
+        assert_eq!(parse_format("100%%").unwrap(), vec![Token::Literal("100%".into())]);
+        assert_eq!(
+            parse_format("%s %S %K").unwrap(),
+            vec![
+                Token::Value,
+                Token::Literal(" ".into()),
+                Token::ValueSize,
+                Token::Literal(" ".into()),
+                Token::KeySize
+            ]
+        );
+        assert!(parse_format("%x").unwrap_err().to_string().contains("unknown token `%x`"));
+        assert!(parse_format("50%").is_err());
     }
 
     #[test]

@@ -11,20 +11,30 @@ use super::{Context, Output, print_table};
 pub struct OffsetsArgs {
     /// Topic.
     topic: String,
-    /// earliest, latest, or a timestamp in ms.
-    #[arg(long, default_value = "latest")]
+    /// earliest (or -2, as in Kafka's tools), latest (or -1), or a
+    /// timestamp in ms: the first offset whose record is at least that old.
+    #[arg(long, default_value = "latest", allow_hyphen_values = true)]
     time: String,
+}
+
+/// `--time` as Kafka's tools read it.
+fn parse_time(time: &str) -> anyhow::Result<OffsetSpec> {
+    Ok(match time {
+        "earliest" | "-2" => OffsetSpec::Earliest,
+        "latest" | "-1" => OffsetSpec::Latest,
+        "-3" => anyhow::bail!("--time -3 (the record with the largest timestamp, KIP-734) is not supported yet"),
+        ms => {
+            let ms: i64 =
+                ms.parse().with_context(|| format!("--time takes earliest, latest, -1, -2 or ms, not `{ms}`"))?;
+            anyhow::ensure!(ms >= 0, "--time {ms}: a timestamp is at least 0 (-1 is latest, -2 earliest)");
+            OffsetSpec::Timestamp(ms)
+        }
+    })
 }
 
 /// Runs `tally offsets`.
 pub async fn run(ctx: &Context, args: OffsetsArgs) -> anyhow::Result<()> {
-    let spec = match args.time.as_str() {
-        "earliest" => OffsetSpec::Earliest,
-        "latest" => OffsetSpec::Latest,
-        ms => OffsetSpec::Timestamp(
-            ms.parse().with_context(|| format!("--time takes earliest, latest or ms, not `{ms}`"))?,
-        ),
-    };
+    let spec = parse_time(&args.time)?;
     let client = ctx.connect().await?;
     let info = client.topic_info(&args.topic).await?;
     let mut rows = Vec::new();
@@ -44,4 +54,20 @@ pub async fn run(ctx: &Context, args: OffsetsArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_reads_kafkas_special_values() {
+        assert_eq!(parse_time("-1").unwrap(), OffsetSpec::Latest);
+        assert_eq!(parse_time("-2").unwrap(), OffsetSpec::Earliest);
+        assert_eq!(parse_time("latest").unwrap(), OffsetSpec::Latest);
+        assert_eq!(parse_time("1700000000000").unwrap(), OffsetSpec::Timestamp(1_700_000_000_000));
+        assert!(parse_time("-3").unwrap_err().to_string().contains("not supported"));
+        assert!(parse_time("-7").is_err());
+        assert!(parse_time("soon").is_err());
+    }
 }

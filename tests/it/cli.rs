@@ -70,6 +70,19 @@ async fn cli_produces_lines_and_consumes_them_back_in_order() {
     let out = run(&a, &["offsets", "lines", "--time", "earliest", "--output", "json"], None).await;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json[0]["offset"], 0);
+    // Kafka's tools' -1 (latest) and -2 (earliest).
+    let out = run(&a, &["offsets", "lines", "--time", "-1", "--output", "json"], None).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[0]["offset"], 501, "-1 is latest, not the timestamp -1");
+    let out = run(&a, &["offsets", "lines", "--time", "-2", "--output", "json"], None).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[0]["offset"], 0);
+    // kcat's %s and sizes; an unknown token is refused, not printed.
+    let out = run(&a, &["consume", "lines", "--from", "500", "-n", "1", "--format", "%s %S %K\n"], None).await;
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "v 1 1\n");
+    let out = run(&a, &["consume", "lines", "--from", "500", "-n", "1", "--format", "%x"], None).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown token `%x`"));
 
     // Errors exit non-zero with a message.
     let out = run(&a, &["produce", "nope"], Some("x\n")).await;
