@@ -1,40 +1,50 @@
-//! The broker's state: its topics and their partitions, persisted in the
-//! data directory, and the admin operations that change them.
+//! The broker's state: the topics and partitions it hosts, following the
+//! cluster metadata image, and the admin operations, which it proposes to
+//! the controller.
 //!
 //! Layout of the data directory:
 //!
 //! ```text
 //! .lock                 held (flock) while a broker runs on this directory
-//! topics.json           every topic: name, id, partition count, config overrides
-//! <topic>-<partition>/  one partition's log (see `storage`)
+//! __cluster_metadata/   the controller voter's log, vote and snapshot
+//! <topic>-<partition>/  one partition's log (see `storage`), with a
+//!                       `partition.metadata` file naming its topic id
+//! topics.json.migrated  the single-broker version's topic list, once moved
+//!                       into the metadata log
 //! ```
 //!
-//! Topics are immutable values behind `Arc`; a change builds a new `Topic`
-//! that shares the old one's partitions and swaps it in. Admin operations are
-//! serialized by one async mutex, held across the disk work they do (they
-//! are rare, and must not interleave); the topic map's own lock is only held
-//! for in-memory reads and swaps.
+//! Topics are immutable values behind `Arc`, rebuilt from each metadata
+//! image by [`Broker::reconcile`]: a broker opens the partitions whose
+//! replicas include it and closes and deletes what the image no longer has.
+//! The data path reads only these values (never Raft). Admin operations
+//! are proposed to the controller, then wait until this broker has
+//! reconciled the image that holds them. They are serialized by one async
+//! mutex; reconciling is serialized by its own lock.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::BrokerConfig;
+use crate::controller::{
+    AppliedImage, BrokerId, Controller, ControllerError, MetadataCommand, MetadataError, PartitionState, TopicId, place,
+};
 use crate::error::BrokerError;
 use crate::partition::Partition;
 use crate::storage::{Log, SystemClock};
 use crate::topic::{TopicConfig, TopicName, canonical_key};
 
-/// A topic and its partitions.
+/// A topic, as this broker hosts it.
 #[derive(Debug)]
 pub struct Topic {
     /// Name.
     pub name: TopicName,
-    /// Random id, fixed at creation.
+    /// Stable id, fixed at creation.
     pub id: String,
     /// Replicas per partition.
     pub replication_factor: u32,
@@ -42,8 +52,10 @@ pub struct Topic {
     pub overrides: BTreeMap<String, String>,
     /// Effective config.
     pub config: TopicConfig,
-    /// Partitions, by number.
-    pub partitions: Vec<Arc<Partition>>,
+    /// Every partition's replicas, leader and epochs, as the image has them.
+    pub states: Vec<PartitionState>,
+    /// The partitions this broker hosts, by number.
+    pub partitions: BTreeMap<u32, Arc<Partition>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -83,6 +95,15 @@ pub struct Broker {
     advertised_address: String,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     admin: tokio::sync::Mutex<()>,
+    reconcile_lock: Mutex<()>,
+    /// The metadata log index this broker has reconciled its topics to.
+    reconciled: tokio::sync::watch::Sender<u64>,
+    controller: OnceLock<Controller>,
+    /// This process's incarnation, once attached.
+    incarnation: OnceLock<u64>,
+    /// True while the image has this incarnation registered and unfenced:
+    /// only then does the broker act as leader of anything.
+    serving: std::sync::atomic::AtomicBool,
     _lock: File,
 }
 
@@ -102,9 +123,33 @@ fn random_id() -> String {
     out
 }
 
+/// The file in a partition directory that names the topic it belongs to.
+const PARTITION_METADATA: &str = "partition.metadata";
+
+/// How long an admin operation waits for this broker to reconcile the image
+/// that holds it, after the controller committed it.
+const RECONCILE_WAIT: Duration = Duration::from_secs(10);
+
+/// How long topic creation waits for enough running brokers (a broker that
+/// just started is fenced until its first heartbeats).
+const PLACEMENT_WAIT: Duration = Duration::from_secs(5);
+
+fn from_controller(e: ControllerError) -> BrokerError {
+    match e {
+        ControllerError::Refused(MetadataError::TopicExists(name)) => BrokerError::TopicAlreadyExists(name),
+        ControllerError::Refused(MetadataError::UnknownTopic(name)) => {
+            BrokerError::UnknownTopicOrPartition { topic: name, partition: None }
+        }
+        ControllerError::Refused(MetadataError::InvalidTopicName(why)) => BrokerError::InvalidTopic(why),
+        ControllerError::Refused(MetadataError::InvalidAssignment(why)) => BrokerError::InvalidReplicationFactor(why),
+        other => BrokerError::Controller(other),
+    }
+}
+
 impl Broker {
-    /// Opens the data directory (locking it), recovers every partition log,
-    /// and removes what an interrupted topic deletion left behind. Blocking.
+    /// Opens the data directory (locking it) and removes what an interrupted
+    /// topic deletion left behind. Partitions open once the metadata image
+    /// arrives ([`Broker::reconcile`]). Blocking.
     pub fn open(config: BrokerConfig, advertised_address: String) -> Result<Broker, BrokerError> {
         let dir = config.data_dir.clone();
         let io = |op: &'static str, path: &Path| {
@@ -128,77 +173,210 @@ impl Broker {
                 std::fs::remove_dir_all(entry.path()).map_err(io("remove directory", &entry.path()))?;
             }
         }
-        let broker = Broker {
+        Ok(Broker {
             advertised_address,
             topics: RwLock::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
+            reconcile_lock: Mutex::new(()),
+            reconciled: tokio::sync::watch::channel(0).0,
+            controller: OnceLock::new(),
+            incarnation: OnceLock::new(),
+            serving: std::sync::atomic::AtomicBool::new(false),
             _lock: lock,
             config,
-        };
-        let stored = broker.read_store()?;
-        let mut topics = BTreeMap::new();
-        for t in stored.topics {
-            let name = TopicName::new(&t.name).map_err(BrokerError::InvalidTopic)?;
-            let config = TopicConfig::with_overrides(&broker.config.log, &t.configs)?;
-            let partitions =
-                (0..t.partitions).map(|p| broker.open_partition(&name, p, &config)).collect::<Result<_, _>>()?;
-            tracing::info!(topic = %name, partitions = t.partitions, "loaded topic");
-            let topic = Topic {
-                name,
-                id: t.id,
-                replication_factor: t.replication_factor,
-                overrides: t.configs,
-                config,
-                partitions,
-            };
-            topics.insert(t.name, Arc::new(topic));
-        }
-        *broker.topics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = topics;
-        Ok(broker)
+        })
     }
 
-    fn store_path(&self) -> PathBuf {
+    /// Connects the broker to its controller voter (admin operations need
+    /// it) under `incarnation`, the id of this process's registration.
+    pub fn attach(&self, controller: Controller, incarnation: u64) {
+        let _ = self.controller.set(controller);
+        let _ = self.incarnation.set(incarnation);
+    }
+
+    fn controller(&self) -> Result<&Controller, BrokerError> {
+        self.controller.get().ok_or(BrokerError::ShuttingDown)
+    }
+
+    fn legacy_store_path(&self) -> PathBuf {
         self.config.data_dir.join("topics.json")
     }
 
-    fn read_store(&self) -> Result<StoredTopics, BrokerError> {
-        let path = self.store_path();
-        match std::fs::read(&path) {
+    /// Moves the topics of a data directory written by the single-broker
+    /// version (`topics.json`) into the metadata log, with their ids and
+    /// configs, every partition on this broker; then renames the file to
+    /// `topics.json.migrated`. Topics the log already has are left alone.
+    pub async fn migrate_legacy_topics(self: &Arc<Self>) -> Result<usize, BrokerError> {
+        let path = self.legacy_store_path();
+        let stored: StoredTopics = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| BrokerError::InvalidRequest(format!("cannot parse {}: {e}", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoredTopics { version: 1, topics: Vec::new() }),
-            Err(source) => Err(BrokerError::Storage(crate::storage::StorageError::Io { op: "read", path, source })),
-        }
-    }
-
-    fn write_store(&self, topics: &BTreeMap<String, Arc<Topic>>) -> Result<(), BrokerError> {
-        let stored = StoredTopics {
-            version: 1,
-            topics: topics
-                .values()
-                .map(|t| StoredTopic {
-                    name: t.name.to_string(),
-                    id: t.id.clone(),
-                    partitions: t.partitions.len() as u32,
-                    replication_factor: t.replication_factor,
-                    configs: t.overrides.clone(),
-                })
-                .collect(),
+                .map_err(|e| BrokerError::InvalidRequest(format!("cannot parse {}: {e}", path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => {
+                return Err(BrokerError::Storage(crate::storage::StorageError::Io { op: "read", path, source }));
+            }
         };
-        let json = serde_json::to_vec_pretty(&stored).expect("topics serialize");
-        crate::storage::fs::write_atomic(&self.store_path(), &json).map_err(BrokerError::Storage)
+        let controller = self.controller()?;
+        let node = BrokerId(self.node_id());
+        let mut moved = 0;
+        for t in stored.topics {
+            if controller.image().topic(&t.name).is_some() {
+                continue;
+            }
+            let command = MetadataCommand::CreateTopic {
+                name: t.name.clone(),
+                id: TopicId(t.id),
+                configs: t.configs,
+                assignments: vec![vec![node]; t.partitions as usize],
+            };
+            let committed = controller.propose_anywhere(command).await.map_err(from_controller)?;
+            self.wait_reconciled(committed.index).await?;
+            tracing::info!(topic = %t.name, partitions = t.partitions, "moved topic into the metadata log");
+            moved += 1;
+        }
+        let done = self.config.data_dir.join("topics.json.migrated");
+        std::fs::rename(&path, &done).map_err(|source| {
+            BrokerError::Storage(crate::storage::StorageError::Io { op: "rename", path: path.clone(), source })
+        })?;
+        Ok(moved)
     }
 
+    /// Opens (or creates) the log of partition `index` of topic `id`. A
+    /// directory left by an earlier topic of the same name (another id) is
+    /// deleted first, so a recreated topic never sees the old one's data.
     fn open_partition(
         &self,
         topic: &TopicName,
+        id: &str,
         index: u32,
         config: &TopicConfig,
     ) -> Result<Arc<Partition>, BrokerError> {
         let dir = partition_dir(&self.config.data_dir, topic.as_str(), index);
+        let marker = dir.join(PARTITION_METADATA);
+        let io = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BrokerError::Storage(crate::storage::StorageError::Io { op, path, source })
+        };
+        match std::fs::read_to_string(&marker) {
+            Ok(text) if text.trim() != format!("topic_id: {id}") => {
+                tracing::warn!(dir = %dir.display(), found = text.trim(), wanted = id, "removing the data of an earlier topic with this name");
+                let doomed = self.config.data_dir.join(format!("{}-{index}.stale.delete", topic));
+                std::fs::rename(&dir, &doomed).map_err(io("rename", &dir))?;
+                std::fs::remove_dir_all(&doomed).map_err(io("remove directory", &doomed))?;
+            }
+            _ => {}
+        }
         let log = Log::open(&dir, config.log.clone(), Arc::new(SystemClock))?;
+        if !marker.exists() {
+            crate::storage::fs::write_atomic(&marker, format!("topic_id: {id}\n").as_bytes())?;
+        }
         let limit = u32::try_from(self.config.max_inflight_bytes_per_partition).unwrap_or(u32::MAX);
         Ok(Arc::new(Partition::new(Arc::from(topic.as_str()), index, log, limit)))
+    }
+
+    /// Brings the hosted topics and partitions in line with `applied`: opens
+    /// the partitions whose replicas include this broker, applies config
+    /// changes, and closes and deletes what the image no longer holds.
+    /// Blocking; one at a time.
+    pub fn reconcile(&self, applied: &AppliedImage) -> Result<(), BrokerError> {
+        let _one = self.reconcile_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = self.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let me = BrokerId(self.node_id());
+        let mut next = BTreeMap::new();
+        let mut failure = None;
+        for (name, t) in applied.image.topics() {
+            let Ok(topic_name) = TopicName::new(name) else { continue };
+            let config = TopicConfig::with_overrides(&self.config.log, &t.configs).unwrap_or_else(|e| {
+                tracing::error!(topic = %name, error = %e, "topic config does not apply here; using the defaults");
+                TopicConfig::from_defaults(&self.config.log).expect("validated defaults")
+            });
+            let existing = current.get(name).filter(|e| e.id == t.id.0);
+            let config_changed = existing.is_some_and(|e| e.overrides != t.configs);
+            let mut partitions = BTreeMap::new();
+            for (index, state) in t.partitions.iter().enumerate() {
+                let index = index as u32;
+                if !state.replicas.contains(&me) {
+                    continue;
+                }
+                match existing.and_then(|e| e.partitions.get(&index)) {
+                    Some(p) => {
+                        if config_changed && let Err(e) = p.set_config(&config) {
+                            tracing::error!(topic = %name, partition = index, error = %e, "config change failed");
+                        }
+                        partitions.insert(index, p.clone());
+                    }
+                    None => match self.open_partition(&topic_name, &t.id.0, index, &config) {
+                        Ok(p) => {
+                            partitions.insert(index, p);
+                        }
+                        Err(e) => {
+                            tracing::error!(topic = %name, partition = index, error = %e, "cannot open partition");
+                            failure.get_or_insert(e);
+                        }
+                    },
+                }
+            }
+            let replication_factor = t.partitions.first().map_or(1, |p| p.replicas.len() as u32);
+            next.insert(
+                name.clone(),
+                Arc::new(Topic {
+                    name: topic_name,
+                    id: t.id.0.clone(),
+                    replication_factor,
+                    overrides: t.configs.clone(),
+                    config,
+                    states: t.partitions.clone(),
+                    partitions,
+                }),
+            );
+        }
+        let mine = self.incarnation.get().copied();
+        let serving = applied.image.broker(me).is_some_and(|b| Some(b.incarnation) == mine && !b.fenced);
+        self.serving.store(serving, std::sync::atomic::Ordering::SeqCst);
+        let gone: Vec<Arc<Topic>> = current
+            .values()
+            .filter(|old| next.get(old.name.as_str()).is_none_or(|n| n.id != old.id))
+            .cloned()
+            .collect();
+        *self.topics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        for topic in gone {
+            self.delete_local(&topic);
+            tracing::info!(topic = %topic.name, "deleted topic");
+        }
+        self.reconciled.send_replace(applied.index);
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Closes a topic's hosted partitions and deletes their data.
+    fn delete_local(&self, topic: &Topic) {
+        for p in topic.partitions.values() {
+            let _ = p.close();
+            let dir = partition_dir(&self.config.data_dir, topic.name.as_str(), p.index());
+            let doomed = self.config.data_dir.join(format!("{}-{}.{}.delete", topic.name, p.index(), topic.id));
+            if std::fs::rename(&dir, &doomed).is_ok() {
+                let _ = std::fs::remove_dir_all(&doomed);
+            }
+        }
+    }
+
+    /// Waits until this broker has reconciled the metadata log up to `index`.
+    async fn wait_reconciled(&self, index: u64) -> Result<(), BrokerError> {
+        let mut seen = self.reconciled.subscribe();
+        let reached = tokio::time::timeout(RECONCILE_WAIT, seen.wait_for(|i| *i >= index)).await;
+        match reached {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(BrokerError::Controller(ControllerError::Timeout {
+                timeout_ms: u64::try_from(RECONCILE_WAIT.as_millis()).unwrap_or(u64::MAX),
+            })),
+        }
+    }
+
+    /// True while this process's registration is active and unfenced.
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// This broker's id.
@@ -216,6 +394,17 @@ impl Broker {
         &self.config
     }
 
+    /// The registered brokers and their addresses, this one always among
+    /// them (it may not have registered yet).
+    pub fn brokers(&self) -> Vec<(u32, String)> {
+        let mut out: BTreeMap<u32, String> = match self.controller.get() {
+            Some(c) => c.image().brokers().values().map(|b| (b.id.0, b.address.clone())).collect(),
+            None => BTreeMap::new(),
+        };
+        out.insert(self.node_id(), self.advertised_address.clone());
+        out.into_iter().collect()
+    }
+
     /// The topic called `name`.
     pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
         self.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
@@ -226,20 +415,49 @@ impl Broker {
         self.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner).values().cloned().collect()
     }
 
-    /// Partition `index` of `topic`, with the topic.
+    /// Partition `index` of `topic`, with the topic, if this broker leads
+    /// it; otherwise NOT_LEADER_OR_FOLLOWER naming the leader (or
+    /// LEADER_NOT_AVAILABLE while it has none).
     pub fn partition(&self, topic: &str, index: u32) -> Result<(Arc<Topic>, Arc<Partition>), BrokerError> {
         let unknown = || BrokerError::UnknownTopicOrPartition { topic: topic.to_string(), partition: Some(index) };
         let t = self.topic(topic).ok_or_else(unknown)?;
-        let p = t.partitions.get(index as usize).cloned().ok_or_else(unknown)?;
-        Ok((t, p))
+        let state = t.states.get(index as usize).ok_or_else(unknown)?;
+        let me = BrokerId(self.node_id());
+        let serving = self.serving.load(std::sync::atomic::Ordering::SeqCst);
+        match (state.leader, t.partitions.get(&index)) {
+            (Some(leader), Some(p)) if leader == me && serving => Ok((t.clone(), p.clone())),
+            // Led by this broker id, but not by this process's registration
+            // yet (it is starting, or an earlier incarnation's session has
+            // not lapsed): never serve as a second process with one id.
+            (Some(leader), _) if leader == me => Err(BrokerError::NotLeaderOrFollower {
+                topic: topic.to_string(),
+                partition: index,
+                leader: None,
+                leader_epoch: state.leader_epoch.0,
+            }),
+            (leader, _) => Err(BrokerError::NotLeaderOrFollower {
+                topic: topic.to_string(),
+                partition: index,
+                leader: leader.map(|l| l.0),
+                leader_epoch: state.leader_epoch.0,
+            }),
+        }
     }
 
-    fn swap_topics(&self, f: impl FnOnce(&mut BTreeMap<String, Arc<Topic>>)) -> Result<(), BrokerError> {
-        let mut next = self.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        f(&mut next);
-        self.write_store(&next)?;
-        *self.topics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
-        Ok(())
+    /// Replicas for `count` new partitions, waiting a little for brokers
+    /// that are starting.
+    async fn place(&self, count: u32, replication_factor: u32) -> Result<Vec<Vec<BrokerId>>, BrokerError> {
+        let controller = self.controller()?;
+        let deadline = tokio::time::Instant::now() + PLACEMENT_WAIT;
+        loop {
+            match place(&controller.image(), count, replication_factor) {
+                Ok(assignments) => return Ok(assignments),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(BrokerError::InvalidReplicationFactor(e.to_string()));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
     }
 
     /// Creates a topic (or only checks that it could be, with `validate_only`).
@@ -255,57 +473,40 @@ impl Broker {
         let replication_factor = new.replication_factor.max(1);
         if replication_factor > 1 {
             return Err(BrokerError::InvalidReplicationFactor(format!(
-                "replication factor {replication_factor} is larger than the number of brokers (1)"
+                "replication factor {replication_factor} is not supported yet: replication comes next"
             )));
         }
         let overrides: BTreeMap<String, String> =
             new.configs.iter().map(|(k, v)| (canonical_key(k), v.clone())).collect();
-        let config = TopicConfig::with_overrides(&self.config.log, &overrides)?;
+        TopicConfig::with_overrides(&self.config.log, &overrides)?;
         let _admin = self.admin.lock().await;
-        if self.topic(name.as_str()).is_some() {
+        let controller = self.controller()?;
+        if controller.image().topic(name.as_str()).is_some() {
             return Err(BrokerError::TopicAlreadyExists(name.to_string()));
         }
+        let assignments = self.place(partitions, replication_factor).await?;
         if validate_only {
             return Ok(());
         }
-        let this = self.clone();
-        let topic = tokio::task::spawn_blocking(move || -> Result<Topic, BrokerError> {
-            let parts = (0..partitions).map(|p| this.open_partition(&name, p, &config)).collect::<Result<_, _>>()?;
-            Ok(Topic { name, id: random_id(), replication_factor, overrides, config, partitions: parts })
-        })
-        .await
-        .map_err(|e| BrokerError::InvalidRequest(format!("create task failed: {e}")))??;
-        tracing::info!(topic = %topic.name, partitions, "created topic");
-        let topic = Arc::new(topic);
-        self.swap_topics(|m| {
-            m.insert(topic.name.to_string(), topic.clone());
-        })
+        let command = MetadataCommand::CreateTopic {
+            name: name.to_string(),
+            id: TopicId(random_id()),
+            configs: overrides,
+            assignments,
+        };
+        let committed = controller.propose_anywhere(command).await.map_err(from_controller)?;
+        self.wait_reconciled(committed.index).await?;
+        tracing::info!(topic = %name, partitions, "created topic");
+        Ok(())
     }
 
     /// Deletes a topic and its data.
     pub async fn delete_topic(self: &Arc<Self>, name: &str) -> Result<(), BrokerError> {
         let _admin = self.admin.lock().await;
-        let topic = self
-            .topic(name)
-            .ok_or_else(|| BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None })?;
-        self.swap_topics(|m| {
-            m.remove(name);
-        })?;
-        let data_dir = self.config.data_dir.clone();
-        tokio::task::spawn_blocking(move || {
-            for p in &topic.partitions {
-                let _ = p.close();
-                let dir = partition_dir(&data_dir, topic.name.as_str(), p.index());
-                let doomed = data_dir.join(format!("{}-{}.{}.delete", topic.name, p.index(), topic.id));
-                if std::fs::rename(&dir, &doomed).is_ok() {
-                    let _ = std::fs::remove_dir_all(&doomed);
-                }
-            }
-        })
-        .await
-        .map_err(|e| BrokerError::InvalidRequest(format!("delete task failed: {e}")))?;
-        tracing::info!(topic = name, "deleted topic");
-        Ok(())
+        let controller = self.controller()?;
+        let command = MetadataCommand::DeleteTopic { name: name.to_string() };
+        let committed = controller.propose_anywhere(command).await.map_err(from_controller)?;
+        self.wait_reconciled(committed.index).await
     }
 
     /// Sets and resets config keys of a topic.
@@ -316,37 +517,30 @@ impl Broker {
         delete: &[String],
     ) -> Result<(), BrokerError> {
         let _admin = self.admin.lock().await;
-        let topic = self
+        let controller = self.controller()?;
+        let image = controller.image();
+        let topic = image
             .topic(name)
             .ok_or_else(|| BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None })?;
-        let mut overrides = topic.overrides.clone();
+        let mut overrides = topic.configs.clone();
         for k in delete {
             overrides.remove(&canonical_key(k));
         }
         for (k, v) in set {
             overrides.insert(canonical_key(k), v.clone());
         }
-        let config = TopicConfig::with_overrides(&self.config.log, &overrides)?;
-        for p in &topic.partitions {
-            p.set_config(&config)?;
-        }
-        let next = Arc::new(Topic {
-            name: topic.name.clone(),
-            id: topic.id.clone(),
-            replication_factor: topic.replication_factor,
-            overrides,
-            config,
-            partitions: topic.partitions.clone(),
-        });
-        self.swap_topics(|m| {
-            m.insert(name.to_string(), next);
-        })
+        TopicConfig::with_overrides(&self.config.log, &overrides)?;
+        let command = MetadataCommand::AlterTopicConfigs { name: name.to_string(), configs: overrides };
+        let committed = controller.propose_anywhere(command).await.map_err(from_controller)?;
+        self.wait_reconciled(committed.index).await
     }
 
     /// Grows a topic to `count` partitions.
     pub async fn create_partitions(self: &Arc<Self>, name: &str, count: u32) -> Result<(), BrokerError> {
         let _admin = self.admin.lock().await;
-        let topic = self
+        let controller = self.controller()?;
+        let image = controller.image();
+        let topic = image
             .topic(name)
             .ok_or_else(|| BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None })?;
         let current = topic.partitions.len() as u32;
@@ -361,31 +555,16 @@ impl Broker {
                 self.config.max_partitions_per_topic
             )));
         }
-        let this = self.clone();
-        let t = topic.clone();
-        let added: Vec<Arc<Partition>> = tokio::task::spawn_blocking(move || {
-            (current..count).map(|p| this.open_partition(&t.name, p, &t.config)).collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|e| BrokerError::InvalidRequest(format!("create task failed: {e}")))??;
-        let mut partitions = topic.partitions.clone();
-        partitions.extend(added);
-        let next = Arc::new(Topic {
-            name: topic.name.clone(),
-            id: topic.id.clone(),
-            replication_factor: topic.replication_factor,
-            overrides: topic.overrides.clone(),
-            config: topic.config.clone(),
-            partitions,
-        });
-        self.swap_topics(|m| {
-            m.insert(name.to_string(), next);
-        })
+        let rf = topic.partitions.first().map_or(1, |p| p.replicas.len() as u32);
+        let assignments = self.place(count - current, rf).await?;
+        let command = MetadataCommand::CreatePartitions { name: name.to_string(), assignments };
+        let committed = controller.propose_anywhere(command).await.map_err(from_controller)?;
+        self.wait_reconciled(committed.index).await
     }
 
-    /// Every partition of every topic.
+    /// Every partition this broker hosts.
     pub fn all_partitions(&self) -> Vec<Arc<Partition>> {
-        self.topics().iter().flat_map(|t| t.partitions.iter().cloned()).collect()
+        self.topics().iter().flat_map(|t| t.partitions.values().cloned()).collect()
     }
 
     /// Flushes, checkpoints and closes every log. Blocking.

@@ -72,6 +72,21 @@ pub enum BrokerError {
     /// The disk or file system failed.
     #[error("storage error: {0}")]
     Storage(#[from] StorageError),
+    /// This broker does not lead the partition.
+    #[error(
+        "broker does not lead {topic}/{partition}: {}",
+        .leader.map(|l| format!("broker {l} does (leader epoch {leader_epoch})")).unwrap_or_else(|| "it has no leader now".into())
+    )]
+    NotLeaderOrFollower {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The leader, if it has one.
+        leader: Option<u32>,
+        /// The current leader epoch.
+        leader_epoch: u32,
+    },
     /// The broker is stopping.
     #[error("the broker is shutting down")]
     ShuttingDown,
@@ -106,6 +121,8 @@ impl BrokerError {
             BrokerError::Storage(StorageError::InvalidReplicaBatch(_)) => ErrorCode::CorruptMessage,
             BrokerError::Storage(_) => ErrorCode::KafkaStorageError,
             BrokerError::ShuttingDown => ErrorCode::LeaderNotAvailable,
+            BrokerError::NotLeaderOrFollower { leader: Some(_), .. } => ErrorCode::NotLeaderOrFollower,
+            BrokerError::NotLeaderOrFollower { leader: None, .. } => ErrorCode::LeaderNotAvailable,
             BrokerError::Controller(ControllerError::NotLeader { .. }) => ErrorCode::LeaderNotAvailable,
             BrokerError::Controller(ControllerError::Timeout { .. }) => ErrorCode::RequestTimedOut,
             BrokerError::Controller(ControllerError::Refused(_) | ControllerError::Config(_)) => {

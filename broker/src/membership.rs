@@ -59,10 +59,12 @@ impl Membership {
         let mut registered_at: Option<u64> = None;
         let mut warned = false;
         let mut id_in_use_since: Option<std::time::Instant> = None;
+        let mut just_registered = false;
         while !*stop.borrow() {
             let step = match registered_at {
                 None => self.register().await.map(|index| {
                     registered_at = Some(index);
+                    just_registered = true;
                     tracing::info!(broker = %self.broker, incarnation = format!("{:#x}", self.incarnation), "registered with the controller");
                     state.send_replace(SessionState::Registered { fenced: true });
                 }),
@@ -101,7 +103,13 @@ impl Membership {
                 }
                 Err(_) => {}
             }
-            let pause = if registered_at.is_some() { self.heartbeat_interval } else { Duration::from_millis(200) };
+            let pause = match (registered_at, just_registered) {
+                // The first heartbeat right after registering: it unfences.
+                (Some(_), true) => Duration::ZERO,
+                (Some(_), false) => self.heartbeat_interval,
+                (None, _) => Duration::from_millis(200),
+            };
+            just_registered = false;
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = stop.changed() => {}

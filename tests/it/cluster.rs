@@ -7,7 +7,11 @@ use std::time::Duration;
 
 use tally::child::BrokerProcess;
 
-use crate::harness::{TestBroker, wait_for};
+use tally_client::{Acks, Client as TallyClient, NewTopic, OffsetSpec};
+use tally_proto::batch::RecordRef;
+use tally_proto::v1 as pb;
+
+use crate::harness::{TestBroker, test_config, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_broker_is_a_controller_quorum_of_its_own_and_registers() {
@@ -102,4 +106,116 @@ async fn killing_the_controller_leader_process_elects_another_which_fences_it() 
     for p in processes.into_iter().flatten() {
         let _ = p.stop();
     }
+}
+
+/// Three in-process brokers, all voters, on listeners bound first.
+async fn three_brokers(root: &Path) -> Vec<TestBroker> {
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let voters = listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| format!("{}@{}", i + 1, l.local_addr().unwrap()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut starting = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let mut config = test_config(&root.join(format!("b{}", i + 1)));
+        config.node_id = i as u32 + 1;
+        config.voters = Some(voters.clone());
+        config.broker_heartbeat_interval_ms = 200;
+        config.broker_session_timeout_ms = 2000;
+        config.controller_election_timeout_ms = 500;
+        // Start them together: none can register before a majority runs.
+        starting.push(TestBroker::start_on(config, listener));
+    }
+    futures_util::future::join_all(starting).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_at_any_broker_spreads_over_all_and_each_partition_is_served_by_its_leader() {
+    let root = tempfile::tempdir().unwrap();
+    let brokers = three_brokers(root.path()).await;
+    let client = brokers[2].client().await;
+    client.admin().create_topic(NewTopic::new("spread", 6)).await.unwrap();
+    // Every broker's metadata has the topic, with leaders spread over all three.
+    for b in &brokers {
+        let c = b.client().await;
+        let seen = wait_for(Duration::from_secs(10), async || {
+            c.admin().describe_topic("spread").await.is_ok_and(|d| d.partitions.iter().all(|p| p.leader.is_some()))
+        })
+        .await;
+        assert!(seen, "broker at {} sees the topic with leaders", b.address);
+    }
+    let d = client.admin().describe_topic("spread").await.unwrap();
+    let mut leaders: Vec<u32> = d.partitions.iter().map(|p| p.leader.unwrap()).collect();
+    leaders.sort();
+    assert_eq!(leaders, vec![1, 1, 2, 2, 3, 3], "two partitions led by each broker");
+    // A client that knows one broker produces to every partition at its leader.
+    let bootstrap = TallyClient::builder().bootstrap([brokers[0].address.clone()]).connect().await.unwrap();
+    for p in 0..6 {
+        let pc = bootstrap.partition_client("spread", p);
+        let record = RecordRef { timestamp: 1, value: Some(b"x"), ..Default::default() };
+        pc.produce_records(&[record], Acks::Leader).await.unwrap();
+        assert_eq!(pc.list_offset(OffsetSpec::Latest).await.unwrap(), Some(1), "partition {p}");
+    }
+    // Sent to a broker that does not lead it, a produce names the leader.
+    let (partition, leader) =
+        d.partitions.iter().map(|p| (p.partition, p.leader.unwrap())).find(|(_, l)| *l != 1).unwrap();
+    let mut raw = pb::tally_client::TallyClient::connect(format!("http://{}", brokers[0].address)).await.unwrap();
+    let mut b = tally_proto::batch::BatchBuilder::new();
+    b.push(&RecordRef { timestamp: 1, value: Some(b"y"), ..Default::default() });
+    let request = pb::ProduceRequest {
+        acks: pb::Acks::Leader as i32,
+        timeout_ms: 1000,
+        topics: vec![pb::TopicProduceData {
+            name: "spread".into(),
+            partitions: vec![pb::PartitionProduceData { partition, records: b.finish() }],
+        }],
+    };
+    let answer = raw.produce(request).await.unwrap().into_inner();
+    let r = &answer.topics[0].partitions[0];
+    assert_eq!(r.error_code, tally_proto::ErrorCode::NotLeaderOrFollower as i32, "{}", r.error_message);
+    assert!(r.error_message.contains(&format!("broker {leader} does")), "{}", r.error_message);
+    for b in brokers {
+        b.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_of_the_single_broker_version_opens_with_its_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    // What the single-broker version left: topics.json and a partition log.
+    let topics = serde_json::json!({"version": 1, "topics": [{
+        "name": "old", "id": "0123456789abcdef0123456789abcdef", "partitions": 1,
+        "replication_factor": 1, "configs": {"retention_ms": "-1"}
+    }]});
+    std::fs::write(dir.path().join("topics.json"), serde_json::to_vec(&topics).unwrap()).unwrap();
+    {
+        let mut log = tally_broker::storage::Log::open(
+            &dir.path().join("old-0"),
+            tally_broker::storage::LogConfig::default(),
+            std::sync::Arc::new(tally_broker::storage::SystemClock),
+        )
+        .unwrap();
+        let mut b = tally_proto::batch::BatchBuilder::new();
+        b.push(&RecordRef { timestamp: 1, value: Some(b"kept"), ..Default::default() });
+        let batch = tally_proto::batch::RecordBatch::validate(b.finish(), &Default::default()).unwrap();
+        log.append(&batch, 0).unwrap();
+        log.close().unwrap();
+    }
+    let broker = TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    let migrated = wait_for(Duration::from_secs(20), async || {
+        client.partition_client("old", 0).list_offset(OffsetSpec::Latest).await.is_ok_and(|o| o == Some(1))
+    })
+    .await;
+    assert!(migrated, "the old topic is served with its record");
+    let d = client.admin().describe_topic("old").await.unwrap();
+    assert_eq!(d.configs["retention_ms"], "-1");
+    assert!(dir.path().join("topics.json.migrated").exists());
+    assert!(!dir.path().join("topics.json").exists());
+    broker.stop().await.unwrap();
 }

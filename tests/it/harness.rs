@@ -28,15 +28,34 @@ impl TestBroker {
         Self::start_at(config, "127.0.0.1:0").await
     }
 
-    /// Starts on a given address (to restart a broker where clients expect it).
+    /// Starts on a given address (to restart a broker where clients expect
+    /// it), and waits until it serves: registered with its controller and
+    /// unfenced (a clean shutdown fenced the previous incarnation).
     pub async fn start_at(config: BrokerConfig, address: &str) -> TestBroker {
         let listener = tokio::net::TcpListener::bind(address).await.expect("bind");
+        Self::start_on(config, listener).await
+    }
+
+    /// Starts on a bound listener (a cluster's voters know their addresses
+    /// before any starts) and waits until it serves.
+    pub async fn start_on(config: BrokerConfig, listener: tokio::net::TcpListener) -> TestBroker {
+        let node_id = config.node_id;
         let address = listener.local_addr().expect("addr").to_string();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(tally_broker::run(config, listener, async move {
             let _ = rx.await;
         }));
-        TestBroker { address, stop: Some(tx), task: Some(task) }
+        let broker = TestBroker { address, stop: Some(tx), task: Some(task) };
+        // A broker that failed to start (tests of that) has nothing to wait for.
+        let Ok(client) = Client::builder().bootstrap([broker.address.clone()]).connect().await else {
+            return broker;
+        };
+        wait_for(Duration::from_secs(20), async || {
+            let cluster = client.admin().describe_cluster().await;
+            cluster.is_ok_and(|c| c.brokers.iter().any(|b| b.id == node_id && !b.fenced))
+        })
+        .await;
+        broker
     }
 
     pub async fn client(&self) -> Client {

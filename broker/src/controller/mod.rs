@@ -21,3 +21,4 @@ pub use placement::{PlacementError, place};
 pub use raft::node::{
     Committed, Controller, ControllerConfig, ControllerError, ControllerStatus, HeartbeatRequest, VoterStatus,
 };
+pub use raft::state_machine::AppliedImage;

@@ -76,7 +76,7 @@ impl Admin for AdminService {
             .iter()
             .map(|t| pb::TopicListing {
                 name: t.name.to_string(),
-                partitions: t.partitions.len() as u32,
+                partitions: t.states.len() as u32,
                 replication_factor: t.replication_factor,
             })
             .collect();
@@ -87,7 +87,6 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DescribeTopicsRequest>,
     ) -> Result<Response<pb::DescribeTopicsResponse>, Status> {
-        let node = self.broker.node_id();
         let names = request.into_inner().names;
         let names =
             if names.is_empty() { self.broker.topics().iter().map(|t| t.name.to_string()).collect() } else { names };
@@ -100,18 +99,19 @@ impl Admin for AdminService {
                     error_message: String::new(),
                     configs: t.config.describe().into_iter().collect(),
                     partitions: t
-                        .partitions
+                        .states
                         .iter()
-                        .map(|p| {
-                            let (start, hw, _) = p.offsets();
+                        .enumerate()
+                        .map(|(i, state)| {
+                            let offsets = t.partitions.get(&(i as u32)).map(|p| p.offsets());
                             pb::PartitionDescription {
-                                partition: p.index(),
-                                leader_id: node as i32,
-                                leader_epoch: 0,
-                                replicas: vec![node],
-                                isr: vec![node],
-                                log_start_offset: start.to_wire(),
-                                high_watermark: hw.to_wire(),
+                                partition: i as u32,
+                                leader_id: state.leader.map_or(-1, |l| l.0 as i32),
+                                leader_epoch: state.leader_epoch.0,
+                                replicas: state.replicas.iter().map(|b| b.0).collect(),
+                                isr: state.isr.iter().map(|b| b.0).collect(),
+                                log_start_offset: offsets.map_or(-1, |(start, _, _)| start.to_wire()),
+                                high_watermark: offsets.map_or(-1, |(_, hw, _)| hw.to_wire()),
                             }
                         })
                         .collect(),

@@ -17,7 +17,6 @@ use crate::partition::Partition;
 use crate::storage::Offset;
 
 /// Leader epoch of every partition until the controller hands them out.
-const LEADER_EPOCH: u32 = 0;
 /// Fetch response size when the request does not say.
 const DEFAULT_FETCH_MAX_BYTES: u64 = 50 << 20;
 
@@ -46,7 +45,8 @@ impl TallyService {
             return Err(BrokerError::NotEnoughReplicas { isr: 1, min_isr: topic.config.min_insync_replicas });
         }
         let batches = validate_payload(&records, topic.config.max_message_bytes)?;
-        partition.produce(&batches, LEADER_EPOCH).await
+        let epoch = topic.states.get(partition.index() as usize).map_or(0, |s| s.leader_epoch.0);
+        partition.produce(&batches, epoch).await
     }
 }
 
@@ -216,12 +216,12 @@ impl Tally for TallyService {
         let req = request.into_inner();
         let node = self.broker.node_id();
         let topics = if req.topics.is_empty() {
-            self.broker.topics().iter().map(|t| topic_metadata(node, t)).collect()
+            self.broker.topics().iter().map(|t| topic_metadata(t)).collect()
         } else {
             req.topics
                 .iter()
                 .map(|name| match self.broker.topic(name) {
-                    Some(t) => topic_metadata(node, &t),
+                    Some(t) => topic_metadata(&t),
                     None => {
                         let e = BrokerError::UnknownTopicOrPartition { topic: name.clone(), partition: None };
                         let (error_code, error_message) = code_and_message(&e);
@@ -230,29 +230,28 @@ impl Tally for TallyService {
                 })
                 .collect()
         };
-        Ok(Response::new(pb::MetadataResponse {
-            brokers: vec![pb::BrokerMetadata { node_id: node, address: self.broker.advertised_address().to_string() }],
-            controller_id: node as i32,
-            topics,
-        }))
+        let brokers =
+            self.broker.brokers().into_iter().map(|(node_id, address)| pb::BrokerMetadata { node_id, address });
+        Ok(Response::new(pb::MetadataResponse { brokers: brokers.collect(), controller_id: node as i32, topics }))
     }
 }
 
-fn topic_metadata(node: u32, t: &crate::broker::Topic) -> pb::TopicMetadata {
+fn topic_metadata(t: &crate::broker::Topic) -> pb::TopicMetadata {
     pb::TopicMetadata {
         name: t.name.to_string(),
         error_code: 0,
         error_message: String::new(),
         partitions: t
-            .partitions
+            .states
             .iter()
-            .map(|p| pb::PartitionMetadata {
-                partition: p.index(),
-                error_code: 0,
-                leader_id: node as i32,
-                leader_epoch: LEADER_EPOCH,
-                replicas: vec![node],
-                isr: vec![node],
+            .enumerate()
+            .map(|(i, p)| pb::PartitionMetadata {
+                partition: i as u32,
+                error_code: if p.leader.is_some() { 0 } else { ErrorCode::LeaderNotAvailable as i32 },
+                leader_id: p.leader.map_or(-1, |l| l.0 as i32),
+                leader_epoch: p.leader_epoch.0,
+                replicas: p.replicas.iter().map(|b| b.0).collect(),
+                isr: p.isr.iter().map(|b| b.0).collect(),
             })
             .collect(),
     }

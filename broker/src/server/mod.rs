@@ -52,6 +52,10 @@ pub async fn run(
     let broker = Arc::new(broker);
     // After Broker::open, which holds the data directory's lock.
     let controller = Controller::start(controller_config).await?;
+    let incarnation = new_incarnation();
+    broker.attach(controller.clone(), incarnation);
+    let reconciler = tokio::spawn(follow_metadata(broker.clone(), controller.subscribe()));
+    let migration = tokio::spawn(migrate_legacy_topics(broker.clone()));
     let (member_stop, member_stop_rx) = tokio::sync::watch::channel(false);
     let (session, _session_rx) = tokio::sync::watch::channel(SessionState::Registering);
     let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<String>();
@@ -59,7 +63,7 @@ pub async fn run(
         controller: controller.clone(),
         broker: BrokerId(broker.node_id()),
         address,
-        incarnation: new_incarnation(),
+        incarnation,
         heartbeat_interval,
         session_timeout,
     };
@@ -124,6 +128,9 @@ pub async fn run(
         .await;
     let _ = stop_tx.send(true);
     let _ = maintenance.await;
+    migration.abort();
+    reconciler.abort();
+    let _ = reconciler.await;
     controller.shutdown().await;
     let closing = broker.clone();
     tokio::task::spawn_blocking(move || closing.close())
@@ -134,6 +141,51 @@ pub async fn run(
     match fatal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
         Some(e) => Err(BrokerError::InvalidRequest(e)),
         None => Ok(()),
+    }
+}
+
+/// Keeps the broker's topics in line with every metadata image its voter
+/// applies (the file work on a blocking thread), until aborted.
+async fn follow_metadata(
+    broker: Arc<Broker>,
+    mut images: tokio::sync::watch::Receiver<crate::controller::AppliedImage>,
+) {
+    loop {
+        let applied = images.borrow_and_update().clone();
+        let b = broker.clone();
+        match tokio::task::spawn_blocking(move || b.reconcile(&applied)).await {
+            Ok(Err(e)) => tracing::error!(error = %e, "applying the metadata image left partitions unopened"),
+            Err(e) => tracing::error!(error = %e, "metadata reconcile task failed"),
+            Ok(Ok(())) => {}
+        }
+        if images.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Moves a single-broker data directory's `topics.json` into the metadata
+/// log, retrying while the controller is not ready.
+async fn migrate_legacy_topics(broker: Arc<Broker>) {
+    // Its partitions are placed on this broker, which must be running first.
+    while !broker.is_serving() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    loop {
+        match broker.migrate_legacy_topics().await {
+            Ok(0) => return,
+            Ok(n) => {
+                tracing::info!(topics = n, "moved topics.json into the metadata log (kept as topics.json.migrated)");
+                return;
+            }
+            Err(e) if e.code().is_retriable() || matches!(e, BrokerError::Controller(_)) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot move topics.json into the metadata log; its topics are not served");
+                return;
+            }
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use super::TypeConfig;
 use super::api::{ControllerApiService, forward_heartbeat, forward_propose};
 use super::log_store::LogStore;
 use super::network::{MAX_MESSAGE_BYTES, Network, RaftService};
-use super::state_machine::StateMachine;
+use super::state_machine::{AppliedImage, StateMachine};
 use crate::controller::lease::{BrokerLeases, HeartbeatAnswer, LeaseConfig};
 use crate::controller::metadata::{BrokerId, MetadataCommand, MetadataEffect, MetadataError, MetadataImage};
 use crate::storage::fs::write_atomic;
@@ -351,6 +351,12 @@ impl Controller {
             self.propose(fence).await?;
             return Ok(HeartbeatAnswer::Alive { fenced: true });
         }
+        if answer == (HeartbeatAnswer::Alive { fenced: true }) && heartbeat.caught_up {
+            // Caught up and heard from: unfence now rather than at the next tick.
+            let unfence = MetadataCommand::UnfenceBroker { id: heartbeat.broker, incarnation: heartbeat.incarnation };
+            self.propose(unfence).await?;
+            return Ok(HeartbeatAnswer::Alive { fenced: false });
+        }
         Ok(answer)
     }
 
@@ -421,6 +427,11 @@ impl Controller {
     /// `timeout` passed first.
     pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
         self.raft.wait(Some(timeout)).applied_index_at_least(Some(index), "wait_applied").await.is_ok()
+    }
+
+    /// Sees every image this voter applies, with its log index.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<AppliedImage> {
+        self.state_machine.subscribe()
     }
 
     /// The metadata as of the last entry applied here.

@@ -247,8 +247,11 @@ async fn a_proposal_or_heartbeat_at_a_follower_is_forwarded_to_the_leader() {
     let committed = nodes[&follower].controller.propose_anywhere(register(1)).await.unwrap();
     assert_eq!(committed.effects, vec![MetadataEffect::BrokerRegistered { id: BrokerId(1), incarnation: 7 }]);
     assert!(nodes[&follower].controller.wait_applied(committed.index, Duration::from_secs(10)).await);
-    let heartbeat = HeartbeatRequest { broker: BrokerId(1), incarnation: 7, caught_up: true, shutting_down: false };
-    assert_eq!(nodes[&follower].controller.heartbeat(&heartbeat).await, Ok(HeartbeatAnswer::Alive { fenced: true }));
+    let behind = HeartbeatRequest { broker: BrokerId(1), incarnation: 7, caught_up: false, shutting_down: false };
+    assert_eq!(nodes[&follower].controller.heartbeat(&behind).await, Ok(HeartbeatAnswer::Alive { fenced: true }));
+    // Caught up, it is unfenced at once.
+    let heartbeat = HeartbeatRequest { caught_up: true, ..behind.clone() };
+    assert_eq!(nodes[&follower].controller.heartbeat(&heartbeat).await, Ok(HeartbeatAnswer::Alive { fenced: false }));
     let stranger = HeartbeatRequest { broker: BrokerId(9), ..heartbeat };
     assert_eq!(nodes[&follower].controller.heartbeat(&stranger).await, Ok(HeartbeatAnswer::Register));
     for (_, v) in nodes {

@@ -41,6 +41,17 @@ struct Shared {
     snapshot: Mutex<Option<(Meta, Vec<u8>)>>,
     /// Snapshots built so far by this process, for unique ids.
     built: std::sync::atomic::AtomicU64,
+    /// The image and the log index it is at, after every apply.
+    published: tokio::sync::watch::Sender<AppliedImage>,
+}
+
+/// The metadata image as of one index of the metadata log.
+#[derive(Debug, Clone, Default)]
+pub struct AppliedImage {
+    /// Index of the last entry applied (0 before any).
+    pub index: u64,
+    /// The image.
+    pub image: Arc<MetadataImage>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -96,12 +107,14 @@ impl StateMachine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Applied::default(), None),
             Err(e) => return Err(sm_error(ErrorVerb::Read, format!("{}: {e}", path.display()))),
         };
+        let first = AppliedImage { index: applied.last_applied.map_or(0, |l| l.index), image: applied.image.clone() };
         Ok(StateMachine {
             shared: Arc::new(Shared {
                 dir: dir.to_path_buf(),
                 state: Mutex::new(applied),
                 snapshot: Mutex::new(snapshot),
                 built: std::sync::atomic::AtomicU64::new(0),
+                published: tokio::sync::watch::channel(first).0,
             }),
         })
     }
@@ -109,6 +122,16 @@ impl StateMachine {
     /// The image as of the last applied entry.
     pub fn image(&self) -> Arc<MetadataImage> {
         lock(&self.shared.state).image.clone()
+    }
+
+    /// Sees every new image, with the log index it is at.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<AppliedImage> {
+        self.shared.published.subscribe()
+    }
+
+    fn publish(&self, state: &Applied) {
+        let index = state.last_applied.map_or(0, |l| l.index);
+        self.shared.published.send_replace(AppliedImage { index, image: state.image.clone() });
     }
 
     /// Writes a snapshot file (atomically) and makes it the current one.
@@ -178,6 +201,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             outcomes.push(outcome);
         }
+        self.publish(state);
         Ok(outcomes)
     }
 
@@ -203,6 +227,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
+        self.publish(&state);
         Ok(())
     }
 
