@@ -224,28 +224,51 @@ impl Client {
         self.inner.metadata.write().unwrap_or_else(std::sync::PoisonError::into_inner).topics.remove(topic);
     }
 
+    /// A gRPC client for the broker at `address`.
+    pub(crate) fn rpc_at(&self, address: &str) -> Result<TallyClient<Channel>> {
+        Ok(Self::tally_rpc(self.channel(address)?))
+    }
+
+    /// The address of the leader of `topic`/`partition`, from the cache
+    /// (fetched if unknown). No leader, or a leader missing from the broker
+    /// map (it has not registered yet), is a retriable error.
+    pub(crate) async fn leader_address(&self, topic: &str, partition: u32) -> Result<String> {
+        let mut info = self.topic_info(topic).await?;
+        let known = |info: &TopicInfo| {
+            let md = self.inner.metadata.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            info.leaders.get(partition as usize).is_some_and(|l| l.is_some_and(|l| md.brokers.contains_key(&l)))
+        };
+        if !known(&info) {
+            // What is cached may be from before an election or a restart: ask again once.
+            self.refresh_metadata(&[topic.to_string()]).await?;
+            info = self.topic_info(topic).await?;
+        }
+        let no_leader = |message: String| Error::Broker {
+            code: tally_proto::ErrorCode::LeaderNotAvailable,
+            message,
+            topic: topic.to_string(),
+            partition: Some(partition),
+        };
+        let leader = match info.leaders.get(partition as usize) {
+            None => {
+                return Err(Error::Broker {
+                    code: tally_proto::ErrorCode::UnknownTopicOrPartition,
+                    message: format!("topic `{topic}` has no partition {partition}"),
+                    topic: topic.to_string(),
+                    partition: Some(partition),
+                });
+            }
+            Some(None) => return Err(no_leader("no leader".into())),
+            Some(Some(leader)) => *leader,
+        };
+        let md = self.inner.metadata.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        md.brokers.get(&leader).cloned().ok_or_else(|| no_leader(format!("leader {leader} is not in the metadata yet")))
+    }
+
     /// A gRPC client for the leader of `topic`/`partition`.
     pub(crate) async fn leader(&self, topic: &str, partition: u32) -> Result<TallyClient<Channel>> {
-        let info = self.topic_info(topic).await?;
-        let unknown = || Error::Broker {
-            code: tally_proto::ErrorCode::UnknownTopicOrPartition,
-            message: format!("topic `{topic}` has no partition {partition}"),
-            topic: topic.to_string(),
-            partition: Some(partition),
-        };
-        let leader = info.leaders.get(partition as usize).ok_or_else(unknown)?.ok_or_else(|| Error::Broker {
-            code: tally_proto::ErrorCode::LeaderNotAvailable,
-            message: "no leader".into(),
-            topic: topic.to_string(),
-            partition: Some(partition),
-        })?;
-        let address = {
-            let md = self.inner.metadata.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            md.brokers.get(&leader).cloned()
-        };
-        let address =
-            address.ok_or_else(|| Error::InvalidArgument(format!("broker {leader} is not in the metadata")))?;
-        Ok(Self::tally_rpc(self.channel(&address)?))
+        let address = self.leader_address(topic, partition).await?;
+        self.rpc_at(&address)
     }
 
     fn channel(&self, address: &str) -> Result<Channel> {

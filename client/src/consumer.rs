@@ -192,25 +192,54 @@ impl Consumer {
         if self.assigned.is_empty() {
             return Err(Error::InvalidArgument("no partition is assigned".into()));
         }
-        let request = pb::FetchRequest {
-            max_wait_ms: u32::try_from(self.config.max_wait.as_millis()).unwrap_or(u32::MAX),
-            min_bytes: 1,
-            max_bytes: self.config.max_bytes,
-            topics: self.fetch_topics(),
-        };
-        // Every partition has one broker until replication arrives; ask the
-        // leader of the first one and follow NOT_LEADER answers.
-        let ((first_topic, first_partition), _) = self.assigned.iter().next().expect("not empty");
-        let mut rpc = self.client.leader(first_topic, *first_partition).await?;
-        let mut tonic_request = tonic::Request::new(request);
-        tonic_request.set_timeout(self.client.config().request_timeout + self.config.max_wait);
-        let response = rpc.fetch(tonic_request).await?.into_inner();
-        let mut out = Vec::new();
+        // One fetch per leader broker, for the partitions it leads, all at
+        // once; a partition whose leader is unknown right now is retried
+        // after a metadata refresh rather than left behind.
+        let mut by_leader: BTreeMap<String, Vec<(Arc<str>, u32)>> = BTreeMap::new();
         let mut failure = None;
-        for t in response.topics {
-            for p in t.partitions {
-                if let Err(e) = self.take_partition(&t.name, p, &mut out).await {
+        let keys: Vec<(Arc<str>, u32)> = self.assigned.keys().cloned().collect();
+        for (topic, partition) in keys {
+            match self.client.leader_address(&topic, partition).await {
+                Ok(address) => by_leader.entry(address).or_default().push((topic, partition)),
+                Err(e) => {
+                    if e.is_retriable() {
+                        self.client.invalidate(&topic);
+                    }
                     failure.get_or_insert(e);
+                }
+            }
+        }
+        let timeout = self.client.config().request_timeout + self.config.max_wait;
+        let mut calls = Vec::new();
+        for (address, partitions) in &by_leader {
+            let request = pb::FetchRequest {
+                max_wait_ms: u32::try_from(self.config.max_wait.as_millis()).unwrap_or(u32::MAX),
+                min_bytes: 1,
+                max_bytes: self.config.max_bytes,
+                topics: self.fetch_topics(partitions),
+            };
+            let mut rpc = self.client.rpc_at(address)?;
+            calls.push(async move {
+                let mut tonic_request = tonic::Request::new(request);
+                tonic_request.set_timeout(timeout);
+                rpc.fetch(tonic_request).await
+            });
+        }
+        let answers = futures_util::future::join_all(calls).await;
+        let mut out = Vec::new();
+        for answer in answers {
+            let response = match answer {
+                Ok(r) => r.into_inner(),
+                Err(status) => {
+                    failure.get_or_insert(Error::from(status));
+                    continue;
+                }
+            };
+            for t in response.topics {
+                for p in t.partitions {
+                    if let Err(e) = self.take_partition(&t.name, p, &mut out).await {
+                        failure.get_or_insert(e);
+                    }
                 }
             }
         }
@@ -224,9 +253,11 @@ impl Consumer {
         }
     }
 
-    fn fetch_topics(&self) -> Vec<pb::FetchTopic> {
+    fn fetch_topics(&self, partitions: &[(Arc<str>, u32)]) -> Vec<pb::FetchTopic> {
         let mut by_topic: Vec<pb::FetchTopic> = Vec::new();
-        for ((topic, partition), a) in &self.assigned {
+        for key in partitions {
+            let Some(a) = self.assigned.get(key) else { continue };
+            let (topic, partition) = key;
             let fp = pb::FetchPartition {
                 partition: *partition,
                 fetch_offset: a.position,

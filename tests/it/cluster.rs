@@ -161,6 +161,23 @@ async fn a_topic_created_at_any_broker_spreads_over_all_and_each_partition_is_se
         pc.produce_records(&[record], Acks::Leader).await.unwrap();
         assert_eq!(pc.list_offset(OffsetSpec::Latest).await.unwrap(), Some(1), "partition {p}");
     }
+    // A consumer bootstrapped at one broker reads every partition from its leader.
+    let mut consumer = tally_client::Consumer::new(
+        bootstrap.clone(),
+        tally_client::ConsumerConfig { max_wait: Duration::from_millis(100), ..Default::default() },
+    );
+    for p in 0..6 {
+        consumer.assign("spread", p, tally_client::SeekTo::Beginning).await.unwrap();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let read_all = wait_for(Duration::from_secs(20), async || {
+        if let Ok(records) = consumer.poll().await {
+            seen.extend(records.iter().map(|r| (r.partition, r.offset)));
+        }
+        seen.len() == 6
+    })
+    .await;
+    assert!(read_all, "one record from each of the six partitions: {seen:?}");
     // Sent to a broker that does not lead it, a produce names the leader.
     let (partition, leader) =
         d.partitions.iter().map(|p| (p.partition, p.leader.unwrap())).find(|(_, l)| *l != 1).unwrap();

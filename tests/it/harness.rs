@@ -52,7 +52,18 @@ impl TestBroker {
         };
         wait_for(Duration::from_secs(20), async || {
             let cluster = client.admin().describe_cluster().await;
-            cluster.is_ok_and(|c| c.brokers.iter().any(|b| b.id == node_id && !b.fenced))
+            if !cluster.is_ok_and(|c| c.brokers.iter().any(|b| b.id == node_id && !b.fenced)) {
+                return false;
+            }
+            // And its topics have their leaders back (a single broker leads them all).
+            let Ok(topics) = client.admin().list_topics().await else { return false };
+            for t in topics {
+                let Ok(d) = client.admin().describe_topic(&t.name).await else { return false };
+                if d.partitions.iter().any(|p| p.leader.is_none()) {
+                    return false;
+                }
+            }
+            true
         })
         .await;
         broker

@@ -128,8 +128,11 @@ pub async fn run(
         .await;
     let _ = stop_tx.send(true);
     let _ = maintenance.await;
+    // Every task holding the broker ends before it closes, so the data
+    // directory's lock is free when run returns.
     migration.abort();
     reconciler.abort();
+    let _ = migration.await;
     let _ = reconciler.await;
     controller.shutdown().await;
     let closing = broker.clone();
