@@ -58,7 +58,7 @@ fn init_tracing(default: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let server = matches!(cli.command, Command::Serve(_) | Command::Dev(_));
-    init_tracing(if server { "info" } else { "warn" });
+    init_tracing(if server { "info,openraft=warn" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

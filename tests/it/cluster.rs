@@ -196,6 +196,19 @@ async fn a_topic_created_at_any_broker_spreads_over_all_and_each_partition_is_se
     let r = &answer.topics[0].partitions[0];
     assert_eq!(r.error_code, tally_proto::ErrorCode::NotLeaderOrFollower as i32, "{}", r.error_message);
     assert!(r.error_message.contains(&format!("broker {leader} does")), "{}", r.error_message);
+    // So does a fetch.
+    let fetch = pb::FetchRequest {
+        max_wait_ms: 0,
+        min_bytes: 0,
+        max_bytes: 1 << 20,
+        topics: vec![pb::FetchTopic {
+            name: "spread".into(),
+            partitions: vec![pb::FetchPartition { partition, fetch_offset: 0, partition_max_bytes: 0 }],
+        }],
+    };
+    let answer = raw.fetch(fetch).await.unwrap().into_inner();
+    let r = &answer.topics[0].partitions[0];
+    assert_eq!(r.error_code, tally_proto::ErrorCode::NotLeaderOrFollower as i32, "{}", r.error_message);
     for b in brokers {
         b.stop().await.unwrap();
     }

@@ -330,10 +330,20 @@ fn read_targets(targets: &[FetchTarget], names: &[String], max_bytes: u64) -> (p
     (pb::FetchResponse { topics }, total, any_error)
 }
 
+/// A copy of a partition's resolution error, keeping its wire code (one
+/// fetch may read a partition's error more than once while it long-polls).
 fn clone_error(e: &BrokerError) -> BrokerError {
     match e {
         BrokerError::UnknownTopicOrPartition { topic, partition } => {
             BrokerError::UnknownTopicOrPartition { topic: topic.clone(), partition: *partition }
+        }
+        BrokerError::NotLeaderOrFollower { topic, partition, leader, leader_epoch } => {
+            BrokerError::NotLeaderOrFollower {
+                topic: topic.clone(),
+                partition: *partition,
+                leader: *leader,
+                leader_epoch: *leader_epoch,
+            }
         }
         other => BrokerError::InvalidRequest(other.to_string()),
     }
