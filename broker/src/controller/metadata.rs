@@ -35,38 +35,34 @@ use serde::{Deserialize, Serialize};
 
 use crate::topic::TopicName;
 
-/// A broker's node id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct BrokerId(pub u32);
+/// A `u32` newtype that prints as its number.
+macro_rules! numeric_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub u32);
 
-impl fmt::Display for BrokerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
 }
 
-/// A partition's leader epoch: grows with every leader change.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct LeaderEpoch(pub u32);
-
-impl fmt::Display for LeaderEpoch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// A partition's epoch: grows with every change to its leader or ISR.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct PartitionEpoch(pub u32);
-
-impl fmt::Display for PartitionEpoch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
+numeric_id!(
+    /// A broker's node id.
+    BrokerId
+);
+numeric_id!(
+    /// A partition's leader epoch: grows with every leader change.
+    LeaderEpoch
+);
+numeric_id!(
+    /// A partition's epoch: grows with every change to its leader or ISR.
+    PartitionEpoch
+);
 
 /// A topic's stable id (32 hex digits), fixed at creation: a topic deleted
 /// and created again under the same name has another id.

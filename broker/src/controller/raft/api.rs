@@ -8,7 +8,7 @@ use tally_proto::internal::v1::ControllerPayload;
 use tally_proto::internal::v1::controller_api_client::ControllerApiClient;
 use tally_proto::internal::v1::controller_api_server::ControllerApi;
 
-use super::network::peer_channel;
+use super::network::{from_json, peer_channel, to_json};
 use super::node::{Committed, Controller, ControllerError, HeartbeatRequest};
 use crate::controller::lease::HeartbeatAnswer;
 use crate::controller::metadata::MetadataCommand;
@@ -27,13 +27,11 @@ impl ControllerApiService {
 }
 
 fn decode<T: DeserializeOwned>(payload: &ControllerPayload) -> Result<T, tonic::Status> {
-    serde_json::from_slice(&payload.json)
-        .map_err(|e| tonic::Status::invalid_argument(format!("undecodable controller request: {e}")))
+    from_json(&payload.json)
 }
 
 fn encode<T: Serialize>(answer: &T) -> Result<tonic::Response<ControllerPayload>, tonic::Status> {
-    let json = serde_json::to_vec(answer).map_err(|e| tonic::Status::internal(format!("encoding: {e}")))?;
-    Ok(tonic::Response::new(ControllerPayload { json: json.into() }))
+    Ok(tonic::Response::new(ControllerPayload { json: to_json(answer)? }))
 }
 
 #[tonic::async_trait]

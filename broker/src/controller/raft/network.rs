@@ -165,14 +165,22 @@ impl RaftService {
     }
 }
 
+/// Decodes the JSON payload of a peer request (both internal services).
+pub(super) fn from_json<T: DeserializeOwned>(json: &[u8]) -> Result<T, tonic::Status> {
+    serde_json::from_slice(json).map_err(|e| tonic::Status::invalid_argument(format!("undecodable payload: {e}")))
+}
+
+/// Encodes the JSON payload of a peer answer (both internal services).
+pub(super) fn to_json<T: Serialize>(answer: &T) -> Result<bytes::Bytes, tonic::Status> {
+    serde_json::to_vec(answer).map(Into::into).map_err(|e| tonic::Status::internal(format!("encoding: {e}")))
+}
+
 fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, tonic::Status> {
-    serde_json::from_slice(&payload.json)
-        .map_err(|e| tonic::Status::invalid_argument(format!("undecodable Raft message: {e}")))
+    from_json(&payload.json)
 }
 
 fn encode<T: Serialize>(answer: &T) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
-    let json = serde_json::to_vec(answer).map_err(|e| tonic::Status::internal(format!("encoding: {e}")))?;
-    Ok(tonic::Response::new(RaftPayload { json: json.into() }))
+    Ok(tonic::Response::new(RaftPayload { json: to_json(answer)? }))
 }
 
 #[tonic::async_trait]
