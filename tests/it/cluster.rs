@@ -103,6 +103,17 @@ async fn killing_the_controller_leader_process_elects_another_which_fences_it() 
     })
     .await;
     assert!(after["term"].as_u64() > status["term"].as_u64(), "a new term: {after}");
+    // Metadata changes go on: a topic can be created, and is spread over the two survivors.
+    let survivor = survivor.clone();
+    let created = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["topic", "create", "after-kill", "--partitions", "4", "--bootstrap", survivor.as_str()])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
     for p in processes.into_iter().flatten() {
         let _ = p.stop();
     }
