@@ -340,10 +340,14 @@ impl CheckpointWriter {
     fn write(&self, seq: u64, kind: Kind, contents: String) -> Result<()> {
         let mut written = self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let slot = &mut written[kind as usize];
-        if let Some((last_seq, last)) = slot
-            && (*last_seq > seq || *last == contents)
-        {
-            return Ok(());
+        if let Some((last_seq, last)) = slot {
+            if *last_seq > seq {
+                return Ok(()); // a newer value is on disk already
+            }
+            if *last == contents {
+                *last_seq = seq; // already on disk, and now as of this value
+                return Ok(());
+            }
         }
         write_atomic(&self.dir.join(kind.file_name()), contents.as_bytes())?;
         *slot = Some((seq, contents));
@@ -386,6 +390,18 @@ mod tests {
         let old = writer.snapshot(Checkpoints { recovery_point: Offset(5), ..Default::default() });
         writer.write_offset_now(Kind::RecoveryPoint, Offset(2)).unwrap(); // a truncation, later
         old.write().unwrap(); // the old snapshot is written late
+        assert_eq!(Checkpoints::read(dir.path()).unwrap().recovery_point, Offset(2));
+    }
+
+    #[test]
+    fn an_older_snapshot_never_overwrites_a_newer_unchanged_value_either() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = Arc::new(CheckpointWriter::new(dir.path()));
+        writer.write_offset_now(Kind::RecoveryPoint, Offset(2)).unwrap();
+        let old = writer.snapshot(Checkpoints { recovery_point: Offset(5), ..Default::default() });
+        // A later change writes the value that is already on disk (skipped as unchanged).
+        writer.write_offset_now(Kind::RecoveryPoint, Offset(2)).unwrap();
+        old.write().unwrap();
         assert_eq!(Checkpoints::read(dir.path()).unwrap().recovery_point, Offset(2));
     }
 
