@@ -77,7 +77,12 @@ async fn propose_anywhere(nodes: &BTreeMap<u32, Voter>, command: &MetadataComman
 }
 
 fn register(id: u32) -> MetadataCommand {
-    MetadataCommand::RegisterBroker { id: BrokerId(id), address: format!("h:{id}"), incarnation: 1 }
+    MetadataCommand::RegisterBroker {
+        id: BrokerId(id),
+        address: format!("h:{id}"),
+        incarnation: 1,
+        previous_incarnation: None,
+    }
 }
 
 fn create(name: &str) -> MetadataCommand {

@@ -5,9 +5,12 @@
 //!
 //! Registration runs in the background, after the listener serves, because
 //! in a cluster of several voters the first broker up cannot commit anything
-//! until a second voter answers. A registration is refused while another
-//! incarnation of this id is active: after a crash, that lasts until the old
-//! session lapses and the controller fences it, so the refusal is retried;
+//! until a second voter answers. A broker restarted on its data directory
+//! names the incarnation it follows (recorded there; the directory's lock
+//! proves that process exited), which the controller fences and replaces at
+//! once. Any other registration is refused while another incarnation of
+//! this id is active: that lasts until the old session lapses, so the
+//! refusal is retried;
 //! if it lasts longer than two sessions, another live process holds the id,
 //! and the task ends with the error and the broker stops (two processes with
 //! one id must never both serve).
@@ -43,6 +46,9 @@ pub struct Membership {
     pub address: String,
     /// New for every start of the process.
     pub incarnation: u64,
+    /// The incarnation of the last process on this data directory, which
+    /// has exited (the directory's lock says so): registering may replace it.
+    pub previous_incarnation: Option<u64>,
     /// Time between heartbeats.
     pub heartbeat_interval: Duration,
     /// The controller's session timeout: an old incarnation of this id that
@@ -127,6 +133,7 @@ impl Membership {
             id: self.broker,
             address: self.address.clone(),
             incarnation: self.incarnation,
+            previous_incarnation: self.previous_incarnation,
         };
         Ok(self.controller.propose_anywhere(command).await?.index)
     }
@@ -145,4 +152,21 @@ pub fn new_incarnation() -> u64 {
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
     h.write_u32(std::process::id());
     h.finish()
+}
+
+/// Reads the incarnation the last process on `dir` recorded and records
+/// `incarnation` in its place (atomically), so the next start can name it.
+pub fn take_over_incarnation(dir: &std::path::Path, incarnation: u64) -> Result<Option<u64>, String> {
+    let path = dir.join("incarnation");
+    let previous = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(
+            u64::from_str_radix(text.trim().trim_start_matches("0x"), 16)
+                .map_err(|e| format!("{} is unreadable: {e}", path.display()))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    crate::storage::fs::write_atomic(&path, format!("{incarnation:#x}\n").as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(previous)
 }

@@ -40,10 +40,14 @@ pub struct ServeArgs {
 /// Flags of `tally dev`.
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
-    /// Address to listen on.
+    /// Address of the first broker; the others listen on the next ports
+    /// (port 0: any free ports).
     #[arg(long, default_value = "127.0.0.1:9092")]
     listen: SocketAddr,
-    /// Data directory, kept across runs.
+    /// Brokers to run, all controller voters, in this one process.
+    #[arg(long, default_value_t = 3)]
+    brokers: u32,
+    /// Data directory, kept across runs (one subdirectory per broker).
     #[arg(long, default_value = ".tally/dev")]
     data_dir: PathBuf,
 }
@@ -107,31 +111,71 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `tally dev`: a local broker with a `demo` topic.
+/// `tally dev`: a local cluster (three brokers in this process by default,
+/// all controller voters) with a `demo` topic.
 pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
-    let config = BrokerConfig { data_dir: args.data_dir.clone(), ..BrokerConfig::default() };
-    let listener = bind(args.listen).await?;
-    let address = listener.local_addr()?.to_string();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let broker = tokio::spawn(tally_broker::run(config, listener, async move {
-        let _ = stop_rx.await;
-    }));
-    let client = tally_client::Client::builder().bootstrap([address.clone()]).connect().await?;
-    match client.admin().create_topic(tally_client::NewTopic::new("demo", 3)).await {
-        Ok(()) => {}
-        Err(e) if e.code() == Some(tally_client::ErrorCode::TopicAlreadyExists) => {}
-        Err(e) => return Err(e).context("cannot create the demo topic"),
+    anyhow::ensure!((1..=9).contains(&args.brokers), "--brokers takes 1 to 9, not {}", args.brokers);
+    let mut listeners = Vec::new();
+    for i in 0..args.brokers {
+        let mut at = args.listen;
+        if at.port() != 0 {
+            at.set_port(at.port() + i as u16);
+        }
+        listeners.push(bind(at).await?);
     }
+    let addresses: Vec<String> =
+        listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>()?;
+    let voters = addresses.iter().enumerate().map(|(i, a)| format!("{}@{a}", i + 1)).collect::<Vec<_>>().join(",");
+    let mut stops = Vec::new();
+    let mut brokers = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let id = i as u32 + 1;
+        let config = BrokerConfig {
+            node_id: id,
+            data_dir: args.data_dir.join(id.to_string()),
+            voters: Some(voters.clone()),
+            ..BrokerConfig::default()
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        stops.push(stop_tx);
+        brokers.push(tokio::spawn(tally_broker::run(config, listener, async move {
+            let _ = stop_rx.await;
+        })));
+    }
+    let client = tally_client::Client::builder().bootstrap([addresses[0].clone()]).connect().await?;
+    let partitions = 2 * args.brokers;
+    let mut created = Err(anyhow::anyhow!("not tried"));
+    // The brokers register once a majority of them runs: retry for a while.
+    for _ in 0..100 {
+        created = match client.admin().create_topic(tally_client::NewTopic::new("demo", partitions)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some(tally_client::ErrorCode::TopicAlreadyExists) => Ok(()),
+            Err(e) => Err(e.into()),
+        };
+        if created.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    created.context("cannot create the demo topic")?;
     eprintln!(
-        "\nTally is running at {address} (data in {}). Try, in another terminal:\n\
+        "\nTally is running: {} broker(s) in this process at {} (data in {}).\n\
+         Try, in another terminal:\n\
          \n  echo hello | cargo run --release -- produce demo\
          \n  cargo run --release -- consume demo --from beginning --exit-at-end\
-         \n  cargo run --release -- topic describe demo\n\
-         \nCtrl-C stops the broker.",
+         \n  cargo run --release -- topic describe demo\
+         \n  cargo run --release -- cluster status\n\
+         \nCtrl-C stops them all.",
+        args.brokers,
+        addresses.join(", "),
         args.data_dir.display()
     );
     shutdown_signal().await;
-    let _ = stop_tx.send(());
-    broker.await.context("broker task failed")??;
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    for broker in brokers {
+        broker.await.context("broker task failed")??;
+    }
     Ok(())
 }

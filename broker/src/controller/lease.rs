@@ -174,7 +174,14 @@ mod tests {
         let mut image = MetadataImage::default();
         for &(id, fenced) in brokers {
             let id = BrokerId(id);
-            image.apply(&MetadataCommand::RegisterBroker { id, address: "h:1".into(), incarnation: 5 }).unwrap();
+            image
+                .apply(&MetadataCommand::RegisterBroker {
+                    id,
+                    address: "h:1".into(),
+                    incarnation: 5,
+                    previous_incarnation: None,
+                })
+                .unwrap();
             if !fenced {
                 image.apply(&MetadataCommand::UnfenceBroker { id, incarnation: 5 }).unwrap();
             }

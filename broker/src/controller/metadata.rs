@@ -128,6 +128,11 @@ pub enum MetadataCommand {
         address: String,
         /// New at every process start.
         incarnation: u64,
+        /// The incarnation this process follows on the same data directory
+        /// (whose lock proves that process has exited): it may replace that
+        /// registration even while it still looks active.
+        #[serde(default)]
+        previous_incarnation: Option<u64>,
     },
     /// A broker's lease lapsed, or it is shutting down.
     FenceBroker {
@@ -393,8 +398,8 @@ impl MetadataImage {
     /// Applies one command. On error the image is unchanged.
     pub fn apply(&mut self, command: &MetadataCommand) -> Result<Vec<MetadataEffect>, MetadataError> {
         match command {
-            MetadataCommand::RegisterBroker { id, address, incarnation } => {
-                self.register_broker(*id, address, *incarnation)
+            MetadataCommand::RegisterBroker { id, address, incarnation, previous_incarnation } => {
+                self.register_broker(*id, address, *incarnation, *previous_incarnation)
             }
             MetadataCommand::FenceBroker { id, incarnation } => self.fence_broker(*id, *incarnation),
             MetadataCommand::UnfenceBroker { id, incarnation } => self.unfence_broker(*id, *incarnation),
@@ -420,17 +425,25 @@ impl MetadataImage {
         id: BrokerId,
         address: &str,
         incarnation: u64,
+        previous_incarnation: Option<u64>,
     ) -> Result<Vec<MetadataEffect>, MetadataError> {
+        let mut effects = Vec::new();
         if let Some(existing) = self.brokers.get(&id) {
             if existing.incarnation == incarnation {
                 return Ok(Vec::new()); // a retried registration
             }
             if !existing.fenced {
-                return Err(MetadataError::BrokerIdInUse { id, incarnation: existing.incarnation });
+                if previous_incarnation != Some(existing.incarnation) {
+                    return Err(MetadataError::BrokerIdInUse { id, incarnation: existing.incarnation });
+                }
+                // The successor of a process that has exited: fence what
+                // it left (leaderships move) before registering anew.
+                effects = self.fence_broker(id, existing.incarnation)?;
             }
         }
         self.brokers.insert(id, BrokerRegistration { id, address: address.to_string(), incarnation, fenced: true });
-        Ok(vec![MetadataEffect::BrokerRegistered { id, incarnation }])
+        effects.push(MetadataEffect::BrokerRegistered { id, incarnation });
+        Ok(effects)
     }
 
     fn registered(&self, id: BrokerId, incarnation: u64) -> Result<&BrokerRegistration, MetadataError> {

@@ -11,6 +11,7 @@ fn register(image: &mut MetadataImage, id: u32) {
         id: b(id),
         address: format!("127.0.0.1:{}", 9000 + id),
         incarnation: incarnation(id),
+        previous_incarnation: None,
     };
     image.apply(&cmd).unwrap();
     image.apply(&MetadataCommand::UnfenceBroker { id: b(id), incarnation: incarnation(id) }).unwrap();
@@ -63,7 +64,8 @@ fn refused(image: &mut MetadataImage, cmd: &MetadataCommand) -> MetadataError {
 #[test]
 fn registration_starts_fenced_and_a_retry_of_the_same_incarnation_changes_nothing() {
     let mut image = MetadataImage::default();
-    let cmd = MetadataCommand::RegisterBroker { id: b(1), address: "h:1".into(), incarnation: 7 };
+    let cmd =
+        MetadataCommand::RegisterBroker { id: b(1), address: "h:1".into(), incarnation: 7, previous_incarnation: None };
     assert_eq!(image.apply(&cmd).unwrap(), vec![MetadataEffect::BrokerRegistered { id: b(1), incarnation: 7 }]);
     let reg = image.broker(b(1)).unwrap();
     assert!(reg.fenced, "a new broker leads nothing until it has caught up");
@@ -77,13 +79,42 @@ fn registration_starts_fenced_and_a_retry_of_the_same_incarnation_changes_nothin
 fn a_second_live_process_with_the_same_id_is_refused() {
     let mut image = MetadataImage::default();
     register(&mut image, 1);
-    let other = MetadataCommand::RegisterBroker { id: b(1), address: "h:2".into(), incarnation: 99 };
+    let other = MetadataCommand::RegisterBroker {
+        id: b(1),
+        address: "h:2".into(),
+        incarnation: 99,
+        previous_incarnation: None,
+    };
     assert_eq!(refused(&mut image, &other), MetadataError::BrokerIdInUse { id: b(1), incarnation: incarnation(1) });
     // Once the old process is fenced (its lease lapsed), the new one may register.
     image.apply(&fence(1)).unwrap();
     image.apply(&other).unwrap();
     assert_eq!(image.broker(b(1)).unwrap().incarnation, 99);
     assert_eq!(image.broker(b(1)).unwrap().address, "h:2");
+}
+
+#[test]
+fn the_successor_of_an_exited_process_replaces_its_registration_at_once() {
+    let mut image = cluster(&[&[1]]);
+    let wrong = MetadataCommand::RegisterBroker {
+        id: b(1),
+        address: "h:9".into(),
+        incarnation: 42,
+        previous_incarnation: Some(12345),
+    };
+    assert!(matches!(refused(&mut image, &wrong), MetadataError::BrokerIdInUse { .. }), "must name the live one");
+    let successor = MetadataCommand::RegisterBroker {
+        id: b(1),
+        address: "h:9".into(),
+        incarnation: 42,
+        previous_incarnation: Some(incarnation(1)),
+    };
+    let effects = image.apply(&successor).unwrap();
+    assert!(effects.contains(&MetadataEffect::BrokerFenced(b(1))), "the old incarnation is fenced first: {effects:?}");
+    assert_eq!(effects.last(), Some(&MetadataEffect::BrokerRegistered { id: b(1), incarnation: 42 }));
+    let reg = image.broker(b(1)).unwrap();
+    assert_eq!((reg.incarnation, reg.fenced, reg.address.as_str()), (42, true, "h:9"));
+    assert_eq!(image.partition("t", 0).unwrap().leader, None, "its partition waits for the new incarnation");
 }
 
 #[test]
@@ -309,9 +340,9 @@ fn producer_id_blocks_never_overlap() {
 #[test]
 fn the_image_round_trips_through_a_snapshot_and_replays_identically() {
     let commands = vec![
-        MetadataCommand::RegisterBroker { id: b(1), address: "a:1".into(), incarnation: 1 },
+        MetadataCommand::RegisterBroker { id: b(1), address: "a:1".into(), incarnation: 1, previous_incarnation: None },
         MetadataCommand::UnfenceBroker { id: b(1), incarnation: 1 },
-        MetadataCommand::RegisterBroker { id: b(2), address: "a:2".into(), incarnation: 2 },
+        MetadataCommand::RegisterBroker { id: b(2), address: "a:2".into(), incarnation: 2, previous_incarnation: None },
         MetadataCommand::UnfenceBroker { id: b(2), incarnation: 2 },
         create("t", "id-t", vec![ids(&[1, 2]), ids(&[2, 1])]),
         MetadataCommand::FenceBroker { id: b(2), incarnation: 2 },

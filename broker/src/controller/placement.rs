@@ -88,7 +88,12 @@ mod tests {
     fn image(brokers: u32) -> MetadataImage {
         let mut image = MetadataImage::default();
         for id in 1..=brokers {
-            let cmd = MetadataCommand::RegisterBroker { id: BrokerId(id), address: format!("h:{id}"), incarnation: 1 };
+            let cmd = MetadataCommand::RegisterBroker {
+                id: BrokerId(id),
+                address: format!("h:{id}"),
+                incarnation: 1,
+                previous_incarnation: None,
+            };
             image.apply(&cmd).unwrap();
             image.apply(&MetadataCommand::UnfenceBroker { id: BrokerId(id), incarnation: 1 }).unwrap();
         }

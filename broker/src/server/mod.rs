@@ -19,7 +19,7 @@ use crate::broker::Broker;
 use crate::config::BrokerConfig;
 use crate::controller::{BrokerId, Controller, ControllerConfig, LeaseConfig};
 use crate::error::BrokerError;
-use crate::membership::{Membership, SessionState, new_incarnation};
+use crate::membership::{Membership, SessionState, new_incarnation, take_over_incarnation};
 
 pub use admin::AdminService;
 pub use data::TallyService;
@@ -53,6 +53,10 @@ pub async fn run(
     // After Broker::open, which holds the data directory's lock.
     let controller = Controller::start(controller_config).await?;
     let incarnation = new_incarnation();
+    // Under the data directory's lock: the process that wrote the previous
+    // incarnation has exited.
+    let previous_incarnation = take_over_incarnation(&data_dir.join("__cluster_metadata"), incarnation)
+        .map_err(BrokerError::InvalidRequest)?;
     broker.attach(controller.clone(), incarnation);
     let reconciler = tokio::spawn(follow_metadata(broker.clone(), controller.subscribe()));
     let migration = tokio::spawn(migrate_legacy_topics(broker.clone()));
@@ -64,6 +68,7 @@ pub async fn run(
         broker: BrokerId(broker.node_id()),
         address,
         incarnation,
+        previous_incarnation,
         heartbeat_interval,
         session_timeout,
     };

@@ -121,7 +121,12 @@ async fn converge(nodes: &BTreeMap<u32, Voter>, what: &str, check: impl Fn(&crat
 }
 
 fn register(id: u32) -> MetadataCommand {
-    MetadataCommand::RegisterBroker { id: BrokerId(id), address: format!("h:{id}"), incarnation: 7 }
+    MetadataCommand::RegisterBroker {
+        id: BrokerId(id),
+        address: format!("h:{id}"),
+        incarnation: 7,
+        previous_incarnation: None,
+    }
 }
 
 fn create(name: &str) -> MetadataCommand {

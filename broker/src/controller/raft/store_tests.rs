@@ -38,7 +38,12 @@ fn entry(term: u64, index: u64, command: MetadataCommand) -> Entry {
 }
 
 fn register(id: u32) -> MetadataCommand {
-    MetadataCommand::RegisterBroker { id: BrokerId(id), address: format!("h:{id}"), incarnation: u64::from(id) }
+    MetadataCommand::RegisterBroker {
+        id: BrokerId(id),
+        address: format!("h:{id}"),
+        incarnation: u64::from(id),
+        previous_incarnation: None,
+    }
 }
 
 fn rt() -> tokio::runtime::Runtime {
