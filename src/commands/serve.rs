@@ -143,6 +143,14 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         })));
     }
     let client = tally_client::Client::builder().bootstrap([addresses[0].clone()]).connect().await?;
+    // Wait (a while) for every broker to register, so `demo` spreads over all.
+    for _ in 0..100 {
+        let cluster = client.admin().describe_cluster().await;
+        if cluster.is_ok_and(|c| c.brokers.iter().filter(|b| !b.fenced).count() == args.brokers as usize) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let partitions = 2 * args.brokers;
     let mut created = Err(anyhow::anyhow!("not tried"));
     // The brokers register once a majority of them runs: retry for a while.
