@@ -23,6 +23,10 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Time allowed for one request, on top of any long-poll wait. Default 30 s.
     pub request_timeout: Duration,
+    /// Cached topic metadata older than this is fetched again, so added
+    /// partitions and moved leaders are seen (Kafka's `metadata.max.age.ms`).
+    /// Default 5 minutes.
+    pub metadata_max_age: Duration,
 }
 
 impl Default for ClientConfig {
@@ -31,6 +35,7 @@ impl Default for ClientConfig {
             bootstrap: vec!["127.0.0.1:9092".to_string()],
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            metadata_max_age: Duration::from_secs(300),
         }
     }
 }
@@ -64,6 +69,12 @@ impl ClientBuilder {
         self
     }
 
+    /// How long cached topic metadata is used before it is fetched again.
+    pub fn metadata_max_age(mut self, age: Duration) -> Self {
+        self.config.metadata_max_age = age;
+        self
+    }
+
     /// Connects to the first bootstrap broker that answers a metadata request.
     pub async fn connect(self) -> Result<Client> {
         let config = self.config;
@@ -83,6 +94,7 @@ impl ClientBuilder {
                 inner: Arc::new(Inner {
                     config: config.clone(),
                     bootstrap: channel.clone(),
+                    answering: RwLock::new(address.clone()),
                     channels: RwLock::new(HashMap::from([(address.clone(), channel)])),
                     metadata: RwLock::new(Metadata::default()),
                 }),
@@ -115,6 +127,8 @@ fn endpoint(address: &str, config: &ClientConfig) -> Result<Endpoint> {
 pub struct TopicInfo {
     /// Leader broker id of each partition (`None` while leaderless).
     pub leaders: Vec<Option<u32>>,
+    /// When this was fetched.
+    fetched_at: std::time::Instant,
 }
 
 #[derive(Debug, Default)]
@@ -127,6 +141,8 @@ struct Metadata {
 struct Inner {
     config: ClientConfig,
     bootstrap: Channel,
+    /// The broker that last answered a metadata request: admin requests go there.
+    answering: RwLock<String>,
     channels: RwLock<HashMap<String, Channel>>,
     metadata: RwLock<Metadata>,
 }
@@ -167,7 +183,9 @@ impl Client {
     }
 
     pub(crate) fn admin_rpc(&self) -> AdminClient<Channel> {
-        AdminClient::new(self.inner.bootstrap.clone())
+        let answering = self.inner.answering.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let channel = self.channel(&answering).unwrap_or_else(|_| self.inner.bootstrap.clone());
+        AdminClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
@@ -181,8 +199,7 @@ impl Client {
     /// Asks the cluster for brokers and topics (`topics` empty: all) and
     /// caches the answer.
     pub async fn refresh_metadata(&self, topics: &[String]) -> Result<()> {
-        let request = pb::MetadataRequest { topics: topics.to_vec() };
-        let response = Self::tally_rpc(self.inner.bootstrap.clone()).metadata(request).await?.into_inner();
+        let response = self.metadata_from_any_broker(topics).await?;
         let mut md = self.inner.metadata.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         md.brokers = response.brokers.into_iter().map(|b| (b.node_id, b.address)).collect();
         for t in response.topics {
@@ -196,7 +213,7 @@ impl Client {
                     *slot = u32::try_from(p.leader_id).ok();
                 }
             }
-            md.topics.insert(t.name, Arc::new(TopicInfo { leaders }));
+            md.topics.insert(t.name, Arc::new(TopicInfo { leaders, fetched_at: std::time::Instant::now() }));
         }
         Ok(())
     }
@@ -216,7 +233,40 @@ impl Client {
     }
 
     pub(crate) fn cached_topic(&self, topic: &str) -> Option<Arc<TopicInfo>> {
-        self.inner.metadata.read().unwrap_or_else(std::sync::PoisonError::into_inner).topics.get(topic).cloned()
+        let md = self.inner.metadata.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        md.topics.get(topic).filter(|t| t.fetched_at.elapsed() < self.inner.config.metadata_max_age).cloned()
+    }
+
+    /// Asks the broker that answered last, then every other known broker and
+    /// bootstrap address, until one answers: a cluster stays reachable while
+    /// any of its brokers is.
+    async fn metadata_from_any_broker(&self, topics: &[String]) -> Result<pb::MetadataResponse> {
+        let answering = self.inner.answering.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let mut candidates = vec![answering];
+        {
+            let md = self.inner.metadata.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut known: Vec<&String> = md.brokers.values().collect();
+            known.sort();
+            candidates.extend(known.into_iter().cloned());
+        }
+        candidates.extend(self.inner.config.bootstrap.iter().cloned());
+        let mut seen = std::collections::HashSet::new();
+        candidates.retain(|a| seen.insert(a.clone()));
+        let mut last = None;
+        for address in candidates {
+            let request = pb::MetadataRequest { topics: topics.to_vec() };
+            let mut rpc = Self::tally_rpc(self.channel(&address)?);
+            let mut call = tonic::Request::new(request);
+            call.set_timeout(self.inner.config.request_timeout);
+            match rpc.metadata(call).await {
+                Ok(r) => {
+                    *self.inner.answering.write().unwrap_or_else(std::sync::PoisonError::into_inner) = address;
+                    return Ok(r.into_inner());
+                }
+                Err(status) => last = Some(Error::from(status)),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::InvalidArgument("no broker address known".into())))
     }
 
     /// Forgets what is cached about `topic` (after NOT_LEADER and the like).

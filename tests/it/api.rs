@@ -585,3 +585,27 @@ async fn one_failing_partition_does_not_cost_the_others_their_records() {
     assert_eq!(consumer.position("good", 0), Some(2), "the good partition moved on exactly once");
     broker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_metadata_expires_so_added_partitions_are_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let admin_client = broker.client().await;
+    admin_client.admin().create_topic(NewTopic::new("grows", 1)).await.unwrap();
+    let fresh = tally_client::Client::builder()
+        .bootstrap([broker.address.clone()])
+        .metadata_max_age(Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    let stale = broker.client().await; // the default: 5 minutes
+    assert_eq!(fresh.topic_info("grows").await.unwrap().leaders.len(), 1);
+    assert_eq!(stale.topic_info("grows").await.unwrap().leaders.len(), 1);
+    admin_client.admin().create_partitions("grows", 3).await.unwrap();
+    let seen =
+        wait_for(Duration::from_secs(10), async || fresh.topic_info("grows").await.is_ok_and(|t| t.leaders.len() == 3))
+            .await;
+    assert!(seen, "a client with a short metadata_max_age sees the new partitions");
+    assert_eq!(stale.topic_info("grows").await.unwrap().leaders.len(), 1, "a fresh cache is used as it is");
+    broker.stop().await.unwrap();
+}

@@ -220,6 +220,15 @@ async fn a_topic_created_at_any_broker_spreads_over_all_and_each_partition_is_se
     let answer = raw.fetch(fetch).await.unwrap().into_inner();
     let r = &answer.topics[0].partitions[0];
     assert_eq!(r.error_code, tally_proto::ErrorCode::NotLeaderOrFollower as i32, "{}", r.error_message);
+    // The broker the client bootstrapped from stops: it carries on through the others.
+    let mut brokers = brokers.into_iter();
+    brokers.next().unwrap().stop().await.unwrap();
+    let elsewhere = d.partitions.iter().find(|p| p.leader != Some(1)).unwrap().partition;
+    bootstrap.refresh_metadata(&[]).await.expect("metadata from another broker");
+    assert!(bootstrap.admin().list_topics().await.unwrap().iter().any(|t| t.name == "spread"));
+    let pc = bootstrap.partition_client("spread", elsewhere);
+    let record = RecordRef { timestamp: 1, value: Some(b"z"), ..Default::default() };
+    pc.produce_records(&[record], Acks::Leader).await.unwrap();
     for b in brokers {
         b.stop().await.unwrap();
     }
