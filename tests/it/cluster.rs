@@ -207,6 +207,8 @@ async fn a_topic_created_at_any_broker_spreads_over_all_and_each_partition_is_se
     let r = &answer.topics[0].partitions[0];
     assert_eq!(r.error_code, tally_proto::ErrorCode::NotLeaderOrFollower as i32, "{}", r.error_message);
     assert!(r.error_message.contains(&format!("broker {leader} does")), "{}", r.error_message);
+    assert_eq!(r.leader_id, Some(leader), "the answer carries the leader");
+    assert!(r.leader_epoch.is_some());
     // So does a fetch.
     let fetch = pb::FetchRequest {
         max_wait_ms: 0,
@@ -220,6 +222,7 @@ async fn a_topic_created_at_any_broker_spreads_over_all_and_each_partition_is_se
     let answer = raw.fetch(fetch).await.unwrap().into_inner();
     let r = &answer.topics[0].partitions[0];
     assert_eq!(r.error_code, tally_proto::ErrorCode::NotLeaderOrFollower as i32, "{}", r.error_message);
+    assert_eq!(r.leader_id, Some(leader));
     // The broker the client bootstrapped from stops: it carries on through the others.
     let mut brokers = brokers.into_iter();
     brokers.next().unwrap().stop().await.unwrap();

@@ -72,6 +72,16 @@ fn validate_payload(records: &Bytes, max_message_bytes: u64) -> Result<Vec<Recor
         .collect()
 }
 
+/// The leader and epoch a NOT_LEADER_OR_FOLLOWER answer names.
+fn leader_hint(e: &BrokerError) -> (Option<u32>, Option<u32>) {
+    match e {
+        BrokerError::NotLeaderOrFollower { leader: Some(leader), leader_epoch, .. } => {
+            (Some(*leader), Some(*leader_epoch))
+        }
+        _ => (None, None),
+    }
+}
+
 fn code_and_message(e: &BrokerError) -> (i32, String) {
     (e.code() as i32, e.to_string())
 }
@@ -106,10 +116,13 @@ impl Tally for TallyService {
                         base_offset: info.base_offset.to_wire(),
                         log_append_time_ms: -1,
                         log_start_offset: log_start,
+                        leader_id: None,
+                        leader_epoch: None,
                     },
                     Err(e) => {
                         tracing::debug!(topic = %t.name, partition = p.partition, error = %e, "produce refused");
                         let (error_code, error_message) = code_and_message(&e);
+                        let (leader_id, leader_epoch) = leader_hint(&e);
                         pb::PartitionProduceResponse {
                             partition: p.partition,
                             error_code,
@@ -117,6 +130,8 @@ impl Tally for TallyService {
                             base_offset: -1,
                             log_append_time_ms: -1,
                             log_start_offset: log_start,
+                            leader_id,
+                            leader_epoch,
                         }
                     }
                 });
@@ -307,6 +322,8 @@ fn read_targets(targets: &[FetchTarget], names: &[String], max_bytes: u64) -> (p
                     high_watermark: hw.to_wire(),
                     log_start_offset: start.to_wire(),
                     records: chunks,
+                    leader_id: None,
+                    leader_epoch: None,
                 }
             }
             Err(e) => {
@@ -315,6 +332,7 @@ fn read_targets(targets: &[FetchTarget], names: &[String], max_bytes: u64) -> (p
                     tracing::error!(partition = t.partition, error = %s, "fetch failed");
                 }
                 let (error_code, error_message) = code_and_message(&e);
+                let (leader_id, leader_epoch) = leader_hint(&e);
                 pb::FetchPartitionResponse {
                     partition: t.partition,
                     error_code,
@@ -322,6 +340,8 @@ fn read_targets(targets: &[FetchTarget], names: &[String], max_bytes: u64) -> (p
                     high_watermark: -1,
                     log_start_offset: -1,
                     records: Vec::new(),
+                    leader_id,
+                    leader_epoch,
                 }
             }
         };
