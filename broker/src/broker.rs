@@ -104,6 +104,9 @@ pub struct Broker {
     /// True while the image has this incarnation registered and unfenced:
     /// only then does the broker act as leader of anything.
     serving: std::sync::atomic::AtomicBool,
+    /// This broker's session with the active controller, kept by its
+    /// heartbeats: without it the broker leads nothing.
+    lease: Arc<crate::membership::Lease>,
     _lock: File,
 }
 
@@ -182,6 +185,7 @@ impl Broker {
             controller: OnceLock::new(),
             incarnation: OnceLock::new(),
             serving: std::sync::atomic::AtomicBool::new(false),
+            lease: Arc::new(crate::membership::Lease::default()),
             _lock: lock,
             config,
         })
@@ -374,9 +378,15 @@ impl Broker {
         }
     }
 
-    /// True while this process's registration is active and unfenced.
+    /// True while this process's registration is active and unfenced, and
+    /// the active controller answered a heartbeat less than a session ago.
     pub fn is_serving(&self) -> bool {
-        self.serving.load(std::sync::atomic::Ordering::SeqCst)
+        self.serving.load(std::sync::atomic::Ordering::SeqCst) && self.lease.is_valid()
+    }
+
+    /// The lease the broker's heartbeats keep.
+    pub fn lease(&self) -> Arc<crate::membership::Lease> {
+        self.lease.clone()
     }
 
     /// This broker's id.
@@ -423,7 +433,9 @@ impl Broker {
         let t = self.topic(topic).ok_or_else(unknown)?;
         let state = t.states.get(index as usize).ok_or_else(unknown)?;
         let me = BrokerId(self.node_id());
-        let serving = self.serving.load(std::sync::atomic::Ordering::SeqCst);
+        // A broker that cannot reach the active controller for a whole
+        // session stops leading: by then it may be fenced and replaced.
+        let serving = self.is_serving();
         match (state.leader, t.partitions.get(&index)) {
             (Some(leader), Some(p)) if leader == me && serving => Ok((t.clone(), p.clone())),
             // Led by this broker id, but not by this process's registration

@@ -23,6 +23,38 @@ use crate::controller::{
     BrokerId, Controller, ControllerError, HeartbeatAnswer, HeartbeatRequest, MetadataCommand, MetadataError,
 };
 
+/// How long this broker may still act as a leader: until a session timeout
+/// after the last heartbeat the active controller answered (counted from
+/// when it was sent, so the broker stops no later than the controller
+/// fences it). Monotonic time.
+#[derive(Debug)]
+pub struct Lease {
+    epoch: std::time::Instant,
+    until_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Lease {
+    fn default() -> Self {
+        Lease { epoch: std::time::Instant::now(), until_ms: std::sync::atomic::AtomicU64::new(0) }
+    }
+}
+
+impl Lease {
+    fn ms(&self, at: std::time::Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The controller answered a heartbeat sent at `sent`.
+    pub fn extend(&self, sent: std::time::Instant, session: Duration) {
+        self.until_ms.fetch_max(self.ms(sent + session), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// True while the last answered heartbeat is less than a session old.
+    pub fn is_valid(&self) -> bool {
+        self.ms(std::time::Instant::now()) < self.until_ms.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// What a broker's session looks like from the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionState {
@@ -54,6 +86,8 @@ pub struct Membership {
     /// The controller's session timeout: an old incarnation of this id that
     /// is still active after two of these belongs to another live process.
     pub session_timeout: Duration,
+    /// Extended by every answered heartbeat; the data path checks it.
+    pub lease: std::sync::Arc<Lease>,
 }
 
 impl Membership {
@@ -74,8 +108,11 @@ impl Membership {
                     tracing::info!(broker = %self.broker, incarnation = format!("{:#x}", self.incarnation), "registered with the controller");
                     state.send_replace(SessionState::Registered { fenced: true });
                 }),
-                Some(index) => self.heartbeat(index, false).await.map(|answer| match answer {
+                Some(index) => {
+                    let sent = std::time::Instant::now();
+                    self.heartbeat(index, false).await.map(|answer| match answer {
                     HeartbeatAnswer::Alive { fenced } => {
+                        self.lease.extend(sent, self.session_timeout);
                         state.send_replace(SessionState::Registered { fenced });
                     }
                     HeartbeatAnswer::Register => {
@@ -83,7 +120,8 @@ impl Membership {
                         registered_at = None;
                         state.send_replace(SessionState::Registering);
                     }
-                }),
+                })
+                }
             };
             match step {
                 Ok(()) => {

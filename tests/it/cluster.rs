@@ -272,3 +272,35 @@ async fn a_data_directory_of_the_single_broker_version_opens_with_its_topics() {
     assert!(!dir.path().join("topics.json").exists());
     broker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_a_controller_quorum_leads_until_its_session_runs_out() {
+    let root = tempfile::tempdir().unwrap();
+    let brokers = three_brokers(root.path()).await;
+    let client = brokers[0].client().await;
+    client.admin().create_topic(NewTopic::new("alone", 3)).await.unwrap();
+    let d = client.admin().describe_topic("alone").await.unwrap();
+    let mine = d.partitions.iter().find(|p| p.leader == Some(1)).expect("broker 1 leads one").partition;
+    let mut brokers = brokers.into_iter();
+    let first = brokers.next().unwrap();
+    for b in brokers {
+        b.stop().await.unwrap();
+    }
+    // The majority is gone: broker 1 keeps serving what it leads for a while...
+    let pc = client.partition_client("alone", mine);
+    let record = RecordRef { timestamp: 1, value: Some(b"x"), ..Default::default() };
+    pc.produce_records(std::slice::from_ref(&record), Acks::Leader).await.expect("still leading within its session");
+    // ...metadata changes time out with a clear error...
+    let e = client.admin().create_topic(NewTopic::new("never", 1)).await.unwrap_err();
+    assert!(e.to_string().contains("majority") || e.is_retriable(), "{e}");
+    // ...and once its session runs out (2 s) it stops leading.
+    let stopped = wait_for(Duration::from_secs(15), async || {
+        pc.produce_records(&[record.clone()], Acks::Leader).await.is_err_and(|e| {
+            e.code() == Some(tally_proto::ErrorCode::LeaderNotAvailable)
+                || e.code() == Some(tally_proto::ErrorCode::NotLeaderOrFollower)
+        })
+    })
+    .await;
+    assert!(stopped, "a broker cut off from the controller stops acting as leader");
+    first.stop().await.unwrap();
+}

@@ -71,6 +71,7 @@ pub async fn run(
         previous_incarnation,
         heartbeat_interval,
         session_timeout,
+        lease: broker.lease(),
     };
     let membership = tokio::spawn(async move {
         if let Err(e) = membership.run(member_stop_rx, session).await {

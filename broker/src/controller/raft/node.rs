@@ -337,6 +337,12 @@ impl Controller {
             let address = status.leader.and_then(|l| self.voters.get(&l).cloned());
             return Err(ControllerError::NotLeader { leader: status.leader, address });
         }
+        // A leader cut off from its quorum must not keep brokers' leases
+        // alive: confirm the leadership with a majority first (bounded).
+        let confirmed = tokio::time::timeout(self.propose_timeout, self.raft.ensure_linearizable()).await;
+        if !matches!(confirmed, Ok(Ok(_))) {
+            return Err(ControllerError::NotLeader { leader: None, address: None });
+        }
         let image = self.image();
         let now = self.now_ms();
         let answer = {
