@@ -295,7 +295,7 @@ async fn a_broker_without_a_controller_quorum_leads_until_its_session_runs_out()
     assert!(e.to_string().contains("majority") || e.is_retriable(), "{e}");
     // ...and once its session runs out (2 s) it stops leading.
     let stopped = wait_for(Duration::from_secs(15), async || {
-        pc.produce_records(&[record.clone()], Acks::Leader).await.is_err_and(|e| {
+        pc.produce_records(std::slice::from_ref(&record), Acks::Leader).await.is_err_and(|e| {
             e.code() == Some(tally_proto::ErrorCode::LeaderNotAvailable)
                 || e.code() == Some(tally_proto::ErrorCode::NotLeaderOrFollower)
         })
