@@ -55,18 +55,6 @@ impl Lease {
     }
 }
 
-/// What a broker's session looks like from the broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SessionState {
-    /// Not registered yet (or told to register again).
-    Registering,
-    /// Registered; `fenced` as the controller last answered.
-    Registered {
-        /// True while the broker may not lead.
-        fenced: bool,
-    },
-}
-
 /// Settings of the session.
 #[derive(Debug, Clone)]
 pub struct Membership {
@@ -91,10 +79,10 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Registers, then heartbeats until `stop` turns true; publishes the
-    /// session state on `state`. Returns an error only for a refusal that
+    /// Registers, then heartbeats until `stop` turns true, extending the
+    /// lease with every answer. Returns an error only for a refusal that
     /// must stop the broker.
-    pub async fn run(self, stop: watch::Receiver<bool>, state: watch::Sender<SessionState>) -> Result<(), String> {
+    pub async fn run(self, stop: watch::Receiver<bool>) -> Result<(), String> {
         let mut stop = stop;
         let mut registered_at: Option<u64> = None;
         let mut warned = false;
@@ -106,19 +94,14 @@ impl Membership {
                     registered_at = Some(index);
                     just_registered = true;
                     tracing::info!(broker = %self.broker, incarnation = format!("{:#x}", self.incarnation), "registered with the controller");
-                    state.send_replace(SessionState::Registered { fenced: true });
                 }),
                 Some(index) => {
                     let sent = std::time::Instant::now();
                     self.heartbeat(index, false).await.map(|answer| match answer {
-                    HeartbeatAnswer::Alive { fenced } => {
-                        self.lease.extend(sent, self.session_timeout);
-                        state.send_replace(SessionState::Registered { fenced });
-                    }
+                    HeartbeatAnswer::Alive { .. } => self.lease.extend(sent, self.session_timeout),
                     HeartbeatAnswer::Register => {
                         tracing::warn!(broker = %self.broker, "the controller does not know this incarnation; registering again");
                         registered_at = None;
-                        state.send_replace(SessionState::Registering);
                     }
                 })
                 }

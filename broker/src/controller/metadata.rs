@@ -347,6 +347,11 @@ pub enum MetadataError {
     InvalidProducerIdRequest(String),
 }
 
+/// The effect of a change to partition `index` of `topic`.
+fn changed(topic: &str, index: usize, state: &PartitionState) -> MetadataEffect {
+    MetadataEffect::PartitionChanged { topic: topic.to_string(), partition: index as u32, state: state.clone() }
+}
+
 /// Most producer ids one request may take.
 pub const MAX_PRODUCER_ID_BLOCK: u64 = 1 << 20;
 
@@ -477,11 +482,7 @@ impl MetadataImage {
                     p.leader_epoch.0 += 1;
                 }
                 p.partition_epoch.0 += 1;
-                effects.push(MetadataEffect::PartitionChanged {
-                    topic: topic.name.clone(),
-                    partition: index as u32,
-                    state: p.clone(),
-                });
+                effects.push(changed(&topic.name, index, p));
             }
         }
         Ok(effects)
@@ -499,11 +500,7 @@ impl MetadataImage {
                     p.leader = Some(id);
                     p.leader_epoch.0 += 1;
                     p.partition_epoch.0 += 1;
-                    effects.push(MetadataEffect::PartitionChanged {
-                        topic: topic.name.clone(),
-                        partition: index as u32,
-                        state: p.clone(),
-                    });
+                    effects.push(changed(&topic.name, index, p));
                 }
             }
         }

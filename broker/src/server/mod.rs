@@ -19,7 +19,7 @@ use crate::broker::Broker;
 use crate::config::BrokerConfig;
 use crate::controller::{BrokerId, Controller, ControllerConfig, LeaseConfig};
 use crate::error::BrokerError;
-use crate::membership::{Membership, SessionState, new_incarnation, take_over_incarnation};
+use crate::membership::{Membership, new_incarnation, take_over_incarnation};
 
 pub use admin::AdminService;
 pub use data::TallyService;
@@ -61,7 +61,6 @@ pub async fn run(
     let reconciler = tokio::spawn(follow_metadata(broker.clone(), controller.subscribe()));
     let migration = tokio::spawn(migrate_legacy_topics(broker.clone()));
     let (member_stop, member_stop_rx) = tokio::sync::watch::channel(false);
-    let (session, _session_rx) = tokio::sync::watch::channel(SessionState::Registering);
     let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<String>();
     let membership = Membership {
         controller: controller.clone(),
@@ -74,7 +73,7 @@ pub async fn run(
         lease: broker.lease(),
     };
     let membership = tokio::spawn(async move {
-        if let Err(e) = membership.run(member_stop_rx, session).await {
+        if let Err(e) = membership.run(member_stop_rx).await {
             let _ = fatal_tx.send(e);
         }
     });
