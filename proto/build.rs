@@ -10,10 +10,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("tally_descriptor.bin"))
         .compile_with_config(
             config,
-            &["proto/tally/v1/tally.proto", "proto/tally/internal/v1/raft.proto"],
+            &[
+                "proto/tally/v1/tally.proto",
+                "proto/tally/internal/v1/raft.proto",
+                "proto/tally/internal/v1/replication.proto",
+            ],
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto/tally/v1/tally.proto");
     println!("cargo:rerun-if-changed=proto/tally/internal/v1/raft.proto");
+    println!("cargo:rerun-if-changed=proto/tally/internal/v1/replication.proto");
     Ok(())
 }

@@ -36,6 +36,9 @@ use crate::controller::{
 };
 use crate::error::BrokerError;
 use crate::partition::Partition;
+use crate::replication::fetcher::{FetcherSettings, Fetchers, Follow};
+use crate::replication::isr::{IsrProposer, Proposal, now_ms};
+use crate::replication::{Assignment, LeaderSettings};
 use crate::storage::{Log, SystemClock};
 use crate::topic::{TopicConfig, TopicName, canonical_key};
 
@@ -107,6 +110,10 @@ pub struct Broker {
     /// This broker's session with the active controller, kept by its
     /// heartbeats: without it the broker leads nothing.
     lease: Arc<crate::membership::Lease>,
+    /// The fetchers of the partitions this broker follows.
+    fetchers: Fetchers,
+    /// Where leaders send their ISR changes, once running.
+    isr_proposer: OnceLock<IsrProposer>,
     _lock: File,
 }
 
@@ -186,6 +193,14 @@ impl Broker {
             incarnation: OnceLock::new(),
             serving: std::sync::atomic::AtomicBool::new(false),
             lease: Arc::new(crate::membership::Lease::default()),
+            fetchers: Fetchers::new(FetcherSettings {
+                replica_id: BrokerId(config.node_id),
+                max_wait_ms: config.replica_fetch_wait_max_ms,
+                max_bytes: config.replica_fetch_response_max_bytes,
+                backoff: Duration::from_millis(config.replica_fetch_backoff_ms),
+                backoff_max: Duration::from_secs(1),
+            }),
+            isr_proposer: OnceLock::new(),
             _lock: lock,
             config,
         })
@@ -196,6 +211,36 @@ impl Broker {
     pub fn attach(&self, controller: Controller, incarnation: u64) {
         let _ = self.controller.set(controller);
         let _ = self.incarnation.set(incarnation);
+    }
+
+    /// Where leaders send ISR changes (see [`crate::replication::isr`]).
+    pub fn set_isr_proposer(&self, proposer: IsrProposer) {
+        let _ = self.isr_proposer.set(proposer);
+    }
+
+    /// Queues a leader's ISR change for the controller.
+    pub fn propose_isr_change(&self, topic: &str, partition: Arc<Partition>, change: crate::replication::IsrChange) {
+        match self.isr_proposer.get() {
+            Some(proposer) => proposer.propose(Proposal { topic: topic.to_string(), partition, change }),
+            None => partition.isr_proposal_failed(&change),
+        }
+    }
+
+    /// Proposes a metadata command to the active controller (forwarded
+    /// there when this voter is not it).
+    pub async fn propose(&self, command: MetadataCommand) -> Result<(), BrokerError> {
+        self.controller()?.propose_anywhere(command).await.map_err(from_controller)?;
+        Ok(())
+    }
+
+    /// Every partition this broker leads now, with its topic name.
+    pub fn led_partitions(&self) -> Vec<(String, Arc<Partition>)> {
+        self.topics()
+            .iter()
+            .flat_map(|t| {
+                t.partitions.values().filter(|p| p.leading_epoch().is_some()).map(|p| (t.name.to_string(), p.clone()))
+            })
+            .collect()
     }
 
     fn controller(&self) -> Result<&Controller, BrokerError> {
@@ -334,6 +379,7 @@ impl Broker {
                 }),
             );
         }
+        self.apply_roles(applied, &next);
         let mine = self.incarnation.get().copied();
         let serving = applied.image.broker(me).is_some_and(|b| Some(b.incarnation) == mine && !b.fenced);
         self.serving.store(serving, std::sync::atomic::Ordering::SeqCst);
@@ -352,6 +398,50 @@ impl Broker {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Gives every hosted partition its role from the image (leader with the
+    /// committed ISR, or follower of the leader it names) and points the
+    /// fetchers at the leaders.
+    fn apply_roles(&self, applied: &AppliedImage, topics: &BTreeMap<String, Arc<Topic>>) {
+        let me = BrokerId(self.node_id());
+        let now = now_ms();
+        let mut follows: BTreeMap<BrokerId, (String, Vec<Follow>)> = BTreeMap::new();
+        for t in topics.values() {
+            let settings = LeaderSettings {
+                min_insync_replicas: t.config.min_insync_replicas,
+                replica_lag_time_max_ms: self.config.replica_lag_time_max_ms,
+            };
+            for (index, p) in &t.partitions {
+                let Some(state) = t.states.get(*index as usize) else { continue };
+                match state.leader {
+                    Some(leader) if leader == me => {
+                        let assignment = Assignment {
+                            replicas: state.replicas.clone(),
+                            isr: state.isr.clone(),
+                            leader_epoch: state.leader_epoch.0,
+                            partition_epoch: state.partition_epoch.0,
+                        };
+                        if let Err(e) = p.make_leader(me, assignment, settings, now) {
+                            tracing::error!(topic = %t.name, partition = index, error = %e, "cannot take the leadership");
+                        }
+                    }
+                    leader => {
+                        p.make_follower(leader, state.leader_epoch.0);
+                        let Some(leader) = leader else { continue };
+                        let Some(address) = applied.image.broker(leader).map(|b| b.address.clone()) else { continue };
+                        let entry = follows.entry(leader).or_insert_with(|| (address, Vec::new()));
+                        entry.1.push(Follow {
+                            topic: Arc::from(t.name.as_str()),
+                            topic_id: Arc::from(t.id.as_str()),
+                            partition: p.clone(),
+                            leader_epoch: state.leader_epoch.0,
+                        });
+                    }
+                }
+            }
+        }
+        self.fetchers.update(follows);
     }
 
     /// Closes a topic's hosted partitions and deletes their data.
@@ -483,11 +573,6 @@ impl Broker {
             )));
         }
         let replication_factor = new.replication_factor.max(1);
-        if replication_factor > 1 {
-            return Err(BrokerError::InvalidReplicationFactor(format!(
-                "replication factor {replication_factor} is not supported yet: replication comes next"
-            )));
-        }
         let overrides: BTreeMap<String, String> =
             new.configs.iter().map(|(k, v)| (canonical_key(k), v.clone())).collect();
         TopicConfig::with_overrides(&self.config.log, &overrides)?;
@@ -581,6 +666,7 @@ impl Broker {
 
     /// Flushes, checkpoints and closes every log. Blocking.
     pub fn close(&self) {
+        self.fetchers.shutdown();
         for p in self.all_partitions() {
             if let Err(e) = p.close() {
                 tracing::error!(topic = p.topic(), partition = p.index(), error = %e, "closing partition failed");

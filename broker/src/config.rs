@@ -54,6 +54,19 @@ pub struct BrokerConfig {
     /// A controller voter that hears from no leader for 3/4 of this to all
     /// of it starts an election. Default 1000; above 400.
     pub controller_election_timeout_ms: u64,
+    /// An in-sync follower that has not caught up with the leader's log end
+    /// for this long leaves the ISR (Kafka's `replica.lag.time.max.ms`).
+    /// Default 30 000.
+    pub replica_lag_time_max_ms: u64,
+    /// How long a leader holds a follower's fetch that finds nothing new.
+    /// Default 500; below `replica_lag_time_max_ms`.
+    pub replica_fetch_wait_max_ms: u32,
+    /// Bytes of batches per follower fetch response at most (Kafka's
+    /// `replica.fetch.response.max.bytes`). Default 10 MiB.
+    pub replica_fetch_response_max_bytes: u32,
+    /// First pause of a follower's fetch after an error; doubles up to 1 s.
+    /// Default 50.
+    pub replica_fetch_backoff_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -75,6 +88,10 @@ impl Default for BrokerConfig {
             broker_session_timeout_ms: 9000,
             broker_heartbeat_interval_ms: 2000,
             controller_election_timeout_ms: 1000,
+            replica_lag_time_max_ms: 30_000,
+            replica_fetch_wait_max_ms: 500,
+            replica_fetch_response_max_bytes: 10 << 20,
+            replica_fetch_backoff_ms: 50,
         }
     }
 }
@@ -184,6 +201,22 @@ impl BrokerConfig {
                 self.controller_election_timeout_ms
             ));
         }
+        if u64::from(self.replica_fetch_wait_max_ms) >= self.replica_lag_time_max_ms {
+            problems.push(format!(
+                "replica_fetch_wait_max_ms ({}) must be below replica_lag_time_max_ms ({}), or idle followers leave the ISR",
+                self.replica_fetch_wait_max_ms, self.replica_lag_time_max_ms
+            ));
+        }
+        if self.replica_fetch_response_max_bytes < 64 << 10 {
+            problems.push(format!(
+                "replica_fetch_response_max_bytes must be at least 65536, got {}",
+                self.replica_fetch_response_max_bytes
+            ));
+        }
+        if self.replica_fetch_backoff_ms == 0 || self.replica_fetch_backoff_ms > 10_000 {
+            problems
+                .push(format!("replica_fetch_backoff_ms must be 1 to 10000, got {}", self.replica_fetch_backoff_ms));
+        }
         problems
     }
 
@@ -226,6 +259,10 @@ const BROKER_KEYS: &[&str] = &[
     "broker_session_timeout_ms",
     "broker_heartbeat_interval_ms",
     "controller_election_timeout_ms",
+    "replica_lag_time_max_ms",
+    "replica_fetch_wait_max_ms",
+    "replica_fetch_response_max_bytes",
+    "replica_fetch_backoff_ms",
 ];
 
 /// `TALLY_*` variables that are not config fields: the command line's own.

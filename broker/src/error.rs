@@ -87,6 +87,41 @@ pub enum BrokerError {
         /// The current leader epoch.
         leader_epoch: u32,
     },
+    /// A request names a leader epoch older than the partition's.
+    #[error("{topic}/{partition}: leader epoch {got} is fenced; the current epoch is {current}")]
+    FencedLeaderEpoch {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// This broker's epoch.
+        current: u32,
+        /// The request's.
+        got: u32,
+    },
+    /// A request names a leader epoch this broker has not seen yet.
+    #[error("{topic}/{partition}: leader epoch {got} is not known here yet (this broker has {current})")]
+    UnknownLeaderEpoch {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// This broker's epoch.
+        current: u32,
+        /// The request's.
+        got: u32,
+    },
+    /// acks=all was not reached in time: the batch is stored on the leader,
+    /// but not known to be on every in-sync replica.
+    #[error("{topic}/{partition}: the in-sync replicas did not confirm the batch within {timeout_ms} ms")]
+    ReplicationTimedOut {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The request's timeout.
+        timeout_ms: u64,
+    },
     /// The broker is stopping.
     #[error("the broker is shutting down")]
     ShuttingDown,
@@ -120,6 +155,9 @@ impl BrokerError {
             BrokerError::Storage(StorageError::StaleLeaderEpoch { .. }) => ErrorCode::FencedLeaderEpoch,
             BrokerError::Storage(StorageError::InvalidReplicaBatch(_)) => ErrorCode::CorruptMessage,
             BrokerError::Storage(_) => ErrorCode::KafkaStorageError,
+            BrokerError::FencedLeaderEpoch { .. } => ErrorCode::FencedLeaderEpoch,
+            BrokerError::UnknownLeaderEpoch { .. } => ErrorCode::UnknownLeaderEpoch,
+            BrokerError::ReplicationTimedOut { .. } => ErrorCode::RequestTimedOut,
             BrokerError::ShuttingDown => ErrorCode::LeaderNotAvailable,
             BrokerError::NotLeaderOrFollower { leader: Some(_), .. } => ErrorCode::NotLeaderOrFollower,
             BrokerError::NotLeaderOrFollower { leader: None, .. } => ErrorCode::LeaderNotAvailable,

@@ -14,6 +14,8 @@ pub mod error;
 mod maintenance;
 pub mod membership;
 pub mod partition;
+pub mod peer;
+pub mod replication;
 pub mod server;
 pub mod storage;
 pub mod topic;

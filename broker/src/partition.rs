@@ -1,28 +1,49 @@
-//! One partition as the broker serves it: its log, the high watermark that
-//! fetches wait on, group commit, and a bound on produce bytes in flight.
+//! One partition as the broker serves it: its log, its replication role
+//! (leader with the bookkeeping of its followers, or follower), the high
+//! watermark that fetches and acks=all wait on, group commit, and a bound
+//! on produce bytes in flight.
 //!
 //! The log sits behind a `std::sync::RwLock` held only for in-memory work
 //! (an append is a copy into the mapped segment; a read slices the map);
 //! fsyncs run on a blocking thread outside the lock through
-//! [`GroupCommit`], so concurrent producers share one fsync.
+//! [`GroupCommit`], so concurrent producers share one fsync. The role sits
+//! behind a mutex taken inside the log lock (always in that order), so an
+//! append and a role change never interleave: a broker that stopped leading
+//! appends nothing more as leader.
 //!
-//! High watermark: with one replica it is the log end, except that with
-//! flush `always` it is the durable end: no consumer reads a record a crash
-//! could take back (and whose offset would then be reused). The `watch` that
-//! long polls wait on only ever moves forward.
+//! High watermark: on a leader, the least log end over the ISR (see
+//! [`LeaderState`]), where the leader's own end is the durable end with
+//! flush `always`: no consumer reads a record a crash could take back. On a
+//! follower, the leader's HW capped at its own log end. The `watch` that
+//! long polls and acks=all wait on moves back only when a truncation cuts
+//! below it.
 //!
 //! A failed fsync or write-behind fails the partition for good: every
 //! produce, fetch and sync answers KAFKA_STORAGE_ERROR until the broker
 //! restarts and recovers the log.
 
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 use tally_proto::batch::RecordBatch;
 use tokio::sync::{Semaphore, watch};
 
+use crate::controller::BrokerId;
 use crate::error::BrokerError;
+use crate::replication::{Assignment, IsrChange, LeaderSettings, LeaderState};
 use crate::storage::{AppendInfo, FlushPolicy, GroupCommit, Log, Offset, ReadResult, StorageError, Writeback};
 use crate::topic::TopicConfig;
+
+/// What this broker is for a partition.
+#[derive(Debug)]
+enum Role {
+    /// Neither (just opened, or offline: no leader anywhere).
+    Idle,
+    /// The leader, with its followers' progress.
+    Leader(LeaderState),
+    /// A follower of `leader` in `leader_epoch`.
+    Follower { leader: Option<BrokerId>, leader_epoch: u32 },
+}
 
 /// One partition's state.
 #[derive(Debug)]
@@ -30,8 +51,13 @@ pub struct Partition {
     topic: Arc<str>,
     index: u32,
     log: RwLock<Log>,
+    role: Mutex<Role>,
     commit: GroupCommit,
     high_watermark: watch::Sender<Offset>,
+    /// The log end offset, for the long polls of followers.
+    log_end: watch::Sender<Offset>,
+    /// Bumped at every role change, so acks=all waiters stop waiting.
+    role_changes: watch::Sender<u64>,
     inflight_bytes: Semaphore,
     inflight_limit: u32,
     /// Serializes upkeep (flush, checkpoint, retention) with `close`; true
@@ -41,18 +67,37 @@ pub struct Partition {
     read_behind: Mutex<Option<(Offset, Vec<Writeback>)>>,
 }
 
+/// What a follower's fetch gets from the leader's partition.
+#[derive(Debug)]
+pub struct ReplicaRead {
+    /// Batches from the fetch offset (empty when the logs diverge).
+    pub read: ReadResult,
+    /// The leader's high watermark after this fetch counted.
+    pub high_watermark: Offset,
+    /// The leader's log start.
+    pub log_start_offset: Offset,
+    /// The leader's log end.
+    pub log_end_offset: Offset,
+    /// Where the follower's log diverges: the leader's (epoch, end offset).
+    pub diverging: Option<(u32, Offset)>,
+    /// An ISR expansion for the controller, when the follower qualifies.
+    pub isr_change: Option<IsrChange>,
+}
+
 impl Partition {
     /// Wraps an opened log. `inflight_limit` bounds produce bytes in flight.
-    /// The high watermark starts from the log's (its checkpoint) and moves
-    /// by [`Partition::hw_candidate`].
-    pub fn new(topic: Arc<str>, index: u32, mut log: Log, inflight_limit: u32) -> Partition {
-        let hw = Self::advance_hw(&mut log);
+    /// The partition leads nothing until [`Partition::make_leader`].
+    pub fn new(topic: Arc<str>, index: u32, log: Log, inflight_limit: u32) -> Partition {
+        let (hw, leo) = (log.high_watermark(), log.log_end_offset());
         Partition {
             topic,
             index,
             log: RwLock::new(log),
+            role: Mutex::new(Role::Idle),
             commit: GroupCommit::new(),
             high_watermark: watch::channel(hw).0,
+            log_end: watch::channel(leo).0,
+            role_changes: watch::channel(0).0,
             inflight_bytes: Semaphore::new(inflight_limit as usize),
             inflight_limit,
             read_behind: Mutex::new(None),
@@ -60,10 +105,9 @@ impl Partition {
         }
     }
 
-    /// Where the high watermark may move to now. One replica: the log end,
-    /// or with flush `always` the durable end (what a crash cannot take
-    /// back). Replication replaces this with the minimum over the ISR.
-    fn hw_candidate(log: &Log) -> Offset {
+    /// The leader's own end for the high watermark: its log end, or with
+    /// flush `always` its durable end (what a crash cannot take back).
+    fn own_end(log: &Log) -> Offset {
         let leo = log.log_end_offset();
         match log.config().flush {
             FlushPolicy::Always => leo.min(log.recovery_point()),
@@ -71,15 +115,24 @@ impl Partition {
         }
     }
 
-    /// Moves the log's high watermark up to the candidate (never down) and
-    /// returns it.
-    fn advance_hw(log: &mut Log) -> Offset {
-        let hw = log.high_watermark().max(Self::hw_candidate(log));
-        log.set_high_watermark(hw);
+    fn lock_role(&self) -> MutexGuard<'_, Role> {
+        self.role.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// On a leader, moves the log's high watermark up to what the ISR
+    /// allows (never down) and returns it. Takes the role lock: call with
+    /// the log locked.
+    fn advance_hw(&self, log: &mut Log) -> Offset {
+        if let Role::Leader(state) = &*self.lock_role()
+            && let Some(target) = state.high_watermark(Self::own_end(log))
+            && target > log.high_watermark()
+        {
+            log.set_high_watermark(target);
+        }
         log.high_watermark()
     }
 
-    /// Tells long polls about `hw`; the watch never moves back.
+    /// Tells long polls and acks=all waiters about `hw` (forward only).
     fn publish_hw(&self, hw: Offset) {
         self.high_watermark.send_if_modified(|current| {
             let moved = hw > *current;
@@ -88,6 +141,98 @@ impl Partition {
             }
             moved
         });
+    }
+
+    fn publish_log_end(&self, leo: Offset) {
+        self.log_end.send_if_modified(|current| {
+            let moved = leo != *current;
+            *current = leo;
+            moved
+        });
+    }
+
+    fn not_leader(&self, leader: Option<BrokerId>, leader_epoch: u32) -> BrokerError {
+        BrokerError::NotLeaderOrFollower {
+            topic: self.topic.to_string(),
+            partition: self.index,
+            leader: leader.map(|l| l.0),
+            leader_epoch,
+        }
+    }
+
+    /// Makes this broker the partition's leader in `assignment`'s epoch, or,
+    /// when it already leads in that epoch, takes the newer committed ISR.
+    /// A new epoch is recorded in the log (durably) before any append.
+    pub fn make_leader(
+        &self,
+        me: BrokerId,
+        assignment: Assignment,
+        settings: LeaderSettings,
+        now_ms: u64,
+    ) -> Result<(), BrokerError> {
+        let mut log = self.write_log();
+        {
+            let mut role = self.lock_role();
+            if let Role::Leader(state) = &mut *role
+                && state.leader_epoch() == assignment.leader_epoch
+            {
+                state.committed(assignment, settings);
+            } else {
+                log.begin_leader_epoch(assignment.leader_epoch).map_err(BrokerError::Storage)?;
+                let leo = log.log_end_offset();
+                *role = Role::Leader(LeaderState::new(me, assignment, settings, leo, now_ms));
+                self.role_changes.send_modify(|n| *n += 1);
+            }
+        }
+        let hw = self.advance_hw(&mut log);
+        drop(log);
+        self.publish_hw(hw);
+        Ok(())
+    }
+
+    /// Makes this broker a follower of `leader` in `leader_epoch` (no
+    /// leader: the partition is offline). Waiting acks=all produces end.
+    pub fn make_follower(&self, leader: Option<BrokerId>, leader_epoch: u32) {
+        let _log = self.write_log();
+        let mut role = self.lock_role();
+        let same =
+            matches!(&*role, Role::Follower { leader: l, leader_epoch: e } if *l == leader && *e == leader_epoch);
+        if !same {
+            *role = Role::Follower { leader, leader_epoch };
+            self.role_changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// The leader epoch this broker leads in, if it leads.
+    pub fn leading_epoch(&self) -> Option<u32> {
+        match &*self.lock_role() {
+            Role::Leader(state) => Some(state.leader_epoch()),
+            _ => None,
+        }
+    }
+
+    /// Each follower's lag in offsets behind the log end (leader only).
+    pub fn follower_lags(&self) -> Vec<(BrokerId, Option<u64>)> {
+        let leo = self.read_log().log_end_offset();
+        match &*self.lock_role() {
+            Role::Leader(state) => state.lags(leo),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Time passed: an ISR shrink to propose, when a member lags.
+    pub fn isr_tick(&self, now_ms: u64) -> Option<IsrChange> {
+        match &mut *self.lock_role() {
+            Role::Leader(state) => state.tick(now_ms),
+            _ => None,
+        }
+    }
+
+    /// The controller did not take `change`: it may be proposed again.
+    pub fn isr_proposal_failed(&self, change: &IsrChange) {
+        if let Role::Leader(state) = &mut *self.lock_role() {
+            state.proposal_failed(change);
+        }
     }
 
     /// Fails the partition after an I/O error that may have lost data.
@@ -119,19 +264,27 @@ impl Partition {
         self.log.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Appends validated batches (all or, on a storage error, a prefix).
-    /// Waits (bounded) while too many produce bytes are in flight, and with
-    /// flush `always` until the batches are durable.
+    /// Appends validated batches as leader in `leader_epoch` (all or, on a
+    /// storage error, a prefix). Waits (bounded) while too many produce
+    /// bytes are in flight, and with flush `always` until the batches are
+    /// durable. With `acks_all` (the request's timeout), first refuses when
+    /// the committed ISR is smaller than `min_insync_replicas`, then waits
+    /// until the high watermark passes the batches.
     pub async fn produce(
         self: &Arc<Self>,
         batches: &[RecordBatch],
         leader_epoch: u32,
+        acks_all: Option<Duration>,
     ) -> Result<AppendInfo, BrokerError> {
         let bytes: usize = batches.iter().map(RecordBatch::len).sum();
         let permits = u32::try_from(bytes).unwrap_or(u32::MAX).min(self.inflight_limit);
+        // Held until the reply, acks=all waits included: this bounds the
+        // bytes of waiting produce requests per partition.
         let _permit = self.inflight_bytes.acquire_many(permits).await.map_err(|_| BrokerError::ShuttingDown)?;
-        let (appended, failure, flush, writeback, hw) = {
+        let role_changes = self.role_changes.subscribe();
+        let (appended, failure, flush, writeback, hw, leo) = {
             let mut log = self.write_log();
+            self.check_leads(leader_epoch, acks_all.is_some())?;
             let mut appended: Option<(AppendInfo, AppendInfo)> = None;
             let mut failure = None;
             for batch in batches {
@@ -144,12 +297,13 @@ impl Partition {
                 }
             }
             // Whatever was appended is visible (up to what the flush policy
-            // allows), even when a later batch of the same request failed:
-            // the high watermark never lags what is stored.
-            let hw = Self::advance_hw(&mut log);
-            (appended, failure, log.config().flush, log.take_writeback(), hw)
+            // and the ISR allow), even when a later batch of the same
+            // request failed: the high watermark never lags what is stored.
+            let hw = self.advance_hw(&mut log);
+            (appended, failure, log.config().flush, log.take_writeback(), hw, log.log_end_offset())
         };
         self.publish_hw(hw);
+        self.publish_log_end(leo);
         if let Some(writeback) = writeback {
             // Waiting here is the backpressure that keeps a producer at the
             // disk's pace instead of filling memory with dirty pages.
@@ -169,11 +323,250 @@ impl Partition {
         if flush == FlushPolicy::Always {
             self.sync_to(last.log_end_offset).await?;
         }
+        if let Some(timeout) = acks_all {
+            self.wait_replicated(last.log_end_offset, leader_epoch, role_changes, timeout).await?;
+        }
         Ok(AppendInfo {
             base_offset: first.base_offset,
             last_offset: last.last_offset,
             log_end_offset: last.log_end_offset,
         })
+    }
+
+    /// Refuses unless this broker leads in `leader_epoch` (and, for
+    /// acks=all, the committed ISR is large enough). Call with the log lock
+    /// held, so no role change slips in before the append.
+    fn check_leads(&self, leader_epoch: u32, acks_all: bool) -> Result<(), BrokerError> {
+        match &*self.lock_role() {
+            Role::Leader(state) if state.leader_epoch() == leader_epoch => {
+                if acks_all && !state.enough_replicas() {
+                    let (isr, min_isr) = state.isr_size();
+                    return Err(BrokerError::NotEnoughReplicas { isr, min_isr: min_isr as u32 });
+                }
+                Ok(())
+            }
+            Role::Leader(state) => Err(self.not_leader(None, state.leader_epoch())),
+            Role::Follower { leader, leader_epoch } => Err(self.not_leader(*leader, *leader_epoch)),
+            Role::Idle => Err(self.not_leader(None, leader_epoch)),
+        }
+    }
+
+    /// Waits until the high watermark reaches `end` while this broker still
+    /// leads in `leader_epoch`, for at most `timeout`.
+    async fn wait_replicated(
+        &self,
+        end: Offset,
+        leader_epoch: u32,
+        mut role_changes: watch::Receiver<u64>,
+        timeout: Duration,
+    ) -> Result<(), BrokerError> {
+        let mut hw = self.high_watermark.subscribe();
+        let wait = async {
+            loop {
+                if *hw.borrow_and_update() >= end {
+                    return Ok(());
+                }
+                tokio::select! {
+                    changed = hw.changed() => changed.map_err(|_| BrokerError::ShuttingDown)?,
+                    changed = role_changes.changed() => {
+                        changed.map_err(|_| BrokerError::ShuttingDown)?;
+                        // Leadership moved: the batch may or may not survive
+                        // on the new leader; the producer must retry.
+                        if self.leading_epoch() != Some(leader_epoch) {
+                            return Err(self.not_leader(None, leader_epoch));
+                        }
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(BrokerError::ReplicationTimedOut {
+                topic: self.topic.to_string(),
+                partition: self.index,
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            }),
+        }
+    }
+
+    /// A follower's fetch, on the leader: checks the follower's epoch,
+    /// finds where its log diverges (its last fetched epoch against this
+    /// log's epochs, Kafka's KIP-320 rule), counts its fetch offset as its
+    /// log end (which may move the HW and the ISR), and reads batches from
+    /// there up to the log end.
+    pub fn replica_fetch(
+        &self,
+        follower: BrokerId,
+        fetch_offset: i64,
+        current_leader_epoch: u32,
+        last_fetched_epoch: Option<u32>,
+        max_bytes: u64,
+        now_ms: u64,
+    ) -> Result<ReplicaRead, BrokerError> {
+        let mut log = self.write_log();
+        if let Some(reason) = log.failure() {
+            return Err(BrokerError::Storage(StorageError::LogFailed { reason: reason.to_string() }));
+        }
+        let (log_start, leo) = (log.log_start_offset(), log.log_end_offset());
+        let out_of_range = || BrokerError::OffsetOutOfRange { requested: fetch_offset, log_start, log_end: leo };
+        let offset = Offset::from_wire(fetch_offset).ok_or_else(out_of_range)?;
+        let isr_change = {
+            let mut role = self.lock_role();
+            let state = match &mut *role {
+                Role::Leader(state) => state,
+                Role::Follower { leader, leader_epoch } => return Err(self.not_leader(*leader, *leader_epoch)),
+                Role::Idle => return Err(self.not_leader(None, current_leader_epoch)),
+            };
+            let epoch = state.leader_epoch();
+            let (topic, partition) = (self.topic.to_string(), self.index);
+            if current_leader_epoch < epoch {
+                return Err(BrokerError::FencedLeaderEpoch {
+                    topic,
+                    partition,
+                    current: epoch,
+                    got: current_leader_epoch,
+                });
+            }
+            if current_leader_epoch > epoch {
+                return Err(BrokerError::UnknownLeaderEpoch {
+                    topic,
+                    partition,
+                    current: epoch,
+                    got: current_leader_epoch,
+                });
+            }
+            if let Some(last) = last_fetched_epoch {
+                match log.end_offset_for_epoch(last) {
+                    Some((e, end)) if e != last || end < offset => {
+                        return Ok(ReplicaRead {
+                            read: ReadResult { next_offset: offset, ..ReadResult::default() },
+                            high_watermark: log.high_watermark(),
+                            log_start_offset: log_start,
+                            log_end_offset: leo,
+                            diverging: Some((e, end)),
+                            isr_change: None,
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        return Err(BrokerError::UnknownLeaderEpoch { topic, partition, current: epoch, got: last });
+                    }
+                }
+            }
+            if offset < log_start || offset > leo {
+                return Err(out_of_range());
+            }
+            state.on_fetch(follower, offset, leo, log.high_watermark(), now_ms)
+        };
+        let hw = self.advance_hw(&mut log);
+        let read = log.read(offset, max_bytes, leo).map_err(BrokerError::from_storage)?;
+        drop(log);
+        self.publish_hw(hw);
+        Ok(ReplicaRead {
+            read,
+            high_watermark: hw,
+            log_start_offset: log_start,
+            log_end_offset: leo,
+            diverging: None,
+            isr_change,
+        })
+    }
+
+    /// Where a follower fetches next: its log end and the epoch of its last
+    /// batch.
+    pub fn fetch_position(&self) -> (Offset, Option<u32>) {
+        let log = self.read_log();
+        (log.log_end_offset(), log.leader_epochs().latest_epoch())
+    }
+
+    /// Checks that this broker follows in `leader_epoch`.
+    fn check_follows(&self, leader_epoch: u32) -> Result<(), BrokerError> {
+        match &*self.lock_role() {
+            Role::Follower { leader_epoch: e, .. } if *e == leader_epoch => Ok(()),
+            Role::Follower { leader, leader_epoch: e } => Err(self.not_leader(*leader, *e)),
+            Role::Leader(state) => Err(self.not_leader(None, state.leader_epoch())),
+            Role::Idle => Err(self.not_leader(None, leader_epoch)),
+        }
+    }
+
+    /// Appends the leader's batches as a follower in `leader_epoch` (same
+    /// bytes, the leader's offsets and epochs) and takes the leader's high
+    /// watermark, capped at its own log end. Returns the new log end. With
+    /// flush `always`, returns once that end is durable, so the next fetch
+    /// offset the leader counts is on disk here.
+    pub async fn append_as_follower(
+        self: &Arc<Self>,
+        batches: &[RecordBatch],
+        leader_high_watermark: Offset,
+        leader_epoch: u32,
+    ) -> Result<Offset, BrokerError> {
+        let (leo, hw, flush) = {
+            let mut log = self.write_log();
+            self.check_follows(leader_epoch)?;
+            for batch in batches {
+                log.append_replica(batch).map_err(BrokerError::from_storage)?;
+            }
+            let leo = log.log_end_offset();
+            let target = leader_high_watermark.min(leo);
+            if target > log.high_watermark() {
+                log.set_high_watermark(target);
+            }
+            (leo, log.high_watermark(), log.config().flush)
+        };
+        self.publish_hw(hw);
+        self.publish_log_end(leo);
+        if flush == FlushPolicy::Always && !batches.is_empty() {
+            self.sync_to(leo).await?;
+        }
+        Ok(leo)
+    }
+
+    /// Truncates a follower's log where it diverges from the leader's: the
+    /// leader's last epoch at or below ours ends at `leader_end`. Kafka's
+    /// rule: when our log has that epoch, cut at the smaller of both ends
+    /// of it; when it does not, cut at the end of our largest epoch below
+    /// it, and ask again. Returns the new log end. Durable on return.
+    pub fn truncate_diverging(
+        &self,
+        leader_epoch: u32,
+        diverging_epoch: u32,
+        leader_end: Offset,
+    ) -> Result<Offset, BrokerError> {
+        let mut log = self.write_log();
+        self.check_follows(leader_epoch)?;
+        let leo = log.log_end_offset();
+        let cut = match log.end_offset_for_epoch(diverging_epoch) {
+            None => leader_end.min(leo),
+            Some((e, own_end)) if e != diverging_epoch => own_end.min(leo),
+            Some((_, own_end)) => own_end.min(leader_end).min(leo),
+        };
+        let cut = cut.max(log.log_start_offset());
+        tracing::info!(topic = %self.topic, partition = self.index, diverging_epoch, %leader_end, from = %leo, to = %cut, "truncating a diverging log tail");
+        let leo = log.truncate_to(cut).map_err(BrokerError::from_storage)?;
+        let hw = log.high_watermark();
+        drop(log);
+        self.high_watermark.send_replace(hw);
+        self.publish_log_end(leo);
+        Ok(leo)
+    }
+
+    /// A follower whose log ends below the leader's log start: empties the
+    /// log and starts it at `log_start`.
+    pub fn restart_at(&self, leader_epoch: u32, log_start: Offset) -> Result<Offset, BrokerError> {
+        let mut log = self.write_log();
+        self.check_follows(leader_epoch)?;
+        tracing::info!(topic = %self.topic, partition = self.index, %log_start, "the leader's log starts past ours: starting over there");
+        let leo = log.truncate_fully_and_start_at(log_start).map_err(BrokerError::from_storage)?;
+        let hw = log.high_watermark();
+        drop(log);
+        self.high_watermark.send_replace(hw);
+        self.publish_log_end(leo);
+        Ok(leo)
+    }
+
+    /// A receiver that sees every move of the log end (followers' long polls).
+    pub fn subscribe_log_end(&self) -> watch::Receiver<Offset> {
+        self.log_end.subscribe()
     }
 
     /// Returns once offsets below `offset` are on disk (group commit on a
@@ -183,7 +576,7 @@ impl Partition {
         let reached = {
             let mut log = self.write_log();
             let durable = log.recovery_point();
-            (durable >= offset && log.failure().is_none()).then(|| (durable, Self::advance_hw(&mut log)))
+            (durable >= offset && log.failure().is_none()).then(|| (durable, self.advance_hw(&mut log)))
         };
         if let Some((durable, hw)) = reached {
             self.publish_hw(hw);
@@ -219,7 +612,7 @@ impl Partition {
                 },
             )
             .map_err(BrokerError::Storage)?;
-        let hw = Self::advance_hw(&mut self.write_log());
+        let hw = self.advance_hw(&mut self.write_log());
         self.publish_hw(hw);
         Ok(durable)
     }
@@ -400,7 +793,15 @@ mod tests {
     fn partition(dir: &std::path::Path, flush: FlushPolicy) -> Arc<Partition> {
         let config = LogConfig { flush, segment_bytes: 4096, ..LogConfig::default() };
         let log = Log::open(dir, config, Arc::new(SystemClock)).unwrap();
-        Arc::new(Partition::new(Arc::from("t"), 0, log, 1 << 20))
+        let p = Arc::new(Partition::new(Arc::from("t"), 0, log, 1 << 20));
+        let alone =
+            Assignment { replicas: vec![BrokerId(1)], isr: vec![BrokerId(1)], leader_epoch: 0, partition_epoch: 0 };
+        p.make_leader(BrokerId(1), alone, settings(), 0).unwrap();
+        p
+    }
+
+    fn settings() -> LeaderSettings {
+        LeaderSettings { min_insync_replicas: 1, replica_lag_time_max_ms: 10_000 }
     }
 
     #[tokio::test]
@@ -408,15 +809,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = partition(dir.path(), FlushPolicy::Always);
         let hw = p.subscribe();
-        p.produce(&[batch(b"a")], 0).await.unwrap();
+        p.produce(&[batch(b"a")], 0, None).await.unwrap();
         assert_eq!((p.offsets().1, *hw.borrow()), (Offset(1), Offset(1)));
         testfs::fail_next(dir.path(), testfs::Op::Fsync, Some(".log"), 1);
-        let err = p.produce(&[batch(b"b")], 0).await.unwrap_err();
+        let err = p.produce(&[batch(b"b")], 0, None).await.unwrap_err();
         assert_eq!(err.code(), ErrorCode::KafkaStorageError, "{err}");
         assert_eq!(p.offsets(), (Offset(0), Offset(1), Offset(2)), "stored, but not visible");
         assert_eq!(*hw.borrow(), Offset(1), "no long poll was woken for it");
         // The partition is failed for good: no retry of the fsync, no reads.
-        let err = p.produce(&[batch(b"c")], 0).await.unwrap_err();
+        let err = p.produce(&[batch(b"c")], 0, None).await.unwrap_err();
         assert_eq!(err.code(), ErrorCode::KafkaStorageError);
         assert!(err.to_string().contains("restarts"), "{err}");
         assert_eq!(p.fetch(0, 1 << 20).unwrap_err().code(), ErrorCode::KafkaStorageError);
@@ -432,7 +833,7 @@ mod tests {
         let tasks: Vec<_> = (0..8u8)
             .map(|i| {
                 let p = p.clone();
-                tokio::spawn(async move { p.produce(&[batch(&[i])], 0).await })
+                tokio::spawn(async move { p.produce(&[batch(&[i])], 0, None).await })
             })
             .collect();
         for t in tasks {
@@ -448,7 +849,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = partition(dir.path(), FlushPolicy::Os);
         let hw = p.subscribe();
-        p.produce(&[batch(b"a"), batch(b"b")], 0).await.unwrap();
+        p.produce(&[batch(b"a"), batch(b"b")], 0, None).await.unwrap();
         assert_eq!(*hw.borrow(), Offset(2));
         assert_eq!(p.fetch(0, 1 << 20).unwrap().read.next_offset, Offset(2));
     }

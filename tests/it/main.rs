@@ -7,3 +7,4 @@ mod cli;
 mod cluster;
 mod harness;
 mod process;
+mod replication;

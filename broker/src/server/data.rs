@@ -16,7 +16,10 @@ use crate::error::BrokerError;
 use crate::partition::Partition;
 use crate::storage::Offset;
 
-/// Leader epoch of every partition until the controller hands them out.
+/// How long acks=all waits when the request does not say (Kafka's
+/// `request.timeout.ms` default).
+const DEFAULT_ACKS_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Fetch response size when the request does not say.
 const DEFAULT_FETCH_MAX_BYTES: u64 = 50 << 20;
 
@@ -38,15 +41,52 @@ impl TallyService {
         partition: u32,
         records: Bytes,
         acks: Result<pb::Acks, i32>,
+        timeout: Duration,
     ) -> Result<crate::storage::AppendInfo, BrokerError> {
         let acks = acks.map_err(BrokerError::InvalidRequiredAcks)?;
         let (topic, partition) = self.broker.partition(topic, partition)?;
-        if acks == pb::Acks::All && topic.config.min_insync_replicas > 1 {
-            return Err(BrokerError::NotEnoughReplicas { isr: 1, min_isr: topic.config.min_insync_replicas });
-        }
         let batches = validate_payload(&records, topic.config.max_message_bytes)?;
         let epoch = topic.states.get(partition.index() as usize).map_or(0, |s| s.leader_epoch.0);
-        partition.produce(&batches, epoch).await
+        let acks_all = (acks == pb::Acks::All).then_some(timeout);
+        partition.produce(&batches, epoch, acks_all).await
+    }
+}
+
+impl TallyService {
+    fn partition_produce_response(
+        &self,
+        topic: &str,
+        partition: u32,
+        result: Result<crate::storage::AppendInfo, BrokerError>,
+    ) -> pb::PartitionProduceResponse {
+        let log_start = self.broker.partition(topic, partition).map(|(_, p)| p.offsets().0.to_wire()).unwrap_or(-1);
+        match result {
+            Ok(info) => pb::PartitionProduceResponse {
+                partition,
+                error_code: ErrorCode::None as i32,
+                error_message: String::new(),
+                base_offset: info.base_offset.to_wire(),
+                log_append_time_ms: -1,
+                log_start_offset: log_start,
+                leader_id: None,
+                leader_epoch: None,
+            },
+            Err(e) => {
+                tracing::debug!(topic, partition, error = %e, "produce refused");
+                let (error_code, error_message) = code_and_message(&e);
+                let (leader_id, leader_epoch) = leader_hint(&e);
+                pb::PartitionProduceResponse {
+                    partition,
+                    error_code,
+                    error_message,
+                    base_offset: -1,
+                    log_append_time_ms: -1,
+                    log_start_offset: log_start,
+                    leader_id,
+                    leader_epoch,
+                }
+            }
+        }
     }
 }
 
@@ -100,44 +140,24 @@ impl Tally for TallyService {
     async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
         let req = request.into_inner();
         let acks = pb::Acks::try_from(req.acks).map_err(|_| req.acks);
-        let mut topics = Vec::with_capacity(req.topics.len());
-        for t in req.topics {
-            let mut partitions = Vec::with_capacity(t.partitions.len());
-            for p in t.partitions {
-                let span = tracing::debug_span!("produce", topic = %t.name, partition = p.partition);
-                let result = self.produce_partition(&t.name, p.partition, p.records, acks).instrument(span).await;
-                let log_start =
-                    self.broker.partition(&t.name, p.partition).map(|(_, p)| p.offsets().0.to_wire()).unwrap_or(-1);
-                partitions.push(match result {
-                    Ok(info) => pb::PartitionProduceResponse {
-                        partition: p.partition,
-                        error_code: ErrorCode::None as i32,
-                        error_message: String::new(),
-                        base_offset: info.base_offset.to_wire(),
-                        log_append_time_ms: -1,
-                        log_start_offset: log_start,
-                        leader_id: None,
-                        leader_epoch: None,
-                    },
-                    Err(e) => {
-                        tracing::debug!(topic = %t.name, partition = p.partition, error = %e, "produce refused");
-                        let (error_code, error_message) = code_and_message(&e);
-                        let (leader_id, leader_epoch) = leader_hint(&e);
-                        pb::PartitionProduceResponse {
-                            partition: p.partition,
-                            error_code,
-                            error_message,
-                            base_offset: -1,
-                            log_append_time_ms: -1,
-                            log_start_offset: log_start,
-                            leader_id,
-                            leader_epoch,
-                        }
-                    }
-                });
-            }
-            topics.push(pb::TopicProduceResponse { name: t.name, partitions });
-        }
+        let timeout =
+            if req.timeout_ms == 0 { DEFAULT_ACKS_TIMEOUT } else { Duration::from_millis(u64::from(req.timeout_ms)) };
+        // Every partition at once: acks=all waits overlap instead of adding up.
+        let topics = req.topics.into_iter().map(|t| async move {
+            let name = t.name;
+            let partitions = t.partitions.into_iter().map(|p| {
+                let name = name.as_str();
+                async move {
+                    let span = tracing::debug_span!("produce", topic = %name, partition = p.partition);
+                    let result =
+                        self.produce_partition(name, p.partition, p.records, acks, timeout).instrument(span).await;
+                    self.partition_produce_response(name, p.partition, result)
+                }
+            });
+            let partitions = futures_util::future::join_all(partitions).await;
+            pb::TopicProduceResponse { name, partitions }
+        });
+        let topics = futures_util::future::join_all(topics).await;
         Ok(Response::new(pb::ProduceResponse { topics }))
     }
 

@@ -4,11 +4,13 @@
 
 mod admin;
 mod data;
+mod replica;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tally_proto::internal::v1::replication_server::ReplicationServer;
 use tally_proto::v1::admin_server::AdminServer;
 use tally_proto::v1::tally_server::TallyServer;
 use tokio::net::TcpListener;
@@ -23,6 +25,7 @@ use crate::membership::{Membership, new_incarnation, take_over_incarnation};
 
 pub use admin::AdminService;
 pub use data::TallyService;
+pub use replica::ReplicationService;
 
 /// Runs a broker on `listener` until `shutdown` completes, then asks the
 /// controller to fence it (its partitions move), stops accepting requests,
@@ -79,6 +82,10 @@ pub async fn run(
     });
     tracing::info!(node_id = broker.node_id(), address = %local, data_dir = %data_dir.display(), "broker serving");
 
+    let (proposer, proposals) = crate::replication::isr::IsrProposer::new();
+    broker.set_isr_proposer(proposer.clone());
+    let isr_tick = Duration::from_millis((broker.config().replica_lag_time_max_ms / 4).clamp(10, 1000));
+    let isr = tokio::spawn(crate::replication::isr::run(broker.clone(), proposer, proposals, isr_tick));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let maintenance = tokio::spawn(crate::maintenance::run(broker.clone(), stop_rx));
 
@@ -87,6 +94,9 @@ pub async fn run(
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
     let admin = AdminServer::new(AdminService::new(broker.clone(), controller.clone()))
+        .max_decoding_message_size(max_bytes)
+        .max_encoding_message_size(max_bytes);
+    let replication = ReplicationServer::new(ReplicationService::new(broker.clone()))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -125,6 +135,7 @@ pub async fn run(
         .max_frame_size(Some(1 << 20))
         .add_service(tally)
         .add_service(admin)
+        .add_service(replication)
         .add_service(health)
         .add_service(reflection)
         .add_service(controller.service())
@@ -137,6 +148,7 @@ pub async fn run(
     // directory's lock is free when run returns.
     migration.abort();
     reconciler.abort();
+    isr.abort();
     let _ = migration.await;
     let _ = reconciler.await;
     controller.shutdown().await;

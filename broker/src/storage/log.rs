@@ -475,6 +475,31 @@ impl Log {
         self.append_at(batch, base, epoch)
     }
 
+    /// Records that `epoch` begins at the log end (a broker becoming leader
+    /// in `epoch`), durably, so a follower asking for the end of an older
+    /// epoch is answered from here on, before any batch of `epoch` exists.
+    /// An epoch older than the latest is refused; the latest is kept.
+    pub fn begin_leader_epoch(&mut self, epoch: u32) -> Result<()> {
+        self.check_not_failed()?;
+        match self.leader_epochs.latest_epoch() {
+            Some(latest) if latest > epoch => Err(StorageError::StaleLeaderEpoch { epoch, latest }),
+            Some(latest) if latest == epoch => Ok(()),
+            _ => {
+                let mut epochs = self.leader_epochs.clone();
+                epochs.assign(epoch, Offset(self.leo()));
+                self.writer.write_epochs_now(&epochs)?;
+                self.leader_epochs = epochs;
+                Ok(())
+            }
+        }
+    }
+
+    /// Kafka's OffsetsForLeaderEpoch answer for `epoch` on this log (see
+    /// [`LeaderEpochCache::end_offset_for`]).
+    pub fn end_offset_for_epoch(&self, epoch: u32) -> Option<(u32, Offset)> {
+        self.leader_epochs.end_offset_for(epoch, Offset(self.leo()))
+    }
+
     /// Appends a batch as a follower, keeping the leader's offsets and epoch.
     /// The batch must start at the log end offset, have a record count that
     /// matches its offsets, and an epoch no older than the log's latest. On

@@ -7,8 +7,6 @@
 //! link that was cut comes back once it heals. Every call is bounded by the
 //! time openraft gives it.
 
-use std::time::Duration;
-
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -21,7 +19,9 @@ use serde::de::DeserializeOwned;
 use tally_proto::internal::v1::RaftPayload;
 use tally_proto::internal::v1::controller_raft_client::ControllerRaftClient;
 use tally_proto::internal::v1::controller_raft_server::ControllerRaft;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+pub use crate::peer::peer_channel;
 
 use super::TypeConfig;
 
@@ -37,18 +37,6 @@ pub struct Network;
 pub struct PeerClient {
     target: u64,
     client: Result<ControllerRaftClient<Channel>, String>,
-}
-
-/// A lazily connecting channel to `address` with HTTP/2 keepalive.
-pub fn peer_channel(address: &str) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("bad peer address {address:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
-    Ok(endpoint.connect_lazy())
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {

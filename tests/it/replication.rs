@@ -1,0 +1,269 @@
+//! Replication in an in-process cluster of three brokers: acks=all across a
+//! leader change, byte-identical replicas, ISR shrink and rejoin.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use tally_broker::BrokerConfig;
+use tally_client::{Acks, Client, NewTopic, OffsetSpec};
+use tally_proto::ErrorCode;
+use tally_proto::batch::RecordRef;
+
+use crate::harness::{TestBroker, test_config, wait_for};
+
+/// Three brokers, all voters, each restartable on its address and data.
+pub struct Cluster {
+    pub configs: Vec<BrokerConfig>,
+    pub addresses: Vec<String>,
+    pub brokers: Vec<Option<TestBroker>>,
+}
+
+impl Cluster {
+    pub async fn start(root: &Path) -> Cluster {
+        let mut listeners = Vec::new();
+        for _ in 0..3 {
+            listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
+        let addresses: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+        let voters = addresses.iter().enumerate().map(|(i, a)| format!("{}@{a}", i + 1)).collect::<Vec<_>>().join(",");
+        let configs: Vec<BrokerConfig> = (0..3)
+            .map(|i| {
+                let mut config = test_config(&root.join(format!("b{}", i + 1)));
+                config.node_id = i as u32 + 1;
+                config.voters = Some(voters.clone());
+                config.broker_heartbeat_interval_ms = 200;
+                config.broker_session_timeout_ms = 2000;
+                config.controller_election_timeout_ms = 500;
+                config.replica_lag_time_max_ms = 2000;
+                config.replica_fetch_wait_max_ms = 200;
+                config
+            })
+            .collect();
+        let starting = configs.iter().cloned().zip(listeners).map(|(c, l)| TestBroker::start_on(c, l));
+        let brokers = futures_util::future::join_all(starting).await.into_iter().map(Some).collect();
+        Cluster { configs, addresses, brokers }
+    }
+
+    /// A client that knows every broker.
+    pub async fn client(&self) -> Client {
+        Client::builder().bootstrap(self.addresses.clone()).connect().await.expect("connect")
+    }
+
+    /// Stops broker `id` cleanly (it hands its leaderships over first).
+    pub async fn stop(&mut self, id: u32) {
+        let b = self.brokers[id as usize - 1].take().expect("running");
+        b.stop().await.expect("clean stop");
+    }
+
+    /// Starts broker `id` again on its address and data directory.
+    pub async fn restart(&mut self, id: u32) {
+        let i = id as usize - 1;
+        assert!(self.brokers[i].is_none());
+        let b = TestBroker::start_at(self.configs[i].clone(), &self.addresses[i]).await;
+        self.brokers[i] = Some(b);
+    }
+
+    pub async fn stop_all(mut self) {
+        for id in 1..=3 {
+            if self.brokers[id as usize - 1].is_some() {
+                self.stop(id).await;
+            }
+        }
+    }
+}
+
+/// The partition's leader, ISR and high watermark (from the leader) now,
+/// retried for a while (a stopped broker may be the one asked first).
+async fn leader_and_isr(client: &Client, topic: &str) -> Option<(u32, Vec<u32>, i64)> {
+    for _ in 0..100 {
+        if let Some(found) = try_leader_and_isr(client, topic).await {
+            return Some(found);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+async fn try_leader_and_isr(client: &Client, topic: &str) -> Option<(u32, Vec<u32>, i64)> {
+    // Metadata first: it finds a broker that answers, which admin calls use.
+    client.refresh_metadata(&[topic.to_string()]).await.ok()?;
+    let d = client.admin().describe_topic(topic).await.ok()?;
+    let p = d.partitions.first()?;
+    let mut isr = p.isr.clone();
+    isr.sort();
+    let hw = client.partition_client(topic, 0).list_offset(OffsetSpec::Latest).await.ok()?.unwrap_or(0);
+    Some((p.leader?, isr, hw))
+}
+
+/// Produces one record with acks=all; each attempt sends a value of its
+/// own, so the log shows which attempts were stored. Returns the value the
+/// broker acknowledged, or the last error after `attempts`.
+async fn produce_acked(client: &Client, topic: &str, n: usize, attempts: usize) -> Result<String, tally_client::Error> {
+    let pc = client.partition_client(topic, 0);
+    let mut last = None;
+    for attempt in 0..attempts {
+        let value = format!("r{n}-a{attempt}");
+        // Today's time: records from 1970 would be past retention at once.
+        let record = RecordRef { timestamp: now_ms(), value: Some(value.as_bytes()), ..Default::default() };
+        match pc.produce_records(&[record], Acks::All).await {
+            Ok(_) => return Ok(value),
+            Err(e) if e.is_retriable() => {
+                last = Some(e);
+                let _ = client.refresh_metadata(&[topic.to_string()]).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+/// Every value of partition 0 in offset order, read from its leader up to
+/// the high watermark.
+async fn read_all(client: &Client, topic: &str) -> Vec<(i64, String)> {
+    let pc = client.partition_client(topic, 0);
+    let end = pc.list_offset(OffsetSpec::Latest).await.unwrap().unwrap_or(0);
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while offset < end {
+        let fetched = pc.fetch(offset, 1 << 20, Duration::from_millis(100)).await.unwrap();
+        for batch in &fetched.batches {
+            for r in batch.records().unwrap() {
+                let r = r.unwrap();
+                let o = batch.header().base_offset() + i64::from(r.offset_delta);
+                out.push((o, String::from_utf8(r.value.unwrap().to_vec()).unwrap()));
+                offset = o + 1;
+            }
+        }
+    }
+    out
+}
+
+/// The bytes of a partition log below `end`, read from its directory.
+fn log_bytes(dir: &Path, end: u64) -> Vec<u8> {
+    let config = tally_broker::storage::LogConfig::default();
+    let log = tally_broker::storage::Log::open(dir, config, std::sync::Arc::new(tally_broker::storage::SystemClock))
+        .expect("open log");
+    let read = log
+        .read(tally_broker::storage::Offset(0), u64::MAX, tally_broker::storage::Offset(end))
+        .unwrap_or_else(|e| panic!("reading {} below {end} (log end {}): {e}", dir.display(), log.log_end_offset()));
+    read.chunks.iter().flat_map(|c| c.iter().copied()).collect()
+}
+
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    i64::try_from(since.as_millis()).unwrap()
+}
+
+fn rf3(name: &str) -> NewTopic {
+    let mut t = NewTopic::new(name, 1).config("min_insync_replicas", "2");
+    t.replication_factor = 3;
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_records_survive_the_leader_stopping_and_the_replicas_end_identical() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(root.path()).await;
+    let client = cluster.client().await;
+    client.admin().create_topic(rf3("replicated")).await.unwrap();
+    let full = wait_for(Duration::from_secs(20), async || {
+        leader_and_isr(&client, "replicated").await.is_some_and(|(_, isr, _)| isr == [1, 2, 3])
+    })
+    .await;
+    assert!(full, "all three replicas in sync");
+    let mut acked = Vec::new();
+    for n in 0..50 {
+        acked.push(produce_acked(&client, "replicated", n, 1).await.expect("acks=all with a full ISR"));
+    }
+    let (first_leader, _, hw) = leader_and_isr(&client, "replicated").await.unwrap();
+    assert_eq!(hw, 50, "acks=all answered only once the high watermark passed each record");
+    // The leader stops mid-stream; producing carries on at the next leader.
+    let producing = {
+        let client = cluster.client().await;
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for n in 50..150 {
+                acked.push(produce_acked(&client, "replicated", n, 200).await.expect("acked by the next leader"));
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cluster.stop(first_leader).await;
+    acked.extend(producing.await.unwrap());
+    let (second_leader, isr, _) = leader_and_isr(&client, "replicated").await.unwrap();
+    assert_ne!(second_leader, first_leader);
+    assert!(!isr.contains(&first_leader), "the stopped broker left the ISR: {isr:?}");
+    // Every acknowledged value is there exactly once, offsets without gaps.
+    let log = read_all(&client, "replicated").await;
+    for (i, (offset, _)) in log.iter().enumerate() {
+        assert_eq!(*offset, i as i64, "offsets are dense");
+    }
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, v) in &log {
+        *count.entry(v.as_str()).or_default() += 1;
+    }
+    assert!(count.values().all(|c| *c == 1), "a value at two offsets");
+    let lost: Vec<&String> = acked.iter().filter(|v| !count.contains_key(v.as_str())).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    // In the order they were acknowledged.
+    let position: BTreeMap<&str, usize> = log.iter().enumerate().map(|(i, (_, v))| (v.as_str(), i)).collect();
+    assert!(acked.windows(2).all(|w| position[w[0].as_str()] < position[w[1].as_str()]), "acknowledged order kept");
+    // The stopped broker comes back, catches up and rejoins the ISR.
+    cluster.restart(first_leader).await;
+    let rejoined = wait_for(Duration::from_secs(30), async || {
+        leader_and_isr(&client, "replicated").await.is_some_and(|(_, isr, _)| isr == [1, 2, 3])
+    })
+    .await;
+    assert!(rejoined, "the restarted broker rejoined the ISR");
+    let (_, _, hw) = leader_and_isr(&client, "replicated").await.unwrap();
+    cluster.stop_all().await;
+    let logs: Vec<Vec<u8>> =
+        (1..=3).map(|id| log_bytes(&root.path().join(format!("b{id}/replicated-0")), hw as u64)).collect();
+    assert!(!logs[0].is_empty());
+    assert_eq!(logs[0], logs[1], "brokers 1 and 2 hold the same bytes below the high watermark");
+    assert_eq!(logs[1], logs[2], "brokers 2 and 3 hold the same bytes below the high watermark");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_all_needs_min_insync_replicas_and_stopped_followers_rejoin() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(root.path()).await;
+    let client = cluster.client().await;
+    client.admin().create_topic(rf3("shrink")).await.unwrap();
+    let full = wait_for(Duration::from_secs(20), async || {
+        leader_and_isr(&client, "shrink").await.is_some_and(|(_, isr, _)| isr == [1, 2, 3])
+    })
+    .await;
+    assert!(full);
+    let (leader, _, _) = leader_and_isr(&client, "shrink").await.unwrap();
+    let followers: Vec<u32> = (1..=3).filter(|b| *b != leader).collect();
+    for f in &followers {
+        cluster.stop(*f).await;
+    }
+    let alone = wait_for(Duration::from_secs(20), async || {
+        leader_and_isr(&client, "shrink").await.is_some_and(|(l, isr, _)| l == leader && isr == [leader])
+    })
+    .await;
+    assert!(alone, "the ISR shrank to the leader");
+    let pc = client.partition_client("shrink", 0);
+    let record = RecordRef { timestamp: 1, value: Some(b"x"), ..Default::default() };
+    let e = pc.produce_records(&[record], Acks::All).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotEnoughReplicas), "{e}");
+    let offset = pc.produce_records(&[record], Acks::Leader).await.expect("acks=1 still works");
+    assert_eq!(offset, 0, "the refused acks=all batch was not stored");
+    let (_, _, hw) = leader_and_isr(&client, "shrink").await.unwrap();
+    assert_eq!(hw, 0, "below min_insync_replicas nothing becomes committed");
+    for f in &followers {
+        cluster.restart(*f).await;
+    }
+    let back = wait_for(Duration::from_secs(30), async || {
+        leader_and_isr(&client, "shrink").await.is_some_and(|(_, isr, hw)| isr == [1, 2, 3] && hw == 1)
+    })
+    .await;
+    assert!(back, "both followers rejoined and the acks=1 record became committed");
+    pc.produce_records(&[record], Acks::All).await.expect("acks=all works again");
+    cluster.stop_all().await;
+}
