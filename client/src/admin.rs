@@ -48,8 +48,13 @@ pub struct PartitionDescription {
     pub isr: Vec<u32>,
     /// First offset.
     pub log_start_offset: i64,
-    /// High watermark.
+    /// High watermark (-1 when the leader could not be asked).
     pub high_watermark: i64,
+    /// The leader's log end offset (-1 when it could not be asked).
+    pub log_end_offset: i64,
+    /// Each follower's lag behind the leader's log end, in offsets (`None`
+    /// before its first fetch in this leader epoch).
+    pub replica_lags: Vec<(u32, Option<u64>)>,
 }
 
 /// A topic as `describe` shows it.
@@ -178,13 +183,23 @@ impl Admin {
             .collect())
     }
 
-    /// A topic's partitions, offsets and configs.
+    /// A topic's partitions, offsets and configs. Offsets and lags come
+    /// from each partition's leader (asked in turn when the answering
+    /// broker does not lead it); a leader that cannot be reached leaves
+    /// them at -1.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
-        let request = pb::DescribeTopicsRequest { names: vec![name.to_string()] };
-        let response = self.client.admin_rpc().describe_topics(request).await?.into_inner();
-        let t = response.topics.into_iter().next().ok_or_else(|| Error::InvalidArgument("empty answer".into()))?;
-        if t.error_code != 0 {
-            return Err(Error::broker(t.error_code, t.error_message, name, None));
+        let mut t = self.describe_at(None, name).await?;
+        let elsewhere: std::collections::BTreeSet<u32> =
+            t.partitions.iter().filter(|p| !p.from_leader).filter_map(|p| u32::try_from(p.leader_id).ok()).collect();
+        for leader in elsewhere {
+            let Ok(address) = self.client.broker_address(leader).await else { continue };
+            let Ok(at_leader) = self.describe_at(Some(&address), name).await else { continue };
+            for theirs in at_leader.partitions.into_iter().filter(|p| p.from_leader) {
+                if let Some(ours) = t.partitions.iter_mut().find(|p| p.partition == theirs.partition && !p.from_leader)
+                {
+                    *ours = theirs;
+                }
+            }
         }
         Ok(TopicDescription {
             name: t.name,
@@ -200,9 +215,54 @@ impl Admin {
                     isr: p.isr,
                     log_start_offset: p.log_start_offset,
                     high_watermark: p.high_watermark,
+                    log_end_offset: p.log_end_offset,
+                    replica_lags: p.replica_lags.iter().map(|l| (l.broker_id, u64::try_from(l.lag).ok())).collect(),
                 })
                 .collect(),
         })
+    }
+
+    /// Every partition's leader, replicas and ISR as the metadata image has
+    /// them (one request; no offsets), by topic name.
+    pub async fn partition_states(&self) -> Result<Vec<(String, PartitionDescription)>> {
+        let request = pb::DescribeTopicsRequest { names: Vec::new() };
+        let response = self.client.admin_rpc().describe_topics(request).await?.into_inner();
+        let mut out = Vec::new();
+        for t in response.topics.into_iter().filter(|t| t.error_code == 0) {
+            for p in t.partitions {
+                out.push((
+                    t.name.clone(),
+                    PartitionDescription {
+                        partition: p.partition,
+                        leader: u32::try_from(p.leader_id).ok(),
+                        leader_epoch: p.leader_epoch,
+                        replicas: p.replicas,
+                        isr: p.isr,
+                        log_start_offset: -1,
+                        high_watermark: -1,
+                        log_end_offset: -1,
+                        replica_lags: Vec::new(),
+                    },
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// One broker's description of topic `name` (the answering broker's
+    /// when `address` is `None`).
+    async fn describe_at(&self, address: Option<&str>, name: &str) -> Result<pb::TopicDescription> {
+        let request = pb::DescribeTopicsRequest { names: vec![name.to_string()] };
+        let mut rpc = match address {
+            Some(a) => self.client.admin_rpc_at(a)?,
+            None => self.client.admin_rpc(),
+        };
+        let response = rpc.describe_topics(request).await?.into_inner();
+        let t = response.topics.into_iter().next().ok_or_else(|| Error::InvalidArgument("empty answer".into()))?;
+        if t.error_code != 0 {
+            return Err(Error::broker(t.error_code, t.error_message, name, None));
+        }
+        Ok(t)
     }
 
     /// Sets config keys (`set`) and resets others to the broker default (`reset`).

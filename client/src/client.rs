@@ -127,8 +127,27 @@ fn endpoint(address: &str, config: &ClientConfig) -> Result<Endpoint> {
 pub struct TopicInfo {
     /// Leader broker id of each partition (`None` while leaderless).
     pub leaders: Vec<Option<u32>>,
+    /// Leader epoch of each partition.
+    pub leader_epochs: Vec<u32>,
     /// When this was fetched.
     fetched_at: std::time::Instant,
+}
+
+impl TopicInfo {
+    /// This info with `partition` led by `leader` in `epoch`, when that is
+    /// newer than what it has (a NOT_LEADER_OR_FOLLOWER answer's hint);
+    /// `None` when the hint is stale or names no partition of it.
+    pub fn with_leader(&self, partition: u32, leader: u32, epoch: u32) -> Option<TopicInfo> {
+        let i = partition as usize;
+        let known = *self.leader_epochs.get(i)?;
+        if epoch < known || (epoch == known && self.leaders[i] == Some(leader)) {
+            return None;
+        }
+        let mut next = self.clone();
+        next.leaders[i] = Some(leader);
+        next.leader_epochs[i] = epoch;
+        Some(next)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -208,12 +227,15 @@ impl Client {
                 continue;
             }
             let mut leaders = vec![None; t.partitions.len()];
+            let mut leader_epochs = vec![0; t.partitions.len()];
             for p in &t.partitions {
                 if let Some(slot) = leaders.get_mut(p.partition as usize) {
                     *slot = u32::try_from(p.leader_id).ok();
+                    leader_epochs[p.partition as usize] = p.leader_epoch;
                 }
             }
-            md.topics.insert(t.name, Arc::new(TopicInfo { leaders, fetched_at: std::time::Instant::now() }));
+            let info = TopicInfo { leaders, leader_epochs, fetched_at: std::time::Instant::now() };
+            md.topics.insert(t.name, Arc::new(info));
         }
         Ok(())
     }
@@ -269,9 +291,47 @@ impl Client {
         Err(last.unwrap_or_else(|| Error::InvalidArgument("no broker address known".into())))
     }
 
+    /// Takes the leader a NOT_LEADER_OR_FOLLOWER answer named, so the retry
+    /// goes there without a metadata round trip; forgets the topic's
+    /// metadata instead when the hint cannot be used (stale, or a broker
+    /// the cache does not know).
+    pub(crate) fn follow_leader_hint(&self, topic: &str, partition: u32, leader: u32, epoch: u32) {
+        let mut md = self.inner.metadata.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let known_broker = md.brokers.contains_key(&leader);
+        let next = md.topics.get(topic).and_then(|t| t.with_leader(partition, leader, epoch));
+        match next {
+            Some(info) if known_broker => {
+                md.topics.insert(topic.to_string(), Arc::new(info));
+            }
+            _ => {
+                md.topics.remove(topic);
+            }
+        }
+    }
+
     /// Forgets what is cached about `topic` (after NOT_LEADER and the like).
     pub(crate) fn invalidate(&self, topic: &str) {
         self.inner.metadata.write().unwrap_or_else(std::sync::PoisonError::into_inner).topics.remove(topic);
+    }
+
+    /// An admin gRPC client for the broker at `address`.
+    pub(crate) fn admin_rpc_at(&self, address: &str) -> Result<AdminClient<Channel>> {
+        Ok(AdminClient::new(self.channel(address)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// The address of broker `id`, from the cache (refreshed once if unknown).
+    pub(crate) async fn broker_address(&self, id: u32) -> Result<String> {
+        let cached = || {
+            let md = self.inner.metadata.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            md.brokers.get(&id).cloned()
+        };
+        if let Some(a) = cached() {
+            return Ok(a);
+        }
+        self.refresh_metadata(&[]).await?;
+        cached().ok_or_else(|| Error::InvalidArgument(format!("broker {id} is not in the cluster metadata")))
     }
 
     /// A gRPC client for the broker at `address`.
@@ -332,5 +392,30 @@ impl Client {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(address.to_string(), channel.clone());
         Ok(channel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> TopicInfo {
+        TopicInfo { leaders: vec![Some(1), None], leader_epochs: vec![3, 0], fetched_at: std::time::Instant::now() }
+    }
+
+    #[test]
+    fn a_leader_hint_of_a_newer_epoch_replaces_the_cached_leader() {
+        let next = info().with_leader(0, 2, 4).expect("newer epoch");
+        assert_eq!((next.leaders[0], next.leader_epochs[0]), (Some(2), 4));
+        assert_eq!(next.leaders[1], None, "other partitions unchanged");
+        let next = info().with_leader(1, 3, 0).expect("a leader for a leaderless partition");
+        assert_eq!(next.leaders[1], Some(3));
+    }
+
+    #[test]
+    fn a_stale_or_useless_leader_hint_is_refused() {
+        assert!(info().with_leader(0, 2, 2).is_none(), "older epoch");
+        assert!(info().with_leader(0, 1, 3).is_none(), "what the cache already says");
+        assert!(info().with_leader(5, 1, 9).is_none(), "no such partition");
     }
 }

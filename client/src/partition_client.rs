@@ -246,7 +246,14 @@ pub(crate) async fn produce_rpc(
     let mut request = tonic::Request::new(request);
     request.set_timeout(client.config().request_timeout);
     let response = rpc.produce(request).await?.into_inner();
-    let p = answer(response.topics.into_iter().flat_map(|t| t.partitions), topic, partition)?;
+    let parts: Vec<pb::PartitionProduceResponse> = response.topics.into_iter().flat_map(|t| t.partitions).collect();
+    if let Some(p) = parts.iter().find(|p| p.partition == partition)
+        && p.error_code == tally_proto::ErrorCode::NotLeaderOrFollower as i32
+        && let (Some(leader), Some(epoch)) = (p.leader_id, p.leader_epoch)
+    {
+        client.follow_leader_hint(topic, partition, leader, epoch);
+    }
+    let p = answer(parts, topic, partition)?;
     Ok(p.base_offset)
 }
 

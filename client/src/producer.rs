@@ -527,7 +527,11 @@ async fn send_batch(shared: Arc<Shared>, topic: Arc<str>, partition: u32, batch:
             Ok(offset) => break Ok(offset),
             Err(e) if e.is_retriable() && Instant::now() + backoff < deadline => {
                 tracing::debug!(topic = %topic, partition, error = %e, "retrying produce");
-                shared.client.invalidate(&topic);
+                // NOT_LEADER_OR_FOLLOWER named the new leader, which the
+                // client took; anything else asks for fresh metadata.
+                if e.code() != Some(tally_proto::ErrorCode::NotLeaderOrFollower) {
+                    shared.client.invalidate(&topic);
+                }
                 let jitter = 0.8 + (shared.random() % 400) as f64 / 1000.0;
                 tokio::time::sleep(backoff.mul_f64(jitter)).await;
                 backoff = (backoff * 2).min(config.retry_backoff_max);

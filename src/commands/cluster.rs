@@ -35,11 +35,86 @@ async fn status(ctx: &Context) -> anyhow::Result<()> {
     {
         cluster = at_leader;
     }
+    let partitions = client.admin().partition_states().await?;
+    let health = PartitionHealth::of(&partitions);
     match ctx.output {
-        Output::Json => println!("{}", to_json(&cluster)),
-        Output::Table => print_status(&cluster),
+        Output::Json => {
+            let mut out = to_json(&cluster);
+            out["under_replicated_partitions"] = health.under_replicated.iter().map(|p| p.to_json()).collect();
+            out["offline_partitions"] = health.offline.iter().map(|p| p.to_json()).collect();
+            println!("{out}");
+        }
+        Output::Table => {
+            print_status(&cluster);
+            health.print();
+        }
     }
     Ok(())
+}
+
+/// A partition that needs attention.
+struct Trouble {
+    topic: String,
+    partition: u32,
+    leader: Option<u32>,
+    replicas: Vec<u32>,
+    isr: Vec<u32>,
+}
+
+impl Trouble {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "topic": self.topic, "partition": self.partition, "leader": self.leader,
+            "replicas": self.replicas, "isr": self.isr,
+        })
+    }
+}
+
+/// Under-replicated (ISR smaller than the replica list) and offline (no
+/// leader) partitions.
+struct PartitionHealth {
+    under_replicated: Vec<Trouble>,
+    offline: Vec<Trouble>,
+}
+
+impl PartitionHealth {
+    fn of(partitions: &[(String, tally_client::PartitionDescription)]) -> Self {
+        let mut health = PartitionHealth { under_replicated: Vec::new(), offline: Vec::new() };
+        for (topic, p) in partitions {
+            let trouble = || Trouble {
+                topic: topic.clone(),
+                partition: p.partition,
+                leader: p.leader,
+                replicas: p.replicas.clone(),
+                isr: p.isr.clone(),
+            };
+            if p.leader.is_none() {
+                health.offline.push(trouble());
+            } else if p.isr.len() < p.replicas.len() {
+                health.under_replicated.push(trouble());
+            }
+        }
+        health
+    }
+
+    fn print(&self) {
+        let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        for (title, rows) in [("under-replicated", &self.under_replicated), ("offline", &self.offline)] {
+            println!();
+            if rows.is_empty() {
+                println!("{title} partitions: none");
+                continue;
+            }
+            println!("{title} partitions: {}", rows.len());
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|t| {
+                    vec![t.topic.clone(), t.partition.to_string(), or_dash(t.leader), list(&t.replicas), list(&t.isr)]
+                })
+                .collect();
+            print_table(&["TOPIC", "PARTITION", "LEADER", "REPLICAS", "ISR"], &rows);
+        }
+    }
 }
 
 fn to_json(c: &ClusterDescription) -> serde_json::Value {

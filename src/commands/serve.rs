@@ -151,11 +151,17 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let partitions = 2 * args.brokers;
+    // Six partitions, each on three brokers (fewer with fewer brokers), and
+    // acks=all needing two copies: one broker may die without losing an
+    // acknowledged record.
+    let replication_factor = args.brokers.min(3);
+    let mut demo =
+        tally_client::NewTopic::new("demo", 6).config("min_insync_replicas", replication_factor.min(2).to_string());
+    demo.replication_factor = replication_factor;
     let mut created = Err(anyhow::anyhow!("not tried"));
     // The brokers register once a majority of them runs: retry for a while.
     for _ in 0..100 {
-        created = match client.admin().create_topic(tally_client::NewTopic::new("demo", partitions)).await {
+        created = match client.admin().create_topic(demo.clone()).await {
             Ok(()) => Ok(()),
             Err(e) if e.code() == Some(tally_client::ErrorCode::TopicAlreadyExists) => Ok(()),
             Err(e) => Err(e.into()),
@@ -167,7 +173,8 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     }
     created.context("cannot create the demo topic")?;
     eprintln!(
-        "\nTally is running: {} broker(s) in this process at {} (data in {}).\n\
+        "\nTally is running: {} broker(s) in this process at {} (data in {}),\n\
+         with topic `demo`: 6 partitions, replication factor {replication_factor}.\n\
          Try, in another terminal:\n\
          \n  echo hello | cargo run --release -- produce demo\
          \n  cargo run --release -- consume demo --from beginning --exit-at-end\

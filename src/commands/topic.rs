@@ -94,10 +94,15 @@ pub async fn run(ctx: &Context, cmd: TopicCommand) -> anyhow::Result<()> {
                             json!({
                                 "partition": p.partition,
                                 "leader": p.leader,
+                                "leader_epoch": p.leader_epoch,
                                 "replicas": p.replicas,
                                 "isr": p.isr,
                                 "log_start_offset": p.log_start_offset,
                                 "high_watermark": p.high_watermark,
+                                "log_end_offset": p.log_end_offset,
+                                "replica_lags": p.replica_lags.iter()
+                                    .map(|(b, lag)| json!({"broker": b, "lag": lag}))
+                                    .collect::<Vec<_>>(),
                             })
                         })
                         .collect();
@@ -110,18 +115,40 @@ pub async fn run(ctx: &Context, cmd: TopicCommand) -> anyhow::Result<()> {
                         .partitions
                         .iter()
                         .map(|p| {
+                            let lags = p
+                                .replica_lags
+                                .iter()
+                                .map(|(b, lag)| format!("{b}:{}", lag.map_or("?".to_string(), |l| l.to_string())))
+                                .collect::<Vec<_>>()
+                                .join(",");
                             vec![
                                 p.partition.to_string(),
                                 p.leader.map_or("-".to_string(), |l| l.to_string()),
+                                p.leader_epoch.to_string(),
                                 list(&p.replicas),
                                 list(&p.isr),
                                 p.log_start_offset.to_string(),
                                 p.high_watermark.to_string(),
+                                p.log_end_offset.to_string(),
+                                if lags.is_empty() { "-".to_string() } else { lags },
                             ]
                         })
                         .collect();
                     println!("Topic: {}", d.name);
-                    print_table(&["PARTITION", "LEADER", "REPLICAS", "ISR", "LOG-START", "HIGH-WATERMARK"], &rows);
+                    print_table(
+                        &[
+                            "PARTITION",
+                            "LEADER",
+                            "EPOCH",
+                            "REPLICAS",
+                            "ISR",
+                            "LOG-START",
+                            "HIGH-WATERMARK",
+                            "LOG-END",
+                            "FOLLOWER-LAG",
+                        ],
+                        &rows,
+                    );
                     println!();
                     let rows: Vec<Vec<String>> = d.configs.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
                     print_table(&["CONFIG", "VALUE"], &rows);

@@ -103,7 +103,18 @@ impl Admin for AdminService {
                         .iter()
                         .enumerate()
                         .map(|(i, state)| {
-                            let offsets = t.partitions.get(&(i as u32)).map(|p| p.offsets());
+                            // Only the leader's offsets mean anything to a reader.
+                            let led = t.partitions.get(&(i as u32)).filter(|p| p.leading_epoch().is_some());
+                            let offsets = led.map(|p| p.offsets());
+                            let replica_lags = led
+                                .map(|p| p.follower_lags())
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|(b, lag)| pb::ReplicaLag {
+                                    broker_id: b.0,
+                                    lag: lag.and_then(|l| i64::try_from(l).ok()).unwrap_or(-1),
+                                })
+                                .collect();
                             pb::PartitionDescription {
                                 partition: i as u32,
                                 leader_id: state.leader.map_or(-1, |l| l.0 as i32),
@@ -112,6 +123,9 @@ impl Admin for AdminService {
                                 isr: state.isr.iter().map(|b| b.0).collect(),
                                 log_start_offset: offsets.map_or(-1, |(start, _, _)| start.to_wire()),
                                 high_watermark: offsets.map_or(-1, |(_, hw, _)| hw.to_wire()),
+                                log_end_offset: offsets.map_or(-1, |(_, _, leo)| leo.to_wire()),
+                                replica_lags,
+                                from_leader: led.is_some(),
                             }
                         })
                         .collect(),
