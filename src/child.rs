@@ -91,6 +91,28 @@ impl BrokerProcess {
         self.child.id()
     }
 
+    /// How the process ended, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Freezes the process (SIGSTOP), as a stalled machine would be.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: signalling our own child, which we have not yet reaped.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
     /// Sends SIGTERM and waits for a clean exit (up to 30 s).
     pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
         let pid = i32::try_from(self.child.id()).context("pid out of range")?;

@@ -56,12 +56,17 @@ fn init_tracing(default: &str) {
 }
 
 fn main() -> ExitCode {
-    // Like other Unix tools, end quietly when the reader of our output goes
-    // away (`tally topic describe x | head`), instead of panicking in println!.
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let server = matches!(cli.command, Command::Serve(_) | Command::Dev(_));
+    if !server {
+        // Like other Unix tools, end quietly when the reader of our output
+        // goes away (`tally topic describe x | head`), instead of panicking
+        // in println!. Never for a broker: hyper writes sockets with writev,
+        // which raises SIGPIPE when a peer has reset the connection, and
+        // that would kill the broker.
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     init_tracing(if server { "info,openraft=warn" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

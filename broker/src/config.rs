@@ -275,12 +275,12 @@ impl BrokerConfig {
     /// the field's type. A `TALLY_` variable that names no field is an error,
     /// so a typo cannot silently leave a setting at its default. The command
     /// line's own variables (`TALLY_BOOTSTRAP`, `TALLY_CONFIG`,
-    /// `TALLY_LISTEN`, `TALLY_LOG`) and `TALLY_BENCH_*` are skipped.
+    /// `TALLY_LISTEN`, `TALLY_LOG`), `TALLY_BENCH_*` and `TALLY_TEST_*` are skipped.
     pub fn apply_env(self, vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, String> {
         let mut tree = toml::Value::try_from(&self).map_err(|e| format!("cannot represent the config: {e}"))?;
         for (name, raw) in vars {
             let Some(key) = name.strip_prefix("TALLY_") else { continue };
-            if NOT_CONFIG.contains(&name.as_str()) || key.starts_with("BENCH_") {
+            if NOT_CONFIG.contains(&name.as_str()) || key.starts_with("BENCH_") || key.starts_with("TEST_") {
                 continue;
             }
             let key = key.to_ascii_lowercase();

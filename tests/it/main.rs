@@ -3,8 +3,11 @@
 //! link time down.
 
 mod api;
+mod checker;
 mod cli;
 mod cluster;
+mod fault;
 mod harness;
 mod process;
+mod proxy;
 mod replication;

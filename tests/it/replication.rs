@@ -141,7 +141,7 @@ async fn read_all(client: &Client, topic: &str) -> Vec<(i64, String)> {
 }
 
 /// The bytes of a partition log below `end`, read from its directory.
-fn log_bytes(dir: &Path, end: u64) -> Vec<u8> {
+pub fn log_bytes(dir: &Path, end: u64) -> Vec<u8> {
     let config = tally_broker::storage::LogConfig::default();
     let log = tally_broker::storage::Log::open(dir, config, std::sync::Arc::new(tally_broker::storage::SystemClock))
         .expect("open log");

@@ -144,6 +144,8 @@ async fn run(
     };
     let mut backoff = settings.backoff;
     let mut paused: HashMap<Key, Instant> = HashMap::new();
+    // The last reason each partition paused for, logged once per change.
+    let mut reasons: HashMap<Key, String> = HashMap::new();
     loop {
         let current = follows.borrow_and_update().clone();
         let now = Instant::now();
@@ -170,9 +172,17 @@ async fn run(
             Ok(Ok(response)) => {
                 backoff = settings.backoff;
                 for (f, p) in active.iter().zip(response.partitions) {
-                    if let Err(why) = apply(f, p).await {
-                        tracing::debug!(topic = %f.topic, partition = f.partition.index(), %why, "replica fetch paused");
-                        paused.insert(key(f), Instant::now() + settings.backoff_max.min(backoff * 4));
+                    match apply(f, p).await {
+                        Ok(()) => {
+                            reasons.remove(&key(f));
+                        }
+                        Err(why) => {
+                            if reasons.get(&key(f)) != Some(&why) {
+                                tracing::warn!(topic = %f.topic, partition = f.partition.index(), %why, "replica fetch paused");
+                                reasons.insert(key(f), why);
+                            }
+                            paused.insert(key(f), Instant::now() + settings.backoff_max.min(backoff * 4));
+                        }
                     }
                 }
             }

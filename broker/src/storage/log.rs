@@ -686,6 +686,14 @@ impl Log {
         let offset = offset.get();
         let leo = self.leo();
         if offset >= leo {
+            // No batch to cut, but an epoch that begins at the log end (a
+            // leadership that appended nothing) ends here too: a follower
+            // that kept it would report it as its last fetched epoch forever.
+            let mut epochs = self.leader_epochs.clone();
+            if epochs.truncate_from_end(Offset(offset)) {
+                self.writer.write_epochs_now(&epochs)?;
+                self.leader_epochs = epochs;
+            }
             return Ok(Offset(leo));
         }
         if offset < self.log_start_offset {

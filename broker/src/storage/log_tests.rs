@@ -307,6 +307,24 @@ fn readers_keep_their_bytes_across_truncate_reappend_and_close() {
 }
 
 #[test]
+fn an_epoch_begun_at_the_log_end_is_cut_by_a_truncation_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    log.append(&batch(&[b"a"], 1), 1).unwrap();
+    // Leader in epoch 3, but nothing appended before it lost the leadership.
+    log.begin_leader_epoch(3).unwrap();
+    assert_eq!(log.leader_epochs().latest_epoch(), Some(3));
+    assert_eq!(log.end_offset_for_epoch(1), Some((1, Offset(1))));
+    assert!(matches!(log.begin_leader_epoch(2), Err(StorageError::StaleLeaderEpoch { epoch: 2, latest: 3 })));
+    // The new leader says epoch 1 ends at 1: a cut at the log end drops
+    // the empty epoch, so the next fetch names epoch 1.
+    log.truncate_to(Offset(1)).unwrap();
+    assert_eq!(log.leader_epochs().latest_epoch(), Some(1));
+    drop(log);
+    assert_eq!(open(dir.path()).leader_epochs().latest_epoch(), Some(1), "durably");
+}
+
+#[test]
 fn delete_records_before_moves_the_log_start() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = open(dir.path());

@@ -1,0 +1,219 @@
+//! A history checker for the fault test, after Jepsen's Kafka queue
+//! workload: it reads every send (acknowledged, failed, or indeterminate),
+//! every poll, and the final contents of each partition, and reports
+//! lost writes, two values at one offset, polls that go back or skip,
+//! duplicates, and failed writes that were stored anyway.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What the producer learned of one send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Acknowledged at this offset.
+    Acked(i64),
+    /// Refused before it was appended (NOT_ENOUGH_REPLICAS, or not the
+    /// leader): it must never be read.
+    Failed,
+    /// Unknown: a timeout or a broken connection.
+    Unknown,
+}
+
+/// One send: a value of its own to one partition.
+#[derive(Debug, Clone)]
+pub struct Send {
+    pub partition: u32,
+    pub value: String,
+    pub outcome: Outcome,
+}
+
+/// One fetch of one consumer: the records it returned, in order.
+#[derive(Debug, Clone)]
+pub struct Poll {
+    pub consumer: usize,
+    pub partition: u32,
+    pub records: Vec<(i64, String)>,
+}
+
+/// Everything that happened.
+#[derive(Debug, Default)]
+pub struct History {
+    pub sends: Vec<Send>,
+    pub polls: Vec<Poll>,
+    /// Each partition read from offset 0 to its end after healing.
+    pub final_logs: BTreeMap<u32, Vec<(i64, String)>>,
+}
+
+/// The anomalies found; all empty means the history is valid.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Acknowledged, never in the final log.
+    pub lost: Vec<String>,
+    /// (partition, offset) holding two different values somewhere.
+    pub inconsistent: Vec<(u32, i64)>,
+    /// A consumer's offsets went back (consumer, partition, from, to).
+    pub nonmonotonic: Vec<(usize, u32, i64, i64)>,
+    /// A consumer's offsets skipped (consumer, partition, from, to).
+    pub skipped: Vec<(usize, u32, i64, i64)>,
+    /// A value at more than one offset.
+    pub duplicates: Vec<String>,
+    /// Refused, yet stored.
+    pub failed_but_stored: Vec<String>,
+    /// The final log is not dense from 0 (partition, expected, found).
+    pub gaps: Vec<(u32, i64, i64)>,
+}
+
+impl Report {
+    /// True when no anomaly was found.
+    pub fn is_valid(&self) -> bool {
+        *self == Report::default()
+    }
+}
+
+/// Checks `h`.
+pub fn check(h: &History) -> Report {
+    let mut report = Report::default();
+    // Every value seen at each offset, from polls, final logs and acks.
+    let mut at: BTreeMap<(u32, i64), BTreeSet<&str>> = BTreeMap::new();
+    for p in &h.polls {
+        for (o, v) in &p.records {
+            at.entry((p.partition, *o)).or_default().insert(v);
+        }
+    }
+    for (partition, log) in &h.final_logs {
+        for (o, v) in log {
+            at.entry((*partition, *o)).or_default().insert(v);
+        }
+    }
+    for s in &h.sends {
+        if let Outcome::Acked(o) = s.outcome {
+            at.entry((s.partition, o)).or_default().insert(&s.value);
+        }
+    }
+    report.inconsistent = at.iter().filter(|(_, vs)| vs.len() > 1).map(|(k, _)| *k).collect();
+    // The final logs: dense, each value once.
+    let mut stored: BTreeMap<(u32, &str), usize> = BTreeMap::new();
+    for (partition, log) in &h.final_logs {
+        for (expected, (o, v)) in log.iter().enumerate() {
+            if *o != expected as i64 {
+                report.gaps.push((*partition, expected as i64, *o));
+                break;
+            }
+            *stored.entry((*partition, v.as_str())).or_default() += 1;
+        }
+    }
+    report.duplicates = stored.iter().filter(|(_, n)| **n > 1).map(|((_, v), _)| v.to_string()).collect();
+    for s in &h.sends {
+        let present = stored.contains_key(&(s.partition, s.value.as_str()));
+        match s.outcome {
+            Outcome::Acked(_) if !present => report.lost.push(s.value.clone()),
+            Outcome::Failed if present => report.failed_but_stored.push(s.value.clone()),
+            _ => {}
+        }
+    }
+    // Each consumer's view of each partition moves forward one by one.
+    let mut last: BTreeMap<(usize, u32), i64> = BTreeMap::new();
+    for p in &h.polls {
+        for (o, _) in &p.records {
+            let key = (p.consumer, p.partition);
+            let previous = last.get(&key).copied().unwrap_or(-1);
+            if *o <= previous {
+                report.nonmonotonic.push((p.consumer, p.partition, previous, *o));
+            } else if *o > previous + 1 {
+                report.skipped.push((p.consumer, p.partition, previous, *o));
+            }
+            last.insert(key, *o);
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(values: &[&str]) -> Vec<(i64, String)> {
+        values.iter().enumerate().map(|(i, v)| (i as i64, v.to_string())).collect()
+    }
+
+    fn valid() -> History {
+        History {
+            sends: vec![
+                Send { partition: 0, value: "a".into(), outcome: Outcome::Acked(0) },
+                Send { partition: 0, value: "b".into(), outcome: Outcome::Unknown },
+                Send { partition: 0, value: "c".into(), outcome: Outcome::Acked(2) },
+                Send { partition: 0, value: "d".into(), outcome: Outcome::Failed },
+                Send { partition: 0, value: "e".into(), outcome: Outcome::Unknown },
+            ],
+            polls: vec![
+                Poll { consumer: 0, partition: 0, records: log(&["a", "b"]) },
+                Poll { consumer: 0, partition: 0, records: vec![(2, "c".into())] },
+            ],
+            final_logs: BTreeMap::from([(0, log(&["a", "b", "c"]))]),
+        }
+    }
+
+    #[test]
+    fn a_valid_history_has_no_anomaly() {
+        assert_eq!(check(&valid()), Report::default());
+    }
+
+    #[test]
+    fn an_acknowledged_value_missing_from_the_log_is_a_lost_write() {
+        let mut h = valid();
+        h.final_logs.insert(0, log(&["a", "b"]));
+        h.polls.truncate(1);
+        assert_eq!(check(&h).lost, vec!["c".to_string()]);
+    }
+
+    #[test]
+    fn two_values_at_one_offset_are_inconsistent() {
+        let mut h = valid();
+        h.polls.push(Poll { consumer: 1, partition: 0, records: log(&["a", "x"]) });
+        assert_eq!(check(&h).inconsistent, vec![(0, 1)]);
+        // An ack naming an offset that holds another value is one too.
+        let mut h = valid();
+        h.sends[0].outcome = Outcome::Acked(1);
+        assert!(check(&h).inconsistent.contains(&(0, 1)));
+    }
+
+    #[test]
+    fn a_poll_that_goes_back_is_nonmonotonic() {
+        let mut h = valid();
+        h.polls.push(Poll { consumer: 0, partition: 0, records: vec![(1, "b".into())] });
+        assert_eq!(check(&h).nonmonotonic, vec![(0, 0, 2, 1)]);
+    }
+
+    #[test]
+    fn a_poll_that_jumps_ahead_skips() {
+        let mut h = valid();
+        h.polls = vec![
+            Poll { consumer: 0, partition: 0, records: vec![(0, "a".into())] },
+            Poll { consumer: 0, partition: 0, records: vec![(2, "c".into())] },
+        ];
+        assert_eq!(check(&h).skipped, vec![(0, 0, 0, 2)]);
+        // Starting past 0 is a skip as well: consumers start at the beginning.
+        h.polls = vec![Poll { consumer: 3, partition: 0, records: vec![(1, "b".into())] }];
+        assert_eq!(check(&h).skipped, vec![(3, 0, -1, 1)]);
+    }
+
+    #[test]
+    fn a_value_stored_twice_is_a_duplicate() {
+        let mut h = valid();
+        h.final_logs.insert(0, log(&["a", "b", "c", "a"]));
+        assert_eq!(check(&h).duplicates, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn a_refused_write_that_was_stored_is_reported() {
+        let mut h = valid();
+        h.final_logs.insert(0, log(&["a", "b", "c", "d"]));
+        assert_eq!(check(&h).failed_but_stored, vec!["d".to_string()]);
+    }
+
+    #[test]
+    fn a_hole_in_the_final_log_is_reported() {
+        let mut h = valid();
+        h.final_logs.insert(0, vec![(0, "a".into()), (2, "c".into())]);
+        assert_eq!(check(&h).gaps, vec![(0, 1, 2)]);
+    }
+}
