@@ -297,7 +297,9 @@ mod tests {
     fn a_replica_outside_the_isr_does_not_hold_the_high_watermark() {
         let mut s = leader(&[1, 2], 2, 0);
         s.on_fetch(b(2), Offset(9), Offset(9), Offset(0), 1);
-        s.on_fetch(b(3), Offset(1), Offset(9), Offset(0), 1);
+        assert_eq!(s.high_watermark(Offset(9)), Some(Offset(9)));
+        // Broker 3 is far behind the HW: it does not qualify to join.
+        assert_eq!(s.on_fetch(b(3), Offset(1), Offset(9), Offset(9), 1), None);
         assert_eq!(s.high_watermark(Offset(9)), Some(Offset(9)));
     }
 
