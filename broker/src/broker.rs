@@ -573,9 +573,12 @@ impl Broker {
             )));
         }
         let replication_factor = new.replication_factor.max(1);
-        let overrides: BTreeMap<String, String> =
+        let mut overrides: BTreeMap<String, String> =
             new.configs.iter().map(|(k, v)| (canonical_key(k), v.clone())).collect();
-        TopicConfig::with_overrides(&self.config.log, &overrides)?;
+        let config = TopicConfig::with_overrides(&self.config.log, &overrides)?;
+        // The controller's election rules read min_insync_replicas from the
+        // image, which knows no broker defaults: record the effective value.
+        overrides.insert("min_insync_replicas".into(), config.min_insync_replicas.to_string());
         let _admin = self.admin.lock().await;
         let controller = self.controller()?;
         if controller.image().topic(name.as_str()).is_some() {
@@ -664,13 +667,17 @@ impl Broker {
         self.topics().iter().flat_map(|t| t.partitions.values().cloned()).collect()
     }
 
-    /// Flushes, checkpoints and closes every log. Blocking.
-    pub fn close(&self) {
+    /// Flushes, checkpoints and closes every log; true when all closed
+    /// cleanly. Blocking.
+    pub fn close(&self) -> bool {
         self.fetchers.shutdown();
+        let mut clean = true;
         for p in self.all_partitions() {
             if let Err(e) = p.close() {
                 tracing::error!(topic = p.topic(), partition = p.index(), error = %e, "closing partition failed");
+                clean = false;
             }
         }
+        clean
     }
 }

@@ -120,6 +120,10 @@ pub struct LogDefaults {
     pub min_insync_replicas: u32,
     /// `cleanup.policy`: only `delete` for now. Default `delete`.
     pub cleanup_policy: String,
+    /// `unclean.leader.election.enable`: `true` lets a replica outside the
+    /// ISR and the eligible replicas lead when none of them can, at the
+    /// price of losing acknowledged records. Default `false`.
+    pub unclean_leader_election: String,
     /// Write-behind window per partition (see `storage::LogConfig`): bounds
     /// dirty and cached bytes of the active segment. 0 leaves it to the OS.
     /// Default 32 MiB; a multiple of 1 MiB.
@@ -140,6 +144,7 @@ impl Default for LogDefaults {
             flush: "os".to_string(),
             min_insync_replicas: 1,
             cleanup_policy: "delete".to_string(),
+            unclean_leader_election: "false".to_string(),
             writeback_window_bytes: log.writeback_window_bytes,
         }
     }

@@ -69,6 +69,10 @@ pub struct Membership {
     /// The incarnation of the last process on this data directory, which
     /// has exited (the directory's lock says so): registering may replace it.
     pub previous_incarnation: Option<u64>,
+    /// The last process on this data directory may have lost writes it had
+    /// not synced (see [`Succession`]): tell the controller right after
+    /// registering, before this broker is unfenced.
+    pub may_have_lost_writes: bool,
     /// Time between heartbeats.
     pub heartbeat_interval: Duration,
     /// The controller's session timeout: an old incarnation of this id that
@@ -156,7 +160,13 @@ impl Membership {
             incarnation: self.incarnation,
             previous_incarnation: self.previous_incarnation,
         };
-        Ok(self.controller.propose_anywhere(command).await?.index)
+        let mut index = self.controller.propose_anywhere(command).await?.index;
+        if self.may_have_lost_writes {
+            tracing::warn!(broker = %self.broker, "the last process stopped uncleanly and the machine restarted since: this broker leaves every ISR until it catches up");
+            let command = MetadataCommand::ReplicaLostWrites { id: self.broker, incarnation: self.incarnation };
+            index = self.controller.propose_anywhere(command).await?.index;
+        }
+        Ok(index)
     }
 
     async fn heartbeat(&self, registered_at: u64, shutting_down: bool) -> Result<HeartbeatAnswer, ControllerError> {
@@ -175,19 +185,109 @@ pub fn new_incarnation() -> u64 {
     h.finish()
 }
 
-/// Reads the incarnation the last process on `dir` recorded and records
-/// `incarnation` in its place (atomically), so the next start can name it.
-pub fn take_over_incarnation(dir: &std::path::Path, incarnation: u64) -> Result<Option<u64>, String> {
-    let path = dir.join("incarnation");
-    let previous = match std::fs::read_to_string(&path) {
-        Ok(text) => Some(
-            u64::from_str_radix(text.trim().trim_start_matches("0x"), 16)
-                .map_err(|e| format!("{} is unreadable: {e}", path.display()))?,
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+/// What a new process learns of the last one on its data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Succession {
+    /// The incarnation the last process registered, if any.
+    pub previous: Option<u64>,
+    /// True when that process stopped uncleanly and the machine restarted
+    /// since (another boot id), so writes it had not synced may be gone. A
+    /// process that was killed leaves its writes in the page cache, which
+    /// survives it; a clean stop syncs everything.
+    pub may_have_lost_writes: bool,
+}
+
+/// The file naming the last incarnation and the boot it ran in.
+const INCARNATION_FILE: &str = "incarnation";
+/// Written once a clean shutdown has synced and closed every log.
+const CLEAN_SHUTDOWN_FILE: &str = "clean-shutdown";
+
+/// This machine's boot id (Linux), which changes at every boot.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string())
+}
+
+/// Reads what the last process on `dir` recorded and records `incarnation`
+/// (with this boot's id) in its place, atomically, so the next start can
+/// name it. Call under the data directory's lock.
+pub fn take_over_incarnation(dir: &std::path::Path, incarnation: u64) -> Result<Succession, String> {
+    take_over_incarnation_in_boot(dir, incarnation, boot_id().as_deref())
+}
+
+fn take_over_incarnation_in_boot(
+    dir: &std::path::Path,
+    incarnation: u64,
+    boot: Option<&str>,
+) -> Result<Succession, String> {
+    let path = dir.join(INCARNATION_FILE);
+    let parse = |text: &str| {
+        u64::from_str_radix(text.trim().trim_start_matches("0x"), 16)
+            .map_err(|e| format!("{} is unreadable: {e}", path.display()))
+    };
+    let (previous, previous_boot) = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let mut lines = text.lines();
+            let previous = parse(lines.next().unwrap_or_default())?;
+            let boot = lines.find_map(|l| l.strip_prefix("boot ")).map(|b| b.trim().to_string());
+            (Some(previous), boot)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
+    let clean_path = dir.join(CLEAN_SHUTDOWN_FILE);
+    let clean = match std::fs::read_to_string(&clean_path) {
+        Ok(text) => previous.is_some() && parse(&text).ok() == previous,
+        Err(_) => false,
+    };
+    // A file without a boot line was written before boot ids were kept.
+    let same_boot = previous_boot.is_none() || previous_boot.as_deref() == boot;
+    let may_have_lost_writes = previous.is_some() && !clean && !same_boot;
+    let mut record = format!("{incarnation:#x}\n");
+    if let Some(boot) = boot {
+        record.push_str(&format!("boot {boot}\n"));
+    }
+    crate::storage::fs::write_atomic(&path, record.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+    match std::fs::remove_file(&clean_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", clean_path.display())),
+    }
+    Ok(Succession { previous, may_have_lost_writes })
+}
+
+/// Records that `incarnation` stopped cleanly: every log synced and closed.
+pub fn record_clean_shutdown(dir: &std::path::Path, incarnation: u64) -> Result<(), String> {
+    let path = dir.join(CLEAN_SHUTDOWN_FILE);
     crate::storage::fs::write_atomic(&path, format!("{incarnation:#x}\n").as_bytes())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(previous)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_unclean_stop_followed_by_a_reboot_may_have_lost_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let first = take_over_incarnation_in_boot(d, 1, Some("boot-a")).unwrap();
+        assert_eq!(first, Succession { previous: None, may_have_lost_writes: false });
+        // Killed, restarted in the same boot: the page cache kept its writes.
+        let killed = take_over_incarnation_in_boot(d, 2, Some("boot-a")).unwrap();
+        assert_eq!(killed, Succession { previous: Some(1), may_have_lost_writes: false });
+        // Killed, then the machine restarted: unsynced writes may be gone.
+        let rebooted = take_over_incarnation_in_boot(d, 3, Some("boot-b")).unwrap();
+        assert_eq!(rebooted, Succession { previous: Some(2), may_have_lost_writes: true });
+        // A clean stop synced everything, reboot or not.
+        record_clean_shutdown(d, 3).unwrap();
+        let clean = take_over_incarnation_in_boot(d, 4, Some("boot-c")).unwrap();
+        assert_eq!(clean, Succession { previous: Some(3), may_have_lost_writes: false });
+        // The marker is used once: the next unclean stop counts again.
+        let again = take_over_incarnation_in_boot(d, 5, Some("boot-d")).unwrap();
+        assert_eq!(again, Succession { previous: Some(4), may_have_lost_writes: true });
+        // A stale marker (from an older incarnation) does not count.
+        record_clean_shutdown(d, 4).unwrap();
+        let stale = take_over_incarnation_in_boot(d, 6, Some("boot-e")).unwrap();
+        assert!(stale.may_have_lost_writes);
+    }
 }

@@ -64,6 +64,8 @@ pub struct TopicConfig {
     pub max_message_bytes: u64,
     /// In-sync replicas needed for acks=all.
     pub min_insync_replicas: u32,
+    /// Whether a replica outside the ISR and ELR may be elected.
+    pub unclean_leader_election: bool,
 }
 
 /// Keys a topic config accepts (Kafka's names with `_`; `.` is accepted too).
@@ -78,6 +80,7 @@ pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "segment_bytes",
     "segment_index_bytes",
     "segment_ms",
+    "unclean_leader_election",
     "writeback_window_bytes",
 ];
 
@@ -98,6 +101,7 @@ fn defaults_map(d: &LogDefaults) -> BTreeMap<String, String> {
         ("segment_bytes", d.segment_bytes.to_string()),
         ("segment_index_bytes", d.segment_index_bytes.to_string()),
         ("segment_ms", d.segment_ms.to_string()),
+        ("unclean_leader_election", d.unclean_leader_election.clone()),
         ("writeback_window_bytes", d.writeback_window_bytes.to_string()),
     ]
     .into_iter()
@@ -174,6 +178,11 @@ impl TopicConfig {
         if min_insync_replicas == 0 {
             return Err(invalid("min_insync_replicas", "must be at least 1"));
         }
+        let unclean_leader_election = match map["unclean_leader_election"].trim() {
+            "true" => true,
+            "false" => false,
+            other => return Err(invalid("unclean_leader_election", format!("`{other}` is not `true` or `false`"))),
+        };
         match map["cleanup_policy"].trim() {
             "delete" => {}
             "compact" | "compact,delete" | "delete,compact" => {
@@ -197,6 +206,7 @@ impl TopicConfig {
             },
             max_message_bytes,
             min_insync_replicas,
+            unclean_leader_election,
         })
     }
 
@@ -214,6 +224,7 @@ impl TopicConfig {
             ("segment_bytes", l.segment_bytes.to_string()),
             ("segment_index_bytes", l.segment_index_bytes.to_string()),
             ("segment_ms", l.segment_ms.to_string()),
+            ("unclean_leader_election", self.unclean_leader_election.to_string()),
             ("writeback_window_bytes", l.writeback_window_bytes.to_string()),
         ]
         .into_iter()

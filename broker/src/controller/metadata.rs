@@ -15,13 +15,16 @@
 //!   incarnation is refused: two processes with one id must never both
 //!   serve. A registered broker starts fenced; the controller unfences it
 //!   once it has caught up with the metadata log.
-//! - Fencing a broker moves the leadership of each partition it leads to
-//!   the first other replica (in replica order) that is in the ISR and
-//!   unfenced, and removes it from every ISR it is in, unless it is the last
-//!   member. A partition left with no such replica has no leader (it is
-//!   offline) and keeps its last ISR member, which leads again once
-//!   unfenced: a partition is never handed silently to a replica that may
-//!   lack acknowledged records.
+//! - Fencing a broker removes it from every ISR it is in, unless it is the
+//!   last member, and moves the leadership of each partition it leads by
+//!   the rules of [`super::election`]: the first other live replica in the
+//!   ISR, else one in the ELR (KIP-966's eligible leader replicas), else,
+//!   only with `unclean_leader_election`, any live replica. A partition left
+//!   with no candidate has no leader (it is offline) and keeps its last ISR
+//!   member, which leads again once unfenced: a partition is never handed
+//!   silently to a replica that may lack acknowledged records.
+//! - A broker that may have lost unsynced writes (`ReplicaLostWrites`)
+//!   leaves every ISR and ELR, even as the last member.
 //! - Every leader change bumps the leader epoch; every change to the leader
 //!   or the ISR bumps the partition epoch. An ISR change from a leader must
 //!   name both current epochs (compare-and-set), so a stale leader cannot
@@ -33,6 +36,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::election::{ElectionRules, forget_replica, install, pick_leader, set_isr};
 use crate::topic::TopicName;
 
 /// A `u32` newtype that prints as its number.
@@ -96,6 +100,11 @@ pub struct PartitionState {
     pub replicas: Vec<BrokerId>,
     /// In-sync replicas: never empty, always a subset of `replicas`.
     pub isr: Vec<BrokerId>,
+    /// Eligible leader replicas (KIP-966): replicas that left the ISR while
+    /// it was below `min_insync_replicas`; each holds everything below the
+    /// high watermark (see [`super::election`]).
+    #[serde(default)]
+    pub elr: Vec<BrokerId>,
     /// The leader, or `None` while the partition is offline.
     pub leader: Option<BrokerId>,
     /// Grows with every leader change.
@@ -190,6 +199,16 @@ pub enum MetadataCommand {
         partition_epoch: PartitionEpoch,
         /// The new ISR.
         isr: Vec<BrokerId>,
+    },
+    /// A broker whose machine restarted after it stopped uncleanly may have
+    /// lost writes it had not synced: it leaves every ISR and ELR until it
+    /// catches up again (proposed by the broker right after it registers,
+    /// while it is still fenced).
+    ReplicaLostWrites {
+        /// Node id.
+        id: BrokerId,
+        /// Its new incarnation.
+        incarnation: u64,
     },
     /// Hands a block of producer ids to a broker (for idempotent producers).
     AllocateProducerIds {
@@ -347,6 +366,15 @@ pub enum MetadataError {
     InvalidProducerIdRequest(String),
 }
 
+/// The election rules of a topic, from its configs (as validated by the
+/// proposer; `min_insync_replicas` is recorded at creation).
+fn election_rules(configs: &BTreeMap<String, String>) -> ElectionRules {
+    ElectionRules {
+        min_insync_replicas: configs.get("min_insync_replicas").and_then(|v| v.parse().ok()).unwrap_or(1),
+        unclean: configs.get("unclean_leader_election").is_some_and(|v| v == "true"),
+    }
+}
+
 /// The effect of a change to partition `index` of `topic`.
 fn changed(topic: &str, index: usize, state: &PartitionState) -> MetadataEffect {
     MetadataEffect::PartitionChanged { topic: topic.to_string(), partition: index as u32, state: state.clone() }
@@ -422,6 +450,7 @@ impl MetadataImage {
                 self.alter_partition(topic, *partition, *leader_epoch, *partition_epoch, isr)
             }
             MetadataCommand::AllocateProducerIds { broker, count } => self.allocate_producer_ids(*broker, *count),
+            MetadataCommand::ReplicaLostWrites { id, incarnation } => self.replica_lost_writes(*id, *incarnation),
         }
     }
 
@@ -466,20 +495,29 @@ impl MetadataImage {
         self.brokers.get_mut(&id).expect("registered").fenced = true;
         let mut effects = vec![MetadataEffect::BrokerFenced(id)];
         let brokers = &self.brokers;
-        let live = |b: &BrokerId| brokers.get(b).is_some_and(|r| !r.fenced);
+        let live = |b: BrokerId| brokers.get(&b).is_some_and(|r| !r.fenced);
         for topic in self.topics.values_mut() {
+            let rules = election_rules(&topic.configs);
             for (index, p) in topic.partitions.iter_mut().enumerate() {
                 let leads = p.leader == Some(id);
                 let leaves_isr = p.isr.contains(&id) && p.isr.len() > 1;
                 if !leads && !leaves_isr {
                     continue;
                 }
-                if p.isr.len() > 1 {
-                    p.isr.retain(|b| *b != id);
+                if leaves_isr {
+                    let isr = p.isr.iter().copied().filter(|b| *b != id).collect();
+                    set_isr(p, isr, rules);
                 }
                 if leads {
-                    p.leader = p.replicas.iter().copied().find(|b| *b != id && p.isr.contains(b) && live(b));
-                    p.leader_epoch.0 += 1;
+                    match pick_leader(p, rules, live) {
+                        Some(elected) => install(p, elected, rules),
+                        None => {
+                            // Offline: the last ISR member stays, and leads
+                            // again when it returns.
+                            p.leader = None;
+                            p.leader_epoch.0 += 1;
+                        }
+                    }
                 }
                 p.partition_epoch.0 += 1;
                 effects.push(changed(&topic.name, index, p));
@@ -494,16 +532,45 @@ impl MetadataImage {
         }
         self.brokers.get_mut(&id).expect("registered").fenced = false;
         let mut effects = vec![MetadataEffect::BrokerUnfenced(id)];
+        effects.extend(self.elect_offline());
+        Ok(effects)
+    }
+
+    /// Gives every offline partition a leader if the rules allow one now.
+    fn elect_offline(&mut self) -> Vec<MetadataEffect> {
+        let brokers = &self.brokers;
+        let live = |b: BrokerId| brokers.get(&b).is_some_and(|r| !r.fenced);
+        let mut effects = Vec::new();
         for topic in self.topics.values_mut() {
+            let rules = election_rules(&topic.configs);
             for (index, p) in topic.partitions.iter_mut().enumerate() {
-                if p.leader.is_none() && p.isr.contains(&id) {
-                    p.leader = Some(id);
-                    p.leader_epoch.0 += 1;
+                if p.leader.is_some() {
+                    continue;
+                }
+                if let Some(elected) = pick_leader(p, rules, live) {
+                    install(p, elected, rules);
                     p.partition_epoch.0 += 1;
                     effects.push(changed(&topic.name, index, p));
                 }
             }
         }
+        effects
+    }
+
+    fn replica_lost_writes(&mut self, id: BrokerId, incarnation: u64) -> Result<Vec<MetadataEffect>, MetadataError> {
+        self.registered(id, incarnation)?;
+        let mut effects = Vec::new();
+        for topic in self.topics.values_mut() {
+            let rules = election_rules(&topic.configs);
+            for (index, p) in topic.partitions.iter_mut().enumerate() {
+                if p.leader == Some(id) || !forget_replica(p, id, rules) {
+                    continue;
+                }
+                p.partition_epoch.0 += 1;
+                effects.push(changed(&topic.name, index, p));
+            }
+        }
+        effects.extend(self.elect_offline());
         Ok(effects)
     }
 
@@ -543,6 +610,7 @@ impl MetadataImage {
             out.push(PartitionState {
                 replicas: replicas.clone(),
                 isr,
+                elr: Vec::new(),
                 leader: Some(leader),
                 leader_epoch: LeaderEpoch(0),
                 partition_epoch: PartitionEpoch(0),
@@ -632,8 +700,10 @@ impl MetadataImage {
         if let Some(b) = isr.iter().find(|b| !state.isr.contains(b) && fenced(b)) {
             return Err(invalid(format!("broker {b} is fenced and cannot join the ISR")));
         }
-        let state = &mut self.topics.get_mut(topic).expect("checked").partitions[partition as usize];
-        state.isr = isr.to_vec();
+        let t = self.topics.get_mut(topic).expect("checked");
+        let rules = election_rules(&t.configs);
+        let state = &mut t.partitions[partition as usize];
+        set_isr(state, isr.to_vec(), rules);
         state.partition_epoch.0 += 1;
         Ok(vec![MetadataEffect::PartitionChanged { topic: topic.to_string(), partition, state: state.clone() }])
     }

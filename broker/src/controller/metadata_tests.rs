@@ -375,3 +375,100 @@ fn topic_configs_are_replaced_whole() {
     let unknown = MetadataCommand::AlterTopicConfigs { name: "u".into(), configs: BTreeMap::new() };
     assert_eq!(refused(&mut image, &unknown), MetadataError::UnknownTopic("u".into()));
 }
+
+/// Three live brokers and topic `t` on [1, 2, 3] with `configs`.
+fn cluster_with(configs: &[(&str, &str)]) -> MetadataImage {
+    let mut image = MetadataImage::default();
+    for id in 1..=3 {
+        register(&mut image, id);
+    }
+    let cmd = MetadataCommand::CreateTopic {
+        name: "t".into(),
+        id: TopicId("id-t".into()),
+        configs: configs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        assignments: vec![ids(&[1, 2, 3])],
+    };
+    image.apply(&cmd).unwrap();
+    image
+}
+
+#[test]
+fn replicas_that_leave_a_too_small_isr_become_eligible_and_lead_when_the_last_member_is_fenced() {
+    let mut image = cluster_with(&[("min_insync_replicas", "2")]);
+    image.apply(&fence(3)).unwrap();
+    let p = image.partition("t", 0).unwrap();
+    assert_eq!((p.isr.clone(), p.elr.clone()), (ids(&[1, 2]), vec![]), "the ISR still holds two");
+    image.apply(&fence(2)).unwrap();
+    let p = image.partition("t", 0).unwrap();
+    assert_eq!((p.isr.clone(), p.elr.clone()), (ids(&[1]), ids(&[2])));
+    image.apply(&unfence(2)).unwrap();
+    assert_eq!(image.partition("t", 0).unwrap().leader, Some(b(1)), "broker 1 still leads");
+    image.apply(&fence(1)).unwrap();
+    let p = image.partition("t", 0).unwrap();
+    assert_eq!(p.leader, Some(b(2)), "the eligible replica leads");
+    assert_eq!((p.isr.clone(), p.elr.clone()), (ids(&[2]), ids(&[1])));
+    assert_eq!(p.leader_epoch, LeaderEpoch(1));
+}
+
+#[test]
+fn a_broker_that_lost_unsynced_writes_is_never_elected_in_place_of_an_eligible_replica() {
+    let mut image = cluster_with(&[("min_insync_replicas", "2")]);
+    image.apply(&fence(3)).unwrap();
+    image.apply(&fence(2)).unwrap(); // ISR [1], ELR [2]
+    image.apply(&fence(1)).unwrap(); // all down: offline
+    let p = image.partition("t", 0).unwrap();
+    assert_eq!((p.leader, p.isr.clone(), p.elr.clone()), (None, ids(&[1]), ids(&[2])));
+    // Broker 1 comes back after its machine restarted: it may have lost
+    // acknowledged records it had not synced.
+    let again = MetadataCommand::RegisterBroker {
+        id: b(1),
+        address: "127.0.0.1:9001".into(),
+        incarnation: 77,
+        previous_incarnation: Some(incarnation(1)),
+    };
+    image.apply(&again).unwrap();
+    let lost = MetadataCommand::ReplicaLostWrites { id: b(1), incarnation: 77 };
+    let stale = MetadataCommand::ReplicaLostWrites { id: b(1), incarnation: incarnation(1) };
+    assert!(matches!(refused(&mut image, &stale), MetadataError::StaleIncarnation { .. }));
+    let effects = image.apply(&lost).unwrap();
+    assert_eq!(effects.len(), 1, "{effects:?}");
+    let p = image.partition("t", 0).unwrap();
+    assert_eq!((p.isr.clone(), p.elr.clone()), (vec![], ids(&[2])));
+    image.apply(&MetadataCommand::UnfenceBroker { id: b(1), incarnation: 77 }).unwrap();
+    assert_eq!(image.partition("t", 0).unwrap().leader, None, "broker 1 alone may not lead");
+    image.apply(&unfence(2)).unwrap();
+    let p = image.partition("t", 0).unwrap();
+    assert_eq!((p.leader, p.isr.clone()), (Some(b(2)), ids(&[2])), "the eligible replica leads");
+}
+
+#[test]
+fn unclean_leader_election_is_off_by_default_and_elects_any_live_replica_when_on() {
+    for (configs, leader) in [(vec![], None), (vec![("unclean_leader_election", "true")], Some(b(2)))] {
+        let mut image = cluster_with(&configs);
+        image.apply(&fence(2)).unwrap();
+        image.apply(&fence(3)).unwrap(); // ISR [1]; min_insync_replicas 1: no ELR
+        image.apply(&unfence(2)).unwrap();
+        image.apply(&fence(1)).unwrap();
+        let p = image.partition("t", 0).unwrap();
+        assert_eq!(p.leader, leader, "{configs:?}");
+        if leader.is_some() {
+            assert_eq!(p.isr, ids(&[2]), "an unclean leader starts a new ISR of its own");
+        }
+    }
+}
+
+#[test]
+fn an_alter_partition_that_shrinks_below_min_insync_replicas_fills_the_elr() {
+    let mut image = cluster_with(&[("min_insync_replicas", "2")]);
+    let alter = |isr: &[u32], epoch: u32| MetadataCommand::AlterPartition {
+        topic: "t".into(),
+        partition: 0,
+        leader_epoch: LeaderEpoch(0),
+        partition_epoch: PartitionEpoch(epoch),
+        isr: ids(isr),
+    };
+    image.apply(&alter(&[1], 0)).unwrap();
+    assert_eq!(image.partition("t", 0).unwrap().elr, ids(&[2, 3]));
+    image.apply(&alter(&[1, 3], 1)).unwrap();
+    assert_eq!(image.partition("t", 0).unwrap().elr, vec![], "two in sync again");
+}

@@ -7,6 +7,7 @@
 //! outside `controller` changes metadata except by proposing a
 //! [`MetadataCommand`]; the data path reads only a [`MetadataImage`].
 
+pub mod election;
 pub mod lease;
 pub mod metadata;
 pub mod placement;

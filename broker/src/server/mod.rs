@@ -58,8 +58,8 @@ pub async fn run(
     let incarnation = new_incarnation();
     // Under the data directory's lock: the process that wrote the previous
     // incarnation has exited.
-    let previous_incarnation = take_over_incarnation(&data_dir.join("__cluster_metadata"), incarnation)
-        .map_err(BrokerError::InvalidRequest)?;
+    let metadata_dir = data_dir.join("__cluster_metadata");
+    let succession = take_over_incarnation(&metadata_dir, incarnation).map_err(BrokerError::InvalidRequest)?;
     broker.attach(controller.clone(), incarnation);
     let reconciler = tokio::spawn(follow_metadata(broker.clone(), controller.subscribe()));
     let migration = tokio::spawn(migrate_legacy_topics(broker.clone()));
@@ -70,7 +70,8 @@ pub async fn run(
         broker: BrokerId(broker.node_id()),
         address,
         incarnation,
-        previous_incarnation,
+        previous_incarnation: succession.previous,
+        may_have_lost_writes: succession.may_have_lost_writes,
         heartbeat_interval,
         session_timeout,
         lease: broker.lease(),
@@ -153,9 +154,15 @@ pub async fn run(
     let _ = reconciler.await;
     controller.shutdown().await;
     let closing = broker.clone();
-    tokio::task::spawn_blocking(move || closing.close())
+    let closed = tokio::task::spawn_blocking(move || closing.close())
         .await
         .map_err(|e| BrokerError::InvalidRequest(format!("shutdown task failed: {e}")))?;
+    if closed {
+        // Every log synced and closed: the next start knows nothing was lost.
+        if let Err(e) = crate::membership::record_clean_shutdown(&metadata_dir, incarnation) {
+            tracing::warn!(error = %e, "cannot record the clean shutdown");
+        }
+    }
     tracing::info!("broker stopped");
     served.map_err(|e| BrokerError::InvalidRequest(format!("server failed: {e}")))?;
     match fatal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
