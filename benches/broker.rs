@@ -81,6 +81,8 @@ async fn main() {
         warmup: Duration::from_secs(1),
         topic_configs: bounded_topic(),
         broker_pid: Some(pid),
+        replication_factor: 1,
+        rate_records_per_s: None,
         through_producer: false,
     };
     println!("broker pid {pid} at {}; median of {} run(s)", broker.address, if quick() { 1 } else { 3 });

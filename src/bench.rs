@@ -37,6 +37,12 @@ pub struct ProduceParams {
     pub topic_configs: Vec<(String, String)>,
     /// Broker pid, to report its RssAnon.
     pub broker_pid: Option<u32>,
+    /// Replicas per partition when the topic is created.
+    pub replication_factor: u32,
+    /// Total records per second to pace at (spread over the producers);
+    /// `None` sends as fast as answers come back. Latency of a paced run is
+    /// counted from when each request was due, so a stall shows in it.
+    pub rate_records_per_s: Option<f64>,
     /// Send records one by one through the batching [`Producer`] (which
     /// partitions, batches up to `records_per_batch` records and retries)
     /// instead of pre-built batches through a `PartitionClient`.
@@ -169,7 +175,7 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
     let topic = NewTopic {
         name: p.topic.clone(),
         partitions: p.partitions,
-        replication_factor: 1,
+        replication_factor: p.replication_factor.max(1),
         configs: p.topic_configs.iter().cloned().collect(),
     };
     match client.admin().create_topic(topic).await {
@@ -197,10 +203,22 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
         let (batch, records, bytes) = (batch.clone(), records.clone(), bytes.clone());
         let (per_batch, payload, acks) =
             (p.records_per_batch as u64, (p.records_per_batch * p.record_size) as u64, p.acks);
+        // One request per `interval` when paced.
+        let interval = p
+            .rate_records_per_s
+            .map(|rate| Duration::from_secs_f64(per_batch as f64 * p.producers as f64 / rate.max(1.0)));
         tasks.push(tokio::spawn(async move {
             let mut h = histogram();
+            let mut due = start;
             loop {
-                let t0 = Instant::now();
+                let t0 = match interval {
+                    Some(every) => {
+                        due += every;
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    }
+                    None => Instant::now(),
+                };
                 if t0 >= end {
                     break;
                 }
@@ -314,4 +332,122 @@ pub async fn consume(client: &Client, p: &ConsumeParams) -> anyhow::Result<Repor
     }
     let run = Run { tasks, records, bytes, stop, rss };
     run.finish(|| start.elapsed()).await
+}
+
+/// Parameters of the replication sweep ([`replication_sweep`]).
+#[derive(Debug, Clone)]
+pub struct SweepParams {
+    /// The `tally` binary the brokers run.
+    pub binary: std::path::PathBuf,
+    /// Where the three brokers keep their data (one directory each).
+    pub data_dir: std::path::PathBuf,
+    /// Partition counts to try.
+    pub partitions: Vec<u32>,
+    /// Record sizes to try, in bytes.
+    pub record_sizes: Vec<usize>,
+    /// Producers per partition.
+    pub producers_per_partition: usize,
+    /// Measured time per run.
+    pub duration: Duration,
+    /// Unmeasured time before it.
+    pub warmup: Duration,
+}
+
+/// One run of the sweep.
+#[derive(Debug, Clone)]
+pub struct SweepRow {
+    /// Partitions of the topic.
+    pub partitions: u32,
+    /// Value bytes per record.
+    pub record_size: usize,
+    /// `0`, `1`, `all`, or `all @ 50%` (paced at half of acks=all's rate).
+    pub acks: String,
+    /// The figures.
+    pub report: Report,
+}
+
+/// A three-broker local cluster (child processes), each topic with
+/// replication factor 3 and `min_insync_replicas` 2, and produce runs over
+/// every combination of partitions, record size and acks (0, 1, all), plus
+/// acks=all paced at half of its measured rate. Calls `row` after each run;
+/// returns the peak RssAnon of each broker in MiB.
+pub async fn replication_sweep(p: &SweepParams, mut row: impl FnMut(&SweepRow)) -> anyhow::Result<Vec<(u32, f64)>> {
+    let ports: Vec<u16> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()))
+        .collect::<Result<_, _>>()?;
+    let voters = ports.iter().enumerate().map(|(i, port)| format!("{}@127.0.0.1:{port}", i + 1)).collect::<Vec<_>>();
+    let voters = voters.join(",");
+    let mut brokers = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let id = (i + 1).to_string();
+        let dir = p.data_dir.join(&id);
+        let args = ["--node-id", id.as_str(), "--voters", voters.as_str()];
+        let listen = format!("127.0.0.1:{port}");
+        let (binary, args_owned) = (p.binary.clone(), args.map(str::to_string));
+        let process = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args_owned.iter().map(String::as_str).collect();
+            crate::child::BrokerProcess::start_listening(&binary, &dir, &listen, &args, &[])
+        });
+        brokers.push(process);
+    }
+    let mut processes = Vec::new();
+    for b in brokers {
+        processes.push(b.await??);
+    }
+    let addresses: Vec<String> = processes.iter().map(|b| b.address.clone()).collect();
+    let client = Client::builder().bootstrap(addresses).connect().await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client.admin().describe_cluster().await.is_ok_and(|c| c.brokers.iter().filter(|b| !b.fenced).count() == 3) {
+        anyhow::ensure!(Instant::now() < deadline, "the three brokers did not all register within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let watches: Vec<_> = processes.iter().map(|b| (b.pid(), watch_rss(Some(b.pid()), stop.clone()))).collect();
+    for &partitions in &p.partitions {
+        for &record_size in &p.record_sizes {
+            let records_per_batch = (100_000 / record_size.max(1)).clamp(1, 1000);
+            let mut all_rate = None;
+            for acks in [Acks::None, Acks::Leader, Acks::All, Acks::All] {
+                let paced = acks == Acks::All && all_rate.is_some();
+                let label = match (acks, paced) {
+                    (Acks::None, _) => "0".to_string(),
+                    (Acks::Leader, _) => "1".to_string(),
+                    (_, false) => "all".to_string(),
+                    (_, true) => "all @ 50%".to_string(),
+                };
+                let topic = format!("sweep-p{partitions}-s{record_size}-{}", label.replace([' ', '@', '%'], ""));
+                let params = ProduceParams {
+                    topic: topic.clone(),
+                    producers: partitions as usize * p.producers_per_partition.max(1),
+                    partitions,
+                    record_size,
+                    records_per_batch,
+                    acks,
+                    duration: p.duration,
+                    warmup: p.warmup,
+                    topic_configs: vec![("min_insync_replicas".into(), "2".into())],
+                    broker_pid: None,
+                    replication_factor: 3,
+                    rate_records_per_s: if paced { all_rate.map(|r: f64| r / 2.0) } else { None },
+                    through_producer: false,
+                };
+                let report = produce(&client, &params).await?;
+                if acks == Acks::All && !paced {
+                    all_rate = Some(report.records_per_s);
+                }
+                row(&SweepRow { partitions, record_size, acks: label, report });
+                client.admin().delete_topic(&topic).await?;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut peaks = Vec::new();
+    for (i, (_, watch)) in watches.into_iter().enumerate() {
+        let kib = watch.and_then(|h| h.join().ok()).unwrap_or(0);
+        peaks.push((i as u32 + 1, kib as f64 / 1024.0));
+    }
+    for b in processes {
+        let _ = tokio::task::spawn_blocking(move || b.stop()).await;
+    }
+    Ok(peaks)
 }

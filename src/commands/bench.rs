@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tally::bench::{ConsumeParams, ProduceParams, consume, produce};
+use tally::bench::{ConsumeParams, ProduceParams, SweepParams, consume, produce, replication_sweep};
 use tally_client::Acks;
 
 use super::{Context, parse_key_value};
@@ -47,6 +47,27 @@ pub enum BenchCommand {
         #[arg(long)]
         through_producer: bool,
     },
+    /// A three-broker local cluster (started here, data in a temporary
+    /// directory) and a produce run for each partition count, record size
+    /// and acks level, on topics with replication factor 3 and
+    /// min_insync_replicas 2: one table.
+    Replication {
+        /// Partition counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        partitions: Vec<u32>,
+        /// Record sizes in bytes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "100,1024")]
+        record_sizes: Vec<usize>,
+        /// Producers per partition.
+        #[arg(long, default_value_t = 2)]
+        producers_per_partition: usize,
+        /// Measured seconds per run.
+        #[arg(long, default_value_t = 5)]
+        duration_s: u64,
+        /// Warm-up seconds per run.
+        #[arg(long, default_value_t = 1)]
+        warmup_s: u64,
+    },
     /// Consumers reading a topic from the beginning.
     Consume {
         /// Topic.
@@ -67,8 +88,49 @@ pub enum BenchCommand {
     },
 }
 
+/// A fresh directory for the sweep's brokers, removed when it ends.
+fn sweep_dir() -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    std::env::temp_dir().join(format!("tally-bench-replication-{}-{nanos}", std::process::id()))
+}
+
 /// Runs a benchmark and prints its figures on stdout.
 pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
+    if let BenchCommand::Replication { partitions, record_sizes, producers_per_partition, duration_s, warmup_s } = cmd {
+        let params = SweepParams {
+            binary: std::env::current_exe()?,
+            data_dir: sweep_dir(),
+            partitions,
+            record_sizes,
+            producers_per_partition,
+            duration: Duration::from_secs(duration_s),
+            warmup: Duration::from_secs(warmup_s),
+        };
+        println!(
+            "{:>10} {:>7} {:>9} {:>12} {:>9} {:>9} {:>9} {:>9}",
+            "partitions", "bytes", "acks", "records/s", "MB/s", "p50 ms", "p99 ms", "p99.9 ms"
+        );
+        let peaks = replication_sweep(&params, |r| {
+            let rep = &r.report;
+            println!(
+                "{:>10} {:>7} {:>9} {:>12.0} {:>9.1} {:>9.3} {:>9.3} {:>9.3}",
+                r.partitions,
+                r.record_size,
+                r.acks,
+                rep.records_per_s,
+                rep.mb_per_s,
+                rep.latency_ms[0],
+                rep.latency_ms[1],
+                rep.latency_ms[2]
+            );
+        })
+        .await;
+        let _ = std::fs::remove_dir_all(&params.data_dir);
+        for (broker, mib) in peaks? {
+            println!("broker {broker}: peak RssAnon {mib:.1} MiB");
+        }
+        return Ok(());
+    }
     let client = ctx.connect().await?;
     let report = match cmd {
         BenchCommand::Produce {
@@ -95,10 +157,13 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
                 warmup: Duration::from_secs(warmup_s),
                 topic_configs,
                 broker_pid,
+                replication_factor: 1,
+                rate_records_per_s: None,
                 through_producer,
             };
             produce(&client, &params).await?
         }
+        BenchCommand::Replication { .. } => return Ok(()),
         BenchCommand::Consume { topic, consumers, fetch_bytes, duration_s, broker_pid } => {
             let params =
                 ConsumeParams { topic, consumers, fetch_bytes, duration: Duration::from_secs(duration_s), broker_pid };
