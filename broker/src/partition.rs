@@ -778,6 +778,10 @@ pub struct Fetched {
 }
 
 #[cfg(test)]
+#[path = "partition_replication_tests.rs"]
+mod replication_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::storage::{LogConfig, SystemClock, testfs};
