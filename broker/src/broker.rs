@@ -199,6 +199,7 @@ impl Broker {
                 max_bytes: config.replica_fetch_response_max_bytes,
                 backoff: Duration::from_millis(config.replica_fetch_backoff_ms),
                 backoff_max: Duration::from_secs(1),
+                source: config.peer_source_ip(),
             }),
             isr_proposer: OnceLock::new(),
             _lock: lock,

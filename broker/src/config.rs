@@ -67,6 +67,14 @@ pub struct BrokerConfig {
     /// First pause of a follower's fetch after an error; doubles up to 1 s.
     /// Default 50.
     pub replica_fetch_backoff_ms: u64,
+    /// How often the active controller moves leaderships back to preferred
+    /// replicas that are in sync again (Kafka's
+    /// `leader.imbalance.check.interval.seconds`); 0 turns it off. Default 30 000.
+    pub leader_imbalance_check_interval_ms: u64,
+    /// The local IP address of this broker's connections to other brokers
+    /// (Raft, forwarding, replica fetches), for hosts with several
+    /// addresses. Default: the system picks.
+    pub peer_source_address: Option<String>,
 }
 
 impl Default for BrokerConfig {
@@ -92,6 +100,8 @@ impl Default for BrokerConfig {
             replica_fetch_wait_max_ms: 500,
             replica_fetch_response_max_bytes: 10 << 20,
             replica_fetch_backoff_ms: 50,
+            leader_imbalance_check_interval_ms: 30_000,
+            peer_source_address: None,
         }
     }
 }
@@ -206,6 +216,11 @@ impl BrokerConfig {
                 self.controller_election_timeout_ms
             ));
         }
+        if let Some(ip) = &self.peer_source_address
+            && ip.parse::<std::net::IpAddr>().is_err()
+        {
+            problems.push(format!("peer_source_address must be an IP address, got `{ip}`"));
+        }
         if u64::from(self.replica_fetch_wait_max_ms) >= self.replica_lag_time_max_ms {
             problems.push(format!(
                 "replica_fetch_wait_max_ms ({}) must be below replica_lag_time_max_ms ({}), or idle followers leave the ISR",
@@ -223,6 +238,11 @@ impl BrokerConfig {
                 .push(format!("replica_fetch_backoff_ms must be 1 to 10000, got {}", self.replica_fetch_backoff_ms));
         }
         problems
+    }
+
+    /// `peer_source_address` as an IP (checked by `validate`).
+    pub fn peer_source_ip(&self) -> Option<std::net::IpAddr> {
+        self.peer_source_address.as_deref().and_then(|ip| ip.parse().ok())
     }
 
     /// The voters from `voters` (`id@host:port,...`), or `None` when unset.
@@ -268,6 +288,8 @@ const BROKER_KEYS: &[&str] = &[
     "replica_fetch_wait_max_ms",
     "replica_fetch_response_max_bytes",
     "replica_fetch_backoff_ms",
+    "leader_imbalance_check_interval_ms",
+    "peer_source_address",
 ];
 
 /// `TALLY_*` variables that are not config fields: the command line's own.

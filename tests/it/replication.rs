@@ -37,6 +37,7 @@ impl Cluster {
                 config.controller_election_timeout_ms = 500;
                 config.replica_lag_time_max_ms = 2000;
                 config.replica_fetch_wait_max_ms = 200;
+                config.leader_imbalance_check_interval_ms = 500;
                 config
             })
             .collect();
@@ -218,6 +219,11 @@ async fn acknowledged_records_survive_the_leader_stopping_and_the_replicas_end_i
     })
     .await;
     assert!(rejoined, "the restarted broker rejoined the ISR");
+    let back = wait_for(Duration::from_secs(30), async || {
+        leader_and_isr(&client, "replicated").await.is_some_and(|(leader, _, _)| leader == first_leader)
+    })
+    .await;
+    assert!(back, "the leadership moved back to the preferred replica once it was in sync");
     let (_, _, hw) = leader_and_isr(&client, "replicated").await.unwrap();
     cluster.stop_all().await;
     let logs: Vec<Vec<u8>> =
@@ -266,4 +272,173 @@ async fn acks_all_needs_min_insync_replicas_and_stopped_followers_rejoin() {
     assert!(back, "both followers rejoined and the acks=1 record became committed");
     pc.produce_records(&[record], Acks::All).await.expect("acks=all works again");
     cluster.stop_all().await;
+}
+
+/// Three in-process brokers behind proxies (what every peer and client
+/// dials), each connecting to its peers from an address of its own
+/// (127.0.0.<id+1>), so all of one broker's links can be cut.
+struct IsolatableCluster {
+    proxies: Vec<crate::proxy::Proxy>,
+    listen: Vec<String>,
+    brokers: Vec<TestBroker>,
+}
+
+impl IsolatableCluster {
+    async fn start(root: &Path) -> IsolatableCluster {
+        let mut listeners = Vec::new();
+        let mut proxies = Vec::new();
+        for _ in 0..3 {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let p = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            proxies.push(crate::proxy::Proxy::start(p, l.local_addr().unwrap()));
+            listeners.push(l);
+        }
+        let listen = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+        let voters =
+            proxies.iter().enumerate().map(|(i, p)| format!("{}@{}", i + 1, p.address)).collect::<Vec<_>>().join(",");
+        let starting = listeners.into_iter().enumerate().map(|(i, l)| {
+            let mut config = test_config(&root.join(format!("b{}", i + 1)));
+            config.node_id = i as u32 + 1;
+            config.voters = Some(voters.clone());
+            config.advertised_address = Some(proxies[i].address.to_string());
+            config.peer_source_address = Some(format!("127.0.0.{}", i + 2));
+            config.broker_heartbeat_interval_ms = 200;
+            config.broker_session_timeout_ms = 2000;
+            config.controller_election_timeout_ms = 500;
+            config.replica_lag_time_max_ms = 2000;
+            config.replica_fetch_wait_max_ms = 200;
+            TestBroker::start_on(config, l)
+        });
+        let brokers = futures_util::future::join_all(starting).await;
+        IsolatableCluster { proxies, listen, brokers }
+    }
+
+    fn source(id: u32) -> std::net::IpAddr {
+        format!("127.0.0.{}", id + 1).parse().unwrap()
+    }
+
+    /// Cuts every link of broker `id`: nobody reaches it, it reaches nobody.
+    fn isolate(&self, id: u32) {
+        self.proxies[id as usize - 1].cut();
+        for p in &self.proxies {
+            p.block(Self::source(id));
+        }
+    }
+
+    fn heal(&self, id: u32) {
+        self.proxies[id as usize - 1].heal();
+        for p in &self.proxies {
+            p.unblock(Self::source(id));
+        }
+    }
+
+    async fn client_without(&self, id: u32) -> Client {
+        let bootstrap: Vec<String> = self
+            .proxies
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i as u32 + 1 != id)
+            .map(|(_, p)| p.address.to_string())
+            .collect();
+        Client::builder().bootstrap(bootstrap).request_timeout(Duration::from_secs(3)).connect().await.unwrap()
+    }
+}
+
+/// One produce straight to a broker's own listener (past its proxy).
+async fn produce_direct(address: &str, acks: tally_proto::v1::Acks, value: &str) -> (i32, String) {
+    use tally_proto::v1 as pb;
+    let Ok(mut raw) = pb::tally_client::TallyClient::connect(format!("http://{address}")).await else {
+        return (-1, "cannot connect".into());
+    };
+    let mut b = tally_proto::batch::BatchBuilder::new();
+    b.push(&RecordRef { timestamp: now_ms(), value: Some(value.as_bytes()), ..Default::default() });
+    let request = pb::ProduceRequest {
+        acks: acks as i32,
+        timeout_ms: 1000,
+        topics: vec![pb::TopicProduceData {
+            name: "isolated".into(),
+            partitions: vec![pb::PartitionProduceData { partition: 0, records: b.finish() }],
+        }],
+    };
+    match raw.produce(request).await {
+        Ok(r) => {
+            let p = &r.into_inner().topics[0].partitions[0];
+            (p.error_code, p.error_message.clone())
+        }
+        Err(status) => (-1, status.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_stops_acknowledging_and_the_majority_elects_another_without_losing_a_record() {
+    use tally_proto::v1::Acks as WireAcks;
+    let root = tempfile::tempdir().unwrap();
+    let cluster = IsolatableCluster::start(root.path()).await;
+    let client = cluster.client_without(0).await;
+    let mut topic = NewTopic::new("isolated", 1).config("min_insync_replicas", "2");
+    topic.replication_factor = 3;
+    client.admin().create_topic(topic).await.unwrap();
+    let full = wait_for(Duration::from_secs(20), async || {
+        leader_and_isr(&client, "isolated").await.is_some_and(|(_, isr, _)| isr == [1, 2, 3])
+    })
+    .await;
+    assert!(full);
+    let mut acked = Vec::new();
+    for n in 0..20 {
+        acked.push(produce_acked(&client, "isolated", n, 1).await.expect("acks=all before the cut"));
+    }
+    let (old, _, _) = leader_and_isr(&client, "isolated").await.unwrap();
+    let direct = cluster.listen[old as usize - 1].clone();
+    cluster.isolate(old);
+    // A client that still reaches the old leader gets no acks=all answer...
+    let mut zombie_writes = Vec::new();
+    for n in 0..3 {
+        let value = format!("zombie-all-{n}");
+        let (code, message) = produce_direct(&direct, WireAcks::All, &value).await;
+        assert_ne!(code, 0, "an isolated leader acknowledged acks=all: {message}");
+        zombie_writes.push(value);
+    }
+    // ...and once its session runs out it stops taking even acks=1.
+    let mut n = 0;
+    let stopped = wait_for(Duration::from_secs(10), async || {
+        n += 1;
+        let value = format!("zombie-one-{n}");
+        let (code, _) = produce_direct(&direct, WireAcks::Leader, &value).await;
+        zombie_writes.push(value);
+        code == ErrorCode::NotLeaderOrFollower as i32 || code == ErrorCode::LeaderNotAvailable as i32
+    })
+    .await;
+    assert!(stopped, "the isolated broker stopped leading");
+    // The majority elected another leader and takes writes.
+    let client = cluster.client_without(old).await;
+    let moved = wait_for(Duration::from_secs(20), async || {
+        leader_and_isr(&client, "isolated").await.is_some_and(|(leader, _, _)| leader != old)
+    })
+    .await;
+    assert!(moved, "the majority elected a new leader");
+    for n in 20..40 {
+        acked.push(produce_acked(&client, "isolated", n, 100).await.expect("acks=all on the majority side"));
+    }
+    cluster.heal(old);
+    let client = cluster.client_without(0).await;
+    let rejoined = wait_for(Duration::from_secs(30), async || {
+        leader_and_isr(&client, "isolated").await.is_some_and(|(_, isr, _)| isr == [1, 2, 3])
+    })
+    .await;
+    assert!(rejoined, "the old leader rejoined the ISR after healing");
+    let log = read_all(&client, "isolated").await;
+    let values: Vec<&str> = log.iter().map(|(_, v)| v.as_str()).collect();
+    for v in &acked {
+        assert_eq!(values.iter().filter(|x| **x == v.as_str()).count(), 1, "{v} once");
+    }
+    for v in &zombie_writes {
+        assert!(!values.contains(&v.as_str()), "{v}, written to the isolated leader, was truncated away");
+    }
+    let (_, _, hw) = leader_and_isr(&client, "isolated").await.unwrap();
+    for b in cluster.brokers {
+        b.stop().await.unwrap();
+    }
+    let logs: Vec<Vec<u8>> =
+        (1..=3).map(|id| log_bytes(&root.path().join(format!("b{id}/isolated-0")), hw as u64)).collect();
+    assert!(logs[0] == logs[1] && logs[1] == logs[2], "the replicas hold the same bytes below the HW");
 }

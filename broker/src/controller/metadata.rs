@@ -210,6 +210,9 @@ pub enum MetadataCommand {
         /// Its new incarnation.
         incarnation: u64,
     },
+    /// Moves each partition's leadership back to its preferred replica (the
+    /// first) where that replica is live, in the ISR and not leading.
+    ElectPreferredLeaders,
     /// Hands a block of producer ids to a broker (for idempotent producers).
     AllocateProducerIds {
         /// The broker that asked.
@@ -451,7 +454,39 @@ impl MetadataImage {
             }
             MetadataCommand::AllocateProducerIds { broker, count } => self.allocate_producer_ids(*broker, *count),
             MetadataCommand::ReplicaLostWrites { id, incarnation } => self.replica_lost_writes(*id, *incarnation),
+            MetadataCommand::ElectPreferredLeaders => Ok(self.elect_preferred_leaders()),
         }
+    }
+
+    /// True when partition `p` would move to its preferred replica.
+    fn off_preferred(&self, p: &PartitionState) -> bool {
+        let Some(&preferred) = p.replicas.first() else { return false };
+        let live = self.brokers.get(&preferred).is_some_and(|b| !b.fenced);
+        p.leader != Some(preferred) && live && p.isr.contains(&preferred)
+    }
+
+    /// Partitions whose preferred replica could lead and does not.
+    pub fn preferred_imbalance(&self) -> usize {
+        self.topics.values().flat_map(|t| &t.partitions).filter(|p| self.off_preferred(p)).count()
+    }
+
+    fn elect_preferred_leaders(&mut self) -> Vec<MetadataEffect> {
+        let moves: Vec<(String, usize)> = self
+            .topics
+            .values()
+            .flat_map(|t| {
+                t.partitions.iter().enumerate().filter(|(_, p)| self.off_preferred(p)).map(|(i, _)| (t.name.clone(), i))
+            })
+            .collect();
+        let mut effects = Vec::new();
+        for (topic, index) in moves {
+            let p = &mut self.topics.get_mut(&topic).expect("listed").partitions[index];
+            p.leader = p.replicas.first().copied();
+            p.leader_epoch.0 += 1;
+            p.partition_epoch.0 += 1;
+            effects.push(changed(&topic, index, p));
+        }
+        effects
     }
 
     fn register_broker(

@@ -472,3 +472,28 @@ fn an_alter_partition_that_shrinks_below_min_insync_replicas_fills_the_elr() {
     image.apply(&alter(&[1, 3], 1)).unwrap();
     assert_eq!(image.partition("t", 0).unwrap().elr, vec![], "two in sync again");
 }
+
+#[test]
+fn preferred_leaders_return_only_when_live_and_in_sync() {
+    let mut image = cluster(&[&[1, 2, 3], &[2, 3, 1]]);
+    image.apply(&fence(1)).unwrap(); // partition 0 moves to 2
+    assert_eq!(image.preferred_imbalance(), 0, "broker 1 is fenced");
+    image.apply(&unfence(1)).unwrap();
+    assert_eq!(image.preferred_imbalance(), 0, "broker 1 is not in sync yet");
+    let p0 = image.partition("t", 0).unwrap().clone();
+    let rejoin = MetadataCommand::AlterPartition {
+        topic: "t".into(),
+        partition: 0,
+        leader_epoch: p0.leader_epoch,
+        partition_epoch: p0.partition_epoch,
+        isr: ids(&[2, 3, 1]),
+    };
+    image.apply(&rejoin).unwrap();
+    assert_eq!(image.preferred_imbalance(), 1);
+    let effects = image.apply(&MetadataCommand::ElectPreferredLeaders).unwrap();
+    assert_eq!(effects.len(), 1, "partition 1 already has its preferred leader");
+    let p0 = image.partition("t", 0).unwrap();
+    assert_eq!((p0.leader, p0.leader_epoch), (Some(b(1)), LeaderEpoch(2)));
+    assert_eq!(image.preferred_imbalance(), 0);
+    assert!(image.apply(&MetadataCommand::ElectPreferredLeaders).unwrap().is_empty());
+}

@@ -52,6 +52,8 @@ pub struct FetcherSettings {
     pub backoff: Duration,
     /// Longest wait after failures.
     pub backoff_max: Duration,
+    /// Local address of connections to leaders, when set.
+    pub source: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug)]
@@ -133,7 +135,7 @@ async fn run(
     mut follows: watch::Receiver<Arc<Vec<Follow>>>,
     settings: FetcherSettings,
 ) {
-    let mut client = match crate::peer::peer_channel(&address) {
+    let mut client = match crate::peer::peer_channel(&address, settings.source) {
         Ok(channel) => {
             ReplicationClient::new(channel).max_decoding_message_size(settings.max_bytes as usize + (4 << 20))
         }

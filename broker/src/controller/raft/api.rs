@@ -60,10 +60,11 @@ fn unreachable(address: &str, what: impl std::fmt::Display) -> ControllerError {
 
 async fn call<Req: Serialize, Resp: DeserializeOwned>(
     address: &str,
+    source: Option<std::net::IpAddr>,
     request: &Req,
     heartbeat: bool,
 ) -> Result<Resp, ControllerError> {
-    let channel = peer_channel(address).map_err(|e| unreachable(address, e))?;
+    let channel = peer_channel(address, source).map_err(|e| unreachable(address, e))?;
     let mut client = ControllerApiClient::new(channel);
     let json = serde_json::to_vec(request).map_err(|e| ControllerError::Stopped(e.to_string()))?;
     let payload = ControllerPayload { json: json.into() };
@@ -74,14 +75,19 @@ async fn call<Req: Serialize, Resp: DeserializeOwned>(
 }
 
 /// Sends a proposal to the voter at `address`.
-pub async fn forward_propose(address: &str, command: &MetadataCommand) -> Result<Committed, ControllerError> {
-    call::<_, Result<Committed, ControllerError>>(address, command, false).await?
+pub async fn forward_propose(
+    address: &str,
+    source: Option<std::net::IpAddr>,
+    command: &MetadataCommand,
+) -> Result<Committed, ControllerError> {
+    call::<_, Result<Committed, ControllerError>>(address, source, command, false).await?
 }
 
 /// Sends a heartbeat to the voter at `address`.
 pub async fn forward_heartbeat(
     address: &str,
+    source: Option<std::net::IpAddr>,
     heartbeat: &HeartbeatRequest,
 ) -> Result<HeartbeatAnswer, ControllerError> {
-    call::<_, Result<HeartbeatAnswer, ControllerError>>(address, heartbeat, true).await?
+    call::<_, Result<HeartbeatAnswer, ControllerError>>(address, source, heartbeat, true).await?
 }

@@ -30,7 +30,10 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Makes one [`PeerClient`] per voter, as openraft asks.
 #[derive(Debug, Clone, Default)]
-pub struct Network;
+pub struct Network {
+    /// Local address of outgoing connections, when set.
+    pub source: Option<std::net::IpAddr>,
+}
 
 /// Sends Raft messages to one voter.
 #[derive(Debug)]
@@ -43,7 +46,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
-        let client = peer_channel(&node.addr).map(|c| {
+        let client = peer_channel(&node.addr, self.source).map(|c| {
             ControllerRaftClient::new(c)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)

@@ -51,6 +51,12 @@ pub struct ControllerConfig {
     pub propose_timeout_ms: u64,
     /// Broker sessions, kept by whichever voter leads.
     pub leases: LeaseConfig,
+    /// How often the active controller moves leaderships back to preferred
+    /// replicas that are in sync (Kafka's auto leader rebalance); 0 never.
+    /// Default 30 000 ms.
+    pub leader_rebalance_interval_ms: u64,
+    /// Local address of connections to other voters, when set.
+    pub peer_source_address: Option<std::net::IpAddr>,
 }
 
 impl ControllerConfig {
@@ -65,6 +71,8 @@ impl ControllerConfig {
             snapshot_every_entries: 10_000,
             propose_timeout_ms: 5000,
             leases: LeaseConfig::default(),
+            leader_rebalance_interval_ms: 30_000,
+            peer_source_address: None,
         }
     }
 }
@@ -173,6 +181,10 @@ pub struct Controller {
     /// The instant the voter's monotonic milliseconds count from.
     epoch: Instant,
     lease_task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// See [`ControllerConfig::leader_rebalance_interval_ms`].
+    config_leader_rebalance_ms: u64,
+    /// See [`ControllerConfig::peer_source_address`].
+    peer_source: Option<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -252,9 +264,15 @@ impl Controller {
         .validate()
         .map_err(|e| ControllerError::Config(e.to_string()))?;
         let id = u64::from(config.node_id.0);
-        let raft = Raft::new(id, Arc::new(raft_config), Network, log, state_machine.clone())
-            .await
-            .map_err(|e| ControllerError::Stopped(e.to_string()))?;
+        let raft = Raft::new(
+            id,
+            Arc::new(raft_config),
+            Network { source: config.peer_source_address },
+            log,
+            state_machine.clone(),
+        )
+        .await
+        .map_err(|e| ControllerError::Stopped(e.to_string()))?;
         let initialized = raft.is_initialized().await.map_err(|e| ControllerError::Stopped(e.to_string()))?;
         if !initialized {
             let members: BTreeMap<u64, BasicNode> =
@@ -273,6 +291,8 @@ impl Controller {
             leases: Arc::new(Mutex::new(BrokerLeases::new(config.leases))),
             epoch: Instant::now(),
             lease_task: Arc::new(Mutex::new(None)),
+            config_leader_rebalance_ms: config.leader_rebalance_interval_ms,
+            peer_source: config.peer_source_address,
         };
         let task = tokio::spawn(controller.clone().keep_sessions());
         *controller.lease_task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
@@ -296,6 +316,8 @@ impl Controller {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let me = u64::from(self.node_id.0);
         let mut leading = false;
+        let rebalance_every = self.config_leader_rebalance_ms;
+        let mut rebalanced_ms = self.now_ms();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -323,6 +345,17 @@ impl Controller {
                 tracing::info!(?command, "broker session change");
                 if let Err(e) = self.propose(command).await {
                     tracing::warn!(error = %e, "could not propose a broker session change");
+                }
+            }
+            let now = self.now_ms();
+            if rebalance_every > 0 && now.saturating_sub(rebalanced_ms) >= rebalance_every {
+                rebalanced_ms = now;
+                let off = self.image().preferred_imbalance();
+                if off > 0 {
+                    tracing::info!(partitions = off, "moving leaderships back to their preferred replicas");
+                    if let Err(e) = self.propose(MetadataCommand::ElectPreferredLeaders).await {
+                        tracing::warn!(error = %e, "could not propose preferred leaders");
+                    }
                 }
             }
         }
@@ -371,7 +404,7 @@ impl Controller {
     pub async fn heartbeat(&self, heartbeat: &HeartbeatRequest) -> Result<HeartbeatAnswer, ControllerError> {
         match self.heartbeat_local(heartbeat).await {
             Err(ControllerError::NotLeader { address: Some(address), .. }) => {
-                forward_heartbeat(&address, heartbeat).await
+                forward_heartbeat(&address, self.peer_source, heartbeat).await
             }
             other => other,
         }
@@ -382,7 +415,9 @@ impl Controller {
     /// retriable NotLeader).
     pub async fn propose_anywhere(&self, command: MetadataCommand) -> Result<Committed, ControllerError> {
         match self.propose_indexed(command.clone()).await {
-            Err(ControllerError::NotLeader { address: Some(address), .. }) => forward_propose(&address, &command).await,
+            Err(ControllerError::NotLeader { address: Some(address), .. }) => {
+                forward_propose(&address, self.peer_source, &command).await
+            }
             other => other,
         }
     }
