@@ -97,6 +97,8 @@ impl ClientBuilder {
                     answering: RwLock::new(address.clone()),
                     channels: RwLock::new(HashMap::from([(address.clone(), channel)])),
                     metadata: RwLock::new(Metadata::default()),
+                    refresh: tokio::sync::Mutex::new(Refreshed::default()),
+                    refresh_generation: std::sync::atomic::AtomicU64::new(0),
                 }),
             };
             match client.refresh_metadata(&[]).await {
@@ -164,6 +166,29 @@ struct Inner {
     answering: RwLock<String>,
     channels: RwLock<HashMap<String, Channel>>,
     metadata: RwLock<Metadata>,
+    /// One metadata refresh in flight at a time; callers that waited for
+    /// one that covered their topics take its answer instead of asking again.
+    refresh: tokio::sync::Mutex<Refreshed>,
+    /// `Refreshed::generation`, readable without the lock.
+    refresh_generation: std::sync::atomic::AtomicU64,
+}
+
+/// The last successful metadata refresh.
+#[derive(Debug, Default)]
+struct Refreshed {
+    /// Counts successful refreshes.
+    generation: u64,
+    /// The topics it asked for; `None` for all.
+    topics: Option<std::collections::BTreeSet<String>>,
+}
+
+impl Refreshed {
+    fn covers(&self, topics: &[String]) -> bool {
+        match &self.topics {
+            None => true,
+            Some(asked) => !topics.is_empty() && topics.iter().all(|t| asked.contains(t)),
+        }
+    }
 }
 
 /// A connection to a Tally cluster. Cheap to clone; clones share
@@ -216,8 +241,23 @@ impl Client {
     }
 
     /// Asks the cluster for brokers and topics (`topics` empty: all) and
-    /// caches the answer.
+    /// caches the answer. Refreshes are coalesced: while one is in flight,
+    /// others wait for it, and take its answer when it covered their topics.
     pub async fn refresh_metadata(&self, topics: &[String]) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let seen = self.inner.refresh_generation.load(Ordering::Acquire);
+        let mut last = self.inner.refresh.lock().await;
+        if last.generation != seen && last.covers(topics) {
+            return Ok(());
+        }
+        self.refresh_now(topics).await?;
+        last.generation += 1;
+        last.topics = (!topics.is_empty()).then(|| topics.iter().cloned().collect());
+        self.inner.refresh_generation.store(last.generation, Ordering::Release);
+        Ok(())
+    }
+
+    async fn refresh_now(&self, topics: &[String]) -> Result<()> {
         let response = self.metadata_from_any_broker(topics).await?;
         let mut md = self.inner.metadata.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         md.brokers = response.brokers.into_iter().map(|b| (b.node_id, b.address)).collect();
@@ -307,6 +347,24 @@ impl Client {
                 md.topics.remove(topic);
             }
         }
+    }
+
+    /// The error for a request to `address` about `topic` that failed at the
+    /// transport: when retrying may help, the leader may have died or moved,
+    /// so the topic's metadata and the channel are dropped first.
+    pub(crate) fn transport_failed(&self, address: &str, topic: &str, status: tonic::Status) -> Error {
+        let e = Error::from(status);
+        if e.is_retriable() {
+            self.forget_channel(address);
+            self.invalidate(topic);
+        }
+        e
+    }
+
+    /// Drops the cached channel to `address` (after a transport error), so
+    /// the next call connects afresh.
+    pub(crate) fn forget_channel(&self, address: &str) {
+        self.inner.channels.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(address);
     }
 
     /// Forgets what is cached about `topic` (after NOT_LEADER and the like).
@@ -410,6 +468,15 @@ mod tests {
         assert_eq!(next.leaders[1], None, "other partitions unchanged");
         let next = info().with_leader(1, 3, 0).expect("a leader for a leaderless partition");
         assert_eq!(next.leaders[1], Some(3));
+    }
+
+    #[test]
+    fn a_refresh_covers_the_topics_it_asked_for_and_all_covers_everything() {
+        let all = Refreshed { generation: 1, topics: None };
+        assert!(all.covers(&[]) && all.covers(&["a".into()]));
+        let some = Refreshed { generation: 1, topics: Some(["a".to_string(), "b".to_string()].into()) };
+        assert!(some.covers(&["a".into()]) && some.covers(&["b".into(), "a".into()]));
+        assert!(!some.covers(&["c".into()]) && !some.covers(&[]), "a refresh of some topics is not one of all");
     }
 
     #[test]

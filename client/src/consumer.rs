@@ -227,11 +227,20 @@ impl Consumer {
         }
         let answers = futures_util::future::join_all(calls).await;
         let mut out = Vec::new();
-        for answer in answers {
+        for (answer, (address, partitions)) in answers.into_iter().zip(&by_leader) {
             let response = match answer {
                 Ok(r) => r.into_inner(),
                 Err(status) => {
-                    failure.get_or_insert(Error::from(status));
+                    // The leader may have died or moved: ask the cluster
+                    // again rather than retrying an address from the cache.
+                    let e = Error::from(status);
+                    if e.is_retriable() {
+                        self.client.forget_channel(address);
+                        for (topic, _) in partitions {
+                            self.client.invalidate(topic);
+                        }
+                    }
+                    failure.get_or_insert(e);
                     continue;
                 }
             };

@@ -162,10 +162,12 @@ impl PartitionClient {
                 }],
             }],
         };
-        let mut rpc = self.client.leader(&self.topic, self.partition).await?;
+        let address = self.client.leader_address(&self.topic, self.partition).await?;
+        let mut rpc = self.client.rpc_at(&address)?;
         let mut request = tonic::Request::new(request);
         request.set_timeout(self.client.config().request_timeout + max_wait);
-        let response = rpc.fetch(request).await?.into_inner();
+        let response = rpc.fetch(request).await.map_err(|s| self.client.transport_failed(&address, &self.topic, s))?;
+        let response = response.into_inner();
         let p = response
             .topics
             .into_iter()
@@ -242,10 +244,11 @@ pub(crate) async fn produce_rpc(
             partitions: vec![pb::PartitionProduceData { partition, records }],
         }],
     };
-    let mut rpc = client.leader(topic, partition).await?;
+    let address = client.leader_address(topic, partition).await?;
+    let mut rpc = client.rpc_at(&address)?;
     let mut request = tonic::Request::new(request);
     request.set_timeout(client.config().request_timeout);
-    let response = rpc.produce(request).await?.into_inner();
+    let response = rpc.produce(request).await.map_err(|s| client.transport_failed(&address, topic, s))?.into_inner();
     let parts: Vec<pb::PartitionProduceResponse> = response.topics.into_iter().flat_map(|t| t.partitions).collect();
     if let Some(p) = parts.iter().find(|p| p.partition == partition)
         && p.error_code == tally_proto::ErrorCode::NotLeaderOrFollower as i32

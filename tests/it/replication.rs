@@ -174,6 +174,28 @@ async fn acknowledged_records_survive_the_leader_stopping_and_the_replicas_end_i
     })
     .await;
     assert!(full, "all three replicas in sync");
+    // A consumer reads along from the start, through the leader move.
+    let (stop_consumer, stop_at) = tokio::sync::watch::channel(None::<i64>);
+    let consumer = {
+        let client = cluster.client().await;
+        tokio::spawn(async move {
+            let config = tally_client::ConsumerConfig { max_wait: Duration::from_millis(100), ..Default::default() };
+            let mut consumer = tally_client::Consumer::new(client, config);
+            consumer.assign("replicated", 0, tally_client::SeekTo::Beginning).await.unwrap();
+            let mut seen: Vec<(i64, String)> = Vec::new();
+            let done = |seen: &Vec<(i64, String)>| {
+                stop_at.borrow().is_some_and(|end| seen.last().map_or(0, |(o, _)| o + 1) >= end)
+            };
+            while !done(&seen) {
+                if let Ok(records) = consumer.poll().await {
+                    for r in records {
+                        seen.push((r.offset, String::from_utf8(r.value.unwrap().to_vec()).unwrap()));
+                    }
+                }
+            }
+            seen
+        })
+    };
     let mut acked = Vec::new();
     for n in 0..50 {
         acked.push(produce_acked(&client, "replicated", n, 1).await.expect("acks=all with a full ISR"));
@@ -212,6 +234,18 @@ async fn acknowledged_records_survive_the_leader_stopping_and_the_replicas_end_i
     // In the order they were acknowledged.
     let position: BTreeMap<&str, usize> = log.iter().enumerate().map(|(i, (_, v))| (v.as_str(), i)).collect();
     assert!(acked.windows(2).all(|w| position[w[0].as_str()] < position[w[1].as_str()]), "acknowledged order kept");
+    // The consumer followed the leader: it read the whole log, in order,
+    // without a gap or a repeat.
+    let end = log.len() as i64;
+    let caught_up = wait_for(Duration::from_secs(20), async || {
+        leader_and_isr(&client, "replicated").await.is_some_and(|(_, _, hw)| hw == end)
+    })
+    .await;
+    assert!(caught_up);
+    stop_consumer.send(Some(end)).unwrap();
+    let seen =
+        tokio::time::timeout(Duration::from_secs(20), consumer).await.expect("the consumer reaches the end").unwrap();
+    assert_eq!(seen, log, "the consumer read exactly the log across the leader move");
     // The stopped broker comes back, catches up and rejoins the ISR.
     cluster.restart(first_leader).await;
     let rejoined = wait_for(Duration::from_secs(30), async || {
