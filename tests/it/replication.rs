@@ -476,3 +476,31 @@ async fn an_isolated_leader_stops_acknowledging_and_the_majority_elects_another_
         (1..=3).map(|id| log_bytes(&root.path().join(format!("b{id}/isolated-0")), hw as u64)).collect();
     assert!(logs[0] == logs[1] && logs[1] == logs[2], "the replicas hold the same bytes below the HW");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_whose_data_directory_was_wiped_is_refused_with_the_reason() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(root.path()).await;
+    cluster.stop(3).await;
+    let dir = cluster.configs[2].data_dir.clone();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let listener = tokio::net::TcpListener::bind(&cluster.addresses[2]).await.unwrap();
+    let outcome = tally_broker::run(cluster.configs[2].clone(), listener, std::future::pending::<()>()).await;
+    let e = outcome.expect_err("a wiped voter must not join");
+    assert!(e.to_string().contains("wiped"), "{e}");
+    assert!(
+        !dir.join("__cluster_metadata/cluster.json").exists(),
+        "the refusal leaves nothing that hides it next time"
+    );
+    // The two others go on, and a first start of a whole fresh cluster is not refused (Cluster::start above).
+    let client = cluster.client().await;
+    let created = wait_for(Duration::from_secs(20), async || {
+        match client.admin().create_topic(NewTopic::new("after", 1)).await {
+            Ok(()) => true,
+            Err(e) => e.code() == Some(ErrorCode::TopicAlreadyExists),
+        }
+    })
+    .await;
+    assert!(created, "the majority still works");
+    cluster.stop_all().await;
+}

@@ -11,7 +11,7 @@ use tally_proto::internal::v1::controller_api_server::ControllerApi;
 use super::network::{from_json, peer_channel, to_json};
 use super::node::{Committed, Controller, ControllerError, HeartbeatRequest};
 use crate::controller::lease::HeartbeatAnswer;
-use crate::controller::metadata::MetadataCommand;
+use crate::controller::metadata::{BrokerId, MetadataCommand};
 
 /// Serves proposals and heartbeats from other brokers at this voter.
 #[derive(Debug, Clone)]
@@ -51,6 +51,22 @@ impl ControllerApi for ControllerApiService {
         let heartbeat: HeartbeatRequest = decode(request.get_ref())?;
         encode(&self.controller.heartbeat_local(&heartbeat).await)
     }
+
+    async fn knows_broker(
+        &self,
+        request: tonic::Request<ControllerPayload>,
+    ) -> Result<tonic::Response<ControllerPayload>, tonic::Status> {
+        let broker: BrokerId = decode(request.get_ref())?;
+        encode(&self.controller.image().broker(broker).is_some())
+    }
+}
+
+/// The calls of the controller API.
+#[derive(Debug, Clone, Copy)]
+enum Rpc {
+    Propose,
+    Heartbeat,
+    KnowsBroker,
 }
 
 /// What went wrong reaching another voter.
@@ -62,13 +78,17 @@ async fn call<Req: Serialize, Resp: DeserializeOwned>(
     address: &str,
     source: Option<std::net::IpAddr>,
     request: &Req,
-    heartbeat: bool,
+    rpc: Rpc,
 ) -> Result<Resp, ControllerError> {
     let channel = peer_channel(address, source).map_err(|e| unreachable(address, e))?;
     let mut client = ControllerApiClient::new(channel);
     let json = serde_json::to_vec(request).map_err(|e| ControllerError::Stopped(e.to_string()))?;
     let payload = ControllerPayload { json: json.into() };
-    let answer = if heartbeat { client.heartbeat(payload).await } else { client.propose(payload).await };
+    let answer = match rpc {
+        Rpc::Propose => client.propose(payload).await,
+        Rpc::Heartbeat => client.heartbeat(payload).await,
+        Rpc::KnowsBroker => client.knows_broker(payload).await,
+    };
     let answer = answer.map_err(|status| unreachable(address, status.message()))?.into_inner();
     serde_json::from_slice(&answer.json)
         .map_err(|e| ControllerError::Stopped(format!("bad answer from {address}: {e}")))
@@ -80,7 +100,7 @@ pub async fn forward_propose(
     source: Option<std::net::IpAddr>,
     command: &MetadataCommand,
 ) -> Result<Committed, ControllerError> {
-    call::<_, Result<Committed, ControllerError>>(address, source, command, false).await?
+    call::<_, Result<Committed, ControllerError>>(address, source, command, Rpc::Propose).await?
 }
 
 /// Sends a heartbeat to the voter at `address`.
@@ -89,5 +109,14 @@ pub async fn forward_heartbeat(
     source: Option<std::net::IpAddr>,
     heartbeat: &HeartbeatRequest,
 ) -> Result<HeartbeatAnswer, ControllerError> {
-    call::<_, Result<HeartbeatAnswer, ControllerError>>(address, source, heartbeat, true).await?
+    call::<_, Result<HeartbeatAnswer, ControllerError>>(address, source, heartbeat, Rpc::Heartbeat).await?
+}
+
+/// Asks the voter at `address` whether it has `broker` registered.
+pub async fn knows_broker(
+    address: &str,
+    source: Option<std::net::IpAddr>,
+    broker: BrokerId,
+) -> Result<bool, ControllerError> {
+    call::<_, bool>(address, source, &broker, Rpc::KnowsBroker).await
 }

@@ -220,6 +220,29 @@ fn check_cluster_file(dir: &Path, voters: &BTreeMap<BrokerId, String>) -> Result
     }
 }
 
+/// A voter starting with an empty metadata directory asks the other voters
+/// whether they know it: if one has this node registered as a broker, the
+/// directory was wiped. Such a voter must not join: it forgot its vote and
+/// its log, so it could vote twice in one term and help elect a leader
+/// without committed metadata. Voters that do not answer (the whole cluster
+/// may be starting for the first time) are not waited for.
+async fn check_not_wiped(config: &ControllerConfig) -> Result<(), ControllerError> {
+    for (id, address) in config.voters.iter().filter(|(id, _)| **id != config.node_id) {
+        let asked = super::api::knows_broker(address, config.peer_source_address, config.node_id);
+        if let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(2), asked).await {
+            return Err(ControllerError::Config(format!(
+                "the metadata directory {} is empty, but voter {id} knows broker {} from before: this node's data \
+                 directory was wiped or replaced. A voter that lost its log and vote could vote twice in one term \
+                 and lose committed metadata, so it is refused; restore the directory (replacing a voter is not \
+                 supported yet)",
+                config.dir.display(),
+                config.node_id
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Controller {
     /// Opens the metadata log in `config.dir` and starts the voter. The
     /// first start of each voter initializes the cluster with the voters.
@@ -230,6 +253,9 @@ impl Controller {
                 config.node_id,
                 config.voters.keys().map(|b| b.0).collect::<Vec<_>>()
             )));
+        }
+        if config.voters.len() > 1 && !config.dir.join(CLUSTER_FILE).exists() {
+            check_not_wiped(&config).await?;
         }
         let dir = config.dir.clone();
         let voters = config.voters.clone();
