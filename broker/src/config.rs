@@ -41,7 +41,8 @@ pub struct BrokerConfig {
     /// Most partitions one topic may have. Default 10 000.
     pub max_partitions_per_topic: u32,
     /// The controller voters, `id@host:port,...` (each voter's advertised
-    /// address). This broker must be one of them. Default: this broker
+    /// address). A broker whose id is not among them is an observer: it
+    /// follows the metadata log without voting. Default: this broker
     /// alone, a cluster of its own.
     pub voters: Option<String>,
     /// A broker the active controller has not heard from for this long is
@@ -194,14 +195,8 @@ impl BrokerConfig {
         if let Err(e) = defaults {
             problems.push(format!("log.{e}"));
         }
-        match self.parsed_voters() {
-            Err(e) => problems.push(e),
-            Ok(Some(voters)) if !voters.contains_key(&self.node_id) => problems.push(format!(
-                "node_id {} is not one of the voters {:?}; every broker is a controller voter today",
-                self.node_id,
-                voters.keys().collect::<Vec<_>>()
-            )),
-            Ok(_) => {}
+        if let Err(e) = self.parsed_voters() {
+            problems.push(e);
         }
         if self.broker_heartbeat_interval_ms == 0 || self.broker_heartbeat_interval_ms >= self.broker_session_timeout_ms
         {

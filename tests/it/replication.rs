@@ -504,3 +504,50 @@ async fn a_voter_whose_data_directory_was_wiped_is_refused_with_the_reason() {
     assert!(created, "the majority still works");
     cluster.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_is_not_a_voter_follows_the_metadata_log_and_hosts_partitions() {
+    let root = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(root.path()).await;
+    let mut config = test_config(&root.path().join("b4"));
+    config.node_id = 4;
+    config.voters = cluster.configs[0].voters.clone();
+    config.broker_heartbeat_interval_ms = 200;
+    config.broker_session_timeout_ms = 2000;
+    config.controller_election_timeout_ms = 500;
+    config.replica_fetch_wait_max_ms = 200;
+    let observer = TestBroker::start_with(config.clone()).await;
+    let client = cluster.client().await;
+    let active = wait_for(Duration::from_secs(20), async || {
+        client.admin().describe_cluster().await.is_ok_and(|c| c.brokers.iter().any(|b| b.id == 4 && !b.fenced))
+    })
+    .await;
+    assert!(active, "the observer registered and was unfenced");
+    let status = client.admin().describe_cluster().await.unwrap();
+    assert_eq!(status.voters.len(), 3, "it does not vote");
+    // Topics spread over it, and it follows the image: it leads partitions
+    // and replicates others.
+    let mut topic = NewTopic::new("four", 4);
+    topic.replication_factor = 2;
+    client.admin().create_topic(topic).await.unwrap();
+    let d = client.admin().describe_topic("four").await.unwrap();
+    assert!(d.partitions.iter().any(|p| p.leader == Some(4)), "{d:?}");
+    let partition = d.partitions.iter().find(|p| p.leader == Some(4)).unwrap().partition;
+    let pc = client.partition_client("four", partition);
+    let record = RecordRef { timestamp: now_ms(), value: Some(b"x"), ..Default::default() };
+    pc.produce_records(&[record], Acks::All).await.expect("acks=all at the observer's partition");
+    // It answers metadata itself.
+    let direct = observer.client().await;
+    assert!(direct.admin().list_topics().await.unwrap().iter().any(|t| t.name == "four"));
+    // Restarted, it follows again.
+    let address = observer.address.clone();
+    observer.stop().await.unwrap();
+    let observer = TestBroker::start_at(config, &address).await;
+    let back = wait_for(Duration::from_secs(20), async || {
+        client.admin().describe_cluster().await.is_ok_and(|c| c.brokers.iter().any(|b| b.id == 4 && !b.fenced))
+    })
+    .await;
+    assert!(back, "the restarted observer registered again");
+    observer.stop().await.unwrap();
+    cluster.stop_all().await;
+}

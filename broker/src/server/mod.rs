@@ -228,6 +228,7 @@ fn controller_config(config: &BrokerConfig, advertised: &str) -> Result<Controll
     controller.election_timeout_ms = config.controller_election_timeout_ms;
     controller.leader_rebalance_interval_ms = config.leader_imbalance_check_interval_ms;
     controller.peer_source_address = config.peer_source_ip();
+    controller.own_address = advertised.to_string();
     controller.leases = LeaseConfig { session_timeout_ms: config.broker_session_timeout_ms, retry_ms: 1000 };
     Ok(controller)
 }

@@ -52,6 +52,14 @@ impl ControllerApi for ControllerApiService {
         encode(&self.controller.heartbeat_local(&heartbeat).await)
     }
 
+    async fn add_observer(
+        &self,
+        request: tonic::Request<ControllerPayload>,
+    ) -> Result<tonic::Response<ControllerPayload>, tonic::Status> {
+        let (id, address): (BrokerId, String) = decode(request.get_ref())?;
+        encode(&self.controller.add_observer_local(id, &address).await)
+    }
+
     async fn knows_broker(
         &self,
         request: tonic::Request<ControllerPayload>,
@@ -67,6 +75,7 @@ enum Rpc {
     Propose,
     Heartbeat,
     KnowsBroker,
+    AddObserver,
 }
 
 /// What went wrong reaching another voter.
@@ -88,6 +97,7 @@ async fn call<Req: Serialize, Resp: DeserializeOwned>(
         Rpc::Propose => client.propose(payload).await,
         Rpc::Heartbeat => client.heartbeat(payload).await,
         Rpc::KnowsBroker => client.knows_broker(payload).await,
+        Rpc::AddObserver => client.add_observer(payload).await,
     };
     let answer = answer.map_err(|status| unreachable(address, status.message()))?.into_inner();
     serde_json::from_slice(&answer.json)
@@ -110,6 +120,17 @@ pub async fn forward_heartbeat(
     heartbeat: &HeartbeatRequest,
 ) -> Result<HeartbeatAnswer, ControllerError> {
     call::<_, Result<HeartbeatAnswer, ControllerError>>(address, source, heartbeat, Rpc::Heartbeat).await?
+}
+
+/// Asks the voter at `address` (it must lead) to add `id` at `observer` as
+/// a learner of the metadata log.
+pub async fn add_observer(
+    address: &str,
+    source: Option<std::net::IpAddr>,
+    id: BrokerId,
+    observer: &str,
+) -> Result<(), ControllerError> {
+    call::<_, Result<(), ControllerError>>(address, source, &(id, observer.to_string()), Rpc::AddObserver).await?
 }
 
 /// Asks the voter at `address` whether it has `broker` registered.

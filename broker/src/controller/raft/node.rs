@@ -19,7 +19,7 @@ use tally_proto::internal::v1::controller_api_server::ControllerApiServer;
 use tally_proto::internal::v1::controller_raft_server::ControllerRaftServer;
 
 use super::TypeConfig;
-use super::api::{ControllerApiService, forward_heartbeat, forward_propose};
+use super::api::{ControllerApiService, add_observer, forward_heartbeat, forward_propose};
 use super::log_store::LogStore;
 use super::network::{MAX_MESSAGE_BYTES, Network, RaftService};
 use super::state_machine::{AppliedImage, StateMachine};
@@ -57,6 +57,9 @@ pub struct ControllerConfig {
     pub leader_rebalance_interval_ms: u64,
     /// Local address of connections to other voters, when set.
     pub peer_source_address: Option<std::net::IpAddr>,
+    /// This node's own address, which a node that is not a voter (an
+    /// observer) gives the leader so the log can be replicated to it.
+    pub own_address: String,
 }
 
 impl ControllerConfig {
@@ -73,6 +76,7 @@ impl ControllerConfig {
             leases: LeaseConfig::default(),
             leader_rebalance_interval_ms: 30_000,
             peer_source_address: None,
+            own_address: String::new(),
         }
     }
 }
@@ -247,14 +251,15 @@ impl Controller {
     /// Opens the metadata log in `config.dir` and starts the voter. The
     /// first start of each voter initializes the cluster with the voters.
     pub async fn start(config: ControllerConfig) -> Result<Controller, ControllerError> {
-        if !config.voters.contains_key(&config.node_id) {
+        let observer = !config.voters.contains_key(&config.node_id);
+        if observer && config.own_address.is_empty() {
             return Err(ControllerError::Config(format!(
-                "node {} is not one of the voters {:?}",
+                "node {} is not one of the voters {:?} and has no address to follow the metadata log at",
                 config.node_id,
                 config.voters.keys().map(|b| b.0).collect::<Vec<_>>()
             )));
         }
-        if config.voters.len() > 1 && !config.dir.join(CLUSTER_FILE).exists() {
+        if !observer && config.voters.len() > 1 && !config.dir.join(CLUSTER_FILE).exists() {
             check_not_wiped(&config).await?;
         }
         let dir = config.dir.clone();
@@ -300,7 +305,8 @@ impl Controller {
         .await
         .map_err(|e| ControllerError::Stopped(e.to_string()))?;
         let initialized = raft.is_initialized().await.map_err(|e| ControllerError::Stopped(e.to_string()))?;
-        if !initialized {
+        // An observer is added by the leader as a learner, never initializes.
+        if !initialized && !observer {
             let members: BTreeMap<u64, BasicNode> =
                 config.voters.iter().map(|(id, addr)| (u64::from(id.0), BasicNode::new(addr))).collect();
             match raft.initialize(members).await {
@@ -320,7 +326,15 @@ impl Controller {
             config_leader_rebalance_ms: config.leader_rebalance_interval_ms,
             peer_source: config.peer_source_address,
         };
-        let task = tokio::spawn(controller.clone().keep_sessions());
+        let sessions = controller.clone().keep_sessions();
+        let task = if observer {
+            let join = controller.clone().join_as_observer(config.own_address.clone());
+            tokio::spawn(async move {
+                tokio::join!(join, sessions);
+            })
+        } else {
+            tokio::spawn(sessions)
+        };
         *controller.lease_task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
         Ok(controller)
     }
@@ -384,6 +398,65 @@ impl Controller {
                     }
                 }
             }
+        }
+    }
+
+    /// At the leader: adds `id` at `address` as a learner of the metadata
+    /// log (an observer broker), unless it already is one.
+    pub async fn add_observer_local(&self, id: BrokerId, address: &str) -> Result<(), ControllerError> {
+        let status = self.status();
+        if status.leader != Some(self.node_id) {
+            let address = status.leader.and_then(|l| self.voters.get(&l).cloned());
+            return Err(ControllerError::NotLeader { leader: status.leader, address });
+        }
+        if self.voters.contains_key(&id) {
+            return Err(ControllerError::Config(format!("node {id} is a voter, not an observer")));
+        }
+        let known = self.raft.metrics().borrow().membership_config.nodes().any(|(n, _)| *n == u64::from(id.0));
+        if known {
+            return Ok(());
+        }
+        let added = tokio::time::timeout(
+            self.propose_timeout,
+            self.raft.add_learner(u64::from(id.0), BasicNode::new(address), false),
+        )
+        .await;
+        match added {
+            Ok(Ok(_)) => {
+                tracing::info!(observer = %id, address, "added an observer of the metadata log");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(ControllerError::NotLeader { leader: None, address: Some(format!("not added: {e}")) }),
+            Err(_) => Err(ControllerError::Timeout {
+                timeout_ms: u64::try_from(self.propose_timeout.as_millis()).unwrap_or(u64::MAX),
+            }),
+        }
+    }
+
+    /// An observer: until the leader has added it as a learner, asks each
+    /// voter in turn (a follower names the leader, which is asked next).
+    async fn join_as_observer(self, own_address: String) {
+        let me = u64::from(self.node_id.0);
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let joined = self.raft.metrics().borrow().membership_config.nodes().any(|(n, _)| *n == me);
+            if joined {
+                return;
+            }
+            for address in self.voters.values() {
+                let asked = add_observer(address, self.peer_source, self.node_id, &own_address).await;
+                let asked = match asked {
+                    Err(ControllerError::NotLeader { address: Some(leader), .. }) if !leader.contains(' ') => {
+                        add_observer(&leader, self.peer_source, self.node_id, &own_address).await
+                    }
+                    other => other,
+                };
+                if asked.is_ok() {
+                    break;
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
         }
     }
 
