@@ -27,6 +27,19 @@ pub enum Error {
         /// Partition concerned, if any.
         partition: Option<u32>,
     },
+    /// The broker answered with an error code this client does not know (a
+    /// newer broker): kept as the number, and not retried.
+    #[error("unknown error code {code} ({topic}{}): {message}", .partition.map(|p| format!("/{p}")).unwrap_or_default())]
+    UnknownBrokerCode {
+        /// The wire error code, as sent.
+        code: i32,
+        /// The broker's message.
+        message: String,
+        /// Topic concerned.
+        topic: String,
+        /// Partition concerned, if any.
+        partition: Option<u32>,
+    },
     /// The gRPC call failed (connection lost, deadline, malformed request).
     #[error("request failed: {code:?}: {message}")]
     Rpc {
@@ -81,8 +94,11 @@ impl Error {
     }
 
     pub(crate) fn broker(code: i32, message: String, topic: &str, partition: Option<u32>) -> Error {
-        let code = ErrorCode::try_from(code).unwrap_or(ErrorCode::UnknownServerError);
-        Error::Broker { code, message, topic: topic.to_string(), partition }
+        let topic = topic.to_string();
+        match ErrorCode::try_from(code) {
+            Ok(code) => Error::Broker { code, message, topic, partition },
+            Err(_) => Error::UnknownBrokerCode { code, message, topic, partition },
+        }
     }
 }
 
@@ -105,6 +121,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_wire_code_is_kept_as_its_number_and_not_retried() {
+        let e = Error::broker(9999, "from the future".into(), "t", Some(1));
+        assert!(matches!(&e, Error::UnknownBrokerCode { code: 9999, .. }), "{e:?}");
+        assert!(e.to_string().contains("9999") && e.to_string().contains("t/1"), "{e}");
+        assert!(!e.is_retriable());
+        assert!(matches!(
+            Error::broker(6, String::new(), "t", None),
+            Error::Broker { code: ErrorCode::NotLeaderOrFollower, .. }
+        ));
+    }
 
     #[test]
     fn a_broken_connection_is_retriable_and_a_server_internal_error_is_not() {
