@@ -81,7 +81,7 @@ impl Error {
                 _ => false,
             },
             Error::Connect { .. } | Error::Timeout(_) => true,
-            Error::Corrupt(_) | Error::InvalidArgument(_) | Error::Closed => false,
+            Error::Corrupt(_) | Error::InvalidArgument(_) | Error::Closed | Error::UnknownBrokerCode { .. } => false,
         }
     }
 
