@@ -43,7 +43,9 @@ fn make_batch(case: &Case) -> (RecordBatch, u64) {
         b.push(&r);
         n += 1;
     }
-    let batch = RecordBatch::validate(b.finish(), &BatchLimits { max_batch_bytes: usize::MAX }).expect("valid");
+    let batch =
+        RecordBatch::validate(b.finish(), &BatchLimits { max_batch_bytes: usize::MAX, ..BatchLimits::default() })
+            .expect("valid");
     (batch, n as u64)
 }
 

@@ -135,6 +135,9 @@ pub struct LogDefaults {
     /// ISR and the eligible replicas lead when none of them can, at the
     /// price of losing acknowledged records. Default `false`.
     pub unclean_leader_election: String,
+    /// `compression.type`: only `producer` (batches are stored as the
+    /// producer compressed them) for now. Default `producer`.
+    pub compression_type: String,
     /// Write-behind window per partition (see `storage::LogConfig`): bounds
     /// dirty and cached bytes of the active segment. 0 leaves it to the OS.
     /// Default 32 MiB; a multiple of 1 MiB.
@@ -156,6 +159,7 @@ impl Default for LogDefaults {
             min_insync_replicas: 1,
             cleanup_policy: "delete".to_string(),
             unclean_leader_election: "false".to_string(),
+            compression_type: "producer".to_string(),
             writeback_window_bytes: log.writeback_window_bytes,
         }
     }

@@ -68,9 +68,13 @@ pub struct TopicConfig {
     pub unclean_leader_election: bool,
 }
 
+/// The only `compression_type` supported: keep what the producer sent.
+const COMPRESSION_PRODUCER: &str = "producer";
+
 /// Keys a topic config accepts (Kafka's names with `_`; `.` is accepted too).
 pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "cleanup_policy",
+    "compression_type",
     "flush",
     "index_interval_bytes",
     "max_message_bytes",
@@ -92,6 +96,7 @@ pub fn canonical_key(key: &str) -> String {
 fn defaults_map(d: &LogDefaults) -> BTreeMap<String, String> {
     [
         ("cleanup_policy", d.cleanup_policy.clone()),
+        ("compression_type", d.compression_type.clone()),
         ("flush", d.flush.clone()),
         ("index_interval_bytes", d.index_interval_bytes.to_string()),
         ("max_message_bytes", d.max_message_bytes.to_string()),
@@ -178,6 +183,22 @@ impl TopicConfig {
         if min_insync_replicas == 0 {
             return Err(invalid("min_insync_replicas", "must be at least 1"));
         }
+        match map["compression_type"].trim() {
+            COMPRESSION_PRODUCER => {}
+            "none" | "gzip" | "snappy" | "lz4" | "zstd" | "uncompressed" => {
+                return Err(invalid(
+                    "compression_type",
+                    "recompressing batches on the broker is not supported yet; use `producer` (store what the \
+                     producer sent) and set the codec in the producer (`tally produce --compression`)",
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    "compression_type",
+                    format!("`{other}` is not producer, none, gzip, snappy, lz4 or zstd"),
+                ));
+            }
+        }
         let unclean_leader_election = match map["unclean_leader_election"].trim() {
             "true" => true,
             "false" => false,
@@ -215,6 +236,7 @@ impl TopicConfig {
         let l = &self.log;
         [
             ("cleanup_policy", "delete".to_string()),
+            ("compression_type", COMPRESSION_PRODUCER.to_string()),
             ("flush", format_flush(l.flush)),
             ("index_interval_bytes", l.index_interval_bytes.to_string()),
             ("max_message_bytes", self.max_message_bytes.to_string()),

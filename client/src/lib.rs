@@ -38,3 +38,4 @@ pub use partition_client::{Acks, FetchedBatches, OffsetSpec, PartitionClient};
 pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use tally_proto::ErrorCode;
 pub use tally_proto::batch::HeaderRef;
+pub use tally_proto::compression::Compression;

@@ -22,6 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tally_proto::ErrorCode;
 use tally_proto::batch::{BatchBuilder, HeaderRef, RecordRef};
+use tally_proto::compression::Compression;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -50,6 +51,8 @@ pub struct ProducerConfig {
     pub retry_backoff: Duration,
     /// Largest retry backoff. Default 1 s.
     pub retry_backoff_max: Duration,
+    /// Codec of the batches sent (Kafka's `compression.type`). Default none.
+    pub compression: Compression,
 }
 
 impl Default for ProducerConfig {
@@ -62,6 +65,7 @@ impl Default for ProducerConfig {
             delivery_timeout: Duration::from_secs(120),
             retry_backoff: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(1),
+            compression: Compression::None,
         }
     }
 }
@@ -399,12 +403,9 @@ impl Producer {
         }
         let open = queue.open.get_or_insert_with(|| {
             wake = true;
-            OpenBatch {
-                builder: BatchBuilder::with_capacity(shared.config.batch_bytes.min(64 << 10)),
-                created: Instant::now(),
-                outcome: Arc::new(Outcome::default()),
-                permit: None,
-            }
+            let mut builder = BatchBuilder::with_capacity(shared.config.batch_bytes.min(64 << 10));
+            builder.set_compression(shared.config.compression);
+            OpenBatch { builder, created: Instant::now(), outcome: Arc::new(Outcome::default()), permit: None }
         });
         let offset_delta = open.builder.push(&rec);
         match &mut open.permit {

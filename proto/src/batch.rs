@@ -17,6 +17,7 @@
 //! them in a type that proves it, and [`RecordBatch::records`] iterates records
 //! as zero-copy [`Bytes`] slices. Nothing here panics on any input.
 
+use crate::compression::Compression;
 use bytes::Bytes;
 
 use crate::varint::{get_varint, get_varlong, put_varint, put_varlong, varint_len, varlong_len};
@@ -151,9 +152,24 @@ pub enum BatchError {
         /// Position of the record in the batch.
         index: i32,
     },
-    /// The batch is compressed and its records cannot be iterated here.
-    #[error("batch is compressed with codec {0}; record iteration needs an uncompressed batch")]
-    Compressed(u8),
+    /// The attributes name a codec that does not exist (5 to 7).
+    #[error("unknown compression codec {0} in the batch attributes")]
+    UnknownCompression(u8),
+    /// A compressed payload that does not decompress.
+    #[error("the {codec} payload does not decompress: {reason}")]
+    Decompression {
+        /// The codec.
+        codec: &'static str,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// A compressed payload that decompresses to more than the limit (a
+    /// decompression bomb, or a batch too large to check).
+    #[error("the compressed records decompress to more than {limit} bytes")]
+    DecompressedTooLarge {
+        /// The limit.
+        limit: usize,
+    },
 }
 
 fn i16_at(b: &[u8], at: usize) -> i16 {
@@ -315,11 +331,17 @@ impl<'a> BatchHeader<'a> {
 pub struct BatchLimits {
     /// Largest batch accepted, header included.
     pub max_batch_bytes: usize,
+    /// Largest the records of a compressed batch may decompress to.
+    pub max_uncompressed_bytes: usize,
 }
+
+/// Default of [`BatchLimits::max_uncompressed_bytes`], and the bound when
+/// reading compressed batches back: 64 MiB.
+pub const MAX_UNCOMPRESSED_BYTES: usize = 64 << 20;
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits { max_batch_bytes: 1024 * 1024 }
+        BatchLimits { max_batch_bytes: 1024 * 1024, max_uncompressed_bytes: MAX_UNCOMPRESSED_BYTES }
     }
 }
 
@@ -355,15 +377,41 @@ impl RecordBatch {
                 found: i64::from(header.last_offset_delta()) + 1,
             });
         }
-        if header.compression() != 0 {
-            // Stored and served as-is; record-level checks need the codec.
+        let codec = Compression::from_attributes(header.attributes())?;
+        if codec != Compression::None {
+            // The records are checked as an uncompressed batch's are; the
+            // client's compressed bytes are what is stored.
+            let plain = batch.decompressed(limits.max_uncompressed_bytes)?;
+            check_records(&plain, &batch.header())?;
             return Ok(batch);
         }
+        check_records(&batch.bytes, &header)?;
+        Ok(batch)
+    }
+
+    /// The batch with its records decompressed: the header (as stored,
+    /// attributes included) followed by the plain records.
+    fn decompressed(&self, max_bytes: usize) -> Result<Bytes, BatchError> {
+        let header = self.header();
+        let codec = Compression::from_attributes(header.attributes())?;
+        let records = codec.decompress(&self.bytes[HEADER_LEN..], max_bytes)?;
+        let mut plain = Vec::with_capacity(HEADER_LEN + records.len());
+        plain.extend_from_slice(&self.bytes[..HEADER_LEN]);
+        plain.extend_from_slice(&records);
+        Ok(plain.into())
+    }
+}
+
+/// Checks the records of `bytes` (a whole uncompressed batch, or a header
+/// followed by decompressed records) against `header`: framing, offset
+/// deltas, count, no trailing bytes, and maxTimestamp.
+fn check_records(bytes: &[u8], header: &BatchHeader<'_>) -> Result<(), BatchError> {
+    let count = header.record_count();
+    {
         let base_ts = header.base_timestamp();
         let mut max_ts = i64::MIN;
         let mut found: i32 = 0;
         let mut pos = HEADER_LEN;
-        let bytes: &[u8] = &batch.bytes;
         while found < count {
             let (record, next) = parse_record(bytes, pos, found)?;
             if record.offset_delta != found {
@@ -379,9 +427,11 @@ impl RecordBatch {
         if !header.is_log_append_time() && max_ts != header.max_timestamp() {
             return Err(BatchError::TimestampMismatch { declared: header.max_timestamp(), actual: max_ts });
         }
-        Ok(batch)
+        Ok(())
     }
+}
 
+impl RecordBatch {
     /// Checks what is needed to trust a stored batch's framing and contents:
     /// the header is present, `batchLength` matches, magic is 2 and the CRC
     /// is right. Used when reading back from disk and by clients on fetch.
@@ -415,14 +465,17 @@ impl RecordBatch {
         self.bytes.is_empty()
     }
 
-    /// Iterates the records. Fails for compressed batches.
+    /// Iterates the records, decompressing a compressed batch first (up to
+    /// [`MAX_UNCOMPRESSED_BYTES`]); the records of an uncompressed batch are
+    /// slices of it.
     pub fn records(&self) -> Result<Records, BatchError> {
         let header = self.header();
-        if header.compression() != 0 {
-            return Err(BatchError::Compressed(header.compression()));
-        }
+        let bytes = match Compression::from_attributes(header.attributes())? {
+            Compression::None => self.bytes.clone(),
+            _ => self.decompressed(MAX_UNCOMPRESSED_BYTES)?,
+        };
         Ok(Records {
-            bytes: self.bytes.clone(),
+            bytes,
             pos: HEADER_LEN,
             index: 0,
             remaining_count: header.record_count().max(0),
@@ -697,6 +750,7 @@ fn put_field(out: &mut Vec<u8>, field: Option<&[u8]>) {
 /// ```
 pub struct BatchBuilder {
     buf: Vec<u8>,
+    compression: Compression,
     count: i32,
     base_timestamp: i64,
     max_timestamp: i64,
@@ -723,6 +777,7 @@ impl BatchBuilder {
         buf.resize(HEADER_LEN, 0);
         BatchBuilder {
             buf,
+            compression: Compression::None,
             count: 0,
             base_timestamp: 0,
             max_timestamp: i64::MIN,
@@ -801,15 +856,25 @@ impl BatchBuilder {
         self.finish_vec().into()
     }
 
+    /// Compresses the records with `codec` when the batch is finished.
+    pub fn set_compression(&mut self, codec: Compression) {
+        self.compression = codec;
+    }
+
     /// Like [`BatchBuilder::finish`], returning the buffer.
     pub fn finish_vec(mut self) -> Vec<u8> {
+        if self.compression != Compression::None {
+            let packed = self.compression.compress(&self.buf[HEADER_LEN..]);
+            self.buf.truncate(HEADER_LEN);
+            self.buf.extend_from_slice(&packed);
+        }
         let b = &mut self.buf;
         let batch_length = len_i32(b.len() - LOG_OVERHEAD);
         b[BASE_OFFSET..BASE_OFFSET + 8].copy_from_slice(&0i64.to_be_bytes());
         b[BATCH_LENGTH..BATCH_LENGTH + 4].copy_from_slice(&batch_length.to_be_bytes());
         b[PARTITION_LEADER_EPOCH..PARTITION_LEADER_EPOCH + 4].copy_from_slice(&NO_PARTITION_LEADER_EPOCH.to_be_bytes());
         b[MAGIC_AT] = MAGIC as u8;
-        b[ATTRIBUTES..ATTRIBUTES + 2].copy_from_slice(&0i16.to_be_bytes());
+        b[ATTRIBUTES..ATTRIBUTES + 2].copy_from_slice(&self.compression.attribute_bits().to_be_bytes());
         b[LAST_OFFSET_DELTA..LAST_OFFSET_DELTA + 4].copy_from_slice(&(self.count - 1).to_be_bytes());
         b[BASE_TIMESTAMP..BASE_TIMESTAMP + 8].copy_from_slice(&self.base_timestamp.to_be_bytes());
         let max_ts = if self.count == 0 { self.base_timestamp } else { self.max_timestamp };
@@ -927,7 +992,8 @@ mod tests {
     #[test]
     fn oversized_batch_is_refused_with_its_size() {
         let bytes = build(&[(5, None, Some(vec![0u8; 500]), vec![])]);
-        let err = RecordBatch::validate(bytes.clone(), &BatchLimits { max_batch_bytes: 100 }).unwrap_err();
+        let err = RecordBatch::validate(bytes.clone(), &BatchLimits { max_batch_bytes: 100, ..BatchLimits::default() })
+            .unwrap_err();
         assert_eq!(err, BatchError::TooLarge { size: bytes.len(), max: 100 });
     }
 
@@ -1020,16 +1086,97 @@ mod tests {
         assert_eq!(err, BatchError::HeaderKeyNotUtf8 { index: 0 });
     }
 
-    #[test]
-    fn compressed_batch_is_accepted_as_is_but_not_iterated() {
-        let bytes = build(&[(5, None, Some(b"x".to_vec()), vec![])]);
-        let mut v = bytes.to_vec();
-        v[ATTRIBUTES + 1] |= 4; // zstd
+    fn compressed(codec: Compression, values: &[&[u8]]) -> Bytes {
+        let mut b = BatchBuilder::new();
+        b.set_compression(codec);
+        for (i, v) in values.iter().enumerate() {
+            b.push(&RecordRef { timestamp: 100 + i as i64, value: Some(v), ..Default::default() });
+        }
+        b.finish()
+    }
+
+    /// `bytes` with its records replaced by `records` compressed with the
+    /// batch's codec, and the CRC fixed.
+    fn with_records(bytes: &Bytes, codec: Compression, records: &[u8]) -> Bytes {
+        let mut v = bytes[..HEADER_LEN].to_vec();
+        v.extend_from_slice(&codec.compress(records));
+        let len = (v.len() - LOG_OVERHEAD) as i32;
+        v[BATCH_LENGTH..BATCH_LENGTH + 4].copy_from_slice(&len.to_be_bytes());
         let crc = compute_crc(&v);
         v[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
-        let batch = RecordBatch::validate(Bytes::from(v.clone()), &BatchLimits::default()).unwrap();
-        assert_eq!(batch.bytes().as_ref(), v.as_slice());
-        assert!(matches!(batch.records(), Err(BatchError::Compressed(4))));
+        Bytes::from(v)
+    }
+
+    const CODECS: [Compression; 4] = [Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd];
+
+    #[test]
+    fn a_compressed_batch_is_validated_like_a_plain_one_stored_as_sent_and_iterated() {
+        let values: Vec<Vec<u8>> = (0..50).map(|i| format!("value {i} ").repeat(10).into_bytes()).collect();
+        let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+        for codec in CODECS {
+            let bytes = compressed(codec, &refs);
+            assert_eq!(bytes[ATTRIBUTES + 1] & 7, codec.attribute_bits() as u8);
+            let batch = RecordBatch::validate(bytes.clone(), &BatchLimits::default()).unwrap();
+            assert_eq!(batch.bytes(), &bytes, "{codec}: the client's bytes are kept");
+            let read: Vec<Vec<u8>> = batch.records().unwrap().map(|r| r.unwrap().value.unwrap().to_vec()).collect();
+            assert_eq!(read, values, "{codec}");
+        }
+    }
+
+    #[test]
+    fn compressed_records_that_lie_are_refused_as_plain_ones_would_be() {
+        let plain = build(&[(5, None, Some(b"a".to_vec()), vec![]), (7, None, Some(b"b".to_vec()), vec![])]);
+        for codec in CODECS {
+            let good = with_records(&plain, codec, &plain[HEADER_LEN..]);
+            let mut v = good.to_vec();
+            v[ATTRIBUTES + 1] |= codec.attribute_bits() as u8;
+            let crc = compute_crc(&v);
+            v[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
+            let good = Bytes::from(v);
+            assert!(RecordBatch::validate(good.clone(), &BatchLimits::default()).is_ok(), "{codec}");
+            // One record fewer than the header counts.
+            let short = with_records(&good, codec, &plain[HEADER_LEN..plain.len() - 1]);
+            assert!(RecordBatch::validate(short, &BatchLimits::default()).is_err(), "{codec}: a torn record");
+            // Not the codec's format at all.
+            let mut v = good[..HEADER_LEN].to_vec();
+            v.extend_from_slice(b"this is not compressed data");
+            let len = (v.len() - LOG_OVERHEAD) as i32;
+            v[BATCH_LENGTH..BATCH_LENGTH + 4].copy_from_slice(&len.to_be_bytes());
+            let crc = compute_crc(&v);
+            v[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
+            let e = RecordBatch::validate(Bytes::from(v), &BatchLimits::default()).unwrap_err();
+            assert!(matches!(e, BatchError::Decompression { .. }), "{codec}: {e}");
+            // Trailing garbage after the records.
+            let mut records = plain[HEADER_LEN..].to_vec();
+            records.extend_from_slice(b"junk");
+            let trailing = with_records(&good, codec, &records);
+            assert!(matches!(
+                RecordBatch::validate(trailing, &BatchLimits::default()),
+                Err(BatchError::TrailingBytes(4))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_compressed_batch_that_decompresses_past_the_limit_is_refused() {
+        let zeros = vec![0u8; 4 << 20];
+        for codec in CODECS {
+            let bytes = compressed(codec, &[&zeros]);
+            let limits = BatchLimits { max_batch_bytes: 1 << 20, max_uncompressed_bytes: 1 << 20 };
+            let e = RecordBatch::validate(bytes, &limits).unwrap_err();
+            assert!(matches!(e, BatchError::DecompressedTooLarge { limit: 1_048_576 }), "{codec}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_codec_is_refused() {
+        let bytes = build(&[(5, None, Some(b"x".to_vec()), vec![])]);
+        let mut v = bytes.to_vec();
+        v[ATTRIBUTES + 1] |= 5;
+        let crc = compute_crc(&v);
+        v[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        let e = RecordBatch::validate(Bytes::from(v), &BatchLimits::default()).unwrap_err();
+        assert_eq!(e, BatchError::UnknownCompression(5));
     }
 
     #[test]
@@ -1063,7 +1210,7 @@ mod tests {
         #[test]
         fn records_round_trip(records in proptest::collection::vec(arb_record(), 1..20)) {
             let bytes = build(&records);
-            let batch = RecordBatch::validate(bytes, &BatchLimits { max_batch_bytes: usize::MAX }).unwrap();
+            let batch = RecordBatch::validate(bytes, &BatchLimits { max_batch_bytes: usize::MAX, ..BatchLimits::default() }).unwrap();
             let decoded: Vec<Record> = batch.records().unwrap().map(|r| r.unwrap()).collect();
             prop_assert_eq!(decoded.len(), records.len());
             for (i, (rec, (ts, k, v, hs))) in decoded.iter().zip(&records).enumerate() {
@@ -1095,7 +1242,7 @@ mod tests {
                     let mut v = bytes.to_vec();
                     v[byte] ^= 1 << bit;
                     prop_assert!(
-                        RecordBatch::validate(Bytes::from(v), &BatchLimits { max_batch_bytes: usize::MAX }).is_err(),
+                        RecordBatch::validate(Bytes::from(v), &BatchLimits { max_batch_bytes: usize::MAX, ..BatchLimits::default() }).is_err(),
                         "flip of bit {} in byte {} went unnoticed", bit, byte
                     );
                 }

@@ -6,6 +6,7 @@
 //! broker and client does not pass them around.
 
 pub mod batch;
+pub mod compression;
 pub mod varint;
 
 /// Generated gRPC messages and services for `tally.v1`.

@@ -31,6 +31,9 @@ pub struct ProduceArgs {
     /// Linger before a batch is sent, in milliseconds.
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,
+    /// Batch codec: none, gzip, snappy, lz4 or zstd.
+    #[arg(long, default_value = "none")]
+    compression: tally_client::Compression,
 }
 
 /// Runs `tally produce`; exits non-zero unless every line was acknowledged.
@@ -40,6 +43,7 @@ pub async fn run(ctx: &Context, args: ProduceArgs) -> anyhow::Result<()> {
     let config = ProducerConfig {
         acks: args.acks,
         linger: std::time::Duration::from_millis(args.linger_ms),
+        compression: args.compression,
         ..ProducerConfig::default()
     };
     let producer = Producer::new(client, config);

@@ -8,6 +8,7 @@ mod cli;
 mod cluster;
 mod fault;
 mod harness;
+mod interop;
 mod process;
 mod proxy;
 mod replication;

@@ -102,11 +102,13 @@ fn validate_payload(records: &Bytes, max_message_bytes: u64) -> Result<Vec<Recor
         .into_iter()
         .map(|b| {
             let size = b.len();
-            RecordBatch::validate(b, &BatchLimits { max_batch_bytes: max }).map_err(|e| match e {
-                tally_proto::batch::BatchError::TooLarge { .. } => {
-                    BrokerError::MessageTooLarge { size, max: max_message_bytes }
+            RecordBatch::validate(b, &BatchLimits { max_batch_bytes: max, ..BatchLimits::default() }).map_err(|e| {
+                match e {
+                    tally_proto::batch::BatchError::TooLarge { .. } => {
+                        BrokerError::MessageTooLarge { size, max: max_message_bytes }
+                    }
+                    other => BrokerError::CorruptMessage(other),
                 }
-                other => BrokerError::CorruptMessage(other),
             })
         })
         .collect()

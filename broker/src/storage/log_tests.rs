@@ -28,7 +28,7 @@ fn batch(values: &[&[u8]], ts: i64) -> RecordBatch {
     for (i, v) in values.iter().enumerate() {
         b.push(&RecordRef { timestamp: ts + i as i64, key: None, value: Some(v), headers: &[] });
     }
-    RecordBatch::validate(b.finish(), &BatchLimits { max_batch_bytes: usize::MAX }).unwrap()
+    RecordBatch::validate(b.finish(), &BatchLimits { max_batch_bytes: usize::MAX, ..BatchLimits::default() }).unwrap()
 }
 
 fn value_for(offset: u64) -> Vec<u8> {
