@@ -138,6 +138,15 @@ pub struct LogDefaults {
     /// `compression.type`: only `producer` (batches are stored as the
     /// producer compressed them) for now. Default `producer`.
     pub compression_type: String,
+    /// `message.timestamp.type`: `CreateTime` (the producer's) or
+    /// `LogAppendTime` (the broker stamps its clock). Default `CreateTime`.
+    pub message_timestamp_type: String,
+    /// `message.timestamp.before.max.ms`: how far in the past a CreateTime
+    /// record may be. Default i64::MAX (no limit).
+    pub message_timestamp_before_max_ms: i64,
+    /// `message.timestamp.after.max.ms`: how far in the future a CreateTime
+    /// record may be. Default 3 600 000 (one hour, Kafka 4's default).
+    pub message_timestamp_after_max_ms: i64,
     /// Write-behind window per partition (see `storage::LogConfig`): bounds
     /// dirty and cached bytes of the active segment. 0 leaves it to the OS.
     /// Default 32 MiB; a multiple of 1 MiB.
@@ -160,6 +169,9 @@ impl Default for LogDefaults {
             cleanup_policy: "delete".to_string(),
             unclean_leader_election: "false".to_string(),
             compression_type: "producer".to_string(),
+            message_timestamp_type: "CreateTime".to_string(),
+            message_timestamp_before_max_ms: i64::MAX,
+            message_timestamp_after_max_ms: 3_600_000,
             writeback_window_bytes: log.writeback_window_bytes,
         }
     }

@@ -146,6 +146,7 @@ impl BrokerError {
             BrokerError::CorruptMessage(
                 BatchError::ControlBatch | BatchError::ProducerFields { .. } | BatchError::HeaderKeyNotUtf8 { .. },
             ) => ErrorCode::InvalidRecord,
+            BrokerError::CorruptMessage(BatchError::TimestampOutOfRange { .. }) => ErrorCode::InvalidTimestamp,
             BrokerError::CorruptMessage(_) => ErrorCode::CorruptMessage,
             BrokerError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
             BrokerError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,

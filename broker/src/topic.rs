@@ -66,6 +66,23 @@ pub struct TopicConfig {
     pub min_insync_replicas: u32,
     /// Whether a replica outside the ISR and ELR may be elected.
     pub unclean_leader_election: bool,
+    /// The broker stamps batches with its clock (`LogAppendTime`).
+    pub log_append_time: bool,
+    /// How far in the past a CreateTime record may be, in ms.
+    pub message_timestamp_before_max_ms: i64,
+    /// How far in the future a CreateTime record may be, in ms.
+    pub message_timestamp_after_max_ms: i64,
+}
+
+impl TopicConfig {
+    /// The record timestamps a CreateTime batch may carry at `now_ms`:
+    /// `(earliest, latest)`, inclusive.
+    pub fn timestamp_bounds(&self, now_ms: i64) -> (i64, i64) {
+        (
+            now_ms.saturating_sub(self.message_timestamp_before_max_ms),
+            now_ms.saturating_add(self.message_timestamp_after_max_ms),
+        )
+    }
 }
 
 /// The only `compression_type` supported: keep what the producer sent.
@@ -78,6 +95,9 @@ pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "flush",
     "index_interval_bytes",
     "max_message_bytes",
+    "message_timestamp_after_max_ms",
+    "message_timestamp_before_max_ms",
+    "message_timestamp_type",
     "min_insync_replicas",
     "retention_bytes",
     "retention_ms",
@@ -100,6 +120,9 @@ fn defaults_map(d: &LogDefaults) -> BTreeMap<String, String> {
         ("flush", d.flush.clone()),
         ("index_interval_bytes", d.index_interval_bytes.to_string()),
         ("max_message_bytes", d.max_message_bytes.to_string()),
+        ("message_timestamp_after_max_ms", d.message_timestamp_after_max_ms.to_string()),
+        ("message_timestamp_before_max_ms", d.message_timestamp_before_max_ms.to_string()),
+        ("message_timestamp_type", d.message_timestamp_type.clone()),
         ("min_insync_replicas", d.min_insync_replicas.to_string()),
         ("retention_bytes", d.retention_bytes.to_string()),
         ("retention_ms", d.retention_ms.to_string()),
@@ -199,6 +222,23 @@ impl TopicConfig {
                 ));
             }
         }
+        let log_append_time = match map["message_timestamp_type"].trim() {
+            "CreateTime" => false,
+            "LogAppendTime" => true,
+            other => {
+                return Err(invalid("message_timestamp_type", format!("`{other}` is not CreateTime or LogAppendTime")));
+            }
+        };
+        let message_timestamp_before_max_ms: i64 = num(map, "message_timestamp_before_max_ms")?;
+        let message_timestamp_after_max_ms: i64 = num(map, "message_timestamp_after_max_ms")?;
+        for (key, value) in [
+            ("message_timestamp_before_max_ms", message_timestamp_before_max_ms),
+            ("message_timestamp_after_max_ms", message_timestamp_after_max_ms),
+        ] {
+            if value < 0 {
+                return Err(invalid(key, "must be at least 0"));
+            }
+        }
         let unclean_leader_election = match map["unclean_leader_election"].trim() {
             "true" => true,
             "false" => false,
@@ -228,6 +268,9 @@ impl TopicConfig {
             max_message_bytes,
             min_insync_replicas,
             unclean_leader_election,
+            log_append_time,
+            message_timestamp_before_max_ms,
+            message_timestamp_after_max_ms,
         })
     }
 
@@ -240,6 +283,9 @@ impl TopicConfig {
             ("flush", format_flush(l.flush)),
             ("index_interval_bytes", l.index_interval_bytes.to_string()),
             ("max_message_bytes", self.max_message_bytes.to_string()),
+            ("message_timestamp_after_max_ms", self.message_timestamp_after_max_ms.to_string()),
+            ("message_timestamp_before_max_ms", self.message_timestamp_before_max_ms.to_string()),
+            ("message_timestamp_type", if self.log_append_time { "LogAppendTime" } else { "CreateTime" }.to_string()),
             ("min_insync_replicas", self.min_insync_replicas.to_string()),
             ("retention_bytes", l.retention_bytes.map_or(-1, |b| b as i64).to_string()),
             ("retention_ms", l.retention_ms.unwrap_or(-1).to_string()),

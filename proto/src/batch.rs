@@ -152,6 +152,21 @@ pub enum BatchError {
         /// Position of the record in the batch.
         index: i32,
     },
+    /// A record timestamp outside what the topic accepts (INVALID_TIMESTAMP).
+    #[error(
+        "record {index} has timestamp {timestamp}, outside the accepted range [{earliest}, {latest}] \
+         (message_timestamp_before_max_ms / message_timestamp_after_max_ms)"
+    )]
+    TimestampOutOfRange {
+        /// Position of the record in the batch.
+        index: i32,
+        /// Its timestamp.
+        timestamp: i64,
+        /// Earliest accepted.
+        earliest: i64,
+        /// Latest accepted.
+        latest: i64,
+    },
     /// The attributes name a codec that does not exist (5 to 7).
     #[error("unknown compression codec {0} in the batch attributes")]
     UnknownCompression(u8),
@@ -333,6 +348,10 @@ pub struct BatchLimits {
     pub max_batch_bytes: usize,
     /// Largest the records of a compressed batch may decompress to.
     pub max_uncompressed_bytes: usize,
+    /// Record timestamps of a CreateTime batch must lie in this inclusive
+    /// range, `(earliest, latest)` (Kafka's
+    /// `message.timestamp.before/after.max.ms` around now).
+    pub timestamps: Option<(i64, i64)>,
 }
 
 /// Default of [`BatchLimits::max_uncompressed_bytes`], and the bound when
@@ -341,7 +360,7 @@ pub const MAX_UNCOMPRESSED_BYTES: usize = 64 << 20;
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits { max_batch_bytes: 1024 * 1024, max_uncompressed_bytes: MAX_UNCOMPRESSED_BYTES }
+        BatchLimits { max_batch_bytes: 1024 * 1024, max_uncompressed_bytes: MAX_UNCOMPRESSED_BYTES, timestamps: None }
     }
 }
 
@@ -382,10 +401,10 @@ impl RecordBatch {
             // The records are checked as an uncompressed batch's are; the
             // client's compressed bytes are what is stored.
             let plain = batch.decompressed(limits.max_uncompressed_bytes)?;
-            check_records(&plain, &batch.header())?;
+            check_records(&plain, &batch.header(), limits)?;
             return Ok(batch);
         }
-        check_records(&batch.bytes, &header)?;
+        check_records(&batch.bytes, &header, limits)?;
         Ok(batch)
     }
 
@@ -405,8 +424,9 @@ impl RecordBatch {
 /// Checks the records of `bytes` (a whole uncompressed batch, or a header
 /// followed by decompressed records) against `header`: framing, offset
 /// deltas, count, no trailing bytes, and maxTimestamp.
-fn check_records(bytes: &[u8], header: &BatchHeader<'_>) -> Result<(), BatchError> {
+fn check_records(bytes: &[u8], header: &BatchHeader<'_>, limits: &BatchLimits) -> Result<(), BatchError> {
     let count = header.record_count();
+    let bounds = limits.timestamps.filter(|_| !header.is_log_append_time());
     {
         let base_ts = header.base_timestamp();
         let mut max_ts = i64::MIN;
@@ -417,7 +437,13 @@ fn check_records(bytes: &[u8], header: &BatchHeader<'_>) -> Result<(), BatchErro
             if record.offset_delta != found {
                 return Err(BatchError::OffsetDeltaMismatch { index: found, delta: record.offset_delta });
             }
-            max_ts = max_ts.max(base_ts.wrapping_add(record.timestamp_delta));
+            let ts = base_ts.wrapping_add(record.timestamp_delta);
+            if let Some((earliest, latest)) = bounds
+                && !(earliest..=latest).contains(&ts)
+            {
+                return Err(BatchError::TimestampOutOfRange { index: found, timestamp: ts, earliest, latest });
+            }
+            max_ts = max_ts.max(ts);
             found += 1;
             pos = next;
         }
@@ -438,6 +464,20 @@ impl RecordBatch {
     pub fn check_framing(bytes: Bytes) -> Result<RecordBatch, BatchError> {
         check_framing_slice(&bytes)?;
         Ok(RecordBatch { bytes })
+    }
+
+    /// This batch stamped with the broker's time, as Kafka does for a topic
+    /// with `message.timestamp.type = LogAppendTime`: the timestamp-type
+    /// attribute set, maxTimestamp `now_ms` (which every record then
+    /// reports), and the CRC recomputed. A copy of the batch.
+    pub fn with_log_append_time(&self, now_ms: i64) -> RecordBatch {
+        let mut v = self.bytes.to_vec();
+        let attributes = i16_at(&v, ATTRIBUTES) | TIMESTAMP_TYPE_BIT;
+        v[ATTRIBUTES..ATTRIBUTES + 2].copy_from_slice(&attributes.to_be_bytes());
+        v[MAX_TIMESTAMP..MAX_TIMESTAMP + 8].copy_from_slice(&now_ms.to_be_bytes());
+        let crc = compute_crc(&v);
+        v[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        RecordBatch { bytes: v.into() }
     }
 
     /// The header.
@@ -1162,7 +1202,7 @@ mod tests {
         let zeros = vec![0u8; 4 << 20];
         for codec in CODECS {
             let bytes = compressed(codec, &[&zeros]);
-            let limits = BatchLimits { max_batch_bytes: 1 << 20, max_uncompressed_bytes: 1 << 20 };
+            let limits = BatchLimits { max_batch_bytes: 1 << 20, max_uncompressed_bytes: 1 << 20, timestamps: None };
             let e = RecordBatch::validate(bytes, &limits).unwrap_err();
             assert!(matches!(e, BatchError::DecompressedTooLarge { limit: 1_048_576 }), "{codec}: {e}");
         }

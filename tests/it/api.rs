@@ -609,3 +609,56 @@ async fn cached_metadata_expires_so_added_partitions_are_seen() {
     assert_eq!(stale.topic_info("grows").await.unwrap().leaders.len(), 1, "a fresh cache is used as it is");
     broker.stop().await.unwrap();
 }
+
+fn wall_ms() -> i64 {
+    i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamps_outside_the_topic_bounds_are_refused_and_log_append_time_stamps_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    let admin = client.admin();
+    let bounded = NewTopic::new("bounded", 1)
+        .config("message_timestamp_before_max_ms", "60000")
+        .config("message_timestamp_after_max_ms", "1000");
+    admin.create_topic(bounded).await.unwrap();
+    let pc = client.partition_client("bounded", 0);
+    let now = wall_ms();
+    for (ts, why) in [(now + 3_600_000, "an hour ahead"), (now - 3_600_000, "an hour old")] {
+        let record = RecordRef { timestamp: ts, value: Some(b"x"), ..Default::default() };
+        let e = pc.produce_records(&[record], Acks::Leader).await.unwrap_err();
+        assert_eq!(code(&e), Some(ErrorCode::InvalidTimestamp), "{why}: {e}");
+        assert!(e.to_string().contains("message_timestamp"), "the message names the configs: {e}");
+    }
+    let record = RecordRef { timestamp: now, value: Some(b"x"), ..Default::default() };
+    pc.produce_records(&[record], Acks::Leader).await.expect("a timestamp of now");
+    assert_eq!(pc.list_offset(OffsetSpec::Latest).await.unwrap(), Some(1), "only the good record was stored");
+    // LogAppendTime: the broker's clock, whatever the producer said.
+    admin.create_topic(NewTopic::new("stamped", 1).config("message_timestamp_type", "LogAppendTime")).await.unwrap();
+    let mut raw = pb::tally_client::TallyClient::connect(format!("http://{}", broker.address)).await.unwrap();
+    let mut b = BatchBuilder::new();
+    b.push(&RecordRef { timestamp: 1, value: Some(b"old"), ..Default::default() });
+    b.push(&RecordRef { timestamp: 2, value: Some(b"older"), ..Default::default() });
+    let request = pb::ProduceRequest {
+        acks: pb::Acks::Leader as i32,
+        timeout_ms: 1000,
+        topics: vec![pb::TopicProduceData {
+            name: "stamped".into(),
+            partitions: vec![pb::PartitionProduceData { partition: 0, records: b.finish() }],
+        }],
+    };
+    let before = wall_ms();
+    let answer = raw.produce(request).await.unwrap().into_inner();
+    let p = &answer.topics[0].partitions[0];
+    assert_eq!(p.error_code, 0, "{}", p.error_message);
+    assert!(p.log_append_time_ms >= before && p.log_append_time_ms <= wall_ms(), "{}", p.log_append_time_ms);
+    let fetched = client.partition_client("stamped", 0).fetch(0, 1 << 20, Duration::from_millis(100)).await.unwrap();
+    let batch = &fetched.batches[0];
+    assert!(batch.header().is_log_append_time());
+    assert_eq!(batch.header().max_timestamp(), p.log_append_time_ms);
+    let stamps: Vec<i64> = batch.records().unwrap().map(|r| r.unwrap().timestamp).collect();
+    assert_eq!(stamps, vec![p.log_append_time_ms; 2], "every record reports the append time");
+    broker.stop().await.unwrap();
+}

@@ -15,6 +15,7 @@ use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::partition::Partition;
 use crate::storage::Offset;
+use crate::topic::TopicConfig;
 
 /// How long acks=all waits when the request does not say (Kafka's
 /// `request.timeout.ms` default).
@@ -42,13 +43,15 @@ impl TallyService {
         records: Bytes,
         acks: Result<pb::Acks, i32>,
         timeout: Duration,
-    ) -> Result<crate::storage::AppendInfo, BrokerError> {
+    ) -> Result<(crate::storage::AppendInfo, i64), BrokerError> {
         let acks = acks.map_err(BrokerError::InvalidRequiredAcks)?;
         let (topic, partition) = self.broker.partition(topic, partition)?;
-        let batches = validate_payload(&records, topic.config.max_message_bytes)?;
+        let now_ms = wall_clock_ms();
+        let batches = validate_payload(&records, &topic.config, now_ms)?;
         let epoch = topic.states.get(partition.index() as usize).map_or(0, |s| s.leader_epoch.0);
         let acks_all = (acks == pb::Acks::All).then_some(timeout);
-        partition.produce(&batches, epoch, acks_all).await
+        let info = partition.produce(&batches, epoch, acks_all).await?;
+        Ok((info, if topic.config.log_append_time { now_ms } else { -1 }))
     }
 }
 
@@ -57,16 +60,16 @@ impl TallyService {
         &self,
         topic: &str,
         partition: u32,
-        result: Result<crate::storage::AppendInfo, BrokerError>,
+        result: Result<(crate::storage::AppendInfo, i64), BrokerError>,
     ) -> pb::PartitionProduceResponse {
         let log_start = self.broker.partition(topic, partition).map(|(_, p)| p.offsets().0.to_wire()).unwrap_or(-1);
         match result {
-            Ok(info) => pb::PartitionProduceResponse {
+            Ok((info, log_append_time_ms)) => pb::PartitionProduceResponse {
                 partition,
                 error_code: ErrorCode::None as i32,
                 error_message: String::new(),
                 base_offset: info.base_offset.to_wire(),
-                log_append_time_ms: -1,
+                log_append_time_ms,
                 log_start_offset: log_start,
                 leader_id: None,
                 leader_epoch: None,
@@ -92,8 +95,17 @@ impl TallyService {
 
 /// Splits a produce payload into batches and validates every one before any
 /// is appended, so a bad batch leaves the log untouched.
-fn validate_payload(records: &Bytes, max_message_bytes: u64) -> Result<Vec<RecordBatch>, BrokerError> {
+/// With `LogAppendTime`, each batch is stamped with `now_ms` (a copy: the
+/// CRC covers the timestamp); otherwise record timestamps must lie within
+/// the topic's bounds around `now_ms`.
+fn validate_payload(records: &Bytes, config: &TopicConfig, now_ms: i64) -> Result<Vec<RecordBatch>, BrokerError> {
+    let max_message_bytes = config.max_message_bytes;
     let max = usize::try_from(max_message_bytes).unwrap_or(usize::MAX);
+    let limits = BatchLimits {
+        max_batch_bytes: max,
+        timestamps: (!config.log_append_time).then(|| config.timestamp_bounds(now_ms)),
+        ..BatchLimits::default()
+    };
     let parts = split_batches(records).map_err(BrokerError::CorruptMessage)?;
     if parts.is_empty() {
         return Err(BrokerError::InvalidRequest("no record batch in the produce data".into()));
@@ -102,16 +114,21 @@ fn validate_payload(records: &Bytes, max_message_bytes: u64) -> Result<Vec<Recor
         .into_iter()
         .map(|b| {
             let size = b.len();
-            RecordBatch::validate(b, &BatchLimits { max_batch_bytes: max, ..BatchLimits::default() }).map_err(|e| {
-                match e {
-                    tally_proto::batch::BatchError::TooLarge { .. } => {
-                        BrokerError::MessageTooLarge { size, max: max_message_bytes }
-                    }
-                    other => BrokerError::CorruptMessage(other),
+            let batch = RecordBatch::validate(b, &limits).map_err(|e| match e {
+                tally_proto::batch::BatchError::TooLarge { .. } => {
+                    BrokerError::MessageTooLarge { size, max: max_message_bytes }
                 }
-            })
+                other => BrokerError::CorruptMessage(other),
+            })?;
+            Ok(if config.log_append_time { batch.with_log_append_time(now_ms) } else { batch })
         })
         .collect()
+}
+
+/// Milliseconds since the Unix epoch: record timestamps are wall-clock time.
+fn wall_clock_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The leader and epoch a NOT_LEADER_OR_FOLLOWER answer names.
