@@ -690,6 +690,12 @@ impl Partition {
         Ok(found.filter(|(o, _)| *o < log.high_watermark()))
     }
 
+    /// The record with the largest timestamp below the high watermark.
+    pub fn max_timestamp_record(&self) -> Result<Option<(Offset, i64)>, BrokerError> {
+        let log = self.read_log();
+        log.max_timestamp_record(log.high_watermark()).map_err(BrokerError::from_storage)
+    }
+
     /// Applies new topic settings to the log.
     pub fn set_config(&self, config: &TopicConfig) -> Result<(), BrokerError> {
         self.write_log().set_config(config.log.clone()).map_err(BrokerError::Storage)

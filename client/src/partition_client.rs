@@ -53,6 +53,8 @@ pub enum OffsetSpec {
     Latest,
     /// The first offset whose timestamp is >= this (ms since the epoch).
     Timestamp(i64),
+    /// The record with the largest timestamp (Kafka's KIP-734).
+    MaxTimestamp,
 }
 
 impl OffsetSpec {
@@ -61,6 +63,7 @@ impl OffsetSpec {
             OffsetSpec::Earliest => -2,
             OffsetSpec::Latest => -1,
             OffsetSpec::Timestamp(ts) => ts.max(0),
+            OffsetSpec::MaxTimestamp => -3,
         }
     }
 }

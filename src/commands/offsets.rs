@@ -11,8 +11,9 @@ use super::{Context, Output, print_table};
 pub struct OffsetsArgs {
     /// Topic.
     topic: String,
-    /// earliest (or -2, as in Kafka's tools), latest (or -1), or a
-    /// timestamp in ms: the first offset whose record is at least that old.
+    /// earliest (or -2, as in Kafka's tools), latest (or -1), max-timestamp
+    /// (or -3: the record with the largest timestamp), or a timestamp in
+    /// ms: the first offset whose record is at least that old.
     #[arg(long, default_value = "latest", allow_hyphen_values = true)]
     time: String,
 }
@@ -22,10 +23,11 @@ fn parse_time(time: &str) -> anyhow::Result<OffsetSpec> {
     Ok(match time {
         "earliest" | "-2" => OffsetSpec::Earliest,
         "latest" | "-1" => OffsetSpec::Latest,
-        "-3" => anyhow::bail!("--time -3 (the record with the largest timestamp, KIP-734) is not supported yet"),
+        "max-timestamp" | "-3" => OffsetSpec::MaxTimestamp,
         ms => {
-            let ms: i64 =
-                ms.parse().with_context(|| format!("--time takes earliest, latest, -1, -2 or ms, not `{ms}`"))?;
+            let ms: i64 = ms.parse().with_context(|| {
+                format!("--time takes earliest, latest, max-timestamp, -1, -2, -3 or ms, not `{ms}`")
+            })?;
             anyhow::ensure!(ms >= 0, "--time {ms}: a timestamp is at least 0 (-1 is latest, -2 earliest)");
             OffsetSpec::Timestamp(ms)
         }
@@ -66,7 +68,7 @@ mod tests {
         assert_eq!(parse_time("-2").unwrap(), OffsetSpec::Earliest);
         assert_eq!(parse_time("latest").unwrap(), OffsetSpec::Latest);
         assert_eq!(parse_time("1700000000000").unwrap(), OffsetSpec::Timestamp(1_700_000_000_000));
-        assert!(parse_time("-3").unwrap_err().to_string().contains("not supported"));
+        assert!(matches!(parse_time("-3").unwrap(), OffsetSpec::MaxTimestamp));
         assert!(parse_time("-7").is_err());
         assert!(parse_time("soon").is_err());
     }

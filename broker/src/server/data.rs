@@ -234,8 +234,9 @@ impl Tally for TallyService {
                         match p.timestamp {
                             -2 => Ok((start.to_wire(), -1)),
                             -1 => Ok((hw.to_wire(), -1)),
+                            -3 => Ok(part.max_timestamp_record()?.map_or((-1, -1), |(o, t)| (o.to_wire(), t))),
                             ts if ts < 0 => {
-                                Err(BrokerError::InvalidRequest(format!("timestamp {ts} is not -2, -1 or >= 0")))
+                                Err(BrokerError::InvalidRequest(format!("timestamp {ts} is not -3, -2, -1 or >= 0")))
                             }
                             ts => Ok(part.offset_for_timestamp(ts)?.map_or((-1, -1), |(o, t)| (o.to_wire(), t))),
                         }

@@ -672,6 +672,29 @@ impl Log {
         Ok(None)
     }
 
+    /// The record with the largest timestamp among whole batches below
+    /// `upper` (Kafka's max-timestamp query, KIP-734): the first record
+    /// carrying it, with that timestamp.
+    pub fn max_timestamp_record(&self, upper: Offset) -> Result<Option<(Offset, i64)>> {
+        self.check_not_failed()?;
+        let mut best: Option<(i64, u64)> = None;
+        for segment in self.segments.values() {
+            let could_beat = segment.max_timestamp().is_some_and(|m| best.is_none_or(|(ts, _)| m > ts));
+            if !could_beat || segment.base_offset() >= upper.get() {
+                continue;
+            }
+            if let Some((ts, base)) = segment.max_timestamp_below(upper.get())?
+                && best.is_none_or(|(b, _)| ts > b)
+            {
+                best = Some((ts, base));
+            }
+        }
+        let Some((ts, base)) = best else { return Ok(None) };
+        // The first record at or after the batch's base with that timestamp.
+        let holder = self.segments.range(..=base).next_back().map(|(_, s)| s).expect("a batch lies in a segment");
+        Ok(holder.offset_for_timestamp(ts, base.max(self.log_start_offset))?.map(|(o, t)| (Offset(o), t)))
+    }
+
     /// Removes every batch at or after the one holding `offset` (followers
     /// call this to match their leader). Returns the new log end offset,
     /// which is at most `offset` and a batch boundary.

@@ -989,3 +989,28 @@ fn an_idle_partition_reserves_one_allocation_step_not_a_whole_segment() {
     let log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
     assert_eq!(log.log_end_offset().get(), batches);
 }
+
+fn compressed_batch(timestamps: &[i64]) -> RecordBatch {
+    let mut b = tally_proto::batch::BatchBuilder::new();
+    b.set_compression(tally_proto::compression::Compression::Lz4);
+    for ts in timestamps {
+        b.push(&tally_proto::batch::RecordRef { timestamp: *ts, value: Some(b"v"), ..Default::default() });
+    }
+    RecordBatch::validate(b.finish(), &BatchLimits::default()).unwrap()
+}
+
+#[test]
+fn timestamp_lookups_answer_a_record_inside_compressed_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    log.append(&compressed_batch(&[10, 20, 30, 25]), 0).unwrap(); // offsets 0-3
+    log.append(&compressed_batch(&[40, 35, 50]), 0).unwrap(); // offsets 4-6
+    assert_eq!(log.offset_for_timestamp(15).unwrap(), Some((Offset(1), 20)), "the record, not the batch");
+    assert_eq!(log.offset_for_timestamp(26).unwrap(), Some((Offset(2), 30)));
+    assert_eq!(log.offset_for_timestamp(36).unwrap(), Some((Offset(4), 40)));
+    assert_eq!(log.offset_for_timestamp(51).unwrap(), None);
+    // The record with the largest timestamp, below an upper bound.
+    assert_eq!(log.max_timestamp_record(Offset(7)).unwrap(), Some((Offset(6), 50)));
+    assert_eq!(log.max_timestamp_record(Offset(4)).unwrap(), Some((Offset(2), 30)), "whole batches below the bound");
+    assert_eq!(log.max_timestamp_record(Offset(0)).unwrap(), None);
+}

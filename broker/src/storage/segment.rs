@@ -479,12 +479,13 @@ impl Segment {
             if header.max_timestamp() >= timestamp && header.last_offset() >= start as i64 {
                 let batch = RecordBatch::check_framing(self.slice(position, total))
                     .map_err(|reason| StorageError::Corrupt { path: self.path.clone(), position, reason })?;
-                let compressed_or_append_time =
-                    batch.header().compression() != 0 || batch.header().is_log_append_time();
-                if compressed_or_append_time {
+                // Every record of a LogAppendTime batch has the batch's time.
+                if batch.header().is_log_append_time() {
                     let offset = (header.base_offset() as u64).max(start);
                     return Ok(Some((offset, header.max_timestamp())));
                 }
+                // Compressed batches are decompressed: the answer is a record,
+                // not a batch, as Kafka gives it.
                 let records = batch.records().map_err(|reason| StorageError::Corrupt {
                     path: self.path.clone(),
                     position,
@@ -501,6 +502,24 @@ impl Segment {
             position += total;
         }
         Ok(None)
+    }
+
+    /// The largest batch max timestamp among batches that end below
+    /// `upper`, with the base offset of the first batch carrying it.
+    pub(crate) fn max_timestamp_below(&self, upper: u64) -> Result<Option<(i64, u64)>> {
+        let mut best: Option<(i64, u64)> = None;
+        let mut position = 0;
+        while position < self.size {
+            let header = self.header_at(position, self.size).ok_or_else(|| self.corrupt_header(position))?;
+            if header.last_offset >= upper as i64 {
+                break;
+            }
+            if best.is_none_or(|(ts, _)| header.max_timestamp > ts) {
+                best = Some((header.max_timestamp, header.base_offset as u64));
+            }
+            position += header.total;
+        }
+        Ok(best)
     }
 
     /// Ends the segment before the batch holding `offset` and returns that
