@@ -82,6 +82,7 @@ async fn main() {
         topic_configs: bounded_topic(),
         broker_pid: Some(pid),
         replication_factor: 1,
+        compression: tally_client::Compression::None,
         rate_records_per_s: None,
         through_producer: false,
     };

@@ -39,6 +39,9 @@ pub struct ProduceParams {
     pub broker_pid: Option<u32>,
     /// Replicas per partition when the topic is created.
     pub replication_factor: u32,
+    /// Codec of the pre-built batches (the broker decompresses each to
+    /// validate it).
+    pub compression: tally_client::Compression,
     /// Total records per second to pace at (spread over the producers);
     /// `None` sends as fast as answers come back. A paced producer still
     /// has one request in flight: if answers come slower than the pace, the
@@ -190,8 +193,15 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
     let value = vec![b'x'; p.record_size];
     let mut builder = BatchBuilder::with_capacity(p.records_per_batch * (p.record_size + 16) + 64);
     let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis())?;
-    for _ in 0..p.records_per_batch {
-        builder.push(&RecordRef { timestamp: now, key: None, value: Some(&value), headers: &[] });
+    builder.set_compression(p.compression);
+    for i in 0..p.records_per_batch {
+        // Text-like values (not one repeated byte), so codecs have real work.
+        let mut v = value.clone();
+        let tag = format!("record {i} of the benchmark, ");
+        for (dst, src) in v.iter_mut().zip(tag.bytes().cycle()) {
+            *dst = src;
+        }
+        builder.push(&RecordRef { timestamp: now, key: None, value: Some(&v), headers: &[] });
     }
     let batch: Bytes = builder.finish();
     let Run { records, bytes, stop, rss, .. } = Run::start("produce", p.broker_pid);
@@ -246,6 +256,7 @@ async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<R
     let end = measure_from + p.duration;
     let config = ProducerConfig {
         acks: p.acks,
+        compression: p.compression,
         batch_bytes: (p.records_per_batch * (p.record_size + 16)).clamp(1024, 1 << 20),
         ..ProducerConfig::default()
     };
@@ -453,6 +464,7 @@ pub async fn replication_sweep(p: &SweepParams, mut row: impl FnMut(&SweepRow)) 
                     topic_configs: vec![("min_insync_replicas".into(), "2".into())],
                     broker_pid: None,
                     replication_factor: 3,
+                    compression: tally_client::Compression::None,
                     rate_records_per_s: if paced { all_rate.map(|r: f64| r / 2.0) } else { None },
                     through_producer: false,
                 };

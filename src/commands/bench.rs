@@ -46,6 +46,9 @@ pub enum BenchCommand {
         /// pre-built batches (measures the client as well as the broker).
         #[arg(long)]
         through_producer: bool,
+        /// Batch codec: none, gzip, snappy, lz4 or zstd.
+        #[arg(long, default_value = "none")]
+        compression: tally_client::Compression,
     },
     /// A three-broker local cluster (started here, data in a temporary
     /// directory) and a produce run for each partition count, record size
@@ -145,6 +148,7 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
             topic_configs,
             broker_pid,
             through_producer,
+            compression,
         } => {
             let params = ProduceParams {
                 topic,
@@ -158,6 +162,7 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
                 topic_configs,
                 broker_pid,
                 replication_factor: 1,
+                compression,
                 rate_records_per_s: None,
                 through_producer,
             };
