@@ -127,3 +127,34 @@ async fn the_producer_compresses_with_every_codec_and_the_consumer_reads_it_back
     }
     broker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_batch_that_does_not_decode_or_is_a_bomb_is_corrupt_message_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    client.admin().create_topic(NewTopic::new("strict", 1)).await.unwrap();
+    let pc = client.partition_client("strict", 0);
+    // A fixture whose compressed payload is damaged, CRC fixed so only the codec can tell.
+    let mut damaged = fixture("zstd").to_vec();
+    let mid = 61 + (damaged.len() - 61) / 2;
+    damaged[mid] ^= 0xff;
+    damaged[mid + 1] ^= 0xff;
+    let crc = tally_proto::batch::compute_crc(&damaged);
+    damaged[17..21].copy_from_slice(&crc.to_be_bytes());
+    // A bomb: 100 MiB of zeros in one record, compressed to a few KiB.
+    let zeros = vec![0u8; 100 << 20];
+    let mut b = tally_proto::batch::BatchBuilder::new();
+    b.set_compression(Compression::Zstd);
+    b.push(&tally_proto::batch::RecordRef { timestamp: 1, value: Some(&zeros), ..Default::default() });
+    let bomb = b.finish();
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    for (what, bytes) in [("damaged", Bytes::from(damaged)), ("bomb", bomb)] {
+        let e = pc.produce(bytes, Acks::Leader).await.unwrap_err();
+        assert_eq!(e.code(), Some(tally_client::ErrorCode::CorruptMessage), "{what}: {e}");
+    }
+    assert_eq!(pc.list_offset(tally_client::OffsetSpec::Latest).await.unwrap(), Some(0), "nothing stored");
+    // The broker goes on serving.
+    pc.produce(fixture("lz4"), Acks::Leader).await.unwrap();
+    broker.stop().await.unwrap();
+}

@@ -1014,3 +1014,40 @@ fn timestamp_lookups_answer_a_record_inside_compressed_batches() {
     assert_eq!(log.max_timestamp_record(Offset(4)).unwrap(), Some((Offset(2), 30)), "whole batches below the bound");
     assert_eq!(log.max_timestamp_record(Offset(0)).unwrap(), None);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    /// ListOffsets by timestamp against a brute-force scan of every record:
+    /// out-of-order and equal timestamps, plain and compressed batches,
+    /// several segments, and targets inside batches.
+    #[test]
+    fn timestamp_lookups_match_a_scan_of_the_records(
+        batches in proptest::collection::vec(
+            (proptest::collection::vec(0i64..200, 1..6), any::<bool>()), 1..25),
+        targets in proptest::collection::vec(-5i64..210, 1..40),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(dir.path());
+        let mut all: Vec<i64> = Vec::new();
+        for (timestamps, compress) in &batches {
+            let mut b = BatchBuilder::new();
+            if *compress {
+                b.set_compression(tally_proto::compression::Compression::Snappy);
+            }
+            for ts in timestamps {
+                b.push(&RecordRef { timestamp: *ts, value: Some(b"v"), ..Default::default() });
+            }
+            log.append(&RecordBatch::validate(b.finish(), &BatchLimits::default()).unwrap(), 0).unwrap();
+            all.extend(timestamps);
+        }
+        for t in targets {
+            let expected = all.iter().position(|ts| *ts >= t).map(|o| (Offset(o as u64), all[o]));
+            prop_assert_eq!(log.offset_for_timestamp(t).unwrap(), expected, "timestamp {}", t);
+        }
+        let max = *all.iter().max().unwrap();
+        let first_max = all.iter().position(|ts| *ts == max).unwrap();
+        let end = Offset(all.len() as u64);
+        prop_assert_eq!(log.max_timestamp_record(end).unwrap(), Some((Offset(first_max as u64), max)));
+    }
+}
