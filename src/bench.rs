@@ -81,6 +81,9 @@ pub struct Report {
     pub requests: u64,
     /// Peak broker RssAnon seen, in MiB.
     pub broker_rss_anon_mib: Option<f64>,
+    /// Broker CPU seconds per GB (10^9) of record values, over the run
+    /// (warm-up included in both).
+    pub broker_cpu_s_per_gb: Option<f64>,
 }
 
 impl std::fmt::Display for Report {
@@ -98,8 +101,58 @@ impl std::fmt::Display for Report {
         if let Some(rss) = self.broker_rss_anon_mib {
             write!(f, ", broker RssAnon peak {rss:.1} MiB")?;
         }
+        if let Some(cpu) = self.broker_cpu_s_per_gb {
+            write!(f, ", broker CPU {cpu:.2} s per GB")?;
+        }
         Ok(())
     }
+}
+
+/// `count` record values of `size` bytes of text-like content: words of a
+/// small English vocabulary in a seeded pseudo-random order, with numbers,
+/// the way log lines and JSON events compress (about 3-5x with lz4/zstd),
+/// rather than random bytes (incompressible) or one repeated byte.
+pub fn text_values(size: usize, count: usize) -> Vec<Vec<u8>> {
+    const WORDS: &[&str] = &[
+        "the", "user", "order", "event", "created", "updated", "payment", "status", "service", "request", "response",
+        "latency", "error", "warning", "info", "session", "cart", "item", "price", "quantity", "shipping", "address",
+        "city", "country", "account", "login", "logout", "click", "view", "page", "product", "category", "search",
+        "query", "result", "timeout", "retry", "success", "failed", "queued",
+    ];
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    (0..count)
+        .map(|_| {
+            let mut v = Vec::with_capacity(size + 16);
+            while v.len() < size {
+                let r = next();
+                if r % 7 == 0 {
+                    v.extend_from_slice(format!("{} ", r % 100_000).as_bytes());
+                } else {
+                    v.extend_from_slice(WORDS[(r % WORDS.len() as u64) as usize].as_bytes());
+                    v.push(b' ');
+                }
+            }
+            v.truncate(size);
+            v
+        })
+        .collect()
+}
+
+/// CPU seconds (user + system) the process has used, from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
 }
 
 fn histogram() -> Histogram<u64> {
@@ -143,6 +196,10 @@ struct Run {
     bytes: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     rss: Option<std::thread::JoinHandle<u64>>,
+    /// The broker's pid and CPU seconds at the start.
+    cpu: Option<(u32, f64)>,
+    /// Bytes counted from the start, warm-up included (for CPU per GB).
+    all_bytes: Arc<AtomicU64>,
 }
 
 impl Run {
@@ -153,7 +210,8 @@ impl Run {
         let stop = Arc::new(AtomicBool::new(false));
         progress(label, records.clone(), bytes.clone(), stop.clone());
         let rss = watch_rss(broker_pid, stop.clone());
-        Run { tasks: Vec::new(), records, bytes, stop, rss }
+        let cpu = broker_pid.and_then(|pid| cpu_seconds(pid).map(|s| (pid, s)));
+        Run { tasks: Vec::new(), records, bytes, stop, rss, cpu, all_bytes: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Waits for the tasks, then computes rates over `measured()`.
@@ -164,12 +222,18 @@ impl Run {
         }
         self.stop.store(true, Ordering::Relaxed);
         let secs = measured().as_secs_f64();
+        let all_gb = self.all_bytes.load(Ordering::Relaxed) as f64 / 1e9;
+        let broker_cpu_s_per_gb = self
+            .cpu
+            .and_then(|(pid, start)| cpu_seconds(pid).map(|end| (end - start) / all_gb))
+            .filter(|v| v.is_finite());
         Ok(Report {
             records_per_s: self.records.load(Ordering::Relaxed) as f64 / secs,
             mb_per_s: self.bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
             latency_ms: percentiles(&all),
             requests: all.len(),
             broker_rss_anon_mib: self.rss.and_then(|h| h.join().ok()).map(|kib| kib as f64 / 1024.0),
+            broker_cpu_s_per_gb,
         })
     }
 }
@@ -190,28 +254,22 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
     if p.through_producer {
         return produce_records(client, p).await;
     }
-    let value = vec![b'x'; p.record_size];
+    let values = text_values(p.record_size, p.records_per_batch);
     let mut builder = BatchBuilder::with_capacity(p.records_per_batch * (p.record_size + 16) + 64);
     let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis())?;
     builder.set_compression(p.compression);
-    for i in 0..p.records_per_batch {
-        // Text-like values (not one repeated byte), so codecs have real work.
-        let mut v = value.clone();
-        let tag = format!("record {i} of the benchmark, ");
-        for (dst, src) in v.iter_mut().zip(tag.bytes().cycle()) {
-            *dst = src;
-        }
-        builder.push(&RecordRef { timestamp: now, key: None, value: Some(&v), headers: &[] });
+    for v in &values {
+        builder.push(&RecordRef { timestamp: now, key: None, value: Some(v), headers: &[] });
     }
     let batch: Bytes = builder.finish();
-    let Run { records, bytes, stop, rss, .. } = Run::start("produce", p.broker_pid);
+    let Run { records, bytes, stop, rss, cpu, all_bytes, .. } = Run::start("produce", p.broker_pid);
     let start = Instant::now();
     let measure_from = start + p.warmup;
     let end = measure_from + p.duration;
     let mut tasks = Vec::new();
     for i in 0..p.producers {
         let pc = client.partition_client(p.topic.clone(), (i as u32) % p.partitions);
-        let (batch, records, bytes) = (batch.clone(), records.clone(), bytes.clone());
+        let (batch, records, bytes, all_bytes) = (batch.clone(), records.clone(), bytes.clone(), all_bytes.clone());
         let (per_batch, payload, acks) =
             (p.records_per_batch as u64, (p.records_per_batch * p.record_size) as u64, p.acks);
         // One request per `interval` when paced.
@@ -233,6 +291,7 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
                     break;
                 }
                 pc.produce(batch.clone(), acks).await?;
+                all_bytes.fetch_add(payload, Ordering::Relaxed);
                 if t0 >= measure_from {
                     h.saturating_record(t0.elapsed().as_micros() as u64);
                     records.fetch_add(per_batch, Ordering::Relaxed);
@@ -242,7 +301,7 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
             anyhow::Ok(h)
         }));
     }
-    let run = Run { tasks, records, bytes, stop, rss };
+    let run = Run { tasks, records, bytes, stop, rss, cpu, all_bytes };
     run.finish(|| p.duration).await
 }
 
@@ -250,7 +309,7 @@ pub async fn produce(client: &Client, p: &ProduceParams) -> anyhow::Result<Repor
 /// records one at a time and keeps up to 100,000 deliveries outstanding;
 /// latency is from `send` to the acknowledgement being observed.
 async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<Report> {
-    let Run { records, bytes, stop, rss, .. } = Run::start("produce", p.broker_pid);
+    let Run { records, bytes, stop, rss, cpu, all_bytes, .. } = Run::start("produce", p.broker_pid);
     let start = Instant::now();
     let measure_from = start + p.warmup;
     let end = measure_from + p.duration;
@@ -264,14 +323,16 @@ async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<R
     for i in 0..p.producers {
         let producer = Producer::new(client.clone(), config.clone());
         let (topic, records, bytes, size) = (p.topic.clone(), records.clone(), bytes.clone(), p.record_size);
+        let all_bytes = all_bytes.clone();
         let partition = (i as u32) % p.partitions;
         tasks.push(tokio::spawn(async move {
-            let value = vec![b'x'; size];
+            let values = text_values(size, 256);
             let mut h = histogram();
             let mut pending = std::collections::VecDeque::new();
             let mut settle =
                 |sent: Instant, r: tally_client::Result<tally_client::RecordMetadata>| -> anyhow::Result<()> {
                     r?;
+                    all_bytes.fetch_add(size as u64, Ordering::Relaxed);
                     if sent >= measure_from && sent < end {
                         h.saturating_record(sent.elapsed().as_micros() as u64);
                         records.fetch_add(1, Ordering::Relaxed);
@@ -279,9 +340,11 @@ async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<R
                     }
                     Ok(())
                 };
+            let mut n = 0usize;
             while Instant::now() < end {
                 let sent = Instant::now();
-                let record = ProducerRecord::new(&topic, &value).partition(partition);
+                n += 1;
+                let record = ProducerRecord::new(&topic, &values[n % values.len()]).partition(partition);
                 pending.push_back((sent, producer.send(record).await?));
                 if pending.len() > 100_000
                     && let Some((sent, d)) = pending.pop_front()
@@ -297,7 +360,7 @@ async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<R
             anyhow::Ok(h)
         }));
     }
-    let run = Run { tasks, records, bytes, stop, rss };
+    let run = Run { tasks, records, bytes, stop, rss, cpu, all_bytes };
     run.finish(|| p.duration).await
 }
 
@@ -306,7 +369,7 @@ async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<R
 pub async fn consume(client: &Client, p: &ConsumeParams) -> anyhow::Result<Report> {
     let info = client.topic_info(&p.topic).await?;
     let partitions = info.leaders.len() as u32;
-    let Run { records, bytes, stop, rss, .. } = Run::start("consume", p.broker_pid);
+    let Run { records, bytes, stop, rss, cpu, all_bytes, .. } = Run::start("consume", p.broker_pid);
     let start = Instant::now();
     let end = start + p.duration;
     let mut tasks = Vec::new();
@@ -341,7 +404,7 @@ pub async fn consume(client: &Client, p: &ConsumeParams) -> anyhow::Result<Repor
             anyhow::Ok(h)
         }));
     }
-    let run = Run { tasks, records, bytes, stop, rss };
+    let run = Run { tasks, records, bytes, stop, rss, cpu, all_bytes };
     run.finish(|| start.elapsed()).await
 }
 
