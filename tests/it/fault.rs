@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::checker::{self, History, Outcome, Poll, Send};
 use crate::proxy::Proxy;
-use crate::replication::log_bytes;
+use crate::replication::{log_bytes, read_to};
 
 const PARTITIONS: u32 = 2;
 const WRITERS_PER_PARTITION: usize = 2;
@@ -352,7 +352,7 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
     }
     let mut history = History::default();
     for (partition, end) in (0..PARTITIONS).zip(&ends) {
-        history.final_logs.insert(partition, read_to(&client, partition, *end).await);
+        history.final_logs.insert(partition, read_to(&client, "faults", partition, *end).await);
     }
     history.sends = std::mem::take(&mut *sends.lock().unwrap());
     history.polls = std::mem::take(&mut *polls.lock().unwrap());
@@ -387,25 +387,6 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
     // are separate values here, so a duplicate value would be a broker bug.
     assert!(report.is_valid(), "seed {seed}: anomalies {report:#?}\nfaults: {faults:#?}");
     assert!(acked > 0, "seed {seed}: nothing was acknowledged");
-}
-
-/// Reads `partition` from 0 to `end`.
-async fn read_to(client: &Client, partition: u32, end: i64) -> Vec<(i64, String)> {
-    let pc = client.partition_client("faults", partition);
-    let mut out = Vec::new();
-    let mut offset = 0;
-    while offset < end {
-        let fetched = pc.fetch(offset, 1 << 20, Duration::from_millis(100)).await.expect("final read");
-        for batch in &fetched.batches {
-            for r in batch.records().unwrap() {
-                let r = r.unwrap();
-                let o = batch.header().base_offset() + i64::from(r.offset_delta);
-                out.push((o, String::from_utf8(r.value.unwrap().to_vec()).unwrap()));
-                offset = o + 1;
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

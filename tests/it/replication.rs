@@ -123,12 +123,17 @@ async fn produce_acked(client: &Client, topic: &str, n: usize, attempts: usize) 
 /// Every value of partition 0 in offset order, read from its leader up to
 /// the high watermark.
 async fn read_all(client: &Client, topic: &str) -> Vec<(i64, String)> {
-    let pc = client.partition_client(topic, 0);
-    let end = pc.list_offset(OffsetSpec::Latest).await.unwrap().unwrap_or(0);
+    let end = client.partition_client(topic, 0).list_offset(OffsetSpec::Latest).await.unwrap().unwrap_or(0);
+    read_to(client, topic, 0, end).await
+}
+
+/// Every value of `partition` below `end`, with its offset, from its leader.
+pub async fn read_to(client: &Client, topic: &str, partition: u32, end: i64) -> Vec<(i64, String)> {
+    let pc = client.partition_client(topic, partition);
     let mut out = Vec::new();
     let mut offset = 0;
     while offset < end {
-        let fetched = pc.fetch(offset, 1 << 20, Duration::from_millis(100)).await.unwrap();
+        let fetched = pc.fetch(offset, 1 << 20, Duration::from_millis(100)).await.expect("a read from the leader");
         for batch in &fetched.batches {
             for r in batch.records().unwrap() {
                 let r = r.unwrap();

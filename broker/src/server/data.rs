@@ -392,7 +392,7 @@ fn read_targets(targets: &[FetchTarget], names: &[String], max_bytes: u64) -> (p
 
 /// A copy of a partition's resolution error, keeping its wire code (one
 /// fetch may read a partition's error more than once while it long-polls).
-fn clone_error(e: &BrokerError) -> BrokerError {
+pub(super) fn clone_error(e: &BrokerError) -> BrokerError {
     match e {
         BrokerError::UnknownTopicOrPartition { topic, partition } => {
             BrokerError::UnknownTopicOrPartition { topic: topic.clone(), partition: *partition }

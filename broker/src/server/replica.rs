@@ -21,6 +21,8 @@ use crate::partition::{Partition, ReplicaRead};
 use crate::replication::isr::now_ms;
 use crate::storage::Offset;
 
+use super::data::clone_error;
+
 /// Longest hold of a follower's fetch.
 const MAX_WAIT: Duration = Duration::from_secs(5);
 
@@ -131,23 +133,5 @@ impl Replication for ReplicationService {
                 return Ok(Response::new(pb::ReplicaFetchResponse { partitions }));
             }
         }
-    }
-}
-
-/// The errors `resolve` gives, answered once per attempt.
-fn clone_error(e: &BrokerError) -> BrokerError {
-    match e {
-        BrokerError::UnknownTopicOrPartition { topic, partition } => {
-            BrokerError::UnknownTopicOrPartition { topic: topic.clone(), partition: *partition }
-        }
-        BrokerError::NotLeaderOrFollower { topic, partition, leader, leader_epoch } => {
-            BrokerError::NotLeaderOrFollower {
-                topic: topic.clone(),
-                partition: *partition,
-                leader: *leader,
-                leader_epoch: *leader_epoch,
-            }
-        }
-        other => BrokerError::InvalidRequest(other.to_string()),
     }
 }
