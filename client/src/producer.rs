@@ -189,8 +189,10 @@ struct OpenBatch {
     permit: Option<OwnedSemaphorePermit>,
 }
 
+/// A batch that takes no more records. Its bytes are made (compressed and
+/// checksummed) by the task that sends it, not under the producer's lock.
 struct SealedBatch {
-    bytes: Bytes,
+    builder: BatchBuilder,
     created: Instant,
     outcome: Arc<Outcome>,
     _permit: Option<OwnedSemaphorePermit>,
@@ -198,7 +200,7 @@ struct SealedBatch {
 
 impl OpenBatch {
     fn seal(self) -> SealedBatch {
-        SealedBatch { bytes: self.builder.finish(), created: self.created, outcome: self.outcome, _permit: self.permit }
+        SealedBatch { builder: self.builder, created: self.created, outcome: self.outcome, _permit: self.permit }
     }
 }
 
@@ -523,8 +525,10 @@ async fn send_batch(shared: Arc<Shared>, topic: Arc<str>, partition: u32, batch:
     if config.acks == Acks::None {
         batch.outcome.complete(Ok(-1));
     }
+    let SealedBatch { builder, created: _, outcome, _permit } = batch;
+    let bytes: Bytes = builder.finish();
     let result = loop {
-        match produce_rpc(&shared.client, &topic, partition, batch.bytes.clone(), config.acks).await {
+        match produce_rpc(&shared.client, &topic, partition, bytes.clone(), config.acks).await {
             Ok(offset) => break Ok(offset),
             Err(e) if e.is_retriable() && Instant::now() + backoff < deadline => {
                 tracing::debug!(topic = %topic, partition, error = %e, "retrying produce");
@@ -543,8 +547,8 @@ async fn send_batch(shared: Arc<Shared>, topic: Arc<str>, partition: u32, batch:
     if let Err(e) = &result {
         tracing::warn!(topic = %topic, partition, error = %e, "batch failed");
     }
-    batch.outcome.complete(result);
-    drop(batch);
+    outcome.complete(result);
+    drop(_permit);
     if let Some(t) = shared.lock().topics.get_mut(&*topic)
         && let Some(q) = t.partitions.get_mut(partition as usize)
     {

@@ -96,7 +96,11 @@ impl Compression {
         match self {
             Compression::None => Ok(data.to_vec()),
             Compression::Gzip => read_bounded(flate2::read::GzDecoder::new(data), max_bytes, self),
-            Compression::Lz4 => read_bounded(lz4_flex::frame::FrameDecoder::new(data), max_bytes, self),
+            Compression::Lz4 => match lz4_independent_blocks(data, max_bytes) {
+                Some(out) => out,
+                // Linked blocks or a dictionary: the general decoder.
+                None => read_bounded(lz4_flex::frame::FrameDecoder::new(data), max_bytes, self),
+            },
             Compression::Zstd => {
                 let decoder = zstd::stream::read::Decoder::new(data).map_err(|e| bad(e.to_string()))?;
                 read_bounded(decoder, max_bytes, self)
@@ -139,6 +143,71 @@ fn read_bounded(reader: impl Read, max_bytes: usize, codec: Compression) -> Resu
         return Err(BatchError::DecompressedTooLarge { limit: max_bytes });
     }
     Ok(out)
+}
+
+/// Decodes an LZ4 frame of independent blocks (what Kafka clients write)
+/// block by block straight into the output, or `None` for a frame this
+/// fast path does not take (linked blocks, a dictionary). Checksums inside
+/// the frame are not verified: the batch's CRC-32C already covers every
+/// byte of it.
+fn lz4_independent_blocks(data: &[u8], max_bytes: usize) -> Option<Result<Vec<u8>, BatchError>> {
+    const MAGIC: [u8; 4] = [0x04, 0x22, 0x4d, 0x18];
+    let bad = |reason: &str| Some(Err(BatchError::Decompression { codec: "lz4", reason: reason.to_string() }));
+    if data.len() < 7 || data[..4] != MAGIC {
+        return None;
+    }
+    let (flg, bd) = (data[4], data[5]);
+    let independent = flg & 0x20 != 0;
+    let (block_checksum, content_size, content_checksum, dictionary) =
+        (flg & 0x10 != 0, flg & 0x08 != 0, flg & 0x04 != 0, flg & 0x01 != 0);
+    if flg >> 6 != 0b01 || !independent || dictionary {
+        return None;
+    }
+    let max_block = match (bd >> 4) & 0x7 {
+        4 => 64 << 10,
+        5 => 256 << 10,
+        6 => 1 << 20,
+        7 => 4 << 20,
+        _ => return bad("bad block size in the frame descriptor"),
+    };
+    let mut pos = 6 + if content_size { 8 } else { 0 } + 1; // descriptor, then its checksum byte
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        let Some(size) = data.get(pos..pos + 4) else { return bad("frame truncated") };
+        let size = u32::from_le_bytes(size.try_into().expect("4 bytes"));
+        pos += 4;
+        if size == 0 {
+            break; // end mark
+        }
+        let stored = size & 0x8000_0000 != 0;
+        let len = (size & 0x7fff_ffff) as usize;
+        let Some(block) = data.get(pos..pos + len) else { return bad("block truncated") };
+        pos += len + if block_checksum { 4 } else { 0 };
+        if stored {
+            if out.len() + len > max_bytes {
+                return Some(Err(BatchError::DecompressedTooLarge { limit: max_bytes }));
+            }
+            out.extend_from_slice(block);
+            continue;
+        }
+        let room = max_block.min(max_bytes.saturating_sub(out.len()) + 1);
+        let start = out.len();
+        out.resize(start + room, 0);
+        match lz4_flex::block::decompress_into(block, &mut out[start..]) {
+            Ok(n) => out.truncate(start + n),
+            Err(_) if room <= max_block && start + room > max_bytes => {
+                return Some(Err(BatchError::DecompressedTooLarge { limit: max_bytes }));
+            }
+            Err(e) => return bad(&e.to_string()),
+        }
+        if out.len() > max_bytes {
+            return Some(Err(BatchError::DecompressedTooLarge { limit: max_bytes }));
+        }
+    }
+    if pos + if content_checksum { 4 } else { 0 } > data.len() {
+        return bad("content checksum truncated");
+    }
+    Some(Ok(out))
 }
 
 /// One raw snappy block, its declared length checked first.
@@ -219,6 +288,23 @@ mod tests {
             let e = codec.decompress(&packed, 1 << 20).unwrap_err();
             assert!(matches!(e, BatchError::DecompressedTooLarge { limit } if limit == 1 << 20), "{codec}: {e}");
         }
+    }
+
+    #[test]
+    fn lz4_frames_of_independent_blocks_take_the_fast_path_and_decode_as_the_frame_decoder_does() {
+        let data: Vec<u8> = (0..300_000u32).flat_map(|i| format!("{} ", i % 977).into_bytes()).collect();
+        let packed = Compression::Lz4.compress(&data);
+        let fast = lz4_independent_blocks(&packed, 1 << 24).expect("lz4_flex writes independent blocks").unwrap();
+        assert_eq!(fast, data);
+        assert!(matches!(
+            lz4_independent_blocks(&packed, 1000),
+            Some(Err(BatchError::DecompressedTooLarge { limit: 1000 }))
+        ));
+        let mut generic = Vec::new();
+        lz4_flex::frame::FrameDecoder::new(&packed[..]).read_to_end(&mut generic).unwrap();
+        assert_eq!(generic, data);
+        // A truncated frame is an error, not a panic.
+        assert!(matches!(lz4_independent_blocks(&packed[..packed.len() / 2], 1 << 24), Some(Err(_))));
     }
 
     #[test]
