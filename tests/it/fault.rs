@@ -1,7 +1,7 @@
 //! The process-level fault test: three real `tally serve` processes behind
 //! fault-injecting proxies, producers writing with acks=all and consumers
 //! reading, while a seeded nemesis kills partition leaders, freezes
-//! followers, restarts the controller leader and cuts brokers off. The
+//! followers, restarts the controller leader and cuts every link of a broker. The
 //! history checker then looks for every anomaly it knows, and after
 //! healing the replicas must hold identical bytes below the high watermark.
 //!
@@ -57,6 +57,11 @@ const ENVS: &[(&str, &str)] = &[
     ("TALLY_REPLICA_FETCH_WAIT_MAX_MS", "200"),
 ];
 
+/// The local address broker `id` dials its peers from.
+fn source_of(id: u32) -> std::net::IpAddr {
+    format!("127.0.0.{}", id + 1).parse().expect("an IP")
+}
+
 /// Three brokers, each behind its proxy (what every peer and client dials).
 struct Cluster {
     root: PathBuf,
@@ -106,7 +111,12 @@ impl Cluster {
             let node = id.to_string();
             let args =
                 ["--node-id", node.as_str(), "--voters", voters.as_str(), "--advertised-addr", advertised.as_str()];
-            BrokerProcess::start_listening(&binary, &dir, &listen, &args, ENVS)
+            // Each broker dials its peers from an address of its own, so a
+            // proxy can refuse one broker's connections: a cut is both ways.
+            let source = source_of(id).to_string();
+            let mut envs = ENVS.to_vec();
+            envs.push(("TALLY_PEER_SOURCE_ADDRESS", source.as_str()));
+            BrokerProcess::start_listening(&binary, &dir, &listen, &args, &envs)
         })
         .await
         .unwrap()
@@ -184,11 +194,19 @@ async fn one_fault(cluster: &mut Cluster, client: &Client, rng: &mut Rng) -> Opt
             Some(format!("SIGKILL controller leader {controller}, restarted"))
         }
         _ => {
+            // Every link of one broker: nobody reaches it, it reaches nobody.
             let victim = rng.below(3) as usize;
+            let source = source_of(victim as u32 + 1);
             cluster.proxies[victim].cut();
+            for p in &cluster.proxies {
+                p.block(source);
+            }
             tokio::time::sleep(rng.millis(1000, 3500)).await;
             cluster.proxies[victim].heal();
-            Some(format!("cut broker {} off, healed", victim + 1))
+            for p in &cluster.proxies {
+                p.unblock(source);
+            }
+            Some(format!("cut every link of broker {}, healed", victim + 1))
         }
     }
 }
@@ -373,6 +391,7 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
         report.duplicates.len(),
         report.failed_but_stored.len(),
     );
+    eprintln!("fault test seed {seed}: faults {faults:?}");
     cluster.stop_all();
     // Replicas in sync hold the same bytes below the high watermark.
     for (partition, end) in (0..PARTITIONS).zip(&ends) {
