@@ -99,43 +99,19 @@ fn sweep_dir() -> std::path::PathBuf {
 
 /// Runs a benchmark and prints its figures on stdout.
 pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
-    if let BenchCommand::Replication { partitions, record_sizes, producers_per_partition, duration_s, warmup_s } = cmd {
-        let params = SweepParams {
-            binary: std::env::current_exe()?,
-            data_dir: sweep_dir(),
-            partitions,
-            record_sizes,
-            producers_per_partition,
-            duration: Duration::from_secs(duration_s),
-            warmup: Duration::from_secs(warmup_s),
-        };
-        println!(
-            "{:>10} {:>7} {:>9} {:>12} {:>9} {:>9} {:>9} {:>9}",
-            "partitions", "bytes", "acks", "records/s", "MB/s", "p50 ms", "p99 ms", "p99.9 ms"
-        );
-        let peaks = replication_sweep(&params, |r| {
-            let rep = &r.report;
-            println!(
-                "{:>10} {:>7} {:>9} {:>12.0} {:>9.1} {:>9.3} {:>9.3} {:>9.3}",
-                r.partitions,
-                r.record_size,
-                r.acks,
-                rep.records_per_s,
-                rep.mb_per_s,
-                rep.latency_ms[0],
-                rep.latency_ms[1],
-                rep.latency_ms[2]
-            );
-        })
-        .await;
-        let _ = std::fs::remove_dir_all(&params.data_dir);
-        for (broker, mib) in peaks? {
-            println!("broker {broker}: peak RssAnon {mib:.1} MiB");
-        }
-        return Ok(());
-    }
-    let client = ctx.connect().await?;
     let report = match cmd {
+        BenchCommand::Replication { partitions, record_sizes, producers_per_partition, duration_s, warmup_s } => {
+            let params = SweepParams {
+                binary: std::env::current_exe()?,
+                data_dir: sweep_dir(),
+                partitions,
+                record_sizes,
+                producers_per_partition,
+                duration: Duration::from_secs(duration_s),
+                warmup: Duration::from_secs(warmup_s),
+            };
+            return sweep(&params).await;
+        }
         BenchCommand::Produce {
             topic,
             producers,
@@ -166,15 +142,43 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
                 rate_records_per_s: None,
                 through_producer,
             };
-            produce(&client, &params).await?
+            produce(&ctx.connect().await?, &params).await?
         }
-        BenchCommand::Replication { .. } => return Ok(()),
         BenchCommand::Consume { topic, consumers, fetch_bytes, duration_s, broker_pid } => {
             let params =
                 ConsumeParams { topic, consumers, fetch_bytes, duration: Duration::from_secs(duration_s), broker_pid };
-            consume(&client, &params).await?
+            consume(&ctx.connect().await?, &params).await?
         }
     };
     println!("{report}");
+    Ok(())
+}
+
+/// `tally bench replication`: the sweep's table, one row per run, then
+/// each broker's peak memory. Removes the brokers' data when done.
+async fn sweep(params: &SweepParams) -> anyhow::Result<()> {
+    println!(
+        "{:>10} {:>7} {:>9} {:>12} {:>9} {:>9} {:>9} {:>9}",
+        "partitions", "bytes", "acks", "records/s", "MB/s", "p50 ms", "p99 ms", "p99.9 ms"
+    );
+    let peaks = replication_sweep(params, |r| {
+        let rep = &r.report;
+        println!(
+            "{:>10} {:>7} {:>9} {:>12.0} {:>9.1} {:>9.3} {:>9.3} {:>9.3}",
+            r.partitions,
+            r.record_size,
+            r.acks,
+            rep.records_per_s,
+            rep.mb_per_s,
+            rep.latency_ms[0],
+            rep.latency_ms[1],
+            rep.latency_ms[2]
+        );
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&params.data_dir);
+    for (broker, mib) in peaks? {
+        println!("broker {broker}: peak RssAnon {mib:.1} MiB");
+    }
     Ok(())
 }
