@@ -433,6 +433,15 @@ impl Client {
         md.brokers.get(&leader).cloned().ok_or_else(|| no_leader(format!("leader {leader} is not in the metadata yet")))
     }
 
+    /// The address of the leader of `topic`/`partition` from the cache
+    /// alone (expired metadata counts as unknown); `None` when not known.
+    pub(crate) fn cached_leader_address(&self, topic: &str, partition: u32) -> Option<Arc<str>> {
+        let info = self.cached_topic(topic)?;
+        let leader = (*info.leaders.get(partition as usize)?)?;
+        let md = self.inner.metadata.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        md.brokers.get(&leader).map(|a| Arc::from(a.as_str()))
+    }
+
     /// A gRPC client for the leader of `topic`/`partition`.
     pub(crate) async fn leader(&self, topic: &str, partition: u32) -> Result<TallyClient<Channel>> {
         let address = self.leader_address(topic, partition).await?;

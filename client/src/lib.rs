@@ -35,7 +35,9 @@ pub use client::{Client, ClientBuilder, ClientConfig, TopicInfo};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, RecordStream, SeekTo};
 pub use error::{Error, Result};
 pub use partition_client::{Acks, FetchedBatches, OffsetSpec, PartitionClient};
-pub use producer::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
+pub use producer::{
+    DeliveryError, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata, UndeliveredRecord,
+};
 pub use tally_proto::ErrorCode;
 pub use tally_proto::batch::HeaderRef;
 pub use tally_proto::compression::Compression;

@@ -244,7 +244,7 @@ pub(crate) async fn produce_rpc(
         timeout_ms: u32::try_from(client.config().request_timeout.as_millis()).unwrap_or(u32::MAX),
         topics: vec![pb::TopicProduceData {
             name: topic.to_string(),
-            partitions: vec![pb::PartitionProduceData { partition, records }],
+            partitions: vec![pb::PartitionProduceData { partition, records: vec![records] }],
         }],
     };
     let address = client.leader_address(topic, partition).await?;

@@ -901,6 +901,11 @@ impl BatchBuilder {
         self.compression = codec;
     }
 
+    /// True when [`BatchBuilder::finish`] will compress the records.
+    pub fn is_compressed(&self) -> bool {
+        self.compression != Compression::None
+    }
+
     /// Like [`BatchBuilder::finish`], returning the buffer.
     pub fn finish_vec(mut self) -> Vec<u8> {
         if self.compression != Compression::None {

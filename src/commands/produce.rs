@@ -40,12 +40,10 @@ pub struct ProduceArgs {
 pub async fn run(ctx: &Context, args: ProduceArgs) -> anyhow::Result<()> {
     let client = ctx.connect().await?;
     client.topic_info(&args.topic).await.with_context(|| format!("cannot produce to `{}`", args.topic))?;
-    let config = ProducerConfig {
-        acks: args.acks,
-        linger: std::time::Duration::from_millis(args.linger_ms),
-        compression: args.compression,
-        ..ProducerConfig::default()
-    };
+    let mut config = ProducerConfig::default();
+    config.acks = args.acks;
+    config.linger = std::time::Duration::from_millis(args.linger_ms);
+    config.compression = args.compression;
     let producer = Producer::new(client, config);
     let headers: Vec<HeaderRef<'_>> =
         args.headers.iter().map(|(k, v)| HeaderRef { key: k, value: Some(v.as_bytes()) }).collect();
@@ -70,14 +68,9 @@ pub async fn run(ctx: &Context, args: ProduceArgs) -> anyhow::Result<()> {
             },
             None => (None, line.as_bytes()),
         };
-        let record = ProducerRecord {
-            topic: &args.topic,
-            partition: args.partition,
-            key,
-            value: Some(value),
-            headers: &headers,
-            timestamp: None,
-        };
+        let mut record = ProducerRecord::new(&args.topic, value).headers(&headers);
+        record.partition = args.partition;
+        record.key = key;
         match producer.send(record).await {
             Ok(f) => pending.push_back((sent, f)),
             Err(e) => settle(Err(e), sent, &mut failed),
@@ -85,12 +78,12 @@ pub async fn run(ctx: &Context, args: ProduceArgs) -> anyhow::Result<()> {
         if pending.len() >= MAX_PENDING
             && let Some((n, f)) = pending.pop_front()
         {
-            settle(f.wait().await.map(|_| ()), n, &mut failed);
+            settle(f.await.map(|_| ()).map_err(|e| e.error), n, &mut failed);
         }
     }
     producer.flush().await;
     while let Some((n, f)) = pending.pop_front() {
-        settle(f.wait().await.map(|_| ()), n, &mut failed);
+        settle(f.await.map(|_| ()).map_err(|e| e.error), n, &mut failed);
     }
     producer.close().await;
     if failed > 0 {

@@ -31,8 +31,9 @@ async fn produce_and_consume_round_trip_keys_headers_and_nulls() {
     let broker = TestBroker::start(dir.path()).await;
     let client = broker.client().await;
     client.admin().create_topic(NewTopic::new("rt", 3)).await.unwrap();
-    let producer =
-        Producer::new(client.clone(), ProducerConfig { linger: Duration::from_millis(1), ..Default::default() });
+    let mut config = ProducerConfig::default();
+    config.linger = Duration::from_millis(1);
+    let producer = Producer::new(client.clone(), config);
     let headers = [HeaderRef { key: "trace", value: Some(b"abc") }, HeaderRef { key: "empty", value: None }];
     let mut futures = Vec::new();
     for i in 0..300u32 {
@@ -132,7 +133,7 @@ async fn raw_produce(
         timeout_ms: 1000,
         topics: vec![pb::TopicProduceData {
             name: topic.to_string(),
-            partitions: vec![pb::PartitionProduceData { partition, records: records.into() }],
+            partitions: vec![pb::PartitionProduceData { partition, records: vec![records.into()] }],
         }],
     };
     rpc.produce(request).await.unwrap().into_inner().topics.remove(0).partitions.remove(0)
@@ -467,10 +468,10 @@ async fn concurrent_producers_keep_per_key_order_and_every_ack_is_stored_once() 
     for p in 0..4u32 {
         let client = client.clone();
         producers.push(tokio::spawn(async move {
-            let producer = Producer::new(
-                client,
-                ProducerConfig { linger: Duration::from_millis(2), batch_bytes: 4096, ..Default::default() },
-            );
+            let mut config = ProducerConfig::default();
+            config.linger = Duration::from_millis(2);
+            config.batch_bytes = 4096;
+            let producer = Producer::new(client, config);
             let mut deliveries = Vec::new();
             for i in 0..500u32 {
                 let key = format!("producer-{p}-key-{}", i % 5);
@@ -646,7 +647,7 @@ async fn timestamps_outside_the_topic_bounds_are_refused_and_log_append_time_sta
         timeout_ms: 1000,
         topics: vec![pb::TopicProduceData {
             name: "stamped".into(),
-            partitions: vec![pb::PartitionProduceData { partition: 0, records: b.finish() }],
+            partitions: vec![pb::PartitionProduceData { partition: 0, records: vec![b.finish()] }],
         }],
     };
     let before = wall_ms();

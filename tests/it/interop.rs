@@ -96,7 +96,8 @@ async fn the_producer_compresses_with_every_codec_and_the_consumer_reads_it_back
     for codec in [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd] {
         let topic = format!("c-{}", codec.name());
         client.admin().create_topic(NewTopic::new(&topic, 1)).await.unwrap();
-        let config = tally_client::ProducerConfig { compression: codec, ..Default::default() };
+        let mut config = tally_client::ProducerConfig::default();
+        config.compression = codec;
         let producer = tally_client::Producer::new(client.clone(), config);
         let mut deliveries = Vec::new();
         for i in 0..200 {

@@ -396,7 +396,7 @@ async fn produce_direct(address: &str, acks: tally_proto::v1::Acks, value: &str)
         timeout_ms: 1000,
         topics: vec![pb::TopicProduceData {
             name: "isolated".into(),
-            partitions: vec![pb::PartitionProduceData { partition: 0, records: b.finish() }],
+            partitions: vec![pb::PartitionProduceData { partition: 0, records: vec![b.finish()] }],
         }],
     };
     match raw.produce(request).await {

@@ -40,7 +40,7 @@ impl TallyService {
         &self,
         topic: &str,
         partition: u32,
-        records: Bytes,
+        records: Vec<Bytes>,
         acks: Result<pb::Acks, i32>,
         timeout: Duration,
     ) -> Result<(crate::storage::AppendInfo, i64), BrokerError> {
@@ -98,7 +98,7 @@ impl TallyService {
 /// With `LogAppendTime`, each batch is stamped with `now_ms` (a copy: the
 /// CRC covers the timestamp); otherwise record timestamps must lie within
 /// the topic's bounds around `now_ms`.
-fn validate_payload(records: &Bytes, config: &TopicConfig, now_ms: i64) -> Result<Vec<RecordBatch>, BrokerError> {
+fn validate_payload(records: &[Bytes], config: &TopicConfig, now_ms: i64) -> Result<Vec<RecordBatch>, BrokerError> {
     let max_message_bytes = config.max_message_bytes;
     let max = usize::try_from(max_message_bytes).unwrap_or(usize::MAX);
     let limits = BatchLimits {
@@ -106,7 +106,10 @@ fn validate_payload(records: &Bytes, config: &TopicConfig, now_ms: i64) -> Resul
         timestamps: (!config.log_append_time).then(|| config.timestamp_bounds(now_ms)),
         ..BatchLimits::default()
     };
-    let parts = split_batches(records).map_err(BrokerError::CorruptMessage)?;
+    let mut parts = Vec::new();
+    for chunk in records {
+        parts.extend(split_batches(chunk).map_err(BrokerError::CorruptMessage)?);
+    }
     if parts.is_empty() {
         return Err(BrokerError::InvalidRequest("no record batch in the produce data".into()));
     }

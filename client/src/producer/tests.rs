@@ -1,0 +1,465 @@
+//! Producer tests against a fake cluster that applies produce requests to
+//! in-memory logs, and can hold, fail, or lose the answer of chosen requests.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use tally_proto::ErrorCode;
+use tally_proto::batch::RecordBatch;
+use tally_proto::v1::{self as pb};
+use tokio::sync::Semaphore;
+
+use super::transport::{Layout, Transport};
+use super::*;
+
+/// What the fake does with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Refused at the transport before anything is appended.
+    Unavailable,
+    /// Every partition answers NOT_LEADER_OR_FOLLOWER, nothing appended.
+    NotLeader,
+    /// Appended, but the answer is lost.
+    LoseReply,
+}
+
+type Script = Box<dyn Fn(usize, &pb::ProduceRequest) -> Option<Fault> + Send + Sync>;
+
+struct Fake {
+    partitions: Mutex<u32>,
+    /// Leader of each partition (`None`: no leader right now).
+    leaders: Mutex<Vec<Option<Arc<str>>>>,
+    /// Record values appended to each partition, in order.
+    logs: Mutex<HashMap<u32, Vec<Bytes>>>,
+    /// Values whose request's answer was lost.
+    lost: Mutex<Vec<Bytes>>,
+    requests: AtomicUsize,
+    /// Requests a fault was applied to.
+    faults: AtomicUsize,
+    /// Partitions per request, in arrival order.
+    shapes: Mutex<Vec<usize>>,
+    in_flight: AtomicUsize,
+    max_in_flight_seen: AtomicUsize,
+    /// Requests wait for a permit here (none taken while `gate` is open).
+    gate: Arc<Semaphore>,
+    gated: std::sync::atomic::AtomicBool,
+    /// How long each request takes.
+    delay: Mutex<Duration>,
+    script: Script,
+}
+
+impl Fake {
+    fn new(partitions: u32, script: Script) -> Arc<Fake> {
+        Arc::new(Fake {
+            partitions: Mutex::new(partitions),
+            leaders: Mutex::new((0..partitions).map(|p| Some(Arc::from(format!("b{}", p % 2)))).collect()),
+            logs: Mutex::new(HashMap::new()),
+            lost: Mutex::new(Vec::new()),
+            requests: AtomicUsize::new(0),
+            faults: AtomicUsize::new(0),
+            shapes: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight_seen: AtomicUsize::new(0),
+            gate: Arc::new(Semaphore::new(0)),
+            gated: std::sync::atomic::AtomicBool::new(false),
+            delay: Mutex::new(Duration::ZERO),
+            script,
+        })
+    }
+
+    fn healthy(partitions: u32) -> Arc<Fake> {
+        Fake::new(partitions, Box::new(|_, _| None))
+    }
+
+    fn log(&self, partition: u32) -> Vec<Bytes> {
+        self.logs.lock().unwrap().get(&partition).cloned().unwrap_or_default()
+    }
+
+    /// Applies the request; the answer per partition.
+    fn apply(&self, request: &pb::ProduceRequest, fault: Option<Fault>) -> pb::ProduceResponse {
+        let mut logs = self.logs.lock().unwrap();
+        let mut topics = Vec::new();
+        for t in &request.topics {
+            let mut partitions = Vec::new();
+            for p in &t.partitions {
+                if fault == Some(Fault::NotLeader) {
+                    partitions.push(pb::PartitionProduceResponse {
+                        partition: p.partition,
+                        error_code: ErrorCode::NotLeaderOrFollower as i32,
+                        error_message: "moved".into(),
+                        base_offset: -1,
+                        log_append_time_ms: -1,
+                        log_start_offset: 0,
+                        leader_id: None,
+                        leader_epoch: None,
+                    });
+                    continue;
+                }
+                let log = logs.entry(p.partition).or_default();
+                let base = log.len() as i64;
+                for chunk in &p.records {
+                    let batch = RecordBatch::check_framing(chunk.clone()).expect("a whole batch per chunk");
+                    for r in batch.records().expect("records") {
+                        let value = r.expect("record").value.expect("value");
+                        if fault == Some(Fault::LoseReply) {
+                            self.lost.lock().unwrap().push(value.clone());
+                        }
+                        log.push(value);
+                    }
+                }
+                partitions.push(pb::PartitionProduceResponse {
+                    partition: p.partition,
+                    error_code: 0,
+                    error_message: String::new(),
+                    base_offset: base,
+                    log_append_time_ms: -1,
+                    log_start_offset: 0,
+                    leader_id: None,
+                    leader_epoch: None,
+                });
+            }
+            topics.push(pb::TopicProduceResponse { name: t.name.clone(), partitions });
+        }
+        pb::ProduceResponse { topics }
+    }
+}
+
+/// The transport over a shared fake.
+struct FakeTransport(Arc<Fake>);
+
+impl Transport for FakeTransport {
+    fn layout<'a>(&'a self, _topic: &'a str, _fresh: bool) -> BoxFuture<'a, crate::Result<Layout>> {
+        Box::pin(async move {
+            let n = *self.0.partitions.lock().unwrap();
+            let leaders = self.0.leaders.lock().unwrap();
+            Ok(Layout { partitions: n, available: (0..n as usize).map(|p| leaders[p].is_some()).collect() })
+        })
+    }
+
+    fn leader(&self, _topic: &str, partition: u32) -> Option<Arc<str>> {
+        self.0.leaders.lock().unwrap().get(partition as usize).cloned().flatten()
+    }
+
+    fn refresh(&self, _topic: Arc<str>) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+
+    fn produce(&self, _leader: Arc<str>, request: pb::ProduceRequest) -> BoxFuture<'static, crate::Result<pb::ProduceResponse>> {
+        let fake = self.0.clone();
+        Box::pin(async move {
+            let n = fake.requests.fetch_add(1, Ordering::SeqCst);
+            let now = fake.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            fake.max_in_flight_seen.fetch_max(now, Ordering::SeqCst);
+            fake.shapes.lock().unwrap().push(request.topics.iter().map(|t| t.partitions.len()).sum());
+            if fake.gated.load(Ordering::SeqCst) {
+                fake.gate.acquire().await.expect("gate").forget();
+            }
+            let delay = *fake.delay.lock().unwrap();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let fault = (fake.script)(n, &request);
+            if fault.is_some() {
+                fake.faults.fetch_add(1, Ordering::SeqCst);
+            }
+            let answer = match fault {
+                Some(Fault::Unavailable) => Err(Error::Rpc { code: tonic::Code::Unavailable, message: "down".into() }),
+                Some(Fault::LoseReply) => {
+                    fake.apply(&request, fault);
+                    Err(Error::Rpc { code: tonic::Code::Unavailable, message: "reply lost".into() })
+                }
+                _ => Ok(fake.apply(&request, fault)),
+            };
+            fake.in_flight.fetch_sub(1, Ordering::SeqCst);
+            answer
+        })
+    }
+
+    fn partition_failed(&self, _topic: &str, _partition: u32, _error: &Error, _hint: Option<(u32, u32)>) {}
+}
+
+fn config() -> ProducerConfig {
+    ProducerConfig {
+        linger: Duration::from_millis(2),
+        batch_bytes: 2048,
+        retry_backoff: Duration::from_millis(1),
+        retry_backoff_max: Duration::from_millis(4),
+        ..ProducerConfig::default()
+    }
+}
+
+fn producer(fake: &Arc<Fake>, config: ProducerConfig) -> Producer {
+    Producer::with_transport(Arc::new(FakeTransport(fake.clone())), config, Duration::from_secs(300))
+}
+
+fn value(i: usize) -> Vec<u8> {
+    format!("record-{i:06}").into_bytes()
+}
+
+/// Sends `n` records keyed to `partitions` partitions round robin; returns
+/// what each partition was sent, in order, and the delivery futures.
+async fn send_keyed(p: &Producer, n: usize, partitions: u32) -> (HashMap<u32, Vec<Bytes>>, Vec<DeliveryFuture>) {
+    let mut sent: HashMap<u32, Vec<Bytes>> = HashMap::new();
+    let mut deliveries = Vec::new();
+    for i in 0..n {
+        let partition = (i as u32) % partitions;
+        let v = value(i);
+        deliveries.push(p.send(ProducerRecord::new("t", &v).partition(partition)).await.unwrap());
+        sent.entry(partition).or_default().push(Bytes::from(v));
+    }
+    (sent, deliveries)
+}
+
+#[tokio::test]
+async fn every_record_lands_once_in_order_with_its_offset() {
+    let fake = Fake::healthy(3);
+    let p = producer(&fake, config());
+    let (sent, deliveries) = send_keyed(&p, 3000, 3).await;
+    for (i, d) in deliveries.into_iter().enumerate() {
+        let meta = d.await.unwrap();
+        assert_eq!(meta.partition, (i as u32) % 3);
+        assert_eq!(fake.log(meta.partition)[meta.offset as usize], Bytes::from(value(i)), "offset of record {i}");
+    }
+    for (partition, values) in sent {
+        assert_eq!(fake.log(partition), values, "partition {partition}");
+    }
+    p.close().await;
+}
+
+#[tokio::test]
+async fn batches_seal_by_size_without_waiting_for_linger() {
+    let fake = Fake::healthy(1);
+    let p = producer(&fake, ProducerConfig { linger: Duration::from_secs(3600), ..config() });
+    let (_, deliveries) = send_keyed(&p, 500, 1).await;
+    // 500 records of ~20 bytes are ~5 batches of 2 KiB; all but the last
+    // are sealed by size, long before the hour of linger.
+    let full = deliveries.len() - 150;
+    tokio::time::timeout(Duration::from_secs(10), deliveries.into_iter().nth(full).unwrap())
+        .await
+        .expect("sealed by size")
+        .unwrap();
+    assert!(fake.log(0).len() >= full, "{} records landed", fake.log(0).len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lone_record_is_sent_when_its_linger_runs_out() {
+    let fake = Fake::healthy(1);
+    let p = producer(&fake, ProducerConfig { linger: Duration::from_millis(50), ..config() });
+    let started = tokio::time::Instant::now();
+    let d = p.send(ProducerRecord::new("t", b"lonely")).await.unwrap();
+    d.await.unwrap();
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(50) && waited < Duration::from_millis(100), "{waited:?}");
+}
+
+#[tokio::test]
+async fn unkeyed_records_stick_to_a_partition_until_its_batch_is_sealed() {
+    let fake = Fake::healthy(4);
+    // Partition 2 has no leader: KIP-794 keeps unkeyed records away from it.
+    fake.leaders.lock().unwrap()[2] = None;
+    let p = producer(&fake, config());
+    let mut deliveries = Vec::new();
+    for i in 0..2000 {
+        deliveries.push(p.send(ProducerRecord::new("t", &value(i))).await.unwrap());
+    }
+    fake.leaders.lock().unwrap()[2] = Some(Arc::from("b0"));
+    let mut partitions = Vec::new();
+    for d in deliveries {
+        partitions.push(d.await.unwrap().partition);
+    }
+    // Runs of one partition, each about one batch long (~100 records).
+    let runs: Vec<(u32, usize)> = partitions.chunk_by(|a, b| a == b).map(|r| (r[0], r.len())).collect();
+    assert!(runs.len() >= 10, "the partition moved on with each batch: {runs:?}");
+    assert!(runs.iter().all(|&(p, _)| p != 2), "no unkeyed record went to the leaderless partition: {runs:?}");
+    let used: std::collections::BTreeSet<u32> = runs.iter().map(|r| r.0).collect();
+    assert_eq!(used, [0, 1, 3].into(), "every available partition got some");
+    assert!(runs.iter().all(|&(_, n)| n <= 200), "no partition kept records past a batch: {runs:?}");
+    p.close().await;
+}
+
+#[tokio::test]
+async fn ready_batches_of_one_broker_travel_in_one_request() {
+    let fake = Fake::healthy(4); // partitions 0 and 2 on b0, 1 and 3 on b1
+    fake.gated.store(true, Ordering::SeqCst);
+    let p = producer(&fake, ProducerConfig { max_in_flight: 1, ..config() });
+    let (sent, deliveries) = send_keyed(&p, 4000, 4).await;
+    fake.gated.store(false, Ordering::SeqCst);
+    fake.gate.add_permits(1000);
+    for d in deliveries {
+        d.await.unwrap();
+    }
+    let shapes = fake.shapes.lock().unwrap().clone();
+    assert!(shapes.iter().any(|&n| n == 2), "a request carried both partitions of its broker: {shapes:?}");
+    assert!(shapes.len() < 40, "batches were bundled, not sent one per request: {} requests", shapes.len());
+    assert!(fake.max_in_flight_seen.load(Ordering::SeqCst) <= 2, "one request per broker");
+    for (partition, values) in sent {
+        assert_eq!(fake.log(partition), values);
+    }
+}
+
+#[tokio::test]
+async fn retries_keep_each_partitions_order_and_send_nothing_twice() {
+    // Every third request fails at the transport, every fifth gets
+    // NOT_LEADER for all its partitions: neither appends anything.
+    let fake = Fake::new(
+        4,
+        Box::new(|n, _| match n {
+            n if n % 3 == 1 => Some(Fault::Unavailable),
+            n if n % 5 == 2 => Some(Fault::NotLeader),
+            _ => None,
+        }),
+    );
+    *fake.delay.lock().unwrap() = Duration::from_millis(1);
+    let p = producer(&fake, ProducerConfig { max_in_flight: 5, ..config() });
+    let (sent, deliveries) = send_keyed(&p, 4000, 4).await;
+    for d in deliveries {
+        d.await.unwrap();
+    }
+    for (partition, values) in sent {
+        assert_eq!(fake.log(partition), values, "partition {partition}: in order, each once");
+    }
+    assert!(fake.faults.load(Ordering::SeqCst) >= 2, "faults were injected and ridden out");
+    assert!(fake.max_in_flight_seen.load(Ordering::SeqCst) >= 2, "several requests were in flight at once");
+}
+
+#[tokio::test]
+async fn only_a_lost_reply_sends_records_twice_and_order_still_holds() {
+    let fake = Fake::new(2, Box::new(|n, _| (n % 4 == 1).then_some(Fault::LoseReply)));
+    let p = producer(&fake, config());
+    let (sent, deliveries) = send_keyed(&p, 2000, 2).await;
+    for d in deliveries {
+        d.await.unwrap();
+    }
+    let lost: std::collections::HashSet<Bytes> = fake.lost.lock().unwrap().iter().cloned().collect();
+    assert!(!lost.is_empty(), "some replies were lost");
+    for (partition, values) in sent {
+        let log = fake.log(partition);
+        let mut seen = std::collections::HashSet::new();
+        let firsts: Vec<Bytes> = log.iter().filter(|v| seen.insert((*v).clone())).cloned().collect();
+        assert_eq!(firsts, values, "partition {partition}: first copies in order");
+        for v in &log {
+            let copies = log.iter().filter(|w| *w == v).count();
+            assert!(copies == 1 || lost.contains(v), "{v:?} appears {copies} times without a lost reply");
+        }
+    }
+}
+
+#[tokio::test]
+async fn acks_zero_resolves_without_waiting_for_the_broker_and_never_retries() {
+    let fake = Fake::new(1, Box::new(|_, _| Some(Fault::Unavailable)));
+    fake.gated.store(true, Ordering::SeqCst);
+    let p = producer(&fake, ProducerConfig { acks: Acks::None, ..config() });
+    let d = p.send(ProducerRecord::new("t", b"fire and forget")).await.unwrap();
+    let meta = tokio::time::timeout(Duration::from_secs(5), d).await.expect("not waiting for the answer").unwrap();
+    assert_eq!(meta.offset, -1);
+    fake.gated.store(false, Ordering::SeqCst);
+    fake.gate.add_permits(100);
+    p.flush().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(fake.requests.load(Ordering::SeqCst), 1, "a failed acks=0 request is not sent again");
+}
+
+#[tokio::test]
+async fn send_waits_while_the_buffer_is_full_and_a_cancelled_send_gives_its_memory_back() {
+    let fake = Fake::healthy(1);
+    fake.gated.store(true, Ordering::SeqCst);
+    let buffer_bytes = 64 << 10;
+    let p = producer(&fake, ProducerConfig { buffer_bytes, batch_bytes: 8 << 10, ..config() });
+    let big = vec![b'x'; 1000];
+    let mut deliveries = Vec::new();
+    let mut accepted = 0usize;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(100), p.send(ProducerRecord::new("t", &big))).await {
+            Ok(d) => {
+                deliveries.push(d.unwrap());
+                accepted += big.len();
+            }
+            Err(_) => break, // waiting for buffer: dropped here, mid-wait
+        }
+        assert!(accepted <= buffer_bytes, "accepted {accepted} bytes into a {buffer_bytes}-byte buffer");
+    }
+    assert!(accepted >= buffer_bytes / 2, "the buffer filled before send waited ({accepted} bytes)");
+    fake.gated.store(false, Ordering::SeqCst);
+    fake.gate.add_permits(1000);
+    for d in deliveries {
+        d.await.unwrap();
+    }
+    p.flush().await;
+    let shared = p.shared().clone();
+    // Settled batches and the cancelled send's credit are all given back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while shared.buffer.available_permits() != buffer_bytes {
+        assert!(tokio::time::Instant::now() < deadline, "{} of {buffer_bytes} free", shared.buffer.available_permits());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_shared_producer_closed_from_another_handle_delivers_what_was_sent() {
+    let fake = Fake::healthy(2);
+    fake.gated.store(true, Ordering::SeqCst);
+    let p = producer(&fake, config());
+    let other = p.clone();
+    let (sent, deliveries) = send_keyed(&p, 500, 2).await;
+    let closing = tokio::spawn(async move { other.close().await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!closing.is_finished(), "close waits for the records in flight");
+    assert!(matches!(p.send(ProducerRecord::new("t", b"late")).await, Err(Error::Closed)));
+    fake.gated.store(false, Ordering::SeqCst);
+    fake.gate.add_permits(1000);
+    for d in deliveries {
+        d.await.unwrap();
+    }
+    closing.await.unwrap();
+    for (partition, values) in sent {
+        assert_eq!(fake.log(partition), values);
+    }
+}
+
+#[tokio::test]
+async fn a_partition_without_a_leader_waits_and_is_sent_once_one_is_known() {
+    let fake = Fake::healthy(1);
+    fake.leaders.lock().unwrap()[0] = None;
+    let p = producer(&fake, config());
+    let d = p.send(ProducerRecord::new("t", b"patient").partition(0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(fake.requests.load(Ordering::SeqCst), 0);
+    fake.leaders.lock().unwrap()[0] = Some(Arc::from("b0"));
+    assert_eq!(d.await.unwrap().offset, 0);
+}
+
+#[tokio::test]
+async fn a_batch_past_its_delivery_timeout_fails_and_hands_its_records_back() {
+    let fake = Fake::new(1, Box::new(|_, _| Some(Fault::Unavailable)));
+    let p = producer(&fake, ProducerConfig { delivery_timeout: Duration::from_millis(50), ..config() });
+    let d = p.send(ProducerRecord::new("t", b"doomed").key(b"k")).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), d).await.expect("gave up in time").unwrap_err();
+    assert!(e.error.is_retriable(), "{e}");
+    let r = e.record.expect("record handed back");
+    assert_eq!((r.key.as_deref(), r.value.as_deref()), (Some(&b"k"[..]), Some(&b"doomed"[..])));
+}
+
+#[tokio::test]
+async fn added_partitions_are_used_once_the_metadata_ages_out() {
+    let fake = Fake::healthy(1);
+    let p = Producer::with_transport(Arc::new(FakeTransport(fake.clone())), config(), Duration::from_millis(20));
+    p.send(ProducerRecord::new("t", b"first")).await.unwrap().await.unwrap();
+    fake.leaders.lock().unwrap().extend([Some(Arc::from("b1")), Some(Arc::from("b0"))]);
+    *fake.partitions.lock().unwrap() = 3;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let meta = p.send(ProducerRecord::new("t", b"more").partition(0)).await.unwrap().await.unwrap();
+        assert_eq!(meta.partition, 0);
+        if p.send(ProducerRecord::new("t", b"new").partition(2)).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "partition 2 never became known");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    p.flush().await;
+    assert_eq!(fake.log(2), vec![Bytes::from_static(b"new")]);
+}
