@@ -45,7 +45,7 @@ impl Reservation {
         Reservation { buffer: self.buffer.clone(), bytes }
     }
 
-    fn merge(&mut self, other: Reservation) {
+    pub(crate) fn merge(&mut self, other: Reservation) {
         self.bytes += other.bytes;
         std::mem::forget(other);
     }
@@ -77,6 +77,8 @@ pub(crate) struct PartitionState {
     /// Sequence number of the next batch sealed (its place in the partition's
     /// order; the idempotent producer will send it as the base sequence).
     pub next_sequence: u64,
+    /// Size of the last batch sealed: the next one's buffer capacity.
+    pub last_batch_bytes: usize,
 }
 
 /// A batch taking records.
@@ -149,6 +151,7 @@ impl PartitionAcc {
                 backoff,
                 credit: None,
                 next_sequence: 0,
+                last_batch_bytes: 0,
             }),
         })
     }
@@ -292,6 +295,7 @@ impl Queues {
         st.credit = None;
         let OpenBatch { builder, created, outcome, reserved, id: _ } = open;
         let (size, record_count) = (builder.len(), builder.record_count());
+        st.last_batch_bytes = size;
         let bytes = if builder.is_compressed() {
             BatchBytes::Compressing(tokio::task::spawn_blocking(move || builder.finish()))
         } else {

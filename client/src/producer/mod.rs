@@ -28,7 +28,7 @@ mod transport;
 mod tests;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -156,6 +156,9 @@ pub(crate) struct Shared {
     /// Set once closing starts: sends are refused from then on.
     closed: AtomicBool,
     topics: RwLock<HashMap<Arc<str>, Arc<TopicState>>>,
+    /// Topic states replaced by a newer generation, kept alive because
+    /// handles may still point at them (one per partition-count increase).
+    retired: Mutex<Vec<Arc<TopicState>>>,
     /// How long a topic's partition count is trusted.
     metadata_max_age: Duration,
     /// True once the sender has settled everything and stopped.
@@ -207,12 +210,13 @@ impl Drop for Handle {
 pub struct Producer {
     handle: Arc<Handle>,
     /// This handle's last topic, so a send looks up nothing shared.
-    last_topic: Mutex<Option<Arc<TopicState>>>,
+    /// Points into `Shared::topics` (see `cached_topic`).
+    last_topic: AtomicPtr<TopicState>,
 }
 
 impl Clone for Producer {
     fn clone(&self) -> Self {
-        Producer { handle: self.handle.clone(), last_topic: Mutex::new(None) }
+        Producer { handle: self.handle.clone(), last_topic: AtomicPtr::new(std::ptr::null_mut()) }
     }
 }
 
@@ -278,11 +282,12 @@ impl Producer {
             rng: Rng::new(seed),
             closed: AtomicBool::new(false),
             topics: RwLock::new(HashMap::new()),
+            retired: Mutex::new(Vec::new()),
             metadata_max_age,
             stopped,
         });
         tokio::spawn(sender::run(shared.clone()));
-        Producer { handle: Arc::new(Handle { shared }), last_topic: Mutex::new(None) }
+        Producer { handle: Arc::new(Handle { shared }), last_topic: AtomicPtr::new(std::ptr::null_mut()) }
     }
 
     fn shared(&self) -> &Arc<Shared> {
@@ -293,49 +298,83 @@ impl Producer {
     /// resolves when the record is acknowledged (or fails for good, handing
     /// the record back).
     pub async fn send(&self, record: ProducerRecord<'_>) -> Result<DeliveryFuture> {
-        let shared = self.shared();
         let size = record_size_bound(&record);
-        if size > shared.config.buffer_bytes {
+        let buffer_bytes = self.shared().config.buffer_bytes;
+        if size > buffer_bytes {
             return Err(Error::InvalidArgument(format!(
-                "a record of {size} bytes does not fit in buffer_bytes ({})",
-                shared.config.buffer_bytes
+                "a record of {size} bytes does not fit in buffer_bytes ({buffer_bytes})"
             )));
         }
         let now = now_ms();
         let timestamp = record.timestamp.unwrap_or(now);
+        // The fast path takes no lock but the partition's and allocates
+        // nothing; anything else (a new topic, a full buffer, a sticky
+        // switch) goes the slow way, boxed so this future stays small.
+        let first = match self.cached_topic(record.topic) {
+            Some(topic) => {
+                self.check_age(topic, now);
+                match self.try_append(topic, &record, timestamp, size, &mut None, false)? {
+                    Append::Done(delivery) => return Ok(delivery),
+                    other => Some(other),
+                }
+            }
+            None => None,
+        };
+        Box::pin(self.send_slow(record, timestamp, size, first)).await
+    }
+
+    /// The rest of [`Producer::send`]: looks the topic up, waits for buffer
+    /// memory, and picks a partition again after a sticky switch.
+    async fn send_slow(
+        &self,
+        record: ProducerRecord<'_>,
+        timestamp: i64,
+        size: usize,
+        mut attempt: Option<Append>,
+    ) -> Result<DeliveryFuture> {
+        let shared = self.shared();
         let mut extra: Option<Reservation> = None;
         let mut repartitioned = false;
         loop {
-            let attempt = {
-                let cached = self.last_topic.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                match cached.as_ref() {
-                    Some(t) if same_str(&t.core.name, record.topic) && !t.replaced.load(Ordering::Relaxed) => {
-                        self.check_age(t, now);
-                        Some(self.try_append(t, &record, timestamp, size, &mut extra, repartitioned))
-                    }
-                    _ => None,
-                }
-            };
-            match attempt {
-                None => {
-                    let topic = self.topic_state(record.topic).await?;
-                    *self.last_topic.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(topic);
-                }
-                Some(Err(e)) => return Err(e),
-                Some(Ok(Append::Done(delivery))) => return Ok(delivery),
-                Some(Ok(Append::Repartition)) => repartitioned = true,
-                Some(Ok(Append::NeedsBuffer(bytes))) => {
+            match attempt.take() {
+                None => {}
+                Some(Append::Done(delivery)) => return Ok(delivery),
+                Some(Append::Repartition) => repartitioned = true,
+                Some(Append::NeedsBuffer(bytes)) => {
                     let permits = u32::try_from(bytes).unwrap_or(u32::MAX);
                     let permit = shared.buffer.acquire_many(permits).await.map_err(|_| Error::Closed)?;
                     permit.forget();
                     let more = Reservation::new(shared.buffer.clone(), bytes);
                     match &mut extra {
-                        Some(r) => drop(std::mem::replace(r, more)),
+                        Some(r) => r.merge(more),
                         None => extra = Some(more),
                     }
                 }
             }
+            let topic = match self.cached_topic(record.topic) {
+                Some(topic) => topic,
+                None => {
+                    let topic = self.topic_state(record.topic).await?;
+                    // The table (or its retired list) keeps it alive.
+                    self.last_topic.store(Arc::as_ptr(&topic).cast_mut(), Ordering::Release);
+                    continue;
+                }
+            };
+            attempt = Some(self.try_append(topic, &record, timestamp, size, &mut extra, repartitioned)?);
         }
+    }
+
+    /// This handle's last topic, if it is `name` and still current.
+    fn cached_topic(&self, name: &str) -> Option<&TopicState> {
+        let p = self.last_topic.load(Ordering::Acquire);
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: `last_topic` only ever points at a `TopicState` published
+        // in `Shared::topics`; one replaced there moves to `Shared::retired`,
+        // so each lives as long as `Shared`, which this handle keeps alive.
+        let topic = unsafe { &*p };
+        (same_str(&topic.core.name, name) && !topic.replaced.load(Ordering::Relaxed)).then_some(topic)
     }
 
     /// One try at appending under the partition's lock.
@@ -389,7 +428,11 @@ impl Producer {
             accumulator::Queues::add_credit(&mut st, more);
         }
         if st.open.is_none() {
-            let capacity = config.batch_bytes.min(CREDIT_CHUNK_BYTES).max(size + 128);
+            // As big as this partition's last batch (growing the buffer
+            // copies it), so a busy partition allocates once per batch and
+            // a quiet one holds little.
+            let hint = if st.last_batch_bytes == 0 { CREDIT_CHUNK_BYTES } else { st.last_batch_bytes };
+            let capacity = hint.min(config.batch_bytes).max(size) + 128;
             wake |= shared.queues.open_batch(acc, &mut st, capacity, config.compression, config.linger);
         }
         if !Queues::spend(&mut st, size) {
@@ -518,6 +561,7 @@ fn install_layout(shared: &Arc<Shared>, name: &Arc<str>, layout: transport::Layo
                 partitions.push(PartitionAcc::new(old.core.clone(), p, shared.config.retry_backoff));
             }
             old.replaced.store(true, Ordering::Relaxed);
+            shared.retired.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(old.clone());
             tracing::info!(topic = %name, partitions = layout.partitions, "producer picked up added partitions");
             TopicState {
                 core: old.core.clone(),
