@@ -11,7 +11,7 @@ async fn main() -> Result<(), tally_client::Error> {
     let bootstrap = std::env::var("TALLY_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let client = Client::builder().bootstrap([bootstrap]).connect().await?;
     let partitions = client.topic_info("quickstart").await?.leaders.len() as u32;
-    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    let consumer = Consumer::new(client, ConsumerConfig::default());
     for p in 0..partitions {
         consumer.assign("quickstart", p, SeekTo::Beginning).await?;
     }

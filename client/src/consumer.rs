@@ -1,22 +1,34 @@
-//! [`Consumer`]: reads assigned partitions as a stream of records.
+//! [`Consumer`]: reads assigned partitions, fetching ahead in the background.
 //!
-//! Manual assignment: the caller names partitions and where to start.
-//! [`Consumer::poll`] runs one fetch round (a long poll to each leader);
-//! [`Consumer::into_stream`] runs rounds in a background task that stays up
-//! to `prefetch` responses ahead of the reader, so fetching overlaps
-//! processing.
+//! Manual assignment: the caller names partitions and where to start. Once
+//! something is read, a background task keeps one long-poll fetch per leader
+//! broker going and buffers what comes back, up to `max_prefetch_bytes`, so
+//! fetching overlaps processing. [`Consumer::poll`] takes every buffered
+//! record; [`Consumer::stream`] yields them one by one. Both borrow the
+//! consumer, so it stays usable while streaming: seek, pause, resume,
+//! position and assignment changes take effect at once (buffered records of
+//! a partition that was moved are dropped).
+//!
+//! Invariants:
+//! - `position` is the offset after the last record handed out; the fetcher
+//!   reads from `fetch_position` (ahead of it by what is buffered).
+//! - Every seek, pause or reassignment bumps the partition's `generation`;
+//!   fetched data of an older generation is dropped, never handed out.
+//! - The state lock is never held across an `.await`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
 use tally_proto::ErrorCode;
+use tally_proto::batch::RawHeaders;
 use tally_proto::v1::{self as pb};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
@@ -47,17 +59,20 @@ pub enum OffsetReset {
     Error,
 }
 
-/// Settings of a [`Consumer`].
+/// Settings of a [`Consumer`]. Start from `default()` and set fields.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ConsumerConfig {
-    /// Longest a fetch waits for data. Default 500 ms.
+    /// Longest a fetch waits for data, and longest `poll` waits. Default 500 ms.
     pub max_wait: Duration,
-    /// Largest fetch response. Default 50 MiB.
+    /// Largest fetch response. Default 16 MiB.
     pub max_bytes: u32,
     /// Largest share of one partition in a response. Default 8 MiB.
     pub partition_max_bytes: u32,
-    /// Fetch responses the stream may hold ahead of the reader. Default 2.
-    pub prefetch: usize,
+    /// Bytes of fetched records held ahead of the reader; fetching pauses
+    /// above it. Each partition may go past it by one batch (a fetch always
+    /// returns at least one). Default 32 MiB.
+    pub max_prefetch_bytes: usize,
     /// Reaction to an out-of-range position. Default [`OffsetReset::Latest`] (Kafka's default).
     pub auto_offset_reset: OffsetReset,
 }
@@ -66,16 +81,18 @@ impl Default for ConsumerConfig {
     fn default() -> Self {
         ConsumerConfig {
             max_wait: Duration::from_millis(500),
-            max_bytes: 50 << 20,
+            max_bytes: 16 << 20,
             partition_max_bytes: 8 << 20,
-            prefetch: 2,
+            max_prefetch_bytes: 32 << 20,
             auto_offset_reset: OffsetReset::Latest,
         }
     }
 }
 
-/// A record read from a partition.
+/// A record read from a partition. Key, value and headers are slices of the
+/// fetched bytes (nothing is copied); headers are decoded when iterated.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConsumerRecord {
     /// Topic.
     pub topic: Arc<str>,
@@ -90,13 +107,136 @@ pub struct ConsumerRecord {
     /// Value.
     pub value: Option<Bytes>,
     /// Headers, in order.
-    pub headers: Vec<(String, Option<Bytes>)>,
+    pub headers: Headers,
 }
+
+/// A record's headers, decoded lazily.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(RawHeaders);
+
+impl Headers {
+    /// Iterates `(key, value)` pairs in order. Keys are UTF-8 (the broker
+    /// refuses batches whose header keys are not).
+    pub fn iter(&self) -> impl Iterator<Item = (String, Option<Bytes>)> + '_ {
+        self.0.iter().map_while(std::result::Result::ok).map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+    }
+
+    /// The value of the first header named `key` (`Some(None)`: present, null).
+    pub fn get(&self, key: &str) -> Option<Option<Bytes>> {
+        self.0.iter().map_while(std::result::Result::ok).find(|(k, _)| k.as_ref() == key.as_bytes()).map(|(_, v)| v)
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+type Key = (Arc<str>, u32);
 
 #[derive(Debug, Clone)]
 struct Assigned {
+    /// Next offset to hand out.
     position: i64,
+    /// Next offset to fetch.
+    fetch_position: i64,
     high_watermark: i64,
+    generation: u64,
+    paused: bool,
+    /// A non-retriable error was reported; not fetched until a seek.
+    failed: bool,
+}
+
+/// Fetched records of one partition, not yet handed out.
+#[derive(Debug)]
+struct Chunk {
+    key: Key,
+    generation: u64,
+    records: VecDeque<ConsumerRecord>,
+    bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    assigned: BTreeMap<Key, Assigned>,
+    buffered: VecDeque<Chunk>,
+    buffered_bytes: usize,
+    /// Failures waiting to be reported, one per failed partition at most.
+    errors: VecDeque<Error>,
+    next_generation: u64,
+}
+
+impl State {
+    fn bump(&mut self, key: &Key) {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        if let Some(a) = self.assigned.get_mut(key) {
+            a.generation = generation;
+        }
+        self.drop_buffered(key);
+    }
+
+    fn drop_buffered(&mut self, key: &Key) {
+        let mut freed = 0;
+        self.buffered.retain(|c| {
+            let keep = c.key != *key;
+            if !keep {
+                freed += c.bytes;
+            }
+            keep
+        });
+        self.buffered_bytes -= freed;
+    }
+
+    /// The next record to hand out, moving its partition's position.
+    fn next_record(&mut self) -> Option<ConsumerRecord> {
+        loop {
+            let chunk = self.buffered.front_mut()?;
+            let live = self.assigned.get(&chunk.key).is_some_and(|a| a.generation == chunk.generation && !a.paused);
+            let record = if live { chunk.records.pop_front() } else { None };
+            match record {
+                Some(r) => {
+                    if let Some(a) = self.assigned.get_mut(&chunk.key) {
+                        a.position = a.position.max(r.offset + 1);
+                    }
+                    if chunk.records.is_empty() {
+                        self.pop_chunk();
+                    }
+                    return Some(r);
+                }
+                None => self.pop_chunk(),
+            }
+        }
+    }
+
+    fn pop_chunk(&mut self) {
+        if let Some(c) = self.buffered.pop_front() {
+            self.buffered_bytes -= c.bytes;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: Client,
+    config: ConsumerConfig,
+    state: Mutex<State>,
+    /// Fetcher to readers: records or an error were buffered.
+    data: Notify,
+    /// Readers to fetcher: buffer space was freed or the assignment changed.
+    space: Notify,
+    fetcher_started: AtomicBool,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Reads records from assigned partitions.
@@ -105,34 +245,50 @@ struct Assigned {
 /// # async fn demo(client: tally_client::Client) -> Result<(), tally_client::Error> {
 /// use futures_util::StreamExt;
 /// use tally_client::{Consumer, ConsumerConfig, SeekTo};
-/// let mut consumer = Consumer::new(client, ConsumerConfig::default());
+/// let consumer = Consumer::new(client, ConsumerConfig::default());
 /// consumer.assign("orders", 0, SeekTo::Beginning).await?;
-/// let mut records = consumer.into_stream();
+/// let mut records = consumer.stream();
 /// while let Some(record) = records.next().await {
 ///     let record = record?;
 ///     println!("{}: {:?}", record.offset, record.value);
+///     if record.offset == 100 {
+///         consumer.seek("orders", 0, SeekTo::Offset(0)).await?; // while streaming
+///     }
 /// }
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
 pub struct Consumer {
-    client: Client,
-    config: ConsumerConfig,
-    assigned: BTreeMap<(Arc<str>, u32), Assigned>,
-    /// A partition's failure, held back while other partitions had records.
-    deferred_error: Option<Error>,
+    inner: Arc<Inner>,
+    fetcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if let Some(task) = self.fetcher.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            task.abort();
+        }
+    }
 }
 
 impl Consumer {
     /// A consumer with nothing assigned.
     pub fn new(client: Client, config: ConsumerConfig) -> Consumer {
-        Consumer { client, config, assigned: BTreeMap::new(), deferred_error: None }
+        let inner = Arc::new(Inner {
+            client,
+            config,
+            state: Mutex::new(State::default()),
+            data: Notify::new(),
+            space: Notify::new(),
+            fetcher_started: AtomicBool::new(false),
+        });
+        Consumer { inner, fetcher: Mutex::new(None) }
     }
 
     /// Starts reading `topic`/`partition` from `from` (replacing any earlier
     /// position for it).
-    pub async fn assign(&mut self, topic: &str, partition: u32, from: SeekTo) -> Result<()> {
-        let info = self.client.topic_info(topic).await?;
+    pub async fn assign(&self, topic: &str, partition: u32, from: SeekTo) -> Result<()> {
+        let info = self.inner.client.topic_info(topic).await?;
         if partition as usize >= info.leaders.len() {
             return Err(Error::Broker {
                 code: ErrorCode::UnknownTopicOrPartition,
@@ -141,265 +297,379 @@ impl Consumer {
                 partition: Some(partition),
             });
         }
-        let position = self.resolve(topic, partition, from).await?;
-        self.assigned.insert((Arc::from(topic), partition), Assigned { position, high_watermark: -1 });
+        let position = resolve(&self.inner.client, topic, partition, from).await?;
+        let key: Key = (Arc::from(topic), partition);
+        let mut st = self.inner.lock();
+        let entry = st.assigned.entry(key.clone()).or_insert(Assigned {
+            position,
+            fetch_position: position,
+            high_watermark: -1,
+            generation: 0,
+            paused: false,
+            failed: false,
+        });
+        entry.position = position;
+        entry.fetch_position = position;
+        entry.failed = false;
+        st.bump(&key);
+        drop(st);
+        self.inner.space.notify_one();
         Ok(())
     }
 
-    /// Moves an assigned partition's position.
-    pub async fn seek(&mut self, topic: &str, partition: u32, to: SeekTo) -> Result<()> {
+    /// Moves an assigned partition's position (dropping what was fetched
+    /// ahead for it); clears a reported failure.
+    pub async fn seek(&self, topic: &str, partition: u32, to: SeekTo) -> Result<()> {
         self.assign(topic, partition, to).await
     }
 
-    /// The next offset to be read from a partition.
+    /// Stops reading a partition.
+    pub fn unassign(&self, topic: &str, partition: u32) {
+        let key: Key = (Arc::from(topic), partition);
+        let mut st = self.inner.lock();
+        st.drop_buffered(&key);
+        st.assigned.remove(&key);
+    }
+
+    /// The assigned partitions.
+    pub fn assignment(&self) -> Vec<(Arc<str>, u32)> {
+        self.inner.lock().assigned.keys().cloned().collect()
+    }
+
+    /// Stops fetching and handing out a partition's records until
+    /// [`Consumer::resume`]; its position stays where it is.
+    pub fn pause(&self, topic: &str, partition: u32) {
+        self.set_paused(topic, partition, true);
+    }
+
+    /// Resumes a paused partition from its position.
+    pub fn resume(&self, topic: &str, partition: u32) {
+        self.set_paused(topic, partition, false);
+        self.inner.space.notify_one();
+    }
+
+    fn set_paused(&self, topic: &str, partition: u32, paused: bool) {
+        let key: Key = (Arc::from(topic), partition);
+        let mut st = self.inner.lock();
+        let Some(a) = st.assigned.get_mut(&key) else { return };
+        if a.paused == paused {
+            return;
+        }
+        a.paused = paused;
+        a.fetch_position = a.position;
+        st.bump(&key);
+    }
+
+    /// The next offset to be handed out for a partition.
     pub fn position(&self, topic: &str, partition: u32) -> Option<i64> {
-        self.assigned.get(&(Arc::from(topic), partition)).map(|a| a.position)
+        self.inner.lock().assigned.get(&(Arc::from(topic), partition)).map(|a| a.position)
     }
 
     /// The high watermark seen by the last fetch of a partition (-1 before).
     pub fn high_watermark(&self, topic: &str, partition: u32) -> Option<i64> {
-        self.assigned.get(&(Arc::from(topic), partition)).map(|a| a.high_watermark)
+        self.inner.lock().assigned.get(&(Arc::from(topic), partition)).map(|a| a.high_watermark)
     }
 
-    /// True when every assigned partition's position has reached the high
-    /// watermark of its last fetch.
+    /// True when every assigned, unpaused partition's position has reached
+    /// the high watermark of its last fetch.
     pub fn at_end(&self) -> bool {
-        self.assigned.values().all(|a| a.high_watermark >= 0 && a.position >= a.high_watermark)
+        let st = self.inner.lock();
+        st.assigned.values().filter(|a| !a.paused).all(|a| a.high_watermark >= 0 && a.position >= a.high_watermark)
     }
 
-    async fn resolve(&self, topic: &str, partition: u32, from: SeekTo) -> Result<i64> {
-        let spec = match from {
-            SeekTo::Offset(o) => return Ok(o),
-            SeekTo::Beginning => OffsetSpec::Earliest,
-            SeekTo::End => OffsetSpec::Latest,
-            SeekTo::Timestamp(ts) => OffsetSpec::Timestamp(ts),
-        };
-        match list_offset_rpc(&self.client, topic, partition, spec).await? {
-            Some(o) => Ok(o),
-            None => Ok(list_offset_rpc(&self.client, topic, partition, OffsetSpec::Latest).await?.unwrap_or(0)),
+    fn start_fetcher(&self) {
+        if self.inner.fetcher_started.swap(true, Ordering::AcqRel) {
+            return;
         }
+        let task = tokio::spawn(run_fetcher(self.inner.clone()));
+        *self.fetcher.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
     }
 
-    /// One fetch round over every assigned partition: records in offset
-    /// order per partition. Waits up to `max_wait` when there is nothing new.
-    ///
-    /// A partition that fails does not cost the others their records: they
-    /// are returned, and the failure comes from the next call.
-    pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>> {
-        if let Some(e) = self.deferred_error.take() {
-            return Err(e);
-        }
-        if self.assigned.is_empty() {
-            return Err(Error::InvalidArgument("no partition is assigned".into()));
-        }
-        // One fetch per leader broker, for the partitions it leads, all at
-        // once; a partition whose leader is unknown right now is retried
-        // after a metadata refresh rather than left behind.
-        let mut by_leader: BTreeMap<String, Vec<(Arc<str>, u32)>> = BTreeMap::new();
-        let mut failure = None;
-        let keys: Vec<(Arc<str>, u32)> = self.assigned.keys().cloned().collect();
-        for (topic, partition) in keys {
-            match self.client.leader_address(&topic, partition).await {
-                Ok(address) => by_leader.entry(address).or_default().push((topic, partition)),
-                Err(e) => {
-                    if e.is_retriable() {
-                        self.client.invalidate(&topic);
-                    }
-                    failure.get_or_insert(e);
-                }
-            }
-        }
-        let timeout = self.client.config().request_timeout + self.config.max_wait;
-        let mut calls = Vec::new();
-        for (address, partitions) in &by_leader {
-            let request = pb::FetchRequest {
-                max_wait_ms: u32::try_from(self.config.max_wait.as_millis()).unwrap_or(u32::MAX),
-                min_bytes: 1,
-                max_bytes: self.config.max_bytes,
-                topics: self.fetch_topics(partitions),
-            };
-            let mut rpc = self.client.rpc_at(address)?;
-            calls.push(async move {
-                let mut tonic_request = tonic::Request::new(request);
-                tonic_request.set_timeout(timeout);
-                rpc.fetch(tonic_request).await
-            });
-        }
-        let answers = futures_util::future::join_all(calls).await;
-        let mut out = Vec::new();
-        for (answer, (address, partitions)) in answers.into_iter().zip(&by_leader) {
-            let response = match answer {
-                Ok(r) => r.into_inner(),
-                Err(status) => {
-                    // The leader may have died or moved: ask the cluster
-                    // again rather than retrying an address from the cache.
-                    let e = Error::from(status);
-                    if e.is_retriable() {
-                        self.client.forget_channel(address);
-                        for (topic, _) in partitions {
-                            self.client.invalidate(topic);
-                        }
-                    }
-                    failure.get_or_insert(e);
-                    continue;
-                }
-            };
-            for t in response.topics {
-                for p in t.partitions {
-                    if let Err(e) = self.take_partition(&t.name, p, &mut out).await {
-                        failure.get_or_insert(e);
-                    }
-                }
-            }
-        }
-        match failure {
-            Some(e) if out.is_empty() => Err(e),
-            Some(e) => {
-                self.deferred_error = Some(e);
-                Ok(out)
-            }
-            None => Ok(out),
-        }
-    }
-
-    fn fetch_topics(&self, partitions: &[(Arc<str>, u32)]) -> Vec<pb::FetchTopic> {
-        let mut by_topic: Vec<pb::FetchTopic> = Vec::new();
-        for key in partitions {
-            let Some(a) = self.assigned.get(key) else { continue };
-            let (topic, partition) = key;
-            let fp = pb::FetchPartition {
-                partition: *partition,
-                fetch_offset: a.position,
-                partition_max_bytes: self.config.partition_max_bytes,
-            };
-            match by_topic.last_mut() {
-                Some(t) if t.name == **topic => t.partitions.push(fp),
-                _ => by_topic.push(pb::FetchTopic { name: topic.to_string(), partitions: vec![fp] }),
-            }
-        }
-        by_topic
-    }
-
-    async fn take_partition(
-        &mut self,
-        topic: &str,
-        p: pb::FetchPartitionResponse,
-        out: &mut Vec<ConsumerRecord>,
-    ) -> Result<()> {
-        let partition = p.partition;
-        let key_topic: Arc<str> = match self.assigned.keys().find(|(t, part)| &**t == topic && *part == partition) {
-            Some((t, _)) => t.clone(),
-            None => return Ok(()),
-        };
-        let fetched = match decode_fetch(topic, p) {
-            Ok(f) => f,
-            Err(Error::Broker { code: ErrorCode::OffsetOutOfRange, message, .. })
-                if self.config.auto_offset_reset != OffsetReset::Error =>
-            {
-                let to = if self.config.auto_offset_reset == OffsetReset::Earliest {
-                    SeekTo::Beginning
-                } else {
-                    SeekTo::End
-                };
-                let position = self.resolve(topic, partition, to).await?;
-                tracing::warn!(topic, partition, position, reason = %message, "position out of range; reset");
-                if let Some(a) = self.assigned.get_mut(&(key_topic, partition)) {
-                    a.position = position;
-                }
-                return Ok(());
-            }
-            Err(e) if e.is_retriable() => {
-                self.client.invalidate(topic);
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        let assigned = self.assigned.get_mut(&(key_topic.clone(), partition)).expect("found above");
-        assigned.high_watermark = fetched.high_watermark;
-        // Decode the whole partition before handing out any of it, so a bad
-        // record leaves neither the output nor the position half-moved.
-        let mut decoded = Vec::new();
-        for record in fetched.records(assigned.position) {
-            let r = record?;
-            let headers = r
-                .headers()
-                .map(|h| h.map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v)))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            decoded.push(ConsumerRecord {
-                topic: key_topic.clone(),
-                partition,
-                offset: r.offset,
-                timestamp: r.timestamp,
-                key: r.key,
-                value: r.value,
-                headers,
-            });
-        }
-        out.append(&mut decoded);
-        if let Some(next) = fetched.next_offset() {
-            assigned.position = assigned.position.max(next);
-        }
-        Ok(())
-    }
-
-    /// Turns the consumer into a stream; a background task fetches ahead.
-    /// Retriable errors (a broker restarting, say) are retried with backoff
-    /// from 100 ms to 5 s; any other error ends the stream after it is
-    /// yielded.
-    pub fn into_stream(mut self) -> RecordStream {
-        let (tx, rx) = mpsc::channel(self.config.prefetch.max(1));
-        let task = tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                let round = self.poll().await;
-                match &round {
-                    Err(e) if e.is_retriable() => {
-                        tracing::debug!(error = %e, ?backoff, "fetch failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
-                    Ok(_) => backoff = Duration::from_millis(100),
-                    Err(_) => {}
-                }
-                let failed = round.is_err();
-                if tx.send(round).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        RecordStream { rx, buffered: VecDeque::new(), task }
-    }
-}
-
-/// Records of a [`Consumer`], fetched ahead in the background. Dropping the
-/// stream stops the fetching.
-#[derive(Debug)]
-pub struct RecordStream {
-    rx: mpsc::Receiver<Result<Vec<ConsumerRecord>>>,
-    buffered: VecDeque<ConsumerRecord>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Stream for RecordStream {
-    type Item = Result<ConsumerRecord>;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    /// Every buffered record, waiting up to `max_wait` for some. Records of
+    /// healthy partitions come before any partition's failure: a failure is
+    /// returned by a call that has no records to return.
+    pub async fn poll(&self) -> Result<Vec<ConsumerRecord>> {
+        self.start_fetcher();
+        let deadline = tokio::time::Instant::now() + self.inner.config.max_wait;
         loop {
-            if let Some(r) = self.buffered.pop_front() {
-                return Poll::Ready(Some(Ok(r)));
+            let notified = self.inner.data.notified();
+            {
+                let mut st = self.inner.lock();
+                if st.assigned.is_empty() {
+                    return Err(Error::InvalidArgument("no partition is assigned".into()));
+                }
+                let mut out = Vec::new();
+                while let Some(r) = st.next_record() {
+                    out.push(r);
+                }
+                if !out.is_empty() {
+                    drop(st);
+                    self.inner.space.notify_one();
+                    return Ok(out);
+                }
+                if let Some(e) = st.errors.pop_front() {
+                    return Err(e);
+                }
             }
-            match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(Ok(batch))) => self.buffered.extend(batch),
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(None) => return Poll::Ready(None),
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    /// The records of every assigned partition as a stream, borrowing the
+    /// consumer so it can still seek, pause or report its position.
+    /// Retriable errors (a broker restarting, a leader moving) are ridden out
+    /// in the background; any other error is yielded once, its partition
+    /// stops until it is sought again, and the stream goes on with the rest.
+    pub fn stream(&self) -> RecordStream<'_> {
+        self.start_fetcher();
+        RecordStream { consumer: self, waiting: None }
+    }
+}
+
+/// The offset `from` means for a partition.
+async fn resolve(client: &Client, topic: &str, partition: u32, from: SeekTo) -> Result<i64> {
+    let spec = match from {
+        SeekTo::Offset(o) => return Ok(o),
+        SeekTo::Beginning => OffsetSpec::Earliest,
+        SeekTo::End => OffsetSpec::Latest,
+        SeekTo::Timestamp(ts) => OffsetSpec::Timestamp(ts),
+    };
+    match list_offset_rpc(client, topic, partition, spec).await? {
+        Some(o) => Ok(o),
+        None => Ok(list_offset_rpc(client, topic, partition, OffsetSpec::Latest).await?.unwrap_or(0)),
+    }
+}
+
+/// Records of a [`Consumer`], one at a time. See [`Consumer::stream`].
+pub struct RecordStream<'a> {
+    consumer: &'a Consumer,
+    waiting: Option<Pin<Box<tokio::sync::futures::Notified<'a>>>>,
+}
+
+impl std::fmt::Debug for RecordStream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordStream").finish_non_exhaustive()
+    }
+}
+
+impl Stream for RecordStream<'_> {
+    type Item = Result<ConsumerRecord>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let inner = &self.consumer.inner;
+        loop {
+            // Registered before looking, so a record buffered in between wakes us.
+            let waiting = self.waiting.get_or_insert_with(|| Box::pin(inner.data.notified()));
+            waiting.as_mut().enable();
+            let (item, freed) = {
+                let mut st = inner.lock();
+                let before = st.buffered_bytes;
+                match st.next_record() {
+                    Some(r) => (Some(Ok(r)), st.buffered_bytes < before),
+                    None => (st.errors.pop_front().map(Err), st.buffered_bytes < before),
+                }
+            };
+            if freed {
+                inner.space.notify_one();
+            }
+            if let Some(item) = item {
+                return Poll::Ready(Some(item));
+            }
+            match self.waiting.as_mut().expect("set above").as_mut().poll(cx) {
+                Poll::Ready(()) => self.waiting = None,
                 Poll::Pending => return Poll::Pending,
             }
         }
     }
 }
 
-impl Drop for RecordStream {
-    fn drop(&mut self) {
-        self.task.abort();
+/// One partition to fetch in a round.
+struct Target {
+    key: Key,
+    offset: i64,
+    generation: u64,
+}
+
+/// Keeps fetching for the consumer while there is buffer space.
+async fn run_fetcher(inner: Arc<Inner>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let space = inner.space.notified();
+        let (targets, budget) = {
+            let st = inner.lock();
+            let budget = inner.config.max_prefetch_bytes.saturating_sub(st.buffered_bytes);
+            let targets: Vec<Target> = st
+                .assigned
+                .iter()
+                .filter(|(_, a)| !a.paused && !a.failed)
+                .map(|(k, a)| Target { key: k.clone(), offset: a.fetch_position, generation: a.generation })
+                .collect();
+            (targets, budget)
+        };
+        if targets.is_empty() || budget == 0 {
+            space.await;
+            continue;
+        }
+        let progressed = fetch_round(&inner, targets, budget).await;
+        inner.data.notify_waiters();
+        if progressed {
+            backoff = Duration::from_millis(100);
+        } else {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
     }
+}
+
+/// One fetch per leader broker, all at once. False when every fetch failed
+/// at the transport or for want of a leader (the caller backs off).
+async fn fetch_round(inner: &Arc<Inner>, targets: Vec<Target>, budget: usize) -> bool {
+    let client = &inner.client;
+    let mut by_leader: BTreeMap<String, Vec<Target>> = BTreeMap::new();
+    let mut progressed = false;
+    for t in targets {
+        match client.leader_address(&t.key.0, t.key.1).await {
+            Ok(address) => by_leader.entry(address).or_default().push(t),
+            Err(e) if e.is_retriable() => {
+                tracing::debug!(topic = %t.key.0, partition = t.key.1, error = %e, "no leader to fetch from");
+                client.invalidate(&t.key.0);
+            }
+            Err(e) => report(inner, &t, e),
+        }
+    }
+    let config = &inner.config;
+    // The budget is shared by the brokers fetched from at once.
+    let share = budget / by_leader.len().max(1);
+    let max_bytes = u32::try_from(share).unwrap_or(u32::MAX).min(config.max_bytes).max(1);
+    let timeout = client.config().request_timeout + config.max_wait;
+    let calls = by_leader.iter().map(|(address, targets)| {
+        let mut topics: Vec<pb::FetchTopic> = Vec::new();
+        for t in targets {
+            let fp = pb::FetchPartition {
+                partition: t.key.1,
+                fetch_offset: t.offset,
+                partition_max_bytes: config.partition_max_bytes.min(max_bytes),
+            };
+            match topics.last_mut() {
+                Some(ft) if ft.name == *t.key.0 => ft.partitions.push(fp),
+                _ => topics.push(pb::FetchTopic { name: t.key.0.to_string(), partitions: vec![fp] }),
+            }
+        }
+        let request = pb::FetchRequest {
+            max_wait_ms: u32::try_from(config.max_wait.as_millis()).unwrap_or(u32::MAX),
+            min_bytes: 1,
+            max_bytes,
+            topics,
+        };
+        let rpc = client.rpc_at(address);
+        async move {
+            let mut rpc = rpc?;
+            let mut call = tonic::Request::new(request);
+            call.set_timeout(timeout);
+            rpc.fetch(call).await.map(tonic::Response::into_inner).map_err(Error::from)
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    for (answer, (address, targets)) in answers.into_iter().zip(by_leader) {
+        let response = match answer {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(broker = %address, error = %e, "fetch failed");
+                if e.is_retriable() {
+                    client.forget_channel(&address);
+                    for t in &targets {
+                        client.invalidate(&t.key.0);
+                    }
+                } else {
+                    for t in &targets {
+                        report(inner, t, e.clone());
+                    }
+                }
+                continue;
+            }
+        };
+        progressed = true;
+        for t in response.topics {
+            for p in t.partitions {
+                if let Some(target) = targets.iter().find(|x| *x.key.0 == t.name && x.key.1 == p.partition) {
+                    take_partition(inner, target, p).await;
+                }
+            }
+        }
+    }
+    progressed
+}
+
+/// Buffers one partition's answer, or deals with its error.
+async fn take_partition(inner: &Arc<Inner>, target: &Target, p: pb::FetchPartitionResponse) {
+    let (topic, partition) = (&target.key.0, target.key.1);
+    let fetched = match decode_fetch(topic, p) {
+        Ok(f) => f,
+        Err(Error::Broker { code: ErrorCode::OffsetOutOfRange, message, .. })
+            if inner.config.auto_offset_reset != OffsetReset::Error =>
+        {
+            let to = if inner.config.auto_offset_reset == OffsetReset::Earliest { SeekTo::Beginning } else { SeekTo::End };
+            match resolve(&inner.client, topic, partition, to).await {
+                Ok(position) => {
+                    tracing::warn!(topic = %topic, partition, position, reason = %message, "position out of range; reset");
+                    let mut st = inner.lock();
+                    if let Some(a) = st.assigned.get_mut(&target.key).filter(|a| a.generation == target.generation) {
+                        a.position = position;
+                        a.fetch_position = position;
+                    }
+                }
+                Err(e) => tracing::debug!(topic = %topic, partition, error = %e, "offset reset failed"),
+            }
+            return;
+        }
+        Err(e) if e.is_retriable() => {
+            inner.client.invalidate(topic);
+            return;
+        }
+        Err(e) => return report(inner, target, e),
+    };
+    // Decode the whole partition before buffering any of it, so a bad record
+    // leaves neither the buffer nor the position half-moved.
+    let mut records = VecDeque::new();
+    let mut bytes = 0;
+    for b in &fetched.batches {
+        bytes += b.len();
+    }
+    for record in fetched.records(target.offset) {
+        match record {
+            Ok(r) => records.push_back(ConsumerRecord {
+                topic: topic.clone(),
+                partition,
+                offset: r.offset,
+                timestamp: r.timestamp,
+                headers: Headers(r.raw_headers()),
+                key: r.key,
+                value: r.value,
+            }),
+            Err(e) => return report(inner, target, e),
+        }
+    }
+    let mut st = inner.lock();
+    let Some(a) = st.assigned.get_mut(&target.key).filter(|a| a.generation == target.generation) else {
+        return; // sought, paused or unassigned meanwhile
+    };
+    a.high_watermark = fetched.high_watermark;
+    if let Some(next) = fetched.next_offset() {
+        a.fetch_position = a.fetch_position.max(next);
+    }
+    if !records.is_empty() {
+        st.buffered_bytes += bytes;
+        st.buffered.push_back(Chunk { key: target.key.clone(), generation: target.generation, records, bytes });
+    }
+}
+
+/// Reports a partition's non-retriable failure once and stops fetching it.
+fn report(inner: &Inner, target: &Target, e: Error) {
+    tracing::warn!(topic = %target.key.0, partition = target.key.1, error = %e, "partition failed");
+    let mut st = inner.lock();
+    let Some(a) = st.assigned.get_mut(&target.key).filter(|a| a.generation == target.generation) else { return };
+    a.failed = true;
+    st.errors.push_back(e);
 }

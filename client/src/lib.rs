@@ -3,8 +3,8 @@
 //! - [`Client`]: connections and cluster metadata; cheap to clone.
 //! - [`Producer`]: batching, partitioning (Kafka's murmur2 for keys, sticky
 //!   for the rest), retries with backoff, bounded memory.
-//! - [`Consumer`]: manual assignment, seeking, a [`RecordStream`] that
-//!   fetches ahead.
+//! - [`Consumer`]: manual assignment, seeking and pausing while streaming,
+//!   background fetching bounded in bytes.
 //! - [`PartitionClient`]: one partition, no batching; for tools and tests.
 //! - [`Admin`]: topics and their configs.
 //!
@@ -32,7 +32,7 @@ pub use admin::{
     VoterDescription,
 };
 pub use client::{Client, ClientBuilder, ClientConfig, TopicInfo};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, RecordStream, SeekTo};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, Headers, OffsetReset, RecordStream, SeekTo};
 pub use error::{Error, Result};
 pub use partition_client::{Acks, FetchedBatches, OffsetSpec, PartitionClient};
 pub use producer::{

@@ -557,6 +557,36 @@ impl Record {
     pub fn header_count(&self) -> usize {
         usize::try_from(self.header_count).unwrap_or(0)
     }
+
+    /// The encoded headers, to iterate later (a slice of the batch).
+    pub fn raw_headers(&self) -> RawHeaders {
+        RawHeaders { bytes: self.headers.clone(), count: self.header_count }
+    }
+}
+
+/// A record's encoded headers, kept as a slice of its batch and decoded only
+/// when iterated.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawHeaders {
+    bytes: Bytes,
+    count: i32,
+}
+
+impl RawHeaders {
+    /// Iterates `(key, value)` headers.
+    pub fn iter(&self) -> HeaderIter {
+        HeaderIter { bytes: self.bytes.clone(), pos: 0, left: self.count }
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        usize::try_from(self.count).unwrap_or(0)
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.count <= 0
+    }
 }
 
 /// Iterator over a record's headers: `(key, value)`.

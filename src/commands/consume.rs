@@ -161,12 +161,10 @@ pub async fn run(ctx: &Context, args: ConsumeArgs) -> anyhow::Result<()> {
         Some(p) => bail!("topic `{}` has {} partitions; there is no partition {p}", args.topic, info.leaders.len()),
         None => (0..info.leaders.len() as u32).collect(),
     };
-    let config = ConsumerConfig {
-        max_wait: if args.exit_at_end { Duration::from_millis(100) } else { Duration::from_millis(500) },
-        auto_offset_reset: OffsetReset::Earliest,
-        ..ConsumerConfig::default()
-    };
-    let mut consumer = Consumer::new(client, config);
+    let mut config = ConsumerConfig::default();
+    config.max_wait = if args.exit_at_end { Duration::from_millis(100) } else { Duration::from_millis(500) };
+    config.auto_offset_reset = OffsetReset::Earliest;
+    let consumer = Consumer::new(client, config);
     for p in &partitions {
         consumer.assign(&args.topic, *p, from).await?;
     }

@@ -60,11 +60,11 @@ async fn produce_and_consume_round_trip_keys_headers_and_nulls() {
         assert_eq!(offsets, (0..offsets.len() as i64).collect::<Vec<_>>());
     }
 
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    let consumer = Consumer::new(client.clone(), ConsumerConfig::default());
     for p in 0..3 {
         consumer.assign("rt", p, SeekTo::Beginning).await.unwrap();
     }
-    let mut stream = consumer.into_stream();
+    let mut stream = consumer.stream();
     let mut seen = BTreeMap::new();
     while seen.len() < 300 {
         let r = tokio::time::timeout(Duration::from_secs(10), stream.next())
@@ -75,9 +75,12 @@ async fn produce_and_consume_round_trip_keys_headers_and_nulls() {
         let key = String::from_utf8(r.key.clone().unwrap().to_vec()).unwrap();
         assert_eq!(r.partition, partition_for_key(key.as_bytes(), 3));
         assert_eq!(
-            r.headers,
+            r.headers.iter().collect::<Vec<_>>(),
             vec![("trace".to_string(), Some(Bytes::from_static(b"abc"))), ("empty".to_string(), None)]
         );
+        assert_eq!(r.headers.get("trace"), Some(Some(Bytes::from_static(b"abc"))));
+        assert_eq!(r.headers.get("empty"), Some(None));
+        assert_eq!(r.headers.get("absent"), None);
         assert!(seen.insert((r.partition, r.offset), r.value.clone()).is_none(), "no duplicates");
     }
     let tombstones = seen.values().filter(|v| v.is_none()).count();
@@ -375,10 +378,11 @@ async fn a_consumer_stream_rides_out_a_broker_restart_without_gaps_or_repeats() 
         }
     };
     produce(pc.clone(), 0).await;
-    let mut consumer =
-        Consumer::new(client.clone(), ConsumerConfig { max_wait: Duration::from_millis(100), ..Default::default() });
+    let mut config = ConsumerConfig::default();
+    config.max_wait = Duration::from_millis(100);
+    let consumer = Consumer::new(client.clone(), config);
     consumer.assign("restart", 0, SeekTo::Beginning).await.unwrap();
-    let mut stream = consumer.into_stream();
+    let mut stream = consumer.stream();
     for i in 0..10 {
         expect_next(&mut stream, i).await;
     }
@@ -391,7 +395,7 @@ async fn a_consumer_stream_rides_out_a_broker_restart_without_gaps_or_repeats() 
     broker.stop().await.unwrap();
 }
 
-async fn expect_next(stream: &mut tally_client::RecordStream, expected: i64) {
+async fn expect_next(stream: &mut tally_client::RecordStream<'_>, expected: i64) {
     let r = tokio::time::timeout(Duration::from_secs(20), stream.next()).await.expect("a record").unwrap().unwrap();
     assert_eq!(r.offset, expected);
     assert_eq!(r.value.unwrap(), format!("r{expected}").as_bytes());
@@ -495,7 +499,7 @@ async fn concurrent_producers_keep_per_key_order_and_every_ack_is_stored_once() 
     }
     assert_eq!(acked.len(), 2000);
 
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    let consumer = Consumer::new(client.clone(), ConsumerConfig::default());
     for p in 0..4 {
         consumer.assign("history", p, SeekTo::Beginning).await.unwrap();
     }
@@ -570,12 +574,10 @@ async fn one_failing_partition_does_not_cost_the_others_their_records() {
             .await
             .unwrap();
     }
-    let config = ConsumerConfig {
-        auto_offset_reset: tally_client::OffsetReset::Error,
-        max_wait: Duration::from_millis(50),
-        ..Default::default()
-    };
-    let mut consumer = Consumer::new(client.clone(), config);
+    let mut config = ConsumerConfig::default();
+    config.auto_offset_reset = tally_client::OffsetReset::Error;
+    config.max_wait = Duration::from_millis(50);
+    let consumer = Consumer::new(client.clone(), config);
     consumer.assign("bad", 0, SeekTo::Offset(100)).await.unwrap();
     consumer.assign("good", 0, SeekTo::Beginning).await.unwrap();
     let records = consumer.poll().await.unwrap();

@@ -173,10 +173,9 @@ async fn a_topic_created_at_any_broker_spreads_over_all_and_each_partition_is_se
         assert_eq!(pc.list_offset(OffsetSpec::Latest).await.unwrap(), Some(1), "partition {p}");
     }
     // A consumer bootstrapped at one broker reads every partition from its leader.
-    let mut consumer = tally_client::Consumer::new(
-        bootstrap.clone(),
-        tally_client::ConsumerConfig { max_wait: Duration::from_millis(100), ..Default::default() },
-    );
+    let mut config = tally_client::ConsumerConfig::default();
+    config.max_wait = Duration::from_millis(100);
+    let consumer = tally_client::Consumer::new(bootstrap.clone(), config);
     for p in 0..6 {
         consumer.assign("spread", p, tally_client::SeekTo::Beginning).await.unwrap();
     }

@@ -112,7 +112,7 @@ async fn the_producer_compresses_with_every_codec_and_the_consumer_reads_it_back
         let fetched = client.partition_client(&topic, 0).fetch(0, 4 << 20, Duration::from_millis(100)).await.unwrap();
         let codecs: Vec<i16> = fetched.batches.iter().map(|b| b.header().attributes() & 7).collect();
         assert!(codecs.iter().all(|c| *c == codec.attribute_bits()), "{codec}: {codecs:?}");
-        let mut consumer = tally_client::Consumer::new(client.clone(), tally_client::ConsumerConfig::default());
+        let consumer = tally_client::Consumer::new(client.clone(), tally_client::ConsumerConfig::default());
         consumer.assign(&topic, 0, tally_client::SeekTo::Beginning).await.unwrap();
         let mut seen = Vec::new();
         for _ in 0..100 {

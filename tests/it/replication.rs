@@ -184,8 +184,9 @@ async fn acknowledged_records_survive_the_leader_stopping_and_the_replicas_end_i
     let consumer = {
         let client = cluster.client().await;
         tokio::spawn(async move {
-            let config = tally_client::ConsumerConfig { max_wait: Duration::from_millis(100), ..Default::default() };
-            let mut consumer = tally_client::Consumer::new(client, config);
+            let mut config = tally_client::ConsumerConfig::default();
+            config.max_wait = Duration::from_millis(100);
+            let consumer = tally_client::Consumer::new(client, config);
             consumer.assign("replicated", 0, tally_client::SeekTo::Beginning).await.unwrap();
             let mut seen: Vec<(i64, String)> = Vec::new();
             let done = |seen: &Vec<(i64, String)>| {
