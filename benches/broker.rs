@@ -146,6 +146,7 @@ async fn main() {
                 fetch_bytes: 4 << 20,
                 duration: Duration::from_secs(30),
                 broker_pid: Some(pid),
+                through_consumer: false,
             };
             reports.push(consume(&client, &p).await.expect("bench"));
         }

@@ -66,6 +66,10 @@ pub struct ConsumeParams {
     pub duration: Duration,
     /// Broker pid, to report its RssAnon.
     pub broker_pid: Option<u32>,
+    /// Read through the [`tally_client::Consumer`] (background prefetch,
+    /// every record decoded and handed out) instead of raw fetches through a
+    /// `PartitionClient`.
+    pub through_consumer: bool,
 }
 
 /// Figures of one run.
@@ -404,6 +408,9 @@ async fn count_delivery(
 pub async fn consume(client: &Client, p: &ConsumeParams) -> anyhow::Result<Report> {
     let info = client.topic_info(&p.topic).await?;
     let partitions = info.leaders.len() as u32;
+    if p.through_consumer {
+        return consume_records(client, p, partitions).await;
+    }
     let Run { records, bytes, stop, rss, cpu, all_bytes, .. } = Run::start("consume", p.broker_pid);
     let start = Instant::now();
     let end = start + p.duration;
@@ -435,6 +442,46 @@ pub async fn consume(client: &Client, p: &ConsumeParams) -> anyhow::Result<Repor
                     bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
                 }
                 offset = fetched.next_offset().unwrap_or(offset).max(offset);
+            }
+            anyhow::Ok(h)
+        }));
+    }
+    let run = Run { tasks, records, bytes, stop, rss, cpu, all_bytes };
+    run.finish(|| start.elapsed()).await
+}
+
+/// The consume benchmark through the `Consumer`: each consumer reads its
+/// partition from the beginning to the high watermark it saw at the start,
+/// with `poll`; bytes are record keys and values; latency is per `poll`.
+async fn consume_records(client: &Client, p: &ConsumeParams, partitions: u32) -> anyhow::Result<Report> {
+    let Run { records, bytes, stop, rss, cpu, all_bytes, .. } = Run::start("consume", p.broker_pid);
+    let start = Instant::now();
+    let end = start + p.duration;
+    let mut tasks = Vec::new();
+    for i in 0..p.consumers {
+        let partition = (i as u32) % partitions;
+        let (client, topic, records, bytes, all_bytes) =
+            (client.clone(), p.topic.clone(), records.clone(), bytes.clone(), all_bytes.clone());
+        let mut config = tally_client::ConsumerConfig::default();
+        config.max_bytes = p.fetch_bytes;
+        config.partition_max_bytes = p.fetch_bytes;
+        tasks.push(tokio::spawn(async move {
+            let mut h = histogram();
+            let pc = client.partition_client(topic.clone(), partition);
+            let target = pc.list_offset(tally_client::OffsetSpec::Latest).await?.unwrap_or(0);
+            let consumer = tally_client::Consumer::new(client, config);
+            consumer.assign(&topic, partition, tally_client::SeekTo::Beginning).await?;
+            while consumer.position(&topic, partition).unwrap_or(0) < target && Instant::now() < end {
+                let t0 = Instant::now();
+                let got = consumer.poll().await?;
+                h.saturating_record(t0.elapsed().as_micros() as u64);
+                let size: usize = got
+                    .iter()
+                    .map(|r| r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len()))
+                    .sum();
+                records.fetch_add(got.len() as u64, Ordering::Relaxed);
+                bytes.fetch_add(size as u64, Ordering::Relaxed);
+                all_bytes.fetch_add(size as u64, Ordering::Relaxed);
             }
             anyhow::Ok(h)
         }));

@@ -610,7 +610,8 @@ async fn take_partition(inner: &Arc<Inner>, target: &Target, p: pb::FetchPartiti
         Err(Error::Broker { code: ErrorCode::OffsetOutOfRange, message, .. })
             if inner.config.auto_offset_reset != OffsetReset::Error =>
         {
-            let to = if inner.config.auto_offset_reset == OffsetReset::Earliest { SeekTo::Beginning } else { SeekTo::End };
+            let to =
+                if inner.config.auto_offset_reset == OffsetReset::Earliest { SeekTo::Beginning } else { SeekTo::End };
             match resolve(&inner.client, topic, partition, to).await {
                 Ok(position) => {
                     tracing::warn!(topic = %topic, partition, position, reason = %message, "position out of range; reset");

@@ -88,6 +88,10 @@ pub enum BenchCommand {
         /// Broker process id, to report its RssAnon.
         #[arg(long)]
         broker_pid: Option<u32>,
+        /// Read through the Consumer (prefetching, every record decoded)
+        /// instead of raw fetches.
+        #[arg(long)]
+        through_consumer: bool,
     },
 }
 
@@ -144,9 +148,9 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
             };
             produce(&ctx.connect().await?, &params).await?
         }
-        BenchCommand::Consume { topic, consumers, fetch_bytes, duration_s, broker_pid } => {
-            let params =
-                ConsumeParams { topic, consumers, fetch_bytes, duration: Duration::from_secs(duration_s), broker_pid };
+        BenchCommand::Consume { topic, consumers, fetch_bytes, duration_s, broker_pid, through_consumer } => {
+            let duration = Duration::from_secs(duration_s);
+            let params = ConsumeParams { topic, consumers, fetch_bytes, duration, broker_pid, through_consumer };
             consume(&ctx.connect().await?, &params).await?
         }
     };

@@ -45,6 +45,11 @@ impl Reservation {
         Reservation { buffer: self.buffer.clone(), bytes }
     }
 
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub(crate) fn merge(&mut self, other: Reservation) {
         self.bytes += other.bytes;
         std::mem::forget(other);
@@ -184,7 +189,8 @@ impl TopicCore {
 
     /// Marks one partition as having (or not) a reachable leader.
     pub(crate) fn mark(&self, partition: u32, up: bool) {
-        if let Some(a) = self.available.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(partition as usize)
+        if let Some(a) =
+            self.available.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_mut(partition as usize)
         {
             *a = up;
         }
@@ -293,6 +299,9 @@ impl Queues {
     pub(crate) fn seal(&self, acc: &Arc<PartitionAcc>, st: &mut PartitionState, rng: &Rng) -> bool {
         let Some(open) = st.open.take() else { return false };
         st.credit = None;
+        if open.builder.is_empty() {
+            return false; // opened by a send that then waited for buffer
+        }
         let OpenBatch { builder, created, outcome, reserved, id: _ } = open;
         let (size, record_count) = (builder.len(), builder.record_count());
         st.last_batch_bytes = size;

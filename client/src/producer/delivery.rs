@@ -73,7 +73,10 @@ impl From<DeliveryError> for Error {
 enum Settled {
     /// Base offset of the batch (-1 with acks=0), and the broker's append
     /// time for `LogAppendTime` topics (else -1).
-    Acked { base_offset: i64, log_append_time_ms: i64 },
+    Acked {
+        base_offset: i64,
+        log_append_time_ms: i64,
+    },
     Failed(Failure),
 }
 
@@ -209,7 +212,11 @@ fn decode_records(topic: &Arc<str>, partition: u32, batch: &Bytes) -> Vec<Undeli
             topic: topic.clone(),
             partition,
             timestamp: r.timestamp,
-            headers: r.headers().map_while(Result::ok).map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v)).collect(),
+            headers: r
+                .headers()
+                .map_while(Result::ok)
+                .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+                .collect(),
             key: r.key,
             value: r.value,
         })

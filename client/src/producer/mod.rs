@@ -427,15 +427,7 @@ impl Producer {
         if let Some(more) = extra.take() {
             accumulator::Queues::add_credit(&mut st, more);
         }
-        if st.open.is_none() {
-            // As big as this partition's last batch (growing the buffer
-            // copies it), so a busy partition allocates once per batch and
-            // a quiet one holds little.
-            let hint = if st.last_batch_bytes == 0 { CREDIT_CHUNK_BYTES } else { st.last_batch_bytes };
-            let capacity = hint.min(config.batch_bytes).max(size) + 128;
-            wake |= shared.queues.open_batch(acc, &mut st, capacity, config.compression, config.linger);
-        }
-        if !Queues::spend(&mut st, size) {
+        if st.credit.as_ref().is_none_or(|c| c.bytes() < size) {
             // Take a chunk without waiting if the buffer has it; else wait
             // outside the lock.
             let want = size.max(config.batch_bytes.min(CREDIT_CHUNK_BYTES)).min(config.buffer_bytes);
@@ -443,8 +435,6 @@ impl Producer {
                 Ok(permit) => {
                     permit.forget();
                     Queues::add_credit(&mut st, Reservation::new(shared.buffer.clone(), want));
-                    let spent = Queues::spend(&mut st, size);
-                    debug_assert!(spent, "a fresh chunk covers the record");
                 }
                 Err(_) => {
                     drop(st);
@@ -455,6 +445,18 @@ impl Producer {
                 }
             }
         }
+        // Credit first, then the batch: a send that has to wait for buffer
+        // leaves no empty batch behind.
+        if st.open.is_none() {
+            // As big as this partition's last batch (growing the buffer
+            // copies it), so a busy partition allocates once per batch and
+            // a quiet one holds little.
+            let hint = if st.last_batch_bytes == 0 { CREDIT_CHUNK_BYTES } else { st.last_batch_bytes };
+            let capacity = hint.min(config.batch_bytes).max(size) + 128;
+            wake |= shared.queues.open_batch(acc, &mut st, capacity, config.compression, config.linger);
+        }
+        let spent = Queues::spend(&mut st, size);
+        debug_assert!(spent, "the credit covers the record");
         let open = st.open.as_mut().expect("opened above");
         let offset_delta =
             open.builder.push(&RecordRef { timestamp, key: record.key, value: record.value, headers: record.headers });

@@ -301,7 +301,13 @@ fn partition_answer(response: &pb::ProduceResponse, acc: &PartitionAcc) -> Parti
 
 /// Settles the batches of one partition after its request ended, and gives
 /// the partition back to the sender.
-fn settle(shared: &Shared, acc: &Arc<PartitionAcc>, batches: Vec<SealedBatch>, result: PartitionResult, acks_none: bool) {
+fn settle(
+    shared: &Shared,
+    acc: &Arc<PartitionAcc>,
+    batches: Vec<SealedBatch>,
+    result: PartitionResult,
+    acks_none: bool,
+) {
     let config = &shared.config;
     let mut retry = Vec::new();
     match result {

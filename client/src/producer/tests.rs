@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tally_proto::ErrorCode;
-use tally_proto::batch::RecordBatch;
+use tally_proto::batch::{BatchLimits, RecordBatch};
 use tally_proto::v1::{self as pb};
 use tokio::sync::Semaphore;
 
@@ -102,7 +102,9 @@ impl Fake {
                 let log = logs.entry(p.partition).or_default();
                 let base = log.len() as i64;
                 for chunk in &p.records {
-                    let batch = RecordBatch::check_framing(chunk.clone()).expect("a whole batch per chunk");
+                    // The broker's own checks: a batch it would refuse fails the test.
+                    let batch =
+                        RecordBatch::validate(chunk.clone(), &BatchLimits::default()).expect("a valid batch per chunk");
                     for r in batch.records().expect("records") {
                         let value = r.expect("record").value.expect("value");
                         if fault == Some(Fault::LoseReply) {
@@ -148,7 +150,11 @@ impl Transport for FakeTransport {
         Box::pin(async {})
     }
 
-    fn produce(&self, _leader: Arc<str>, request: pb::ProduceRequest) -> BoxFuture<'static, crate::Result<pb::ProduceResponse>> {
+    fn produce(
+        &self,
+        _leader: Arc<str>,
+        request: pb::ProduceRequest,
+    ) -> BoxFuture<'static, crate::Result<pb::ProduceResponse>> {
         let fake = self.0.clone();
         Box::pin(async move {
             let n = fake.requests.fetch_add(1, Ordering::SeqCst);

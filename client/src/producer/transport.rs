@@ -35,7 +35,8 @@ pub(crate) trait Transport: Send + Sync + 'static {
     fn refresh(&self, topic: Arc<str>) -> BoxFuture<'static, ()>;
 
     /// Sends one Produce request to the broker at `leader`.
-    fn produce(&self, leader: Arc<str>, request: pb::ProduceRequest) -> BoxFuture<'static, Result<pb::ProduceResponse>>;
+    fn produce(&self, leader: Arc<str>, request: pb::ProduceRequest)
+    -> BoxFuture<'static, Result<pb::ProduceResponse>>;
 
     /// Learns from a partition's failed answer: follows a NOT_LEADER hint, or
     /// forgets what is cached about the topic.
@@ -71,7 +72,11 @@ impl Transport for ClientTransport {
         })
     }
 
-    fn produce(&self, leader: Arc<str>, request: pb::ProduceRequest) -> BoxFuture<'static, Result<pb::ProduceResponse>> {
+    fn produce(
+        &self,
+        leader: Arc<str>,
+        request: pb::ProduceRequest,
+    ) -> BoxFuture<'static, Result<pb::ProduceResponse>> {
         let client = self.0.clone();
         Box::pin(async move {
             let mut rpc = client.rpc_at(&leader)?;
