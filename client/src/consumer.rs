@@ -370,6 +370,12 @@ impl Consumer {
         self.inner.lock().assigned.get(&(Arc::from(topic), partition)).map(|a| a.high_watermark)
     }
 
+    /// Bytes fetched ahead and not yet handed out (at most
+    /// `max_prefetch_bytes`, plus one batch per partition).
+    pub fn buffered_bytes(&self) -> usize {
+        self.inner.lock().buffered_bytes
+    }
+
     /// True when every assigned, unpaused partition's position has reached
     /// the high watermark of its last fetch.
     pub fn at_end(&self) -> bool {

@@ -665,3 +665,86 @@ async fn timestamps_outside_the_topic_bounds_are_refused_and_log_append_time_sta
     assert_eq!(stamps, vec![p.log_append_time_ms; 2], "every record reports the append time");
     broker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_consumer_seeks_pauses_and_reports_its_position_while_it_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    client.admin().create_topic(NewTopic::new("live", 1)).await.unwrap();
+    let pc = client.partition_client("live", 0);
+    for chunk in 0..10 {
+        let values: Vec<String> = (0..10).map(|i| format!("r{}", chunk * 10 + i)).collect();
+        let records: Vec<RecordRef<'_>> =
+            values.iter().map(|v| RecordRef { timestamp: 1, value: Some(v.as_bytes()), ..Default::default() }).collect();
+        pc.produce_records(&records, Acks::Leader).await.unwrap();
+    }
+    let mut config = ConsumerConfig::default();
+    config.max_wait = Duration::from_millis(50);
+    let consumer = Consumer::new(client.clone(), config);
+    consumer.assign("live", 0, SeekTo::Beginning).await.unwrap();
+    let mut stream = consumer.stream();
+    for i in 0..10 {
+        expect_next(&mut stream, i).await;
+    }
+    assert_eq!(consumer.position("live", 0), Some(10), "position counts what the stream handed out");
+    // Seek while the stream holds the consumer: what was fetched ahead for
+    // the old position is dropped.
+    consumer.seek("live", 0, SeekTo::Offset(50)).await.unwrap();
+    expect_next(&mut stream, 50).await;
+    consumer.pause("live", 0);
+    let quiet = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+    assert!(quiet.is_err(), "a paused partition yields nothing: {quiet:?}");
+    assert_eq!(consumer.position("live", 0), Some(51));
+    consumer.resume("live", 0);
+    for i in 51..100 {
+        expect_next(&mut stream, i).await;
+    }
+    assert_eq!(consumer.position("live", 0), Some(100));
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_fetches_ahead_no_more_than_its_byte_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    client.admin().create_topic(NewTopic::new("ahead", 1)).await.unwrap();
+    let pc = client.partition_client("ahead", 0);
+    let value = vec![b'v'; 1000];
+    let mut batch_bytes = 0;
+    for _ in 0..100 {
+        let records: Vec<RecordRef<'_>> =
+            (0..10).map(|_| RecordRef { timestamp: 1, value: Some(&value), ..Default::default() }).collect();
+        let mut b = BatchBuilder::new();
+        for r in &records {
+            b.push(r);
+        }
+        let bytes = b.finish();
+        batch_bytes = bytes.len();
+        pc.produce(bytes, Acks::Leader).await.unwrap(); // 100 batches of ~10 KB: ~1 MB
+    }
+    let bound = 64 << 10;
+    let mut config = ConsumerConfig::default();
+    config.max_prefetch_bytes = bound;
+    let consumer = Consumer::new(client.clone(), config);
+    consumer.assign("ahead", 0, SeekTo::Beginning).await.unwrap();
+    let mut stream = consumer.stream();
+    stream.next().await.unwrap().unwrap();
+    // Let the fetcher run as far ahead as it will.
+    let mut most = 0;
+    for _ in 0..20 {
+        most = most.max(consumer.buffered_bytes());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(most > 0, "it fetched ahead");
+    assert!(most <= bound + batch_bytes, "{most} bytes buffered with a bound of {bound}");
+    let mut read = 1;
+    while read < 1000 {
+        stream.next().await.unwrap().unwrap();
+        read += 1;
+        assert!(consumer.buffered_bytes() <= bound + batch_bytes);
+    }
+    assert_eq!(consumer.position("ahead", 0), Some(1000));
+    broker.stop().await.unwrap();
+}
