@@ -348,7 +348,7 @@ async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<R
             loop {
                 // The clock is read once per 64 records, and the record sent
                 // right after a reading is the one whose latency is sampled.
-                let sampled = n % 64 == 0;
+                let sampled = n.is_multiple_of(64);
                 if sampled {
                     now = Instant::now();
                     if now >= end {

@@ -675,8 +675,10 @@ async fn a_streaming_consumer_seeks_pauses_and_reports_its_position_while_it_str
     let pc = client.partition_client("live", 0);
     for chunk in 0..10 {
         let values: Vec<String> = (0..10).map(|i| format!("r{}", chunk * 10 + i)).collect();
-        let records: Vec<RecordRef<'_>> =
-            values.iter().map(|v| RecordRef { timestamp: 1, value: Some(v.as_bytes()), ..Default::default() }).collect();
+        let records: Vec<RecordRef<'_>> = values
+            .iter()
+            .map(|v| RecordRef { timestamp: 1, value: Some(v.as_bytes()), ..Default::default() })
+            .collect();
         pc.produce_records(&records, Acks::Leader).await.unwrap();
     }
     let mut config = ConsumerConfig::default();

@@ -59,7 +59,7 @@ pub struct DeliveryError {
     pub error: Error,
     /// The record; `None` only if its batch could not be read back (which
     /// the producer's own encoder never produces).
-    pub record: Option<UndeliveredRecord>,
+    pub record: Option<Box<UndeliveredRecord>>,
 }
 
 impl From<DeliveryError> for Error {
@@ -166,7 +166,8 @@ impl DeliveryFuture {
             }),
             Settled::Failed(f) => {
                 let records = f.records.get_or_init(|| decode_records(&o.topic, o.partition, &f.batch));
-                let record = usize::try_from(self.offset_delta).ok().and_then(|i| records.get(i)).cloned();
+                let record =
+                    usize::try_from(self.offset_delta).ok().and_then(|i| records.get(i)).cloned().map(Box::new);
                 Err(DeliveryError { error: f.error.clone(), record })
             }
         }

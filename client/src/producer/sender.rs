@@ -81,7 +81,7 @@ impl Sender {
                     None => return None,
                 }
             };
-            let Some((_, acc, id)) = due else { return None };
+            let (_, acc, id) = due?;
             let mut st = acc.lock();
             if st.open.as_ref().is_some_and(|o| o.id == id) {
                 self.shared.queues.seal(&acc, &mut st, &self.shared.rng);

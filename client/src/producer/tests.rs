@@ -299,7 +299,7 @@ async fn ready_batches_of_one_broker_travel_in_one_request() {
         d.await.unwrap();
     }
     let shapes = fake.shapes.lock().unwrap().clone();
-    assert!(shapes.iter().any(|&n| n == 2), "a request carried both partitions of its broker: {shapes:?}");
+    assert!(shapes.contains(&2), "a request carried both partitions of its broker: {shapes:?}");
     assert!(shapes.len() < 40, "batches were bundled, not sent one per request: {} requests", shapes.len());
     assert!(fake.max_in_flight_seen.load(Ordering::SeqCst) <= 2, "one request per broker");
     for (partition, values) in sent {
