@@ -159,3 +159,57 @@ async fn a_compressed_batch_that_does_not_decode_or_is_a_bomb_is_corrupt_message
     pc.produce(fixture("lz4"), Acks::Leader).await.unwrap();
     broker.stop().await.unwrap();
 }
+
+/// The records of expected.json's `codec` entry, encoded by Tally's own
+/// builder with that codec.
+fn tally_made(codec: &str) -> Bytes {
+    let unhex = |s: &str| (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect();
+    let records = expected()[codec].as_array().unwrap().clone();
+    let mut builder = tally_proto::batch::BatchBuilder::new();
+    builder.set_compression(codec.parse().unwrap());
+    for r in &records {
+        let key: Option<Vec<u8>> = r["key"].as_str().map(unhex);
+        let value: Vec<u8> = unhex(r["value"].as_str().unwrap());
+        let headers: Vec<(String, Vec<u8>)> = r["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| (h[0].as_str().unwrap().to_string(), unhex(h[1].as_str().unwrap())))
+            .collect();
+        let header_refs: Vec<tally_proto::batch::HeaderRef<'_>> =
+            headers.iter().map(|(k, v)| tally_proto::batch::HeaderRef { key: k, value: Some(v) }).collect();
+        builder.push(&tally_proto::batch::RecordRef {
+            timestamp: r["timestamp"].as_i64().unwrap(),
+            key: key.as_deref(),
+            value: Some(&value),
+            headers: &header_refs,
+        });
+    }
+    builder.finish()
+}
+
+/// The other direction: tests/data/kafka/tally/CODEC.bin are batches Tally's
+/// encoder made, which kafka-python decoded (its output is
+/// tests/data/kafka/tally/kafka-python.txt, from check_tally.py). Tally must
+/// still make exactly those bytes; if the encoder changes on purpose, write
+/// them anew with `TALLY_WRITE_FIXTURES=1` and run check_tally.py on them again.
+#[test]
+fn tally_compresses_every_codec_into_the_bytes_kafka_python_decoded() {
+    let dir = format!("{}/tests/data/kafka/tally", env!("CARGO_MANIFEST_DIR"));
+    for codec in CODECS {
+        let made = tally_made(codec);
+        let path = format!("{dir}/{codec}.bin");
+        if std::env::var("TALLY_WRITE_FIXTURES").is_ok_and(|v| v == "1") {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &made).unwrap();
+        }
+        let checked_in = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(made == checked_in, "{codec}: Tally's encoder no longer makes the bytes kafka-python decoded");
+        let batch = RecordBatch::validate(made, &BatchLimits::default()).unwrap();
+        assert_eq!(as_json(&batch), expected()[codec], "{codec}");
+    }
+    let decoded = std::fs::read_to_string(format!("{dir}/kafka-python.txt")).unwrap();
+    for codec in CODECS {
+        assert!(decoded.contains(&format!("{codec}.bin: base offset 0, {codec}")), "kafka-python read {codec}");
+    }
+}

@@ -3,6 +3,10 @@ and prints each batch's codec and records, failing on anything it cannot
 decode: the check that Tally's compressed batches are Kafka's.
 
     venv/bin/python tests/data/kafka/check_tally.py DATA_DIR/TOPIC-0/00000000000000000000.log ...
+
+tests/data/kafka/tally/*.bin are batches Tally's encoder made; its output on
+them is tests/data/kafka/tally/kafka-python.txt, and the `interop` test checks
+that Tally still makes exactly those bytes.
 """
 import sys
 
