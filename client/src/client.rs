@@ -14,8 +14,9 @@ use crate::error::{Error, Result};
 /// Largest message the client sends or accepts.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// Settings for [`Client`].
+/// Settings for [`Client`] (set through [`ClientBuilder`]).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// Brokers to ask for metadata first (`host:port`).
     pub bootstrap: Vec<String>,

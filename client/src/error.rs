@@ -6,6 +6,7 @@ use tally_proto::batch::BatchError;
 /// What a client call can fail with. Cheap to clone, so one failed batch can
 /// fail every record in it.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// No bootstrap broker could be reached.
     #[error("cannot connect to any of {addresses}: {message}")]

@@ -540,8 +540,21 @@ async fn a_broker_that_is_not_a_voter_follows_the_metadata_log_and_hosts_partiti
     assert!(d.partitions.iter().any(|p| p.leader == Some(4)), "{d:?}");
     let partition = d.partitions.iter().find(|p| p.leader == Some(4)).unwrap().partition;
     let pc = client.partition_client("four", partition);
+    // The observer opens the partition once it applies the new image, which
+    // may be a moment after the controller committed it: until then it
+    // answers UNKNOWN_TOPIC_OR_PARTITION, which a producer retries.
     let record = RecordRef { timestamp: now_ms(), value: Some(b"x"), ..Default::default() };
-    pc.produce_records(&[record], Acks::All).await.expect("acks=all at the observer's partition");
+    let mut last = None;
+    let produced = wait_for(Duration::from_secs(20), async || match pc.produce_records(&[record], Acks::All).await {
+        Ok(_) => true,
+        Err(e) if e.is_retriable() => {
+            last = Some(e);
+            false
+        }
+        Err(e) => panic!("acks=all at the observer's partition: {e}"),
+    })
+    .await;
+    assert!(produced, "acks=all at the observer's partition: {last:?}");
     // It answers metadata itself.
     let direct = observer.client().await;
     assert!(direct.admin().list_topics().await.unwrap().iter().any(|t| t.name == "four"));
