@@ -168,6 +168,9 @@ struct State {
     buffered_bytes: usize,
     /// Failures waiting to be reported, one per failed partition at most.
     errors: VecDeque<Error>,
+    /// The retriable error of the last fetch round, when it reached no
+    /// leader at all (cleared by the next round that does).
+    fetch_failure: Option<Error>,
     next_generation: u64,
 }
 
@@ -393,7 +396,9 @@ impl Consumer {
 
     /// Every buffered record, waiting up to `max_wait` for some. Records of
     /// healthy partitions come before any partition's failure: a failure is
-    /// returned by a call that has no records to return.
+    /// returned by a call that has no records to return. When nothing came
+    /// because no leader could be reached, that retriable error is returned
+    /// (the background fetching goes on; call again to ride it out).
     pub async fn poll(&self) -> Result<Vec<ConsumerRecord>> {
         self.start_fetcher();
         let deadline = tokio::time::Instant::now() + self.inner.config.max_wait;
@@ -418,7 +423,11 @@ impl Consumer {
                 }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Ok(Vec::new());
+                // Nothing came: say why if no leader could be reached.
+                return match self.inner.lock().fetch_failure.clone() {
+                    Some(e) => Err(e),
+                    None => Ok(Vec::new()),
+                };
             }
         }
     }
@@ -518,29 +527,42 @@ async fn run_fetcher(inner: Arc<Inner>) {
             space.await;
             continue;
         }
-        let progressed = fetch_round(&inner, targets, budget).await;
+        let round = fetch_round(&inner, targets, budget).await;
+        let failing = round.is_err();
+        let was_failing = {
+            let mut st = inner.lock();
+            std::mem::replace(&mut st.fetch_failure, round.err()).is_some()
+        };
         inner.data.notify_waiters();
-        if progressed {
-            backoff = Duration::from_millis(100);
-        } else {
+        match (was_failing, failing) {
+            (false, true) => tracing::warn!(?backoff, "cannot fetch from any leader; retrying"),
+            (true, false) => tracing::info!("fetching again"),
+            _ => {}
+        }
+        if failing {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
+        } else {
+            backoff = Duration::from_millis(100);
         }
     }
 }
 
-/// One fetch per leader broker, all at once. False when every fetch failed
-/// at the transport or for want of a leader (the caller backs off).
-async fn fetch_round(inner: &Arc<Inner>, targets: Vec<Target>, budget: usize) -> bool {
+/// One fetch per leader broker, all at once. The first retriable error
+/// when no fetch got an answer (every one failed at the transport or for
+/// want of a leader): the caller backs off.
+async fn fetch_round(inner: &Arc<Inner>, targets: Vec<Target>, budget: usize) -> Result<()> {
     let client = &inner.client;
     let mut by_leader: BTreeMap<String, Vec<Target>> = BTreeMap::new();
     let mut progressed = false;
+    let mut failure: Option<Error> = None;
     for t in targets {
         match client.leader_address(&t.key.0, t.key.1).await {
             Ok(address) => by_leader.entry(address).or_default().push(t),
             Err(e) if e.is_retriable() => {
                 tracing::debug!(topic = %t.key.0, partition = t.key.1, error = %e, "no leader to fetch from");
                 client.invalidate(&t.key.0);
+                failure.get_or_insert(e);
             }
             Err(e) => report(inner, &t, e),
         }
@@ -588,6 +610,7 @@ async fn fetch_round(inner: &Arc<Inner>, targets: Vec<Target>, budget: usize) ->
                     for t in &targets {
                         client.invalidate(&t.key.0);
                     }
+                    failure.get_or_insert(e);
                 } else {
                     for t in &targets {
                         report(inner, t, e.clone());
@@ -605,7 +628,10 @@ async fn fetch_round(inner: &Arc<Inner>, targets: Vec<Target>, budget: usize) ->
             }
         }
     }
-    progressed
+    match failure {
+        Some(e) if !progressed => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Buffers one partition's answer, or deals with its error.
