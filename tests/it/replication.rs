@@ -570,3 +570,61 @@ async fn a_broker_that_is_not_a_voter_follows_the_metadata_log_and_hosts_partiti
     observer.stop().await.unwrap();
     cluster.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_rides_a_leader_stopping_and_keeps_every_partitions_order() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(root.path()).await;
+    let client = cluster.client().await;
+    let mut topic = NewTopic::new("moving", 3).config("min_insync_replicas", "2");
+    topic.replication_factor = 3;
+    client.admin().create_topic(topic).await.unwrap();
+    let mut config = tally_client::ProducerConfig::default();
+    config.acks = Acks::All;
+    config.linger = Duration::from_millis(2);
+    config.batch_bytes = 2048;
+    config.retry_backoff = Duration::from_millis(20);
+    config.delivery_timeout = Duration::from_secs(60);
+    let producer = tally_client::Producer::new(cluster.client().await, config);
+    let victim = leader_and_isr(&client, "moving").await.unwrap().0;
+    let mut deliveries = Vec::new();
+    let mut sent: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for n in 0..1500u32 {
+        let value = format!("v{n}");
+        let partition = n % 3;
+        let record = tally_client::ProducerRecord::new("moving", value.as_bytes()).partition(partition);
+        deliveries.push((partition, value.clone(), producer.send(record).await.unwrap()));
+        sent.entry(partition).or_default().push(value);
+        if n == 500 {
+            cluster.stop(victim).await; // leader of partition 0, and maybe of others
+        }
+        if n % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let mut acked: BTreeMap<u32, Vec<(i64, String)>> = BTreeMap::new();
+    for (partition, value, d) in deliveries {
+        let meta = d.await.unwrap_or_else(|e| panic!("{value} was not delivered: {e}"));
+        assert_eq!(meta.partition, partition);
+        acked.entry(partition).or_default().push((meta.offset, value));
+    }
+    producer.close().await;
+    // A fresh client: the first one's cache may still name the stopped leader.
+    let reader = cluster.client().await;
+    for (partition, values) in sent {
+        let end = acked[&partition].iter().map(|(o, _)| o + 1).max().unwrap();
+        let log = read_to(&reader, "moving", partition, end).await;
+        // Each delivery's offset holds its record.
+        let at: BTreeMap<i64, &str> = log.iter().map(|(o, v)| (*o, v.as_str())).collect();
+        for (offset, value) in &acked[&partition] {
+            assert_eq!(at.get(offset), Some(&value.as_str()), "partition {partition}: offset {offset}");
+        }
+        // First copies in send order (a retry after a lost answer may add a
+        // later copy; nothing overtakes).
+        let mut seen = std::collections::HashSet::new();
+        let firsts: Vec<String> = log.iter().filter(|(_, v)| seen.insert(v.clone())).map(|(_, v)| v.clone()).collect();
+        assert_eq!(firsts, values, "partition {partition}");
+    }
+    cluster.restart(victim).await;
+    cluster.stop_all().await;
+}
