@@ -542,25 +542,24 @@ pub struct Record {
     /// Value, or `None` for a null value (a tombstone).
     pub value: Option<Bytes>,
     /// Encoded headers; iterate with [`Record::headers`].
-    headers: Bytes,
-    header_count: i32,
+    headers: RawHeaders,
 }
 
 impl Record {
     /// Iterates `(key, value)` headers. Header keys that are not UTF-8 are
     /// reported as errors.
     pub fn headers(&self) -> HeaderIter {
-        HeaderIter { bytes: self.headers.clone(), pos: 0, left: self.header_count }
+        self.headers.iter()
     }
 
     /// Number of headers.
     pub fn header_count(&self) -> usize {
-        usize::try_from(self.header_count).unwrap_or(0)
+        self.headers.len()
     }
 
     /// The encoded headers, to iterate later (a slice of the batch).
     pub fn raw_headers(&self) -> RawHeaders {
-        RawHeaders { bytes: self.headers.clone(), count: self.header_count }
+        self.headers.clone()
     }
 }
 
@@ -744,8 +743,7 @@ impl Records {
             timestamp: self.append_time.unwrap_or(self.base_timestamp.wrapping_add(raw.timestamp_delta)),
             key: raw.key.map(|r| self.bytes.slice(r)),
             value: raw.value.map(|r| self.bytes.slice(r)),
-            headers: self.bytes.slice(raw.headers),
-            header_count: raw.header_count,
+            headers: RawHeaders { bytes: self.bytes.slice(raw.headers), count: raw.header_count },
         })
     }
 }

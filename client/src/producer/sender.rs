@@ -310,6 +310,7 @@ fn settle(
 ) {
     let config = &shared.config;
     let mut retry = Vec::new();
+    let acked = result.is_ok();
     match result {
         Ok((base_offset, log_append_time_ms)) => {
             let mut offset = base_offset;
@@ -317,7 +318,6 @@ fn settle(
                 b.outcome.acked(offset, log_append_time_ms);
                 offset += i64::from(b.record_count);
             }
-            acc.lock().backoff = config.retry_backoff;
         }
         Err((e, _)) if acks_none => {
             tracing::debug!(topic = %acc.topic.name, partition = acc.partition, error = %e, "acks=0 request failed");
@@ -340,6 +340,9 @@ fn settle(
         }
     }
     let mut st = acc.lock();
+    if acked {
+        st.backoff = config.retry_backoff;
+    }
     if !retry.is_empty() {
         // Back to the front, in order: nothing later overtakes them.
         for b in retry.into_iter().rev() {
