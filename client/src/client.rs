@@ -4,10 +4,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::connection::Connection as Channel;
 use tally_proto::v1::admin_client::AdminClient;
 use tally_proto::v1::tally_client::TallyClient;
 use tally_proto::v1::{self as pb};
-use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
 
@@ -84,13 +84,9 @@ impl ClientBuilder {
         }
         let mut last = String::new();
         for address in &config.bootstrap {
-            let channel = match endpoint(address, &config)?.connect().await {
-                Ok(c) => c,
-                Err(e) => {
-                    last = format!("{address}: {e}");
-                    continue;
-                }
-            };
+            // Opens on the metadata request below; a broker that is not
+            // there fails that request.
+            let channel = connection(address, &config)?;
             let client = Client {
                 inner: Arc::new(Inner {
                     config: config.clone(),
@@ -111,18 +107,8 @@ impl ClientBuilder {
     }
 }
 
-fn endpoint(address: &str, config: &ClientConfig) -> Result<Endpoint> {
-    let uri = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|e| Error::InvalidArgument(format!("bad address `{address}`: {e}")))?
-        .connect_timeout(config.connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .initial_connection_window_size(Some(16 << 20))
-        .initial_stream_window_size(Some(8 << 20))
-        .max_frame_size(Some(1 << 20)))
+fn connection(address: &str, config: &ClientConfig) -> Result<Channel> {
+    Channel::lazy(address, config.connect_timeout).map_err(Error::InvalidArgument)
 }
 
 /// What the client knows of one topic.
@@ -453,7 +439,7 @@ impl Client {
         if let Some(c) = self.inner.channels.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(address) {
             return Ok(c.clone());
         }
-        let channel = endpoint(address, &self.inner.config)?.connect_lazy();
+        let channel = connection(address, &self.inner.config)?;
         self.inner
             .channels
             .write()

@@ -21,6 +21,7 @@
 
 mod admin;
 mod client;
+mod connection;
 mod consumer;
 mod error;
 mod partition_client;
