@@ -23,7 +23,7 @@ async fn main() -> Result<(), tally_client::Error> {
     }
     for d in deliveries {
         let meta = d.await?;
-        println!("{} -> partition {} offset {}", meta.topic, meta.partition, meta.offset);
+        println!("{} -> partition {} offset {}", meta.topic(), meta.partition, meta.offset);
     }
     producer.close().await;
     Ok(())

@@ -334,44 +334,46 @@ async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<R
         tasks.push(tokio::spawn(async move {
             let values = text_values(size, 256);
             let mut h = histogram();
-            let mut pending = std::collections::VecDeque::new();
+            // Deliveries outstanding, oldest first, and when the sampled
+            // ones among them were sent (by send number): the per-record
+            // entry is the 24-byte future alone.
+            let mut pending = std::collections::VecDeque::with_capacity(OUTSTANDING + 1);
+            let mut sampled = std::collections::VecDeque::new();
+            let (mut sent, mut settled) = (0u64, 0u64);
             // Counted locally and published every 1024 records: shared
             // counters bumped per record would cost more than the send.
-            let mut counted = [0u64; 3]; // records, bytes, all bytes
-            let publish = |counted: &mut [u64; 3]| {
-                records.fetch_add(std::mem::take(&mut counted[0]), Ordering::Relaxed);
-                bytes.fetch_add(std::mem::take(&mut counted[1]), Ordering::Relaxed);
-                all_bytes.fetch_add(std::mem::take(&mut counted[2]), Ordering::Relaxed);
-            };
-            let mut n = 0usize;
-            let mut now = Instant::now();
+            let mut counted = Counted { group_sent: Some(start), ..Counted::default() };
             loop {
                 // The clock is read once per 64 records, and the record sent
                 // right after a reading is the one whose latency is sampled.
-                let sampled = n.is_multiple_of(64);
-                if sampled {
-                    now = Instant::now();
+                if sent.is_multiple_of(64) {
+                    let now = Instant::now();
                     if now >= end {
                         break;
                     }
+                    sampled.push_back((sent, now));
                 }
-                n += 1;
-                let record = ProducerRecord::new(&topic, &values[n % values.len()]).partition(partition);
-                pending.push_back((now, sampled, producer.send(record).await?));
-                if pending.len() > 32_768
-                    && let Some(entry) = pending.pop_front()
+                let record = ProducerRecord::new(&topic, &values[sent as usize % values.len()]).partition(partition);
+                pending.push_back(producer.send(record).await?);
+                sent += 1;
+                if pending.len() > OUTSTANDING
+                    && let Some(delivery) = pending.pop_front()
                 {
-                    count_delivery(&mut h, &mut counted, entry, size, measure_from, end).await?;
-                    if counted[2] >= 1024 * size as u64 {
-                        publish(&mut counted);
+                    delivery.await?;
+                    counted.settled(&mut h, &mut sampled, settled, size, measure_from, end);
+                    settled += 1;
+                    if counted.all_bytes >= 1024 * size as u64 {
+                        counted.publish(&records, &bytes, &all_bytes);
                     }
                 }
             }
             producer.flush().await;
-            for entry in pending {
-                count_delivery(&mut h, &mut counted, entry, size, measure_from, end).await?;
+            for delivery in pending {
+                delivery.await?;
+                counted.settled(&mut h, &mut sampled, settled, size, measure_from, end);
+                settled += 1;
             }
-            publish(&mut counted);
+            counted.publish(&records, &bytes, &all_bytes);
             anyhow::Ok(h)
         }));
     }
@@ -381,26 +383,56 @@ async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<R
     report
 }
 
-/// Waits for one delivery of the through-producer benchmark and counts it:
-/// `counted` is records and bytes in the measured window, and all bytes.
-async fn count_delivery(
-    h: &mut Histogram<u64>,
-    counted: &mut [u64; 3],
-    (sent, sampled, delivery): (Instant, bool, tally_client::DeliveryFuture),
-    size: usize,
-    measure_from: Instant,
-    end: Instant,
-) -> anyhow::Result<()> {
-    delivery.await?;
-    counted[2] += size as u64;
-    if sent >= measure_from && sent < end {
-        counted[0] += 1;
-        counted[1] += size as u64;
-        if sampled {
-            h.saturating_record(sent.elapsed().as_micros() as u64);
+/// Deliveries the through-producer benchmark keeps outstanding per task.
+const OUTSTANDING: usize = 8_192;
+
+/// What one through-producer task has counted and not yet published.
+#[derive(Default)]
+struct Counted {
+    /// When the sampled send that began the current group of 64 was made:
+    /// the send time of every record of that group.
+    group_sent: Option<Instant>,
+    /// Records and bytes sent in the measured window.
+    records: u64,
+    bytes: u64,
+    /// Bytes acknowledged, window or not.
+    all_bytes: u64,
+}
+
+impl Counted {
+    /// Counts send number `n`, just acknowledged (in send order). A sampled
+    /// send's latency is taken now, at its acknowledgement.
+    fn settled(
+        &mut self,
+        h: &mut Histogram<u64>,
+        sampled: &mut std::collections::VecDeque<(u64, Instant)>,
+        n: u64,
+        size: usize,
+        measure_from: Instant,
+        end: Instant,
+    ) {
+        self.all_bytes += size as u64;
+        let in_window = |t: Instant| t >= measure_from && t < end;
+        if let Some(&(first, sent_at)) = sampled.front()
+            && first == n
+        {
+            sampled.pop_front();
+            self.group_sent = Some(sent_at);
+            if in_window(sent_at) {
+                h.saturating_record(sent_at.elapsed().as_micros() as u64);
+            }
+        }
+        if self.group_sent.is_some_and(in_window) {
+            self.records += 1;
+            self.bytes += size as u64;
         }
     }
-    Ok(())
+
+    fn publish(&mut self, records: &AtomicU64, bytes: &AtomicU64, all_bytes: &AtomicU64) {
+        records.fetch_add(std::mem::take(&mut self.records), Ordering::Relaxed);
+        bytes.fetch_add(std::mem::take(&mut self.bytes), Ordering::Relaxed);
+        all_bytes.fetch_add(std::mem::take(&mut self.all_bytes), Ordering::Relaxed);
+    }
 }
 
 /// Runs a consume benchmark: each consumer reads its partition from the

@@ -50,9 +50,16 @@ impl Reservation {
         self.bytes
     }
 
-    pub(crate) fn merge(&mut self, other: Reservation) {
-        self.bytes += other.bytes;
-        std::mem::forget(other);
+    pub(crate) fn merge(&mut self, mut other: Reservation) {
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+
+    /// Moves `bytes` of this reservation into `to` (of the same buffer),
+    /// without touching the buffer's shared counters: the per-record path.
+    fn move_to(&mut self, to: &mut Reservation, bytes: usize) {
+        debug_assert!(bytes <= self.bytes && Arc::ptr_eq(&self.buffer, &to.buffer));
+        self.bytes -= bytes;
+        to.bytes += bytes;
     }
 }
 
@@ -321,11 +328,12 @@ impl Queues {
     /// False when the credit is short (the caller takes more first).
     pub(crate) fn spend(st: &mut PartitionState, bytes: usize) -> bool {
         let Some(credit) = st.credit.as_mut().filter(|c| c.bytes >= bytes) else { return false };
-        let spent = credit.take(bytes);
         let open = st.open.as_mut().expect("spend follows open_batch");
         match &mut open.reserved {
-            Some(r) => r.merge(spent),
-            slot @ None => *slot = Some(spent),
+            // No reference count or semaphore touched per record: the
+            // buffer's counters are shared by every partition and thread.
+            Some(r) => credit.move_to(r, bytes),
+            slot @ None => *slot = Some(credit.take(bytes)),
         }
         true
     }

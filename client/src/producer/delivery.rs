@@ -16,11 +16,13 @@ use tally_proto::batch::RecordBatch;
 use crate::error::Error;
 
 /// Where an acknowledged record landed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// It keeps a reference to its batch's shared outcome (which names the
+/// topic) instead of a topic of its own: a record's delivery costs no
+/// reference-count traffic beyond the one its future already held.
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct RecordMetadata {
-    /// Topic.
-    pub topic: Arc<str>,
     /// Partition.
     pub partition: u32,
     /// Offset (-1 with acks=0: nobody waited for the broker's answer).
@@ -28,7 +30,40 @@ pub struct RecordMetadata {
     /// Record timestamp: the one sent, or the broker's append time for a
     /// `LogAppendTime` topic.
     pub timestamp: i64,
+    batch: Arc<BatchOutcome>,
 }
+
+impl RecordMetadata {
+    /// Topic.
+    pub fn topic(&self) -> &str {
+        &self.batch.topic
+    }
+
+    /// Topic, as a shared string.
+    pub fn topic_arc(&self) -> Arc<str> {
+        self.batch.topic.clone()
+    }
+}
+
+impl std::fmt::Debug for RecordMetadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordMetadata")
+            .field("topic", &self.topic())
+            .field("partition", &self.partition)
+            .field("offset", &self.offset)
+            .field("timestamp", &self.timestamp)
+            .finish()
+    }
+}
+
+impl PartialEq for RecordMetadata {
+    fn eq(&self, other: &Self) -> bool {
+        (self.topic(), self.partition, self.offset, self.timestamp)
+            == (other.topic(), other.partition, other.offset, other.timestamp)
+    }
+}
+
+impl Eq for RecordMetadata {}
 
 /// A record that was not delivered, as it was sent (key, value and headers
 /// are slices of the batch it travelled in).
@@ -137,7 +172,8 @@ const NO_SLOT: u32 = u32::MAX;
 #[derive(Debug)]
 #[must_use = "a delivery is only known once the future resolves"]
 pub struct DeliveryFuture {
-    outcome: Arc<BatchOutcome>,
+    /// The batch's outcome; moved into the result when the future resolves.
+    outcome: Option<Arc<BatchOutcome>>,
     offset_delta: i32,
     timestamp: i64,
     /// Where this future's waker sits in the outcome's list (`NO_SLOT`:
@@ -147,7 +183,7 @@ pub struct DeliveryFuture {
 
 impl DeliveryFuture {
     pub(crate) fn new(outcome: Arc<BatchOutcome>, offset_delta: i32, timestamp: i64) -> Self {
-        DeliveryFuture { outcome, offset_delta, timestamp, waker_slot: NO_SLOT }
+        DeliveryFuture { outcome: Some(outcome), offset_delta, timestamp, waker_slot: NO_SLOT }
     }
 
     /// Waits for the outcome (the same as `.await` on the future).
@@ -155,17 +191,17 @@ impl DeliveryFuture {
         self.await
     }
 
-    fn result(&self, settled: &Settled) -> Result<RecordMetadata, DeliveryError> {
-        let o = &self.outcome;
-        match settled {
-            Settled::Acked { base_offset, log_append_time_ms } => Ok(RecordMetadata {
-                topic: o.topic.clone(),
-                partition: o.partition,
-                offset: if *base_offset < 0 { -1 } else { base_offset + i64::from(self.offset_delta) },
-                timestamp: if *log_append_time_ms >= 0 { *log_append_time_ms } else { self.timestamp },
+    /// The result once `outcome` has settled; the future is spent after.
+    fn resolve(&mut self, outcome: Arc<BatchOutcome>) -> Result<RecordMetadata, DeliveryError> {
+        match outcome.settled.get().expect("resolve follows settle") {
+            &Settled::Acked { base_offset, log_append_time_ms } => Ok(RecordMetadata {
+                partition: outcome.partition,
+                offset: if base_offset < 0 { -1 } else { base_offset + i64::from(self.offset_delta) },
+                timestamp: if log_append_time_ms >= 0 { log_append_time_ms } else { self.timestamp },
+                batch: outcome,
             }),
             Settled::Failed(f) => {
-                let records = f.records.get_or_init(|| decode_records(&o.topic, o.partition, &f.batch));
+                let records = f.records.get_or_init(|| decode_records(&outcome.topic, outcome.partition, &f.batch));
                 let record =
                     usize::try_from(self.offset_delta).ok().and_then(|i| records.get(i)).cloned().map(Box::new);
                 Err(DeliveryError { error: f.error.clone(), record })
@@ -179,14 +215,17 @@ impl Future for DeliveryFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        if let Some(s) = this.outcome.settled.get() {
-            return Poll::Ready(this.result(s));
+        let outcome = this.outcome.as_ref().expect("DeliveryFuture polled after it resolved");
+        if outcome.settled.get().is_some() {
+            let outcome = this.outcome.take().expect("checked above");
+            return Poll::Ready(this.resolve(outcome));
         }
-        let mut wakers = this.outcome.wakers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut wakers = outcome.wakers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Checked again under the lock: `settle` stores before it drains.
-        if let Some(s) = this.outcome.settled.get() {
+        if outcome.settled.get().is_some() {
             drop(wakers);
-            return Poll::Ready(this.result(s));
+            let outcome = this.outcome.take().expect("checked above");
+            return Poll::Ready(this.resolve(outcome));
         }
         match wakers.get_mut(this.waker_slot as usize) {
             Some(w) if this.waker_slot != NO_SLOT => {
