@@ -750,3 +750,32 @@ async fn the_consumer_fetches_ahead_no_more_than_its_byte_bound() {
     assert_eq!(consumer.position("ahead", 0), Some(1000));
     broker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_rides_its_broker_restarting_on_the_same_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let address = broker.address.clone();
+    let client = broker.client().await;
+    client.admin().create_topic(NewTopic::new("again", 1)).await.unwrap();
+    let pc = client.partition_client("again", 0);
+    let record = [RecordRef { timestamp: now_ms(), value: Some(b"v"), ..Default::default() }];
+    assert_eq!(pc.produce_records(&record, Acks::Leader).await.unwrap(), 0);
+    broker.stop().await.unwrap();
+
+    // Down: a retriable UNAVAILABLE that names the broker, not a hang.
+    let e = pc.produce_records(&record, Acks::Leader).await.unwrap_err();
+    assert!(e.is_retriable(), "{e:?}");
+    assert!(e.to_string().contains(&address), "{e}");
+
+    // Back on the same address: the same client reconnects by itself.
+    let broker = TestBroker::start_at(test_config(dir.path()), &address).await;
+    let mut produced = None;
+    wait_for(Duration::from_secs(10), async || {
+        produced = pc.produce_records(&record, Acks::Leader).await.ok();
+        produced.is_some()
+    })
+    .await;
+    assert_eq!(produced, Some(1), "the record after the restart follows the one before it");
+    broker.stop().await.unwrap();
+}
