@@ -1,22 +1,20 @@
-//! Channels from one broker to another (controller voters, replica
-//! fetchers): they connect lazily, reconnect by themselves, and use HTTP/2
-//! keepalive, so a channel never stays dead after a network partition heals.
+//! Connections from one broker to another (controller voters, replica
+//! fetchers): they connect lazily, reconnect by themselves, and ping while
+//! idle, so a connection never stays dead after a network partition heals.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tally_proto::connection::{Connection, ConnectionSettings};
 
-/// A lazily connecting channel to `address` with HTTP/2 keepalive, from
-/// the local address `source` when set (`peer_source_address`).
-pub fn peer_channel(address: &str, source: Option<IpAddr>) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("bad peer address {address:?}: {e}"))?
-        .local_address(source)
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
-    Ok(endpoint.connect_lazy())
+/// A lazily opened connection to the broker at `address`, from the local
+/// address `source` when set (`peer_source_address`). A peer that stops
+/// answering pings for 10 s is dropped and dialled again.
+pub fn peer_channel(address: &str, source: Option<IpAddr>) -> Result<Connection, String> {
+    let mut settings = ConnectionSettings::default();
+    settings.connect_timeout = Duration::from_secs(2);
+    settings.keepalive_interval = Duration::from_secs(5);
+    settings.keepalive_timeout = Duration::from_secs(10);
+    settings.source = source;
+    Connection::lazy(address, settings).map_err(|e| format!("bad peer address {address:?}: {e}"))
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::connection::Connection as Channel;
+use tally_proto::connection::{Connection as Channel, ConnectionSettings};
 use tally_proto::v1::admin_client::AdminClient;
 use tally_proto::v1::tally_client::TallyClient;
 use tally_proto::v1::{self as pb};
@@ -108,7 +108,9 @@ impl ClientBuilder {
 }
 
 fn connection(address: &str, config: &ClientConfig) -> Result<Channel> {
-    Channel::lazy(address, config.connect_timeout).map_err(Error::InvalidArgument)
+    let mut settings = ConnectionSettings::default();
+    settings.connect_timeout = config.connect_timeout;
+    Channel::lazy(address, settings).map_err(Error::InvalidArgument)
 }
 
 /// What the client knows of one topic.

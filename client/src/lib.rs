@@ -21,7 +21,6 @@
 
 mod admin;
 mod client;
-mod connection;
 mod consumer;
 mod error;
 mod partition_client;

@@ -1,12 +1,14 @@
 //! Tally's wire: the gRPC API (package `tally.v1`, generated from
-//! `proto/tally/v1/tally.proto`) and the Kafka v2 record batch codec that the
-//! client and the broker share.
+//! `proto/tally/v1/tally.proto`), the Kafka v2 record batch codec, and the
+//! HTTP/2 connection gRPC calls travel on, which the client and the broker
+//! share.
 //!
 //! The generated types are converted at the edges; domain code inside the
 //! broker and client does not pass them around.
 
 pub mod batch;
 pub mod compression;
+pub mod connection;
 pub mod varint;
 
 /// Generated gRPC messages and services for `tally.v1`.

@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use tally_proto::ErrorCode;
 use tally_proto::batch::{RecordBatch, split_batches};
+use tally_proto::connection::Connection as Channel;
 use tally_proto::internal::v1 as pb;
 use tally_proto::internal::v1::replication_client::ReplicationClient;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tracing::Instrument;
 
 use crate::controller::BrokerId;

@@ -16,10 +16,10 @@ use openraft::raft::{
 use openraft::{BasicNode, Raft};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tally_proto::connection::Connection as Channel;
 use tally_proto::internal::v1::RaftPayload;
 use tally_proto::internal::v1::controller_raft_client::ControllerRaftClient;
 use tally_proto::internal::v1::controller_raft_server::ControllerRaft;
-use tonic::transport::Channel;
 
 pub use crate::peer::peer_channel;
 

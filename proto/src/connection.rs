@@ -1,5 +1,6 @@
 //! [`Connection`]: one HTTP/2 connection to a broker, driven by `h2`
-//! directly, that tonic's generated clients call through.
+//! directly, that tonic's generated clients call through: the client's
+//! connections to brokers and the brokers' connections to each other.
 //!
 //! tonic's own `Channel` puts two task hops on every call: the request goes
 //! through a buffer task (tower's `Buffer`) to hyper's connection task, and
@@ -15,6 +16,7 @@
 //! comes back as `UNAVAILABLE`, with the address in the message.
 
 use std::future::{Future, poll_fn};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
@@ -24,10 +26,33 @@ use bytes::Bytes;
 use http_body::{Body, Frame};
 use tonic::Status;
 
-/// Interval between keepalive pings, and how long a ping may go unanswered
-/// before the connection counts as dead.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How a [`Connection`] opens and watches its connection.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConnectionSettings {
+    /// Time allowed to open the TCP connection and finish the HTTP/2
+    /// handshake. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Interval between keepalive pings. Default 10 s.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection counts as
+    /// dead and is closed. Default 20 s.
+    pub keepalive_timeout: Duration,
+    /// Local address to connect from (its port picked by the OS); `None`:
+    /// the OS chooses.
+    pub source: Option<IpAddr>,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        ConnectionSettings {
+            connect_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+            source: None,
+        }
+    }
+}
 
 /// HTTP/2 windows and frame size: large enough that a producer's 8 MiB
 /// request and a fetch's answer flow without waiting on WINDOW_UPDATEs.
@@ -38,7 +63,7 @@ const MAX_FRAME: u32 = 1 << 20;
 /// A lazily opened HTTP/2 connection to one broker. Cheap to clone; clones
 /// share the connection. Implements the service tonic's clients call.
 #[derive(Clone)]
-pub(crate) struct Connection {
+pub struct Connection {
     shared: Arc<Shared>,
 }
 
@@ -53,7 +78,7 @@ struct Shared {
     address: String,
     /// `http://host:port`: the scheme and authority every request carries.
     origin: http::uri::Authority,
-    connect_timeout: Duration,
+    settings: ConnectionSettings,
     /// The open connection, if any. Held only to clone or replace it.
     live: Mutex<Option<Live>>,
     /// Taken while opening, so concurrent first calls open one connection.
@@ -69,8 +94,9 @@ struct Live {
 
 impl Connection {
     /// A connection to `address` (`host:port`, optionally `http://`) that
-    /// opens on first use.
-    pub(crate) fn lazy(address: &str, connect_timeout: Duration) -> Result<Connection, String> {
+    /// opens on first use. Nothing is resolved or connected here; an error
+    /// means the address is malformed.
+    pub fn lazy(address: &str, settings: ConnectionSettings) -> Result<Connection, String> {
         let host_port = address.strip_prefix("http://").unwrap_or(address);
         if host_port.contains("://") {
             return Err(format!("bad address `{address}`: only plain `host:port` (or http://) is supported"));
@@ -83,7 +109,7 @@ impl Connection {
             shared: Arc::new(Shared {
                 address: host_port.to_string(),
                 origin,
-                connect_timeout,
+                settings,
                 live: Mutex::new(None),
                 opening: tokio::sync::Mutex::new(()),
             }),
@@ -211,8 +237,9 @@ async fn open(shared: &Arc<Shared>) -> Result<Live, Status> {
     static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let address = &shared.address;
     let unreachable = |what: String| Status::unavailable(format!("cannot connect to {address}: {what}"));
+    let settings = &shared.settings;
     let handshake = async {
-        let tcp = tokio::net::TcpStream::connect(address.as_str()).await.map_err(|e| unreachable(e.to_string()))?;
+        let tcp = connect_tcp(address, settings.source).await.map_err(|e| unreachable(e.to_string()))?;
         tcp.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
         h2::client::Builder::new()
             .enable_push(false)
@@ -223,11 +250,12 @@ async fn open(shared: &Arc<Shared>) -> Result<Live, Status> {
             .await
             .map_err(|e| unreachable(format!("HTTP/2 handshake failed: {e}")))
     };
-    let (send, mut connection) = tokio::time::timeout(shared.connect_timeout, handshake)
+    let (send, mut connection) = tokio::time::timeout(settings.connect_timeout, handshake)
         .await
-        .map_err(|_| unreachable(format!("timed out after {:?}", shared.connect_timeout)))??;
+        .map_err(|_| unreachable(format!("timed out after {:?}", settings.connect_timeout)))??;
     let id = IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let pings = connection.ping_pong();
+    let (interval, timeout) = (settings.keepalive_interval, settings.keepalive_timeout);
     let owner = Arc::downgrade(shared);
     tokio::spawn(async move {
         tokio::select! {
@@ -236,7 +264,7 @@ async fn open(shared: &Arc<Shared>) -> Result<Live, Status> {
                     tracing::debug!(error = %e, "connection to a broker ended");
                 }
             }
-            () = keepalive(pings) => tracing::debug!("a broker stopped answering pings; closing its connection"),
+            () = keepalive(pings, interval, timeout) => tracing::debug!("a broker stopped answering pings; closing its connection"),
         }
         if let Some(shared) = Weak::upgrade(&owner) {
             shared.forget(id);
@@ -245,13 +273,34 @@ async fn open(shared: &Arc<Shared>) -> Result<Live, Status> {
     Ok(Live { send, id })
 }
 
-/// Pings every [`KEEPALIVE_INTERVAL`]; returns when a ping goes unanswered
-/// for [`KEEPALIVE_TIMEOUT`] (never, without a `PingPong`).
-async fn keepalive(pings: Option<h2::PingPong>) {
+/// The TCP connection to `address` (resolved here), from `source` when set.
+async fn connect_tcp(address: &str, source: Option<IpAddr>) -> std::io::Result<tokio::net::TcpStream> {
+    let Some(source) = source else { return tokio::net::TcpStream::connect(address).await };
+    let mut last = None;
+    for to in tokio::net::lookup_host(address).await? {
+        let socket = match to {
+            SocketAddr::V4(_) if source.is_ipv4() => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) if source.is_ipv6() => tokio::net::TcpSocket::new_v6()?,
+            _ => continue,
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        match socket.connect(to).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, format!("no address of the family of {source}"))
+    }))
+}
+
+/// Pings every `interval`; returns when a ping goes unanswered for
+/// `timeout` (never, without a `PingPong`).
+async fn keepalive(pings: Option<h2::PingPong>, interval: Duration, timeout: Duration) {
     let Some(mut pings) = pings else { return std::future::pending().await };
     loop {
-        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
-        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
             Ok(Ok(_)) => {}
             // The connection ended: its own future reports that.
             Ok(Err(_)) => return std::future::pending().await,
@@ -293,7 +342,7 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for Connection {
 
 /// A response's body: its DATA frames, then its trailers (where gRPC puts
 /// the status). Releases flow-control window as the data is taken.
-pub(crate) struct ResponseBody {
+pub struct ResponseBody {
     body: h2::RecvStream,
     shared: Arc<Shared>,
     /// The trailers were asked for: the data has ended.
@@ -353,11 +402,11 @@ mod tests {
 
     #[test]
     fn an_address_needs_a_port_and_no_other_scheme() {
-        let t = Duration::from_secs(1);
-        assert!(Connection::lazy("127.0.0.1:9092", t).is_ok());
-        assert!(Connection::lazy("http://localhost:9092", t).is_ok());
-        assert!(Connection::lazy("https://localhost:9092", t).unwrap_err().contains("only plain"));
-        assert!(Connection::lazy("localhost", t).unwrap_err().contains("port"));
+        let t = ConnectionSettings::default;
+        assert!(Connection::lazy("127.0.0.1:9092", t()).is_ok());
+        assert!(Connection::lazy("http://localhost:9092", t()).is_ok());
+        assert!(Connection::lazy("https://localhost:9092", t()).unwrap_err().contains("only plain"));
+        assert!(Connection::lazy("localhost", t()).unwrap_err().contains("port"));
     }
 
     #[tokio::test]
@@ -365,7 +414,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap().to_string();
         drop(listener);
-        let mut c = Connection::lazy(&address, Duration::from_secs(1)).unwrap();
+        let mut c = Connection::lazy(&address, ConnectionSettings::default()).unwrap();
         let request = http::Request::builder().uri("/x").body(tonic::body::Body::empty()).unwrap();
         let Err(e) = tower_service::Service::call(&mut c, request).await else { panic!("answered") };
         assert_eq!(e.code(), tonic::Code::Unavailable);
