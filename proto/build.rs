@@ -5,7 +5,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    // No `connect()` helpers on the generated clients: calls go over
+    // `connection::Connection`, and tonic's own client transport is not built.
     tonic_prost_build::configure()
+        .build_transport(false)
         .bytes(".")
         .file_descriptor_set_path(out_dir.join("tally_descriptor.bin"))
         .compile_with_config(

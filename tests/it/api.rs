@@ -11,6 +11,7 @@ use tally_client::{
     ProducerRecord, SeekTo,
 };
 use tally_proto::batch::{BatchBuilder, RecordRef};
+use tally_proto::connection::{Connection, ConnectionSettings};
 use tally_proto::v1 as pb;
 
 use crate::harness::{TestBroker, test_config, wait_for};
@@ -130,7 +131,7 @@ async fn raw_produce(
     records: Vec<u8>,
     acks: i32,
 ) -> pb::PartitionProduceResponse {
-    let mut rpc = pb::tally_client::TallyClient::connect(format!("http://{address}")).await.unwrap();
+    let mut rpc = crate::harness::raw_client(&address);
     let request = pb::ProduceRequest {
         acks,
         timeout_ms: 1000,
@@ -444,8 +445,7 @@ async fn a_malformed_grpc_message_is_refused_and_the_broker_keeps_serving() {
     let broker = TestBroker::start(dir.path()).await;
     let client = broker.client().await;
     client.admin().create_topic(NewTopic::new("after", 1)).await.unwrap();
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", broker.address)).unwrap().connect().await.unwrap();
+    let channel = Connection::lazy(&broker.address, ConnectionSettings::default()).unwrap();
     for body in [vec![0xff; 64], vec![0x0a, 0x80], b"not protobuf at all".to_vec()] {
         let mut grpc = tonic::client::Grpc::new(channel.clone());
         grpc.ready().await.unwrap();
@@ -537,8 +537,7 @@ async fn health_and_reflection_answer_like_grpcurl_expects() {
 
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path()).await;
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", broker.address)).unwrap().connect().await.unwrap();
+    let channel = Connection::lazy(&broker.address, ConnectionSettings::default()).unwrap();
 
     let mut health = HealthClient::new(channel.clone());
     let status =
@@ -640,7 +639,7 @@ async fn timestamps_outside_the_topic_bounds_are_refused_and_log_append_time_sta
     assert_eq!(pc.list_offset(OffsetSpec::Latest).await.unwrap(), Some(1), "only the good record was stored");
     // LogAppendTime: the broker's clock, whatever the producer said.
     admin.create_topic(NewTopic::new("stamped", 1).config("message_timestamp_type", "LogAppendTime")).await.unwrap();
-    let mut raw = pb::tally_client::TallyClient::connect(format!("http://{}", broker.address)).await.unwrap();
+    let mut raw = crate::harness::raw_client(&broker.address);
     let mut b = BatchBuilder::new();
     b.push(&RecordRef { timestamp: 1, value: Some(b"old"), ..Default::default() });
     b.push(&RecordRef { timestamp: 2, value: Some(b"older"), ..Default::default() });

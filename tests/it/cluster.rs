@@ -191,7 +191,7 @@ async fn a_topic_created_at_any_broker_spreads_over_all_and_each_partition_is_se
     // Sent to a broker that does not lead it, a produce names the leader.
     let (partition, leader) =
         d.partitions.iter().map(|p| (p.partition, p.leader.unwrap())).find(|(_, l)| *l != 1).unwrap();
-    let mut raw = pb::tally_client::TallyClient::connect(format!("http://{}", brokers[0].address)).await.unwrap();
+    let mut raw = crate::harness::raw_client(&brokers[0].address);
     let mut b = tally_proto::batch::BatchBuilder::new();
     b.push(&RecordRef { timestamp: 1, value: Some(b"y"), ..Default::default() });
     let request = pb::ProduceRequest {

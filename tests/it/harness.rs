@@ -99,3 +99,10 @@ pub async fn wait_for(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> 
     }
     false
 }
+
+/// A raw gRPC client of the `Tally` service at `address` (connects on the
+/// first call).
+pub fn raw_client(address: &str) -> tally_proto::v1::tally_client::TallyClient<tally_proto::connection::Connection> {
+    let connection = tally_proto::connection::Connection::lazy(address, Default::default()).expect("address");
+    tally_proto::v1::tally_client::TallyClient::new(connection)
+}

@@ -387,9 +387,8 @@ impl IsolatableCluster {
 /// One produce straight to a broker's own listener (past its proxy).
 async fn produce_direct(address: &str, acks: tally_proto::v1::Acks, value: &str) -> (i32, String) {
     use tally_proto::v1 as pb;
-    let Ok(mut raw) = pb::tally_client::TallyClient::connect(format!("http://{address}")).await else {
-        return (-1, "cannot connect".into());
-    };
+    // A broker that cannot be reached answers UNAVAILABLE below.
+    let mut raw = crate::harness::raw_client(address);
     let mut b = tally_proto::batch::BatchBuilder::new();
     b.push(&RecordRef { timestamp: now_ms(), value: Some(value.as_bytes()), ..Default::default() });
     let request = pb::ProduceRequest {
