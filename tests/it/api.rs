@@ -131,7 +131,7 @@ async fn raw_produce(
     records: Vec<u8>,
     acks: i32,
 ) -> pb::PartitionProduceResponse {
-    let mut rpc = crate::harness::raw_client(&address);
+    let mut rpc = crate::harness::raw_client(address);
     let request = pb::ProduceRequest {
         acks,
         timeout_ms: 1000,
