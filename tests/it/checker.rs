@@ -24,6 +24,13 @@ pub struct Send {
     pub partition: u32,
     pub value: String,
     pub outcome: Outcome,
+    /// The writer that sent it. A writer's sends are in `History::sends`
+    /// in the order it made them, and its acknowledged ones must sit at
+    /// increasing offsets (every writer keeps one partition's order).
+    pub writer: usize,
+    /// Sent by a producer that retries on its own (not yet idempotent): a
+    /// retry after a lost answer may store it twice.
+    pub may_repeat: bool,
 }
 
 /// One fetch of one consumer: the records it returned, in order.
@@ -60,6 +67,9 @@ pub struct Report {
     pub failed_but_stored: Vec<String>,
     /// The final log is not dense from 0 (partition, expected, found).
     pub gaps: Vec<(u32, i64, i64)>,
+    /// A writer's acknowledged value at an offset not after the one it
+    /// acknowledged before it (earlier value, later value).
+    pub reordered: Vec<(String, String)>,
 }
 
 impl Report {
@@ -101,7 +111,25 @@ pub fn check(h: &History) -> Report {
             *stored.entry((*partition, v.as_str())).or_default() += 1;
         }
     }
-    report.duplicates = stored.iter().filter(|(_, n)| **n > 1).map(|((_, v), _)| v.to_string()).collect();
+    let may_repeat: BTreeSet<(u32, &str)> =
+        h.sends.iter().filter(|s| s.may_repeat).map(|s| (s.partition, s.value.as_str())).collect();
+    report.duplicates = stored
+        .iter()
+        .filter(|(key, n)| **n > 1 && !may_repeat.contains(key))
+        .map(|((_, v), _)| v.to_string())
+        .collect();
+    // Each writer's acknowledgements, in its send order, at increasing offsets.
+    let mut last_acked: BTreeMap<usize, (i64, &str)> = BTreeMap::new();
+    for s in &h.sends {
+        if let Outcome::Acked(o) = s.outcome {
+            if let Some(&(before, value)) = last_acked.get(&s.writer)
+                && o <= before
+            {
+                report.reordered.push((value.to_string(), s.value.clone()));
+            }
+            last_acked.insert(s.writer, (o, &s.value));
+        }
+    }
     for s in &h.sends {
         let present = stored.contains_key(&(s.partition, s.value.as_str()));
         match s.outcome {
@@ -135,14 +163,18 @@ mod tests {
         values.iter().enumerate().map(|(i, v)| (i as i64, v.to_string())).collect()
     }
 
+    fn send(value: &str, outcome: Outcome) -> Send {
+        Send { partition: 0, value: value.into(), outcome, writer: 0, may_repeat: false }
+    }
+
     fn valid() -> History {
         History {
             sends: vec![
-                Send { partition: 0, value: "a".into(), outcome: Outcome::Acked(0) },
-                Send { partition: 0, value: "b".into(), outcome: Outcome::Unknown },
-                Send { partition: 0, value: "c".into(), outcome: Outcome::Acked(2) },
-                Send { partition: 0, value: "d".into(), outcome: Outcome::Failed },
-                Send { partition: 0, value: "e".into(), outcome: Outcome::Unknown },
+                send("a", Outcome::Acked(0)),
+                send("b", Outcome::Unknown),
+                send("c", Outcome::Acked(2)),
+                send("d", Outcome::Failed),
+                send("e", Outcome::Unknown),
             ],
             polls: vec![
                 Poll { consumer: 0, partition: 0, records: log(&["a", "b"]) },
@@ -201,6 +233,27 @@ mod tests {
         let mut h = valid();
         h.final_logs.insert(0, log(&["a", "b", "c", "a"]));
         assert_eq!(check(&h).duplicates, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn a_value_of_a_retrying_producer_may_be_stored_twice_but_no_other() {
+        let mut h = valid();
+        h.sends[0].may_repeat = true;
+        h.final_logs.insert(0, log(&["a", "a", "b", "c", "b"]));
+        h.sends[2].outcome = Outcome::Acked(3);
+        h.polls.clear();
+        assert_eq!(check(&h).duplicates, vec!["b".to_string()]);
+    }
+
+    #[test]
+    fn a_writer_acknowledged_out_of_its_send_order_is_reordered() {
+        let mut h = valid();
+        h.sends.insert(0, send("c", Outcome::Acked(2)));
+        h.sends.truncate(2); // c at 2, then a at 0
+        assert_eq!(check(&h).reordered, vec![("c".to_string(), "a".to_string())]);
+        // Another writer's acknowledgements are its own sequence.
+        h.sends[1].writer = 1;
+        assert!(check(&h).reordered.is_empty());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The process-level fault test: three real `tally serve` processes behind
-//! fault-injecting proxies, producers writing with acks=all and consumers
-//! reading, while a seeded nemesis kills partition leaders, freezes
+//! fault-injecting proxies, writers with acks=all (raw one-record requests,
+//! and the batching, retrying `Producer`) and consumers reading, while a seeded nemesis kills partition leaders, freezes
 //! followers, restarts the controller leader and cuts every link of a broker. The
 //! history checker then looks for every anomaly it knows, and after
 //! healing the replicas must hold identical bytes below the high watermark.
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tally::child::BrokerProcess;
-use tally_client::{Acks, Client, ErrorCode, NewTopic};
+use tally_client::{Acks, Client, ErrorCode, NewTopic, Producer, ProducerConfig, ProducerRecord};
 use tally_proto::batch::RecordRef;
 use tokio::sync::watch;
 
@@ -229,12 +229,65 @@ async fn writer(client: Client, partition: u32, w: usize, stop: watch::Receiver<
             Err(_) => Outcome::Unknown,
         };
         let failed = !matches!(outcome, Outcome::Acked(_));
-        sends.lock().unwrap().push(Send { partition, value, outcome });
+        let writer = partition as usize * WRITERS_PER_PARTITION + w;
+        sends.lock().unwrap().push(Send { partition, value, outcome, writer, may_repeat: false });
         if failed {
             let _ = client.refresh_metadata(&["faults".to_string()]).await;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Writes values of its own to `partition` through a `Producer` with
+/// acks=all (batching, retrying, up to 32 deliveries outstanding, about one
+/// record a millisecond) until `stop`, then waits for every delivery.
+async fn producer_writer(client: Client, partition: u32, stop: watch::Receiver<bool>, sends: Arc<Mutex<Vec<Send>>>) {
+    let mut config = ProducerConfig::default();
+    config.acks = Acks::All;
+    config.linger = Duration::from_millis(2);
+    // Bounded, so a partition that never heals fails the test instead of hanging it.
+    config.delivery_timeout = Duration::from_secs(60);
+    let producer = Producer::new(client, config);
+    let writer = 1000 + partition as usize;
+    let mut pending = std::collections::VecDeque::new();
+    let settle = |value: String, result: Result<tally_client::RecordMetadata, tally_client::DeliveryError>| {
+        let outcome = match result {
+            Ok(meta) => {
+                assert_eq!(meta.partition, partition, "delivered to the partition it was sent to");
+                Outcome::Acked(meta.offset)
+            }
+            // Failed for good after retries: an earlier try may have been stored.
+            Err(_) => Outcome::Unknown,
+        };
+        sends.lock().unwrap().push(Send { partition, value, outcome, writer, may_repeat: true });
+    };
+    for n in 0.. {
+        if *stop.borrow() {
+            break;
+        }
+        let value = format!("p{partition}-producer-{n}");
+        match producer.send(ProducerRecord::new("faults", value.as_bytes()).partition(partition)).await {
+            Ok(delivery) => pending.push_back((value, delivery)),
+            // Never queued, so never stored.
+            Err(_) => sends.lock().unwrap().push(Send {
+                partition,
+                value,
+                outcome: Outcome::Failed,
+                writer,
+                may_repeat: true,
+            }),
+        }
+        if pending.len() >= 32
+            && let Some((value, delivery)) = pending.pop_front()
+        {
+            settle(value, delivery.await);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for (value, delivery) in pending {
+        settle(value, delivery.await);
+    }
+    producer.close().await;
 }
 
 /// Reads `partition` from 0 until `stop` and it has reached `end` (set at
@@ -336,6 +389,8 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
             let c = client_for(&cluster).await;
             writers.push(tokio::spawn(writer(c, partition, w, writers_stop.clone(), sends.clone())));
         }
+        let c = client_for(&cluster).await;
+        writers.push(tokio::spawn(producer_writer(c, partition, writers_stop.clone(), sends.clone())));
     }
     let mut readers = Vec::new();
     let (end_tx, end_rx): (Vec<_>, Vec<_>) = (0..PARTITIONS).map(|_| watch::channel(None::<i64>)).unzip();
@@ -377,10 +432,15 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
     let count = |f: fn(&Outcome) -> bool| history.sends.iter().filter(|s| f(&s.outcome)).count();
     let acked = count(|o| matches!(o, Outcome::Acked(_)));
     let (failed, unknown) = (count(|o| *o == Outcome::Failed), count(|o| *o == Outcome::Unknown));
+    let through_producer = history.sends.iter().filter(|s| s.may_repeat).count();
+    let producer_acked =
+        history.sends.iter().filter(|s| s.may_repeat && matches!(s.outcome, Outcome::Acked(_))).count();
     let report = checker::check(&history);
     eprintln!(
-        "fault test seed {seed}: {} faults, {} sends ({acked} acked, {failed} failed, {unknown} indeterminate), {} polls, \
-         final ends {ends:?}; lost {}, inconsistent {}, nonmonotonic {}, skipped {}, duplicates {}, failed-but-stored {}",
+        "fault test seed {seed}: {} faults, {} sends ({acked} acked, {failed} failed, {unknown} indeterminate; \
+         {through_producer} through the Producer, {producer_acked} of them acked), {} polls, \
+         final ends {ends:?}; lost {}, inconsistent {}, nonmonotonic {}, skipped {}, duplicates {}, failed-but-stored {}, \
+         reordered {}",
         faults.len(),
         history.sends.len(),
         history.polls.len(),
@@ -390,6 +450,7 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
         report.skipped.len(),
         report.duplicates.len(),
         report.failed_but_stored.len(),
+        report.reordered.len(),
     );
     eprintln!("fault test seed {seed}: faults {faults:?}");
     cluster.stop_all();
@@ -402,10 +463,13 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
             "seed {seed}: replicas of partition {partition} differ below the high watermark"
         );
     }
-    // Duplicates are expected until the idempotent producer: retried sends
-    // are separate values here, so a duplicate value would be a broker bug.
+    // The raw writers never retry a send (a retry is a new value), so a
+    // duplicate of theirs would be a broker bug; the Producer retries, so
+    // its values may be stored twice until it is idempotent. Every writer's
+    // acknowledgements must follow its send order.
     assert!(report.is_valid(), "seed {seed}: anomalies {report:#?}\nfaults: {faults:#?}");
     assert!(acked > 0, "seed {seed}: nothing was acknowledged");
+    assert!(producer_acked > 0, "seed {seed}: nothing sent through the Producer was acknowledged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
