@@ -354,7 +354,14 @@ async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<R
                     sampled.push_back((sent, now));
                 }
                 let record = ProducerRecord::new(&topic, &values[sent as usize % values.len()]).partition(partition);
-                pending.push_back(producer.send(record).await?);
+                // As an application sending from a hot loop would: queue
+                // without an await when there is room, wait only when not.
+                let delivery = match producer.try_send(record) {
+                    Ok(delivery) => delivery,
+                    Err(tally_client::Error::WouldBlock(_)) => producer.send(record).await?,
+                    Err(e) => return Err(e.into()),
+                };
+                pending.push_back(delivery);
                 sent += 1;
                 if pending.len() > OUTSTANDING
                     && let Some(delivery) = pending.pop_front()

@@ -61,6 +61,11 @@ pub enum Error {
     /// The producer or consumer was closed.
     #[error("closed")]
     Closed,
+    /// [`Producer::try_send`](crate::Producer::try_send) could not queue
+    /// the record without waiting: the buffer is full, or the topic's
+    /// metadata is not known yet (it is being fetched). `send` would wait.
+    #[error("would block: {0}")]
+    WouldBlock(&'static str),
 }
 
 impl Error {
@@ -82,6 +87,8 @@ impl Error {
                 _ => false,
             },
             Error::Connect { .. } | Error::Timeout(_) => true,
+            // Trying again later (or awaiting `send`) is what it asks for.
+            Error::WouldBlock(_) => true,
             Error::Corrupt(_) | Error::InvalidArgument(_) | Error::Closed | Error::UnknownBrokerCode { .. } => false,
         }
     }

@@ -252,11 +252,14 @@ pub(crate) struct Queues {
     /// Wakes the sender.
     pub wake: Notify,
     next_batch_id: AtomicU64,
+    /// The producer's runtime: sealing a batch may start its compression
+    /// from a thread outside it (`try_send`).
+    pub runtime: tokio::runtime::Handle,
 }
 
 impl Queues {
-    pub(crate) fn new() -> Self {
-        Queues { work: Mutex::new(Work::default()), wake: Notify::new(), next_batch_id: AtomicU64::new(0) }
+    pub(crate) fn new(runtime: tokio::runtime::Handle) -> Self {
+        Queues { work: Mutex::new(Work::default()), wake: Notify::new(), next_batch_id: AtomicU64::new(0), runtime }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Work> {
@@ -313,7 +316,7 @@ impl Queues {
         let (size, record_count) = (builder.len(), builder.record_count());
         st.last_batch_bytes = size;
         let bytes = if builder.is_compressed() {
-            BatchBytes::Compressing(tokio::task::spawn_blocking(move || builder.finish()))
+            BatchBytes::Compressing(self.runtime.spawn_blocking(move || builder.finish()))
         } else {
             BatchBytes::Ready(builder.finish())
         };

@@ -161,6 +161,8 @@ pub(crate) struct Shared {
     retired: Mutex<Vec<Arc<TopicState>>>,
     /// How long a topic's partition count is trusted.
     metadata_max_age: Duration,
+    /// Topics whose metadata `try_send` is fetching in the background.
+    fetching: Mutex<std::collections::HashSet<String>>,
     /// True once the sender has settled everything and stopped.
     stopped: watch::Sender<bool>,
 }
@@ -278,12 +280,13 @@ impl Producer {
             transport,
             buffer: Arc::new(Semaphore::new(config.buffer_bytes.clamp(1, Semaphore::MAX_PERMITS))),
             config,
-            queues: Queues::new(),
+            queues: Queues::new(tokio::runtime::Handle::current()),
             rng: Rng::new(seed),
             closed: AtomicBool::new(false),
             topics: RwLock::new(HashMap::new()),
             retired: Mutex::new(Vec::new()),
             metadata_max_age,
+            fetching: Mutex::new(std::collections::HashSet::new()),
             stopped,
         });
         tokio::spawn(sender::run(shared.clone()));
@@ -321,6 +324,60 @@ impl Producer {
             None => None,
         };
         Box::pin(self.send_slow(record, timestamp, size, first)).await
+    }
+
+    /// Queues a record if that needs no waiting, from any thread (inside
+    /// the runtime or not): the same as [`Producer::send`] when its buffer
+    /// has room and its topic is known, else
+    /// [`Error::WouldBlock`](crate::Error::WouldBlock) (an unknown topic's
+    /// metadata is then fetched in the background, so a later try finds it).
+    pub fn try_send(&self, record: ProducerRecord<'_>) -> Result<DeliveryFuture> {
+        let size = record_size_bound(&record);
+        let buffer_bytes = self.shared().config.buffer_bytes;
+        if size > buffer_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "a record of {size} bytes does not fit in buffer_bytes ({buffer_bytes})"
+            )));
+        }
+        let now = now_ms();
+        let timestamp = record.timestamp.unwrap_or(now);
+        let topic = match self.cached_topic(record.topic) {
+            Some(topic) => topic,
+            None => self.known_topic(record.topic)?,
+        };
+        self.check_age(topic, now);
+        let mut repartitioned = false;
+        loop {
+            match self.try_append(topic, &record, timestamp, size, &mut None, repartitioned)? {
+                Append::Done(delivery) => return Ok(delivery),
+                Append::Repartition => repartitioned = true,
+                Append::NeedsBuffer(_) => return Err(Error::WouldBlock("the producer's buffer is full")),
+            }
+        }
+    }
+
+    /// `name`'s state from the shared table, made this handle's last topic;
+    /// when it is not there, starts fetching its metadata and says so.
+    fn known_topic(&self, name: &str) -> Result<&TopicState> {
+        let shared = self.shared();
+        let found = shared.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned();
+        if let Some(topic) = found {
+            // The table (or its retired list) keeps it alive.
+            self.last_topic.store(Arc::as_ptr(&topic).cast_mut(), Ordering::Release);
+            return self.cached_topic(name).ok_or(Error::WouldBlock("the topic's metadata is being replaced"));
+        }
+        let first = shared.fetching.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.to_string());
+        if first {
+            let handle = self.clone();
+            let name = name.to_string();
+            shared.queues.runtime.spawn(async move {
+                if let Err(e) = handle.topic_state(&name).await {
+                    tracing::debug!(topic = %name, error = %e, "metadata fetch for try_send failed");
+                }
+                handle.shared().fetching.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&name);
+            });
+        }
+        Err(Error::WouldBlock("the topic's metadata is not known yet; it is being fetched"))
     }
 
     /// The rest of [`Producer::send`]: looks the topic up, waits for buffer
@@ -484,7 +541,7 @@ impl Producer {
         }
         let shared = self.shared().clone();
         let name = topic.core.name.clone();
-        tokio::spawn(async move {
+        self.shared().queues.runtime.spawn(async move {
             match shared.transport.layout(&name, true).await {
                 Ok(layout) => {
                     install_layout(&shared, &name, layout);

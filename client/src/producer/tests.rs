@@ -469,3 +469,76 @@ async fn added_partitions_are_used_once_the_metadata_ages_out() {
     p.flush().await;
     assert_eq!(fake.log(2), vec![Bytes::from_static(b"new")]);
 }
+
+#[tokio::test]
+async fn try_send_never_waits_and_queues_once_the_topic_and_the_buffer_allow() {
+    let fake = Fake::healthy(1);
+    fake.gated.store(true, Ordering::SeqCst);
+    let buffer_bytes = 64 << 10;
+    let p = producer(&fake, ProducerConfig { buffer_bytes, batch_bytes: 8 << 10, ..config() });
+    let big = vec![b'x'; 1000];
+    // Unknown topic: refused at once, and its metadata fetched behind it.
+    let e = p.try_send(ProducerRecord::new("t", &big)).unwrap_err();
+    assert!(matches!(e, Error::WouldBlock(_)) && e.is_retriable(), "{e:?}");
+    let mut deliveries = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while deliveries.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the topic's metadata never arrived");
+        match p.try_send(ProducerRecord::new("t", &big)) {
+            Ok(d) => deliveries.push(d),
+            Err(Error::WouldBlock(_)) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    // Full buffer: refused at once, nothing queued.
+    let full = loop {
+        match p.try_send(ProducerRecord::new("t", &big)) {
+            Ok(d) => deliveries.push(d),
+            Err(e) => break e,
+        }
+        assert!(deliveries.len() * big.len() <= buffer_bytes, "queued more than the buffer holds");
+    };
+    assert!(matches!(full, Error::WouldBlock(m) if m.contains("buffer")), "{full:?}");
+    let queued = deliveries.len();
+    fake.gated.store(false, Ordering::SeqCst);
+    fake.gate.add_permits(1000);
+    for d in deliveries {
+        d.await.unwrap();
+    }
+    assert_eq!(fake.log(0).len(), queued, "exactly the records try_send accepted were sent");
+    // Room again.
+    p.try_send(ProducerRecord::new("t", &big)).unwrap().await.unwrap();
+    p.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_send_works_from_a_thread_outside_the_runtime_with_compression() {
+    let fake = Fake::healthy(2);
+    let p = producer(&fake, ProducerConfig { compression: Compression::Lz4, batch_bytes: 4 << 10, ..config() });
+    // Make the topic known first (a send inside the runtime).
+    p.send(ProducerRecord::new("t", b"first").partition(0)).await.unwrap().await.unwrap();
+    let sender = p.clone();
+    let deliveries = std::thread::spawn(move || {
+        (0..200)
+            .map(|i| {
+                let v = value(i);
+                loop {
+                    match sender.try_send(ProducerRecord::new("t", &v).partition(1)) {
+                        Ok(d) => break d,
+                        Err(Error::WouldBlock(_)) => std::thread::sleep(Duration::from_millis(1)),
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .expect("the sending thread");
+    for (i, d) in deliveries.into_iter().enumerate() {
+        assert_eq!(d.await.unwrap().offset, i as i64);
+    }
+    let log = fake.log(1);
+    assert_eq!(log.len(), 200);
+    assert!(log.iter().enumerate().all(|(i, v)| *v == value(i)), "in order, each once");
+    p.close().await;
+}
