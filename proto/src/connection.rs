@@ -62,6 +62,10 @@ const MAX_FRAME: u32 = 1 << 20;
 
 /// A lazily opened HTTP/2 connection to one broker. Cheap to clone; clones
 /// share the connection. Implements the service tonic's clients call.
+///
+/// A request's body is read to its end before the request goes out: right
+/// for unary calls (all of Tally's) and finite client streams, not for a
+/// bidirectional stream that waits on answers before it sends more.
 #[derive(Clone)]
 pub struct Connection {
     shared: Arc<Shared>,
@@ -407,6 +411,72 @@ mod tests {
         assert!(Connection::lazy("http://localhost:9092", t()).is_ok());
         assert!(Connection::lazy("https://localhost:9092", t()).unwrap_err().contains("only plain"));
         assert!(Connection::lazy("localhost", t()).unwrap_err().contains("port"));
+    }
+
+    fn request(timeout: Option<&'static str>) -> http::Request<tonic::body::Body> {
+        let mut b = http::Request::builder().method("POST").uri("/t.S/M").header("content-type", "application/grpc");
+        if let Some(t) = timeout {
+            b = b.header("grpc-timeout", t);
+        }
+        b.body(tonic::body::Body::empty()).unwrap()
+    }
+
+    /// Serves HTTP/2 on a local port: `answer` decides, per connection
+    /// number, whether its requests get an answer (`true`) or the
+    /// connection stops being served after its first request (`false`).
+    async fn server(answer: fn(usize) -> bool) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let (tcp, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(tcp).await.unwrap();
+                    while let Some(Ok((_, mut respond))) = conn.accept().await {
+                        if !answer(n) {
+                            // Not polled from here on: no answers, no pongs.
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                            return;
+                        }
+                        let head = http::Response::builder().status(200).body(()).unwrap();
+                        let mut stream = respond.send_response(head, false).unwrap();
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        stream.send_trailers(trailers).unwrap();
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn a_call_nobody_answers_ends_at_its_grpc_timeout() {
+        let address = server(|_| false).await;
+        let mut c = Connection::lazy(&address, ConnectionSettings::default()).unwrap();
+        let started = std::time::Instant::now();
+        let Err(e) = tower_service::Service::call(&mut c, request(Some("200m"))).await else { panic!("answered") };
+        assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_answering_pings_is_dropped_and_the_next_call_reconnects() {
+        let address = server(|n| n > 0).await;
+        let mut settings = ConnectionSettings::default();
+        settings.keepalive_interval = Duration::from_millis(100);
+        settings.keepalive_timeout = Duration::from_millis(200);
+        let mut c = Connection::lazy(&address, settings).unwrap();
+        // No grpc-timeout: only the keepalive can end this call.
+        let call = tower_service::Service::call(&mut c, request(None));
+        let Err(e) = tokio::time::timeout(Duration::from_secs(10), call).await.expect("keepalive ended it") else {
+            panic!("answered")
+        };
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+        assert!(e.message().contains(&address), "{e}");
+        // The next call opens a new connection, which is served.
+        let answer = tower_service::Service::call(&mut c, request(Some("5S"))).await.expect("served");
+        assert_eq!(answer.status(), http::StatusCode::OK);
     }
 
     #[tokio::test]
