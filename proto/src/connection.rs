@@ -463,9 +463,11 @@ mod tests {
     #[tokio::test]
     async fn a_peer_that_stops_answering_pings_is_dropped_and_the_next_call_reconnects() {
         let address = server(|n| n > 0).await;
-        let mut settings = ConnectionSettings::default();
-        settings.keepalive_interval = Duration::from_millis(100);
-        settings.keepalive_timeout = Duration::from_millis(200);
+        let settings = ConnectionSettings {
+            keepalive_interval: Duration::from_millis(100),
+            keepalive_timeout: Duration::from_millis(200),
+            ..ConnectionSettings::default()
+        };
         let mut c = Connection::lazy(&address, settings).unwrap();
         // No grpc-timeout: only the keepalive can end this call.
         let call = tower_service::Service::call(&mut c, request(None));
