@@ -18,3 +18,31 @@ pub fn peer_channel(address: &str, source: Option<IpAddr>) -> Result<Connection,
     settings.source = source;
     Connection::lazy(address, settings).map_err(|e| format!("bad peer address {address:?}: {e}"))
 }
+
+/// Connections to other brokers by address, each opened once and kept: a
+/// [`Connection`] reopens by itself after a break, so a caller that talks
+/// to the same peers again and again (forwarded heartbeats and proposals)
+/// does not open a TCP connection per call.
+#[derive(Debug, Default)]
+pub struct PeerConnections {
+    source: Option<IpAddr>,
+    by_address: std::sync::Mutex<std::collections::HashMap<String, Connection>>,
+}
+
+impl PeerConnections {
+    /// Connections dialled from `source` when set.
+    pub fn new(source: Option<IpAddr>) -> Self {
+        PeerConnections { source, by_address: Default::default() }
+    }
+
+    /// The connection to `address`, made on first use.
+    pub fn get(&self, address: &str) -> Result<Connection, String> {
+        let mut by_address = self.by_address.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = by_address.get(address) {
+            return Ok(c.clone());
+        }
+        let c = peer_channel(address, self.source)?;
+        by_address.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+}

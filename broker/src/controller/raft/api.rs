@@ -8,10 +8,11 @@ use tally_proto::internal::v1::ControllerPayload;
 use tally_proto::internal::v1::controller_api_client::ControllerApiClient;
 use tally_proto::internal::v1::controller_api_server::ControllerApi;
 
-use super::network::{from_json, peer_channel, to_json};
+use super::network::{from_json, to_json};
 use super::node::{Committed, Controller, ControllerError, HeartbeatRequest};
 use crate::controller::lease::HeartbeatAnswer;
 use crate::controller::metadata::{BrokerId, MetadataCommand};
+use crate::peer::PeerConnections;
 
 /// Serves proposals and heartbeats from other brokers at this voter.
 #[derive(Debug, Clone)]
@@ -84,12 +85,12 @@ fn unreachable(address: &str, what: impl std::fmt::Display) -> ControllerError {
 }
 
 async fn call<Req: Serialize, Resp: DeserializeOwned>(
+    peers: &PeerConnections,
     address: &str,
-    source: Option<std::net::IpAddr>,
     request: &Req,
     rpc: Rpc,
 ) -> Result<Resp, ControllerError> {
-    let channel = peer_channel(address, source).map_err(|e| unreachable(address, e))?;
+    let channel = peers.get(address).map_err(|e| unreachable(address, e))?;
     let mut client = ControllerApiClient::new(channel);
     let json = serde_json::to_vec(request).map_err(|e| ControllerError::Stopped(e.to_string()))?;
     let payload = ControllerPayload { json: json.into() };
@@ -106,38 +107,34 @@ async fn call<Req: Serialize, Resp: DeserializeOwned>(
 
 /// Sends a proposal to the voter at `address`.
 pub async fn forward_propose(
+    peers: &PeerConnections,
     address: &str,
-    source: Option<std::net::IpAddr>,
     command: &MetadataCommand,
 ) -> Result<Committed, ControllerError> {
-    call::<_, Result<Committed, ControllerError>>(address, source, command, Rpc::Propose).await?
+    call::<_, Result<Committed, ControllerError>>(peers, address, command, Rpc::Propose).await?
 }
 
 /// Sends a heartbeat to the voter at `address`.
 pub async fn forward_heartbeat(
+    peers: &PeerConnections,
     address: &str,
-    source: Option<std::net::IpAddr>,
     heartbeat: &HeartbeatRequest,
 ) -> Result<HeartbeatAnswer, ControllerError> {
-    call::<_, Result<HeartbeatAnswer, ControllerError>>(address, source, heartbeat, Rpc::Heartbeat).await?
+    call::<_, Result<HeartbeatAnswer, ControllerError>>(peers, address, heartbeat, Rpc::Heartbeat).await?
 }
 
 /// Asks the voter at `address` (it must lead) to add `id` at `observer` as
 /// a learner of the metadata log.
 pub async fn add_observer(
+    peers: &PeerConnections,
     address: &str,
-    source: Option<std::net::IpAddr>,
     id: BrokerId,
     observer: &str,
 ) -> Result<(), ControllerError> {
-    call::<_, Result<(), ControllerError>>(address, source, &(id, observer.to_string()), Rpc::AddObserver).await?
+    call::<_, Result<(), ControllerError>>(peers, address, &(id, observer.to_string()), Rpc::AddObserver).await?
 }
 
 /// Asks the voter at `address` whether it has `broker` registered.
-pub async fn knows_broker(
-    address: &str,
-    source: Option<std::net::IpAddr>,
-    broker: BrokerId,
-) -> Result<bool, ControllerError> {
-    call::<_, bool>(address, source, &broker, Rpc::KnowsBroker).await
+pub async fn knows_broker(peers: &PeerConnections, address: &str, broker: BrokerId) -> Result<bool, ControllerError> {
+    call::<_, bool>(peers, address, &broker, Rpc::KnowsBroker).await
 }

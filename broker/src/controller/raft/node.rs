@@ -187,8 +187,9 @@ pub struct Controller {
     lease_task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
     /// See [`ControllerConfig::leader_rebalance_interval_ms`].
     config_leader_rebalance_ms: u64,
-    /// See [`ControllerConfig::peer_source_address`].
-    peer_source: Option<std::net::IpAddr>,
+    /// Connections to the other voters (from `peer_source_address`), for
+    /// forwarded calls.
+    peers: Arc<crate::peer::PeerConnections>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -231,8 +232,9 @@ fn check_cluster_file(dir: &Path, voters: &BTreeMap<BrokerId, String>) -> Result
 /// without committed metadata. Voters that do not answer (the whole cluster
 /// may be starting for the first time) are not waited for.
 async fn check_not_wiped(config: &ControllerConfig) -> Result<(), ControllerError> {
+    let peers = crate::peer::PeerConnections::new(config.peer_source_address);
     for (id, address) in config.voters.iter().filter(|(id, _)| **id != config.node_id) {
-        let asked = super::api::knows_broker(address, config.peer_source_address, config.node_id);
+        let asked = super::api::knows_broker(&peers, address, config.node_id);
         if let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(2), asked).await {
             return Err(ControllerError::Config(format!(
                 "the metadata directory {} is empty, but voter {id} knows broker {} from before: this node's data \
@@ -324,7 +326,7 @@ impl Controller {
             epoch: Instant::now(),
             lease_task: Arc::new(Mutex::new(None)),
             config_leader_rebalance_ms: config.leader_rebalance_interval_ms,
-            peer_source: config.peer_source_address,
+            peers: Arc::new(crate::peer::PeerConnections::new(config.peer_source_address)),
         };
         let sessions = controller.clone().keep_sessions();
         let task = if observer {
@@ -444,10 +446,10 @@ impl Controller {
                 return;
             }
             for address in self.voters.values() {
-                let asked = add_observer(address, self.peer_source, self.node_id, &own_address).await;
+                let asked = add_observer(&self.peers, address, self.node_id, &own_address).await;
                 let asked = match asked {
                     Err(ControllerError::NotLeader { address: Some(leader), .. }) if !leader.contains(' ') => {
-                        add_observer(&leader, self.peer_source, self.node_id, &own_address).await
+                        add_observer(&self.peers, &leader, self.node_id, &own_address).await
                     }
                     other => other,
                 };
@@ -503,7 +505,7 @@ impl Controller {
     pub async fn heartbeat(&self, heartbeat: &HeartbeatRequest) -> Result<HeartbeatAnswer, ControllerError> {
         match self.heartbeat_local(heartbeat).await {
             Err(ControllerError::NotLeader { address: Some(address), .. }) => {
-                forward_heartbeat(&address, self.peer_source, heartbeat).await
+                forward_heartbeat(&self.peers, &address, heartbeat).await
             }
             other => other,
         }
@@ -515,7 +517,7 @@ impl Controller {
     pub async fn propose_anywhere(&self, command: MetadataCommand) -> Result<Committed, ControllerError> {
         match self.propose_indexed(command.clone()).await {
             Err(ControllerError::NotLeader { address: Some(address), .. }) => {
-                forward_propose(&address, self.peer_source, &command).await
+                forward_propose(&self.peers, &address, &command).await
             }
             other => other,
         }
