@@ -342,7 +342,7 @@ async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<R
             let (mut sent, mut settled) = (0u64, 0u64);
             // Counted locally and published every 1024 records: shared
             // counters bumped per record would cost more than the send.
-            let mut counted = Counted { group_sent: Some(start), ..Counted::default() };
+            let mut counted = Counted { group_sent: start, records: 0, bytes: 0, all_bytes: 0 };
             loop {
                 // The clock is read once per 64 records, and the record sent
                 // right after a reading is the one whose latency is sampled.
@@ -394,11 +394,10 @@ async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<R
 const OUTSTANDING: usize = 8_192;
 
 /// What one through-producer task has counted and not yet published.
-#[derive(Default)]
 struct Counted {
     /// When the sampled send that began the current group of 64 was made:
     /// the send time of every record of that group.
-    group_sent: Option<Instant>,
+    group_sent: Instant,
     /// Records and bytes sent in the measured window.
     records: u64,
     bytes: u64,
@@ -424,12 +423,12 @@ impl Counted {
             && first == n
         {
             sampled.pop_front();
-            self.group_sent = Some(sent_at);
+            self.group_sent = sent_at;
             if in_window(sent_at) {
                 h.saturating_record(sent_at.elapsed().as_micros() as u64);
             }
         }
-        if self.group_sent.is_some_and(in_window) {
+        if in_window(self.group_sent) {
             self.records += 1;
             self.bytes += size as u64;
         }

@@ -257,6 +257,13 @@ fn same_str(a: &str, b: &str) -> bool {
 /// Buffer memory a partition takes from the producer's buffer at a time.
 const CREDIT_CHUNK_BYTES: usize = 64 << 10;
 
+/// A record's size bound, the time it was sent, and its timestamp.
+struct Admitted {
+    size: usize,
+    now: i64,
+    timestamp: i64,
+}
+
 /// What one try at appending a record found.
 enum Append {
     Done(DeliveryFuture),
@@ -301,15 +308,7 @@ impl Producer {
     /// resolves when the record is acknowledged (or fails for good, handing
     /// the record back).
     pub async fn send(&self, record: ProducerRecord<'_>) -> Result<DeliveryFuture> {
-        let size = record_size_bound(&record);
-        let buffer_bytes = self.shared().config.buffer_bytes;
-        if size > buffer_bytes {
-            return Err(Error::InvalidArgument(format!(
-                "a record of {size} bytes does not fit in buffer_bytes ({buffer_bytes})"
-            )));
-        }
-        let now = now_ms();
-        let timestamp = record.timestamp.unwrap_or(now);
+        let Admitted { size, now, timestamp } = self.admit(&record)?;
         // The fast path takes no lock but the partition's and allocates
         // nothing; anything else (a new topic, a full buffer, a sticky
         // switch) goes the slow way, boxed so this future stays small.
@@ -326,13 +325,11 @@ impl Producer {
         Box::pin(self.send_slow(record, timestamp, size, first)).await
     }
 
-    /// Queues a record if that needs no waiting, from any thread (inside
-    /// the runtime or not): the same as [`Producer::send`] when its buffer
-    /// has room and its topic is known, else
-    /// [`Error::WouldBlock`](crate::Error::WouldBlock) (an unknown topic's
-    /// metadata is then fetched in the background, so a later try finds it).
-    pub fn try_send(&self, record: ProducerRecord<'_>) -> Result<DeliveryFuture> {
-        let size = record_size_bound(&record);
+    /// What `send` and `try_send` check and compute first: the record's
+    /// encoded size bound (refused when the whole buffer could not hold
+    /// it), the time, and the record's timestamp.
+    fn admit(&self, record: &ProducerRecord<'_>) -> Result<Admitted> {
+        let size = record_size_bound(record);
         let buffer_bytes = self.shared().config.buffer_bytes;
         if size > buffer_bytes {
             return Err(Error::InvalidArgument(format!(
@@ -340,7 +337,16 @@ impl Producer {
             )));
         }
         let now = now_ms();
-        let timestamp = record.timestamp.unwrap_or(now);
+        Ok(Admitted { size, now, timestamp: record.timestamp.unwrap_or(now) })
+    }
+
+    /// Queues a record if that needs no waiting, from any thread (inside
+    /// the runtime or not): the same as [`Producer::send`] when its buffer
+    /// has room and its topic is known, else
+    /// [`Error::WouldBlock`](crate::Error::WouldBlock) (an unknown topic's
+    /// metadata is then fetched in the background, so a later try finds it).
+    pub fn try_send(&self, record: ProducerRecord<'_>) -> Result<DeliveryFuture> {
+        let Admitted { size, now, timestamp } = self.admit(&record)?;
         let topic = match self.cached_topic(record.topic) {
             Some(topic) => topic,
             None => self.known_topic(record.topic)?,
