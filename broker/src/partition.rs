@@ -282,9 +282,12 @@ impl Partition {
         // bytes of waiting produce requests per partition.
         let _permit = self.inflight_bytes.acquire_many(permits).await.map_err(|_| BrokerError::ShuttingDown)?;
         let role_changes = self.role_changes.subscribe();
-        let (appended, failure, flush, writeback, hw, leo) = {
+        let (appended, failure, flush, writeback, hw, leo, role_generation) = {
             let mut log = self.write_log();
             self.check_leads(leader_epoch, acks_all.is_some())?;
+            // Role changes take the log lock: this is the role the batches
+            // are appended under.
+            let role_generation = *self.role_changes.borrow();
             let mut appended: Option<(AppendInfo, AppendInfo)> = None;
             let mut failure = None;
             for batch in batches {
@@ -300,7 +303,7 @@ impl Partition {
             // and the ISR allow), even when a later batch of the same
             // request failed: the high watermark never lags what is stored.
             let hw = self.advance_hw(&mut log);
-            (appended, failure, log.config().flush, log.take_writeback(), hw, log.log_end_offset())
+            (appended, failure, log.config().flush, log.take_writeback(), hw, log.log_end_offset(), role_generation)
         };
         self.publish_hw(hw);
         self.publish_log_end(leo);
@@ -325,6 +328,15 @@ impl Partition {
         }
         if let Some(timeout) = acks_all {
             self.wait_replicated(last.log_end_offset, leader_epoch, role_changes, timeout).await?;
+        }
+        if flush == FlushPolicy::Always || acks_all.is_some() {
+            // What was waited for (the fsync, the high watermark) counts only
+            // if this broker led the whole time: after a role change the
+            // batches may have been truncated and replaced by another
+            // leader's records at the same offsets, and the high watermark
+            // seen may be that leader's. Epochs are never reused, so an
+            // unchanged role generation means this leadership never ended.
+            self.check_still_leads(leader_epoch, role_generation)?;
         }
         Ok(AppendInfo {
             base_offset: first.base_offset,
@@ -351,6 +363,25 @@ impl Partition {
         }
     }
 
+    /// Refuses unless the role is still the one of `role_generation` (the
+    /// generation the batches were appended under).
+    fn check_still_leads(&self, leader_epoch: u32, role_generation: u64) -> Result<(), BrokerError> {
+        if *self.role_changes.borrow() == role_generation {
+            return Ok(());
+        }
+        Err(self.not_leading_now(leader_epoch))
+    }
+
+    /// NOT_LEADER_OR_FOLLOWER (or LEADER_NOT_AVAILABLE) for a request of
+    /// `leader_epoch`, naming the leader this broker knows of now.
+    fn not_leading_now(&self, leader_epoch: u32) -> BrokerError {
+        match &*self.lock_role() {
+            Role::Leader(state) => self.not_leader(None, state.leader_epoch()),
+            Role::Follower { leader, leader_epoch } => self.not_leader(*leader, *leader_epoch),
+            Role::Idle => self.not_leader(None, leader_epoch),
+        }
+    }
+
     /// Waits until the high watermark reaches `end` while this broker still
     /// leads in `leader_epoch`, for at most `timeout`.
     async fn wait_replicated(
@@ -373,7 +404,7 @@ impl Partition {
                         // Leadership moved: the batch may or may not survive
                         // on the new leader; the producer must retry.
                         if self.leading_epoch() != Some(leader_epoch) {
-                            return Err(self.not_leader(None, leader_epoch));
+                            return Err(self.not_leading_now(leader_epoch));
                         }
                     }
                 }

@@ -226,3 +226,49 @@ async fn acks_all_times_out_when_the_followers_never_fetch() {
     assert_eq!(e.code(), ErrorCode::RequestTimedOut, "{e}");
     assert_eq!(a.p.offsets(), (Offset(0), Offset(0), Offset(1)), "stored on the leader, not committed");
 }
+
+/// Lets a spawned task on this current-thread runtime run until `done` holds
+/// (bounded: the task needs no I/O to get there).
+async fn run_until(mut done: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if done() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the condition never held");
+}
+
+/// A produce parked in its acks=all wait while its broker stops leading,
+/// truncates the batch, appends the new leader's record at the same offset
+/// and takes the new leader's high watermark past it: the produce must not
+/// answer success, whichever of the role change and the high-watermark move
+/// its wait sees first (so the scenario runs many times).
+#[tokio::test]
+async fn acks_all_never_succeeds_for_a_batch_replaced_after_the_leadership_moved() {
+    for round in 0..32 {
+        let (a, b) = (replica(1), replica(2));
+        lead(&a, &[&a, &b], 0, 1);
+        b.p.make_follower(Some(a.id), 0);
+        let pending = {
+            let p = a.p.clone();
+            tokio::spawn(async move { p.produce(&[batch("lost")], 0, Some(Duration::from_secs(30))).await })
+        };
+        // On this current-thread runtime the produce goes from its append to
+        // its high-watermark wait without yielding: appended means parked.
+        run_until(|| a.p.offsets().2 == Offset(1)).await;
+        assert!(!pending.is_finished(), "round {round}: b never fetched, so nothing may answer yet");
+        // b never saw the batch; it leads epoch 1 alone and commits another
+        // record at offset 0.
+        let alone = Assignment { replicas: vec![a.id, b.id], isr: vec![b.id], leader_epoch: 1, partition_epoch: 1 };
+        b.p.make_leader(b.id, alone, settings(1), 0).unwrap();
+        produce(&b, 1, "kept").await;
+        a.p.make_follower(Some(b.id), 1);
+        sync(&a, &b, 1).await;
+        assert_eq!(values(&a), ["kept"], "round {round}: a's batch was cut and replaced");
+        assert_eq!(a.p.offsets().1, Offset(1), "round {round}: a took b's high watermark past offset 0");
+        let outcome = tokio::time::timeout(Duration::from_secs(5), pending).await.unwrap().unwrap();
+        let e = outcome.expect_err("acknowledged a record that is not in the log");
+        assert_eq!(e.code(), ErrorCode::NotLeaderOrFollower, "round {round}: {e}");
+    }
+}
