@@ -38,7 +38,7 @@ use crate::error::BrokerError;
 use crate::partition::Partition;
 use crate::replication::fetcher::{FetcherSettings, Fetchers, Follow};
 use crate::replication::isr::{IsrProposer, Proposal, now_ms};
-use crate::replication::{Assignment, LeaderSettings};
+use crate::replication::{Assignment, LeaderSettings, ProposalOutcome};
 use crate::storage::{Log, SystemClock};
 use crate::topic::{TopicConfig, TopicName, canonical_key};
 
@@ -223,7 +223,7 @@ impl Broker {
     pub fn propose_isr_change(&self, topic: &str, partition: Arc<Partition>, change: crate::replication::IsrChange) {
         match self.isr_proposer.get() {
             Some(proposer) => proposer.propose(Proposal { topic: topic.to_string(), partition, change }),
-            None => partition.isr_proposal_failed(&change),
+            None => partition.isr_proposal_failed(&change, ProposalOutcome::NotApplied, now_ms()),
         }
     }
 
@@ -426,6 +426,9 @@ impl Broker {
                         if let Err(e) = p.make_leader(me, assignment, settings, now) {
                             tracing::error!(topic = %t.name, partition = index, error = %e, "cannot take the leadership");
                         }
+                        // KIP-841: what the controller would refuse to add.
+                        let fenced = |r: &&BrokerId| applied.image.broker(**r).is_none_or(|b| b.fenced);
+                        p.set_fenced_replicas(state.replicas.iter().filter(fenced).copied().collect());
                     }
                     leader => {
                         p.make_follower(leader, state.leader_epoch.0);

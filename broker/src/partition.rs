@@ -22,6 +22,7 @@
 //! produce, fetch and sync answers KAFKA_STORAGE_ERROR until the broker
 //! restarts and recovers the log.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::controller::BrokerId;
 use crate::error::BrokerError;
-use crate::replication::{Assignment, IsrChange, LeaderSettings, LeaderState};
+use crate::replication::{Assignment, IsrChange, LeaderSettings, LeaderState, ProposalOutcome};
 use crate::storage::{AppendInfo, FlushPolicy, GroupCommit, Log, Offset, ReadResult, StorageError, Writeback};
 use crate::topic::TopicConfig;
 
@@ -228,10 +229,19 @@ impl Partition {
         }
     }
 
-    /// The controller did not take `change`: it may be proposed again.
-    pub fn isr_proposal_failed(&self, change: &IsrChange) {
+    /// `change` did not come back committed; `outcome` says what is known
+    /// of it (see [`LeaderState::proposal_failed`]).
+    pub fn isr_proposal_failed(&self, change: &IsrChange, outcome: ProposalOutcome, now_ms: u64) {
         if let Role::Leader(state) = &mut *self.lock_role() {
-            state.proposal_failed(change);
+            state.proposal_failed(change, outcome, now_ms);
+        }
+    }
+
+    /// The replicas the latest image shows fenced (leader only): they may not
+    /// join the ISR.
+    pub fn set_fenced_replicas(&self, fenced: BTreeSet<BrokerId>) {
+        if let Role::Leader(state) = &mut *self.lock_role() {
+            state.set_fenced(fenced);
         }
     }
 

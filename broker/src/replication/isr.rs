@@ -3,8 +3,9 @@
 //! epochs), and ticks the leaders so lagging members leave the ISR.
 //!
 //! The committed result comes back through the metadata image like any
-//! other change; a refused or failed proposal is released so the leader may
-//! propose again. Proposals go through a bounded queue; one per partition
+//! other change. A proposal the controller refused is released (the leader
+//! backs off, then may propose again); one whose fate is unknown stays
+//! pending and is sent again unchanged (see [`ProposalOutcome`]). Proposals go through a bounded queue; one per partition
 //! is in flight at a time (the leader state keeps it pending).
 
 use std::sync::Arc;
@@ -13,9 +14,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::broker::Broker;
-use crate::controller::{LeaderEpoch, MetadataCommand, PartitionEpoch};
+use crate::controller::{ControllerError, LeaderEpoch, MetadataCommand, MetadataError, PartitionEpoch};
+use crate::error::BrokerError;
 use crate::partition::Partition;
-use crate::replication::IsrChange;
+use crate::replication::{IsrChange, ProposalOutcome};
 
 /// Proposals waiting to be sent, at most.
 pub const QUEUE: usize = 1024;
@@ -47,7 +49,7 @@ impl IsrProposer {
     pub fn propose(&self, proposal: Proposal) {
         if let Err(e) = self.0.try_send(proposal) {
             let p = e.into_inner();
-            p.partition.isr_proposal_failed(&p.change);
+            p.partition.isr_proposal_failed(&p.change, ProposalOutcome::NotApplied, now_ms());
         }
     }
 }
@@ -99,8 +101,25 @@ async fn send(broker: &Broker, p: Proposal) {
             tracing::info!(topic = %p.topic, partition = p.partition.index(), isr = ?p.change.isr, "ISR changed");
         }
         Err(e) => {
-            tracing::info!(topic = %p.topic, partition = p.partition.index(), isr = ?p.change.isr, error = %e, "ISR change not taken");
-            p.partition.isr_proposal_failed(&p.change);
+            let outcome = outcome_of(&e);
+            tracing::info!(topic = %p.topic, partition = p.partition.index(), isr = ?p.change.isr, error = %e, ?outcome, "ISR change not taken");
+            p.partition.isr_proposal_failed(&p.change, outcome, now_ms());
         }
+    }
+}
+
+/// What a failed proposal tells of its fate. Only the state machine's own
+/// refusal of the change, judged against the partition state it was based
+/// on, proves it was not applied; a refusal for stale epochs means the
+/// partition moved on (perhaps by this very change, sent before); anything
+/// else (a timeout, a lost forward, a controller leader change) may still
+/// commit.
+fn outcome_of(e: &BrokerError) -> ProposalOutcome {
+    match e {
+        BrokerError::Controller(ControllerError::Refused(
+            MetadataError::StalePartitionEpoch { .. } | MetadataError::FencedLeaderEpoch { .. },
+        )) => ProposalOutcome::Superseded,
+        BrokerError::Controller(ControllerError::Refused(_)) => ProposalOutcome::NotApplied,
+        _ => ProposalOutcome::Unknown,
     }
 }

@@ -17,8 +17,16 @@
 //!   reaches both the HW and the offset this leader epoch began at.
 //! - One ISR change is in flight at a time; only the committed ISR counts
 //!   for acks=all.
+//! - A change whose fate is unknown (the controller timed out, a forward was
+//!   lost: the entry may still commit) stays pending, so a joining member
+//!   keeps holding the HW, and the same compare-and-set is retried until the
+//!   image shows a newer partition epoch or the controller refuses it against
+//!   the state it was based on. Only a refusal proves it was not applied.
+//! - A replica the image shows fenced does not join (Kafka's KIP-841), and a
+//!   refused change backs off before the next proposal, so a fenced follower
+//!   that keeps fetching does not flood the metadata log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::controller::BrokerId;
 use crate::storage::Offset;
@@ -33,6 +41,40 @@ struct Progress {
     /// When it last fetched, and the leader's log end then.
     last_fetch_ms: u64,
     last_fetch_leader_end: Offset,
+}
+
+/// The ISR change in flight, and when to send it again when its fate is
+/// unknown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pending {
+    change: IsrChange,
+    /// Set while the outcome is unknown: when to send the same change again.
+    retry_at_ms: Option<u64>,
+}
+
+/// How long an ISR change of unknown fate waits before the same
+/// compare-and-set is sent again.
+pub const UNKNOWN_RETRY_MS: u64 = 500;
+/// The first wait after a refused ISR change; it doubles with every further
+/// refusal, up to [`REFUSED_BACKOFF_MAX_MS`].
+pub const REFUSED_BACKOFF_MS: u64 = 500;
+/// The longest wait after refused ISR changes.
+pub const REFUSED_BACKOFF_MAX_MS: u64 = 8_000;
+
+/// What the leader learned of an ISR change it proposed and that did not
+/// come back committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProposalOutcome {
+    /// It never reached the controller's log, or the controller refused it
+    /// against the very state it was based on: it was not applied, and an
+    /// earlier attempt of it was not either.
+    NotApplied,
+    /// The partition moved on at the controller (a newer partition or leader
+    /// epoch): the image will bring what was committed instead.
+    Superseded,
+    /// It may or may not commit (a timeout, a lost answer, a leader change of
+    /// the controller): it must be treated as possibly applied.
+    Unknown,
 }
 
 /// An ISR change for the controller (AlterPartition), compare-and-set on
@@ -77,8 +119,14 @@ pub struct LeaderState {
     settings: LeaderSettings,
     /// The leader's log end when this epoch began.
     epoch_start: Offset,
-    pending: Option<IsrChange>,
+    pending: Option<Pending>,
     followers: BTreeMap<BrokerId, Progress>,
+    /// Replicas the image shows fenced: they may not join the ISR.
+    fenced: BTreeSet<BrokerId>,
+    /// No new change is proposed before this time (after refusals).
+    backoff_until_ms: u64,
+    /// Refusals in a row, for the backoff.
+    refusals: u32,
 }
 
 impl LeaderState {
@@ -102,7 +150,22 @@ impl LeaderState {
                 )
             })
             .collect();
-        LeaderState { me, assignment, settings, epoch_start: log_end, pending: None, followers }
+        LeaderState {
+            me,
+            assignment,
+            settings,
+            epoch_start: log_end,
+            pending: None,
+            followers,
+            fenced: BTreeSet::new(),
+            backoff_until_ms: 0,
+            refusals: 0,
+        }
+    }
+
+    /// The replicas the latest image shows fenced: they may not join the ISR.
+    pub fn set_fenced(&mut self, fenced: BTreeSet<BrokerId>) {
+        self.fenced = fenced;
     }
 
     /// The committed assignment.
@@ -117,7 +180,7 @@ impl LeaderState {
 
     /// The ISR change in flight, if any.
     pub fn pending(&self) -> Option<&IsrChange> {
-        self.pending.as_ref()
+        self.pending.as_ref().map(|p| &p.change)
     }
 
     /// A newer committed assignment of the same leader epoch arrived (an
@@ -126,20 +189,37 @@ impl LeaderState {
     pub fn committed(&mut self, assignment: Assignment, settings: LeaderSettings) {
         debug_assert_eq!(assignment.leader_epoch, self.assignment.leader_epoch);
         if assignment.partition_epoch > self.assignment.partition_epoch {
-            if self.pending.as_ref().is_some_and(|p| p.partition_epoch < assignment.partition_epoch) {
+            if self.pending.as_ref().is_some_and(|p| p.change.partition_epoch < assignment.partition_epoch) {
                 self.pending = None;
             }
             self.assignment = assignment;
+            self.refusals = 0;
         }
         self.settings = settings;
     }
 
-    /// The controller refused or did not answer the pending change: it may
-    /// be proposed again.
-    pub fn proposal_failed(&mut self, change: &IsrChange) {
-        if self.pending.as_ref() == Some(change) {
-            self.pending = None;
+    /// The pending `change` did not come back committed. Only a change known
+    /// not applied is released (and the next proposal backs off); one that
+    /// may still commit stays pending, so a joining member keeps holding the
+    /// HW, and is sent again after [`UNKNOWN_RETRY_MS`]; a superseded one
+    /// waits for the image.
+    pub fn proposal_failed(&mut self, change: &IsrChange, outcome: ProposalOutcome, now_ms: u64) {
+        let Some(pending) = self.pending.as_mut().filter(|p| p.change == *change) else { return };
+        match outcome {
+            ProposalOutcome::NotApplied => {
+                self.pending = None;
+                let backoff = REFUSED_BACKOFF_MS.saturating_mul(1 << self.refusals.min(16)).min(REFUSED_BACKOFF_MAX_MS);
+                self.refusals = self.refusals.saturating_add(1);
+                self.backoff_until_ms = now_ms.saturating_add(backoff);
+            }
+            ProposalOutcome::Unknown => pending.retry_at_ms = Some(now_ms.saturating_add(UNKNOWN_RETRY_MS)),
+            ProposalOutcome::Superseded => pending.retry_at_ms = None,
         }
+    }
+
+    /// True when a new change may be proposed now.
+    fn may_propose(&self, now_ms: u64) -> bool {
+        self.pending.is_none() && now_ms >= self.backoff_until_ms
     }
 
     /// True when acks=all may be accepted: the committed ISR holds at least
@@ -164,7 +244,7 @@ impl LeaderState {
 
     /// The committed ISR plus a member being added.
     fn maximal_isr(&self) -> impl Iterator<Item = BrokerId> + '_ {
-        let adding = self.pending.iter().flat_map(|p| p.isr.iter()).filter(|b| !self.assignment.isr.contains(b));
+        let adding = self.pending.iter().flat_map(|p| p.change.isr.iter()).filter(|b| !self.assignment.isr.contains(b));
         self.assignment.isr.iter().chain(adding).copied()
     }
 
@@ -203,7 +283,8 @@ impl LeaderState {
         progress.last_fetch_ms = now_ms;
         progress.last_fetch_leader_end = leader_end;
         let joins = !self.assignment.isr.contains(&follower)
-            && self.pending.is_none()
+            && !self.fenced.contains(&follower)
+            && self.may_propose(now_ms)
             && fetch_offset >= hw
             && fetch_offset >= self.epoch_start;
         if !joins {
@@ -219,9 +300,18 @@ impl LeaderState {
         Some(self.propose(isr))
     }
 
-    /// Time passed: returns an ISR shrink to propose when members lag.
+    /// Time passed: returns the pending change again when its fate is
+    /// unknown and its retry is due, else an ISR shrink to propose when
+    /// members lag.
     pub fn tick(&mut self, now_ms: u64) -> Option<IsrChange> {
-        if self.pending.is_some() {
+        if let Some(pending) = &mut self.pending {
+            if pending.retry_at_ms.is_some_and(|at| now_ms >= at) {
+                pending.retry_at_ms = None;
+                return Some(pending.change.clone());
+            }
+            return None;
+        }
+        if !self.may_propose(now_ms) {
             return None;
         }
         let lag_max = self.settings.replica_lag_time_max_ms;
@@ -240,7 +330,7 @@ impl LeaderState {
             leader_epoch: self.assignment.leader_epoch,
             partition_epoch: self.assignment.partition_epoch,
         };
-        self.pending = Some(change.clone());
+        self.pending = Some(Pending { change: change.clone(), retry_at_ms: None });
         change
     }
 
@@ -370,8 +460,10 @@ mod tests {
         s.on_fetch(b(2), Offset(60), Offset(60), Offset(45), 4);
         assert_eq!(s.high_watermark(Offset(60)), Some(Offset(55)));
         assert_eq!(s.on_fetch(b(3), Offset(56), Offset(60), Offset(45), 5), None, "already pending");
-        s.proposal_failed(&change);
-        assert!(s.on_fetch(b(3), Offset(56), Offset(60), Offset(45), 6).is_some(), "proposed again");
+        s.proposal_failed(&change, ProposalOutcome::NotApplied, 6);
+        assert_eq!(s.on_fetch(b(3), Offset(56), Offset(60), Offset(45), 7), None, "backing off after a refusal");
+        let later = 7 + REFUSED_BACKOFF_MS;
+        assert!(s.on_fetch(b(3), Offset(56), Offset(60), Offset(45), later).is_some(), "proposed again");
     }
 
     #[test]
@@ -401,5 +493,62 @@ mod tests {
         let mut s = leader(&[1, 2, 3], 2, 0);
         assert_eq!(s.on_fetch(b(9), Offset(0), Offset(0), Offset(0), 1), None);
         assert_eq!(s.lags(Offset(0)).len(), 2);
+    }
+
+    #[test]
+    fn an_expansion_of_unknown_fate_holds_the_high_watermark_until_it_is_settled() {
+        let mut s = leader(&[1, 2], 2, 10);
+        s.on_fetch(b(2), Offset(10), Offset(10), Offset(0), 1);
+        let change = s.on_fetch(b(3), Offset(10), Offset(10), Offset(10), 2).expect("3 qualifies");
+        // The controller timed out: the entry may still commit.
+        s.proposal_failed(&change, ProposalOutcome::Unknown, 3);
+        // The leader and 2 move on to 20; 3 stops fetching at 10.
+        s.on_fetch(b(2), Offset(20), Offset(20), Offset(10), 4);
+        let hw = s.high_watermark(Offset(20)).expect("the ISR holds min_insync_replicas");
+        // The expansion commits after all.
+        commit(&mut s, &change);
+        assert_eq!(s.assignment().isr, vec![b(1), b(2), b(3)]);
+        assert!(hw <= Offset(10), "ISR member 3 ends at 10, below the high watermark {hw}");
+    }
+
+    #[test]
+    fn a_change_of_unknown_fate_is_sent_again_unchanged_until_the_image_settles_it() {
+        let mut s = leader(&[1, 2], 2, 0);
+        let change = s.on_fetch(b(3), Offset(0), Offset(0), Offset(0), 1).expect("3 qualifies");
+        s.proposal_failed(&change, ProposalOutcome::Unknown, 10);
+        assert_eq!(s.tick(10 + UNKNOWN_RETRY_MS - 1), None, "not yet");
+        assert_eq!(s.tick(10 + UNKNOWN_RETRY_MS), Some(change.clone()), "the same compare-and-set");
+        assert_eq!(s.tick(10 + 3 * UNKNOWN_RETRY_MS), None, "in flight again");
+        // Refused as stale: the image will bring what was committed.
+        s.proposal_failed(&change, ProposalOutcome::Superseded, 20 + UNKNOWN_RETRY_MS);
+        assert_eq!(s.tick(u64::MAX / 2), None, "nothing to retry");
+        assert_eq!(s.pending(), Some(&change), "3 still holds the HW");
+        commit(&mut s, &change);
+        assert_eq!(s.pending(), None);
+    }
+
+    #[test]
+    fn a_fenced_follower_that_keeps_fetching_proposes_nothing() {
+        let mut s = leader(&[1, 2], 2, 0);
+        s.set_fenced([b(3)].into());
+        let proposals = (0..1000u64).filter_map(|ms| s.on_fetch(b(3), Offset(0), Offset(0), Offset(0), ms)).count();
+        assert_eq!(proposals, 0, "a fetch every millisecond for a second");
+        s.set_fenced(BTreeSet::new());
+        assert!(s.on_fetch(b(3), Offset(0), Offset(0), Offset(0), 1000).is_some(), "unfenced: it joins");
+    }
+
+    #[test]
+    fn refused_expansions_back_off_exponentially() {
+        let mut s = leader(&[1, 2], 2, 0);
+        // The image does not know 3 is fenced; the controller refuses each time.
+        let mut proposals = 0;
+        for ms in 0..10_000u64 {
+            if let Some(change) = s.on_fetch(b(3), Offset(0), Offset(0), Offset(0), ms) {
+                proposals += 1;
+                s.proposal_failed(&change, ProposalOutcome::NotApplied, ms);
+            }
+        }
+        // Proposed at 0, 500, 1500, 3500, 7500 ms.
+        assert_eq!(proposals, 5, "a fetch every millisecond for ten seconds");
     }
 }

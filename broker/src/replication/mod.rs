@@ -15,4 +15,4 @@ pub mod fetcher;
 pub mod isr;
 pub mod leader;
 
-pub use leader::{Assignment, IsrChange, LeaderSettings, LeaderState};
+pub use leader::{Assignment, IsrChange, LeaderSettings, LeaderState, ProposalOutcome};
