@@ -32,7 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::BrokerConfig;
 use crate::controller::{
-    AppliedImage, BrokerId, Controller, ControllerError, MetadataCommand, MetadataError, PartitionState, TopicId, place,
+    AppliedImage, BrokerId, Controller, ControllerError, MetadataCommand, MetadataError, PartitionState, TopicId,
+    place, recorded_min_insync_replicas,
 };
 use crate::error::BrokerError;
 use crate::partition::Partition;
@@ -143,6 +144,39 @@ const RECONCILE_WAIT: Duration = Duration::from_secs(10);
 /// How long topic creation waits for enough running brokers (a broker that
 /// just started is fenced until its first heartbeats).
 const PLACEMENT_WAIT: Duration = Duration::from_secs(5);
+
+/// Checks `overrides` against the broker defaults and records the effective
+/// `min_insync_replicas` in them: the controller's elections and the
+/// leaders read it from the metadata image, which knows no broker defaults,
+/// so both use the same value even when no override was given or one was
+/// deleted.
+fn record_min_insync_replicas(
+    defaults: &crate::config::LogDefaults,
+    overrides: &mut BTreeMap<String, String>,
+) -> Result<(), BrokerError> {
+    let config = TopicConfig::with_overrides(defaults, overrides)?;
+    overrides.insert("min_insync_replicas".into(), config.min_insync_replicas.to_string());
+    Ok(())
+}
+
+/// A topic's overrides after setting `set` and deleting `delete`, checked,
+/// with the effective `min_insync_replicas` recorded.
+fn altered_overrides(
+    defaults: &crate::config::LogDefaults,
+    current: &BTreeMap<String, String>,
+    set: &BTreeMap<String, String>,
+    delete: &[String],
+) -> Result<BTreeMap<String, String>, BrokerError> {
+    let mut overrides = current.clone();
+    for k in delete {
+        overrides.remove(&canonical_key(k));
+    }
+    for (k, v) in set {
+        overrides.insert(canonical_key(k), v.clone());
+    }
+    record_min_insync_replicas(defaults, &mut overrides)?;
+    Ok(overrides)
+}
 
 fn from_controller(e: ControllerError) -> BrokerError {
     match e {
@@ -410,7 +444,8 @@ impl Broker {
         let mut follows: BTreeMap<BrokerId, (String, Vec<Follow>)> = BTreeMap::new();
         for t in topics.values() {
             let settings = LeaderSettings {
-                min_insync_replicas: t.config.min_insync_replicas,
+                // The controller's elections use the recorded value too.
+                min_insync_replicas: recorded_min_insync_replicas(&t.overrides),
                 replica_lag_time_max_ms: self.config.replica_lag_time_max_ms,
             };
             for (index, p) in &t.partitions {
@@ -579,10 +614,7 @@ impl Broker {
         let replication_factor = new.replication_factor.max(1);
         let mut overrides: BTreeMap<String, String> =
             new.configs.iter().map(|(k, v)| (canonical_key(k), v.clone())).collect();
-        let config = TopicConfig::with_overrides(&self.config.log, &overrides)?;
-        // The controller's election rules read min_insync_replicas from the
-        // image, which knows no broker defaults: record the effective value.
-        overrides.insert("min_insync_replicas".into(), config.min_insync_replicas.to_string());
+        record_min_insync_replicas(&self.config.log, &mut overrides)?;
         let _admin = self.admin.lock().await;
         let controller = self.controller()?;
         if controller.image().topic(name.as_str()).is_some() {
@@ -626,14 +658,7 @@ impl Broker {
         let topic = image
             .topic(name)
             .ok_or_else(|| BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None })?;
-        let mut overrides = topic.configs.clone();
-        for k in delete {
-            overrides.remove(&canonical_key(k));
-        }
-        for (k, v) in set {
-            overrides.insert(canonical_key(k), v.clone());
-        }
-        TopicConfig::with_overrides(&self.config.log, &overrides)?;
+        let overrides = altered_overrides(&self.config.log, &topic.configs, set, delete)?;
         let command = MetadataCommand::AlterTopicConfigs { name: name.to_string(), configs: overrides };
         let committed = controller.propose_anywhere(command).await.map_err(from_controller)?;
         self.wait_reconciled(committed.index).await
@@ -683,5 +708,25 @@ impl Broker {
             }
         }
         clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deleting_the_min_insync_replicas_override_records_the_broker_default() {
+        let defaults = crate::config::LogDefaults { min_insync_replicas: 2, ..Default::default() };
+        let current = BTreeMap::from([("min_insync_replicas".to_string(), "1".to_string())]);
+        let altered = altered_overrides(&defaults, &current, &BTreeMap::new(), &["min.insync.replicas".into()]);
+        let altered = altered.unwrap();
+        assert_eq!(altered["min_insync_replicas"], "2", "what leaders use is what the controller reads");
+        assert_eq!(recorded_min_insync_replicas(&altered), 2);
+        let set = BTreeMap::from([("min_insync_replicas".to_string(), "3".to_string())]);
+        let altered = altered_overrides(&defaults, &current, &set, &[]).unwrap();
+        assert_eq!(recorded_min_insync_replicas(&altered), 3);
+        let bad = BTreeMap::from([("min_insync_replicas".to_string(), "0".to_string())]);
+        assert!(altered_overrides(&defaults, &current, &bad, &[]).is_err());
     }
 }

@@ -369,11 +369,18 @@ pub enum MetadataError {
     InvalidProducerIdRequest(String),
 }
 
+/// A topic's `min_insync_replicas` as the metadata records it (proposers
+/// record the effective value with every create and config change; 1 when
+/// absent). Leaders and the controller's elections both use this value.
+pub fn recorded_min_insync_replicas(configs: &BTreeMap<String, String>) -> u32 {
+    configs.get("min_insync_replicas").and_then(|v| v.parse().ok()).unwrap_or(1)
+}
+
 /// The election rules of a topic, from its configs (as validated by the
-/// proposer; `min_insync_replicas` is recorded at creation).
+/// proposer).
 fn election_rules(configs: &BTreeMap<String, String>) -> ElectionRules {
     ElectionRules {
-        min_insync_replicas: configs.get("min_insync_replicas").and_then(|v| v.parse().ok()).unwrap_or(1),
+        min_insync_replicas: recorded_min_insync_replicas(configs) as usize,
         unclean: configs.get("unclean_leader_election").is_some_and(|v| v == "true"),
     }
 }
@@ -443,11 +450,7 @@ impl MetadataImage {
                 self.create_topic(name, id, configs, assignments)
             }
             MetadataCommand::DeleteTopic { name } => self.delete_topic(name),
-            MetadataCommand::AlterTopicConfigs { name, configs } => {
-                let topic = self.topics.get_mut(name).ok_or_else(|| MetadataError::UnknownTopic(name.clone()))?;
-                topic.configs = configs.clone();
-                Ok(vec![MetadataEffect::TopicConfigsChanged { name: name.clone() }])
-            }
+            MetadataCommand::AlterTopicConfigs { name, configs } => self.alter_topic_configs(name, configs),
             MetadataCommand::CreatePartitions { name, assignments } => self.create_partitions(name, assignments),
             MetadataCommand::AlterPartition { topic, partition, leader_epoch, partition_epoch, isr } => {
                 self.alter_partition(topic, *partition, *leader_epoch, *partition_epoch, isr)
@@ -689,6 +692,36 @@ impl MetadataImage {
         topic.partitions.append(&mut partitions);
         let to = topic.partitions.len() as u32;
         Ok(vec![MetadataEffect::PartitionsCreated { name: name.to_string(), from, to }])
+    }
+
+    /// Replaces a topic's configs. When `min_insync_replicas` changes, every
+    /// ELR is cleared (KIP-966): a replica is eligible because the HW stood
+    /// still while the ISR was below the old minimum; under a lower one a
+    /// lone leader moves the HW past it, and electing it would lose what
+    /// that leader acknowledged.
+    fn alter_topic_configs(
+        &mut self,
+        name: &str,
+        configs: &BTreeMap<String, String>,
+    ) -> Result<Vec<MetadataEffect>, MetadataError> {
+        let topic = self.topics.get_mut(name).ok_or_else(|| MetadataError::UnknownTopic(name.to_string()))?;
+        let before = election_rules(&topic.configs).min_insync_replicas;
+        topic.configs = configs.clone();
+        let mut effects = vec![MetadataEffect::TopicConfigsChanged { name: name.to_string() }];
+        if election_rules(&topic.configs).min_insync_replicas != before {
+            for (index, p) in topic.partitions.iter_mut().enumerate() {
+                if !p.elr.is_empty() {
+                    p.elr.clear();
+                    p.partition_epoch.0 += 1;
+                    effects.push(MetadataEffect::PartitionChanged {
+                        topic: name.to_string(),
+                        partition: index as u32,
+                        state: p.clone(),
+                    });
+                }
+            }
+        }
+        Ok(effects)
     }
 
     fn alter_partition(

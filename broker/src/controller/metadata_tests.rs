@@ -497,3 +497,55 @@ fn preferred_leaders_return_only_when_live_and_in_sync() {
     assert_eq!(image.preferred_imbalance(), 0);
     assert!(image.apply(&MetadataCommand::ElectPreferredLeaders).unwrap().is_empty());
 }
+
+#[test]
+fn changing_min_insync_replicas_clears_the_eligible_leader_replicas() {
+    // RF 2, min ISR 2; the follower is cut off: ISR {1}, ELR {2}, HW held.
+    let mut image = MetadataImage::default();
+    register(&mut image, 1);
+    register(&mut image, 2);
+    let cmd = MetadataCommand::CreateTopic {
+        name: "t".into(),
+        id: TopicId("id-t".into()),
+        configs: BTreeMap::from([("min_insync_replicas".to_string(), "2".to_string())]),
+        assignments: vec![ids(&[1, 2])],
+    };
+    image.apply(&cmd).unwrap();
+    let shrink = MetadataCommand::AlterPartition {
+        topic: "t".into(),
+        partition: 0,
+        leader_epoch: LeaderEpoch(0),
+        partition_epoch: PartitionEpoch(0),
+        isr: ids(&[1]),
+    };
+    image.apply(&shrink).unwrap();
+    assert_eq!(image.partition("t", 0).unwrap().elr, ids(&[2]));
+    // The operator lowers min ISR to 1: broker 1 alone now moves the HW and
+    // acknowledges acks=all, so broker 2 no longer holds everything below it.
+    let lower = MetadataCommand::AlterTopicConfigs {
+        name: "t".into(),
+        configs: BTreeMap::from([("min_insync_replicas".to_string(), "1".to_string())]),
+    };
+    let effects = image.apply(&lower).unwrap();
+    let p = image.partition("t", 0).unwrap().clone();
+    assert_eq!(p.elr, vec![], "the ELR is cleared");
+    assert_eq!(p.partition_epoch, PartitionEpoch(2), "leaders see the change");
+    assert!(effects.contains(&MetadataEffect::PartitionChanged { topic: "t".into(), partition: 0, state: p }));
+    image.apply(&fence(1)).unwrap();
+    let p = image.partition("t", 0).unwrap();
+    assert_eq!(p.leader, None, "broker 2 is not elected: the partition waits for broker 1");
+    // A config change that keeps min ISR leaves the ELR alone.
+    let mut image = cluster_with(&[("min_insync_replicas", "2")]);
+    image.apply(&fence(3)).unwrap();
+    image.apply(&fence(2)).unwrap();
+    assert_eq!(image.partition("t", 0).unwrap().elr, ids(&[2]));
+    let same = MetadataCommand::AlterTopicConfigs {
+        name: "t".into(),
+        configs: BTreeMap::from([
+            ("min_insync_replicas".to_string(), "2".to_string()),
+            ("flush".to_string(), "always".to_string()),
+        ]),
+    };
+    image.apply(&same).unwrap();
+    assert_eq!(image.partition("t", 0).unwrap().elr, ids(&[2]));
+}

@@ -16,7 +16,7 @@ pub mod raft;
 pub use lease::{BrokerLeases, HeartbeatAnswer, LeaseConfig};
 pub use metadata::{
     BrokerId, BrokerRegistration, LeaderEpoch, MetadataCommand, MetadataEffect, MetadataError, MetadataImage,
-    PartitionEpoch, PartitionState, TopicId, TopicState,
+    PartitionEpoch, PartitionState, TopicId, TopicState, recorded_min_insync_replicas,
 };
 pub use placement::{PlacementError, place};
 pub use raft::node::{
