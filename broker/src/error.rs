@@ -55,6 +55,18 @@ pub enum BrokerError {
         /// Offset after the last.
         log_end: Offset,
     },
+    /// A produce whose first `batches` batches were appended (from
+    /// `appended.base_offset`, and waited for at the request's acks level)
+    /// before the next one failed with `source`; the rest were not appended.
+    #[error("the first {batches} batches were appended at offset {}; the rest were not: {source}", .appended.base_offset)]
+    PartlyAppended {
+        /// The offsets of the appended batches.
+        appended: crate::storage::AppendInfo,
+        /// How many batches, in request order, were appended.
+        batches: usize,
+        /// Why the next batch was not.
+        source: Box<BrokerError>,
+    },
     /// acks=all with too few in-sync replicas.
     #[error("acks=all needs {min_isr} in-sync replicas but only {isr} are in sync")]
     NotEnoughReplicas {
@@ -149,6 +161,7 @@ impl BrokerError {
             BrokerError::CorruptMessage(BatchError::TimestampOutOfRange { .. }) => ErrorCode::InvalidTimestamp,
             BrokerError::CorruptMessage(_) => ErrorCode::CorruptMessage,
             BrokerError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+            BrokerError::PartlyAppended { source, .. } => source.code(),
             BrokerError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
             BrokerError::InvalidRequiredAcks(_) => ErrorCode::InvalidRequiredAcks,
             BrokerError::InvalidRequest(_) => ErrorCode::InvalidRequest,

@@ -274,8 +274,9 @@ impl Partition {
         self.log.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Appends validated batches as leader in `leader_epoch` (all or, on a
-    /// storage error, a prefix). Waits (bounded) while too many produce
+    /// Appends validated batches as leader in `leader_epoch`: all, or, when
+    /// one fails, the ones before it, answered as
+    /// [`BrokerError::PartlyAppended`] once waited for. Waits (bounded) while too many produce
     /// bytes are in flight, and with flush `always` until the batches are
     /// durable. With `acks_all` (the request's timeout), first refuses when
     /// the committed ISR is smaller than `min_insync_replicas`, then waits
@@ -292,17 +293,23 @@ impl Partition {
         // bytes of waiting produce requests per partition.
         let _permit = self.inflight_bytes.acquire_many(permits).await.map_err(|_| BrokerError::ShuttingDown)?;
         let role_changes = self.role_changes.subscribe();
+        let rest_failed;
         let (appended, failure, flush, writeback, hw, leo, role_generation) = {
             let mut log = self.write_log();
             self.check_leads(leader_epoch, acks_all.is_some())?;
             // Role changes take the log lock: this is the role the batches
             // are appended under.
             let role_generation = *self.role_changes.borrow();
-            let mut appended: Option<(AppendInfo, AppendInfo)> = None;
+            let mut appended: Option<(AppendInfo, AppendInfo, usize)> = None;
             let mut failure = None;
             for batch in batches {
                 match log.append(batch, leader_epoch) {
-                    Ok(info) => appended = Some((appended.map_or(info, |(first, _)| first), info)),
+                    Ok(info) => {
+                        appended = Some(match appended {
+                            None => (info, info, 1),
+                            Some((first, _, n)) => (first, info, n + 1),
+                        })
+                    }
                     Err(e) => {
                         failure = Some(BrokerError::from_storage(e));
                         break;
@@ -328,11 +335,18 @@ impl Partition {
                 return Err(BrokerError::Storage(e));
             }
         }
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        let (first, last) =
-            appended.ok_or_else(|| BrokerError::InvalidRequest("no record batch in the produce data".into()))?;
+        // A failure after some batches were appended: those stay (readers may
+        // have them already) and are answered as appended once they are
+        // waited for like a whole request, so a retry sends only the rest
+        // and nothing is appended twice.
+        let (first, last, count) = match (appended, failure) {
+            (None, Some(e)) => return Err(e),
+            (None, None) => return Err(BrokerError::InvalidRequest("no record batch in the produce data".into())),
+            (Some(appended), failure) => {
+                rest_failed = failure;
+                appended
+            }
+        };
         if flush == FlushPolicy::Always {
             self.sync_to(last.log_end_offset).await?;
         }
@@ -348,11 +362,15 @@ impl Partition {
             // unchanged role generation means this leadership never ended.
             self.check_still_leads(leader_epoch, role_generation)?;
         }
-        Ok(AppendInfo {
+        let appended = AppendInfo {
             base_offset: first.base_offset,
             last_offset: last.last_offset,
             log_end_offset: last.log_end_offset,
-        })
+        };
+        match rest_failed {
+            None => Ok(appended),
+            Some(e) => Err(BrokerError::PartlyAppended { appended, batches: count, source: Box::new(e) }),
+        }
     }
 
     /// Refuses unless this broker leads in `leader_epoch` (and, for
@@ -903,5 +921,25 @@ mod tests {
         p.produce(&[batch(b"a"), batch(b"b")], 0, None).await.unwrap();
         assert_eq!(*hw.borrow(), Offset(2));
         assert_eq!(p.fetch(0, 1 << 20).unwrap().read.next_offset, Offset(2));
+    }
+
+    #[tokio::test]
+    async fn batches_appended_before_a_failing_one_are_answered_as_appended_and_a_retry_adds_only_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = partition(dir.path(), FlushPolicy::Os);
+        // One 3000-byte batch fills the 4096-byte segment; the next needs a
+        // roll, and the next segment's name is taken.
+        let big = vec![7u8; 3000];
+        let obstacle = dir.path().join(format!("{:020}.log", 1));
+        std::fs::create_dir(&obstacle).unwrap();
+        let err = p.produce(&[batch(&big), batch(&big), batch(&big)], 0, None).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::KafkaStorageError, "{err}");
+        let BrokerError::PartlyAppended { appended, batches, .. } = &err else { panic!("not a partial answer: {err}") };
+        assert_eq!((*batches, appended.base_offset, appended.log_end_offset), (1, Offset(0), Offset(1)));
+        assert_eq!(p.offsets(), (Offset(0), Offset(1), Offset(1)), "the first batch is stored and visible");
+        // The client retries only the batches after the appended prefix.
+        std::fs::remove_dir(&obstacle).unwrap();
+        let info = p.produce(&[batch(&big), batch(&big)], 0, None).await.unwrap();
+        assert_eq!((info.base_offset, info.log_end_offset), (Offset(1), Offset(3)), "each batch once");
     }
 }

@@ -55,6 +55,31 @@ impl TallyService {
     }
 }
 
+/// The answer for a partition that failed: nothing appended, or (with
+/// [`BrokerError::PartlyAppended`]) the batches appended before the failure
+/// and the failure of the rest.
+fn produce_failure(partition: u32, log_start: i64, e: &BrokerError) -> pb::PartitionProduceResponse {
+    let (error_code, error_message) = code_and_message(e);
+    let (leader_id, leader_epoch) = leader_hint(e);
+    let (base_offset, appended_batches) = match e {
+        BrokerError::PartlyAppended { appended, batches, .. } => {
+            (appended.base_offset.to_wire(), u32::try_from(*batches).unwrap_or(u32::MAX))
+        }
+        _ => (-1, 0),
+    };
+    pb::PartitionProduceResponse {
+        partition,
+        error_code,
+        error_message,
+        base_offset,
+        log_append_time_ms: -1,
+        log_start_offset: log_start,
+        leader_id,
+        leader_epoch,
+        appended_batches,
+    }
+}
+
 impl TallyService {
     fn partition_produce_response(
         &self,
@@ -73,21 +98,11 @@ impl TallyService {
                 log_start_offset: log_start,
                 leader_id: None,
                 leader_epoch: None,
+                appended_batches: 0,
             },
             Err(e) => {
                 tracing::debug!(topic, partition, error = %e, "produce refused");
-                let (error_code, error_message) = code_and_message(&e);
-                let (leader_id, leader_epoch) = leader_hint(&e);
-                pb::PartitionProduceResponse {
-                    partition,
-                    error_code,
-                    error_message,
-                    base_offset: -1,
-                    log_append_time_ms: -1,
-                    log_start_offset: log_start,
-                    leader_id,
-                    leader_epoch,
-                }
+                produce_failure(partition, log_start, &e)
             }
         }
     }

@@ -268,7 +268,7 @@ async fn run_request(
     for (acc, batches) in parts {
         let result = match &answer {
             Ok(response) => partition_answer(response, &acc),
-            Err(e) => Err((e.clone(), None)),
+            Err(e) => Err(Failure { error: e.clone(), hint: None, appended: None }),
         };
         settle(&shared, &acc, batches, result, acks_none);
     }
@@ -277,8 +277,19 @@ async fn run_request(
 }
 
 /// A partition's answer in a response: base offset and log-append time, or
-/// the error with any leader hint.
-type PartitionResult = Result<(i64, i64), (Error, Option<(u32, u32)>)>;
+/// the failure.
+type PartitionResult = Result<(i64, i64), Failure>;
+
+/// A partition's failed answer.
+struct Failure {
+    error: Error,
+    /// The leader and its epoch, when the broker named them.
+    hint: Option<(u32, u32)>,
+    /// How many of the request's batches (a prefix) were appended before
+    /// the failure, and the base offset of the first: acknowledged, never
+    /// to be sent again.
+    appended: Option<(usize, i64)>,
+}
 
 fn partition_answer(response: &pb::ProduceResponse, acc: &PartitionAcc) -> PartitionResult {
     let found = response
@@ -289,12 +300,13 @@ fn partition_answer(response: &pb::ProduceResponse, acc: &PartitionAcc) -> Parti
         .find(|p| p.partition == acc.partition);
     let Some(p) = found else {
         let message = format!("the broker did not answer for {}/{}", acc.topic.name, acc.partition);
-        return Err((Error::InvalidArgument(message), None));
+        return Err(Failure { error: Error::InvalidArgument(message), hint: None, appended: None });
     };
     if p.error_code != 0 {
-        let e = Error::broker(p.error_code, p.error_message.clone(), &acc.topic.name, Some(acc.partition));
+        let error = Error::broker(p.error_code, p.error_message.clone(), &acc.topic.name, Some(acc.partition));
         let hint = p.leader_id.zip(p.leader_epoch);
-        return Err((e, hint));
+        let appended = (p.appended_batches > 0).then_some((p.appended_batches as usize, p.base_offset));
+        return Err(Failure { error, hint, appended });
     }
     Ok((p.base_offset, p.log_append_time_ms))
 }
@@ -319,11 +331,19 @@ fn settle(
                 offset += i64::from(b.record_count);
             }
         }
-        Err((e, _)) if acks_none => {
+        Err(Failure { error: e, .. }) if acks_none => {
             tracing::debug!(topic = %acc.topic.name, partition = acc.partition, error = %e, "acks=0 request failed");
         }
-        Err((e, hint)) => {
+        Err(Failure { error: e, hint, appended }) => {
             shared.transport.partition_failed(&acc.topic.name, acc.partition, &e, hint);
+            // The batches the broker appended before the failure are
+            // acknowledged; sending them again would append them twice.
+            let (count, mut offset) = appended.unwrap_or((0, -1));
+            let mut batches = batches.into_iter();
+            for b in batches.by_ref().take(count) {
+                b.outcome.acked(offset, -1);
+                offset += i64::from(b.record_count);
+            }
             let backoff = acc.lock().backoff;
             let retry_by = Instant::now() + backoff;
             for b in batches {

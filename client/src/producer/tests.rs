@@ -25,6 +25,9 @@ enum Fault {
     NotLeader,
     /// Appended, but the answer is lost.
     LoseReply,
+    /// Each partition appends only its first batch; the rest fail with a
+    /// retriable storage error (a disk that filled up mid-request).
+    FirstBatchOnly,
 }
 
 type Script = Box<dyn Fn(usize, &pb::ProduceRequest) -> Option<Fault> + Send + Sync>;
@@ -38,6 +41,8 @@ struct Fake {
     /// Values whose request's answer was lost.
     lost: Mutex<Vec<Bytes>>,
     requests: AtomicUsize,
+    /// Partition answers that appended only a prefix.
+    partial: AtomicUsize,
     /// Requests a fault was applied to.
     faults: AtomicUsize,
     /// Partitions per request, in arrival order.
@@ -60,6 +65,7 @@ impl Fake {
             logs: Mutex::new(HashMap::new()),
             lost: Mutex::new(Vec::new()),
             requests: AtomicUsize::new(0),
+            partial: AtomicUsize::new(0),
             faults: AtomicUsize::new(0),
             shapes: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
@@ -96,12 +102,14 @@ impl Fake {
                         log_start_offset: 0,
                         leader_id: None,
                         leader_epoch: None,
+                        appended_batches: 0,
                     });
                     continue;
                 }
                 let log = logs.entry(p.partition).or_default();
                 let base = log.len() as i64;
-                for chunk in &p.records {
+                let cut = if fault == Some(Fault::FirstBatchOnly) && p.records.len() > 1 { 1 } else { usize::MAX };
+                for chunk in p.records.iter().take(cut) {
                     // The broker's own checks: a batch it would refuse fails the test.
                     let batch =
                         RecordBatch::validate(chunk.clone(), &BatchLimits::default()).expect("a valid batch per chunk");
@@ -113,16 +121,21 @@ impl Fake {
                         log.push(value);
                     }
                 }
+                let partial = cut < p.records.len();
                 partitions.push(pb::PartitionProduceResponse {
                     partition: p.partition,
-                    error_code: 0,
-                    error_message: String::new(),
+                    error_code: if partial { ErrorCode::KafkaStorageError as i32 } else { 0 },
+                    error_message: if partial { "disk full".into() } else { String::new() },
                     base_offset: base,
                     log_append_time_ms: -1,
                     log_start_offset: 0,
                     leader_id: None,
                     leader_epoch: None,
+                    appended_batches: if partial { 1 } else { 0 },
                 });
+                if partial {
+                    self.partial.fetch_add(1, Ordering::SeqCst);
+                }
             }
             topics.push(pb::TopicProduceResponse { name: t.name.clone(), partitions });
         }
@@ -330,6 +343,23 @@ async fn retries_keep_each_partitions_order_and_send_nothing_twice() {
     }
     assert!(fake.faults.load(Ordering::SeqCst) >= 2, "faults were injected and ridden out");
     assert!(fake.max_in_flight_seen.load(Ordering::SeqCst) >= 2, "several requests were in flight at once");
+}
+
+#[tokio::test]
+async fn batches_appended_before_a_partition_failed_are_acknowledged_and_never_sent_again() {
+    // Every other request appends only the first batch of each partition.
+    let fake = Fake::new(2, Box::new(|n, _| (n % 2 == 0).then_some(Fault::FirstBatchOnly)));
+    // Small batches and a long linger, so requests carry several per partition.
+    let p = producer(&fake, ProducerConfig { batch_bytes: 256, ..config() });
+    let (sent, deliveries) = send_keyed(&p, 2000, 2).await;
+    for (i, d) in deliveries.into_iter().enumerate() {
+        let meta = d.await.unwrap();
+        assert_eq!(fake.log(meta.partition)[meta.offset as usize], Bytes::from(value(i)), "offset of record {i}");
+    }
+    assert!(fake.partial.load(Ordering::SeqCst) > 0, "some requests were applied in part");
+    for (partition, values) in sent {
+        assert_eq!(fake.log(partition), values, "partition {partition}: in order, each once");
+    }
 }
 
 #[tokio::test]
