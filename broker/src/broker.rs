@@ -36,7 +36,7 @@ use crate::controller::{
     place, recorded_min_insync_replicas,
 };
 use crate::error::BrokerError;
-use crate::partition::Partition;
+use crate::partition::{LeaderSession, Partition};
 use crate::replication::fetcher::{FetcherSettings, Fetchers, Follow};
 use crate::replication::isr::{IsrProposer, Proposal, now_ms};
 use crate::replication::{Assignment, LeaderSettings, ProposalOutcome};
@@ -107,7 +107,7 @@ pub struct Broker {
     incarnation: OnceLock<u64>,
     /// True while the image has this incarnation registered and unfenced:
     /// only then does the broker act as leader of anything.
-    serving: std::sync::atomic::AtomicBool,
+    serving: Arc<std::sync::atomic::AtomicBool>,
     /// This broker's session with the active controller, kept by its
     /// heartbeats: without it the broker leads nothing.
     lease: Arc<crate::membership::Lease>,
@@ -225,7 +225,7 @@ impl Broker {
             reconciled: tokio::sync::watch::channel(0).0,
             controller: OnceLock::new(),
             incarnation: OnceLock::new(),
-            serving: std::sync::atomic::AtomicBool::new(false),
+            serving: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             lease: Arc::new(crate::membership::Lease::default()),
             fetchers: Fetchers::new(FetcherSettings {
                 replica_id: BrokerId(config.node_id),
@@ -355,7 +355,9 @@ impl Broker {
             crate::storage::fs::write_atomic(&marker, format!("topic_id: {id}\n").as_bytes())?;
         }
         let limit = u32::try_from(self.config.max_inflight_bytes_per_partition).unwrap_or(u32::MAX);
-        Ok(Arc::new(Partition::new(Arc::from(topic.as_str()), index, log, limit)))
+        let (serving, lease) = (self.serving.clone(), self.lease.clone());
+        let session = LeaderSession::new(move || serving.load(std::sync::atomic::Ordering::SeqCst) && lease.is_valid());
+        Ok(Arc::new(Partition::new(Arc::from(topic.as_str()), index, log, limit).with_session(session)))
     }
 
     /// Brings the hosted topics and partitions in line with `applied`: opens

@@ -46,6 +46,35 @@ enum Role {
     Follower { leader: Option<BrokerId>, leader_epoch: u32 },
 }
 
+/// Whether this broker may act as a leader right now: its controller session
+/// is live and its registration active (see `membership`). Checked at every
+/// append as leader, under the log lock, so a request admitted under a valid
+/// session that waited (in-flight bytes) past its end appends nothing.
+#[derive(Clone)]
+pub struct LeaderSession(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl LeaderSession {
+    /// A session that `is_live` reports on; it must be cheap (atomics).
+    pub fn new(is_live: impl Fn() -> bool + Send + Sync + 'static) -> LeaderSession {
+        LeaderSession(Arc::new(is_live))
+    }
+
+    /// Always live: a partition outside a cluster (tools, tests).
+    pub fn always() -> LeaderSession {
+        LeaderSession::new(|| true)
+    }
+
+    fn is_live(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for LeaderSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("LeaderSession").field(&self.is_live()).finish()
+    }
+}
+
 /// One partition's state.
 #[derive(Debug)]
 pub struct Partition {
@@ -66,6 +95,8 @@ pub struct Partition {
     upkeep: Mutex<bool>,
     /// Cold pages of the last read, dropped once a fetch passes their end.
     read_behind: Mutex<Option<(Offset, Vec<Writeback>)>>,
+    /// Whether this broker's session lets it lead now.
+    session: LeaderSession,
 }
 
 /// What a follower's fetch gets from the leader's partition.
@@ -103,7 +134,14 @@ impl Partition {
             inflight_limit,
             read_behind: Mutex::new(None),
             upkeep: Mutex::new(false),
+            session: LeaderSession::always(),
         }
+    }
+
+    /// The same partition, leading only while `session` is live.
+    pub fn with_session(mut self, session: LeaderSession) -> Partition {
+        self.session = session;
+        self
     }
 
     /// The leader's own end for the high watermark: its log end, or with
@@ -373,12 +411,17 @@ impl Partition {
         }
     }
 
-    /// Refuses unless this broker leads in `leader_epoch` (and, for
-    /// acks=all, the committed ISR is large enough). Call with the log lock
+    /// Refuses unless this broker leads in `leader_epoch` under a live
+    /// session (and, for acks=all, the committed ISR is large enough). Call with the log lock
     /// held, so no role change slips in before the append.
     fn check_leads(&self, leader_epoch: u32, acks_all: bool) -> Result<(), BrokerError> {
         match &*self.lock_role() {
             Role::Leader(state) if state.leader_epoch() == leader_epoch => {
+                if !self.session.is_live() {
+                    // By now the controller may have fenced this broker and
+                    // moved the leadership: never append as a lapsed leader.
+                    return Err(self.not_leader(None, leader_epoch));
+                }
                 if acks_all && !state.enough_replicas() {
                     let (isr, min_isr) = state.isr_size();
                     return Err(BrokerError::NotEnoughReplicas { isr, min_isr: min_isr as u32 });
@@ -941,5 +984,52 @@ mod tests {
         std::fs::remove_dir(&obstacle).unwrap();
         let info = p.produce(&[batch(&big), batch(&big)], 0, None).await.unwrap();
         assert_eq!((info.base_offset, info.log_end_offset), (Offset(1), Offset(3)), "each batch once");
+    }
+
+    #[tokio::test]
+    async fn a_produce_admitted_under_a_live_session_appends_nothing_once_the_session_lapsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig { segment_bytes: 4096, ..LogConfig::default() };
+        let log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
+        let live = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let session = {
+            let live = live.clone();
+            LeaderSession::new(move || live.load(std::sync::atomic::Ordering::SeqCst))
+        };
+        let one = batch(b"a").len() as u32;
+        // Room for one batch in flight.
+        let p = Arc::new(Partition::new(Arc::from("t"), 0, log, one).with_session(session));
+        let pair = Assignment {
+            replicas: vec![BrokerId(1), BrokerId(2)],
+            isr: vec![BrokerId(1), BrokerId(2)],
+            leader_epoch: 0,
+            partition_epoch: 0,
+        };
+        p.make_leader(BrokerId(1), pair, settings(), 0).unwrap();
+        // The first holds the in-flight bytes in its acks=all wait; the
+        // second, admitted meanwhile, waits for them.
+        let first = {
+            let p = p.clone();
+            tokio::spawn(async move { p.produce(&[batch(b"a")], 0, Some(Duration::from_secs(30))).await })
+        };
+        while p.offsets().2 != Offset(1) {
+            tokio::task::yield_now().await;
+        }
+        let second = {
+            let p = p.clone();
+            tokio::spawn(async move { p.produce(&[batch(b"b")], 0, None).await })
+        };
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!second.is_finished(), "waiting for in-flight bytes");
+        // The session lapses while it waits (the image still names this
+        // broker the leader); then broker 2 fetches and the first completes.
+        live.store(false, std::sync::atomic::Ordering::SeqCst);
+        p.replica_fetch(BrokerId(2), 1, 0, None, u64::MAX, 1).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), first).await.unwrap().unwrap().unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), second).await.unwrap().unwrap().unwrap_err();
+        assert_eq!(e.code(), ErrorCode::LeaderNotAvailable, "{e}");
+        assert_eq!(p.offsets().2, Offset(1), "nothing appended after the session lapsed");
     }
 }
