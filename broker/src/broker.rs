@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::BrokerConfig;
 use crate::controller::{
-    AppliedImage, BrokerId, Controller, ControllerError, MetadataCommand, MetadataError, PartitionState, TopicId,
-    place, recorded_min_insync_replicas,
+    AppliedImage, BrokerId, Controller, ControllerError, MetadataCommand, MetadataError, MetadataImage, PartitionState,
+    TopicId, place, recorded_min_insync_replicas,
 };
 use crate::error::BrokerError;
 use crate::partition::{LeaderSession, Partition};
@@ -178,11 +178,21 @@ fn altered_overrides(
     Ok(overrides)
 }
 
+/// How many times an admin change computed from this broker's image is
+/// computed again after losing its compare-and-set to a newer change.
+const ADMIN_CAS_ATTEMPTS: usize = 5;
+
 fn from_controller(e: ControllerError) -> BrokerError {
     match e {
         ControllerError::Refused(MetadataError::TopicExists(name)) => BrokerError::TopicAlreadyExists(name),
         ControllerError::Refused(MetadataError::UnknownTopic(name)) => {
             BrokerError::UnknownTopicOrPartition { topic: name, partition: None }
+        }
+        ControllerError::Refused(e @ MetadataError::TopicIdMismatch { .. }) => BrokerError::InvalidRequest(format!(
+            "{e}; nothing was deleted: describe the topic and delete it again if you mean the new one"
+        )),
+        ControllerError::Refused(e @ MetadataError::PartitionCountChanged { .. }) => {
+            BrokerError::InvalidPartitions(format!("{e}; describe the topic and ask again"))
         }
         ControllerError::Refused(MetadataError::InvalidTopicName(why)) => BrokerError::InvalidTopic(why),
         ControllerError::Refused(MetadataError::InvalidAssignment(why)) => BrokerError::InvalidReplicationFactor(why),
@@ -638,16 +648,23 @@ impl Broker {
         Ok(())
     }
 
-    /// Deletes a topic and its data.
+    /// Deletes a topic and its data: the topic this broker's image knows by
+    /// that name (by its id, so a topic created again under the name since
+    /// is not deleted).
     pub async fn delete_topic(self: &Arc<Self>, name: &str) -> Result<(), BrokerError> {
         let _admin = self.admin.lock().await;
         let controller = self.controller()?;
-        let command = MetadataCommand::DeleteTopic { name: name.to_string() };
+        let unknown = || BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None };
+        let id = controller.image().topic(name).ok_or_else(unknown)?.id.clone();
+        let command = MetadataCommand::DeleteTopic { name: name.to_string(), id: Some(id) };
         let committed = controller.propose_anywhere(command).await.map_err(from_controller)?;
         self.wait_reconciled(committed.index).await
     }
 
-    /// Sets and resets config keys of a topic.
+    /// Sets and resets config keys of a topic. The new overrides are
+    /// computed from this broker's image and proposed as a compare-and-set
+    /// on the topic's config version; when another change landed first, they
+    /// are computed again from the newer image (nothing is lost).
     pub async fn alter_topic_configs(
         self: &Arc<Self>,
         name: &str,
@@ -656,41 +673,95 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         let _admin = self.admin.lock().await;
         let controller = self.controller()?;
-        let image = controller.image();
-        let topic = image
-            .topic(name)
-            .ok_or_else(|| BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None })?;
-        let overrides = altered_overrides(&self.config.log, &topic.configs, set, delete)?;
-        let command = MetadataCommand::AlterTopicConfigs { name: name.to_string(), configs: overrides };
-        let committed = controller.propose_anywhere(command).await.map_err(from_controller)?;
-        self.wait_reconciled(committed.index).await
+        let unknown = || BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None };
+        let mut attempt = 0;
+        loop {
+            let image = controller.image();
+            let topic = image.topic(name).ok_or_else(unknown)?;
+            let overrides = altered_overrides(&self.config.log, &topic.configs, set, delete)?;
+            let command = MetadataCommand::AlterTopicConfigs {
+                name: name.to_string(),
+                configs: overrides,
+                expected_version: Some(topic.config_version),
+            };
+            match controller.propose_anywhere(command).await {
+                Ok(committed) => return self.wait_reconciled(committed.index).await,
+                Err(ControllerError::Refused(MetadataError::ConfigVersionChanged { current, .. }))
+                    if attempt + 1 < ADMIN_CAS_ATTEMPTS =>
+                {
+                    attempt += 1;
+                    self.wait_image(|image| image.topic(name).is_none_or(|t| t.config_version >= current)).await?;
+                }
+                Err(e) => return Err(from_controller(e)),
+            }
+        }
     }
 
-    /// Grows a topic to `count` partitions.
+    /// Grows a topic to `count` partitions: a compare-and-set on the count
+    /// it was placed for, so a retry or a second admin cannot grow it twice.
+    /// A topic that another change grew to exactly `count` meanwhile is
+    /// already what was asked for.
     pub async fn create_partitions(self: &Arc<Self>, name: &str, count: u32) -> Result<(), BrokerError> {
         let _admin = self.admin.lock().await;
         let controller = self.controller()?;
-        let image = controller.image();
-        let topic = image
-            .topic(name)
-            .ok_or_else(|| BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None })?;
-        let current = topic.partitions.len() as u32;
-        if count <= current {
-            return Err(BrokerError::InvalidPartitions(format!(
-                "topic `{name}` has {current} partitions; the new count must be larger, got {count}"
-            )));
-        }
+        let unknown = || BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None };
         if count > self.config.max_partitions_per_topic {
             return Err(BrokerError::InvalidPartitions(format!(
                 "the limit is {} partitions",
                 self.config.max_partitions_per_topic
             )));
         }
-        let rf = topic.partitions.first().map_or(1, |p| p.replicas.len() as u32);
-        let assignments = self.place(count - current, rf).await?;
-        let command = MetadataCommand::CreatePartitions { name: name.to_string(), assignments };
-        let committed = controller.propose_anywhere(command).await.map_err(from_controller)?;
-        self.wait_reconciled(committed.index).await
+        let mut attempt = 0;
+        loop {
+            let image = controller.image();
+            let topic = image.topic(name).ok_or_else(unknown)?;
+            let current = topic.partitions.len() as u32;
+            if count <= current {
+                return Err(BrokerError::InvalidPartitions(format!(
+                    "topic `{name}` has {current} partitions; the new count must be larger, got {count}"
+                )));
+            }
+            let rf = topic.partitions.first().map_or(1, |p| p.replicas.len() as u32);
+            let assignments = self.place(count - current, rf).await?;
+            let command = MetadataCommand::CreatePartitions {
+                name: name.to_string(),
+                assignments,
+                expected_count: Some(current),
+            };
+            match controller.propose_anywhere(command).await {
+                Ok(committed) => return self.wait_reconciled(committed.index).await,
+                Err(ControllerError::Refused(MetadataError::PartitionCountChanged { current, .. }))
+                    if attempt + 1 < ADMIN_CAS_ATTEMPTS =>
+                {
+                    attempt += 1;
+                    self.wait_image(|image| image.topic(name).is_none_or(|t| t.partitions.len() as u32 >= current))
+                        .await?;
+                    if current == count {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(from_controller(e)),
+            }
+        }
+    }
+
+    /// Waits (bounded) until this broker's controller image satisfies `until`.
+    async fn wait_image(&self, until: impl Fn(&MetadataImage) -> bool) -> Result<(), BrokerError> {
+        let controller = self.controller()?;
+        let mut applied = self.reconciled.subscribe();
+        let wait = async {
+            while !until(&controller.image()) {
+                if applied.changed().await.is_err() {
+                    return Err(BrokerError::ShuttingDown);
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(RECONCILE_WAIT, wait).await.unwrap_or_else(|_| {
+            Err(BrokerError::Controller(ControllerError::Timeout {
+                timeout_ms: u64::try_from(RECONCILE_WAIT.as_millis()).unwrap_or(u64::MAX),
+            }))
+        })
     }
 
     /// Every partition this broker hosts.

@@ -142,6 +142,15 @@ fn check(r: Option<pb::TopicResult>, topic: &str) -> Result<()> {
     Ok(())
 }
 
+/// Attempts of an admin change whose answer left its outcome unknown.
+const ADMIN_ATTEMPTS: usize = 4;
+/// The wait before such an attempt.
+const ADMIN_RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(200);
+
+fn is_unknown_topic(e: &Error) -> bool {
+    matches!(e, Error::Broker { code, .. } if *code == tally_proto::ErrorCode::UnknownTopicOrPartition)
+}
+
 impl Admin {
     pub(crate) fn new(client: Client) -> Self {
         Admin { client }
@@ -165,8 +174,25 @@ impl Admin {
         Ok(())
     }
 
-    /// Deletes a topic and its data.
+    /// Deletes a topic and its data. An answer that may or may not have
+    /// applied (a timeout, a lost connection) is retried; a retry that finds
+    /// the topic gone counts as done.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            let outcome = self.delete_topic_once(name).await;
+            match outcome {
+                Err(e) if attempt > 0 && is_unknown_topic(&e) => return Ok(()),
+                Err(e) if e.is_retriable() && attempt + 1 < ADMIN_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(ADMIN_RETRY_BACKOFF).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn delete_topic_once(&self, name: &str) -> Result<()> {
         let request = pb::DeleteTopicsRequest { names: vec![name.to_string()] };
         let response = self.client.admin_rpc().delete_topics(request).await?.into_inner();
         self.client.invalidate(name);
@@ -265,21 +291,63 @@ impl Admin {
         Ok(t)
     }
 
-    /// Sets config keys (`set`) and resets others to the broker default (`reset`).
+    /// Sets config keys (`set`) and resets others to the broker default
+    /// (`reset`). Applying the same change twice gives the same configs, so
+    /// an answer that may or may not have applied is simply retried; the
+    /// broker applies it as a compare-and-set, so no other change is lost.
     pub async fn alter_topic_configs(
         &self,
         name: &str,
         set: BTreeMap<String, String>,
         reset: Vec<String>,
     ) -> Result<()> {
-        let request =
-            pb::AlterTopicConfigsRequest { name: name.to_string(), set: set.into_iter().collect(), delete: reset };
-        let response = self.client.admin_rpc().alter_topic_configs(request).await?.into_inner();
-        check(response.result, name)
+        let mut attempt = 0;
+        loop {
+            let request = pb::AlterTopicConfigsRequest {
+                name: name.to_string(),
+                set: set.clone().into_iter().collect(),
+                delete: reset.clone(),
+            };
+            let outcome = async {
+                let response = self.client.admin_rpc().alter_topic_configs(request).await?.into_inner();
+                check(response.result, name)
+            }
+            .await;
+            match outcome {
+                Err(e) if e.is_retriable() && attempt + 1 < ADMIN_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(ADMIN_RETRY_BACKOFF).await;
+                }
+                other => return other,
+            }
+        }
     }
 
-    /// Grows a topic to `count` partitions.
+    /// Grows a topic to `count` partitions. An answer that may or may not
+    /// have applied is resolved by reading the count back: a topic that has
+    /// `count` partitions is done, one with fewer is asked again (the broker
+    /// grows it as a compare-and-set on its current count, so never twice).
     pub async fn create_partitions(&self, name: &str, count: u32) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            let outcome = self.create_partitions_once(name, count).await;
+            match outcome {
+                Err(e) if e.is_retriable() && attempt + 1 < ADMIN_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(ADMIN_RETRY_BACKOFF).await;
+                    match self.describe_at(None, name).await {
+                        Ok(t) if t.partitions.len() == count as usize => return Ok(()),
+                        Ok(_) => {}
+                        Err(read) if read.is_retriable() => {}
+                        Err(read) => return Err(read),
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn create_partitions_once(&self, name: &str, count: u32) -> Result<()> {
         let request = pb::CreatePartitionsRequest { name: name.to_string(), count };
         let response = self.client.admin_rpc().create_partitions(request).await?.into_inner();
         self.client.invalidate(name);

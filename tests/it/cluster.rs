@@ -303,3 +303,59 @@ async fn a_broker_without_a_controller_quorum_leads_until_its_session_runs_out()
     assert!(stopped, "a broker cut off from the controller stops acting as leader");
     first.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_at_different_brokers_grow_a_topic_once_and_lose_no_config_change() {
+    let root = tempfile::tempdir().unwrap();
+    let brokers = three_brokers(root.path()).await;
+    let clients = futures_util::future::join_all(brokers.iter().map(|b| b.client())).await;
+    clients[0].admin().create_topic(NewTopic::new("grow", 2)).await.unwrap();
+    for c in &clients {
+        let seen = wait_for(Duration::from_secs(10), async || c.admin().describe_topic("grow").await.is_ok()).await;
+        assert!(seen, "every broker knows the topic");
+    }
+    // Three admins ask at once, each at its own broker, for 4 partitions:
+    // each computes "2 more" from its image; only one may apply.
+    let grows = futures_util::future::join_all(clients.iter().map(|c| async move {
+        let admin = c.admin();
+        admin.create_partitions("grow", 4).await
+    }))
+    .await;
+    for outcome in &grows {
+        if let Err(e) = outcome {
+            assert!(e.to_string().contains("must be larger"), "only a count already reached is refused: {e}");
+        }
+    }
+    assert!(grows.iter().any(Result::is_ok), "{grows:?}");
+    for c in &clients {
+        let grown = wait_for(Duration::from_secs(10), async || {
+            c.admin().describe_topic("grow").await.is_ok_and(|d| d.partitions.len() >= 4)
+        })
+        .await;
+        assert!(grown);
+        let d = c.admin().describe_topic("grow").await.unwrap();
+        assert_eq!(d.partitions.len(), 4, "grown once, not once per admin");
+    }
+    // Two admins set different keys at once: neither change is lost.
+    let keys = ["retention_ms", "segment_ms", "max_message_bytes"];
+    let values = ["3600000", "7200000", "2000000"];
+    let alters = futures_util::future::join_all(clients.iter().zip(keys.iter().zip(values)).map(|(c, (k, v))| {
+        let set = std::collections::BTreeMap::from([(k.to_string(), v.to_string())]);
+        async move { c.admin().alter_topic_configs("grow", set, vec![]).await }
+    }))
+    .await;
+    for outcome in alters {
+        outcome.unwrap();
+    }
+    // Each answer waited for its own broker's image; broker 1's may lag.
+    let all_kept = wait_for(Duration::from_secs(10), async || {
+        let configs = clients[0].admin().describe_topic("grow").await.map(|d| d.configs).unwrap_or_default();
+        keys.iter().zip(values).all(|(k, v)| configs.get(*k).map(String::as_str) == Some(v))
+    })
+    .await;
+    let configs = clients[0].admin().describe_topic("grow").await.unwrap().configs;
+    assert!(all_kept, "every key kept: {configs:?}");
+    for b in brokers {
+        b.stop().await.unwrap();
+    }
+}

@@ -124,6 +124,9 @@ pub struct TopicState {
     pub configs: BTreeMap<String, String>,
     /// Partitions, by number.
     pub partitions: Vec<PartitionState>,
+    /// Grows with every config change: what config compare-and-sets check.
+    #[serde(default)]
+    pub config_version: u64,
 }
 
 /// A change to the metadata, as the metadata log carries it.
@@ -172,6 +175,11 @@ pub enum MetadataCommand {
     DeleteTopic {
         /// Name.
         name: String,
+        /// The topic's id as the proposer saw it: a topic re-created under
+        /// the name since then is not deleted. (`None` in entries written
+        /// before ids were checked: by name.)
+        #[serde(default)]
+        id: Option<TopicId>,
     },
     /// Replaces a topic's config overrides (validated by the proposer).
     AlterTopicConfigs {
@@ -179,6 +187,11 @@ pub enum MetadataCommand {
         name: String,
         /// The new overrides, whole.
         configs: BTreeMap<String, String>,
+        /// The config version they were computed from (compare-and-set: a
+        /// change based on an older version is refused, not lost). `None`
+        /// in entries written before versions existed.
+        #[serde(default)]
+        expected_version: Option<u64>,
     },
     /// Adds partitions to a topic.
     CreatePartitions {
@@ -186,6 +199,11 @@ pub enum MetadataCommand {
         name: String,
         /// Replicas of each new partition.
         assignments: Vec<Vec<BrokerId>>,
+        /// The partition count they were placed for (compare-and-set: a
+        /// retry or a second admin working from the same count cannot grow
+        /// the topic twice). `None` in entries written before the check.
+        #[serde(default)]
+        expected_count: Option<u32>,
     },
     /// A partition leader changes its ISR (KIP-497's AlterPartition).
     AlterPartition {
@@ -364,6 +382,36 @@ pub enum MetadataError {
         /// What is wrong.
         reason: String,
     },
+    /// A delete by id whose topic was re-created under the name meanwhile.
+    #[error("topic `{name}` is now a different topic (id {current}, not {got}): it was deleted and created again")]
+    TopicIdMismatch {
+        /// Name.
+        name: String,
+        /// The id it has now.
+        current: TopicId,
+        /// The id the command named.
+        got: TopicId,
+    },
+    /// A partition-count compare-and-set that lost: the count changed.
+    #[error("topic `{name}` has {current} partitions now, not the {expected} the change was computed from")]
+    PartitionCountChanged {
+        /// Name.
+        name: String,
+        /// Its count now.
+        current: u32,
+        /// The count the command expected.
+        expected: u32,
+    },
+    /// A config compare-and-set that lost: another change landed first.
+    #[error("the configs of topic `{name}` changed meanwhile (version {current}, not {expected})")]
+    ConfigVersionChanged {
+        /// Name.
+        name: String,
+        /// The version now.
+        current: u64,
+        /// The version the command expected.
+        expected: u64,
+    },
     /// A producer-id block that cannot be given.
     #[error("invalid producer id request: {0}")]
     InvalidProducerIdRequest(String),
@@ -449,9 +497,13 @@ impl MetadataImage {
             MetadataCommand::CreateTopic { name, id, configs, assignments } => {
                 self.create_topic(name, id, configs, assignments)
             }
-            MetadataCommand::DeleteTopic { name } => self.delete_topic(name),
-            MetadataCommand::AlterTopicConfigs { name, configs } => self.alter_topic_configs(name, configs),
-            MetadataCommand::CreatePartitions { name, assignments } => self.create_partitions(name, assignments),
+            MetadataCommand::DeleteTopic { name, id } => self.delete_topic(name, id.as_ref()),
+            MetadataCommand::AlterTopicConfigs { name, configs, expected_version } => {
+                self.alter_topic_configs(name, configs, *expected_version)
+            }
+            MetadataCommand::CreatePartitions { name, assignments, expected_count } => {
+                self.create_partitions(name, assignments, *expected_count)
+            }
             MetadataCommand::AlterPartition { topic, partition, leader_epoch, partition_epoch, isr } => {
                 self.alter_partition(topic, *partition, *leader_epoch, *partition_epoch, isr)
             }
@@ -669,13 +721,29 @@ impl MetadataImage {
             return Err(MetadataError::TopicExists(name.to_string()));
         }
         let partitions = self.new_partitions(assignments, None)?;
-        let topic = TopicState { id: id.clone(), name: name.to_string(), configs: configs.clone(), partitions };
+        let topic = TopicState {
+            id: id.clone(),
+            name: name.to_string(),
+            configs: configs.clone(),
+            partitions,
+            config_version: 0,
+        };
         self.topics.insert(name.to_string(), topic);
         Ok(vec![MetadataEffect::TopicCreated { name: name.to_string(), id: id.clone() }])
     }
 
-    fn delete_topic(&mut self, name: &str) -> Result<Vec<MetadataEffect>, MetadataError> {
-        let topic = self.topics.remove(name).ok_or_else(|| MetadataError::UnknownTopic(name.to_string()))?;
+    fn delete_topic(&mut self, name: &str, id: Option<&TopicId>) -> Result<Vec<MetadataEffect>, MetadataError> {
+        let topic = self.topics.get(name).ok_or_else(|| MetadataError::UnknownTopic(name.to_string()))?;
+        if let Some(id) = id
+            && *id != topic.id
+        {
+            return Err(MetadataError::TopicIdMismatch {
+                name: name.to_string(),
+                current: topic.id.clone(),
+                got: id.clone(),
+            });
+        }
+        let topic = self.topics.remove(name).expect("checked");
         Ok(vec![MetadataEffect::TopicDeleted { name: topic.name, id: topic.id }])
     }
 
@@ -683,8 +751,15 @@ impl MetadataImage {
         &mut self,
         name: &str,
         assignments: &[Vec<BrokerId>],
+        expected_count: Option<u32>,
     ) -> Result<Vec<MetadataEffect>, MetadataError> {
         let topic = self.topics.get(name).ok_or_else(|| MetadataError::UnknownTopic(name.to_string()))?;
+        let current = topic.partitions.len() as u32;
+        if let Some(expected) = expected_count
+            && expected != current
+        {
+            return Err(MetadataError::PartitionCountChanged { name: name.to_string(), current, expected });
+        }
         let rf = topic.partitions.first().map(|p| p.replicas.len());
         let mut partitions = self.new_partitions(assignments, rf)?;
         let topic = self.topics.get_mut(name).expect("checked");
@@ -703,10 +778,21 @@ impl MetadataImage {
         &mut self,
         name: &str,
         configs: &BTreeMap<String, String>,
+        expected_version: Option<u64>,
     ) -> Result<Vec<MetadataEffect>, MetadataError> {
         let topic = self.topics.get_mut(name).ok_or_else(|| MetadataError::UnknownTopic(name.to_string()))?;
+        if let Some(expected) = expected_version
+            && expected != topic.config_version
+        {
+            return Err(MetadataError::ConfigVersionChanged {
+                name: name.to_string(),
+                current: topic.config_version,
+                expected,
+            });
+        }
         let before = election_rules(&topic.configs).min_insync_replicas;
         topic.configs = configs.clone();
+        topic.config_version += 1;
         let mut effects = vec![MetadataEffect::TopicConfigsChanged { name: name.to_string() }];
         if election_rules(&topic.configs).min_insync_replicas != before {
             for (index, p) in topic.partitions.iter_mut().enumerate() {

@@ -182,11 +182,11 @@ fn topic_creation_refuses_bad_names_duplicates_and_bad_assignments() {
 #[test]
 fn deleting_a_topic_reports_its_id_and_a_recreated_topic_gets_a_new_one() {
     let mut image = cluster(&[&[1]]);
-    let effects = image.apply(&MetadataCommand::DeleteTopic { name: "t".into() }).unwrap();
+    let effects = image.apply(&MetadataCommand::DeleteTopic { name: "t".into(), id: None }).unwrap();
     assert_eq!(effects, vec![MetadataEffect::TopicDeleted { name: "t".into(), id: TopicId("id-t".into()) }]);
     assert!(image.topic("t").is_none());
     assert_eq!(
-        refused(&mut image, &MetadataCommand::DeleteTopic { name: "t".into() }),
+        refused(&mut image, &MetadataCommand::DeleteTopic { name: "t".into(), id: None }),
         MetadataError::UnknownTopic("t".into())
     );
     image.apply(&create("t", "id-t2", vec![ids(&[2])])).unwrap();
@@ -196,15 +196,21 @@ fn deleting_a_topic_reports_its_id_and_a_recreated_topic_gets_a_new_one() {
 #[test]
 fn partitions_are_added_with_the_topics_replication_factor() {
     let mut image = cluster(&[&[1, 2], &[2, 3]]);
-    let add = MetadataCommand::CreatePartitions { name: "t".into(), assignments: vec![ids(&[3, 1])] };
+    let add =
+        MetadataCommand::CreatePartitions { name: "t".into(), assignments: vec![ids(&[3, 1])], expected_count: None };
     assert_eq!(
         image.apply(&add).unwrap(),
         vec![MetadataEffect::PartitionsCreated { name: "t".into(), from: 2, to: 3 }]
     );
     assert_eq!(image.partition("t", 2).unwrap().leader, Some(b(3)));
-    let wrong_rf = MetadataCommand::CreatePartitions { name: "t".into(), assignments: vec![ids(&[1])] };
+    let wrong_rf =
+        MetadataCommand::CreatePartitions { name: "t".into(), assignments: vec![ids(&[1])], expected_count: None };
     assert!(matches!(refused(&mut image, &wrong_rf), MetadataError::InvalidAssignment(_)));
-    let unknown = MetadataCommand::CreatePartitions { name: "nope".into(), assignments: vec![ids(&[1, 2])] };
+    let unknown = MetadataCommand::CreatePartitions {
+        name: "nope".into(),
+        assignments: vec![ids(&[1, 2])],
+        expected_count: None,
+    };
     assert_eq!(refused(&mut image, &unknown), MetadataError::UnknownTopic("nope".into()));
 }
 
@@ -367,12 +373,14 @@ fn topic_configs_are_replaced_whole() {
     let alter = MetadataCommand::AlterTopicConfigs {
         name: "t".into(),
         configs: BTreeMap::from([("flush".to_string(), "always".to_string())]),
+        expected_version: None,
     };
     assert_eq!(image.apply(&alter).unwrap(), vec![MetadataEffect::TopicConfigsChanged { name: "t".into() }]);
     let configs = &image.topic("t").unwrap().configs;
     assert_eq!(configs.len(), 1, "retention_ms is gone: the overrides are replaced, not merged");
     assert_eq!(configs["flush"], "always");
-    let unknown = MetadataCommand::AlterTopicConfigs { name: "u".into(), configs: BTreeMap::new() };
+    let unknown =
+        MetadataCommand::AlterTopicConfigs { name: "u".into(), configs: BTreeMap::new(), expected_version: None };
     assert_eq!(refused(&mut image, &unknown), MetadataError::UnknownTopic("u".into()));
 }
 
@@ -525,6 +533,7 @@ fn changing_min_insync_replicas_clears_the_eligible_leader_replicas() {
     let lower = MetadataCommand::AlterTopicConfigs {
         name: "t".into(),
         configs: BTreeMap::from([("min_insync_replicas".to_string(), "1".to_string())]),
+        expected_version: None,
     };
     let effects = image.apply(&lower).unwrap();
     let p = image.partition("t", 0).unwrap().clone();
@@ -545,7 +554,54 @@ fn changing_min_insync_replicas_clears_the_eligible_leader_replicas() {
             ("min_insync_replicas".to_string(), "2".to_string()),
             ("flush".to_string(), "always".to_string()),
         ]),
+        expected_version: None,
     };
     image.apply(&same).unwrap();
     assert_eq!(image.partition("t", 0).unwrap().elr, ids(&[2]));
+}
+
+#[test]
+fn admin_changes_are_compare_and_sets_so_a_retry_or_a_stale_proposer_applies_nothing_twice() {
+    let mut image = cluster(&[&[1, 2, 3]]);
+    // Growing 1 -> 2; the same command again (a retry after a lost answer,
+    // or a second admin working from the same image) is refused.
+    let grow = MetadataCommand::CreatePartitions {
+        name: "t".into(),
+        assignments: vec![ids(&[2, 3, 1])],
+        expected_count: Some(1),
+    };
+    image.apply(&grow).unwrap();
+    assert_eq!(
+        refused(&mut image, &grow),
+        MetadataError::PartitionCountChanged { name: "t".into(), current: 2, expected: 1 }
+    );
+    assert_eq!(image.topic("t").unwrap().partitions.len(), 2, "grown once");
+    // Configs: a change computed from version 0 after another landed is
+    // refused instead of replacing it.
+    let alter = |key: &str, version: u64| MetadataCommand::AlterTopicConfigs {
+        name: "t".into(),
+        configs: BTreeMap::from([(key.to_string(), "1".to_string())]),
+        expected_version: Some(version),
+    };
+    image.apply(&alter("retention_ms", 0)).unwrap();
+    assert_eq!(
+        refused(&mut image, &alter("segment_ms", 0)),
+        MetadataError::ConfigVersionChanged { name: "t".into(), current: 1, expected: 0 }
+    );
+    assert!(image.topic("t").unwrap().configs.contains_key("retention_ms"), "the first change stays");
+    image.apply(&alter("segment_ms", 1)).unwrap();
+    assert_eq!(image.topic("t").unwrap().config_version, 2);
+    // Delete by id: a topic created again under the name is not deleted.
+    let stale_delete = MetadataCommand::DeleteTopic { name: "t".into(), id: Some(TopicId("id-t".into())) };
+    image.apply(&stale_delete).unwrap();
+    image.apply(&create("t", "id-t2", vec![ids(&[1, 2, 3])])).unwrap();
+    assert_eq!(
+        refused(&mut image, &stale_delete),
+        MetadataError::TopicIdMismatch {
+            name: "t".into(),
+            current: TopicId("id-t2".into()),
+            got: TopicId("id-t".into())
+        }
+    );
+    assert_eq!(image.topic("t").unwrap().id, TopicId("id-t2".into()), "the new topic survives");
 }
