@@ -252,11 +252,21 @@ async fn a_proposal_or_heartbeat_at_a_follower_is_forwarded_to_the_leader() {
     let committed = nodes[&follower].controller.propose_anywhere(register(1)).await.unwrap();
     assert_eq!(committed.effects, vec![MetadataEffect::BrokerRegistered { id: BrokerId(1), incarnation: 7 }]);
     assert!(nodes[&follower].controller.wait_applied(committed.index, Duration::from_secs(10)).await);
-    let behind = HeartbeatRequest { broker: BrokerId(1), incarnation: 7, caught_up: false, shutting_down: false };
-    assert_eq!(nodes[&follower].controller.heartbeat(&behind).await, Ok(HeartbeatAnswer::Alive { fenced: true }));
-    // Caught up, it is unfenced at once.
-    let heartbeat = HeartbeatRequest { caught_up: true, ..behind.clone() };
-    assert_eq!(nodes[&follower].controller.heartbeat(&heartbeat).await, Ok(HeartbeatAnswer::Alive { fenced: false }));
+    let behind =
+        HeartbeatRequest { broker: BrokerId(1), incarnation: 7, metadata_index: Some(0), shutting_down: false };
+    let answer = nodes[&follower].controller.heartbeat(&behind).await.unwrap();
+    let HeartbeatAnswer::Alive { fenced: true, metadata_index: Some(needed), session_timeout_ms: 1000 } = answer else {
+        panic!("a fenced broker behind the log: {answer:?}");
+    };
+    assert!(needed >= committed.index, "the answer names the committed index: {answer:?}");
+    // Caught up to that index, it is unfenced at once, and the answer names
+    // the unfencing's index.
+    let heartbeat = HeartbeatRequest { metadata_index: Some(needed), ..behind.clone() };
+    let answer = nodes[&follower].controller.heartbeat(&heartbeat).await.unwrap();
+    let HeartbeatAnswer::Alive { fenced: false, metadata_index: Some(unfenced), .. } = answer else {
+        panic!("a caught-up broker is unfenced: {answer:?}");
+    };
+    assert!(unfenced > needed);
     let stranger = HeartbeatRequest { broker: BrokerId(9), ..heartbeat };
     assert_eq!(nodes[&follower].controller.heartbeat(&stranger).await, Ok(HeartbeatAnswer::Register));
     for (_, v) in nodes {
@@ -267,7 +277,12 @@ async fn a_proposal_or_heartbeat_at_a_follower_is_forwarded_to_the_leader() {
 /// Heartbeats for broker 1 through voter `via` every 100 ms until `stop`.
 fn heartbeat_loop(controller: Controller, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let heartbeat = HeartbeatRequest { broker: BrokerId(1), incarnation: 7, caught_up: true, shutting_down: false };
+        let heartbeat = HeartbeatRequest {
+            broker: BrokerId(1),
+            incarnation: 7,
+            metadata_index: Some(u64::MAX),
+            shutting_down: false,
+        };
         while !*stop.borrow() {
             let _ = controller.heartbeat(&heartbeat).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
