@@ -99,6 +99,32 @@ pub fn lease_extension(answer: &HeartbeatAnswer, image_index: u64, own_session: 
     }
 }
 
+/// How long this broker's image has stayed behind the index that unfenced
+/// answers named: a broker behind for a whole session, whose lease has
+/// lapsed, asks the controller to fence it, so its leaderships move to
+/// brokers that can serve them instead of staying with one that cannot.
+#[derive(Debug, Default)]
+struct Behind {
+    since: Option<std::time::Instant>,
+}
+
+impl Behind {
+    /// An answer arrived; the image is at `image_index` now.
+    fn observe(&mut self, answer: &HeartbeatAnswer, image_index: u64, now: std::time::Instant) {
+        match *answer {
+            HeartbeatAnswer::Alive { fenced: false, metadata_index: Some(needed), .. } if image_index < needed => {
+                self.since.get_or_insert(now);
+            }
+            _ => self.since = None,
+        }
+    }
+
+    /// True when the next heartbeat should ask to be fenced.
+    fn want_fence(&self, now: std::time::Instant, session: Duration, lease_valid: bool) -> bool {
+        !lease_valid && self.since.is_some_and(|since| now.saturating_duration_since(since) >= session)
+    }
+}
+
 /// Settings of the session.
 #[derive(Debug, Clone)]
 pub struct Membership {
@@ -140,10 +166,11 @@ impl Membership {
         let mut warned = false;
         let mut id_in_use_since: Option<std::time::Instant> = None;
         let mut just_registered = false;
+        let mut behind = Behind::default();
         while !*stop.borrow() {
             let started = std::time::Instant::now();
             let step = if registered {
-                self.beat().await.map(|answer| {
+                self.beat(&mut behind).await.map(|answer| {
                     if answer == HeartbeatAnswer::Register {
                         tracing::warn!(broker = %self.broker, "the controller does not know this incarnation; registering again");
                         registered = false;
@@ -194,7 +221,7 @@ impl Membership {
         }
         if registered {
             // Controlled shutdown: ask to be fenced now, bounded.
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.heartbeat(true)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.heartbeat(true, false)).await;
         }
         Ok(())
     }
@@ -219,10 +246,14 @@ impl Membership {
     /// send time, and is extended only once this broker's image has reached
     /// the index the answer names, waited for at most until the next
     /// heartbeat is due.
-    async fn beat(&self) -> Result<HeartbeatAnswer, ControllerError> {
+    async fn beat(&self, behind: &mut Behind) -> Result<HeartbeatAnswer, ControllerError> {
         let sent = std::time::Instant::now();
         let sent_ns = lease_clock_ns();
-        let answer = self.heartbeat(false).await?;
+        let want_fence = behind.want_fence(sent, self.session_timeout, self.lease.is_valid());
+        if want_fence {
+            tracing::warn!(broker = %self.broker, "this broker's metadata has stayed behind the controller's for a session; asking to be fenced so its partitions move");
+        }
+        let answer = self.heartbeat(false, want_fence).await?;
         let Some(sent_ns) = sent_ns else { return Ok(answer) };
         if let HeartbeatAnswer::Alive { fenced: false, metadata_index: Some(needed), .. } = answer {
             let mut image_index = self.image_index.clone();
@@ -230,6 +261,7 @@ impl Membership {
             let _ = tokio::time::timeout(wait, image_index.wait_for(|i| *i >= needed)).await;
         }
         let image_index = *self.image_index.borrow();
+        behind.observe(&answer, image_index, std::time::Instant::now());
         match lease_extension(&answer, image_index, self.session_timeout) {
             Some(session) => self.lease.extend(sent_ns, session),
             None => {
@@ -239,10 +271,15 @@ impl Membership {
         Ok(answer)
     }
 
-    async fn heartbeat(&self, shutting_down: bool) -> Result<HeartbeatAnswer, ControllerError> {
+    async fn heartbeat(&self, shutting_down: bool, want_fence: bool) -> Result<HeartbeatAnswer, ControllerError> {
         let metadata_index = Some(*self.image_index.borrow());
-        let request =
-            HeartbeatRequest { broker: self.broker, incarnation: self.incarnation, metadata_index, shutting_down };
+        let request = HeartbeatRequest {
+            broker: self.broker,
+            incarnation: self.incarnation,
+            metadata_index,
+            shutting_down,
+            want_fence,
+        };
         self.controller.heartbeat(&request).await
     }
 }
@@ -359,6 +396,27 @@ mod tests {
         assert_eq!(lease_extension(&alive(false, Some(1), 4500), 1, OWN), Some(Duration::from_millis(4500)));
         assert_eq!(lease_extension(&alive(false, Some(1), 18_000), 1, OWN), Some(OWN));
         assert_eq!(lease_extension(&alive(false, Some(1), 0), 1, OWN), None, "no session named");
+    }
+
+    #[test]
+    fn a_broker_asks_to_be_fenced_once_behind_for_a_session_without_a_lease() {
+        let t0 = std::time::Instant::now();
+        let session = Duration::from_secs(2);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut behind = Behind::default();
+        behind.observe(&alive(false, Some(50), 2000), 40, at(0));
+        assert!(!behind.want_fence(at(1999), session, false), "not behind for a session yet");
+        assert!(!behind.want_fence(at(2000), session, true), "still leading on an earlier lease");
+        // Later answers name later indexes: still behind since the first.
+        behind.observe(&alive(false, Some(60), 2000), 45, at(500));
+        assert!(behind.want_fence(at(2000), session, false));
+        // Caught up: no longer behind.
+        behind.observe(&alive(false, Some(60), 2000), 60, at(2100));
+        assert!(!behind.want_fence(at(9000), session, false));
+        // A fenced answer never counts as behind (the controller decides
+        // when to unfence).
+        behind.observe(&alive(true, Some(90), 2000), 60, at(9000));
+        assert!(!behind.want_fence(at(20_000), session, false));
     }
 
     #[test]

@@ -169,6 +169,12 @@ pub struct HeartbeatRequest {
     pub metadata_index: Option<u64>,
     /// True when it is shutting down cleanly and wants to be fenced now.
     pub shutting_down: bool,
+    /// True when its image has stayed behind the index the controller's
+    /// answers named for a whole session, so it has no lease: it asks to
+    /// be fenced, so its leaderships move to brokers that can serve them
+    /// (Kafka's `wantFence`). Unfenced again once caught up.
+    #[serde(default)]
+    pub want_fence: bool,
 }
 
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -517,13 +523,16 @@ impl Controller {
             };
             (answer, leases.may_unfence(&applied.image, heartbeat.broker))
         };
-        let HeartbeatAnswer::Alive { session_timeout_ms, .. } = answer else { return Ok(answer) };
-        if heartbeat.shutting_down {
+        let HeartbeatAnswer::Alive { fenced, session_timeout_ms, .. } = answer else { return Ok(answer) };
+        if heartbeat.shutting_down || (heartbeat.want_fence && !fenced) {
+            // A broker that asks because it is behind holds no lease (it
+            // lapsed before it asked) and this answer gives none: its
+            // leaderships may move at once.
             let fence = MetadataCommand::FenceBroker { id: heartbeat.broker, incarnation: heartbeat.incarnation };
             let index = self.propose_indexed(fence).await?.index;
             return Ok(HeartbeatAnswer::Alive { fenced: true, metadata_index: Some(index), session_timeout_ms });
         }
-        if unfence {
+        if unfence && !heartbeat.want_fence {
             // Caught up and heard from: unfence now rather than at the next
             // tick. Its lease waits until its image has the unfencing.
             let unfence = MetadataCommand::UnfenceBroker { id: heartbeat.broker, incarnation: heartbeat.incarnation };

@@ -252,8 +252,13 @@ async fn a_proposal_or_heartbeat_at_a_follower_is_forwarded_to_the_leader() {
     let committed = nodes[&follower].controller.propose_anywhere(register(1)).await.unwrap();
     assert_eq!(committed.effects, vec![MetadataEffect::BrokerRegistered { id: BrokerId(1), incarnation: 7 }]);
     assert!(nodes[&follower].controller.wait_applied(committed.index, Duration::from_secs(10)).await);
-    let behind =
-        HeartbeatRequest { broker: BrokerId(1), incarnation: 7, metadata_index: Some(0), shutting_down: false };
+    let behind = HeartbeatRequest {
+        broker: BrokerId(1),
+        incarnation: 7,
+        metadata_index: Some(0),
+        shutting_down: false,
+        want_fence: false,
+    };
     let answer = nodes[&follower].controller.heartbeat(&behind).await.unwrap();
     let HeartbeatAnswer::Alive { fenced: true, metadata_index: Some(needed), session_timeout_ms: 1000 } = answer else {
         panic!("a fenced broker behind the log: {answer:?}");
@@ -267,6 +272,19 @@ async fn a_proposal_or_heartbeat_at_a_follower_is_forwarded_to_the_leader() {
         panic!("a caught-up broker is unfenced: {answer:?}");
     };
     assert!(unfenced > needed);
+    // Behind for a session, it asks to be fenced: fenced at once, and not
+    // unfenced again with the image it had before its fencing.
+    let asks = HeartbeatRequest { want_fence: true, ..heartbeat.clone() };
+    let answer = nodes[&follower].controller.heartbeat(&asks).await.unwrap();
+    let HeartbeatAnswer::Alive { fenced: true, metadata_index: Some(fenced_at), .. } = answer else {
+        panic!("a broker that asks is fenced: {answer:?}");
+    };
+    let stale = HeartbeatRequest { metadata_index: Some(unfenced), ..heartbeat.clone() };
+    let answer = nodes[&follower].controller.heartbeat(&stale).await.unwrap();
+    assert!(matches!(answer, HeartbeatAnswer::Alive { fenced: true, .. }), "{answer:?}");
+    let current = HeartbeatRequest { metadata_index: Some(fenced_at), ..heartbeat.clone() };
+    let answer = nodes[&follower].controller.heartbeat(&current).await.unwrap();
+    assert!(matches!(answer, HeartbeatAnswer::Alive { fenced: false, .. }), "caught up again: {answer:?}");
     let stranger = HeartbeatRequest { broker: BrokerId(9), ..heartbeat };
     assert_eq!(nodes[&follower].controller.heartbeat(&stranger).await, Ok(HeartbeatAnswer::Register));
     for (_, v) in nodes {
@@ -282,6 +300,7 @@ fn heartbeat_loop(controller: Controller, stop: tokio::sync::watch::Receiver<boo
             incarnation: 7,
             metadata_index: Some(u64::MAX),
             shutting_down: false,
+            want_fence: false,
         };
         while !*stop.borrow() {
             let _ = controller.heartbeat(&heartbeat).await;
