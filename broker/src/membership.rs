@@ -14,6 +14,13 @@
 //! if it lasts longer than two sessions, another live process holds the id,
 //! and the task ends with the error and the broker stops (two processes with
 //! one id must never both serve).
+//!
+//! The lease the data path checks is tied to current metadata: a heartbeat
+//! carries the index of the image this broker serves from, and an answer
+//! extends the lease (from the heartbeat's send time, by the shorter of the
+//! two sessions) only when it is unfenced and this broker's image has
+//! reached the committed index the controller named. A broker whose image
+//! stays behind for a session, its lease lapsed, asks to be fenced.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
