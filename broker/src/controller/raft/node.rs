@@ -182,6 +182,40 @@ struct ClusterFile {
     voters: BTreeMap<u32, String>,
 }
 
+/// How many of a batch of session changes were proposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Proposed {
+    made: usize,
+    of: usize,
+}
+
+impl Proposed {
+    /// How many were dropped because the leadership changed, if any.
+    pub(super) fn dropped(self) -> Option<usize> {
+        (self.made < self.of).then_some(self.of - self.made)
+    }
+}
+
+/// Proposes `commands` in order, each only while `still_leading()` holds:
+/// a proposal may wait seconds, and a session change decided in a term
+/// this voter no longer leads in must not be committed late.
+pub(super) async fn propose_while_leading<T, F: std::future::Future<Output = ()>>(
+    commands: Vec<T>,
+    still_leading: impl Fn() -> bool,
+    mut propose: impl FnMut(T) -> F,
+) -> Proposed {
+    let of = commands.len();
+    let mut made = 0;
+    for command in commands {
+        if !still_leading() {
+            break;
+        }
+        propose(command).await;
+        made += 1;
+    }
+    Proposed { made, of }
+}
+
 /// One running controller voter.
 #[derive(Clone)]
 pub struct Controller {
@@ -396,17 +430,20 @@ impl Controller {
                 }
                 leases.tick(term, &self.image(), now)
             };
-            for command in commands {
-                // A proposal may wait seconds: one decided in a term this
-                // voter no longer leads in is dropped, never committed late.
-                if self.leading_term() != Some(term) || !self.leases().leads_in(term) {
-                    tracing::info!(term, "the controller term changed; dropping broker session changes decided in it");
-                    break;
-                }
+            let still_leading = || self.leading_term() == Some(term) && self.leases().leads_in(term);
+            let proposed = propose_while_leading(commands, still_leading, |command| async {
                 tracing::info!(?command, "broker session change");
                 if let Err(e) = self.propose(command).await {
                     tracing::warn!(error = %e, "could not propose a broker session change");
                 }
+            })
+            .await;
+            if let Some(dropped) = proposed.dropped() {
+                tracing::info!(
+                    term,
+                    dropped,
+                    "the controller term changed; dropped broker session changes decided in it"
+                );
             }
             let now = self.now_ms();
             if rebalance_every > 0 && now.saturating_sub(rebalanced_ms) >= rebalance_every {

@@ -340,3 +340,22 @@ async fn a_silent_broker_is_fenced_and_unfenced_when_it_heartbeats_again() {
         v.stop().await;
     }
 }
+
+#[tokio::test]
+async fn the_lease_task_drops_session_changes_once_the_leadership_changed() {
+    let leading = std::cell::Cell::new(true);
+    let made = std::cell::RefCell::new(Vec::new());
+    let proposed = super::node::propose_while_leading(
+        vec![1, 2, 3],
+        || leading.get(),
+        |command| {
+            made.borrow_mut().push(command);
+            // The first proposal took long enough for the leadership to move.
+            leading.set(false);
+            std::future::ready(())
+        },
+    )
+    .await;
+    assert_eq!(made.into_inner(), vec![1], "decided in a term this voter no longer leads in");
+    assert_eq!(proposed.dropped(), Some(2));
+}
