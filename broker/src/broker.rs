@@ -520,7 +520,9 @@ impl Broker {
     }
 
     /// True while this process's registration is active and unfenced, and
-    /// the active controller answered a heartbeat less than a session ago.
+    /// its lease runs: the active controller answered a heartbeat sent less
+    /// than a session ago, unfenced, and this broker's image has reached
+    /// the committed index that answer named.
     pub fn is_serving(&self) -> bool {
         self.serving.load(std::sync::atomic::Ordering::SeqCst) && self.lease.is_valid()
     }
@@ -528,6 +530,12 @@ impl Broker {
     /// The lease the broker's heartbeats keep.
     pub fn lease(&self) -> Arc<crate::membership::Lease> {
         self.lease.clone()
+    }
+
+    /// Follows the metadata log index this broker has reconciled its topics
+    /// to: the image its data path serves from.
+    pub fn reconciled_index(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reconciled.subscribe()
     }
 
     /// This broker's id.

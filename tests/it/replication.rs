@@ -314,9 +314,10 @@ async fn acks_all_needs_min_insync_replicas_and_stopped_followers_rejoin() {
     cluster.stop_all().await;
 }
 
-/// Three in-process brokers behind proxies (what every peer and client
-/// dials), each connecting to its peers from an address of its own
-/// (127.0.0.<id+1>), so all of one broker's links can be cut.
+/// In-process brokers behind proxies (what every peer and client dials),
+/// each connecting to its peers from an address of its own (127.0.0.<id+1>),
+/// so all of one broker's links can be cut, or only those that reach it.
+/// Brokers 1 to 3 are the controller voters, any more are observers.
 struct IsolatableCluster {
     proxies: Vec<crate::proxy::Proxy>,
     listen: Vec<String>,
@@ -325,17 +326,28 @@ struct IsolatableCluster {
 
 impl IsolatableCluster {
     async fn start(root: &Path) -> IsolatableCluster {
+        Self::start_n(root, 3, |_| {}).await
+    }
+
+    /// `count` brokers (the first three vote), each config passed through
+    /// `adjust` before it starts.
+    async fn start_n(root: &Path, count: usize, adjust: impl Fn(&mut BrokerConfig)) -> IsolatableCluster {
         let mut listeners = Vec::new();
         let mut proxies = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..count {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let p = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             proxies.push(crate::proxy::Proxy::start(p, l.local_addr().unwrap()));
             listeners.push(l);
         }
         let listen = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-        let voters =
-            proxies.iter().enumerate().map(|(i, p)| format!("{}@{}", i + 1, p.address)).collect::<Vec<_>>().join(",");
+        let voters = proxies
+            .iter()
+            .take(3)
+            .enumerate()
+            .map(|(i, p)| format!("{}@{}", i + 1, p.address))
+            .collect::<Vec<_>>()
+            .join(",");
         let starting = listeners.into_iter().enumerate().map(|(i, l)| {
             let mut config = test_config(&root.join(format!("b{}", i + 1)));
             config.node_id = i as u32 + 1;
@@ -347,6 +359,7 @@ impl IsolatableCluster {
             config.controller_election_timeout_ms = 500;
             config.replica_lag_time_max_ms = 2000;
             config.replica_fetch_wait_max_ms = 200;
+            adjust(&mut config);
             TestBroker::start_on(config, l)
         });
         let brokers = futures_util::future::join_all(starting).await;
@@ -384,8 +397,21 @@ impl IsolatableCluster {
     }
 }
 
-/// One produce straight to a broker's own listener (past its proxy).
+/// One produce to partition 0 of `isolated` straight to a broker's own
+/// listener (past its proxy).
 async fn produce_direct(address: &str, acks: tally_proto::v1::Acks, value: &str) -> (i32, String) {
+    produce_direct_to(address, "isolated", 0, acks, value).await
+}
+
+/// One produce straight to a broker's own listener (past its proxy): the
+/// partition's error code (-1 when unreachable) and message.
+async fn produce_direct_to(
+    address: &str,
+    topic: &str,
+    partition: u32,
+    acks: tally_proto::v1::Acks,
+    value: &str,
+) -> (i32, String) {
     use tally_proto::v1 as pb;
     // A broker that cannot be reached answers UNAVAILABLE below.
     let mut raw = crate::harness::raw_client(address);
@@ -395,8 +421,8 @@ async fn produce_direct(address: &str, acks: tally_proto::v1::Acks, value: &str)
         acks: acks as i32,
         timeout_ms: 1000,
         topics: vec![pb::TopicProduceData {
-            name: "isolated".into(),
-            partitions: vec![pb::PartitionProduceData { partition: 0, records: vec![b.finish()] }],
+            name: topic.into(),
+            partitions: vec![pb::PartitionProduceData { partition, records: vec![b.finish()] }],
         }],
     };
     match raw.produce(request).await {
@@ -487,6 +513,102 @@ async fn an_isolated_leader_stops_acknowledging_and_the_majority_elects_another_
     let logs: Vec<Vec<u8>> =
         (1..=3).map(|id| log_bytes(&root.path().join(format!("b{id}/isolated-0")), hw as u64)).collect();
     assert!(logs[0] == logs[1] && logs[1] == logs[2], "the replicas hold the same bytes below the HW");
+}
+
+/// True when broker `id` is registered and fenced, as the cluster seen
+/// through `client` says.
+async fn is_fenced(client: &Client, id: u32) -> Option<bool> {
+    let cluster = client.admin().describe_cluster().await.ok()?;
+    cluster.brokers.iter().find(|b| b.id == id).map(|b| b.fenced)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_whose_metadata_stops_while_its_heartbeats_get_out_stops_leading_and_is_not_unfenced_stale() {
+    use tally_proto::v1::Acks as WireAcks;
+    let session = Duration::from_millis(2000);
+    let root = tempfile::tempdir().unwrap();
+    // Broker 4 observes the metadata log (a Raft learner): it keeps its
+    // leader's address while the log stops reaching it. Followers never lag
+    // out of the ISR here, so its partition can move to the other replica.
+    let cluster = IsolatableCluster::start_n(root.path(), 4, |c| c.replica_lag_time_max_ms = 60_000).await;
+    let client = cluster.client_without(0).await;
+    let mut topic = NewTopic::new("stale", 4);
+    topic.replication_factor = 2;
+    client.admin().create_topic(topic).await.unwrap();
+    let mut led = None;
+    let found = wait_for(Duration::from_secs(20), async || {
+        let Ok(d) = client.admin().describe_topic("stale").await else { return false };
+        led = d
+            .partitions
+            .iter()
+            .find(|p| p.leader == Some(4) && p.isr.len() == 2)
+            .map(|p| (p.partition, p.replicas.iter().copied().find(|r| *r != 4).unwrap()));
+        led.is_some()
+    })
+    .await;
+    assert!(found, "broker 4 leads a partition with both replicas in sync");
+    let (partition, other) = led.unwrap();
+    let direct = cluster.listen[3].clone();
+    let mut n = 0;
+    let mut produce_at_4 = async || {
+        n += 1;
+        produce_direct_to(&direct, "stale", partition, WireAcks::Leader, &format!("at-4-{n}")).await
+    };
+    let mut last = None;
+    let leading = wait_for(Duration::from_secs(20), async || {
+        last = Some(produce_at_4().await);
+        last.as_ref().is_some_and(|(code, _)| *code == 0)
+    })
+    .await;
+    assert!(leading, "broker 4 takes acks=1 writes as leader: {last:?}");
+
+    // Nothing reaches broker 4 any more (the metadata log, fetches, clients
+    // through its proxy); what it sends (heartbeats, proposals) gets out.
+    cluster.proxies[3].cut();
+    let client = cluster.client_without(4).await;
+    // The metadata log moves on without it.
+    client.admin().create_topic(NewTopic::new("unseen", 1)).await.unwrap();
+    // Its heartbeats are answered, but its image is older than what the
+    // controller had committed: its lease runs out within a session.
+    let committed = std::time::Instant::now();
+    let stopped = wait_for(session + Duration::from_millis(1000), async || {
+        let (code, message) = produce_at_4().await;
+        last = Some((code, message));
+        code == ErrorCode::NotLeaderOrFollower as i32 || code == ErrorCode::LeaderNotAvailable as i32
+    })
+    .await;
+    assert!(stopped, "broker 4 leads on with a stale image {:?} after the commit: {last:?}", committed.elapsed());
+    // Behind for a session, it asks to be fenced, and its partition moves.
+    let moved = wait_for(Duration::from_secs(20), async || {
+        if is_fenced(&client, 4).await != Some(true) {
+            return false;
+        }
+        let Ok(d) = client.admin().describe_topic("stale").await else { return false };
+        d.partitions.iter().any(|p| p.partition == partition && p.leader == Some(other))
+    })
+    .await;
+    assert!(moved, "broker 4 fenced and its partition led by {other}");
+    // Its heartbeats still arrive, but its image predates its own fencing:
+    // it is not unfenced and does not lead, for as long as the cut lasts
+    // (watched for two sessions).
+    let watch_until = std::time::Instant::now() + 2 * session;
+    while std::time::Instant::now() < watch_until {
+        let (code, message) = produce_at_4().await;
+        assert_ne!(code, 0, "broker 4 took a write with an image older than its fencing: {message}");
+        assert_ne!(is_fenced(&client, 4).await, Some(false), "broker 4 unfenced with a stale image");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Healed, it catches up, is unfenced, and follows the new leader.
+    cluster.proxies[3].heal();
+    let back = wait_for(Duration::from_secs(20), async || is_fenced(&client, 4).await == Some(false)).await;
+    assert!(back, "broker 4 unfenced once caught up");
+    let follows =
+        wait_for(Duration::from_secs(10), async || produce_at_4().await.0 == ErrorCode::NotLeaderOrFollower as i32)
+            .await;
+    assert!(follows, "broker 4 no longer leads the partition that moved");
+    for b in cluster.brokers {
+        b.stop().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,6 +74,7 @@ pub async fn run(
         may_have_lost_writes: succession.may_have_lost_writes,
         heartbeat_interval,
         session_timeout,
+        image_index: broker.reconciled_index(),
         lease: broker.lease(),
     };
     let membership = tokio::spawn(async move {

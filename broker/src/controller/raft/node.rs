@@ -23,7 +23,7 @@ use super::api::{ControllerApiService, add_observer, forward_heartbeat, forward_
 use super::log_store::LogStore;
 use super::network::{MAX_MESSAGE_BYTES, Network, RaftService};
 use super::state_machine::{AppliedImage, StateMachine};
-use crate::controller::lease::{BrokerLeases, HeartbeatAnswer, LeaseConfig};
+use crate::controller::lease::{BrokerLeases, Heartbeat, HeartbeatAnswer, LeaseConfig};
 use crate::controller::metadata::{BrokerId, MetadataCommand, MetadataEffect, MetadataError, MetadataImage};
 use crate::storage::fs::write_atomic;
 
@@ -161,16 +161,59 @@ pub struct HeartbeatRequest {
     pub broker: BrokerId,
     /// Its incarnation.
     pub incarnation: u64,
-    /// True once it has applied the metadata log up to where the
-    /// controller was when it registered (it may lead).
-    pub caught_up: bool,
+    /// The metadata log index of the image it serves from (`None`: it
+    /// does not know yet). A fenced broker is unfenced only once this
+    /// reaches the controller's committed index as of the first heartbeat
+    /// that found it fenced.
+    #[serde(default)]
+    pub metadata_index: Option<u64>,
     /// True when it is shutting down cleanly and wants to be fenced now.
     pub shutting_down: bool,
+    /// True when its image has stayed behind the index the controller's
+    /// answers named for a whole session, so it has no lease: it asks to
+    /// be fenced, so its leaderships move to brokers that can serve them
+    /// (Kafka's `wantFence`). Unfenced again once caught up.
+    #[serde(default)]
+    pub want_fence: bool,
 }
 
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct ClusterFile {
     voters: BTreeMap<u32, String>,
+}
+
+/// How many of a batch of session changes were proposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Proposed {
+    made: usize,
+    of: usize,
+}
+
+impl Proposed {
+    /// How many were dropped because the leadership changed, if any.
+    pub(super) fn dropped(self) -> Option<usize> {
+        (self.made < self.of).then_some(self.of - self.made)
+    }
+}
+
+/// Proposes `commands` in order, each only while `still_leading()` holds:
+/// a proposal may wait seconds, and a session change decided in a term
+/// this voter no longer leads in must not be committed late.
+pub(super) async fn propose_while_leading<T, F: std::future::Future<Output = ()>>(
+    commands: Vec<T>,
+    still_leading: impl Fn() -> bool,
+    mut propose: impl FnMut(T) -> F,
+) -> Proposed {
+    let of = commands.len();
+    let mut made = 0;
+    for command in commands {
+        if !still_leading() {
+            break;
+        }
+        propose(command).await;
+        made += 1;
+    }
+    Proposed { made, of }
 }
 
 /// One running controller voter.
@@ -349,15 +392,25 @@ impl Controller {
         self.leases.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The term this voter leads in now, if it leads.
+    fn leading_term(&self) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let me = u64::from(self.node_id.0);
+        (m.state == ServerState::Leader && m.current_leader == Some(me)).then_some(m.current_term)
+    }
+
     /// While this voter leads: fences brokers whose session lapsed and
-    /// unfences those that came back, four times a second. Runs until the
+    /// unfences those that came back, four times a second. Sessions belong
+    /// to the term they were kept in: a new term (this voter leading again
+    /// after losing the leadership, however briefly) starts them afresh
+    /// with a whole session of grace, and each proposal is made only while
+    /// this voter still leads in the term it was decided in. Runs until the
     /// Raft node stops.
     async fn keep_sessions(self) {
         let mut metrics = self.raft.metrics();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let me = u64::from(self.node_id.0);
-        let mut leading = false;
         let rebalance_every = self.config_leader_rebalance_ms;
         let mut rebalanced_ms = self.now_ms();
         loop {
@@ -365,35 +418,38 @@ impl Controller {
                 _ = tick.tick() => {}
                 changed = metrics.changed() => if changed.is_err() { return },
             }
-            let is_leader = {
-                let m = metrics.borrow();
-                m.state == ServerState::Leader && m.current_leader == Some(me)
-            };
-            if is_leader != leading {
-                let now = self.now_ms();
-                let mut leases = self.leases();
-                if is_leader {
-                    leases.became_leader(now)
-                } else {
-                    leases.lost_leadership()
-                }
-                leading = is_leader;
-            }
-            if !leading {
+            let Some(term) = self.leading_term() else {
+                self.leases().lost_leadership();
                 continue;
-            }
-            let commands = self.leases().tick(&self.image(), self.now_ms());
-            for command in commands {
+            };
+            let now = self.now_ms();
+            let commands = {
+                let mut leases = self.leases();
+                if !leases.became_leader(term, now) {
+                    continue;
+                }
+                leases.tick(term, &self.image(), now)
+            };
+            let still_leading = || self.leading_term() == Some(term) && self.leases().leads_in(term);
+            let proposed = propose_while_leading(commands, still_leading, |command| async {
                 tracing::info!(?command, "broker session change");
                 if let Err(e) = self.propose(command).await {
                     tracing::warn!(error = %e, "could not propose a broker session change");
                 }
+            })
+            .await;
+            if let Some(dropped) = proposed.dropped() {
+                tracing::info!(
+                    term,
+                    dropped,
+                    "the controller term changed; dropped broker session changes decided in it"
+                );
             }
             let now = self.now_ms();
             if rebalance_every > 0 && now.saturating_sub(rebalanced_ms) >= rebalance_every {
                 rebalanced_ms = now;
                 let off = self.image().preferred_imbalance();
-                if off > 0 {
+                if off > 0 && self.leading_term() == Some(term) {
                     tracing::info!(partitions = off, "moving leaderships back to their preferred replicas");
                     if let Err(e) = self.propose(MetadataCommand::ElectPreferredLeaders).await {
                         tracing::warn!(error = %e, "could not propose preferred leaders");
@@ -464,38 +520,61 @@ impl Controller {
 
     /// Answers a heartbeat at this voter (it must lead). A broker shutting
     /// down is fenced before the answer, so its partitions have moved when
-    /// it stops.
+    /// it stops. The answer names the metadata log's committed index as of
+    /// the confirmation of this voter's leadership (or the index of the
+    /// unfencing made for it): the broker extends its lease only once its
+    /// image has reached it.
     pub async fn heartbeat_local(&self, heartbeat: &HeartbeatRequest) -> Result<HeartbeatAnswer, ControllerError> {
-        let status = self.status();
-        if status.leader != Some(self.node_id) {
+        let not_leader = |status: ControllerStatus| {
             let address = status.leader.and_then(|l| self.voters.get(&l).cloned());
-            return Err(ControllerError::NotLeader { leader: status.leader, address });
-        }
+            ControllerError::NotLeader { leader: status.leader, address }
+        };
+        let Some(term) = self.leading_term() else { return Err(not_leader(self.status())) };
         // A leader cut off from its quorum must not keep brokers' leases
         // alive: confirm the leadership with a majority first (bounded).
+        // What it returns is the committed index a linearizable read must
+        // see, and this voter has applied it when it returns.
         let confirmed = tokio::time::timeout(self.propose_timeout, self.raft.ensure_linearizable()).await;
-        if !matches!(confirmed, Ok(Ok(_))) {
-            return Err(ControllerError::NotLeader { leader: None, address: None });
+        let read_index = match confirmed {
+            Ok(Ok(read)) => read.map_or(0, |l| l.index),
+            _ => return Err(ControllerError::NotLeader { leader: None, address: None }),
+        };
+        if self.leading_term() != Some(term) {
+            return Err(not_leader(self.status()));
         }
-        let image = self.image();
+        let applied = self.state_machine.subscribe().borrow().clone();
+        let committed = read_index.max(applied.index);
         let now = self.now_ms();
-        let answer = {
+        let seen = Heartbeat {
+            id: heartbeat.broker,
+            incarnation: heartbeat.incarnation,
+            metadata_index: heartbeat.metadata_index,
+        };
+        let (answer, unfence) = {
             let mut leases = self.leases();
             if heartbeat.shutting_down {
                 leases.shutting_down(heartbeat.broker, heartbeat.incarnation);
             }
-            leases.heartbeat(&image, now, heartbeat.broker, heartbeat.incarnation, heartbeat.caught_up)
+            let Some(answer) = leases.heartbeat(term, &applied.image, now, seen, committed) else {
+                return Err(ControllerError::NotLeader { leader: None, address: None });
+            };
+            (answer, leases.may_unfence(&applied.image, heartbeat.broker))
         };
-        if heartbeat.shutting_down && answer != HeartbeatAnswer::Register {
+        let HeartbeatAnswer::Alive { fenced, session_timeout_ms, .. } = answer else { return Ok(answer) };
+        if heartbeat.shutting_down || (heartbeat.want_fence && !fenced) {
+            // A broker that asks because it is behind holds no lease (it
+            // lapsed before it asked) and this answer gives none: its
+            // leaderships may move at once.
             let fence = MetadataCommand::FenceBroker { id: heartbeat.broker, incarnation: heartbeat.incarnation };
-            self.propose(fence).await?;
-            return Ok(HeartbeatAnswer::Alive { fenced: true });
+            let index = self.propose_indexed(fence).await?.index;
+            return Ok(HeartbeatAnswer::Alive { fenced: true, metadata_index: Some(index), session_timeout_ms });
         }
-        if answer == (HeartbeatAnswer::Alive { fenced: true }) && heartbeat.caught_up {
-            // Caught up and heard from: unfence now rather than at the next tick.
+        if unfence && !heartbeat.want_fence {
+            // Caught up and heard from: unfence now rather than at the next
+            // tick. Its lease waits until its image has the unfencing.
             let unfence = MetadataCommand::UnfenceBroker { id: heartbeat.broker, incarnation: heartbeat.incarnation };
-            self.propose(unfence).await?;
-            return Ok(HeartbeatAnswer::Alive { fenced: false });
+            let index = self.propose_indexed(unfence).await?.index;
+            return Ok(HeartbeatAnswer::Alive { fenced: false, metadata_index: Some(index), session_timeout_ms });
         }
         Ok(answer)
     }

@@ -252,11 +252,39 @@ async fn a_proposal_or_heartbeat_at_a_follower_is_forwarded_to_the_leader() {
     let committed = nodes[&follower].controller.propose_anywhere(register(1)).await.unwrap();
     assert_eq!(committed.effects, vec![MetadataEffect::BrokerRegistered { id: BrokerId(1), incarnation: 7 }]);
     assert!(nodes[&follower].controller.wait_applied(committed.index, Duration::from_secs(10)).await);
-    let behind = HeartbeatRequest { broker: BrokerId(1), incarnation: 7, caught_up: false, shutting_down: false };
-    assert_eq!(nodes[&follower].controller.heartbeat(&behind).await, Ok(HeartbeatAnswer::Alive { fenced: true }));
-    // Caught up, it is unfenced at once.
-    let heartbeat = HeartbeatRequest { caught_up: true, ..behind.clone() };
-    assert_eq!(nodes[&follower].controller.heartbeat(&heartbeat).await, Ok(HeartbeatAnswer::Alive { fenced: false }));
+    let behind = HeartbeatRequest {
+        broker: BrokerId(1),
+        incarnation: 7,
+        metadata_index: Some(0),
+        shutting_down: false,
+        want_fence: false,
+    };
+    let answer = nodes[&follower].controller.heartbeat(&behind).await.unwrap();
+    let HeartbeatAnswer::Alive { fenced: true, metadata_index: Some(needed), session_timeout_ms: 1000 } = answer else {
+        panic!("a fenced broker behind the log: {answer:?}");
+    };
+    assert!(needed >= committed.index, "the answer names the committed index: {answer:?}");
+    // Caught up to that index, it is unfenced at once, and the answer names
+    // the unfencing's index.
+    let heartbeat = HeartbeatRequest { metadata_index: Some(needed), ..behind.clone() };
+    let answer = nodes[&follower].controller.heartbeat(&heartbeat).await.unwrap();
+    let HeartbeatAnswer::Alive { fenced: false, metadata_index: Some(unfenced), .. } = answer else {
+        panic!("a caught-up broker is unfenced: {answer:?}");
+    };
+    assert!(unfenced > needed);
+    // Behind for a session, it asks to be fenced: fenced at once, and not
+    // unfenced again with the image it had before its fencing.
+    let asks = HeartbeatRequest { want_fence: true, ..heartbeat.clone() };
+    let answer = nodes[&follower].controller.heartbeat(&asks).await.unwrap();
+    let HeartbeatAnswer::Alive { fenced: true, metadata_index: Some(fenced_at), .. } = answer else {
+        panic!("a broker that asks is fenced: {answer:?}");
+    };
+    let stale = HeartbeatRequest { metadata_index: Some(unfenced), ..heartbeat.clone() };
+    let answer = nodes[&follower].controller.heartbeat(&stale).await.unwrap();
+    assert!(matches!(answer, HeartbeatAnswer::Alive { fenced: true, .. }), "{answer:?}");
+    let current = HeartbeatRequest { metadata_index: Some(fenced_at), ..heartbeat.clone() };
+    let answer = nodes[&follower].controller.heartbeat(&current).await.unwrap();
+    assert!(matches!(answer, HeartbeatAnswer::Alive { fenced: false, .. }), "caught up again: {answer:?}");
     let stranger = HeartbeatRequest { broker: BrokerId(9), ..heartbeat };
     assert_eq!(nodes[&follower].controller.heartbeat(&stranger).await, Ok(HeartbeatAnswer::Register));
     for (_, v) in nodes {
@@ -267,7 +295,13 @@ async fn a_proposal_or_heartbeat_at_a_follower_is_forwarded_to_the_leader() {
 /// Heartbeats for broker 1 through voter `via` every 100 ms until `stop`.
 fn heartbeat_loop(controller: Controller, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let heartbeat = HeartbeatRequest { broker: BrokerId(1), incarnation: 7, caught_up: true, shutting_down: false };
+        let heartbeat = HeartbeatRequest {
+            broker: BrokerId(1),
+            incarnation: 7,
+            metadata_index: Some(u64::MAX),
+            shutting_down: false,
+            want_fence: false,
+        };
         while !*stop.borrow() {
             let _ = controller.heartbeat(&heartbeat).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -305,4 +339,23 @@ async fn a_silent_broker_is_fenced_and_unfenced_when_it_heartbeats_again() {
     for (_, v) in nodes {
         v.stop().await;
     }
+}
+
+#[tokio::test]
+async fn the_lease_task_drops_session_changes_once_the_leadership_changed() {
+    let leading = std::cell::Cell::new(true);
+    let made = std::cell::RefCell::new(Vec::new());
+    let proposed = super::node::propose_while_leading(
+        vec![1, 2, 3],
+        || leading.get(),
+        |command| {
+            made.borrow_mut().push(command);
+            // The first proposal took long enough for the leadership to move.
+            leading.set(false);
+            std::future::ready(())
+        },
+    )
+    .await;
+    assert_eq!(made.into_inner(), vec![1], "decided in a term this voter no longer leads in");
+    assert_eq!(proposed.dropped(), Some(2));
 }
