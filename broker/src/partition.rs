@@ -75,6 +75,25 @@ impl std::fmt::Debug for LeaderSession {
     }
 }
 
+/// A leadership the image gave this broker that it could not take yet
+/// (recording the new epoch failed): retried with backoff until it is
+/// taken, or until the image gives the partition another role.
+#[derive(Debug, Clone)]
+struct PendingLeadership {
+    me: BrokerId,
+    assignment: Assignment,
+    settings: LeaderSettings,
+    error: String,
+    retry_at_ms: u64,
+    backoff_ms: u64,
+}
+
+/// The first wait before taking a leadership again after a failure; it
+/// doubles up to [`LEADERSHIP_RETRY_MAX_MS`].
+const LEADERSHIP_RETRY_MS: u64 = 100;
+/// The longest wait between attempts to take a leadership.
+const LEADERSHIP_RETRY_MAX_MS: u64 = 5_000;
+
 /// One partition's state.
 #[derive(Debug)]
 pub struct Partition {
@@ -97,6 +116,8 @@ pub struct Partition {
     read_behind: Mutex<Option<(Offset, Vec<Writeback>)>>,
     /// Whether this broker's session lets it lead now.
     session: LeaderSession,
+    /// A leadership not taken yet, to retry.
+    pending_leadership: Mutex<Option<PendingLeadership>>,
 }
 
 /// What a follower's fetch gets from the leader's partition.
@@ -135,6 +156,7 @@ impl Partition {
             read_behind: Mutex::new(None),
             upkeep: Mutex::new(false),
             session: LeaderSession::always(),
+            pending_leadership: Mutex::new(None),
         }
     }
 
@@ -202,6 +224,11 @@ impl Partition {
     /// Makes this broker the partition's leader in `assignment`'s epoch, or,
     /// when it already leads in that epoch, takes the newer committed ISR.
     /// A new epoch is recorded in the log (durably) before any append.
+    ///
+    /// When recording it fails, the partition serves nothing (idle) and the
+    /// leadership is kept to be taken again with backoff
+    /// ([`Partition::retry_leadership`]); meanwhile
+    /// [`Partition::leadership_failure`] says why.
     pub fn make_leader(
         &self,
         me: BrokerId,
@@ -216,8 +243,17 @@ impl Partition {
                 && state.leader_epoch() == assignment.leader_epoch
             {
                 state.committed(assignment, settings);
+            } else if let Err(e) = log.begin_leader_epoch(assignment.leader_epoch) {
+                if !matches!(*role, Role::Idle) {
+                    *role = Role::Idle;
+                    self.role_changes.send_modify(|n| *n += 1);
+                }
+                drop(role);
+                drop(log);
+                let error = BrokerError::Storage(e);
+                self.leadership_not_taken(me, assignment, settings, &error, now_ms);
+                return Err(error);
             } else {
-                log.begin_leader_epoch(assignment.leader_epoch).map_err(BrokerError::Storage)?;
                 let leo = log.log_end_offset();
                 *role = Role::Leader(LeaderState::new(me, assignment, settings, leo, now_ms));
                 self.role_changes.send_modify(|n| *n += 1);
@@ -225,8 +261,53 @@ impl Partition {
         }
         let hw = self.advance_hw(&mut log);
         drop(log);
+        *self.lock_pending_leadership() = None;
         self.publish_hw(hw);
         Ok(())
+    }
+
+    fn lock_pending_leadership(&self) -> MutexGuard<'_, Option<PendingLeadership>> {
+        self.pending_leadership.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps a leadership that could not be taken, to retry it later.
+    fn leadership_not_taken(
+        &self,
+        me: BrokerId,
+        assignment: Assignment,
+        settings: LeaderSettings,
+        error: &BrokerError,
+        now_ms: u64,
+    ) {
+        let mut pending = self.lock_pending_leadership();
+        let backoff_ms = match &*pending {
+            Some(p) if p.assignment.leader_epoch == assignment.leader_epoch => {
+                (p.backoff_ms * 2).min(LEADERSHIP_RETRY_MAX_MS)
+            }
+            _ => LEADERSHIP_RETRY_MS,
+        };
+        tracing::error!(topic = %self.topic, partition = self.index, leader_epoch = assignment.leader_epoch, %error, retry_in_ms = backoff_ms, "cannot take the leadership; serving nothing until it is taken");
+        *pending = Some(PendingLeadership {
+            me,
+            assignment,
+            settings,
+            error: error.to_string(),
+            retry_at_ms: now_ms.saturating_add(backoff_ms),
+            backoff_ms,
+        });
+    }
+
+    /// Takes a leadership that could not be taken before, when its retry is
+    /// due: `None` when nothing was due.
+    pub fn retry_leadership(&self, now_ms: u64) -> Option<Result<(), BrokerError>> {
+        let due = self.lock_pending_leadership().as_ref().filter(|p| now_ms >= p.retry_at_ms).cloned()?;
+        Some(self.make_leader(due.me, due.assignment, due.settings, now_ms))
+    }
+
+    /// Why this broker does not yet lead a partition the image says it
+    /// leads (recording the epoch failed; it is being retried).
+    pub fn leadership_failure(&self) -> Option<String> {
+        self.lock_pending_leadership().as_ref().map(|p| p.error.clone())
     }
 
     /// Makes this broker a follower of `leader` in `leader_epoch` (no
@@ -240,6 +321,8 @@ impl Partition {
             *role = Role::Follower { leader, leader_epoch };
             self.role_changes.send_modify(|n| *n += 1);
         }
+        drop(role);
+        *self.lock_pending_leadership() = None;
     }
 
     /// The leader epoch this broker leads in, if it leads.
@@ -1031,5 +1114,29 @@ mod tests {
         let e = tokio::time::timeout(Duration::from_secs(5), second).await.unwrap().unwrap().unwrap_err();
         assert_eq!(e.code(), ErrorCode::LeaderNotAvailable, "{e}");
         assert_eq!(p.offsets().2, Offset(1), "nothing appended after the session lapsed");
+    }
+
+    #[tokio::test]
+    async fn a_leadership_whose_epoch_cannot_be_recorded_is_taken_again_until_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig { segment_bytes: 4096, ..LogConfig::default() };
+        let log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
+        let p = Arc::new(Partition::new(Arc::from("t"), 0, log, 1 << 20));
+        let alone =
+            Assignment { replicas: vec![BrokerId(1)], isr: vec![BrokerId(1)], leader_epoch: 3, partition_epoch: 3 };
+        testfs::fail_next(dir.path(), testfs::Op::Fsync, Some("leader-epoch"), 2);
+        assert!(p.make_leader(BrokerId(1), alone, settings(), 1000).is_err());
+        assert_eq!(p.leading_epoch(), None, "serves nothing meanwhile");
+        assert!(p.leadership_failure().is_some_and(|e| e.contains("leader-epoch")), "{:?}", p.leadership_failure());
+        let e = p.produce(&[batch(b"a")], 3, None).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::LeaderNotAvailable, "{e}");
+        assert!(p.retry_leadership(1000 + LEADERSHIP_RETRY_MS - 1).is_none(), "backing off");
+        assert!(p.retry_leadership(1000 + LEADERSHIP_RETRY_MS).unwrap().is_err(), "the second fault");
+        assert!(p.retry_leadership(1000 + 2 * LEADERSHIP_RETRY_MS).is_none(), "the backoff doubled");
+        p.retry_leadership(1000 + 3 * LEADERSHIP_RETRY_MS).unwrap().unwrap();
+        assert_eq!(p.leading_epoch(), Some(3));
+        assert_eq!(p.leadership_failure(), None);
+        assert_eq!(p.produce(&[batch(b"a")], 3, None).await.unwrap().base_offset, Offset(0));
+        testfs::forget(dir.path());
     }
 }

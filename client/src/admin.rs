@@ -55,6 +55,9 @@ pub struct PartitionDescription {
     /// Each follower's lag behind the leader's log end, in offsets (`None`
     /// before its first fetch in this leader epoch).
     pub replica_lags: Vec<(u32, Option<u64>)>,
+    /// Why the named leader cannot serve the partition, when it said so (it
+    /// could not take the leadership, or its log failed; it retries).
+    pub leader_error: Option<String>,
 }
 
 /// A topic as `describe` shows it.
@@ -243,6 +246,7 @@ impl Admin {
                     high_watermark: p.high_watermark,
                     log_end_offset: p.log_end_offset,
                     replica_lags: p.replica_lags.iter().map(|l| (l.broker_id, u64::try_from(l.lag).ok())).collect(),
+                    leader_error: (!p.leader_error.is_empty()).then_some(p.leader_error),
                 })
                 .collect(),
         })
@@ -251,8 +255,19 @@ impl Admin {
     /// Every partition's leader, replicas and ISR as the metadata image has
     /// them (one request; no offsets), by topic name.
     pub async fn partition_states(&self) -> Result<Vec<(String, PartitionDescription)>> {
+        self.partition_states_at(None).await
+    }
+
+    /// [`Admin::partition_states`] as the broker at `address` answers it
+    /// (the one this client reaches with `None`): a leader's answer says
+    /// which of its partitions it cannot serve.
+    pub async fn partition_states_at(&self, address: Option<&str>) -> Result<Vec<(String, PartitionDescription)>> {
         let request = pb::DescribeTopicsRequest { names: Vec::new() };
-        let response = self.client.admin_rpc().describe_topics(request).await?.into_inner();
+        let mut rpc = match address {
+            Some(a) => self.client.admin_rpc_at(a)?,
+            None => self.client.admin_rpc(),
+        };
+        let response = rpc.describe_topics(request).await?.into_inner();
         let mut out = Vec::new();
         for t in response.topics.into_iter().filter(|t| t.error_code == 0) {
             for p in t.partitions {
@@ -268,6 +283,7 @@ impl Admin {
                         high_watermark: -1,
                         log_end_offset: -1,
                         replica_lags: Vec::new(),
+                        leader_error: (!p.leader_error.is_empty()).then_some(p.leader_error),
                     },
                 ));
             }

@@ -35,13 +35,23 @@ async fn status(ctx: &Context) -> anyhow::Result<()> {
     {
         cluster = at_leader;
     }
-    let partitions = client.admin().partition_states().await?;
+    let mut partitions = client.admin().partition_states().await?;
+    // Only a leader knows it cannot serve a partition: ask each live broker.
+    for b in cluster.brokers.iter().filter(|b| !b.fenced) {
+        let Ok(theirs) = client.admin().partition_states_at(Some(&b.address)).await else { continue };
+        for (topic, p) in theirs.into_iter().filter(|(_, p)| p.leader == Some(b.id) && p.leader_error.is_some()) {
+            if let Some((_, ours)) = partitions.iter_mut().find(|(t, q)| *t == topic && q.partition == p.partition) {
+                ours.leader_error = p.leader_error;
+            }
+        }
+    }
     let health = PartitionHealth::of(&partitions);
     match ctx.output {
         Output::Json => {
             let mut out = to_json(&cluster);
             out["under_replicated_partitions"] = health.under_replicated.iter().map(|p| p.to_json()).collect();
             out["offline_partitions"] = health.offline.iter().map(|p| p.to_json()).collect();
+            out["unavailable_partitions"] = health.unavailable.iter().map(|p| p.to_json()).collect();
             println!("{out}");
         }
         Output::Table => {
@@ -59,27 +69,30 @@ struct Trouble {
     leader: Option<u32>,
     replicas: Vec<u32>,
     isr: Vec<u32>,
+    /// Why its leader cannot serve it, when it said so.
+    leader_error: Option<String>,
 }
 
 impl Trouble {
     fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "topic": self.topic, "partition": self.partition, "leader": self.leader,
-            "replicas": self.replicas, "isr": self.isr,
+            "replicas": self.replicas, "isr": self.isr, "leader_error": self.leader_error,
         })
     }
 }
 
-/// Under-replicated (ISR smaller than the replica list) and offline (no
-/// leader) partitions.
+/// Under-replicated (ISR smaller than the replica list), offline (no
+/// leader) and unavailable (a leader that cannot serve it) partitions.
 struct PartitionHealth {
     under_replicated: Vec<Trouble>,
     offline: Vec<Trouble>,
+    unavailable: Vec<Trouble>,
 }
 
 impl PartitionHealth {
     fn of(partitions: &[(String, tally_client::PartitionDescription)]) -> Self {
-        let mut health = PartitionHealth { under_replicated: Vec::new(), offline: Vec::new() };
+        let mut health = PartitionHealth { under_replicated: Vec::new(), offline: Vec::new(), unavailable: Vec::new() };
         for (topic, p) in partitions {
             let trouble = || Trouble {
                 topic: topic.clone(),
@@ -87,9 +100,12 @@ impl PartitionHealth {
                 leader: p.leader,
                 replicas: p.replicas.clone(),
                 isr: p.isr.clone(),
+                leader_error: p.leader_error.clone(),
             };
             if p.leader.is_none() {
                 health.offline.push(trouble());
+            } else if p.leader_error.is_some() {
+                health.unavailable.push(trouble());
             } else if p.isr.len() < p.replicas.len() {
                 health.under_replicated.push(trouble());
             }
@@ -99,7 +115,12 @@ impl PartitionHealth {
 
     fn print(&self) {
         let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-        for (title, rows) in [("under-replicated", &self.under_replicated), ("offline", &self.offline)] {
+        let groups = [
+            ("under-replicated", &self.under_replicated),
+            ("offline", &self.offline),
+            ("unavailable", &self.unavailable),
+        ];
+        for (title, rows) in groups {
             println!();
             if rows.is_empty() {
                 println!("{title} partitions: none");
@@ -109,10 +130,17 @@ impl PartitionHealth {
             let rows: Vec<Vec<String>> = rows
                 .iter()
                 .map(|t| {
-                    vec![t.topic.clone(), t.partition.to_string(), or_dash(t.leader), list(&t.replicas), list(&t.isr)]
+                    vec![
+                        t.topic.clone(),
+                        t.partition.to_string(),
+                        or_dash(t.leader),
+                        list(&t.replicas),
+                        list(&t.isr),
+                        t.leader_error.clone().unwrap_or_else(|| "-".into()),
+                    ]
                 })
                 .collect();
-            print_table(&["TOPIC", "PARTITION", "LEADER", "REPLICAS", "ISR"], &rows);
+            print_table(&["TOPIC", "PARTITION", "LEADER", "REPLICAS", "ISR", "LEADER-ERROR"], &rows);
         }
     }
 }

@@ -103,6 +103,7 @@ pub async fn run(ctx: &Context, cmd: TopicCommand) -> anyhow::Result<()> {
                                 "replica_lags": p.replica_lags.iter()
                                     .map(|(b, lag)| json!({"broker": b, "lag": lag}))
                                     .collect::<Vec<_>>(),
+                                "leader_error": p.leader_error,
                             })
                         })
                         .collect();
@@ -149,6 +150,14 @@ pub async fn run(ctx: &Context, cmd: TopicCommand) -> anyhow::Result<()> {
                         ],
                         &rows,
                     );
+                    for p in &d.partitions {
+                        if let Some(e) = &p.leader_error {
+                            println!(
+                                "partition {}: unavailable, its leader cannot serve it (retrying): {e}",
+                                p.partition
+                            );
+                        }
+                    }
                     println!();
                     let rows: Vec<Vec<String>> = d.configs.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
                     print_table(&["CONFIG", "VALUE"], &rows);

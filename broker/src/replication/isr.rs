@@ -1,6 +1,7 @@
 //! Sends the ISR changes of the partitions this broker leads to the
 //! controller (AlterPartition, compare-and-set on the leader and partition
-//! epochs), and ticks the leaders so lagging members leave the ISR.
+//! epochs), ticks the leaders so lagging members leave the ISR, and retries
+//! leaderships that could not be taken (see `Partition::retry_leadership`).
 //!
 //! The committed result comes back through the metadata image like any
 //! other change. A proposal the controller refused is released (the leader
@@ -74,6 +75,13 @@ pub async fn run(broker: Arc<Broker>, proposer: IsrProposer, mut queue: mpsc::Re
                 for (topic, p) in broker.led_partitions() {
                     if let Some(change) = p.isr_tick(now) {
                         proposer.propose(Proposal { topic, partition: p, change });
+                    }
+                }
+                // Leaderships the image gave this broker that it could not
+                // take yet (recording the epoch failed) are tried again.
+                for p in broker.all_partitions() {
+                    if let Some(Ok(())) = p.retry_leadership(now) {
+                        tracing::info!(topic = p.topic(), partition = p.index(), "took the leadership after all");
                     }
                 }
             }

@@ -115,7 +115,15 @@ impl Admin for AdminService {
                                     lag: lag.and_then(|l| i64::try_from(l).ok()).unwrap_or(-1),
                                 })
                                 .collect();
+                            let me = self.broker.node_id();
+                            let leader_error = t
+                                .partitions
+                                .get(&(i as u32))
+                                .filter(|_| state.leader.is_some_and(|l| l.0 == me))
+                                .and_then(|p| p.leadership_failure().or_else(|| p.failure()))
+                                .unwrap_or_default();
                             pb::PartitionDescription {
+                                leader_error,
                                 partition: i as u32,
                                 leader_id: state.leader.map_or(-1, |l| l.0 as i32),
                                 leader_epoch: state.leader_epoch.0,
