@@ -123,6 +123,22 @@ pub enum BrokerError {
         /// The request's.
         got: u32,
     },
+    /// A new leader whose high watermark has not yet reached the start of
+    /// its epoch cannot say where the committed log ends (Kafka's
+    /// OFFSET_NOT_AVAILABLE): offsets it would list could go backwards.
+    #[error(
+        "{topic}/{partition}: the new leader's high watermark {high_watermark} has not reached the start of its epoch ({epoch_start}) yet; ask again shortly"
+    )]
+    OffsetNotAvailable {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The leader's high watermark.
+        high_watermark: u64,
+        /// Where its epoch began.
+        epoch_start: u64,
+    },
     /// acks=all was not reached in time: the batch is stored on the leader,
     /// but not known to be on every in-sync replica.
     #[error("{topic}/{partition}: the in-sync replicas did not confirm the batch within {timeout_ms} ms")]
@@ -171,6 +187,7 @@ impl BrokerError {
             BrokerError::Storage(_) => ErrorCode::KafkaStorageError,
             BrokerError::FencedLeaderEpoch { .. } => ErrorCode::FencedLeaderEpoch,
             BrokerError::UnknownLeaderEpoch { .. } => ErrorCode::UnknownLeaderEpoch,
+            BrokerError::OffsetNotAvailable { .. } => ErrorCode::OffsetNotAvailable,
             BrokerError::ReplicationTimedOut { .. } => ErrorCode::RequestTimedOut,
             BrokerError::ShuttingDown => ErrorCode::LeaderNotAvailable,
             BrokerError::NotLeaderOrFollower { leader: Some(_), .. } => ErrorCode::NotLeaderOrFollower,

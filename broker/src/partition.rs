@@ -727,12 +727,41 @@ impl Partition {
         };
         let cut = cut.max(log.log_start_offset());
         tracing::info!(topic = %self.topic, partition = self.index, diverging_epoch, %leader_end, from = %leo, to = %cut, "truncating a diverging log tail");
-        let leo = log.truncate_to(cut).map_err(BrokerError::from_storage)?;
+        let leo = log.truncate_to(cut).map_err(|e| self.truncation_failed(&mut log, e))?;
         let hw = log.high_watermark();
         drop(log);
         self.high_watermark.send_replace(hw);
         self.publish_log_end(leo);
         Ok(leo)
+    }
+
+    /// A follower takes the leader's log start (Kafka's
+    /// maybeIncrementLogStartOffset), capped at its own high watermark: what
+    /// the leader deleted (retention, DeleteRecords) goes here too, so no
+    /// prefix the leader no longer has, divergent or not, is served from
+    /// this replica after it leads.
+    pub fn adopt_leader_log_start(&self, leader_epoch: u32, leader_start: Offset) -> Result<(), BrokerError> {
+        let mut log = self.write_log();
+        self.check_follows(leader_epoch)?;
+        let start = leader_start.min(log.high_watermark());
+        if start <= log.log_start_offset() {
+            return Ok(());
+        }
+        tracing::debug!(topic = %self.topic, partition = self.index, from = %log.log_start_offset(), to = %start, "taking the leader's log start");
+        log.delete_records_before(start).map_err(BrokerError::from_storage)
+    }
+
+    /// A truncation that failed may have stopped part way (later segments
+    /// unlinked, the cut segment not started, the high watermark and the
+    /// epoch cache not yet moved): the log is failed for good, so nothing of
+    /// it is served or appended to; the next start recovers it from the
+    /// disk, below a recovery point the truncation lowered first.
+    fn truncation_failed(&self, log: &mut Log, e: StorageError) -> BrokerError {
+        if log.failure().is_none() {
+            tracing::error!(topic = %self.topic, partition = self.index, error = %e, "truncation failed part way: partition failed until the broker restarts and recovers its log");
+            log.fail(&e);
+        }
+        BrokerError::Storage(StorageError::LogFailed { reason: e.to_string() })
     }
 
     /// A follower whose log ends below the leader's log start: empties the
@@ -741,7 +770,7 @@ impl Partition {
         let mut log = self.write_log();
         self.check_follows(leader_epoch)?;
         tracing::info!(topic = %self.topic, partition = self.index, %log_start, "the leader's log starts past ours: starting over there");
-        let leo = log.truncate_fully_and_start_at(log_start).map_err(BrokerError::from_storage)?;
+        let leo = log.truncate_fully_and_start_at(log_start).map_err(|e| self.truncation_failed(&mut log, e))?;
         let hw = log.high_watermark();
         drop(log);
         self.high_watermark.send_replace(hw);
@@ -860,6 +889,24 @@ impl Partition {
     /// A receiver that sees every move of the high watermark.
     pub fn subscribe(&self) -> watch::Receiver<Offset> {
         self.high_watermark.subscribe()
+    }
+
+    /// Refuses to list offsets (OFFSET_NOT_AVAILABLE) while this broker is a
+    /// leader whose high watermark has not reached the start of its epoch:
+    /// until then the HW it knows may lag the previous leader's, and a
+    /// client would see "latest" go backwards (Kafka's rule).
+    pub fn check_offsets_available(&self) -> Result<(), BrokerError> {
+        let log = self.read_log();
+        let hw = log.high_watermark();
+        match &*self.lock_role() {
+            Role::Leader(state) if hw < state.epoch_start() => Err(BrokerError::OffsetNotAvailable {
+                topic: self.topic.to_string(),
+                partition: self.index,
+                high_watermark: hw.get(),
+                epoch_start: state.epoch_start().get(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// `(log_start_offset, high_watermark, log_end_offset)`.

@@ -272,3 +272,83 @@ async fn acks_all_never_succeeds_for_a_batch_replaced_after_the_leadership_moved
         assert_eq!(e.code(), ErrorCode::NotLeaderOrFollower, "round {round}: {e}");
     }
 }
+
+#[tokio::test]
+async fn a_new_leader_lists_no_offsets_until_its_high_watermark_reaches_its_epoch_start() {
+    let (a, b) = (replica(1), replica(2));
+    lead(&a, &[&a, &b], 0, 1);
+    b.p.make_follower(Some(a.id), 0);
+    for v in ["m0", "m1", "m2"] {
+        produce(&a, 0, v).await;
+    }
+    sync(&b, &a, 0).await;
+    let (offset, last) = b.p.fetch_position();
+    a.p.replica_fetch(b.id, offset.to_wire(), 0, last, u64::MAX, 2).unwrap();
+    assert_eq!(a.p.offsets().1, Offset(3), "committed on a");
+    // b takes over knowing a HW below 3 (the one it learned last).
+    lead(&b, &[&a, &b], 1, 1);
+    assert!(b.p.offsets().1 < Offset(3));
+    let e = b.p.check_offsets_available().unwrap_err();
+    assert_eq!(e.code(), ErrorCode::OffsetNotAvailable, "{e}");
+    assert!(e.code().is_retriable());
+    // Once a follows and reports its end, the HW reaches the epoch start.
+    a.p.make_follower(Some(b.id), 1);
+    sync(&a, &b, 1).await;
+    let (offset, last) = a.p.fetch_position();
+    b.p.replica_fetch(a.id, offset.to_wire(), 1, last, u64::MAX, 3).unwrap();
+    b.p.check_offsets_available().unwrap();
+    assert_eq!(b.p.offsets().1, Offset(3), "latest never went backwards");
+}
+
+#[tokio::test]
+async fn a_truncation_that_fails_part_way_fails_the_partition_instead_of_serving_a_half_cut_log() {
+    let (a, b) = (replica(1), replica(2));
+    lead(&a, &[&a, &b], 0, 1);
+    b.p.make_follower(Some(a.id), 0);
+    let big = "x".repeat(1000);
+    for _ in 0..12 {
+        produce(&a, 0, &big).await;
+    }
+    sync(&b, &a, 0).await;
+    let (offset, last) = b.p.fetch_position();
+    a.p.replica_fetch(b.id, offset.to_wire(), 0, last, u64::MAX, 2).unwrap();
+    produce(&a, 0, "m12").await;
+    sync(&b, &a, 0).await;
+    assert_eq!(b.p.offsets().1, Offset(12), "b learned the HW");
+    // The truncation to 5 unlinks the later segments, then cannot create
+    // the segment that starts at the cut (its name is taken).
+    std::fs::create_dir(b._dir.path().join(format!("{:020}.log", 5))).unwrap();
+    b.p.make_follower(Some(a.id), 1);
+    let e = b.p.truncate_diverging(1, 0, Offset(5)).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::KafkaStorageError, "{e}");
+    assert!(b.p.failure().is_some(), "the partition is failed until a restart recovers it");
+    let e = b.p.fetch(0, 1 << 20).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::KafkaStorageError, "nothing of a half-cut log is served");
+    let e = b.p.append_as_follower(&[batch("y")], Offset(0), 1).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::KafkaStorageError, "nor appended to");
+}
+
+#[tokio::test]
+async fn a_follower_takes_the_leaders_log_start() {
+    let (a, b) = (replica(1), replica(2));
+    lead(&a, &[&a, &b], 0, 1);
+    b.p.make_follower(Some(a.id), 0);
+    let big = "x".repeat(1000);
+    for _ in 0..9 {
+        produce(&a, 0, &big).await;
+    }
+    sync(&b, &a, 0).await;
+    let (offset, last) = b.p.fetch_position();
+    a.p.replica_fetch(b.id, offset.to_wire(), 0, last, u64::MAX, 2).unwrap();
+    produce(&a, 0, "m9").await;
+    sync(&b, &a, 0).await;
+    // The leader's retention (or DeleteRecords) moves its log start to 6.
+    a.p.write_log().delete_records_before(Offset(6)).unwrap();
+    let read = a.p.replica_fetch(b.id, b.p.fetch_position().0.to_wire(), 0, Some(0), u64::MAX, 3).unwrap();
+    b.p.adopt_leader_log_start(0, read.log_start_offset).unwrap();
+    assert_eq!(b.p.offsets().0, Offset(6), "the follower's log starts where the leader's does");
+    assert_eq!(b.p.fetch(0, 1 << 20).unwrap_err().code(), ErrorCode::OffsetOutOfRange);
+    // Never past what the follower knows is committed.
+    b.p.adopt_leader_log_start(0, Offset(1_000)).unwrap();
+    assert_eq!(b.p.offsets().0, b.p.offsets().1);
+}

@@ -46,6 +46,7 @@ impl ErrorCode {
                 | ErrorCode::UnknownTopicOrPartition
                 | ErrorCode::FencedLeaderEpoch
                 | ErrorCode::UnknownLeaderEpoch
+                | ErrorCode::OffsetNotAvailable
         )
     }
 

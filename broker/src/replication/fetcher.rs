@@ -263,5 +263,8 @@ async fn apply(f: &Follow, p: pb::ReplicaFetchPartitionResponse) -> Result<(), S
         }
     }
     f.partition.append_as_follower(&batches, hw, f.leader_epoch).await.map_err(|e| e.to_string())?;
+    if let Some(leader_start) = Offset::from_wire(p.log_start_offset) {
+        f.partition.adopt_leader_log_start(f.leader_epoch, leader_start).map_err(|e| e.to_string())?;
+    }
     Ok(())
 }

@@ -173,6 +173,11 @@ impl LeaderState {
         &self.assignment
     }
 
+    /// The leader's log end when this epoch began.
+    pub fn epoch_start(&self) -> Offset {
+        self.epoch_start
+    }
+
     /// The leader epoch this state belongs to.
     pub fn leader_epoch(&self) -> u32 {
         self.assignment.leader_epoch

@@ -248,6 +248,7 @@ impl Tally for TallyService {
                 .iter()
                 .map(|p| {
                     let found = self.broker.partition(&t.name, p.partition).and_then(|(_, part)| {
+                        part.check_offsets_available()?;
                         let (start, hw, _) = part.offsets();
                         match p.timestamp {
                             -2 => Ok((start.to_wire(), -1)),
