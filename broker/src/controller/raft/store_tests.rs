@@ -164,8 +164,80 @@ fn a_snapshot_restores_the_image_after_reopen() {
         assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 4)));
         // A damaged snapshot file is an error, never an empty image.
         let path = dir.path().join("raft-snapshot");
-        let text = std::fs::read_to_string(&path).unwrap().replacen("\\\"t\\\"", "\\\"u\\\"", 1);
-        std::fs::write(&path, text).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let topic = b"\\\"t\\\"";
+        let at = bytes.windows(topic.len()).position(|w| w == topic).expect("the topic name is in the file");
+        bytes[at + 2] = b'u';
+        std::fs::write(&path, bytes).unwrap();
         assert!(StateMachine::open(dir.path()).is_err());
+    });
+}
+
+/// A state machine in a fresh directory with `entries` applied, and the
+/// snapshot it builds.
+async fn snapshot_of(entries: Vec<Entry>) -> (tempfile::TempDir, openraft::storage::Snapshot<TypeConfig>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::open(dir.path()).unwrap();
+    sm.apply(entries).await.unwrap();
+    let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    (dir, built)
+}
+
+#[test]
+fn a_snapshot_build_racing_an_install_never_puts_the_older_snapshot_back() {
+    let rt = rt();
+    for round in 0..60 {
+        rt.block_on(async {
+            // What the leader sends: a snapshot at (2, 10).
+            let (_leader_dir, newer) = snapshot_of(vec![entry(1, 1, register(1)), entry(2, 10, register(2))]).await;
+            let dir = tempfile::tempdir().unwrap();
+            let mut sm = StateMachine::open(dir.path()).unwrap();
+            sm.apply(vec![entry(1, 1, register(1))]).await.unwrap();
+            // A build of the local state at (1, 1) races the install.
+            let mut builder = sm.get_snapshot_builder().await;
+            let mut installer = sm.clone();
+            let meta = newer.meta.clone();
+            let build = tokio::spawn(async move { builder.build_snapshot().await.map(|s| s.meta) });
+            let install = tokio::spawn(async move { installer.install_snapshot(&meta, newer.snapshot).await });
+            let built = build.await.unwrap();
+            let installed = install.await.unwrap();
+            assert!(built.is_ok(), "round {round}: build failed: {built:?}");
+            assert!(installed.is_ok(), "round {round}: install failed: {installed:?}");
+            drop(sm);
+            let mut sm = StateMachine::open(dir.path()).unwrap();
+            assert_eq!(
+                sm.applied_state().await.unwrap().0,
+                Some(log_id(2, 10)),
+                "round {round}: the installed (newer) snapshot is the one on disk"
+            );
+            let current = sm.get_current_snapshot().await.unwrap().unwrap();
+            assert_eq!(current.meta.last_log_id, Some(log_id(2, 10)));
+            let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains("tmp"))
+                .collect();
+            assert!(leftovers.is_empty(), "round {round}: temp files left: {leftovers:?}");
+        });
+    }
+}
+
+#[test]
+fn a_damaged_snapshot_meta_is_refused() {
+    rt().block_on(async {
+        let (dir, built) = snapshot_of(vec![entry(1, 1, register(1)), entry(1, 2, register(2))]).await;
+        assert_eq!(built.meta.last_log_id, Some(log_id(1, 2)));
+        let path = dir.path().join("raft-snapshot");
+        let bytes = std::fs::read(&path).unwrap();
+        // Change the snapshot id (inside the meta) to another of the same length.
+        let id = built.meta.snapshot_id.as_bytes();
+        let at = bytes.windows(id.len()).position(|w| w == id).expect("the snapshot id is in the file");
+        let mut damaged = bytes.clone();
+        damaged[at] = if damaged[at] == b'9' { b'8' } else { b'9' };
+        std::fs::write(&path, &damaged).unwrap();
+        let err = StateMachine::open(dir.path()).expect_err("a meta that does not match its CRC is refused");
+        assert!(err.to_string().contains("CRC"), "{err}");
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(StateMachine::open(dir.path()).is_ok());
     });
 }
