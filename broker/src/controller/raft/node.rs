@@ -549,7 +549,11 @@ impl Controller {
 
     /// [`Controller::propose`], also telling the log index it committed at.
     pub async fn propose_indexed(&self, command: MetadataCommand) -> Result<Committed, ControllerError> {
-        let write = tokio::time::timeout(self.propose_timeout, self.raft.client_write(command)).await;
+        let write = tokio::time::timeout(
+            self.propose_timeout,
+            self.raft.client_write(super::VersionedCommand::current(command)),
+        )
+        .await;
         let timeout_ms = u64::try_from(self.propose_timeout.as_millis()).unwrap_or(u64::MAX);
         match write {
             Err(_) => Err(ControllerError::Timeout { timeout_ms }),

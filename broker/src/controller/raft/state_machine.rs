@@ -274,7 +274,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             state.last_applied = Some(entry.log_id);
             let outcome = match entry.payload {
                 EntryPayload::Blank => ApplyOutcome::default(),
-                EntryPayload::Normal(command) => match image.apply(&command) {
+                EntryPayload::Normal(versioned) => match image.apply(&versioned.command) {
                     Ok(effects) => ApplyOutcome { error: None, effects },
                     Err(e) => ApplyOutcome { error: Some(e), effects: Vec::new() },
                 },

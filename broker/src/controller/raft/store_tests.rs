@@ -8,9 +8,9 @@ use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader, RaftSnapshotBuilder, Vote};
 
-use super::log_store::LogStore;
+use super::log_store::{LogOpenError, LogStore};
 use super::state_machine::StateMachine;
-use super::{Entry, LogId, StorageError, TypeConfig};
+use super::{Entry, LogId, StorageError, TypeConfig, VersionedCommand};
 use crate::controller::metadata::{BrokerId, MetadataCommand, TopicId};
 
 struct Builder;
@@ -18,7 +18,7 @@ struct Builder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().unwrap();
-        let log = LogStore::open(dir.path())?;
+        let log = LogStore::open(dir.path()).map_err(StorageError::from)?;
         let sm = StateMachine::open(dir.path())?;
         Ok((dir, log, sm))
     }
@@ -34,7 +34,7 @@ fn log_id(term: u64, index: u64) -> LogId {
 }
 
 fn entry(term: u64, index: u64, command: MetadataCommand) -> Entry {
-    Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(command) }
+    Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(VersionedCommand::current(command)) }
 }
 
 fn register(id: u32) -> MetadataCommand {
@@ -128,7 +128,11 @@ fn truncate_and_purge_are_durable() {
         assert_eq!(state.last_purged_log_id, Some(log_id(1, 3)));
         assert_eq!(state.last_log_id, Some(log_id(2, 8)));
         let eighth = log.try_get_log_entries(8..9).await.unwrap();
-        assert_eq!(eighth[0].payload, EntryPayload::Normal(register(80)), "the truncated entry was replaced");
+        assert_eq!(
+            eighth[0].payload,
+            EntryPayload::Normal(VersionedCommand::current(register(80))),
+            "the truncated entry was replaced"
+        );
     });
 }
 
@@ -240,4 +244,95 @@ fn a_damaged_snapshot_meta_is_refused() {
         std::fs::write(&path, &bytes).unwrap();
         assert!(StateMachine::open(dir.path()).is_ok());
     });
+}
+
+/// A record framed as the log store frames them: `[len][crc32c][json]`.
+fn framed(json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    out.extend_from_slice(&crc32c::crc32c(json).to_be_bytes());
+    out.extend_from_slice(json);
+    out
+}
+
+/// Writes a log of entries 1..=3 in `dir` and returns its records' bytes,
+/// one `Vec` per record.
+async fn three_records(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let mut log = LogStore::open(dir).unwrap();
+    append(&mut log, (1..=3).map(|i| entry(1, i, register(i as u32))).collect()).await;
+    drop(log);
+    let data = std::fs::read(dir.join("raft-log")).unwrap();
+    let mut records = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        let len = u32::from_be_bytes(data[pos..pos + 4].try_into().unwrap()) as usize;
+        records.push(data[pos..pos + 8 + len].to_vec());
+        pos += 8 + len;
+    }
+    records
+}
+
+#[test]
+fn a_crc_valid_record_that_does_not_decode_refuses_to_open_and_leaves_the_file_alone() {
+    rt().block_on(async {
+        for at_tail in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let records = three_records(dir.path()).await;
+            let alien = framed(br#"{"log_id":{"leader_id":{"term":1,"node_id":1},"index":3},"payload":{"Normal":{"NoSuchCommand":{}}}}"#);
+            let mut data = records[..2].concat();
+            let position = data.len() as u64;
+            data.extend_from_slice(&alien);
+            if !at_tail {
+                data.extend_from_slice(&records[2]);
+            }
+            let path = dir.path().join("raft-log");
+            std::fs::write(&path, &data).unwrap();
+            let err = LogStore::open(dir.path()).expect_err("an undecodable whole record is not a torn tail");
+            let message = err.to_string();
+            assert!(matches!(err, LogOpenError::Undecodable { position: p, .. } if p == position), "{message}");
+            assert!(message.contains(&path.display().to_string()) && message.contains(&position.to_string()), "{message}");
+            assert_eq!(std::fs::read(&path).unwrap(), data, "at_tail={at_tail}: the file was changed");
+        }
+    });
+}
+
+#[test]
+fn a_record_of_a_newer_metadata_version_is_refused_not_misread() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let records = three_records(dir.path()).await;
+        let mut newer = serde_json::to_value(entry(1, 3, register(3))).unwrap();
+        newer["payload"]["Normal"]["version"] = serde_json::json!(super::METADATA_VERSION + 1);
+        let mut data = records[..2].concat();
+        data.extend_from_slice(&framed(&serde_json::to_vec(&newer).unwrap()));
+        let path = dir.path().join("raft-log");
+        std::fs::write(&path, &data).unwrap();
+        let err = LogStore::open(dir.path()).expect_err("a newer metadata version is refused");
+        assert!(
+            matches!(err, LogOpenError::UnknownVersion { version, .. } if version == u64::from(super::METADATA_VERSION) + 1),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        // The same entry arriving from a leader is refused too.
+        let request = serde_json::json!({
+            "vote": {"leader_id": {"term": 1, "node_id": 1}, "committed": true},
+            "prev_log_id": null,
+            "entries": [newer],
+            "leader_commit": null,
+        });
+        let decoded = serde_json::from_value::<openraft::raft::AppendEntriesRequest<TypeConfig>>(request.clone());
+        let refusal = decoded.expect_err("an AppendEntries with a newer metadata version is refused");
+        assert!(refusal.to_string().contains("metadata version"), "{refusal}");
+        // And the current version decodes.
+        let mut current = request;
+        current["entries"][0]["payload"]["Normal"]["version"] = serde_json::json!(super::METADATA_VERSION);
+        serde_json::from_value::<openraft::raft::AppendEntriesRequest<TypeConfig>>(current).unwrap();
+    });
+}
+
+#[test]
+fn a_command_written_before_versions_reads_as_version_one() {
+    let bare = serde_json::to_value(register(7)).unwrap();
+    let read: VersionedCommand = serde_json::from_value(bare).unwrap();
+    assert_eq!(read, VersionedCommand { version: 1, command: register(7) });
 }
