@@ -16,6 +16,10 @@
 //!   [`LogOpenError`] and the file is left as it is, since cutting it could
 //!   erase committed entries. A hole in the indexes is an error too.
 //!
+//! Every write, fsync and directory fsync goes through `storage::fs`, the
+//! seam the test file system (`storage/testfs.rs`) hooks for injected
+//! errors and power loss.
+//!
 //! File work runs on a blocking thread under the `io` lock, which serializes
 //! writes as openraft requires; readers only take the `entries` lock, for a
 //! copy of what they asked for.
@@ -23,9 +27,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::ops::RangeBounds;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -35,7 +38,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{Entry, LogId, METADATA_VERSION, StorageError, TypeConfig};
-use crate::storage::fs::{sync_dir, write_atomic};
+use crate::storage::fs::{pwrite_all, remove_if_exists, sync_data, sync_dir, write_atomic, write_new_synced};
 
 const LOG: &str = "raft-log";
 const VOTE: &str = "raft-vote";
@@ -222,6 +225,7 @@ impl LogStore {
         let committed = load(dir, COMMITTED, ErrorSubject::Store)?;
         let purged: Option<LogId> = load(dir, PURGED, ErrorSubject::Store)?;
         let path = dir.join(LOG);
+        let created = !path.exists();
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -229,13 +233,16 @@ impl LogStore {
             .truncate(false)
             .open(&path)
             .map_err(|e| write_error(ErrorSubject::Logs, e))?;
+        if created {
+            sync_dir(dir).map_err(|e| write_error(ErrorSubject::Logs, e))?;
+        }
         let mut data = Vec::new();
         file.read_to_end(&mut data).map_err(|e| read_error(ErrorSubject::Logs, e))?;
         let (records, len) = decode_records(&path, &data)?;
         if len < data.len() as u64 {
             tracing::warn!(path = %path.display(), valid_bytes = len, cut_bytes = data.len() as u64 - len, "cutting a torn metadata log record");
             file.set_len(len).map_err(|e| write_error(ErrorSubject::Logs, e))?;
-            file.sync_data().map_err(|e| write_error(ErrorSubject::Logs, e))?;
+            sync_data(&file, &path).map_err(|e| write_error(ErrorSubject::Logs, e))?;
         }
         let floor = purged.map_or(0, |p| p.index + 1);
         let mut entries = BTreeMap::new();
@@ -365,8 +372,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     placed.push((entry, position));
                 }
                 let subject = ErrorSubject::Logs;
-                io.file.write_all_at(&bytes, io.len).map_err(|e| write_error(subject.clone(), e))?;
-                io.file.sync_data().map_err(|e| write_error(subject, e))?;
+                let path = shared.dir.join(LOG);
+                pwrite_all(&io.file, &[&bytes, &[]], io.len).map_err(|e| write_error(subject.clone(), e))?;
+                sync_data(&io.file, &path).map_err(|e| write_error(subject, e))?;
                 io.len += bytes.len() as u64;
                 let mut present = lock(&shared.entries);
                 for (entry, position) in placed {
@@ -397,7 +405,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             if let Some(position) = cut {
                 let subject = ErrorSubject::Logs;
                 io.file.set_len(position).map_err(|e| write_error(subject.clone(), e))?;
-                io.file.sync_data().map_err(|e| write_error(subject, e))?;
+                sync_data(&io.file, &shared.dir.join(LOG)).map_err(|e| write_error(subject, e))?;
                 io.len = position;
             }
             Ok(())
@@ -426,9 +434,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let path = shared.dir.join(LOG);
             let tmp = shared.dir.join(format!("{LOG}.tmp"));
             let subject = ErrorSubject::Logs;
-            let mut file = File::create(&tmp).map_err(|e| write_error(subject.clone(), e))?;
-            file.write_all(&bytes).map_err(|e| write_error(subject.clone(), e))?;
-            file.sync_data().map_err(|e| write_error(subject.clone(), e))?;
+            remove_if_exists(&tmp).map_err(|e| write_error(subject.clone(), e))?;
+            write_new_synced(&tmp, &bytes).map_err(|e| write_error(subject.clone(), e))?;
             std::fs::rename(&tmp, &path).map_err(|e| write_error(subject.clone(), e))?;
             sync_dir(&shared.dir).map_err(|e| write_error(subject.clone(), e))?;
             io.file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| write_error(subject, e))?;

@@ -1,5 +1,6 @@
 //! The metadata log's storage against openraft's own storage test suite,
-//! and what the suite does not check: durability across reopen, a torn
+//! and what the suite does not check: durability across reopen and power
+//! loss (through the test file system, `storage/testfs.rs`), a torn
 //! last record, and a purge that survives a restart.
 
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use super::log_store::{LogOpenError, LogStore};
 use super::state_machine::StateMachine;
 use super::{Entry, LogId, StorageError, TypeConfig, VersionedCommand};
 use crate::controller::metadata::{BrokerId, MetadataCommand, TopicId};
+use crate::storage::testfs;
 
 struct Builder;
 
@@ -112,20 +114,37 @@ fn a_corrupt_record_ends_the_log_and_a_hole_is_an_error() {
     });
 }
 
+/// Reopens the log in `dir` as after a power loss: only what was fsynced
+/// (file contents and directory entries) survives.
+fn reopen_after_power_loss(dir: &std::path::Path) -> LogStore {
+    testfs::power_loss(dir);
+    LogStore::open(dir).unwrap()
+}
+
 #[test]
 fn truncate_and_purge_are_durable() {
     rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let mut log = LogStore::open(dir.path()).unwrap();
+        testfs::watch(dir.path());
         append(&mut log, (1..=10).map(|i| entry(1, i, register(i as u32))).collect()).await;
+        // The truncation alone, with nothing appended after it to sync the file.
         log.truncate(log_id(1, 8)).await.unwrap();
+        drop(log);
+        let mut log = reopen_after_power_loss(dir.path());
+        assert_eq!(indexes(&mut log).await, (1..=7).collect::<Vec<_>>(), "the truncation survived a power loss");
+        // A purge alone, then an append to the rewritten file.
         log.purge(log_id(1, 3)).await.unwrap();
+        drop(log);
+        let mut log = reopen_after_power_loss(dir.path());
+        assert_eq!(indexes(&mut log).await, vec![4, 5, 6, 7], "the purge survived a power loss");
         append(&mut log, vec![entry(2, 8, register(80))]).await;
         drop(log);
-        let mut log = LogStore::open(dir.path()).unwrap();
+        let mut log = reopen_after_power_loss(dir.path());
+        testfs::forget(dir.path());
         assert_eq!(indexes(&mut log).await, vec![4, 5, 6, 7, 8]);
         let state = log.get_log_state().await.unwrap();
-        assert_eq!(state.last_purged_log_id, Some(log_id(1, 3)));
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 3)), "the purge survived a power loss");
         assert_eq!(state.last_log_id, Some(log_id(2, 8)));
         let eighth = log.try_get_log_entries(8..9).await.unwrap();
         assert_eq!(
@@ -335,4 +354,21 @@ fn a_command_written_before_versions_reads_as_version_one() {
     let bare = serde_json::to_value(register(7)).unwrap();
     let read: VersionedCommand = serde_json::from_value(bare).unwrap();
     assert_eq!(read, VersionedCommand { version: 1, command: register(7) });
+}
+
+#[test]
+fn a_stored_snapshot_survives_a_power_loss() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path()).unwrap();
+        testfs::watch(dir.path());
+        sm.apply(vec![entry(1, 1, register(1)), entry(1, 2, register(2))]).await.unwrap();
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        drop(sm);
+        testfs::power_loss(dir.path());
+        testfs::forget(dir.path());
+        let mut sm = StateMachine::open(dir.path()).unwrap();
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 2)), "the snapshot is on disk");
+        assert_eq!(sm.image().brokers().len(), 2);
+    });
 }
