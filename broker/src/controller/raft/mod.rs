@@ -113,6 +113,8 @@ pub type LogId = openraft::LogId<u64>;
 pub type StorageError = openraft::StorageError<u64>;
 
 #[cfg(test)]
+mod delay_proxy;
+#[cfg(test)]
 mod node_tests;
 #[cfg(test)]
 mod store_tests;
