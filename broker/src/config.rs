@@ -53,8 +53,19 @@ pub struct BrokerConfig {
     /// 2000; below `broker_session_timeout_ms`.
     pub broker_heartbeat_interval_ms: u64,
     /// A controller voter that hears from no leader for 3/4 of this to all
-    /// of it starts an election. Default 1000; above 400.
+    /// of it starts an election. Default 1000; above 4 ×
+    /// `controller_heartbeat_interval_ms`.
     pub controller_election_timeout_ms: u64,
+    /// How often the controller leader sends Raft heartbeats to the other
+    /// voters. Also the time limit of every AppendEntries and of the
+    /// leadership check each broker heartbeat waits for at the active
+    /// controller: one round trip between voters (a kept connection) plus a
+    /// follower's fsync must fit in it, or brokers are fenced although Raft
+    /// is healthy. Default 100; positive.
+    pub controller_heartbeat_interval_ms: u64,
+    /// Time limit for sending a snapshot to a voter or observer that is
+    /// too far behind for the log. Default 10 000; positive.
+    pub controller_install_snapshot_timeout_ms: u64,
     /// An in-sync follower that has not caught up with the leader's log end
     /// for this long leaves the ISR (Kafka's `replica.lag.time.max.ms`).
     /// Default 30 000.
@@ -97,6 +108,8 @@ impl Default for BrokerConfig {
             broker_session_timeout_ms: 9000,
             broker_heartbeat_interval_ms: 2000,
             controller_election_timeout_ms: 1000,
+            controller_heartbeat_interval_ms: 100,
+            controller_install_snapshot_timeout_ms: 10_000,
             replica_lag_time_max_ms: 30_000,
             replica_fetch_wait_max_ms: 500,
             replica_fetch_response_max_bytes: 10 << 20,
@@ -221,11 +234,17 @@ impl BrokerConfig {
                 self.broker_heartbeat_interval_ms, self.broker_session_timeout_ms
             ));
         }
-        if self.controller_election_timeout_ms <= 400 {
+        if self.controller_heartbeat_interval_ms == 0 {
+            problems.push("controller_heartbeat_interval_ms must be positive".to_string());
+        } else if self.controller_election_timeout_ms / 4 <= self.controller_heartbeat_interval_ms {
             problems.push(format!(
-                "controller_election_timeout_ms must be above 400, got {}",
-                self.controller_election_timeout_ms
+                "controller_election_timeout_ms ({}) must be above 4 x controller_heartbeat_interval_ms ({}), \
+                 or voters start elections between heartbeats",
+                self.controller_election_timeout_ms, self.controller_heartbeat_interval_ms
             ));
+        }
+        if self.controller_install_snapshot_timeout_ms == 0 {
+            problems.push("controller_install_snapshot_timeout_ms must be positive".to_string());
         }
         if let Some(ip) = &self.peer_source_address
             && ip.parse::<std::net::IpAddr>().is_err()
@@ -295,6 +314,8 @@ const BROKER_KEYS: &[&str] = &[
     "broker_session_timeout_ms",
     "broker_heartbeat_interval_ms",
     "controller_election_timeout_ms",
+    "controller_heartbeat_interval_ms",
+    "controller_install_snapshot_timeout_ms",
     "replica_lag_time_max_ms",
     "replica_fetch_wait_max_ms",
     "replica_fetch_response_max_bytes",
@@ -386,6 +407,43 @@ mod tests {
         let problems = c.validate();
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(BrokerConfig::default().validate().is_empty());
+    }
+
+    #[test]
+    fn controller_timings_are_read_and_impossible_combinations_refused() {
+        let c: BrokerConfig = toml::from_str(
+            "controller_heartbeat_interval_ms = 250\ncontroller_election_timeout_ms = 3000\n\
+             controller_install_snapshot_timeout_ms = 30000\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.controller_heartbeat_interval_ms,
+                c.controller_election_timeout_ms,
+                c.controller_install_snapshot_timeout_ms
+            ),
+            (250, 3000, 30_000)
+        );
+        assert!(c.validate().is_empty(), "{:?}", c.validate());
+        let slow_heartbeat = BrokerConfig { controller_heartbeat_interval_ms: 300, ..BrokerConfig::default() };
+        let problems = slow_heartbeat.validate();
+        assert!(
+            problems.len() == 1 && problems[0].contains("4 x controller_heartbeat_interval_ms (300)"),
+            "{problems:?}"
+        );
+        let zero = BrokerConfig {
+            controller_heartbeat_interval_ms: 0,
+            controller_install_snapshot_timeout_ms: 0,
+            ..BrokerConfig::default()
+        };
+        assert_eq!(zero.validate().len(), 2, "{:?}", zero.validate());
+        // The election timeout's own floor follows the heartbeat interval.
+        let fast = BrokerConfig {
+            controller_heartbeat_interval_ms: 50,
+            controller_election_timeout_ms: 300,
+            ..BrokerConfig::default()
+        };
+        assert!(fast.validate().is_empty(), "{:?}", fast.validate());
     }
 
     #[test]

@@ -35,6 +35,15 @@ impl PeerConnections {
         PeerConnections { source, by_address: Default::default() }
     }
 
+    /// Drops the kept connection to `address`, so the next [`get`] dials
+    /// anew (for a peer whose service answers but is no longer the one to
+    /// talk to, which a reconnect on transport errors cannot notice).
+    ///
+    /// [`get`]: PeerConnections::get
+    pub fn forget(&self, address: &str) {
+        self.by_address.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(address);
+    }
+
     /// The connection to `address`, made on first use.
     pub fn get(&self, address: &str) -> Result<Connection, String> {
         let mut by_address = self.by_address.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -227,6 +227,8 @@ fn controller_config(config: &BrokerConfig, advertised: &str) -> Result<Controll
     let dir = config.data_dir.join("__cluster_metadata");
     let mut controller = ControllerConfig::new(BrokerId(config.node_id), voters, dir);
     controller.election_timeout_ms = config.controller_election_timeout_ms;
+    controller.heartbeat_interval_ms = config.controller_heartbeat_interval_ms;
+    controller.install_snapshot_timeout_ms = config.controller_install_snapshot_timeout_ms;
     controller.leader_rebalance_interval_ms = config.leader_imbalance_check_interval_ms;
     controller.peer_source_address = config.peer_source_ip();
     controller.own_address = advertised.to_string();

@@ -75,6 +75,17 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Creates `path` (it must not exist) holding `contents`, fdatasynced. The
+/// first half of an atomic replace whose caller picks a unique temp name and
+/// does the rename and the directory fsync itself.
+pub(crate) fn write_new_synced(path: &Path, contents: &[u8]) -> Result<()> {
+    let mut f = OpenOptions::new().write(true).create_new(true).open(path).map_err(io_err("create", path))?;
+    #[cfg(test)]
+    super::testfs::before_write(&f).map_err(io_err("write", path))?;
+    f.write_all(contents).map_err(io_err("write", path))?;
+    sync_data(&f, path)
+}
+
 /// Removes a file, treating "not found" as done (so recovery can repeat it).
 pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {

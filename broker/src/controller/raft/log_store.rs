@@ -9,9 +9,16 @@
 //! - A truncation cuts the file at the first removed record and syncs it.
 //! - A purge records the purged log id durably, then rewrites the file
 //!   without the purged records (temp file, fsync, rename, directory fsync).
-//! - Open reads records up to the first torn or corrupt one (an append whose
-//!   callback never ran) and cuts the file there; a hole in the indexes is
-//!   an error, never skipped.
+//! - Open reads records up to the first one that fails its framing (length)
+//!   or its CRC (an append whose callback never ran) and cuts the file
+//!   there. A record that passes its CRC was written whole: if it does not
+//!   decode (a newer metadata version, a bug) open fails with
+//!   [`LogOpenError`] and the file is left as it is, since cutting it could
+//!   erase committed entries. A hole in the indexes is an error too.
+//!
+//! Every write, fsync and directory fsync goes through `storage::fs`, the
+//! seam the test file system (`storage/testfs.rs`) hooks for injected
+//! errors and power loss.
 //!
 //! File work runs on a blocking thread under the `io` lock, which serializes
 //! writes as openraft requires; readers only take the `entries` lock, for a
@@ -20,9 +27,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::ops::RangeBounds;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -31,8 +37,8 @@ use openraft::{AnyError, ErrorSubject, ErrorVerb, RaftLogReader, StorageIOError,
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Entry, LogId, StorageError, TypeConfig};
-use crate::storage::fs::{sync_dir, write_atomic};
+use super::{Entry, LogId, METADATA_VERSION, StorageError, TypeConfig};
+use crate::storage::fs::{pwrite_all, remove_if_exists, sync_data, sync_dir, write_atomic, write_new_synced};
 
 const LOG: &str = "raft-log";
 const VOTE: &str = "raft-vote";
@@ -41,6 +47,54 @@ const PURGED: &str = "raft-purged";
 const RECORD_HEADER: usize = 8;
 /// Largest entry accepted from the file: a length above it is a torn record.
 const MAX_ENTRY_BYTES: u32 = 64 << 20;
+
+/// Why the Raft log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum LogOpenError {
+    /// A record passes its CRC, so it was written whole, but does not
+    /// decode. It is not a torn append, so it is not cut.
+    #[error(
+        "{}: the record at byte {position} passes its CRC but does not decode ({reason}). It was written whole, so \
+         it is not cut: the file is left as it is and this voter does not start. If a newer build wrote it, run \
+         that build; otherwise restore this directory from a copy",
+        path.display()
+    )]
+    Undecodable {
+        /// The log file.
+        path: PathBuf,
+        /// Byte position of the record.
+        position: u64,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// A record holds a command of a metadata version newer than this
+    /// build knows.
+    #[error(
+        "{}: the record at byte {position} has metadata version {version}, newer than this build knows \
+         ({METADATA_VERSION}); run a build that knows it. The file is left as it is",
+        path.display()
+    )]
+    UnknownVersion {
+        /// The log file.
+        path: PathBuf,
+        /// Byte position of the record.
+        position: u64,
+        /// Its metadata version.
+        version: u64,
+    },
+    /// Reading or writing the files failed, or the log is inconsistent.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl From<LogOpenError> for StorageError {
+    fn from(e: LogOpenError) -> StorageError {
+        match e {
+            LogOpenError::Storage(e) => e,
+            other => corrupt(ErrorSubject::Logs, other.to_string()),
+        }
+    }
+}
 
 /// The Raft log of the metadata log.
 #[derive(Debug, Clone)]
@@ -123,9 +177,17 @@ fn encode_record(entry: &Entry) -> Result<Vec<u8>, StorageError> {
     Ok(out)
 }
 
+/// The metadata version of an entry's command, when its JSON has one.
+fn command_version(json: &[u8]) -> Option<u64> {
+    let value: serde_json::Value = serde_json::from_slice(json).ok()?;
+    value.get("payload")?.get("Normal")?.get("version")?.as_u64()
+}
+
 /// Decodes the records of `data`: the entries with their positions, and
-/// the byte length of the valid prefix (a torn or corrupt record ends it).
-fn decode_records(data: &[u8]) -> (Vec<(Entry, u64)>, u64) {
+/// the byte length of the valid prefix. A record that fails its framing or
+/// CRC ends it (a torn append); one that passes its CRC and does not decode
+/// is an error.
+fn decode_records(path: &Path, data: &[u8]) -> Result<(Vec<(Entry, u64)>, u64), LogOpenError> {
     let mut out = Vec::new();
     let mut pos = 0usize;
     while data.len() - pos >= RECORD_HEADER {
@@ -139,21 +201,31 @@ fn decode_records(data: &[u8]) -> (Vec<(Entry, u64)>, u64) {
         if crc32c::crc32c(json) != crc {
             break;
         }
-        let Ok(entry) = serde_json::from_slice::<Entry>(json) else { break };
+        let entry = serde_json::from_slice::<Entry>(json).map_err(|e| {
+            let (path, position) = (path.to_path_buf(), pos as u64);
+            match command_version(json) {
+                Some(version) if version > u64::from(METADATA_VERSION) => {
+                    LogOpenError::UnknownVersion { path, position, version }
+                }
+                _ => LogOpenError::Undecodable { path, position, reason: e.to_string() },
+            }
+        })?;
         out.push((entry, pos as u64));
         pos = end;
     }
-    (out, pos as u64)
+    Ok((out, pos as u64))
 }
 
 impl LogStore {
-    /// Opens (creating if needed) the log in `dir`.
-    pub fn open(dir: &Path) -> Result<LogStore, StorageError> {
+    /// Opens (creating if needed) the log in `dir`, cutting a torn last
+    /// append; refuses a log with a whole record it cannot decode.
+    pub fn open(dir: &Path) -> Result<LogStore, LogOpenError> {
         std::fs::create_dir_all(dir).map_err(|e| write_error(ErrorSubject::Store, e))?;
         let vote = load(dir, VOTE, ErrorSubject::Vote)?;
         let committed = load(dir, COMMITTED, ErrorSubject::Store)?;
         let purged: Option<LogId> = load(dir, PURGED, ErrorSubject::Store)?;
         let path = dir.join(LOG);
+        let created = !path.exists();
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -161,13 +233,16 @@ impl LogStore {
             .truncate(false)
             .open(&path)
             .map_err(|e| write_error(ErrorSubject::Logs, e))?;
+        if created {
+            sync_dir(dir).map_err(|e| write_error(ErrorSubject::Logs, e))?;
+        }
         let mut data = Vec::new();
         file.read_to_end(&mut data).map_err(|e| read_error(ErrorSubject::Logs, e))?;
-        let (records, len) = decode_records(&data);
+        let (records, len) = decode_records(&path, &data)?;
         if len < data.len() as u64 {
             tracing::warn!(path = %path.display(), valid_bytes = len, cut_bytes = data.len() as u64 - len, "cutting a torn metadata log record");
             file.set_len(len).map_err(|e| write_error(ErrorSubject::Logs, e))?;
-            file.sync_data().map_err(|e| write_error(ErrorSubject::Logs, e))?;
+            sync_data(&file, &path).map_err(|e| write_error(ErrorSubject::Logs, e))?;
         }
         let floor = purged.map_or(0, |p| p.index + 1);
         let mut entries = BTreeMap::new();
@@ -183,13 +258,15 @@ impl LogStore {
                 return Err(corrupt(
                     ErrorSubject::Logs,
                     format!("{}: index {index} follows {}", path.display(), e - 1),
-                ));
+                )
+                .into());
             }
             if expected.is_none() && purged.is_some() && index != floor {
                 return Err(corrupt(
                     ErrorSubject::Logs,
                     format!("{}: first index {index}, expected {floor}", path.display()),
-                ));
+                )
+                .into());
             }
             expected = Some(index + 1);
             entries.insert(index, (entry, position));
@@ -295,8 +372,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     placed.push((entry, position));
                 }
                 let subject = ErrorSubject::Logs;
-                io.file.write_all_at(&bytes, io.len).map_err(|e| write_error(subject.clone(), e))?;
-                io.file.sync_data().map_err(|e| write_error(subject, e))?;
+                let path = shared.dir.join(LOG);
+                pwrite_all(&io.file, &[&bytes, &[]], io.len).map_err(|e| write_error(subject.clone(), e))?;
+                sync_data(&io.file, &path).map_err(|e| write_error(subject, e))?;
                 io.len += bytes.len() as u64;
                 let mut present = lock(&shared.entries);
                 for (entry, position) in placed {
@@ -327,7 +405,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             if let Some(position) = cut {
                 let subject = ErrorSubject::Logs;
                 io.file.set_len(position).map_err(|e| write_error(subject.clone(), e))?;
-                io.file.sync_data().map_err(|e| write_error(subject, e))?;
+                sync_data(&io.file, &shared.dir.join(LOG)).map_err(|e| write_error(subject, e))?;
                 io.len = position;
             }
             Ok(())
@@ -356,9 +434,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let path = shared.dir.join(LOG);
             let tmp = shared.dir.join(format!("{LOG}.tmp"));
             let subject = ErrorSubject::Logs;
-            let mut file = File::create(&tmp).map_err(|e| write_error(subject.clone(), e))?;
-            file.write_all(&bytes).map_err(|e| write_error(subject.clone(), e))?;
-            file.sync_data().map_err(|e| write_error(subject.clone(), e))?;
+            remove_if_exists(&tmp).map_err(|e| write_error(subject.clone(), e))?;
+            write_new_synced(&tmp, &bytes).map_err(|e| write_error(subject.clone(), e))?;
             std::fs::rename(&tmp, &path).map_err(|e| write_error(subject.clone(), e))?;
             sync_dir(&shared.dir).map_err(|e| write_error(subject.clone(), e))?;
             io.file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| write_error(subject, e))?;

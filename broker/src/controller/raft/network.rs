@@ -2,10 +2,14 @@
 //! the client side openraft calls ([`Network`], [`PeerClient`]) and the
 //! service that hands incoming messages to the local Raft ([`RaftService`]).
 //!
-//! Payloads are openraft's own request and response types as JSON. Channels
-//! connect lazily, reconnect by themselves, and use HTTP/2 keepalive, so a
-//! link that was cut comes back once it heals. Every call is bounded by the
-//! time openraft gives it.
+//! Payloads are openraft's own request and response types as JSON. There is
+//! one connection per voter, kept for the life of the [`Network`]: openraft
+//! calls `new_client` for every leadership check (`ensure_linearizable`,
+//! on each broker heartbeat), and a new TCP and HTTP/2 handshake each time
+//! would have to fit in the check's time limit (the heartbeat interval).
+//! Connections connect lazily, reconnect by themselves, and use HTTP/2
+//! keepalive, so a link that was cut comes back once it heals. Every call
+//! is bounded by the time openraft gives it.
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -28,17 +32,26 @@ use super::TypeConfig;
 /// Largest Raft message accepted or sent (a snapshot chunk, a batch of entries).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// Makes one [`PeerClient`] per voter, as openraft asks.
+/// Makes [`PeerClient`]s as openraft asks, all over one kept connection
+/// per voter address.
 #[derive(Debug, Clone, Default)]
 pub struct Network {
-    /// Local address of outgoing connections, when set.
-    pub source: Option<std::net::IpAddr>,
+    connections: std::sync::Arc<crate::peer::PeerConnections>,
+}
+
+impl Network {
+    /// Connections dialled from the local address `source`, when set.
+    pub fn new(source: Option<std::net::IpAddr>) -> Network {
+        Network { connections: std::sync::Arc::new(crate::peer::PeerConnections::new(source)) }
+    }
 }
 
 /// Sends Raft messages to one voter.
 #[derive(Debug)]
 pub struct PeerClient {
     target: u64,
+    address: String,
+    connections: std::sync::Arc<crate::peer::PeerConnections>,
     client: Result<ControllerRaftClient<Channel>, String>,
 }
 
@@ -46,12 +59,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
-        let client = peer_channel(&node.addr, self.source).map(|c| {
+        let client = self.connections.get(&node.addr).map(|c| {
             ControllerRaftClient::new(c)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)
         });
-        PeerClient { target, client }
+        PeerClient { target, address: node.addr.clone(), connections: self.connections.clone(), client }
     }
 }
 
@@ -95,6 +108,11 @@ impl PeerClient {
         };
         let answer: Result<Resp, RaftError<u64, E>> =
             serde_json::from_slice(&response.json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if let Err(RaftError::Fatal(_)) = &answer {
+            // The Raft behind this connection stopped; a restarted voter at
+            // the same address is reached over a new connection.
+            self.connections.forget(&self.address);
+        }
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

@@ -38,8 +38,12 @@ pub struct ControllerConfig {
     pub voters: BTreeMap<BrokerId, String>,
     /// Directory of the metadata log, vote and snapshot.
     pub dir: PathBuf,
-    /// Leader heartbeat. Default 100 ms.
+    /// Leader heartbeat. Also openraft's time limit for each AppendEntries
+    /// and for each voter's answer to a leadership check
+    /// (`ensure_linearizable`, run on every broker heartbeat). Default 100 ms.
     pub heartbeat_interval_ms: u64,
+    /// Time limit for sending a snapshot to a lagging voter. Default 10 s.
+    pub install_snapshot_timeout_ms: u64,
     /// Election timeout: a follower that hears from no leader for between
     /// 3/4 of this and all of it starts an election (openraft waits for the
     /// old leader's lease, half of this, plus a random 1/4 to 1/2 of it).
@@ -70,6 +74,7 @@ impl ControllerConfig {
             voters,
             dir,
             heartbeat_interval_ms: 100,
+            install_snapshot_timeout_ms: 10_000,
             election_timeout_ms: 1000,
             snapshot_every_entries: 10_000,
             propose_timeout_ms: 5000,
@@ -318,9 +323,9 @@ impl Controller {
         })
         .await
         .map_err(|e| ControllerError::Stopped(e.to_string()))??;
-        if config.election_timeout_ms <= 4 * config.heartbeat_interval_ms {
+        if config.heartbeat_interval_ms == 0 || config.election_timeout_ms / 4 <= config.heartbeat_interval_ms {
             return Err(ControllerError::Config(format!(
-                "election_timeout_ms ({}) must exceed 4 x heartbeat_interval_ms ({})",
+                "election_timeout_ms ({}) must exceed 4 x heartbeat_interval_ms ({}), which must be positive",
                 config.election_timeout_ms, config.heartbeat_interval_ms
             )));
         }
@@ -331,7 +336,7 @@ impl Controller {
             heartbeat_interval: config.heartbeat_interval_ms,
             election_timeout_min: config.election_timeout_ms / 4,
             election_timeout_max: config.election_timeout_ms / 2,
-            install_snapshot_timeout: 10_000,
+            install_snapshot_timeout: config.install_snapshot_timeout_ms,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every_entries),
             max_in_snapshot_log_to_keep: 1000,
             snapshot_max_chunk_size: (MAX_MESSAGE_BYTES / 4) as u64,
@@ -340,15 +345,10 @@ impl Controller {
         .validate()
         .map_err(|e| ControllerError::Config(e.to_string()))?;
         let id = u64::from(config.node_id.0);
-        let raft = Raft::new(
-            id,
-            Arc::new(raft_config),
-            Network { source: config.peer_source_address },
-            log,
-            state_machine.clone(),
-        )
-        .await
-        .map_err(|e| ControllerError::Stopped(e.to_string()))?;
+        let raft =
+            Raft::new(id, Arc::new(raft_config), Network::new(config.peer_source_address), log, state_machine.clone())
+                .await
+                .map_err(|e| ControllerError::Stopped(e.to_string()))?;
         let initialized = raft.is_initialized().await.map_err(|e| ControllerError::Stopped(e.to_string()))?;
         // An observer is added by the leader as a learner, never initializes.
         if !initialized && !observer {
@@ -628,7 +628,11 @@ impl Controller {
 
     /// [`Controller::propose`], also telling the log index it committed at.
     pub async fn propose_indexed(&self, command: MetadataCommand) -> Result<Committed, ControllerError> {
-        let write = tokio::time::timeout(self.propose_timeout, self.raft.client_write(command)).await;
+        let write = tokio::time::timeout(
+            self.propose_timeout,
+            self.raft.client_write(super::VersionedCommand::current(command)),
+        )
+        .await;
         let timeout_ms = u64::try_from(self.propose_timeout.as_millis()).unwrap_or(u64::MAX);
         match write {
             Err(_) => Err(ControllerError::Timeout { timeout_ms }),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use super::delay_proxy::DelayProxy;
 use super::node::{Controller, ControllerConfig, ControllerError, HeartbeatRequest};
 use crate::controller::HeartbeatAnswer;
 use crate::controller::metadata::{BrokerId, MetadataCommand, MetadataEffect, TopicId};
@@ -35,7 +36,11 @@ fn config(id: u32, voters: &BTreeMap<BrokerId, String>, root: &std::path::Path) 
 }
 
 async fn start(id: u32, voters: &BTreeMap<BrokerId, String>, root: &std::path::Path, listener: TcpListener) -> Voter {
-    let controller = Controller::start(config(id, voters, root)).await.unwrap();
+    start_with(config(id, voters, root), listener).await
+}
+
+async fn start_with(config: ControllerConfig, listener: TcpListener) -> Voter {
+    let controller = Controller::start(config).await.unwrap();
     let service = controller.service();
     let api = controller.api_service();
     let server = tokio::spawn(async move {
@@ -358,4 +363,59 @@ async fn the_lease_task_drops_session_changes_once_the_leadership_changed() {
     .await;
     assert_eq!(made.into_inner(), vec![1], "decided in a term this voter no longer leads in");
     assert_eq!(proposed.dropped(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_checks_reuse_connections_and_succeed_over_a_slow_link() {
+    let root = tempfile::tempdir().unwrap();
+    // Voters reach each other through proxies: 25 ms each way, and 200 ms
+    // more to open a connection. A check must finish within the heartbeat
+    // interval (200 ms): over a kept connection it takes one round trip
+    // (50 ms), over a new one 250 ms.
+    let (one_way, setup) = (Duration::from_millis(25), Duration::from_millis(200));
+    let mut listeners = BTreeMap::new();
+    let mut proxies = BTreeMap::new();
+    for id in 1..=3u32 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        proxies.insert(id, DelayProxy::start(listener.local_addr().unwrap(), one_way, setup).await);
+        listeners.insert(id, listener);
+    }
+    let voters: BTreeMap<BrokerId, String> =
+        proxies.iter().map(|(id, p)| (BrokerId(*id), p.addr.to_string())).collect();
+    let mut nodes = BTreeMap::new();
+    for (id, listener) in listeners {
+        let mut c = config(id, &voters, root.path());
+        c.heartbeat_interval_ms = 200;
+        c.election_timeout_ms = 2000;
+        nodes.insert(id, start_with(c, listener).await);
+    }
+    let leader = agreed_leader(&nodes).await;
+    let controller = &nodes[&leader].controller;
+    let stranger = HeartbeatRequest {
+        broker: BrokerId(9),
+        incarnation: 1,
+        metadata_index: None,
+        shutting_down: false,
+        want_fence: false,
+    };
+    // The first check may pay for opening the connections.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match controller.heartbeat_local(&stranger).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "no leadership check succeeded over the slow link: {e}"),
+        }
+    }
+    let opened = |proxies: &BTreeMap<u32, DelayProxy>| proxies.values().map(DelayProxy::accepted).sum::<usize>();
+    let before = opened(&proxies);
+    let checks = 30;
+    for i in 0..checks {
+        let answer = controller.heartbeat_local(&stranger).await;
+        assert_eq!(answer, Ok(HeartbeatAnswer::Register), "check {i} over the slow link");
+    }
+    let new_connections = opened(&proxies) - before;
+    assert!(new_connections <= 2, "{checks} leadership checks opened {new_connections} connections");
+    for (_, v) in nodes {
+        v.stop().await;
+    }
 }

@@ -4,8 +4,17 @@
 //! The image lives in memory; what survives a restart is the latest
 //! snapshot (file `raft-snapshot`, replaced atomically) plus the log after
 //! it, which openraft applies again up to the committed id the log store
-//! kept. A snapshot file holds its meta and the image as JSON, covered by a
-//! CRC-32C; one that does not read back is an error, never an empty image.
+//! kept. A snapshot file is `[crc32c u32][JSON of version, meta, image]`,
+//! the CRC over the whole record; one that does not read back is an error,
+//! never an empty image.
+//!
+//! Snapshots are stored both by the build task and by an install from the
+//! leader, which can race: each writes its own temp file (fsynced), then
+//! under the `snapshot` lock the one whose `last_log_id` is not older than
+//! the current snapshot's is renamed into place (then the directory is
+//! fsynced, outside the lock); an older one is dropped. So a build captured
+//! before an install can never put the older image back after the log was
+//! purged past it.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -20,9 +29,15 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApplyOutcome, Entry, LogId, StorageError, TypeConfig};
 use crate::controller::metadata::MetadataImage;
-use crate::storage::fs::write_atomic;
+use crate::storage::fs::{remove_if_exists, sync_dir, write_new_synced};
 
 const SNAPSHOT: &str = "raft-snapshot";
+/// Prefix of a snapshot's temp files (one per store, never shared).
+const SNAPSHOT_TMP: &str = "raft-snapshot.tmp-";
+/// Version of the snapshot record; a file of another version is refused.
+const SNAPSHOT_VERSION: u32 = 1;
+/// Temp files made by this process, for unique names.
+static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 type Meta = SnapshotMeta<u64, BasicNode>;
 type Membership = StoredMembership<u64, BasicNode>;
@@ -37,7 +52,9 @@ pub struct StateMachine {
 struct Shared {
     dir: PathBuf,
     state: Mutex<Applied>,
-    /// The latest snapshot: its meta and encoded image.
+    /// The latest snapshot: its meta and encoded image. Held while a new
+    /// snapshot file is renamed into place, so the file and this agree and
+    /// a snapshot never replaces one with a newer `last_log_id`.
     snapshot: Mutex<Option<(Meta, Vec<u8>)>>,
     /// Snapshots built so far by this process, for unique ids.
     built: std::sync::atomic::AtomicU64,
@@ -61,12 +78,59 @@ struct Applied {
     membership: Membership,
 }
 
-/// A snapshot file: the meta and the encoded image.
+/// The JSON part of a snapshot file: the version, meta and encoded image.
 #[derive(Serialize, Deserialize)]
-struct SnapshotFile {
+struct SnapshotRecord {
+    version: u32,
+    meta: Meta,
+    image: String,
+}
+
+/// A snapshot file as written before the record had a version and a CRC
+/// over its meta (the CRC covered the image only); still read.
+#[derive(Deserialize)]
+struct LegacySnapshotFile {
     meta: Meta,
     crc: u32,
     image: String,
+}
+
+fn encode_snapshot(meta: &Meta, image_bytes: &[u8]) -> Result<Vec<u8>, StorageError> {
+    let image = String::from_utf8(image_bytes.to_vec()).map_err(|e| sm_error(ErrorVerb::Write, e))?;
+    let record = SnapshotRecord { version: SNAPSHOT_VERSION, meta: meta.clone(), image };
+    let json = serde_json::to_vec(&record).map_err(|e| sm_error(ErrorVerb::Write, e))?;
+    let mut out = Vec::with_capacity(4 + json.len());
+    out.extend_from_slice(&crc32c::crc32c(&json).to_be_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Reads a snapshot file: its meta and encoded image.
+fn decode_snapshot(path: &Path, bytes: &[u8]) -> Result<(Meta, Vec<u8>), StorageError> {
+    let bad = |what: String| sm_error(ErrorVerb::Read, format!("{}: {what}", path.display()));
+    if bytes.first() == Some(&b'{') {
+        let file: LegacySnapshotFile = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        let image = file.image.into_bytes();
+        if crc32c::crc32c(&image) != file.crc {
+            return Err(bad("CRC mismatch".into()));
+        }
+        return Ok((file.meta, image));
+    }
+    if bytes.len() < 4 {
+        return Err(bad(format!("{} bytes, too short for a snapshot", bytes.len())));
+    }
+    let (crc, json) = bytes.split_at(4);
+    if crc32c::crc32c(json) != u32::from_be_bytes(crc.try_into().expect("4 bytes")) {
+        return Err(bad("CRC mismatch".into()));
+    }
+    let record: SnapshotRecord = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
+    if record.version != SNAPSHOT_VERSION {
+        return Err(bad(format!(
+            "snapshot version {} is not known to this build (it knows {SNAPSHOT_VERSION}); run a build that knows it",
+            record.version
+        )));
+    }
+    Ok((record.meta, record.image.into_bytes()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -87,22 +151,23 @@ impl StateMachine {
     /// or an empty image when there is none.
     pub fn open(dir: &Path) -> Result<StateMachine, StorageError> {
         std::fs::create_dir_all(dir).map_err(|e| sm_error(ErrorVerb::Write, e))?;
+        // Temp files of stores a crash interrupted.
+        for entry in std::fs::read_dir(dir).map_err(|e| sm_error(ErrorVerb::Read, e))?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(SNAPSHOT_TMP) {
+                remove_if_exists(&entry.path()).map_err(|e| sm_error(ErrorVerb::Write, e))?;
+            }
+        }
         let path = dir.join(SNAPSHOT);
         let (applied, snapshot) = match std::fs::read(&path) {
             Ok(bytes) => {
-                let file: SnapshotFile = serde_json::from_slice(&bytes)
-                    .map_err(|e| sm_error(ErrorVerb::Read, format!("{}: {e}", path.display())))?;
-                let image_bytes = file.image.into_bytes();
-                if crc32c::crc32c(&image_bytes) != file.crc {
-                    return Err(sm_error(ErrorVerb::Read, format!("{}: CRC mismatch", path.display())));
-                }
+                let (meta, image_bytes) = decode_snapshot(&path, &bytes)?;
                 let image = decode_image(&image_bytes)?;
                 let applied = Applied {
                     image: Arc::new(image),
-                    last_applied: file.meta.last_log_id,
-                    membership: file.meta.last_membership.clone(),
+                    last_applied: meta.last_log_id,
+                    membership: meta.last_membership.clone(),
                 };
-                (applied, Some((file.meta, image_bytes)))
+                (applied, Some((meta, image_bytes)))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Applied::default(), None),
             Err(e) => return Err(sm_error(ErrorVerb::Read, format!("{}: {e}", path.display()))),
@@ -134,17 +199,33 @@ impl StateMachine {
         self.shared.published.send_replace(AppliedImage { index, image: state.image.clone() });
     }
 
-    /// Writes a snapshot file (atomically) and makes it the current one.
-    fn store_snapshot(&self, meta: &Meta, image_bytes: Vec<u8>) -> Result<(), StorageError> {
-        let file = SnapshotFile {
-            meta: meta.clone(),
-            crc: crc32c::crc32c(&image_bytes),
-            image: String::from_utf8(image_bytes.clone()).map_err(|e| sm_error(ErrorVerb::Write, e))?,
-        };
-        let json = serde_json::to_vec(&file).map_err(|e| sm_error(ErrorVerb::Write, e))?;
-        write_atomic(&self.shared.dir.join(SNAPSHOT), &json).map_err(|e| sm_error(ErrorVerb::Write, e))?;
-        *lock(&self.shared.snapshot) = Some((meta.clone(), image_bytes));
-        Ok(())
+    /// Writes a snapshot file and makes it the current one, unless the
+    /// current one has a newer `last_log_id` (then this one is dropped and
+    /// `false` returned). The file is replaced atomically and durably: a
+    /// temp file of its own, fsynced, renamed under the `snapshot` lock,
+    /// then the directory fsynced.
+    fn store_snapshot(&self, meta: &Meta, image_bytes: Vec<u8>) -> Result<bool, StorageError> {
+        let record = encode_snapshot(meta, &image_bytes)?;
+        let dir = &self.shared.dir;
+        let n = TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!("{SNAPSHOT_TMP}{}-{n}", std::process::id()));
+        let written = write_new_synced(&tmp, &record).map_err(|e| sm_error(ErrorVerb::Write, e));
+        let replaced = written.and_then(|()| {
+            let mut current = lock(&self.shared.snapshot);
+            if current.as_ref().is_some_and(|(m, _)| m.last_log_id > meta.last_log_id) {
+                return Ok(false);
+            }
+            std::fs::rename(&tmp, dir.join(SNAPSHOT))
+                .map_err(|e| sm_error(ErrorVerb::Write, format!("rename {}: {e}", tmp.display())))?;
+            *current = Some((meta.clone(), image_bytes));
+            Ok(true)
+        });
+        if !matches!(replaced, Ok(true)) {
+            let _ = remove_if_exists(&tmp);
+            return replaced;
+        }
+        sync_dir(dir).map_err(|e| sm_error(ErrorVerb::Write, e))?;
+        Ok(true)
     }
 }
 
@@ -161,9 +242,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let this = self.clone();
         let stored = image_bytes.clone();
         let meta_for_store = meta.clone();
-        tokio::task::spawn_blocking(move || this.store_snapshot(&meta_for_store, stored))
+        let stored = tokio::task::spawn_blocking(move || this.store_snapshot(&meta_for_store, stored))
             .await
             .map_err(|e| sm_error(ErrorVerb::Write, e))??;
+        if !stored {
+            tracing::info!(snapshot = %meta.snapshot_id, "a newer snapshot was installed while this one was built");
+        }
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(image_bytes)) })
     }
 }
@@ -190,7 +274,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             state.last_applied = Some(entry.log_id);
             let outcome = match entry.payload {
                 EntryPayload::Blank => ApplyOutcome::default(),
-                EntryPayload::Normal(command) => match image.apply(&command) {
+                EntryPayload::Normal(versioned) => match image.apply(&versioned.command) {
                     Ok(effects) => ApplyOutcome { error: None, effects },
                     Err(e) => ApplyOutcome { error: Some(e), effects: Vec::new() },
                 },
@@ -218,9 +302,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let image = decode_image(&image_bytes)?;
         let this = self.clone();
         let meta_for_store = meta.clone();
-        tokio::task::spawn_blocking(move || this.store_snapshot(&meta_for_store, image_bytes))
+        let stored = tokio::task::spawn_blocking(move || this.store_snapshot(&meta_for_store, image_bytes))
             .await
             .map_err(|e| sm_error(ErrorVerb::Write, e))??;
+        if !stored {
+            tracing::warn!(snapshot = %meta.snapshot_id, "installed a snapshot older than the one on disk");
+        }
         let mut state = lock(&self.shared.state);
         *state = Applied {
             image: Arc::new(image),
