@@ -185,7 +185,10 @@ impl Admin {
         loop {
             let outcome = self.delete_topic_once(name).await;
             match outcome {
+                // Gone on a retry: the earlier attempt (or someone) deleted it.
                 Err(e) if attempt > 0 && is_unknown_topic(&e) => return Ok(()),
+                // A definite answer about a topic that was never there.
+                Err(e) if is_unknown_topic(&e) => return Err(e),
                 Err(e) if e.is_retriable() && attempt + 1 < ADMIN_ATTEMPTS => {
                     attempt += 1;
                     tokio::time::sleep(ADMIN_RETRY_BACKOFF).await;
