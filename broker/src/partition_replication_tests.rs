@@ -191,7 +191,14 @@ async fn acks_all_waits_for_the_isr_and_ends_when_the_leadership_moves() {
         let p = a.p.clone();
         tokio::spawn(async move { p.produce(&[batch("m0")], 0, Some(Duration::from_secs(10))).await })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Once m0 is in the log the produce has run up to its wait (this
+    // runtime is single-threaded: it ran until it had to wait, or ended).
+    let appended = async {
+        while a.p.offsets().2 < Offset(1) {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), appended).await.expect("the produce appended m0");
     assert!(!pending.is_finished(), "b has not fetched yet");
     sync(&b, &a, 0).await; // appends m0
     let (offset, last) = b.p.fetch_position();
@@ -205,9 +212,24 @@ async fn acks_all_waits_for_the_isr_and_ends_when_the_leadership_moves() {
         let p = a.p.clone();
         tokio::spawn(async move { p.produce(&[batch("m1")], 0, Some(Duration::from_secs(30))).await })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Move the leadership only once m1 is appended: a produce refused up
+    // front (NOT_LEADER_OR_FOLLOWER naming b, nothing stored) must not pass.
+    let appended = async {
+        while a.p.offsets().2 < Offset(2) {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), appended).await.expect("the produce appended m1");
+    assert!(!pending.is_finished(), "the produce waits for b");
     a.p.make_follower(Some(b.id), 1);
-    let e = tokio::time::timeout(Duration::from_secs(5), pending).await.unwrap().unwrap().unwrap_err();
+    let e = tokio::time::timeout(Duration::from_secs(5), pending).await.expect("the wait ends").unwrap().unwrap_err();
+    // The wait's own answer: the epoch it was leading in, no leader to name
+    // (LEADER_NOT_AVAILABLE, retriable): whether m1 survives is up to the new leader.
+    assert!(
+        matches!(e, BrokerError::NotLeaderOrFollower { leader: None, leader_epoch: 0, .. }),
+        "the acks=all wait ended by the leadership move: {e:?}"
+    );
+    assert_eq!(e.code(), ErrorCode::LeaderNotAvailable, "{e}");
     assert!(e.code().is_retriable(), "{e}");
     // Without enough replicas in sync it is refused up front, storing nothing.
     let c = replica(3);

@@ -209,19 +209,41 @@ async fn acknowledged_records_survive_the_leader_stopping_and_the_replicas_end_i
     let (first_leader, _, hw) = leader_and_isr(&client, "replicated").await.unwrap();
     assert_eq!(hw, 50, "acks=all answered only once the high watermark passed each record");
     // The leader stops mid-stream; producing carries on at the next leader.
+    // The producer runs until it is told how many acknowledgements are
+    // enough (at most 1000 records).
+    let streamed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (enough_tx, enough) = tokio::sync::watch::channel(None::<usize>);
     let producing = {
-        let client = cluster.client().await;
+        let (client, streamed) = (cluster.client().await, streamed.clone());
         tokio::spawn(async move {
-            let mut acked = Vec::new();
-            for n in 50..150 {
-                acked.push(produce_acked(&client, "replicated", n, 200).await.expect("acked by the next leader"));
+            for n in 50..1050 {
+                let value = produce_acked(&client, "replicated", n, 200).await.expect("acked by the next leader");
+                let count = {
+                    let mut streamed = streamed.lock().unwrap();
+                    streamed.push(value);
+                    streamed.len()
+                };
+                if enough.borrow().is_some_and(|enough| count >= enough) {
+                    return;
+                }
             }
-            acked
+            panic!("1000 records and still not told to stop");
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let acked_count = || streamed.lock().unwrap().len();
+    let streaming = wait_for(Duration::from_secs(20), async || acked_count() >= 10).await;
+    assert!(streaming, "records are acknowledged by the first leader");
+    assert!(!producing.is_finished(), "the producer is mid-stream");
     cluster.stop(first_leader).await;
-    acked.extend(producing.await.unwrap());
+    // The stopped leader acknowledges nothing more: whatever is acknowledged
+    // from here on was acknowledged by another broker.
+    let at_stop = acked_count();
+    enough_tx.send(Some(at_stop + 20)).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), producing)
+        .await
+        .expect("acknowledgements continue after the leader stopped")
+        .unwrap();
+    acked.extend(streamed.lock().unwrap().drain(..));
     let (second_leader, isr, _) = leader_and_isr(&client, "replicated").await.unwrap();
     assert_ne!(second_leader, first_leader);
     assert!(!isr.contains(&first_leader), "the stopped broker left the ISR: {isr:?}");

@@ -406,6 +406,68 @@ mod tests {
     }
 
     #[test]
+    fn racing_writers_never_replace_a_later_value_with_an_earlier_one() {
+        use std::sync::Barrier;
+        use std::sync::atomic::AtomicBool;
+        const THREADS: usize = 4;
+        const ROUNDS: u64 = 60;
+        let dir = tempfile::tempdir().unwrap();
+        let writer = Arc::new(CheckpointWriter::new(dir.path()));
+        // The log's lock: values are taken, and their snapshots numbered, under it.
+        let log = Arc::new(Mutex::new(0u64));
+        let read_rp = {
+            let dir = dir.path().to_path_buf();
+            move || Checkpoints::read(&dir).unwrap().recovery_point.get()
+        };
+        let done = Arc::new(AtomicBool::new(false));
+        // A reader watching the file: the value on disk never goes back.
+        let watcher = {
+            let (done, read_rp) = (done.clone(), read_rp.clone());
+            std::thread::spawn(move || {
+                let (mut last, mut reads) = (0, 0u64);
+                while !done.load(Ordering::SeqCst) {
+                    let now = read_rp();
+                    assert!(now >= last, "the recovery point on disk went back from {last} to {now}");
+                    (last, reads) = (now, reads + 1);
+                }
+                reads
+            })
+        };
+        let start = Arc::new(Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (writer, log, start, read_rp) = (writer.clone(), log.clone(), start.clone(), read_rp.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    for round in 0..ROUNDS {
+                        let snapshot = {
+                            let mut value = log.lock().unwrap();
+                            *value += 1;
+                            writer.snapshot(Checkpoints { recovery_point: Offset(*value), ..Default::default() })
+                        };
+                        // Vary the gap between taking and writing, so writes overtake each other.
+                        for _ in 0..(round + t as u64) % 4 {
+                            std::thread::yield_now();
+                        }
+                        snapshot.write().unwrap();
+                        let mine = snapshot.values().recovery_point.get();
+                        let on_disk = read_rp();
+                        assert!(on_disk >= mine, "{mine} was written, then {on_disk} replaced it");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        done.store(true, Ordering::SeqCst);
+        assert!(watcher.join().unwrap() > 0, "the watcher read the file");
+        let last = *log.lock().unwrap();
+        assert_eq!(last, THREADS as u64 * ROUNDS);
+        assert_eq!(read_rp(), last, "the value taken last is the one on disk");
+    }
+
+    #[test]
     fn unparsable_checkpoints_are_never_read_as_zero() {
         let dir = tempfile::tempdir().unwrap();
         let writer = Arc::new(CheckpointWriter::new(dir.path()));

@@ -159,21 +159,81 @@ mod tests {
 
     #[test]
     fn waiters_of_a_failing_sync_all_get_the_failure() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        const WAITERS: usize = 4;
+        let deadline = Duration::from_secs(10);
         let gc = Arc::new(GroupCommit::new());
-        let started = Arc::new(std::sync::Barrier::new(5));
-        let threads: Vec<_> = (0..4)
-            .map(|_| {
-                let (gc, started) = (gc.clone(), started.clone());
-                std::thread::spawn(move || {
-                    started.wait();
-                    gc.sync_to(Offset(1), || Offset(0), || Err(eio())).is_err()
-                })
+        let durable = Arc::new(AtomicU64::new(0));
+        // Syncs after the first succeed: only the sticky failure can fail the waiters.
+        let later_syncs = Arc::new(AtomicU64::new(0));
+        let ok_sync = {
+            let (durable, later_syncs) = (durable.clone(), later_syncs.clone());
+            move || {
+                later_syncs.fetch_add(1, Ordering::SeqCst);
+                durable.store(1, Ordering::SeqCst);
+                Ok(Offset(1))
+            }
+        };
+        // The leader's sync blocks until released, then fails.
+        let (in_sync_tx, in_sync) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let leader = {
+            let (gc, durable) = (gc.clone(), durable.clone());
+            std::thread::spawn(move || {
+                gc.sync_to(
+                    Offset(1),
+                    || Offset(durable.load(Ordering::SeqCst)),
+                    || {
+                        in_sync_tx.send(()).unwrap();
+                        release_rx.recv().unwrap();
+                        Err(eio())
+                    },
+                )
             })
-            .collect();
-        started.wait();
-        for t in threads {
-            assert!(t.join().unwrap(), "every waiter sees an error");
+        };
+        in_sync.recv_timeout(deadline).expect("the leader started its sync");
+        // Waiters: each reads the durable offset under the lock on its way
+        // to waiting; counting those reads tells when each has arrived.
+        let arrived = Arc::new(AtomicU64::new(0));
+        let (results_tx, results) = mpsc::channel();
+        for _ in 0..WAITERS {
+            let (gc, durable, arrived, ok_sync, results_tx) =
+                (gc.clone(), durable.clone(), arrived.clone(), ok_sync.clone(), results_tx.clone());
+            std::thread::spawn(move || {
+                let first = std::sync::atomic::AtomicBool::new(true);
+                let now = || {
+                    if first.swap(false, Ordering::SeqCst) {
+                        arrived.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Offset(durable.load(Ordering::SeqCst))
+                };
+                results_tx.send(gc.sync_to(Offset(1), now, ok_sync)).unwrap();
+            });
         }
-        assert!(gc.failure().is_some());
+        let start = std::time::Instant::now();
+        while arrived.load(Ordering::SeqCst) < WAITERS as u64 {
+            assert!(start.elapsed() < deadline, "waiters did not arrive");
+            std::thread::yield_now();
+        }
+        // A waiter reads the durable offset holding the lock and, the sync
+        // still running, waits on the condvar, which releases the lock: so
+        // once the lock is ours, every waiter is parked.
+        {
+            let state = gc.lock();
+            assert!(state.syncing && state.failed.is_none(), "the leader's sync is still running");
+        }
+        assert!(results.try_recv().is_err(), "no waiter returned while the sync ran");
+        release.send(()).unwrap();
+        let led = leader.join().unwrap();
+        assert!(matches!(led, Err(StorageError::Io { op: "fdatasync", .. })), "the leader gets the I/O error: {led:?}");
+        for i in 0..WAITERS {
+            let got = results.recv_timeout(deadline).unwrap_or_else(|_| panic!("waiter {i} was never woken"));
+            assert!(matches!(&got, Err(StorageError::LogFailed { reason }) if reason.contains("fdatasync")), "{got:?}");
+        }
+        let later = gc.sync_to(Offset(1), || Offset(durable.load(Ordering::SeqCst)), ok_sync);
+        assert!(matches!(later, Err(StorageError::LogFailed { .. })), "a later caller too: {later:?}");
+        assert_eq!(later_syncs.load(Ordering::SeqCst), 0, "no sync ran after the failure");
+        assert_eq!(durable.load(Ordering::SeqCst), 0);
     }
 }

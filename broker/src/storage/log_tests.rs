@@ -296,7 +296,8 @@ fn readers_keep_their_bytes_across_truncate_reappend_and_close() {
     check("truncate at a segment base");
     // Start over at an offset that is an existing segment's base.
     let first_after_zero = *bases.iter().filter(|&&b| b > 0).min().unwrap();
-    log.delete_records_before(Offset(first_after_zero)).unwrap_or(());
+    log.delete_records_before(Offset(first_after_zero)).unwrap();
+    assert_eq!(log.log_start_offset().get(), first_after_zero);
     log.truncate_fully_and_start_at(Offset(first_after_zero)).unwrap();
     log.append(&batch(&[b"y"], 7), 0).unwrap();
     check("truncate fully");
@@ -512,11 +513,11 @@ fn corruption_found_at_read_time_is_an_error_not_data() {
 
 #[test]
 fn flush_makes_appends_durable_and_reports_the_offset() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Watched::new();
     let mut config = tiny_config();
     config.flush = FlushPolicy::IntervalMs(10);
     let clock = Arc::new(ManualClock::new(0));
-    let mut log = Log::open(dir.path(), config, clock.clone()).unwrap();
+    let mut log = Log::open(dir.path(), config.clone(), clock.clone()).unwrap();
     fill(&mut log, 20, 2);
     assert!(!log.flush_due());
     clock.advance(10);
@@ -524,6 +525,14 @@ fn flush_makes_appends_durable_and_reports_the_offset() {
     assert_eq!(log.flush().unwrap(), Offset(40));
     assert!(!log.flush_due());
     assert_eq!(log.recovery_point().get(), 40);
+    fill(&mut log, 5, 2); // never flushed
+    drop(log);
+    testfs::power_loss(dir.path());
+    let log = Log::open(dir.path(), config, clock).unwrap();
+    assert_eq!(log.log_end_offset().get(), 40, "what the flush covered survived the power loss, and only that");
+    let all = read_all(&log, 0);
+    assert_eq!(all.len(), 40);
+    assert!(all.iter().all(|(o, v)| *v == value_for(*o)));
 }
 
 #[test]
@@ -912,6 +921,16 @@ fn a_write_error_during_append_is_typed_and_leaves_the_log_intact() {
             let mut log = Log::open(dir.path(), config.clone(), Arc::new(SystemClock)).unwrap();
             fill(&mut log, 20, 2);
             let before = read_all(&log, 0);
+            // The pwrite of a batch fails, in the current epoch and in a new one.
+            for epoch in [0, 1] {
+                testfs::fail_next(dir.path(), testfs::Op::Write, Some(".log"), 1);
+                let err = log.append(&batch(&[b"lost"], 1), epoch).unwrap_err();
+                assert!(matches!(err, StorageError::Io { op: "write", .. }), "{err}");
+                assert_eq!(log.log_end_offset().get(), 40, "nothing of the failed batch is visible");
+                assert_eq!(read_all(&log, 0), before);
+                assert_eq!(log.leader_epochs().latest_epoch(), Some(0), "a batch never stored begins no epoch");
+            }
+            testfs::forget(dir.path());
             // This batch needs a segment larger than the file-size limit.
             let big = vec![1u8; 300 << 10];
             let err = log.append(&batch(&[&big], 1), 0).unwrap_err();
@@ -924,6 +943,9 @@ fn a_write_error_during_append_is_typed_and_leaves_the_log_intact() {
             let log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
             assert_eq!(log.log_end_offset().get(), 42, "and nothing partial appears after a restart");
             assert_eq!(read_all(&log, 0).len(), 42);
+            let epochs: Vec<(u32, u64)> =
+                log.leader_epochs().entries().iter().map(|e| (e.epoch, e.start_offset.get())).collect();
+            assert_eq!(epochs, vec![(0, 0)], "nor an epoch of a batch that was never stored");
         },
     );
 }
