@@ -223,14 +223,16 @@ async fn acks_all_waits_for_the_isr_and_ends_when_the_leadership_moves() {
     assert!(!pending.is_finished(), "the produce waits for b");
     a.p.make_follower(Some(b.id), 1);
     let e = tokio::time::timeout(Duration::from_secs(5), pending).await.expect("the wait ends").unwrap().unwrap_err();
-    // The wait's own answer: the epoch it was leading in, no leader to name
-    // (LEADER_NOT_AVAILABLE, retriable): whether m1 survives is up to the new leader.
+    // The wait's own answer names the new leader (NOT_LEADER_OR_FOLLOWER,
+    // retriable): whether m1 survives is up to it. m1 was appended, so this
+    // is not the up-front refusal.
     assert!(
-        matches!(e, BrokerError::NotLeaderOrFollower { leader: None, leader_epoch: 0, .. }),
+        matches!(e, BrokerError::NotLeaderOrFollower { leader: Some(2), leader_epoch: 1, .. }),
         "the acks=all wait ended by the leadership move: {e:?}"
     );
-    assert_eq!(e.code(), ErrorCode::LeaderNotAvailable, "{e}");
+    assert_eq!(e.code(), ErrorCode::NotLeaderOrFollower, "{e}");
     assert!(e.code().is_retriable(), "{e}");
+    assert_eq!(a.p.offsets().2, Offset(2), "m1 was appended before the wait ended");
     // Without enough replicas in sync it is refused up front, storing nothing.
     let c = replica(3);
     let assignment = Assignment { replicas: vec![c.id, a.id], isr: vec![c.id], leader_epoch: 0, partition_epoch: 0 };
