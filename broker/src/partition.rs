@@ -730,22 +730,30 @@ impl Partition {
     /// their values changed. Does nothing on a failed partition.
     pub fn checkpoint(&self) -> Result<(), BrokerError> {
         let Some(_upkeep) = self.upkeep() else { return Ok(()) };
-        let plan = {
-            let log = self.read_log();
-            if log.failure().is_some() {
-                return Ok(());
-            }
-            log.sync_plan_closed()
-        };
-        if let Err(e) = plan.execute() {
-            self.fail(&e);
-            return Err(BrokerError::Storage(e));
+        if self.read_log().failure().is_some() {
+            return Ok(());
         }
-        let snapshot = {
-            let mut log = self.write_log();
-            log.mark_durable(&plan);
-            log.checkpoint_snapshot()
-        };
+        // The same group commit as producers' syncs: never alongside one,
+        // and a failure here fails every later one (and the log) before
+        // another fsync of these files can run.
+        self.commit
+            .sync_now(|| {
+                let plan = {
+                    let log = self.read_log();
+                    if let Some(reason) = log.failure() {
+                        return Err(StorageError::LogFailed { reason: reason.to_string() });
+                    }
+                    log.sync_plan_closed()
+                };
+                if let Err(e) = plan.execute() {
+                    self.fail(&e);
+                    return Err(e);
+                }
+                self.write_log().mark_durable(&plan);
+                Ok(())
+            })
+            .map_err(BrokerError::Storage)?;
+        let snapshot = self.read_log().checkpoint_snapshot();
         snapshot.write()?;
         Ok(())
     }
@@ -862,5 +870,44 @@ mod tests {
         p.produce(&[batch(b"a"), batch(b"b")], 0, None).await.unwrap();
         assert_eq!(*hw.borrow(), Offset(2));
         assert_eq!(p.fetch(0, 1 << 20).unwrap().read.next_offset, Offset(2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_sync_racing_a_failed_checkpoint_fsync_acknowledges_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = partition(dir.path(), FlushPolicy::Os);
+        // Enough to roll: the first segment is closed and not yet synced.
+        for i in 0..40u8 {
+            p.produce(&[batch(&[i; 200])], 0, None).await.unwrap();
+        }
+        let leo = p.offsets().2;
+        let (acked_tx, acked_rx) = std::sync::mpsc::channel();
+        let racer = p.clone();
+        let (racer_tx, racer_rx) = std::sync::mpsc::channel();
+        // The checkpoint's fsync of the closed segment fails; in that window
+        // (before the partition is failed) a producer's group sync runs.
+        testfs::fail_next_then(dir.path(), testfs::Op::Fsync, Some("00000000000000000000.log"), move || {
+            let handle = std::thread::spawn(move || {
+                let outcome = racer.sync_blocking(leo);
+                let _ = acked_tx.send(outcome.is_ok());
+                outcome
+            });
+            // Give the racer every chance to finish inside the window; it
+            // may not (it must wait for the failing sync).
+            let _ = acked_rx.recv_timeout(std::time::Duration::from_millis(500));
+            racer_tx.send(handle).unwrap();
+        });
+        let err = tokio::task::spawn_blocking({
+            let p = p.clone();
+            move || p.checkpoint()
+        })
+        .await
+        .unwrap()
+        .unwrap_err();
+        assert!(err.to_string().contains("fdatasync"), "{err}");
+        let outcome = racer_rx.recv().unwrap().join().unwrap();
+        assert!(outcome.is_err(), "a sync after a failed fsync of the same files acknowledged {outcome:?}");
+        assert!(p.read_log().recovery_point() < leo, "the recovery point did not move over lost data");
+        testfs::forget(dir.path());
     }
 }

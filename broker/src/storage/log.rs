@@ -981,8 +981,12 @@ impl Log {
     /// Returns the recovery point after it. A plan made before a truncation
     /// marks nothing (its files may be gone and the offsets it covered
     /// reused); the next sync covers what it would have.
+    ///
+    /// On a failed log it marks nothing either: the plan's fsync may have
+    /// succeeded only because an earlier one on the same files failed and
+    /// Linux dropped their dirty pages.
     pub fn mark_durable(&mut self, plan: &SyncPlan) -> Offset {
-        if plan.truncations != self.truncations {
+        if plan.truncations != self.truncations || self.failed.is_some() {
             return Offset(self.recovery_point);
         }
         let up_to = plan.up_to.min(self.leo());

@@ -1051,3 +1051,17 @@ proptest! {
         prop_assert_eq!(log.max_timestamp_record(end).unwrap(), Some((Offset(first_max as u64), max)));
     }
 }
+
+#[test]
+fn mark_durable_moves_nothing_on_a_failed_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    fill(&mut log, 3, 2);
+    let plan = log.sync_plan();
+    plan.execute().unwrap();
+    // Another sync of the same files failed meanwhile: this one's success
+    // proves nothing (Linux dropped the dirty pages).
+    log.fail(&"fdatasync: EIO");
+    assert_eq!(log.mark_durable(&plan), Offset(0));
+    assert_eq!(log.recovery_point(), Offset(0));
+}

@@ -38,7 +38,10 @@ pub(crate) enum Op {
     Fsync,
 }
 
-#[derive(Debug)]
+/// Work a test runs right after a fault fired, before the failing call
+/// returns to the storage code (to race another operation into that window).
+type AfterFault = Box<dyn FnOnce() + Send>;
+
 struct Fault {
     dir: PathBuf,
     op: Op,
@@ -46,6 +49,19 @@ struct Fault {
     name_contains: Option<String>,
     /// Faults left to fire.
     remaining: u32,
+    /// Runs once, when the fault fires.
+    then: Option<AfterFault>,
+}
+
+impl std::fmt::Debug for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fault")
+            .field("dir", &self.dir)
+            .field("op", &self.op)
+            .field("name_contains", &self.name_contains)
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -90,7 +106,18 @@ fn canonical(dir: &Path) -> PathBuf {
 pub(crate) fn fail_next(dir: &Path, op: Op, name_contains: Option<&str>, count: u32) {
     let dir = canonical(dir);
     with_state(|s| {
-        s.faults.push(Fault { dir, op, name_contains: name_contains.map(str::to_string), remaining: count })
+        s.faults.push(Fault { dir, op, name_contains: name_contains.map(str::to_string), remaining: count, then: None })
+    });
+}
+
+/// Makes the next operation `op` on a file in `dir` (whose name contains
+/// `name_contains`, when given) fail with EIO, and runs `then` on the
+/// failing thread right after, before the error reaches the caller.
+pub(crate) fn fail_next_then(dir: &Path, op: Op, name_contains: Option<&str>, then: impl FnOnce() + Send + 'static) {
+    let dir = canonical(dir);
+    let then: Option<AfterFault> = Some(Box::new(then));
+    with_state(|s| {
+        s.faults.push(Fault { dir, op, name_contains: name_contains.map(str::to_string), remaining: 1, then })
     });
 }
 
@@ -153,12 +180,21 @@ fn take_fault(file: &File, op: Op) -> std::io::Result<()> {
             .faults
             .iter_mut()
             .find(|f| f.op == op && f.dir == dir && f.name_contains.as_deref().is_none_or(|n| name.contains(n)));
-        let Some(fault) = found else { return false };
+        let Some(fault) = found else { return None };
         fault.remaining -= 1;
+        let then = fault.then.take();
         s.faults.retain(|f| f.remaining > 0);
-        true
+        Some(then)
     });
-    if hit { Err(std::io::Error::from_raw_os_error(libc::EIO)) } else { Ok(()) }
+    match hit {
+        Some(then) => {
+            if let Some(then) = then {
+                then();
+            }
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        }
+        None => Ok(()),
+    }
 }
 
 /// Called before a data write; fails when a write fault is armed.
