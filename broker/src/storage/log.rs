@@ -101,6 +101,10 @@ pub struct SyncPlan {
     dir_generation: u64,
     truncations: u64,
     up_to: u64,
+    /// End offsets of the closed segments whose files this plan syncs whole:
+    /// only these leave the unsynced list (a segment closed after the plan
+    /// had only its `.log` synced by it).
+    closed: Vec<u64>,
 }
 
 impl SyncPlan {
@@ -180,7 +184,7 @@ impl Log {
         if !problems.is_empty() {
             return Err(StorageError::InvalidArgument(problems.join("; ")));
         }
-        std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        Self::create_dir_durably(dir)?;
         let checkpoints = Checkpoints::read(dir)?;
         let bases = Self::clean_directory(dir)?;
         let mut log = Log {
@@ -220,6 +224,20 @@ impl Log {
             log.writer.write_offset_now(Kind::RecoveryPoint, Offset(log.recovery_point))?;
         }
         Ok(log)
+    }
+
+    /// Creates `dir` and any missing parents, and fsyncs the parent of each
+    /// directory it created, so the new entries survive a power loss (an
+    /// fsync of the files inside does not persist the directory's own name).
+    fn create_dir_durably(dir: &Path) -> Result<()> {
+        let missing: Vec<PathBuf> =
+            dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).map(Path::to_path_buf).collect();
+        std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        for created in missing.iter().rev() {
+            let parent = created.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            sync_dir(parent)?;
+        }
+        Ok(())
     }
 
     /// Removes leftovers (temp files, index files without a log) and returns
@@ -966,6 +984,7 @@ impl Log {
     /// re-validates little more than the active segment.
     pub fn sync_plan_closed(&self) -> SyncPlan {
         let files: Vec<Arc<File>> = self.unsynced.iter().flat_map(|(_, f)| f.iter().cloned()).collect();
+        let closed = self.unsynced.iter().map(|(end, _)| *end).collect();
         let up_to = self.segments.keys().next_back().copied().unwrap_or(0).max(self.recovery_point);
         SyncPlan {
             files,
@@ -974,6 +993,7 @@ impl Log {
             dir_generation: self.dir_generation,
             truncations: self.truncations,
             up_to,
+            closed,
         }
     }
 
@@ -991,7 +1011,7 @@ impl Log {
         }
         let up_to = plan.up_to.min(self.leo());
         self.recovery_point = self.recovery_point.max(up_to);
-        self.unsynced.retain(|(end, _)| *end > up_to);
+        self.unsynced.retain(|(end, _)| *end > up_to || !plan.closed.contains(end));
         self.synced_dir_generation = self.synced_dir_generation.max(plan.dir_generation);
         self.last_flush_ms = self.clock.now_ms();
         Offset(self.recovery_point)

@@ -1065,3 +1065,42 @@ fn mark_durable_moves_nothing_on_a_failed_log() {
     assert_eq!(log.mark_durable(&plan), Offset(0));
     assert_eq!(log.recovery_point(), Offset(0));
 }
+
+#[test]
+fn a_roll_between_planning_and_marking_a_sync_keeps_the_closed_segments_indexes_unsynced() {
+    let dir = Watched::new();
+    let mut log = open(dir.path());
+    fill(&mut log, 6, 2);
+    log.flush().unwrap();
+    let plan = log.sync_plan(); // the active segment's `.log` only
+    plan.execute().unwrap();
+    log.roll().unwrap();
+    let base = log.segments.keys().next_back().copied().unwrap();
+    let closed = *log.segments.range(..base).next_back().unwrap().0;
+    log.mark_durable(&plan);
+    log.flush().unwrap();
+    let index = dir.path().join(file_name(closed, "index"));
+    let timeindex = dir.path().join(file_name(closed, "timeindex"));
+    let (index_bytes, time_bytes) = (std::fs::read(&index).unwrap(), std::fs::read(&timeindex).unwrap());
+    assert!(!index_bytes.is_empty() && !time_bytes.is_empty());
+    drop(log);
+    testfs::power_loss(dir.path());
+    assert_eq!(std::fs::read(&index).unwrap(), index_bytes, "the closed segment's offset index was fsynced");
+    assert_eq!(std::fs::read(&timeindex).unwrap(), time_bytes, "and its time index");
+}
+
+#[test]
+fn a_new_partition_directory_survives_power_loss() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("topic-0");
+    testfs::watch_new(&dir);
+    let mut log = open(&dir);
+    fill(&mut log, 3, 2);
+    log.flush().unwrap();
+    drop(log);
+    testfs::power_loss(&dir);
+    assert!(dir.is_dir(), "the directory's entry in its parent was fsynced");
+    let log = open(&dir);
+    assert_eq!(log.log_end_offset().get(), 6, "flushed records survive");
+    testfs::forget(&dir);
+}

@@ -72,6 +72,10 @@ struct Watched {
     poisoned: HashSet<u64>,
     /// Names and inodes as of the last directory fsync.
     names: BTreeMap<String, u64>,
+    /// Whether the directory's own entry in its parent is durable (it
+    /// existed when watching began, or the parent was fsynced since it was
+    /// created). Power loss removes a directory whose entry is not.
+    entry_durable: bool,
 }
 
 #[derive(Debug, Default)]
@@ -98,7 +102,10 @@ fn path_of(file: &File) -> Option<PathBuf> {
 }
 
 fn canonical(dir: &Path) -> PathBuf {
-    dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())
+    dir.canonicalize().unwrap_or_else(|_| match (dir.parent(), dir.file_name()) {
+        (Some(parent), Some(name)) => canonical(parent).join(name),
+        _ => dir.to_path_buf(),
+    })
 }
 
 /// Makes the next `count` operations `op` on files in `dir` (whose names
@@ -124,7 +131,7 @@ pub(crate) fn fail_next_then(dir: &Path, op: Op, name_contains: Option<&str>, th
 /// Starts modelling power loss for `dir`: what is in it now counts as durable.
 pub(crate) fn watch(dir: &Path) {
     let dir = canonical(dir);
-    let mut watched = Watched::default();
+    let mut watched = Watched { entry_durable: true, ..Watched::default() };
     for (name, path) in entries(&dir) {
         let data = std::fs::read(&path).unwrap_or_default();
         let ino = std::fs::metadata(&path).map(|m| m.ino()).unwrap_or(0);
@@ -132,6 +139,15 @@ pub(crate) fn watch(dir: &Path) {
         watched.names.insert(name, ino);
     }
     with_state(|s| s.watched.insert(dir, watched));
+}
+
+/// Starts modelling power loss for a directory that does not exist yet:
+/// until its parent is fsynced after it was created, power loss removes it
+/// with everything in it.
+pub(crate) fn watch_new(dir: &Path) {
+    let dir = canonical(dir);
+    assert!(!dir.exists(), "watch_new on a directory that exists");
+    with_state(|s| s.watched.insert(dir, Watched::default()));
 }
 
 /// Stops watching `dir` and drops its faults.
@@ -158,6 +174,14 @@ fn entries(dir: &Path) -> Vec<(String, PathBuf)> {
 pub(crate) fn power_loss(dir: &Path) {
     let dir = canonical(dir);
     let watched = with_state(|s| s.watched.remove(&dir)).expect("power_loss on a directory that is not watched");
+    if !watched.entry_durable {
+        // Its entry in the parent never reached the disk: it is gone.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+        watch_new(&dir);
+        return;
+    }
     for (_, path) in entries(&dir) {
         std::fs::remove_file(&path).unwrap();
     }
@@ -252,6 +276,11 @@ pub(crate) fn after_sync_dir(dir: &Path) {
     with_state(|s| {
         if let Some(w) = s.watched.get_mut(&dir) {
             w.names = names;
+        }
+        for (child, w) in &mut s.watched {
+            if child.parent() == Some(dir.as_path()) && child.is_dir() {
+                w.entry_durable = true;
+            }
         }
     });
 }
