@@ -608,7 +608,16 @@ impl Partition {
                         self.fail(&e);
                         return Err(e);
                     }
-                    Ok(self.write_log().mark_durable(&plan))
+                    let (durable, recovery_point) = {
+                        let mut log = self.write_log();
+                        (log.mark_durable(&plan), log.recovery_point_snapshot())
+                    };
+                    // Inside the group commit, so these writes never race:
+                    // one small file replaced, no fsync (see its doc).
+                    if let Err(e) = recovery_point.write() {
+                        tracing::warn!(topic = %self.topic, partition = self.index, error = %e, "could not record the recovery point after a sync; the periodic checkpoint will");
+                    }
+                    Ok(durable)
                 },
             )
             .map_err(BrokerError::Storage)?;
@@ -909,5 +918,14 @@ mod tests {
         assert!(outcome.is_err(), "a sync after a failed fsync of the same files acknowledged {outcome:?}");
         assert!(p.read_log().recovery_point() < leo, "the recovery point did not move over lost data");
         testfs::forget(dir.path());
+    }
+
+    #[tokio::test]
+    async fn a_group_commit_sync_records_the_recovery_point_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = partition(dir.path(), FlushPolicy::Always);
+        p.produce(&[batch(b"a"), batch(b"b")], 0, None).await.unwrap();
+        let on_disk = crate::storage::Checkpoints::read(dir.path()).unwrap().recovery_point;
+        assert_eq!(on_disk, Offset(2), "written by the sync, not the periodic checkpoint");
     }
 }

@@ -68,6 +68,8 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     f.write_all(contents).map_err(io_err("write", &tmp))?;
     sync_data(&f, &tmp)?;
     drop(f);
+    #[cfg(test)]
+    super::testfs::before_unlink(path);
     std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
     if let Some(dir) = path.parent() {
         sync_dir(dir)?;
@@ -75,8 +77,26 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Replaces `path` with `contents` by a temp file and a rename, without
+/// fsyncs: a power loss leaves the old file, the new one, or (the rename
+/// durable but not the data) an empty or partial one. Only for files whose
+/// every such outcome is safe to read back.
+pub(crate) fn replace_unsynced(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    #[cfg(test)]
+    super::testfs::before_write(&f).map_err(io_err("write", &tmp))?;
+    f.write_all(contents).map_err(io_err("write", &tmp))?;
+    drop(f);
+    #[cfg(test)]
+    super::testfs::before_unlink(path);
+    std::fs::rename(&tmp, path).map_err(io_err("rename", path))
+}
+
 /// Removes a file, treating "not found" as done (so recovery can repeat it).
 pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
+    #[cfg(test)]
+    super::testfs::before_unlink(path);
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", path)(e)),
         _ => Ok(()),

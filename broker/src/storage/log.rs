@@ -21,7 +21,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tally_proto::batch::RecordBatch;
 
-use super::checkpoint::{CheckpointSnapshot, CheckpointWriter, Checkpoints, Kind, LeaderEpochCache};
+use super::checkpoint::{
+    CheckpointSnapshot, CheckpointWriter, Checkpoints, Kind, LeaderEpochCache, RecoveryPointSnapshot,
+};
 use super::clock::Clock;
 use super::config::{FlushPolicy, LogConfig};
 use super::error::io_err;
@@ -215,7 +217,7 @@ impl Log {
         // Whatever recovery validated (and trimmed) is synced before the
         // recovery point moves over it: the segments it re-validated are in
         // the unsynced list, the active one and the directory in every plan.
-        log.flush()?;
+        log.sync_all()?;
         // Epochs first: the recovery point vouches for what lies below it.
         if log.leader_epochs != checkpoints.leader_epochs {
             log.writer.write_epochs_now(&log.leader_epochs)?;
@@ -316,8 +318,23 @@ impl Log {
             let path = segment.path().to_path_buf();
             match recovered.tail {
                 Tail::Damaged => {
-                    let what = "a torn or damaged batch (framing, CRC, offsets or record count)".to_string();
-                    self.below_recovery_point(end, &path, recovered.end, what)?;
+                    let what =
+                        recovered.damage.unwrap_or("a torn or damaged batch (framing, CRC, offsets or record count)");
+                    self.below_recovery_point(end, &path, recovered.end, what.to_string())?;
+                    // Valid data after it (in this file, or later segments
+                    // when the damage is not a torn write): report, never cut.
+                    let reported = recovered.damage.or_else(|| {
+                        (!is_last && !recovered.looks_torn).then_some(
+                            "a damaged batch (CRC, framing, offsets or record count) with later segments after it",
+                        )
+                    });
+                    if let Some(what) = reported {
+                        return Err(StorageError::DamagedAboveRecoveryPoint {
+                            path,
+                            position: recovered.end,
+                            what: what.to_string(),
+                        });
+                    }
                     tracing::warn!(path = %path.display(), position = recovered.end, cut_bytes = recovered.cut_bytes, offset = end, "recovery cut a torn or damaged tail after the last valid batch");
                 }
                 Tail::Zeros if !is_last => {
@@ -1017,9 +1034,17 @@ impl Log {
         Offset(self.recovery_point)
     }
 
-    /// Syncs everything appended so far. Returns the offset below which the
-    /// log is durable. A failed sync fails the log.
+    /// Syncs everything appended so far and records the recovery point
+    /// (see [`RecoveryPointSnapshot::write`]). Returns the offset below
+    /// which the log is durable. A failed sync fails the log.
     pub fn flush(&mut self) -> Result<Offset> {
+        let durable = self.sync_all()?;
+        self.recovery_point_snapshot().write()?;
+        Ok(durable)
+    }
+
+    /// Syncs everything appended so far, without writing any checkpoint.
+    fn sync_all(&mut self) -> Result<Offset> {
         self.check_not_failed()?;
         let plan = self.sync_plan();
         if let Err(e) = plan.execute() {
@@ -1027,6 +1052,14 @@ impl Log {
             return Err(e);
         }
         Ok(self.mark_durable(&plan))
+    }
+
+    /// The recovery point now, to write after a sync outside whatever lock
+    /// guards the log, so that data fsynced above the last periodic
+    /// checkpoint is vouched for on disk too (damage in it is then reported
+    /// at open rather than cut with everything after it).
+    pub fn recovery_point_snapshot(&self) -> RecoveryPointSnapshot {
+        RecoveryPointSnapshot::new(&self.writer, Offset(self.recovery_point))
     }
 
     /// True when the flush policy wants a sync now.

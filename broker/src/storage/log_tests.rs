@@ -452,7 +452,7 @@ fn recovery_cuts_damage_above_the_recovery_point_and_refuses_damage_below_it() {
     let (path, _, end, _) = log_with_tail(template.path(), recovery_point);
     let original = std::fs::read(&path).unwrap();
     let mut rng = 0x2545F4914F6CDD1Du64;
-    let (mut refused, mut cut) = (0, 0);
+    let (mut refused, mut cut, mut reported) = (0, 0, 0);
     for _ in 0..80 {
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -474,17 +474,26 @@ fn recovery_cuts_damage_above_the_recovery_point_and_refuses_damage_below_it() {
         }
         let in_epoch_field = (12..16).contains(&(at - pos));
         match reopen_tail_config(dir.path()) {
-            // The leader epoch is not covered by the CRC: the flip goes unseen.
-            Ok(log) if in_epoch_field => assert_eq!(log.log_end_offset().get(), 36, "flip at {at}"),
             Ok(log) => {
                 assert!(base >= recovery_point, "damage below the recovery point was cut (flip at {at})");
+                // The leader epoch is outside the CRC, but checked against
+                // the epoch checkpoint; damage with valid batches after it
+                // is reported: only the last batch can be cut.
+                assert!(!in_epoch_field && base == 33, "flip at {at} in batch {base} was cut, not reported");
                 assert_eq!(log.log_end_offset().get(), base, "cut at the damaged batch (flip at byte {at})");
                 let readable = read_all(&log, 0);
                 assert!(readable.iter().all(|(o, v)| *v == value_for(*o)), "never serves a corrupt byte");
                 cut += 1;
             }
+            Err(StorageError::DamagedAboveRecoveryPoint { position, .. }) => {
+                assert!(base >= recovery_point && (base < 33 || in_epoch_field), "flip at {at} in batch {base}");
+                assert_eq!(position, pos as u64);
+                let now = std::fs::read(dir.path().join("00000000000000000000.log")).unwrap();
+                assert!(now == bad, "nothing was cut (flip at {at})");
+                reported += 1;
+            }
             Err(StorageError::CorruptBelowRecoveryPoint { position, .. }) => {
-                assert!(base < recovery_point && !in_epoch_field, "flip at {at} in batch {base} refused");
+                assert!(base < recovery_point, "flip at {at} in batch {base} refused");
                 assert_eq!(position, pos as u64);
                 let now = std::fs::read(dir.path().join("00000000000000000000.log")).unwrap();
                 assert!(now == bad, "nothing was cut (flip at {at})");
@@ -493,7 +502,10 @@ fn recovery_cuts_damage_above_the_recovery_point_and_refuses_damage_below_it() {
             Err(e) => panic!("flip at {at}: {e}"),
         }
     }
-    assert!(refused > 10 && cut > 10, "both sides were exercised: {refused} refused, {cut} cut");
+    assert!(
+        refused > 10 && reported > 10 && cut > 0,
+        "all sides were exercised: {refused} refused, {reported} reported, {cut} cut"
+    );
 }
 
 #[test]
@@ -1103,4 +1115,125 @@ fn a_new_partition_directory_survives_power_loss() {
     let log = open(&dir);
     assert_eq!(log.log_end_offset().get(), 6, "flushed records survive");
     testfs::forget(&dir);
+}
+
+/// The position and base offset of every batch in a segment file.
+fn batch_positions(data: &[u8]) -> Vec<(usize, u64)> {
+    let (mut pos, mut out) = (0usize, Vec::new());
+    while let Some(len) = tally_proto::batch::batch_size_at(&data[pos..]) {
+        let base = tally_proto::batch::BatchHeader::new(&data[pos..]).unwrap().base_offset() as u64;
+        out.push((pos, base));
+        pos += len;
+        if pos >= data.len() {
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn a_flipped_byte_with_valid_segments_after_it_is_reported_and_nothing_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    fill(&mut log, 30, 2);
+    let bases: Vec<u64> = log.segments.keys().copied().collect();
+    assert!(bases.len() >= 3);
+    log.close().unwrap();
+    drop(log);
+    // What a crash leaves when the recovery point was written long ago.
+    std::fs::write(dir.path().join("recovery-point-checkpoint"), "0\n0\n").unwrap();
+    let first = dir.path().join(file_name(bases[0], "log"));
+    let mut data = std::fs::read(&first).unwrap();
+    let (pos, _) = batch_positions(&data)[1];
+    data[pos + 70] ^= 0x01; // inside a record: the CRC fails
+    std::fs::write(&first, &data).unwrap();
+    match Log::open(dir.path(), tiny_config(), Arc::new(SystemClock)) {
+        Err(StorageError::DamagedAboveRecoveryPoint { path, position, .. }) => {
+            assert_eq!((path, position), (first.clone(), pos as u64));
+        }
+        other => panic!("damage followed by valid data must be reported, got {other:?}"),
+    }
+    for base in &bases {
+        assert!(dir.path().join(file_name(*base, "log")).exists(), "segment {base} was kept");
+    }
+    assert_eq!(std::fs::read(&first).unwrap(), data, "nothing was cut");
+}
+
+#[test]
+fn a_flipped_byte_in_a_batch_with_valid_batches_after_it_in_the_same_file_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = reopen_tail_config(dir.path()).unwrap();
+    fill(&mut log, 12, 3);
+    log.close().unwrap();
+    drop(log);
+    std::fs::write(dir.path().join("recovery-point-checkpoint"), "0\n0\n").unwrap();
+    let seg = dir.path().join("00000000000000000000.log");
+    let mut data = std::fs::read(&seg).unwrap();
+    let (pos, _) = batch_positions(&data)[5];
+    data[pos + 20] ^= 0x40; // in the CRC field
+    std::fs::write(&seg, &data).unwrap();
+    let err = reopen_tail_config(dir.path()).unwrap_err();
+    assert!(matches!(err, StorageError::DamagedAboveRecoveryPoint { position, .. } if position == pos as u64), "{err}");
+}
+
+#[test]
+fn a_lost_sector_of_unsynced_data_is_still_cut_as_a_torn_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = reopen_tail_config(dir.path()).unwrap();
+    fill(&mut log, 40, 3);
+    log.close().unwrap();
+    drop(log);
+    std::fs::write(dir.path().join("recovery-point-checkpoint"), "0\n0\n").unwrap();
+    let seg = dir.path().join("00000000000000000000.log");
+    let mut data = std::fs::read(&seg).unwrap();
+    // A page that never reached the disk, with later pages that did.
+    data[512..1024].fill(0);
+    std::fs::write(&seg, &data).unwrap();
+    let damaged = batch_positions(&data).into_iter().take_while(|(p, _)| *p < 512).last().unwrap();
+    let log = reopen_tail_config(dir.path()).unwrap();
+    assert_eq!(log.log_end_offset().get(), damaged.1, "cut at the batch the lost sector tore");
+}
+
+#[test]
+fn a_flipped_leader_epoch_is_reported_and_never_enters_the_epoch_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    log.append(&batch(&[b"a"], 1), 3).unwrap();
+    log.append(&batch(&[b"b"], 1), 5).unwrap();
+    log.append(&batch(&[b"c"], 1), 5).unwrap();
+    log.close().unwrap();
+    drop(log);
+    std::fs::write(dir.path().join("recovery-point-checkpoint"), "0\n0\n").unwrap();
+    let seg = dir.path().join("00000000000000000000.log");
+    let original = std::fs::read(&seg).unwrap();
+    let batches = batch_positions(&original);
+    // The last batch's epoch 5 becomes 7 (no CRC covers it); then the
+    // middle batch's 5 becomes 4 (goes backwards from nothing, but
+    // disagrees with the checkpoint).
+    for (which, epoch) in [(2usize, 7i32), (1, 4)] {
+        let mut data = original.clone();
+        let pos = batches[which].0;
+        data[pos + 12..pos + 16].copy_from_slice(&epoch.to_be_bytes());
+        std::fs::write(&seg, &data).unwrap();
+        match Log::open(dir.path(), tiny_config(), Arc::new(SystemClock)) {
+            Err(StorageError::DamagedAboveRecoveryPoint { position, .. }) => assert_eq!(position, pos as u64),
+            Ok(log) => panic!("epoch {epoch} accepted; cache {:?}", log.leader_epochs()),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    std::fs::write(&seg, &original).unwrap();
+    let log = open(dir.path());
+    let epochs: Vec<(u32, u64)> =
+        log.leader_epochs().entries().iter().map(|e| (e.epoch, e.start_offset.get())).collect();
+    assert_eq!(epochs, vec![(3, 0), (5, 1)]);
+}
+
+#[test]
+fn a_sync_records_the_recovery_point_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    fill(&mut log, 4, 2);
+    log.flush().unwrap();
+    let on_disk = Checkpoints::read(dir.path()).unwrap().recovery_point;
+    assert_eq!(on_disk, Offset(8), "without waiting for the periodic checkpoint");
 }

@@ -39,7 +39,7 @@ mod segment;
 pub(crate) mod testfs;
 mod writeback;
 
-pub use checkpoint::{CheckpointSnapshot, Checkpoints, EpochEntry, LeaderEpochCache};
+pub use checkpoint::{CheckpointSnapshot, Checkpoints, EpochEntry, LeaderEpochCache, RecoveryPointSnapshot};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{FlushPolicy, LogConfig};
 pub use error::StorageError;

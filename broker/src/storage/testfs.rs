@@ -82,6 +82,9 @@ struct Watched {
 struct State {
     faults: Vec<Fault>,
     watched: HashMap<PathBuf, Watched>,
+    /// Keys for the images of unlinked inodes (counting down from
+    /// `u64::MAX`, never a real inode number).
+    detached: u64,
 }
 
 static ACTIVE: AtomicBool = AtomicBool::new(false);
@@ -219,6 +222,35 @@ fn take_fault(file: &File, op: Op) -> std::io::Result<()> {
         }
         None => Ok(()),
     }
+}
+
+/// Called before `path` is unlinked or renamed over: its inode's durable
+/// image stays with the names that still point at it durably (a power loss
+/// may bring such a name back, with that content), but no longer with the
+/// inode number, which the file system may give to a new file.
+pub(crate) fn before_unlink(path: &Path) {
+    if !ACTIVE.load(Ordering::SeqCst) {
+        return;
+    }
+    let (Ok(meta), Some(dir)) = (std::fs::symlink_metadata(path), path.parent()) else { return };
+    let dir = canonical(dir);
+    let ino = meta.ino();
+    with_state(|s| {
+        let key = u64::MAX - s.detached;
+        let Some(w) = s.watched.get_mut(&dir) else { return };
+        s.detached += 1;
+        if let Some(image) = w.images.remove(&ino) {
+            w.images.insert(key, image);
+        }
+        if w.poisoned.remove(&ino) {
+            w.poisoned.insert(key);
+        }
+        for v in w.names.values_mut() {
+            if *v == ino {
+                *v = key;
+            }
+        }
+    });
 }
 
 /// Called before a data write; fails when a write fault is armed.
