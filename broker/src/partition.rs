@@ -928,4 +928,51 @@ mod tests {
         let on_disk = crate::storage::Checkpoints::read(dir.path()).unwrap().recovery_point;
         assert_eq!(on_disk, Offset(2), "written by the sync, not the periodic checkpoint");
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_flush_always_every_acknowledged_record_survives_power_loss() {
+        for seed in 1..=4u64 {
+            let dir = tempfile::tempdir().unwrap();
+            testfs::watch(dir.path());
+            let p = partition(dir.path(), FlushPolicy::Always);
+            let tasks: Vec<_> = (0..4u8)
+                .map(|t| {
+                    let p = p.clone();
+                    tokio::spawn(async move {
+                        let mut acked = Vec::new();
+                        for i in 0..15u8 {
+                            let value = vec![t, i, 7, 7, 7, 7, 7, 7, 7, 7];
+                            let info = p.produce(&[batch(&value)], 0, None).await.unwrap();
+                            acked.push((info.base_offset, value));
+                        }
+                        acked
+                    })
+                })
+                .collect();
+            let mut acked = Vec::new();
+            for t in tasks {
+                acked.extend(t.await.unwrap());
+            }
+            // Appended after the last acknowledgement, never synced.
+            p.write_log().append(&batch(b"unacked"), 0).unwrap();
+            drop(p);
+            testfs::power_loss_torn(dir.path(), seed);
+            let config = LogConfig { segment_bytes: 4096, ..LogConfig::default() };
+            let log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
+            for (offset, value) in &acked {
+                let read = log.read(*offset, 1, Offset::MAX).unwrap();
+                let records: Vec<Vec<u8>> = read
+                    .chunks
+                    .iter()
+                    .flat_map(|c| tally_proto::batch::BatchIter::new(c.clone()))
+                    .flat_map(|b| {
+                        let b = b.unwrap();
+                        b.records().unwrap().map(|r| r.unwrap().value.unwrap().to_vec()).collect::<Vec<_>>()
+                    })
+                    .collect();
+                assert_eq!(records.first(), Some(value), "seed {seed}: acknowledged offset {offset} survived");
+            }
+            testfs::forget(dir.path());
+        }
+    }
 }

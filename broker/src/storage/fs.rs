@@ -40,6 +40,8 @@ pub(crate) fn map(file: &File, len: u64, path: &Path) -> Result<Option<MmapRaw>>
 
 /// fsyncs a directory so entries created, renamed or removed in it persist.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(test)]
+    super::testfs::before_sync_dir(dir).map_err(io_err("fsync directory", dir))?;
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", dir))?;
     #[cfg(test)]
     super::testfs::after_sync_dir(dir);

@@ -1237,3 +1237,99 @@ fn a_sync_records_the_recovery_point_on_disk() {
     let on_disk = Checkpoints::read(dir.path()).unwrap().recovery_point;
     assert_eq!(on_disk, Offset(8), "without waiting for the periodic checkpoint");
 }
+
+/// Asserts the log holds offsets `0..leo` with their values, `leo >= at_least`.
+fn assert_prefix(log: &Log, at_least: u64, context: &str) {
+    let leo = log.log_end_offset().get();
+    assert!(leo >= at_least, "{context}: log ends at {leo}, synced data reached {at_least}");
+    let all = read_all(log, 0);
+    assert_eq!(all.len() as u64, leo, "{context}");
+    assert!(all.iter().enumerate().all(|(i, (o, v))| *o == i as u64 && *v == value_for(*o)), "{context}");
+}
+
+#[test]
+fn power_loss_in_the_middle_of_a_truncation_leaves_a_prefix() {
+    for seed in 1..=8u64 {
+        let dir = Watched::new();
+        let mut log = open(dir.path());
+        fill(&mut log, 50, 2);
+        log.flush().unwrap();
+        // The truncation stops at its directory fsync.
+        testfs::fail_next(dir.path(), testfs::Op::DirFsync, None, 1);
+        assert!(log.truncate_to(Offset(31)).is_err(), "seed {seed}");
+        drop(log);
+        testfs::power_loss_torn(dir.path(), seed);
+        let log = Log::open(dir.path(), tiny_config(), Arc::new(SystemClock))
+            .unwrap_or_else(|e| panic!("seed {seed}: a crashed truncation must reopen: {e}"));
+        assert_prefix(&log, 30, &format!("seed {seed}"));
+    }
+}
+
+#[test]
+fn power_loss_in_the_middle_of_a_roll_keeps_what_was_synced() {
+    for seed in 1..=8u64 {
+        let dir = Watched::new();
+        let mut log = open(dir.path());
+        fill(&mut log, 9, 2);
+        log.flush().unwrap();
+        let synced = log.log_end_offset().get();
+        let segments = log.segment_count();
+        // Appends that roll, never synced: power fails with writes torn.
+        fill(&mut log, 10, 2);
+        assert!(log.segment_count() > segments, "the appends rolled");
+        drop(log);
+        testfs::power_loss_torn(dir.path(), seed);
+        let log =
+            Log::open(dir.path(), tiny_config(), Arc::new(SystemClock)).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert_prefix(&log, synced, &format!("seed {seed}"));
+    }
+}
+
+#[test]
+fn power_loss_after_a_cut_at_a_segments_base_keeps_the_cut() {
+    for seed in 1..=8u64 {
+        let dir = Watched::new();
+        let mut log = open(dir.path());
+        fill(&mut log, 50, 2);
+        log.flush().unwrap();
+        let base = *log.segments.keys().nth(2).unwrap();
+        assert_eq!(log.truncate_to(Offset(base)).unwrap(), Offset(base));
+        drop(log);
+        testfs::power_loss_torn(dir.path(), seed);
+        let log =
+            Log::open(dir.path(), tiny_config(), Arc::new(SystemClock)).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert_eq!(log.log_end_offset().get(), base, "seed {seed}: the cut batches never come back");
+        assert_prefix(&log, base, &format!("seed {seed}"));
+    }
+}
+
+#[test]
+fn corrupt_offset_and_time_indexes_are_rebuilt_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    fill(&mut log, 30, 2);
+    let closed: Vec<u64> = log.segments.keys().copied().collect();
+    let expected_ts: Vec<_> = (0..60).map(|o| log.offset_for_timestamp(1000 + o).unwrap()).collect();
+    log.close().unwrap();
+    drop(log);
+    for (i, base) in closed[..closed.len() - 1].iter().enumerate() {
+        for ext in ["index", "timeindex"] {
+            let path = dir.path().join(file_name(*base, ext));
+            let mut data = std::fs::read(&path).unwrap();
+            assert!(data.len() >= 8, "{ext} of {base} has entries");
+            // Entries out of order, or pointing past the file's end.
+            let fill_byte = if i % 2 == 0 { 0xff } else { 0x00 };
+            let at = data.len() / 2;
+            data[at..].fill(fill_byte);
+            data[..4].fill(0x7f);
+            std::fs::write(&path, &data).unwrap();
+        }
+    }
+    let log = open(dir.path());
+    assert_prefix(&log, 60, "after corrupt indexes");
+    for o in 0..60u64 {
+        assert_eq!(log.read(Offset(o), 1, Offset::MAX).unwrap().chunks.is_empty(), false);
+    }
+    let now: Vec<_> = (0..60).map(|o| log.offset_for_timestamp(1000 + o).unwrap()).collect();
+    assert_eq!(now, expected_ts, "timestamp lookups answer as before");
+}

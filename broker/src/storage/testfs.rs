@@ -36,6 +36,8 @@ pub(crate) enum Op {
     Write,
     /// An fsync or fdatasync of a file.
     Fsync,
+    /// An fsync of the watched directory itself (its entries).
+    DirFsync,
 }
 
 /// Work a test runs right after a fault fired, before the failing call
@@ -253,6 +255,80 @@ pub(crate) fn before_unlink(path: &Path) {
     });
 }
 
+/// Called before a directory fsync; fails when a `DirFsync` fault is armed
+/// for that directory (then its entries changed since the last successful
+/// directory fsync stay as a power loss would leave them).
+pub(crate) fn before_sync_dir(dir: &Path) -> std::io::Result<()> {
+    if !ACTIVE.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    let dir = canonical(dir);
+    let hit = with_state(|s| {
+        let found = s.faults.iter_mut().find(|f| f.op == Op::DirFsync && f.dir == dir)?;
+        fault_fired(found);
+        let then = found.then.take();
+        s.faults.retain(|f| f.remaining > 0);
+        Some(then)
+    });
+    match hit {
+        Some(then) => {
+            if let Some(then) = then {
+                then();
+            }
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        }
+        None => Ok(()),
+    }
+}
+
+fn fault_fired(fault: &mut Fault) {
+    fault.remaining -= 1;
+}
+
+/// Like [`power_loss`], but each file whose durable name points at a live
+/// inode also keeps a prefix of what was written to it since its last
+/// fsync, of a length drawn from `seed`: writes reach the disk in part, in
+/// file order (a torn write), not only all or nothing.
+pub(crate) fn power_loss_torn(dir: &Path, seed: u64) {
+    let dir = canonical(dir);
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let torn: Vec<(String, Vec<u8>)> = with_state(|s| {
+        let Some(w) = s.watched.get_mut(&dir) else { return Vec::new() };
+        let mut out = Vec::new();
+        for (name, key) in &w.names {
+            let path = dir.join(name);
+            let live = std::fs::metadata(&path).is_ok_and(|m| m.ino() == *key);
+            if !live || w.poisoned.contains(key) {
+                continue;
+            }
+            let Ok(now) = std::fs::read(&path) else { continue };
+            let image = w.images.get(key).cloned().unwrap_or_default();
+            let keep = usize::try_from(next() % (now.len() as u64 + 1)).unwrap_or(0);
+            let mut data = now[..keep].to_vec();
+            if image.len() > keep {
+                data.extend_from_slice(&image[keep..]);
+            }
+            out.push((name.clone(), data));
+        }
+        out
+    });
+    with_state(|s| {
+        if let Some(w) = s.watched.get_mut(&dir) {
+            for (name, data) in torn {
+                let key = w.names[&name];
+                w.images.insert(key, data);
+            }
+        }
+    });
+    power_loss(&dir);
+}
+
 /// Called before a data write; fails when a write fault is armed.
 pub(crate) fn before_write(file: &File) -> std::io::Result<()> {
     take_fault(file, Op::Write)
@@ -357,5 +433,62 @@ mod tests {
         power_loss(dir.path());
         assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), b"");
         forget(dir.path());
+    }
+
+    #[test]
+    fn a_torn_power_loss_keeps_a_prefix_of_the_unsynced_writes() {
+        let mut kept = HashSet::new();
+        for seed in 1..=16u64 {
+            let dir = tempfile::tempdir().unwrap();
+            watch(dir.path());
+            let mut a = File::create(dir.path().join("a")).unwrap();
+            a.write_all(b"one").unwrap();
+            fsync(&a);
+            crate::storage::fs::sync_dir(dir.path()).unwrap();
+            a.write_all(b" two three").unwrap();
+            power_loss_torn(dir.path(), seed);
+            let now = std::fs::read(dir.path().join("a")).unwrap();
+            assert!(b"one two three".starts_with(&now) && now.len() >= 3, "seed {seed}: {now:?}");
+            kept.insert(now.len());
+            forget(dir.path());
+        }
+        assert!(kept.iter().any(|&n| n > 3 && n < 13), "some writes were torn part way: {kept:?}");
+    }
+
+    #[test]
+    fn a_new_file_never_inherits_an_unlinked_files_image() {
+        let dir = tempfile::tempdir().unwrap();
+        watch(dir.path());
+        for round in 0..20 {
+            let old = dir.path().join(format!("old{round}"));
+            let mut a = File::create(&old).unwrap();
+            a.write_all(b"old contents").unwrap();
+            fsync(&a);
+            drop(a);
+            crate::storage::fs::sync_dir(dir.path()).unwrap();
+            crate::storage::fs::remove_if_exists(&old).unwrap();
+            let new = dir.path().join(format!("new{round}"));
+            File::create(&new).unwrap().write_all(b"unsynced").unwrap();
+            crate::storage::fs::sync_dir(dir.path()).unwrap();
+        }
+        power_loss(dir.path());
+        for round in 0..20 {
+            assert_eq!(std::fs::read(dir.path().join(format!("new{round}"))).unwrap(), b"", "round {round}");
+        }
+        forget(dir.path());
+    }
+
+    #[test]
+    fn a_directory_never_fsynced_in_its_parent_vanishes() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("p");
+        watch_new(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let a = File::create(dir.join("a")).unwrap();
+        fsync(&a);
+        crate::storage::fs::sync_dir(&dir).unwrap();
+        power_loss(&dir);
+        assert!(!dir.exists());
+        forget(&dir);
     }
 }
