@@ -209,7 +209,7 @@ fn take_fault(file: &File, op: Op) -> std::io::Result<()> {
             .faults
             .iter_mut()
             .find(|f| f.op == op && f.dir == dir && f.name_contains.as_deref().is_none_or(|n| name.contains(n)));
-        let Some(fault) = found else { return None };
+        let fault = found?;
         fault.remaining -= 1;
         let then = fault.then.take();
         s.faults.retain(|f| f.remaining > 0);
