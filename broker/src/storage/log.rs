@@ -290,6 +290,9 @@ impl Log {
             self.recovery_point = self.recovery_point.min(self.log_start_offset);
             return Ok(());
         }
+        // The epoch cache as read from its checkpoint: every batch's epoch
+        // was recorded there before the batch was written (`append_at`).
+        let checkpointed = self.leader_epochs.clone();
         let revalidate_from = bases.iter().rposition(|&b| b <= rp).unwrap_or(0).min(bases.len() - 1);
         let mut expected: Option<u64> = None;
         for (i, &base) in bases.iter().enumerate() {
@@ -312,7 +315,7 @@ impl Log {
                 continue;
             }
             let mut segment = Segment::open(&self.dir, base, now, Some(sizes.index_bytes))?;
-            let recovered = segment.recover(base, &mut self.leader_epochs, interval, limit)?;
+            let recovered = segment.recover(base, &mut self.leader_epochs, &checkpointed, interval, limit)?;
             let end = segment.next_offset();
             expected = Some(end);
             let path = segment.path().to_path_buf();

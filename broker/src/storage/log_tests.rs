@@ -1336,3 +1336,22 @@ fn corrupt_offset_and_time_indexes_are_rebuilt_at_open() {
     let now: Vec<_> = (0..60).map(|o| log.offset_for_timestamp(1000 + o).unwrap()).collect();
     assert_eq!(now, expected_ts, "timestamp lookups answer as before");
 }
+
+#[test]
+fn a_full_recovery_rebuilds_epochs_that_change_between_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    log.append(&batch(&[b"a"], 1), 1).unwrap();
+    log.roll().unwrap();
+    log.append(&batch(&[b"b"], 1), 2).unwrap();
+    log.roll().unwrap();
+    log.append(&batch(&[b"c"], 1), 2).unwrap();
+    log.close().unwrap();
+    drop(log);
+    std::fs::remove_file(dir.path().join("leader-epoch-checkpoint")).unwrap();
+    std::fs::write(dir.path().join("recovery-point-checkpoint"), "0\n0\n").unwrap();
+    let log = Log::open(dir.path(), tiny_config(), Arc::new(SystemClock)).unwrap();
+    let epochs: Vec<(u32, u64)> =
+        log.leader_epochs().entries().iter().map(|e| (e.epoch, e.start_offset.get())).collect();
+    assert_eq!(epochs, vec![(1, 0), (2, 1)]);
+}

@@ -668,12 +668,17 @@ impl Segment {
     /// Validates every batch (framing, CRC, record count, contiguous offsets
     /// from `expected_offset`), rebuilding the indexes and leader epochs,
     /// up to the first batch at or past `limit` (the next segment's base; a
-    /// truncation leaves a stale tail before it). What ends the walk is
-    /// reported; nothing is cut here (see [`Segment::cut_recovered_tail`]).
+    /// truncation leaves a stale tail before it). A batch's leader epoch
+    /// must not go backwards and must match the entry of `checkpointed` (the
+    /// epoch file as read at open) covering its offset; the cache is rebuilt
+    /// from the batches only when that file held nothing. What ends the walk
+    /// is reported, with whether it is damage to report rather than a torn
+    /// tail; nothing is cut here (see [`Segment::cut_recovered_tail`]).
     pub(crate) fn recover(
         &mut self,
         expected_offset: u64,
         epochs: &mut LeaderEpochCache,
+        checkpointed: &LeaderEpochCache,
         interval: u64,
         limit: u64,
     ) -> Result<Recovered> {
@@ -689,9 +694,6 @@ impl Segment {
         let mut stale = false;
         let mut damage = None;
         let mut previous_epoch = i32::MIN;
-        // The cache as read from the checkpoint: every batch's epoch was
-        // recorded in it before the batch was written (see `Log::append_at`).
-        let checkpointed = epochs.clone();
         while position < file_len {
             if expected >= limit {
                 // The next segment starts here: what follows was truncated away.
@@ -722,7 +724,10 @@ impl Segment {
                     break;
                 }
                 previous_epoch = epoch;
-                if covering.is_none() {
+                // With a checkpoint, the cache already holds this epoch (or
+                // the batch lies below its first entry, before the log
+                // start); without one (full recovery) it is rebuilt here.
+                if checkpointed.entries().is_empty() {
                     epochs.assign(epoch as u32, super::Offset(expected));
                 }
             }
