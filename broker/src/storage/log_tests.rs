@@ -1355,3 +1355,16 @@ fn a_full_recovery_rebuilds_epochs_that_change_between_segments() {
         log.leader_epochs().entries().iter().map(|e| (e.epoch, e.start_offset.get())).collect();
     assert_eq!(epochs, vec![(1, 0), (2, 1)]);
 }
+
+#[test]
+fn an_injected_pwrite_error_fails_the_append_and_stores_nothing() {
+    let dir = Watched::new();
+    let mut log = open(dir.path());
+    fill(&mut log, 3, 2);
+    testfs::fail_next(dir.path(), testfs::Op::Write, Some(".log"), 1);
+    let err = log.append(&batch(&[b"lost"], 1), 0).unwrap_err();
+    assert!(matches!(err, StorageError::Io { op: "write", .. }), "{err}");
+    assert_eq!(log.log_end_offset().get(), 6, "nothing was appended");
+    fill(&mut log, 1, 2);
+    assert_prefix(&log, 8, "the next append lands where the failed one would have");
+}
