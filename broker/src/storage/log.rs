@@ -811,9 +811,14 @@ impl Log {
         Ok(())
     }
 
-    /// fsyncs the directory now (entries created or removed persist).
+    /// fsyncs the directory now (entries created or removed persist). A
+    /// failure fails the log, as a failed fsync of its files does: the
+    /// entry changes may be lost while a later fsync succeeds.
     fn sync_directory(&mut self) -> Result<()> {
-        sync_dir(&self.dir)?;
+        if let Err(e) = sync_dir(&self.dir) {
+            self.fail(&e);
+            return Err(e);
+        }
         self.synced_dir_generation = self.dir_generation;
         Ok(())
     }

@@ -1368,3 +1368,14 @@ fn an_injected_pwrite_error_fails_the_append_and_stores_nothing() {
     fill(&mut log, 1, 2);
     assert_prefix(&log, 8, "the next append lands where the failed one would have");
 }
+
+#[test]
+fn a_failed_directory_fsync_in_a_truncation_fails_the_log() {
+    let dir = Watched::new();
+    let mut log = open(dir.path());
+    fill(&mut log, 50, 2); // not flushed: the recovery point needs no lowering
+    testfs::fail_next(dir.path(), testfs::Op::DirFsync, None, 1);
+    assert!(matches!(log.truncate_to(Offset(31)), Err(StorageError::Io { op: "fsync directory", .. })));
+    assert!(matches!(log.flush(), Err(StorageError::LogFailed { .. })), "no later fsync is trusted");
+    assert!(matches!(log.append(&batch(&[b"z"], 1), 0), Err(StorageError::LogFailed { .. })));
+}
