@@ -610,11 +610,12 @@ impl Partition {
                     }
                     let (durable, recovery_point) = {
                         let mut log = self.write_log();
-                        (log.mark_durable(&plan), log.recovery_point_snapshot())
+                        (log.mark_durable(&plan), log.recovery_point_after_sync())
                     };
                     // Inside the group commit, so these writes never race:
-                    // one small file replaced, no fsync (see its doc).
-                    if let Err(e) = recovery_point.write() {
+                    // one small file replaced, no fsync, at most every
+                    // RECOVERY_POINT_WRITE_INTERVAL_MS (see its doc).
+                    if let Some(Err(e)) = recovery_point.map(|r| r.write()) {
                         tracing::warn!(topic = %self.topic, partition = self.index, error = %e, "could not record the recovery point after a sync; the periodic checkpoint will");
                     }
                     Ok(durable)

@@ -1379,3 +1379,24 @@ fn a_failed_directory_fsync_in_a_truncation_fails_the_log() {
     assert!(matches!(log.flush(), Err(StorageError::LogFailed { .. })), "no later fsync is trusted");
     assert!(matches!(log.append(&batch(&[b"z"], 1), 0), Err(StorageError::LogFailed { .. })));
 }
+
+#[test]
+fn the_recovery_point_after_syncs_is_written_at_most_once_per_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(10_000));
+    let mut log = Log::open(dir.path(), tiny_config(), clock.clone()).unwrap();
+    fill(&mut log, 2, 2);
+    log.flush().unwrap();
+    let first = log.recovery_point_after_sync().expect("the first sync writes it");
+    assert_eq!(first.offset(), Offset(4));
+    first.write().unwrap();
+    fill(&mut log, 1, 2);
+    let plan = log.sync_plan();
+    plan.execute().unwrap();
+    log.mark_durable(&plan);
+    assert!(log.recovery_point_after_sync().is_none(), "not again within the interval");
+    clock.advance(crate::storage::RECOVERY_POINT_WRITE_INTERVAL_MS);
+    let next = log.recovery_point_after_sync().expect("once the interval passed");
+    next.write().unwrap();
+    assert_eq!(Checkpoints::read(dir.path()).unwrap().recovery_point, Offset(6));
+}
