@@ -822,7 +822,17 @@ impl Partition {
                         self.fail(&e);
                         return Err(e);
                     }
-                    Ok(self.write_log().mark_durable(&plan))
+                    let (durable, recovery_point) = {
+                        let mut log = self.write_log();
+                        (log.mark_durable(&plan), log.recovery_point_after_sync())
+                    };
+                    // Inside the group commit, so these writes never race:
+                    // one small file replaced, no fsync, at most every
+                    // RECOVERY_POINT_WRITE_INTERVAL_MS (see its doc).
+                    if let Some(Err(e)) = recovery_point.map(|r| r.write()) {
+                        tracing::warn!(topic = %self.topic, partition = self.index, error = %e, "could not record the recovery point after a sync; the periodic checkpoint will");
+                    }
+                    Ok(durable)
                 },
             )
             .map_err(BrokerError::Storage)?;
@@ -962,22 +972,30 @@ impl Partition {
     /// their values changed. Does nothing on a failed partition.
     pub fn checkpoint(&self) -> Result<(), BrokerError> {
         let Some(_upkeep) = self.upkeep() else { return Ok(()) };
-        let plan = {
-            let log = self.read_log();
-            if log.failure().is_some() {
-                return Ok(());
-            }
-            log.sync_plan_closed()
-        };
-        if let Err(e) = plan.execute() {
-            self.fail(&e);
-            return Err(BrokerError::Storage(e));
+        if self.read_log().failure().is_some() {
+            return Ok(());
         }
-        let snapshot = {
-            let mut log = self.write_log();
-            log.mark_durable(&plan);
-            log.checkpoint_snapshot()
-        };
+        // The same group commit as producers' syncs: never alongside one,
+        // and a failure here fails every later one (and the log) before
+        // another fsync of these files can run.
+        self.commit
+            .sync_now(|| {
+                let plan = {
+                    let log = self.read_log();
+                    if let Some(reason) = log.failure() {
+                        return Err(StorageError::LogFailed { reason: reason.to_string() });
+                    }
+                    log.sync_plan_closed()
+                };
+                if let Err(e) = plan.execute() {
+                    self.fail(&e);
+                    return Err(e);
+                }
+                self.write_log().mark_durable(&plan);
+                Ok(())
+            })
+            .map_err(BrokerError::Storage)?;
+        let snapshot = self.read_log().checkpoint_snapshot();
         snapshot.write()?;
         Ok(())
     }
@@ -1185,5 +1203,100 @@ mod tests {
         assert_eq!(p.leadership_failure(), None);
         assert_eq!(p.produce(&[batch(b"a")], 3, None).await.unwrap().base_offset, Offset(0));
         testfs::forget(dir.path());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_sync_racing_a_failed_checkpoint_fsync_acknowledges_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = partition(dir.path(), FlushPolicy::Os);
+        // Enough to roll: the first segment is closed and not yet synced.
+        for i in 0..40u8 {
+            p.produce(&[batch(&[i; 200])], 0, None).await.unwrap();
+        }
+        let leo = p.offsets().2;
+        let (acked_tx, acked_rx) = std::sync::mpsc::channel();
+        let racer = p.clone();
+        let (racer_tx, racer_rx) = std::sync::mpsc::channel();
+        // The checkpoint's fsync of the closed segment fails; in that window
+        // (before the partition is failed) a producer's group sync runs.
+        testfs::fail_next_then(dir.path(), testfs::Op::Fsync, Some("00000000000000000000.log"), move || {
+            let handle = std::thread::spawn(move || {
+                let outcome = racer.sync_blocking(leo);
+                let _ = acked_tx.send(outcome.is_ok());
+                outcome
+            });
+            // Give the racer every chance to finish inside the window; it
+            // may not (it must wait for the failing sync).
+            let _ = acked_rx.recv_timeout(std::time::Duration::from_millis(500));
+            racer_tx.send(handle).unwrap();
+        });
+        let err = tokio::task::spawn_blocking({
+            let p = p.clone();
+            move || p.checkpoint()
+        })
+        .await
+        .unwrap()
+        .unwrap_err();
+        assert!(err.to_string().contains("fdatasync"), "{err}");
+        let outcome = racer_rx.recv().unwrap().join().unwrap();
+        assert!(outcome.is_err(), "a sync after a failed fsync of the same files acknowledged {outcome:?}");
+        assert!(p.read_log().recovery_point() < leo, "the recovery point did not move over lost data");
+        testfs::forget(dir.path());
+    }
+
+    #[tokio::test]
+    async fn a_group_commit_sync_records_the_recovery_point_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = partition(dir.path(), FlushPolicy::Always);
+        p.produce(&[batch(b"a"), batch(b"b")], 0, None).await.unwrap();
+        let on_disk = crate::storage::Checkpoints::read(dir.path()).unwrap().recovery_point;
+        assert_eq!(on_disk, Offset(2), "written by the sync, not the periodic checkpoint");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_flush_always_every_acknowledged_record_survives_power_loss() {
+        for seed in 1..=4u64 {
+            let dir = tempfile::tempdir().unwrap();
+            testfs::watch(dir.path());
+            let p = partition(dir.path(), FlushPolicy::Always);
+            let tasks: Vec<_> = (0..4u8)
+                .map(|t| {
+                    let p = p.clone();
+                    tokio::spawn(async move {
+                        let mut acked = Vec::new();
+                        for i in 0..15u8 {
+                            let value = vec![t, i, 7, 7, 7, 7, 7, 7, 7, 7];
+                            let info = p.produce(&[batch(&value)], 0, None).await.unwrap();
+                            acked.push((info.base_offset, value));
+                        }
+                        acked
+                    })
+                })
+                .collect();
+            let mut acked = Vec::new();
+            for t in tasks {
+                acked.extend(t.await.unwrap());
+            }
+            // Appended after the last acknowledgement, never synced.
+            p.write_log().append(&batch(b"unacked"), 0).unwrap();
+            drop(p);
+            testfs::power_loss_torn(dir.path(), seed);
+            let config = LogConfig { segment_bytes: 4096, ..LogConfig::default() };
+            let log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
+            for (offset, value) in &acked {
+                let read = log.read(*offset, 1, Offset::MAX).unwrap();
+                let records: Vec<Vec<u8>> = read
+                    .chunks
+                    .iter()
+                    .flat_map(|c| tally_proto::batch::BatchIter::new(c.clone()))
+                    .flat_map(|b| {
+                        let b = b.unwrap();
+                        b.records().unwrap().map(|r| r.unwrap().value.unwrap().to_vec()).collect::<Vec<_>>()
+                    })
+                    .collect();
+                assert_eq!(records.first(), Some(value), "seed {seed}: acknowledged offset {offset} survived");
+            }
+            testfs::forget(dir.path());
+        }
     }
 }

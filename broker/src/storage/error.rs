@@ -66,6 +66,23 @@ pub enum StorageError {
         /// What was found.
         what: String,
     },
+    /// Damage above the recovery point that no torn write explains: a
+    /// damaged batch followed by valid ones, or a leader epoch that
+    /// disagrees with the epoch checkpoint. Cutting there would delete
+    /// acknowledged data after it, so the log is not opened.
+    #[error(
+        "{path}: damaged at position {position} ({what}); the log was not opened and nothing was deleted. \
+         Inspect it with `tally dump-log --verify {path}`; restore the partition from a replica, \
+         or move its directory away to give up its data"
+    )]
+    DamagedAboveRecoveryPoint {
+        /// The segment file.
+        path: PathBuf,
+        /// Byte position of the damaged batch.
+        position: u64,
+        /// What was found.
+        what: String,
+    },
     /// A checkpoint file that exists but does not parse.
     #[error("checkpoint file {path} is corrupt: {reason}")]
     CorruptCheckpoint {

@@ -40,6 +40,8 @@ pub(crate) fn map(file: &File, len: u64, path: &Path) -> Result<Option<MmapRaw>>
 
 /// fsyncs a directory so entries created, renamed or removed in it persist.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(test)]
+    super::testfs::before_sync_dir(dir).map_err(io_err("fsync directory", dir))?;
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", dir))?;
     #[cfg(test)]
     super::testfs::after_sync_dir(dir);
@@ -68,6 +70,8 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     f.write_all(contents).map_err(io_err("write", &tmp))?;
     sync_data(&f, &tmp)?;
     drop(f);
+    #[cfg(test)]
+    super::testfs::before_unlink(path);
     std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
     if let Some(dir) = path.parent() {
         sync_dir(dir)?;
@@ -86,8 +90,26 @@ pub(crate) fn write_new_synced(path: &Path, contents: &[u8]) -> Result<()> {
     sync_data(&f, path)
 }
 
+/// Replaces `path` with `contents` by a temp file and a rename, without
+/// fsyncs: a power loss leaves the old file, the new one, or (the rename
+/// durable but not the data) an empty or partial one. Only for files whose
+/// every such outcome is safe to read back.
+pub(crate) fn replace_unsynced(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    #[cfg(test)]
+    super::testfs::before_write(&f).map_err(io_err("write", &tmp))?;
+    f.write_all(contents).map_err(io_err("write", &tmp))?;
+    drop(f);
+    #[cfg(test)]
+    super::testfs::before_unlink(path);
+    std::fs::rename(&tmp, path).map_err(io_err("rename", path))
+}
+
 /// Removes a file, treating "not found" as done (so recovery can repeat it).
 pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
+    #[cfg(test)]
+    super::testfs::before_unlink(path);
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", path)(e)),
         _ => Ok(()),

@@ -85,6 +85,32 @@ impl GroupCommit {
             result?;
         }
     }
+
+    /// Runs `sync` once, as a sync of this group commit: after any sync in
+    /// progress, never alongside one, and not at all once a sync failed. Its
+    /// failure fails the group commit for good, like a failed
+    /// [`GroupCommit::sync_to`]. Every fsync of a log's files goes through
+    /// here or `sync_to`, so no fsync can succeed after another one on the
+    /// same files failed and be taken for durability.
+    pub fn sync_now<T>(&self, sync: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut state = self.lock();
+        while state.syncing {
+            state = self.done.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        if let Some(reason) = &state.failed {
+            return Err(StorageError::LogFailed { reason: reason.clone() });
+        }
+        state.syncing = true;
+        drop(state);
+        let result = sync();
+        let mut state = self.lock();
+        state.syncing = false;
+        if let Err(e) = &result {
+            state.failed = Some(e.to_string());
+        }
+        self.done.notify_all();
+        result
+    }
 }
 
 #[cfg(test)]
@@ -235,5 +261,24 @@ mod tests {
         assert!(matches!(later, Err(StorageError::LogFailed { .. })), "a later caller too: {later:?}");
         assert_eq!(later_syncs.load(Ordering::SeqCst), 0, "no sync ran after the failure");
         assert_eq!(durable.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_failed_sync_now_fails_every_later_group_sync() {
+        let gc = GroupCommit::new();
+        let calls = AtomicU64::new(0);
+        let failed: Result<()> = gc.sync_now(|| Err(eio()));
+        assert!(matches!(failed, Err(StorageError::Io { .. })), "{failed:?}");
+        let later = gc.sync_to(
+            Offset(1),
+            || Offset(0),
+            || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok(Offset(1))
+            },
+        );
+        assert!(matches!(later, Err(StorageError::LogFailed { .. })), "{later:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "no fsync after the failed one");
+        assert!(matches!(gc.sync_now(|| Ok(())), Err(StorageError::LogFailed { .. })));
     }
 }

@@ -39,12 +39,14 @@ mod segment;
 pub(crate) mod testfs;
 mod writeback;
 
-pub use checkpoint::{CheckpointSnapshot, Checkpoints, EpochEntry, LeaderEpochCache};
+pub use checkpoint::{CheckpointSnapshot, Checkpoints, EpochEntry, LeaderEpochCache, RecoveryPointSnapshot};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{FlushPolicy, LogConfig};
 pub use error::StorageError;
 pub use group_commit::GroupCommit;
-pub use log::{AppendInfo, Log, ReadResult, RemovedSegments, RetentionOutcome, SyncPlan};
+pub use log::{
+    AppendInfo, Log, RECOVERY_POINT_WRITE_INTERVAL_MS, ReadResult, RemovedSegments, RetentionOutcome, SyncPlan,
+};
 pub use offset::Offset;
 pub use scan::{SegmentBatch, SegmentScan, scan_segment_file};
 pub use writeback::Writeback;

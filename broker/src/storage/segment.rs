@@ -110,7 +110,7 @@ impl Segment {
             // Leave no half-made segment behind (disk full, say); the files
             // are ours: the `.log` did not exist before.
             for ext in ["log", "index", "timeindex"] {
-                let _ = std::fs::remove_file(dir.join(file_name(base_offset, ext)));
+                let _ = remove_if_exists(&dir.join(file_name(base_offset, ext)));
             }
         }
         result
@@ -668,12 +668,17 @@ impl Segment {
     /// Validates every batch (framing, CRC, record count, contiguous offsets
     /// from `expected_offset`), rebuilding the indexes and leader epochs,
     /// up to the first batch at or past `limit` (the next segment's base; a
-    /// truncation leaves a stale tail before it). What ends the walk is
-    /// reported; nothing is cut here (see [`Segment::cut_recovered_tail`]).
+    /// truncation leaves a stale tail before it). A batch's leader epoch
+    /// must not go backwards and must match the entry of `checkpointed` (the
+    /// epoch file as read at open) covering its offset; the cache is rebuilt
+    /// from the batches only when that file held nothing. What ends the walk
+    /// is reported, with whether it is damage to report rather than a torn
+    /// tail; nothing is cut here (see [`Segment::cut_recovered_tail`]).
     pub(crate) fn recover(
         &mut self,
         expected_offset: u64,
         epochs: &mut LeaderEpochCache,
+        checkpointed: &LeaderEpochCache,
         interval: u64,
         limit: u64,
     ) -> Result<Recovered> {
@@ -687,6 +692,8 @@ impl Segment {
         let mut position = 0u64;
         let mut expected = expected_offset;
         let mut stale = false;
+        let mut damage = None;
+        let mut previous_epoch = i32::MIN;
         while position < file_len {
             if expected >= limit {
                 // The next segment starts here: what follows was truncated away.
@@ -707,7 +714,22 @@ impl Segment {
             let epoch = h.partition_leader_epoch();
             let (last, max_ts) = (h.last_offset() as u64, h.max_timestamp());
             if epoch >= 0 {
-                epochs.assign(epoch as u32, super::Offset(expected));
+                let covering = checkpointed.entries().iter().rev().find(|e| e.start_offset.get() <= expected);
+                let consistent = epoch >= previous_epoch && covering.is_none_or(|e| e.epoch == epoch as u32);
+                if !consistent {
+                    // partitionLeaderEpoch is outside the CRC: a flipped
+                    // epoch must not enter the cache.
+                    damage =
+                        Some("a batch whose leader epoch goes backwards or disagrees with the leader-epoch checkpoint");
+                    break;
+                }
+                previous_epoch = epoch;
+                // With a checkpoint, the cache already holds this epoch (or
+                // the batch lies below its first entry, before the log
+                // start); without one (full recovery) it is rebuilt here.
+                if checkpointed.entries().is_empty() {
+                    epochs.assign(epoch as u32, super::Offset(expected));
+                }
             }
             self.track(position, total, expected, last, max_ts, interval);
             expected = last + 1;
@@ -722,8 +744,46 @@ impl Segment {
         } else {
             Tail::Damaged
         };
+        let mut looks_torn = false;
+        if tail == Tail::Damaged && damage.is_none() {
+            let head = self.bytes(position, (file_len - position).min(12));
+            let region_end = batch_size_at_checked(head, file_len - position)
+                .map_or(file_len.min(position + HEADER_LEN as u64), |total| position + total);
+            looks_torn = self.has_zero_sector(position, region_end);
+            if !looks_torn && self.valid_batch_after(position + 1, file_len, expected) {
+                damage = Some("a damaged batch (CRC, framing, offsets or record count) with valid batches after it");
+            }
+        }
         self.keep_len = self.capacity;
-        Ok(Recovered { end: position, cut_bytes: file_len - position, tail })
+        Ok(Recovered { end: position, cut_bytes: file_len - position, tail, damage, looks_torn })
+    }
+
+    /// True when an aligned 512-byte sector that overlaps `[from, to)` by at
+    /// least 16 bytes is all zeros there: the mark of a write that partly
+    /// never reached the disk (unwritten blocks read back as zeros).
+    fn has_zero_sector(&self, from: u64, to: u64) -> bool {
+        const SECTOR: u64 = 512;
+        let mut sector = from - from % SECTOR;
+        while sector < to {
+            let (a, b) = (sector.max(from), (sector + SECTOR).min(to));
+            if b - a >= 16 && self.bytes(a, b - a).iter().all(|&x| x == 0) {
+                return true;
+            }
+            sector += SECTOR;
+        }
+        false
+    }
+
+    /// True when a whole, CRC-valid batch with a base offset at or past
+    /// `expected` starts anywhere in `[from, to)`. Runs only on damage.
+    fn valid_batch_after(&self, from: u64, to: u64, expected: u64) -> bool {
+        (from..to.saturating_sub(HEADER_LEN as u64)).any(|position| {
+            let head = self.bytes(position, (to - position).min(12));
+            batch_size_at_checked(head, to - position).is_some_and(|total| {
+                batch::check_framing_slice(self.bytes(position, total))
+                    .is_ok_and(|h| h.base_offset() >= 0 && h.base_offset() as u64 >= expected)
+            })
+        })
     }
 
     /// After [`Segment::recover`]: cuts a zero or damaged tail from the file
@@ -830,6 +890,14 @@ pub(crate) struct Recovered {
     pub(crate) cut_bytes: u64,
     /// What follows the valid batches.
     pub(crate) tail: Tail,
+    /// Damage that no torn write explains, to report rather than cut: a
+    /// batch whose CRC holds but whose leader epoch disagrees with the epoch
+    /// cache or goes backwards, or a damaged batch with valid batches after
+    /// it in this file.
+    pub(crate) damage: Option<&'static str>,
+    /// The damaged batch (when the tail is damaged) holds an aligned
+    /// 512-byte sector of zeros: a write that partly never reached the disk.
+    pub(crate) looks_torn: bool,
 }
 
 /// What follows a segment's last valid batch.

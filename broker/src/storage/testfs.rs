@@ -36,9 +36,14 @@ pub(crate) enum Op {
     Write,
     /// An fsync or fdatasync of a file.
     Fsync,
+    /// An fsync of the watched directory itself (its entries).
+    DirFsync,
 }
 
-#[derive(Debug)]
+/// Work a test runs right after a fault fired, before the failing call
+/// returns to the storage code (to race another operation into that window).
+type AfterFault = Box<dyn FnOnce() + Send>;
+
 struct Fault {
     dir: PathBuf,
     op: Op,
@@ -46,6 +51,19 @@ struct Fault {
     name_contains: Option<String>,
     /// Faults left to fire.
     remaining: u32,
+    /// Runs once, when the fault fires.
+    then: Option<AfterFault>,
+}
+
+impl std::fmt::Debug for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fault")
+            .field("dir", &self.dir)
+            .field("op", &self.op)
+            .field("name_contains", &self.name_contains)
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -56,12 +74,19 @@ struct Watched {
     poisoned: HashSet<u64>,
     /// Names and inodes as of the last directory fsync.
     names: BTreeMap<String, u64>,
+    /// Whether the directory's own entry in its parent is durable (it
+    /// existed when watching began, or the parent was fsynced since it was
+    /// created). Power loss removes a directory whose entry is not.
+    entry_durable: bool,
 }
 
 #[derive(Debug, Default)]
 struct State {
     faults: Vec<Fault>,
     watched: HashMap<PathBuf, Watched>,
+    /// Keys for the images of unlinked inodes (counting down from
+    /// `u64::MAX`, never a real inode number).
+    detached: u64,
 }
 
 static ACTIVE: AtomicBool = AtomicBool::new(false);
@@ -82,7 +107,10 @@ fn path_of(file: &File) -> Option<PathBuf> {
 }
 
 fn canonical(dir: &Path) -> PathBuf {
-    dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())
+    dir.canonicalize().unwrap_or_else(|_| match (dir.parent(), dir.file_name()) {
+        (Some(parent), Some(name)) => canonical(parent).join(name),
+        _ => dir.to_path_buf(),
+    })
 }
 
 /// Makes the next `count` operations `op` on files in `dir` (whose names
@@ -90,14 +118,25 @@ fn canonical(dir: &Path) -> PathBuf {
 pub(crate) fn fail_next(dir: &Path, op: Op, name_contains: Option<&str>, count: u32) {
     let dir = canonical(dir);
     with_state(|s| {
-        s.faults.push(Fault { dir, op, name_contains: name_contains.map(str::to_string), remaining: count })
+        s.faults.push(Fault { dir, op, name_contains: name_contains.map(str::to_string), remaining: count, then: None })
+    });
+}
+
+/// Makes the next operation `op` on a file in `dir` (whose name contains
+/// `name_contains`, when given) fail with EIO, and runs `then` on the
+/// failing thread right after, before the error reaches the caller.
+pub(crate) fn fail_next_then(dir: &Path, op: Op, name_contains: Option<&str>, then: impl FnOnce() + Send + 'static) {
+    let dir = canonical(dir);
+    let then: Option<AfterFault> = Some(Box::new(then));
+    with_state(|s| {
+        s.faults.push(Fault { dir, op, name_contains: name_contains.map(str::to_string), remaining: 1, then })
     });
 }
 
 /// Starts modelling power loss for `dir`: what is in it now counts as durable.
 pub(crate) fn watch(dir: &Path) {
     let dir = canonical(dir);
-    let mut watched = Watched::default();
+    let mut watched = Watched { entry_durable: true, ..Watched::default() };
     for (name, path) in entries(&dir) {
         let data = std::fs::read(&path).unwrap_or_default();
         let ino = std::fs::metadata(&path).map(|m| m.ino()).unwrap_or(0);
@@ -105,6 +144,15 @@ pub(crate) fn watch(dir: &Path) {
         watched.names.insert(name, ino);
     }
     with_state(|s| s.watched.insert(dir, watched));
+}
+
+/// Starts modelling power loss for a directory that does not exist yet:
+/// until its parent is fsynced after it was created, power loss removes it
+/// with everything in it.
+pub(crate) fn watch_new(dir: &Path) {
+    let dir = canonical(dir);
+    assert!(!dir.exists(), "watch_new on a directory that exists");
+    with_state(|s| s.watched.insert(dir, Watched::default()));
 }
 
 /// Stops watching `dir` and drops its faults.
@@ -131,6 +179,14 @@ fn entries(dir: &Path) -> Vec<(String, PathBuf)> {
 pub(crate) fn power_loss(dir: &Path) {
     let dir = canonical(dir);
     let watched = with_state(|s| s.watched.remove(&dir)).expect("power_loss on a directory that is not watched");
+    if !watched.entry_durable {
+        // Its entry in the parent never reached the disk: it is gone.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+        watch_new(&dir);
+        return;
+    }
     for (_, path) in entries(&dir) {
         std::fs::remove_file(&path).unwrap();
     }
@@ -153,12 +209,124 @@ fn take_fault(file: &File, op: Op) -> std::io::Result<()> {
             .faults
             .iter_mut()
             .find(|f| f.op == op && f.dir == dir && f.name_contains.as_deref().is_none_or(|n| name.contains(n)));
-        let Some(fault) = found else { return false };
+        let fault = found?;
         fault.remaining -= 1;
+        let then = fault.then.take();
         s.faults.retain(|f| f.remaining > 0);
-        true
+        Some(then)
     });
-    if hit { Err(std::io::Error::from_raw_os_error(libc::EIO)) } else { Ok(()) }
+    match hit {
+        Some(then) => {
+            if let Some(then) = then {
+                then();
+            }
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Called before `path` is unlinked or renamed over: its inode's durable
+/// image stays with the names that still point at it durably (a power loss
+/// may bring such a name back, with that content), but no longer with the
+/// inode number, which the file system may give to a new file.
+pub(crate) fn before_unlink(path: &Path) {
+    if !ACTIVE.load(Ordering::SeqCst) {
+        return;
+    }
+    let (Ok(meta), Some(dir)) = (std::fs::symlink_metadata(path), path.parent()) else { return };
+    let dir = canonical(dir);
+    let ino = meta.ino();
+    with_state(|s| {
+        let key = u64::MAX - s.detached;
+        let Some(w) = s.watched.get_mut(&dir) else { return };
+        s.detached += 1;
+        if let Some(image) = w.images.remove(&ino) {
+            w.images.insert(key, image);
+        }
+        if w.poisoned.remove(&ino) {
+            w.poisoned.insert(key);
+        }
+        for v in w.names.values_mut() {
+            if *v == ino {
+                *v = key;
+            }
+        }
+    });
+}
+
+/// Called before a directory fsync; fails when a `DirFsync` fault is armed
+/// for that directory (then its entries changed since the last successful
+/// directory fsync stay as a power loss would leave them).
+pub(crate) fn before_sync_dir(dir: &Path) -> std::io::Result<()> {
+    if !ACTIVE.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    let dir = canonical(dir);
+    let hit = with_state(|s| {
+        let found = s.faults.iter_mut().find(|f| f.op == Op::DirFsync && f.dir == dir)?;
+        fault_fired(found);
+        let then = found.then.take();
+        s.faults.retain(|f| f.remaining > 0);
+        Some(then)
+    });
+    match hit {
+        Some(then) => {
+            if let Some(then) = then {
+                then();
+            }
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        }
+        None => Ok(()),
+    }
+}
+
+fn fault_fired(fault: &mut Fault) {
+    fault.remaining -= 1;
+}
+
+/// Like [`power_loss`], but each file whose durable name points at a live
+/// inode also keeps a prefix of what was written to it since its last
+/// fsync, of a length drawn from `seed`: writes reach the disk in part, in
+/// file order (a torn write), not only all or nothing.
+pub(crate) fn power_loss_torn(dir: &Path, seed: u64) {
+    let dir = canonical(dir);
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let torn: Vec<(String, Vec<u8>)> = with_state(|s| {
+        let Some(w) = s.watched.get_mut(&dir) else { return Vec::new() };
+        let mut out = Vec::new();
+        for (name, key) in &w.names {
+            let path = dir.join(name);
+            let live = std::fs::metadata(&path).is_ok_and(|m| m.ino() == *key);
+            if !live || w.poisoned.contains(key) {
+                continue;
+            }
+            let Ok(now) = std::fs::read(&path) else { continue };
+            let image = w.images.get(key).cloned().unwrap_or_default();
+            let keep = usize::try_from(next() % (now.len() as u64 + 1)).unwrap_or(0);
+            let mut data = now[..keep].to_vec();
+            if image.len() > keep {
+                data.extend_from_slice(&image[keep..]);
+            }
+            out.push((name.clone(), data));
+        }
+        out
+    });
+    with_state(|s| {
+        if let Some(w) = s.watched.get_mut(&dir) {
+            for (name, data) in torn {
+                let key = w.names[&name];
+                w.images.insert(key, data);
+            }
+        }
+    });
+    power_loss(&dir);
 }
 
 /// Called before a data write; fails when a write fault is armed.
@@ -217,6 +385,11 @@ pub(crate) fn after_sync_dir(dir: &Path) {
         if let Some(w) = s.watched.get_mut(&dir) {
             w.names = names;
         }
+        for (child, w) in &mut s.watched {
+            if child.parent() == Some(dir.as_path()) && child.is_dir() {
+                w.entry_durable = true;
+            }
+        }
     });
 }
 
@@ -260,5 +433,62 @@ mod tests {
         power_loss(dir.path());
         assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), b"");
         forget(dir.path());
+    }
+
+    #[test]
+    fn a_torn_power_loss_keeps_a_prefix_of_the_unsynced_writes() {
+        let mut kept = HashSet::new();
+        for seed in 1..=16u64 {
+            let dir = tempfile::tempdir().unwrap();
+            watch(dir.path());
+            let mut a = File::create(dir.path().join("a")).unwrap();
+            a.write_all(b"one").unwrap();
+            fsync(&a);
+            crate::storage::fs::sync_dir(dir.path()).unwrap();
+            a.write_all(b" two three").unwrap();
+            power_loss_torn(dir.path(), seed);
+            let now = std::fs::read(dir.path().join("a")).unwrap();
+            assert!(b"one two three".starts_with(&now) && now.len() >= 3, "seed {seed}: {now:?}");
+            kept.insert(now.len());
+            forget(dir.path());
+        }
+        assert!(kept.iter().any(|&n| n > 3 && n < 13), "some writes were torn part way: {kept:?}");
+    }
+
+    #[test]
+    fn a_new_file_never_inherits_an_unlinked_files_image() {
+        let dir = tempfile::tempdir().unwrap();
+        watch(dir.path());
+        for round in 0..20 {
+            let old = dir.path().join(format!("old{round}"));
+            let mut a = File::create(&old).unwrap();
+            a.write_all(b"old contents").unwrap();
+            fsync(&a);
+            drop(a);
+            crate::storage::fs::sync_dir(dir.path()).unwrap();
+            crate::storage::fs::remove_if_exists(&old).unwrap();
+            let new = dir.path().join(format!("new{round}"));
+            File::create(&new).unwrap().write_all(b"unsynced").unwrap();
+            crate::storage::fs::sync_dir(dir.path()).unwrap();
+        }
+        power_loss(dir.path());
+        for round in 0..20 {
+            assert_eq!(std::fs::read(dir.path().join(format!("new{round}"))).unwrap(), b"", "round {round}");
+        }
+        forget(dir.path());
+    }
+
+    #[test]
+    fn a_directory_never_fsynced_in_its_parent_vanishes() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("p");
+        watch_new(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let a = File::create(dir.join("a")).unwrap();
+        fsync(&a);
+        crate::storage::fs::sync_dir(&dir).unwrap();
+        power_loss(&dir);
+        assert!(!dir.exists());
+        forget(&dir);
     }
 }
