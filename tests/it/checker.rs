@@ -1,8 +1,9 @@
 //! A history checker for the fault test, after Jepsen's Kafka queue
 //! workload: it reads every send (acknowledged, failed, or indeterminate),
 //! every poll, and the final contents of each partition, and reports
-//! lost writes, two values at one offset, polls that go back or skip,
-//! duplicates, and failed writes that were stored anyway.
+//! lost writes, two values at one offset, records read and then gone,
+//! polls that go back or skip, duplicates, and failed writes that were
+//! stored anyway.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -57,6 +58,9 @@ pub struct Report {
     pub lost: Vec<String>,
     /// (partition, offset) holding two different values somewhere.
     pub inconsistent: Vec<(u32, i64)>,
+    /// Read by a consumer, then gone from the final log at that offset
+    /// (partition, offset, value): a committed record that vanished.
+    pub vanished: Vec<(u32, i64, String)>,
     /// A consumer's offsets went back (consumer, partition, from, to).
     pub nonmonotonic: Vec<(usize, u32, i64, i64)>,
     /// A consumer's offsets skipped (consumer, partition, from, to).
@@ -100,6 +104,19 @@ pub fn check(h: &History) -> Report {
         }
     }
     report.inconsistent = at.iter().filter(|(_, vs)| vs.len() > 1).map(|(k, _)| *k).collect();
+    // Consumers read below the high watermark only: what one read must be in
+    // the final log at that very offset.
+    let finals: BTreeMap<(u32, i64), &str> =
+        h.final_logs.iter().flat_map(|(p, log)| log.iter().map(move |(o, v)| ((*p, *o), v.as_str()))).collect();
+    let mut vanished = BTreeSet::new();
+    for p in &h.polls {
+        for (o, v) in &p.records {
+            if !finals.contains_key(&(p.partition, *o)) {
+                vanished.insert((p.partition, *o, v.clone()));
+            }
+        }
+    }
+    report.vanished = vanished.into_iter().collect();
     // The final logs: dense, each value once.
     let mut stored: BTreeMap<(u32, &str), usize> = BTreeMap::new();
     for (partition, log) in &h.final_logs {
@@ -268,5 +285,18 @@ mod tests {
         let mut h = valid();
         h.final_logs.insert(0, vec![(0, "a".into()), (2, "c".into())]);
         assert_eq!(check(&h).gaps, vec![(0, 1, 2)]);
+    }
+
+    #[test]
+    fn a_record_read_then_gone_from_the_final_log_vanished() {
+        let mut h = valid();
+        // "b" was read at offset 1 and the final log ends before it: no
+        // other value took its place, so only this check sees it.
+        h.final_logs.insert(0, log(&["a"]));
+        h.sends.retain(|s| s.value != "c");
+        h.polls.truncate(1);
+        let report = check(&h);
+        assert_eq!(report.vanished, vec![(0, 1, "b".to_string())]);
+        assert!(report.inconsistent.is_empty(), "one value per offset");
     }
 }

@@ -1,12 +1,34 @@
 //! The process-level fault test: three real `tally serve` processes behind
 //! fault-injecting proxies, writers with acks=all (raw one-record requests,
-//! and the batching, retrying `Producer`) and consumers reading, while a seeded nemesis kills partition leaders, freezes
-//! followers, restarts the controller leader and cuts every link of a broker. The
-//! history checker then looks for every anomaly it knows, and after
-//! healing the replicas must hold identical bytes below the high watermark.
+//! and the batching, retrying `Producer`) and consumers reading, while a
+//! seeded nemesis injects faults and an admin task changes the topics. The
+//! history checker then looks for every anomaly it knows (lost, inconsistent,
+//! read-then-vanished, reordered, duplicated, nonmonotonic, skipped), and
+//! after healing the replicas must hold identical bytes below the high
+//! watermark.
 //!
-//! `TALLY_TEST_FAULT_SEEDS` (default `1,2`) and `TALLY_TEST_FAULT_SECS` (default 8)
-//! set the seeds and how long the nemesis runs for each.
+//! Fault kinds (see [`Kind`]): SIGKILL a partition leader; SIGSTOP a
+//! follower; SIGKILL the controller leader; cut every link of a broker; a
+//! leader paused past its broker session (a zombie with requests in flight);
+//! a leader cut from the other brokers while clients still reach it; a
+//! one-way link (one broker's connections to another dropped, the other way
+//! up); both followers of a partition paused until the ISR falls below
+//! `min_insync_replicas` and the eligible leader replicas (ELR) take over,
+//! then its leader killed; and overlapping faults (a follower paused, then
+//! the leader killed before it resumes). Even seeds use `flush = always`.
+//! Meanwhile an admin task moves `min_insync_replicas` between 1 and 2,
+//! grows a scratch topic, and deletes and re-creates it.
+//!
+//! Each seed's first fault is kind `seed % KINDS`, so the default seeds
+//! (`1..=9`) cover every kind; later faults are drawn from the seed.
+//! `TALLY_TEST_FAULT_SEEDS` (a list like `1,2,5` or a range like `1..=20`)
+//! and `TALLY_TEST_FAULT_SECS` (default 6) set the seeds and how long the
+//! nemesis runs for each. A long run:
+//! `TALLY_TEST_FAULT_SEEDS=1..=20 TALLY_TEST_FAULT_SECS=60 cargo test --test it fault:: -- --nocapture`.
+//!
+//! Not modeled: a cut of controller traffic alone (Raft and heartbeats share
+//! one connection per peer with replica fetches, so a TCP proxy cannot tell
+//! them apart).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -133,6 +155,9 @@ impl Cluster {
     async fn heal(&mut self) {
         for p in &self.proxies {
             p.heal();
+            for id in 1..=3 {
+                p.unblock(source_of(id));
+            }
         }
         for id in 1..=3u32 {
             let i = id as usize - 1;
@@ -161,13 +186,41 @@ async fn roles(client: &Client) -> Option<(Vec<(Option<u32>, Vec<u32>)>, Option<
     Some((parts, controller))
 }
 
-/// One fault, then its undoing. Returns what it did.
-async fn one_fault(cluster: &mut Cluster, client: &Client, rng: &mut Rng) -> Option<String> {
+/// The fault kinds the nemesis picks from.
+const KINDS: u64 = 9;
+
+impl Cluster {
+    fn pause(&mut self, id: u32) -> Option<()> {
+        self.processes[id as usize - 1].as_ref()?.pause();
+        self.paused[id as usize - 1] = true;
+        Some(())
+    }
+
+    fn resume(&mut self, id: u32) -> Option<()> {
+        self.processes[id as usize - 1].as_ref()?.resume();
+        self.paused[id as usize - 1] = false;
+        Some(())
+    }
+
+    /// Drops `from`'s connections to `to` (and refuses new ones); `to`'s
+    /// connections to `from` stay up.
+    fn drop_link(&self, from: u32, to: u32) {
+        self.proxies[to as usize - 1].block(source_of(from));
+    }
+
+    fn restore_link(&self, from: u32, to: u32) {
+        self.proxies[to as usize - 1].unblock(source_of(from));
+    }
+}
+
+/// One fault of kind `kind`, then its undoing. Returns what it did.
+async fn one_fault(cluster: &mut Cluster, client: &Client, rng: &mut Rng, kind: u64) -> Option<String> {
     let _ = client.refresh_metadata(&[]).await;
     let (parts, controller) = roles(client).await?;
     let partition = rng.below(u64::from(PARTITIONS)) as usize;
     let (leader, replicas) = parts.get(partition)?.clone();
-    match rng.below(4) {
+    let followers: Vec<u32> = replicas.iter().copied().filter(|r| Some(*r) != leader).collect();
+    match kind {
         0 => {
             let leader = leader?;
             cluster.kill(leader);
@@ -176,14 +229,10 @@ async fn one_fault(cluster: &mut Cluster, client: &Client, rng: &mut Rng) -> Opt
             Some(format!("SIGKILL leader {leader} of partition {partition}, restarted"))
         }
         1 => {
-            let followers: Vec<u32> = replicas.into_iter().filter(|r| Some(*r) != leader).collect();
-            let follower = followers[rng.below(followers.len() as u64) as usize];
-            let process = cluster.processes[follower as usize - 1].as_ref()?;
-            process.pause();
-            cluster.paused[follower as usize - 1] = true;
+            let follower = *followers.get(rng.below(followers.len().max(1) as u64) as usize)?;
+            cluster.pause(follower)?;
             tokio::time::sleep(rng.millis(500, 3000)).await;
-            cluster.processes[follower as usize - 1].as_ref()?.resume();
-            cluster.paused[follower as usize - 1] = false;
+            cluster.resume(follower)?;
             Some(format!("SIGSTOP follower {follower} of partition {partition}, SIGCONT"))
         }
         2 => {
@@ -193,7 +242,7 @@ async fn one_fault(cluster: &mut Cluster, client: &Client, rng: &mut Rng) -> Opt
             cluster.start_broker(controller).await;
             Some(format!("SIGKILL controller leader {controller}, restarted"))
         }
-        _ => {
+        3 => {
             // Every link of one broker: nobody reaches it, it reaches nobody.
             let victim = rng.below(3) as usize;
             let source = source_of(victim as u32 + 1);
@@ -208,6 +257,111 @@ async fn one_fault(cluster: &mut Cluster, client: &Client, rng: &mut Rng) -> Opt
             }
             Some(format!("cut every link of broker {}, healed", victim + 1))
         }
+        4 => {
+            // Past the session (2 s): fenced and replaced while frozen, it
+            // wakes with requests in flight and a lease that ran out.
+            let leader = leader?;
+            cluster.pause(leader)?;
+            tokio::time::sleep(rng.millis(3000, 5000)).await;
+            cluster.resume(leader)?;
+            Some(format!("SIGSTOP leader {leader} of partition {partition} past its session, SIGCONT"))
+        }
+        5 => {
+            // The other brokers lose it both ways; clients still reach it.
+            let leader = leader?;
+            let others: Vec<u32> = (1..=3).filter(|b| *b != leader).collect();
+            for o in &others {
+                cluster.drop_link(leader, *o);
+                cluster.drop_link(*o, leader);
+            }
+            tokio::time::sleep(rng.millis(2500, 5000)).await;
+            for o in &others {
+                cluster.restore_link(leader, *o);
+                cluster.restore_link(*o, leader);
+            }
+            Some(format!("cut leader {leader} of partition {partition} from the other brokers (clients reach it)"))
+        }
+        6 => {
+            let from = rng.below(3) as u32 + 1;
+            let to = (from + rng.below(2) as u32) % 3 + 1;
+            cluster.drop_link(from, to);
+            tokio::time::sleep(rng.millis(1000, 4000)).await;
+            cluster.restore_link(from, to);
+            Some(format!("one-way link: broker {from}'s connections to {to} dropped, healed"))
+        }
+        7 => {
+            // Both followers stop: past the lag time the ISR shrinks below
+            // min ISR 2 and they enter the ELR; then the leader dies and an
+            // eligible replica must take over without losing a record.
+            let leader = leader?;
+            for f in &followers {
+                cluster.pause(*f)?;
+            }
+            tokio::time::sleep(rng.millis(2500, 4000)).await;
+            cluster.kill(leader);
+            for f in &followers {
+                cluster.resume(*f)?;
+            }
+            tokio::time::sleep(rng.millis(1000, 2500)).await;
+            cluster.start_broker(leader).await;
+            Some(format!(
+                "SIGSTOP followers {followers:?} of partition {partition} (ISR below min ISR), SIGKILL leader {leader}, SIGCONT, restarted"
+            ))
+        }
+        _ => {
+            // Overlapping: a follower is still frozen when the leader dies.
+            let leader = leader?;
+            let follower = *followers.get(rng.below(followers.len().max(1) as u64) as usize)?;
+            cluster.pause(follower)?;
+            tokio::time::sleep(rng.millis(300, 1500)).await;
+            cluster.kill(leader);
+            tokio::time::sleep(rng.millis(300, 1500)).await;
+            cluster.start_broker(leader).await;
+            tokio::time::sleep(rng.millis(200, 1000)).await;
+            cluster.resume(follower)?;
+            Some(format!(
+                "overlapping: SIGSTOP follower {follower}, then SIGKILL leader {leader} of partition {partition}, restarted, SIGCONT"
+            ))
+        }
+    }
+}
+
+/// Admin changes while the nemesis runs: `min_insync_replicas` of the
+/// checked topic between 1 and 2, a scratch topic grown, deleted and created
+/// again. Returns what was asked and how it ended.
+async fn admin_changes(client: Client, mut stop: watch::Receiver<bool>, seed: u64) -> Vec<String> {
+    let mut rng = Rng(seed ^ 0xad31);
+    let mut done = Vec::new();
+    let mut scratch = 1;
+    let mut step = 0u64;
+    loop {
+        let pause = rng.millis(800, 2500);
+        if tokio::time::timeout(pause, stop.changed()).await.is_ok() {
+            return done;
+        }
+        let admin = client.admin();
+        let (what, outcome) = match step % 4 {
+            0 | 2 => {
+                let min_isr = if step.is_multiple_of(4) { "1" } else { "2" };
+                let set = std::collections::BTreeMap::from([("min_insync_replicas".to_string(), min_isr.to_string())]);
+                (
+                    format!("faults min_insync_replicas={min_isr}"),
+                    admin.alter_topic_configs("faults", set, vec![]).await,
+                )
+            }
+            1 => {
+                scratch += 1;
+                (format!("scratch to {scratch} partitions"), admin.create_partitions("scratch", scratch).await)
+            }
+            _ => {
+                let deleted = admin.delete_topic("scratch").await;
+                scratch = 1;
+                let created = admin.create_topic(NewTopic::new("scratch", 1)).await;
+                ("scratch deleted and created again".to_string(), deleted.and(created))
+            }
+        };
+        done.push(format!("{what}: {}", outcome.map_or_else(|e| format!("error {e}"), |()| "ok".into())));
+        step += 1;
     }
 }
 
@@ -222,10 +376,11 @@ async fn writer(client: Client, partition: u32, w: usize, stop: watch::Receiver<
         let record = RecordRef { timestamp: now_ms(), value: Some(value.as_bytes()), ..Default::default() };
         let outcome = match pc.produce_records(&[record], Acks::All).await {
             Ok(offset) => Outcome::Acked(offset),
-            // Refused before the append: it was never stored.
-            Err(e) if matches!(e.code(), Some(ErrorCode::NotEnoughReplicas | ErrorCode::NotLeaderOrFollower)) => {
-                Outcome::Failed
-            }
+            // Refused before the append: it was never stored. (Not
+            // NOT_LEADER_OR_FOLLOWER: an acks=all wait that ends on a
+            // leadership change answers it after the append, so the record
+            // may survive on the new leader.)
+            Err(e) if e.code() == Some(ErrorCode::NotEnoughReplicas) => Outcome::Failed,
             Err(_) => Outcome::Unknown,
         };
         let failed = !matches!(outcome, Outcome::Acked(_));
@@ -360,7 +515,8 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
     let root = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(root.path()).await;
     let client = client_for(&cluster).await;
-    let mut topic = NewTopic::new("faults", PARTITIONS).config("min_insync_replicas", "2");
+    let flush = if seed.is_multiple_of(2) { "always" } else { "os" };
+    let mut topic = NewTopic::new("faults", PARTITIONS).config("min_insync_replicas", "2").config("flush", flush);
     topic.replication_factor = 3;
     let mut created = Err(None);
     for _ in 0..100 {
@@ -399,15 +555,25 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
         readers.push(tokio::spawn(reader(c, partition, end, polls.clone())));
     }
 
+    let _ = client.admin().create_topic(NewTopic::new("scratch", 1)).await;
+    let (stop_admin, admin_stop) = watch::channel(false);
+    let admin = tokio::spawn(admin_changes(client_for(&cluster).await, admin_stop, seed));
     let mut rng = Rng(seed);
     let mut faults = Vec::new();
     let began = Instant::now();
-    while began.elapsed() < nemesis_for {
+    // The first fault's kind comes from the seed, so a few seeds cover them all.
+    let mut kind = seed % KINDS;
+    while began.elapsed() < nemesis_for || faults.is_empty() {
         tokio::time::sleep(rng.millis(200, 800)).await;
-        if let Some(done) = one_fault(&mut cluster, &client, &mut rng).await {
+        if let Some(done) = one_fault(&mut cluster, &client, &mut rng, kind).await {
             faults.push(done);
+            kind = rng.below(KINDS);
+        } else if began.elapsed() > nemesis_for + Duration::from_secs(30) {
+            break;
         }
     }
+    let _ = stop_admin.send(true);
+    let admin_changes = admin.await.unwrap();
     cluster.heal().await;
     let _ = stop_writers.send(true);
     for w in writers {
@@ -439,13 +605,14 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
     eprintln!(
         "fault test seed {seed}: {} faults, {} sends ({acked} acked, {failed} failed, {unknown} indeterminate; \
          {through_producer} through the Producer, {producer_acked} of them acked), {} polls, \
-         final ends {ends:?}; lost {}, inconsistent {}, nonmonotonic {}, skipped {}, duplicates {}, failed-but-stored {}, \
-         reordered {}",
+         final ends {ends:?}; lost {}, inconsistent {}, vanished {}, nonmonotonic {}, skipped {}, duplicates {}, \
+         failed-but-stored {}, reordered {}",
         faults.len(),
         history.sends.len(),
         history.polls.len(),
         report.lost.len(),
         report.inconsistent.len(),
+        report.vanished.len(),
         report.nonmonotonic.len(),
         report.skipped.len(),
         report.duplicates.len(),
@@ -453,6 +620,7 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
         report.reordered.len(),
     );
     eprintln!("fault test seed {seed}: faults {faults:?}");
+    eprintln!("fault test seed {seed}: admin changes {admin_changes:?}");
     cluster.stop_all();
     // Replicas in sync hold the same bytes below the high watermark.
     for (partition, end) in (0..PARTITIONS).zip(&ends) {
@@ -468,20 +636,36 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
     // its values may be stored twice until it is idempotent. Every writer's
     // acknowledgements must follow its send order.
     assert!(report.is_valid(), "seed {seed}: anomalies {report:#?}\nfaults: {faults:#?}");
+    assert!(!faults.is_empty(), "seed {seed}: no fault was injected");
     assert!(acked > 0, "seed {seed}: nothing was acknowledged");
     assert!(producer_acked > 0, "seed {seed}: nothing sent through the Producer was acknowledged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_record_is_lost_under_a_seeded_nemesis() {
-    let seeds: Vec<u64> = std::env::var("TALLY_TEST_FAULT_SEEDS")
-        .unwrap_or_else(|_| "1,2".into())
-        .split(',')
-        .map(|s| s.trim().parse().expect("TALLY_TEST_FAULT_SEEDS is a list of numbers"))
-        .collect();
+    let seeds = parse_seeds(&std::env::var("TALLY_TEST_FAULT_SEEDS").unwrap_or_else(|_| "1..=9".into()));
     let secs: u64 =
-        std::env::var("TALLY_TEST_FAULT_SECS").map_or(8, |s| s.parse().expect("TALLY_TEST_FAULT_SECS is a number"));
+        std::env::var("TALLY_TEST_FAULT_SECS").map_or(6, |s| s.parse().expect("TALLY_TEST_FAULT_SECS is a number"));
     for seed in seeds {
         run_seed(seed, Duration::from_secs(secs)).await;
     }
+}
+
+/// `1,2,5` or `1..=20` (or both: `1..=3,7`).
+fn parse_seeds(spec: &str) -> Vec<u64> {
+    let number = |s: &str| s.trim().parse::<u64>().expect("TALLY_TEST_FAULT_SEEDS: numbers, `a..=b` ranges, commas");
+    let mut seeds = Vec::new();
+    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+        match part.split_once("..=") {
+            Some((from, to)) => seeds.extend(number(from)..=number(to)),
+            None => seeds.push(number(part)),
+        }
+    }
+    seeds
+}
+
+#[test]
+fn seeds_are_listed_or_ranged() {
+    assert_eq!(parse_seeds("1..=3,7"), vec![1, 2, 3, 7]);
+    assert_eq!(parse_seeds("4"), vec![4]);
 }
