@@ -108,6 +108,8 @@ pub struct Broker {
     /// True while the image has this incarnation registered and unfenced:
     /// only then does the broker act as leader of anything.
     serving: Arc<std::sync::atomic::AtomicBool>,
+    /// Latched by [`Broker::metadata_ready`].
+    metadata_ready: std::sync::atomic::AtomicBool,
     /// This broker's session with the active controller, kept by its
     /// heartbeats: without it the broker leads nothing.
     lease: Arc<crate::membership::Lease>,
@@ -236,6 +238,7 @@ impl Broker {
             controller: OnceLock::new(),
             incarnation: OnceLock::new(),
             serving: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            metadata_ready: std::sync::atomic::AtomicBool::new(false),
             lease: Arc::new(crate::membership::Lease::default()),
             fetchers: Fetchers::new(FetcherSettings {
                 replica_id: BrokerId(config.node_id),
@@ -525,6 +528,24 @@ impl Broker {
     /// the committed index that answer named.
     pub fn is_serving(&self) -> bool {
         self.serving.load(std::sync::atomic::Ordering::SeqCst) && self.lease.is_valid()
+    }
+
+    /// True once this broker has served since it started: its image had
+    /// reached the metadata the controller had committed when it answered a
+    /// heartbeat after this broker registered (what a valid lease means).
+    /// Before that its image may be older than what it had before a restart,
+    /// so Metadata and DescribeTopics answer "catching up" instead of it
+    /// (Kafka's brokers wait for their initial metadata catch-up too).
+    pub fn metadata_ready(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.metadata_ready.load(Ordering::Acquire) {
+            return true;
+        }
+        let ready = self.is_serving();
+        if ready {
+            self.metadata_ready.store(true, Ordering::Release);
+        }
+        ready
     }
 
     /// The lease the broker's heartbeats keep.

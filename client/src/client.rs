@@ -303,21 +303,44 @@ impl Client {
         candidates.extend(self.inner.config.bootstrap.iter().cloned());
         let mut seen = std::collections::HashSet::new();
         candidates.retain(|a| seen.insert(a.clone()));
-        let mut last = None;
-        for address in candidates {
-            let request = pb::MetadataRequest { topics: topics.to_vec() };
-            let mut rpc = Self::tally_rpc(self.channel(&address)?);
-            let mut call = tonic::Request::new(request);
-            call.set_timeout(self.inner.config.request_timeout);
-            match rpc.metadata(call).await {
-                Ok(r) => {
-                    *self.inner.answering.write().unwrap_or_else(std::sync::PoisonError::into_inner) = address;
-                    return Ok(r.into_inner());
+        // A broker that just started answers "catching up" until its image is
+        // current: ask the others, and while one is only catching up (not
+        // down), ask again with backoff within the request timeout.
+        let deadline = std::time::Instant::now() + self.inner.config.request_timeout;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let mut last = None;
+            let mut catching_up = false;
+            for address in &candidates {
+                let request = pb::MetadataRequest { topics: topics.to_vec() };
+                let mut rpc = Self::tally_rpc(self.channel(address)?);
+                let mut call = tonic::Request::new(request);
+                call.set_timeout(self.inner.config.request_timeout);
+                match rpc.metadata(call).await {
+                    Ok(r) if r.get_ref().catching_up => {
+                        catching_up = true;
+                        last = Some(Error::Broker {
+                            code: tally_proto::ErrorCode::LeaderNotAvailable,
+                            message: format!("the broker at {address} is catching up with the cluster metadata"),
+                            topic: String::new(),
+                            partition: None,
+                        });
+                    }
+                    Ok(r) => {
+                        *self.inner.answering.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            address.clone();
+                        return Ok(r.into_inner());
+                    }
+                    Err(status) => last = Some(Error::from(status)),
                 }
-                Err(status) => last = Some(Error::from(status)),
             }
+            let last = last.unwrap_or_else(|| Error::InvalidArgument("no broker address known".into()));
+            if !catching_up || std::time::Instant::now() + backoff > deadline {
+                return Err(last);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
         }
-        Err(last.unwrap_or_else(|| Error::InvalidArgument("no broker address known".into())))
     }
 
     /// Takes the leader a NOT_LEADER_OR_FOLLOWER answer named, so the retry
@@ -357,6 +380,12 @@ impl Client {
     }
 
     /// Forgets what is cached about `topic` (after NOT_LEADER and the like).
+    /// How long one request may take (and the bound on riding out a
+    /// leader change or a broker catching up).
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.inner.config.request_timeout
+    }
+
     pub(crate) fn invalidate(&self, topic: &str) {
         self.inner.metadata.write().unwrap_or_else(std::sync::PoisonError::into_inner).topics.remove(topic);
     }

@@ -275,8 +275,67 @@ pub(crate) async fn list_offset_rpc(
             partitions: vec![pb::ListOffsetsPartition { partition, timestamp: spec.to_wire() }],
         }],
     };
-    let mut rpc = client.leader(topic, partition).await?;
-    let response = rpc.list_offsets(request).await?.into_inner();
-    let p = answer(response.topics.into_iter().flat_map(|t| t.partitions), topic, partition)?;
-    Ok((p.offset >= 0).then_some(p.offset))
+    // A leader moving, a broker restarting or a new leader whose high
+    // watermark lags (OFFSET_NOT_AVAILABLE) is ridden out within the
+    // request timeout: refresh the leader, back off, ask again.
+    let deadline = std::time::Instant::now() + client.request_timeout();
+    let mut backoff = std::time::Duration::from_millis(50);
+    loop {
+        let outcome = async {
+            let mut rpc = client.leader(topic, partition).await?;
+            let response = rpc.list_offsets(request.clone()).await?.into_inner();
+            answer(response.topics.into_iter().flat_map(|t| t.partitions), topic, partition)
+        }
+        .await;
+        match outcome {
+            Ok(p) => return Ok((p.offset >= 0).then_some(p.offset)),
+            Err(e) if rides_out(&e) && std::time::Instant::now() + backoff < deadline => {
+                client.invalidate(topic);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_millis(500));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Failures that a leader change or a broker restart explains, which a
+/// retry after a metadata refresh outlasts (not an unknown topic: that is
+/// an answer).
+fn rides_out(e: &Error) -> bool {
+    use tally_proto::ErrorCode as C;
+    match e {
+        Error::Broker { code, .. } => matches!(
+            code,
+            C::LeaderNotAvailable
+                | C::NotLeaderOrFollower
+                | C::OffsetNotAvailable
+                | C::FencedLeaderEpoch
+                | C::UnknownLeaderEpoch
+                | C::RequestTimedOut
+        ),
+        Error::Rpc { .. } => e.is_retriable(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod rides_out_tests {
+    use super::*;
+
+    fn broker(code: tally_proto::ErrorCode) -> Error {
+        Error::Broker { code, message: String::new(), topic: "t".into(), partition: Some(0) }
+    }
+
+    #[test]
+    fn a_leader_change_is_ridden_out_and_an_unknown_topic_is_an_answer() {
+        use tally_proto::ErrorCode as C;
+        for code in [C::LeaderNotAvailable, C::NotLeaderOrFollower, C::OffsetNotAvailable, C::FencedLeaderEpoch] {
+            assert!(rides_out(&broker(code)), "{code:?}");
+        }
+        for code in [C::UnknownTopicOrPartition, C::InvalidRequest, C::OffsetOutOfRange] {
+            assert!(!rides_out(&broker(code)), "{code:?}");
+        }
+        assert!(rides_out(&Error::Rpc { code: tonic::Code::Unavailable, message: "down".into() }));
+    }
 }

@@ -778,3 +778,64 @@ async fn the_producer_rides_a_leader_stopping_and_keeps_every_partitions_order()
     cluster.restart(victim).await;
     cluster.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_broker_answers_no_metadata_older_than_its_restart_and_clients_ride_it_out() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(root.path()).await;
+    let client = cluster.client().await;
+    client.admin().create_topic(rf3("restart")).await.unwrap();
+    let full = wait_for(Duration::from_secs(20), async || {
+        leader_and_isr(&client, "restart").await.is_some_and(|(_, isr, _)| isr == [1, 2, 3])
+    })
+    .await;
+    assert!(full, "all three replicas in sync");
+    let (old_leader, _, _) = leader_and_isr(&client, "restart").await.unwrap();
+    let old_epoch = client.admin().describe_topic("restart").await.unwrap().partitions[0].leader_epoch;
+    let mut sent = Vec::new();
+    for n in 0..5 {
+        sent.push(produce_acked(&client, "restart", n, 50).await.unwrap());
+    }
+    // The leader stops; another takes over and takes more records.
+    cluster.stop(old_leader).await;
+    for n in 5..10 {
+        sent.push(produce_acked(&client, "restart", n, 100).await.unwrap());
+    }
+    // Restarted, and asked at once: its listener is up before its image is
+    // current (no waiting for it to serve, as the harness would).
+    let address = cluster.addresses[old_leader as usize - 1].clone();
+    let listener = tokio::net::TcpListener::bind(&address).await.unwrap();
+    let (stop_restarted, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = cluster.configs[old_leader as usize - 1].clone();
+    let restarted = tokio::spawn(tally_broker::run(config, listener, async move {
+        let _ = stopped.await;
+    }));
+    let only_there = Client::builder().bootstrap([address]).connect().await.expect("rides out the catch-up");
+    let d = only_there.admin().describe_topic("restart").await.expect("the broker answered metadata: it is ready");
+    {
+        let p = &d.partitions[0];
+        assert!(
+            p.leader_epoch > old_epoch,
+            "metadata from before the restart: epoch {} leader {:?}",
+            p.leader_epoch,
+            p.leader
+        );
+    }
+    let mut config = tally_client::ConsumerConfig::default();
+    config.max_wait = Duration::from_millis(100);
+    let consumer = tally_client::Consumer::new(only_there.clone(), config);
+    consumer.assign("restart", 0, tally_client::SeekTo::Beginning).await.expect("assign rides out the catch-up");
+    let mut seen = Vec::new();
+    let all = wait_for(Duration::from_secs(20), async || {
+        if let Ok(records) = consumer.poll().await {
+            seen.extend(records.iter().map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap()));
+        }
+        seen.len() >= sent.len()
+    })
+    .await;
+    assert!(all, "read {seen:?} of {sent:?}");
+    assert_eq!(seen, sent, "every record, in order, from the beginning");
+    let _ = stop_restarted.send(());
+    restarted.await.unwrap().unwrap();
+    cluster.stop_all().await;
+}

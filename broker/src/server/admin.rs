@@ -90,9 +90,22 @@ impl Admin for AdminService {
         let names = request.into_inner().names;
         let names =
             if names.is_empty() { self.broker.topics().iter().map(|t| t.name.to_string()).collect() } else { names };
+        let ready = self.broker.metadata_ready();
         let topics = names
             .into_iter()
-            .map(|name| match self.broker.topic(&name) {
+            .map(|name| match self.broker.topic(&name).filter(|_| ready) {
+                None if !ready => {
+                    let message = format!(
+                        "broker {} is catching up with the cluster metadata since it started; ask again or ask another broker",
+                        self.broker.node_id()
+                    );
+                    pb::TopicDescription {
+                        name,
+                        error_code: tally_proto::ErrorCode::LeaderNotAvailable as i32,
+                        error_message: message,
+                        ..Default::default()
+                    }
+                }
                 Some(t) => pb::TopicDescription {
                     name,
                     error_code: 0,

@@ -289,6 +289,11 @@ impl Tally for TallyService {
     async fn metadata(&self, request: Request<pb::MetadataRequest>) -> Result<Response<pb::MetadataResponse>, Status> {
         let req = request.into_inner();
         let node = self.broker.node_id();
+        if !self.broker.metadata_ready() {
+            let not_ready =
+                pb::MetadataResponse { controller_id: node as i32, catching_up: true, ..Default::default() };
+            return Ok(Response::new(not_ready));
+        }
         let topics = if req.topics.is_empty() {
             self.broker.topics().iter().map(|t| topic_metadata(t)).collect()
         } else {
@@ -306,7 +311,12 @@ impl Tally for TallyService {
         };
         let brokers =
             self.broker.brokers().into_iter().map(|(node_id, address)| pb::BrokerMetadata { node_id, address });
-        Ok(Response::new(pb::MetadataResponse { brokers: brokers.collect(), controller_id: node as i32, topics }))
+        Ok(Response::new(pb::MetadataResponse {
+            brokers: brokers.collect(),
+            controller_id: node as i32,
+            topics,
+            catching_up: false,
+        }))
     }
 }
 
