@@ -133,7 +133,19 @@ pub async fn read_to(client: &Client, topic: &str, partition: u32, end: i64) -> 
     let mut out = Vec::new();
     let mut offset = 0;
     while offset < end {
-        let fetched = pc.fetch(offset, 1 << 20, Duration::from_millis(100)).await.expect("a read from the leader");
+        // Leaderships may still move (back to preferred replicas): ride it out.
+        let mut attempts = 0;
+        let fetched = loop {
+            match pc.fetch(offset, 1 << 20, Duration::from_millis(100)).await {
+                Ok(fetched) => break fetched,
+                Err(e) if e.is_retriable() && attempts < 100 => {
+                    attempts += 1;
+                    let _ = client.refresh_metadata(&[topic.to_string()]).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("a read from the leader: {e:?}"),
+            }
+        };
         for batch in &fetched.batches {
             for r in batch.records().unwrap() {
                 let r = r.unwrap();
