@@ -205,16 +205,25 @@ fn take_fault(file: &File, op: Op) -> std::io::Result<()> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return Ok(()) };
     let name = name.to_string_lossy();
     let hit = with_state(|s| {
-        let found = s
-            .faults
-            .iter_mut()
-            .find(|f| f.op == op && f.dir == dir && f.name_contains.as_deref().is_none_or(|n| name.contains(n)));
-        let fault = found?;
-        fault.remaining -= 1;
-        let then = fault.then.take();
-        s.faults.retain(|f| f.remaining > 0);
-        Some(then)
+        fire(&mut s.faults, |f| {
+            f.op == op && f.dir == dir && f.name_contains.as_deref().is_none_or(|n| name.contains(n))
+        })
     });
+    injected(hit)
+}
+
+/// Spends one shot of the first armed fault that `hits`, taking its hook:
+/// `None` when none hits.
+fn fire(faults: &mut Vec<Fault>, hits: impl Fn(&Fault) -> bool) -> Option<Option<AfterFault>> {
+    let fault = faults.iter_mut().find(|f| hits(f))?;
+    fault.remaining -= 1;
+    let then = fault.then.take();
+    faults.retain(|f| f.remaining > 0);
+    Some(then)
+}
+
+/// EIO when a fault fired (after running its hook), else success.
+fn injected(hit: Option<Option<AfterFault>>) -> std::io::Result<()> {
     match hit {
         Some(then) => {
             if let Some(then) = then {
@@ -263,26 +272,8 @@ pub(crate) fn before_sync_dir(dir: &Path) -> std::io::Result<()> {
         return Ok(());
     }
     let dir = canonical(dir);
-    let hit = with_state(|s| {
-        let found = s.faults.iter_mut().find(|f| f.op == Op::DirFsync && f.dir == dir)?;
-        fault_fired(found);
-        let then = found.then.take();
-        s.faults.retain(|f| f.remaining > 0);
-        Some(then)
-    });
-    match hit {
-        Some(then) => {
-            if let Some(then) = then {
-                then();
-            }
-            Err(std::io::Error::from_raw_os_error(libc::EIO))
-        }
-        None => Ok(()),
-    }
-}
-
-fn fault_fired(fault: &mut Fault) {
-    fault.remaining -= 1;
+    let hit = with_state(|s| fire(&mut s.faults, |f| f.op == Op::DirFsync && f.dir == dir));
+    injected(hit)
 }
 
 /// Like [`power_loss`], but each file whose durable name points at a live
