@@ -732,13 +732,11 @@ async fn the_consumer_fetches_ahead_no_more_than_its_byte_bound() {
     consumer.assign("ahead", 0, SeekTo::Beginning).await.unwrap();
     let mut stream = consumer.stream();
     stream.next().await.unwrap().unwrap();
-    // Let the fetcher run as far ahead as it will.
-    let mut most = 0;
-    for _ in 0..20 {
-        most = most.max(consumer.buffered_bytes());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(most > 0, "it fetched ahead");
+    // The fetcher runs ahead until its buffer is within a batch of the
+    // bound (waited for, not sampled for a fixed time), and no further.
+    let filled = wait_for(Duration::from_secs(10), async || consumer.buffered_bytes() + batch_bytes >= bound).await;
+    let most = consumer.buffered_bytes();
+    assert!(filled, "it fetched ahead up to the bound: {most} bytes buffered");
     assert!(most <= bound + batch_bytes, "{most} bytes buffered with a bound of {bound}");
     let mut read = 1;
     while read < 1000 {
