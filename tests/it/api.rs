@@ -14,7 +14,7 @@ use tally_proto::batch::{BatchBuilder, RecordRef};
 use tally_proto::connection::{Connection, ConnectionSettings};
 use tally_proto::v1 as pb;
 
-use crate::harness::{TestBroker, test_config, wait_for};
+use crate::harness::{CountingProxy, TestBroker, test_config, wait_for};
 
 /// Wall-clock ms: records that count for retention must look recent (a
 /// record stamped 1970 is past any retention_ms).
@@ -92,27 +92,54 @@ async fn produce_and_consume_round_trip_keys_headers_and_nulls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_poll_fetch_wakes_on_append() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = TestBroker::start(dir.path()).await;
-    let client = broker.client().await;
+    // Clients reach the broker through a proxy that counts what they send,
+    // so the test knows when the long poll reached the broker.
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let back = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = CountingProxy::start(front, back.local_addr().unwrap().to_string());
+    let mut config = test_config(dir.path());
+    config.advertised_address = Some(proxy.address.clone());
+    let broker = TestBroker::start_on(config, back).await;
+    let client = tally_client::Client::builder().bootstrap([proxy.address.clone()]).connect().await.unwrap();
     client.admin().create_topic(NewTopic::new("lp", 1)).await.unwrap();
     let pc = client.partition_client("lp", 0);
+    pc.fetch(0, 1 << 20, Duration::ZERO).await.unwrap(); // the leader known, its connection open
+    let before = proxy.sent();
     let waiting = {
         let pc = pc.clone();
         tokio::spawn(async move {
-            let started = Instant::now();
             let fetched = pc.fetch(0, 1 << 20, Duration::from_secs(25)).await.unwrap();
-            (started.elapsed(), fetched)
+            (Instant::now(), fetched)
         })
     };
-    // Give the fetch time to park on the broker, then append.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The fetch is on the broker's socket (and, with nothing to read, can
+    // only be waiting there) before anything is appended.
+    let arrived = wait_for(Duration::from_secs(10), async || proxy.sent() > before).await;
+    assert!(arrived, "the long poll reached the broker");
+    assert!(!waiting.is_finished(), "nothing to read: it waits");
+    let appended = Instant::now();
     pc.produce_records(&[RecordRef { timestamp: 1, value: Some(b"wake"), ..Default::default() }], Acks::Leader)
         .await
         .unwrap();
-    let (elapsed, fetched) = waiting.await.unwrap();
-    assert!(elapsed < Duration::from_secs(20), "woken by the append, not by max_wait ({elapsed:?})");
+    let (answered, fetched) = waiting.await.unwrap();
+    let after = answered.saturating_duration_since(appended);
+    assert!(after < Duration::from_secs(10), "woken by the append, not by max_wait ({after:?} after it)");
     let values: Vec<Bytes> = fetched.records(0).map(|r| r.unwrap().value.unwrap()).collect();
     assert_eq!(values, vec![Bytes::from_static(b"wake")]);
+    // A client that goes away mid long-poll (its fetch parked on the
+    // broker) does not disturb the broker.
+    let before = proxy.sent();
+    let parked = {
+        let pc = pc.clone();
+        tokio::spawn(async move { pc.fetch(1, 1 << 20, Duration::from_secs(30)).await })
+    };
+    let arrived = wait_for(Duration::from_secs(10), async || proxy.sent() > before).await;
+    assert!(arrived && !parked.is_finished(), "the long poll is waiting on the broker");
+    parked.abort();
+    let record = RecordRef { timestamp: 1, value: Some(b"after"), ..Default::default() };
+    assert_eq!(pc.produce_records(&[record], Acks::Leader).await.unwrap(), 1, "the broker serves on");
+    let fetched = pc.fetch(1, 1 << 20, Duration::ZERO).await.unwrap();
+    assert_eq!(fetched.records(1).count(), 1);
     broker.stop().await.unwrap();
 }
 
@@ -232,13 +259,6 @@ async fn bad_input_gets_its_code_and_the_broker_keeps_serving() {
         .unwrap_err();
     assert_eq!(code(&e), Some(ErrorCode::NotEnoughReplicas));
 
-    // A client that goes away mid long-poll does not disturb the broker.
-    let parked = {
-        let pc = pc.clone();
-        tokio::spawn(async move { pc.fetch(1, 1 << 20, Duration::from_secs(30)).await })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    parked.abort();
     // A burst of concurrent requests is served.
     let mut burst = Vec::new();
     for i in 0..64u8 {

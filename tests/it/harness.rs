@@ -106,3 +106,55 @@ pub fn raw_client(address: &str) -> tally_proto::v1::tally_client::TallyClient<t
     let connection = tally_proto::connection::Connection::lazy(address, Default::default()).expect("address");
     tally_proto::v1::tally_client::TallyClient::new(connection)
 }
+
+/// A TCP forwarder in front of a broker that counts the bytes clients send
+/// through it: a test sees a request reach the broker's socket.
+pub struct CountingProxy {
+    /// Where clients connect.
+    pub address: String,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    /// Forwards connections on `listener` to `target`.
+    pub fn start(listener: tokio::net::TcpListener, target: String) -> CountingProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = listener.local_addr().expect("addr").to_string();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = sent.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (target, counter) = (target.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                    let (mut from_client, mut to_client) = inbound.into_split();
+                    let (mut from_broker, mut to_broker) = outbound.into_split();
+                    let up = async {
+                        let mut buf = vec![0u8; 64 << 10];
+                        while let Ok(n) = from_client.read(&mut buf).await {
+                            if n == 0 || to_broker.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            counter.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    };
+                    let down = tokio::io::copy(&mut from_broker, &mut to_client);
+                    let _ = tokio::join!(up, down);
+                });
+            }
+        });
+        CountingProxy { address, sent, task }
+    }
+
+    /// Bytes forwarded from clients to the broker so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
