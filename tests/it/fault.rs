@@ -67,8 +67,27 @@ impl Rng {
     }
 }
 
+/// A free port below the kernel's ephemeral range, for a broker that must
+/// listen on the same port again after a restart: an ephemeral port the OS
+/// picks could meanwhile be the local end of some outgoing connection, and
+/// the restart would fail with EADDRINUSE (seen under load). Ports below the
+/// range are never handed to outgoing connections, and the OS still tells
+/// which one is free.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (low.saturating_sub(12_000).max(1024), low);
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let mut rng = Rng(u64::from(seed) ^ u64::from(std::process::id()) << 32);
+    for _ in 0..1000 {
+        let port = from + rng.below(u64::from(to - from)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {from}..{to}");
 }
 
 const ENVS: &[(&str, &str)] = &[
