@@ -87,6 +87,11 @@ pub struct BrokerConfig {
     /// (Raft, forwarding, replica fetches), for hosts with several
     /// addresses. Default: the system picks.
     pub peer_source_address: Option<String>,
+    /// The local IP address of this broker's controller connections only
+    /// (Raft, forwarded broker heartbeats and proposals), so that a host or
+    /// a test can treat controller traffic apart from replica fetches.
+    /// Default: `peer_source_address`.
+    pub controller_source_address: Option<String>,
 }
 
 impl Default for BrokerConfig {
@@ -116,6 +121,7 @@ impl Default for BrokerConfig {
             replica_fetch_backoff_ms: 50,
             leader_imbalance_check_interval_ms: 30_000,
             peer_source_address: None,
+            controller_source_address: None,
         }
     }
 }
@@ -246,10 +252,15 @@ impl BrokerConfig {
         if self.controller_install_snapshot_timeout_ms == 0 {
             problems.push("controller_install_snapshot_timeout_ms must be positive".to_string());
         }
-        if let Some(ip) = &self.peer_source_address
-            && ip.parse::<std::net::IpAddr>().is_err()
-        {
-            problems.push(format!("peer_source_address must be an IP address, got `{ip}`"));
+        for (name, value) in [
+            ("peer_source_address", &self.peer_source_address),
+            ("controller_source_address", &self.controller_source_address),
+        ] {
+            if let Some(ip) = value
+                && ip.parse::<std::net::IpAddr>().is_err()
+            {
+                problems.push(format!("{name} must be an IP address, got `{ip}`"));
+            }
         }
         if u64::from(self.replica_fetch_wait_max_ms) >= self.replica_lag_time_max_ms {
             problems.push(format!(
@@ -273,6 +284,12 @@ impl BrokerConfig {
     /// `peer_source_address` as an IP (checked by `validate`).
     pub fn peer_source_ip(&self) -> Option<std::net::IpAddr> {
         self.peer_source_address.as_deref().and_then(|ip| ip.parse().ok())
+    }
+
+    /// The local IP of controller connections: `controller_source_address`,
+    /// else `peer_source_address` (both checked by `validate`).
+    pub fn controller_source_ip(&self) -> Option<std::net::IpAddr> {
+        self.controller_source_address.as_deref().and_then(|ip| ip.parse().ok()).or_else(|| self.peer_source_ip())
     }
 
     /// The voters from `voters` (`id@host:port,...`), or `None` when unset.
@@ -322,6 +339,7 @@ const BROKER_KEYS: &[&str] = &[
     "replica_fetch_backoff_ms",
     "leader_imbalance_check_interval_ms",
     "peer_source_address",
+    "controller_source_address",
 ];
 
 /// `TALLY_*` variables that are not config fields: the command line's own.
@@ -407,6 +425,18 @@ mod tests {
         let problems = c.validate();
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(BrokerConfig::default().validate().is_empty());
+    }
+
+    #[test]
+    fn controller_traffic_leaves_from_its_own_address_or_else_the_peer_one() {
+        let mut c = BrokerConfig { peer_source_address: Some("127.0.0.2".into()), ..BrokerConfig::default() };
+        assert_eq!(c.controller_source_ip(), Some("127.0.0.2".parse().unwrap()));
+        c.controller_source_address = Some("127.0.0.5".into());
+        assert_eq!(c.controller_source_ip(), Some("127.0.0.5".parse().unwrap()));
+        assert_eq!(c.peer_source_ip(), Some("127.0.0.2".parse().unwrap()));
+        c.controller_source_address = Some("here".into());
+        let problems = c.validate();
+        assert!(problems.len() == 1 && problems[0].contains("controller_source_address"), "{problems:?}");
     }
 
     #[test]

@@ -15,20 +15,19 @@
 //! up); both followers of a partition paused until the ISR falls below
 //! `min_insync_replicas` and the eligible leader replicas (ELR) take over,
 //! then its leader killed; and overlapping faults (a follower paused, then
-//! the leader killed before it resumes). Even seeds use `flush = always`.
+//! the leader killed before it resumes); and a leader cut from the
+//! controller alone (Raft, heartbeats and forwarded calls; each broker dials
+//! controller traffic from an address of its own, `controller_source_address`),
+//! its followers still fetching from it. Even seeds use `flush = always`.
 //! Meanwhile an admin task moves `min_insync_replicas` between 1 and 2,
 //! grows a scratch topic, and deletes and re-creates it.
 //!
 //! Each seed's first fault is kind `seed % KINDS`, so the default seeds
-//! (`1..=9`) cover every kind; later faults are drawn from the seed.
+//! (`1..=10`) cover every kind; later faults are drawn from the seed.
 //! `TALLY_TEST_FAULT_SEEDS` (a list like `1,2,5` or a range like `1..=20`)
 //! and `TALLY_TEST_FAULT_SECS` (default 6) set the seeds and how long the
 //! nemesis runs for each. A long run:
 //! `TALLY_TEST_FAULT_SEEDS=1..=20 TALLY_TEST_FAULT_SECS=60 cargo test --test it fault:: -- --nocapture`.
-//!
-//! Not modeled: a cut of controller traffic alone (Raft and heartbeats share
-//! one connection per peer with replica fetches, so a TCP proxy cannot tell
-//! them apart).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -98,9 +97,16 @@ const ENVS: &[(&str, &str)] = &[
     ("TALLY_REPLICA_FETCH_WAIT_MAX_MS", "200"),
 ];
 
-/// The local address broker `id` dials its peers from.
+/// The local address broker `id` dials its peers from (replica fetches).
 fn source_of(id: u32) -> std::net::IpAddr {
     format!("127.0.0.{}", id + 1).parse().expect("an IP")
+}
+
+/// The local address broker `id` dials controller traffic from (Raft,
+/// forwarded heartbeats and proposals): apart from [`source_of`], so a proxy
+/// can cut the controller's links while replica fetches flow.
+fn controller_source_of(id: u32) -> std::net::IpAddr {
+    format!("127.0.0.{}", id + 4).parse().expect("an IP")
 }
 
 /// Three brokers, each behind its proxy (what every peer and client dials).
@@ -154,9 +160,10 @@ impl Cluster {
                 ["--node-id", node.as_str(), "--voters", voters.as_str(), "--advertised-addr", advertised.as_str()];
             // Each broker dials its peers from an address of its own, so a
             // proxy can refuse one broker's connections: a cut is both ways.
-            let source = source_of(id).to_string();
+            let (source, controller_source) = (source_of(id).to_string(), controller_source_of(id).to_string());
             let mut envs = ENVS.to_vec();
             envs.push(("TALLY_PEER_SOURCE_ADDRESS", source.as_str()));
+            envs.push(("TALLY_CONTROLLER_SOURCE_ADDRESS", controller_source.as_str()));
             BrokerProcess::start_listening(&binary, &dir, &listen, &args, &envs)
         })
         .await
@@ -176,6 +183,7 @@ impl Cluster {
             p.heal();
             for id in 1..=3 {
                 p.unblock(source_of(id));
+                p.unblock(controller_source_of(id));
             }
         }
         for id in 1..=3u32 {
@@ -206,7 +214,7 @@ async fn roles(client: &Client) -> Option<(Vec<(Option<u32>, Vec<u32>)>, Option<
 }
 
 /// The fault kinds the nemesis picks from.
-const KINDS: u64 = 9;
+const KINDS: u64 = 10;
 
 impl Cluster {
     fn pause(&mut self, id: u32) -> Option<()> {
@@ -225,10 +233,12 @@ impl Cluster {
     /// connections to `from` stay up.
     fn drop_link(&self, from: u32, to: u32) {
         self.proxies[to as usize - 1].block(source_of(from));
+        self.proxies[to as usize - 1].block(controller_source_of(from));
     }
 
     fn restore_link(&self, from: u32, to: u32) {
         self.proxies[to as usize - 1].unblock(source_of(from));
+        self.proxies[to as usize - 1].unblock(controller_source_of(from));
     }
 }
 
@@ -264,14 +274,14 @@ async fn one_fault(cluster: &mut Cluster, client: &Client, rng: &mut Rng, kind: 
         3 => {
             // Every link of one broker: nobody reaches it, it reaches nobody.
             let victim = rng.below(3) as usize;
-            let source = source_of(victim as u32 + 1);
+            let sources = [source_of(victim as u32 + 1), controller_source_of(victim as u32 + 1)];
             cluster.proxies[victim].cut();
-            for p in &cluster.proxies {
+            for (p, source) in cluster.proxies.iter().flat_map(|p| sources.iter().map(move |s| (p, *s))) {
                 p.block(source);
             }
             tokio::time::sleep(rng.millis(1000, 3500)).await;
             cluster.proxies[victim].heal();
-            for p in &cluster.proxies {
+            for (p, source) in cluster.proxies.iter().flat_map(|p| sources.iter().map(move |s| (p, *s))) {
                 p.unblock(source);
             }
             Some(format!("cut every link of broker {}, healed", victim + 1))
@@ -325,6 +335,41 @@ async fn one_fault(cluster: &mut Cluster, client: &Client, rng: &mut Rng, kind: 
             cluster.start_broker(leader).await;
             Some(format!(
                 "SIGSTOP followers {followers:?} of partition {partition} (ISR below min ISR), SIGKILL leader {leader}, SIGCONT, restarted"
+            ))
+        }
+        9 => {
+            // Controller traffic alone: the leader's Raft, heartbeats and
+            // forwarded calls are cut both ways, replica fetches flow. Past
+            // its session it is fenced and replaced while its followers can
+            // still fetch from it (and move its high watermark), so its lease
+            // must end its leadership before the new leader's starts.
+            let leader = leader?;
+            let controller_links = |cluster: &Cluster, block: bool| {
+                for other in (1..=3).filter(|b| *b != leader) {
+                    let (to_other, to_leader) =
+                        (&cluster.proxies[other as usize - 1], &cluster.proxies[leader as usize - 1]);
+                    if block {
+                        to_other.block(controller_source_of(leader));
+                        to_leader.block(controller_source_of(other));
+                    } else {
+                        to_other.unblock(controller_source_of(leader));
+                        to_leader.unblock(controller_source_of(other));
+                    }
+                }
+            };
+            controller_links(cluster, true);
+            tokio::time::sleep(rng.millis(2500, 5000)).await;
+            // Asked of another broker: the cut one still has its old image.
+            let other = cluster.proxies[leader as usize % 3].address.to_string();
+            let asked = Client::builder().bootstrap([other]).request_timeout(Duration::from_secs(2)).connect().await;
+            let during = match asked {
+                Ok(c) => roles(&c).await.and_then(|(parts, _)| parts.get(partition).map(|p| p.0)),
+                Err(_) => None,
+            };
+            controller_links(cluster, false);
+            Some(format!(
+                "cut the controller links of leader {leader} of partition {partition} (replica fetches flow; \
+                 leader before healing {during:?}), healed"
             ))
         }
         _ => {
@@ -662,7 +707,7 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_record_is_lost_under_a_seeded_nemesis() {
-    let seeds = parse_seeds(&std::env::var("TALLY_TEST_FAULT_SEEDS").unwrap_or_else(|_| "1..=9".into()));
+    let seeds = parse_seeds(&std::env::var("TALLY_TEST_FAULT_SEEDS").unwrap_or_else(|_| "1..=10".into()));
     let secs: u64 =
         std::env::var("TALLY_TEST_FAULT_SECS").map_or(6, |s| s.parse().expect("TALLY_TEST_FAULT_SECS is a number"));
     for seed in seeds {

@@ -230,7 +230,7 @@ fn controller_config(config: &BrokerConfig, advertised: &str) -> Result<Controll
     controller.heartbeat_interval_ms = config.controller_heartbeat_interval_ms;
     controller.install_snapshot_timeout_ms = config.controller_install_snapshot_timeout_ms;
     controller.leader_rebalance_interval_ms = config.leader_imbalance_check_interval_ms;
-    controller.peer_source_address = config.peer_source_ip();
+    controller.peer_source_address = config.controller_source_ip();
     controller.own_address = advertised.to_string();
     controller.leases = LeaseConfig { session_timeout_ms: config.broker_session_timeout_ms, retry_ms: 1000 };
     Ok(controller)

@@ -59,7 +59,8 @@ pub struct ControllerConfig {
     /// replicas that are in sync (Kafka's auto leader rebalance); 0 never.
     /// Default 30 000 ms.
     pub leader_rebalance_interval_ms: u64,
-    /// Local address of connections to other voters, when set.
+    /// Local address of connections to other voters and forwarded calls
+    /// (the broker's `controller_source_address`), when set.
     pub peer_source_address: Option<std::net::IpAddr>,
     /// This node's own address, which a node that is not a voter (an
     /// observer) gives the leader so the log can be replicated to it.
