@@ -1056,12 +1056,15 @@ impl Log {
         Offset(self.recovery_point)
     }
 
-    /// Syncs everything appended so far and records the recovery point
-    /// (see [`RecoveryPointSnapshot::write`]). Returns the offset below
-    /// which the log is durable. A failed sync fails the log.
+    /// Syncs everything appended so far and records the recovery point at
+    /// the rate the broker's syncs do ([`Log::recovery_point_after_sync`];
+    /// [`Log::close`] writes it always). Returns the offset below which the
+    /// log is durable. A failed sync fails the log.
     pub fn flush(&mut self) -> Result<Offset> {
         let durable = self.sync_all()?;
-        self.recovery_point_snapshot().write()?;
+        if let Some(recovery_point) = self.recovery_point_after_sync() {
+            recovery_point.write()?;
+        }
         Ok(durable)
     }
 
