@@ -264,6 +264,7 @@ impl TopicConfig {
                 flush,
                 verify_on_read: true,
                 writeback_window_bytes,
+                compaction: None,
             },
             max_message_bytes,
             min_insync_replicas,

@@ -20,6 +20,9 @@
 use crate::compression::Compression;
 use bytes::Bytes;
 
+mod retain;
+pub use retain::Retained;
+
 use crate::varint::{get_varint, get_varlong, put_varint, put_varlong, varint_len, varlong_len};
 
 /// Size of the fixed batch header.

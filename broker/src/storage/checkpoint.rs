@@ -23,6 +23,7 @@ const RECOVERY_POINT: &str = "recovery-point-checkpoint";
 const LOG_START: &str = "log-start-offset-checkpoint";
 const HIGH_WATERMARK: &str = "high-watermark-checkpoint";
 const LEADER_EPOCH: &str = "leader-epoch-checkpoint";
+const CLEANER_OFFSET: &str = "cleaner-offset-checkpoint";
 const VERSION: &str = "0";
 
 /// One leader epoch and the first offset appended in it.
@@ -175,6 +176,20 @@ fn decode_offset(text: &str) -> std::result::Result<Offset, String> {
     Ok(offset)
 }
 
+/// The cleaner offset of the log in `dir`: where its last clean ended, or
+/// 0 when it was never cleaned. A file that does not parse reads as 0 (the
+/// whole log counts as uncleaned, which only costs a clean).
+pub(crate) fn read_cleaner_offset(dir: &Path) -> Result<Offset> {
+    match read_file(&dir.join(CLEANER_OFFSET), decode_offset)? {
+        Some(Ok(offset)) => Ok(offset),
+        Some(Err(reason)) => {
+            tracing::warn!(dir = %dir.display(), reason, "unreadable cleaner offset checkpoint; the log counts as uncleaned");
+            Ok(Offset(0))
+        }
+        None => Ok(Offset(0)),
+    }
+}
+
 /// The values kept in a log's checkpoint files.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checkpoints {
@@ -318,6 +333,9 @@ pub(crate) enum Kind {
     LogStart = 1,
     HighWatermark = 2,
     LeaderEpoch = 3,
+    /// Where the last clean of a compacted log ended (Kafka's
+    /// `cleaner-offset-checkpoint`): below it the log was cleaned.
+    CleanerOffset = 4,
 }
 
 impl Kind {
@@ -327,6 +345,7 @@ impl Kind {
             Kind::LogStart => LOG_START,
             Kind::HighWatermark => HIGH_WATERMARK,
             Kind::LeaderEpoch => LEADER_EPOCH,
+            Kind::CleanerOffset => CLEANER_OFFSET,
         }
     }
 }
@@ -340,7 +359,7 @@ pub(crate) struct CheckpointWriter {
     seq: AtomicU64,
     /// Per file: the sequence number and contents last written, and
     /// whether that write was fsynced.
-    written: Mutex<[Option<(u64, String, bool)>; 4]>,
+    written: Mutex<[Option<(u64, String, bool)>; 5]>,
 }
 
 impl CheckpointWriter {

@@ -42,6 +42,62 @@ pub struct LogConfig {
     /// tail reads are served from the two newest windows. 0 leaves it all to
     /// the OS. Default 32 MiB; a multiple of 1 MiB.
     pub writeback_window_bytes: u64,
+    /// Log compaction (`cleanup.policy` with `compact`); `None` for a log
+    /// that only deletes by retention. Default `None`.
+    pub compaction: Option<Compaction>,
+}
+
+/// How a compacted log is cleaned, with Kafka's names and defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Compaction {
+    /// `min.compaction.lag.ms`: nothing younger is cleaned. Default 0.
+    pub min_lag_ms: i64,
+    /// `max.compaction.lag.ms`: a log whose oldest uncleaned data is older
+    /// is cleaned whatever its dirty ratio. Default `i64::MAX` (never).
+    pub max_lag_ms: i64,
+    /// `min.cleanable.dirty.ratio`: the share of uncleaned bytes that makes
+    /// a log due for cleaning. Default 0.5.
+    pub min_cleanable_dirty_ratio: f64,
+    /// `delete.retention.ms`: how long a tombstone outlives the clean that
+    /// first kept it. Default 1 day.
+    pub delete_retention_ms: i64,
+}
+
+impl Default for Compaction {
+    fn default() -> Self {
+        Compaction {
+            min_lag_ms: 0,
+            max_lag_ms: i64::MAX,
+            min_cleanable_dirty_ratio: 0.5,
+            delete_retention_ms: 24 * 3600 * 1000,
+        }
+    }
+}
+
+impl Compaction {
+    /// Every problem with these settings, or nothing.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.min_lag_ms < 0 {
+            out.push(format!("min_compaction_lag_ms must be at least 0, got {}", self.min_lag_ms));
+        }
+        if self.max_lag_ms < 1 || self.max_lag_ms < self.min_lag_ms {
+            out.push(format!(
+                "max_compaction_lag_ms must be at least 1 and at least min_compaction_lag_ms ({}), got {}",
+                self.min_lag_ms, self.max_lag_ms
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_cleanable_dirty_ratio) {
+            out.push(format!(
+                "min_cleanable_dirty_ratio must be between 0 and 1, got {}",
+                self.min_cleanable_dirty_ratio
+            ));
+        }
+        if self.delete_retention_ms < 0 {
+            out.push(format!("delete_retention_ms must be at least 0, got {}", self.delete_retention_ms));
+        }
+        out
+    }
 }
 
 impl Default for LogConfig {
@@ -56,6 +112,7 @@ impl Default for LogConfig {
             flush: FlushPolicy::Os,
             verify_on_read: true,
             writeback_window_bytes: 32 << 20,
+            compaction: None,
         }
     }
 }
@@ -88,6 +145,9 @@ impl LogConfig {
         }
         if self.segment_index_bytes < 12 * 4 {
             out.push(format!("segment_index_bytes must be at least 48, got {}", self.segment_index_bytes));
+        }
+        if let Some(c) = &self.compaction {
+            out.extend(c.problems());
         }
         out
     }

@@ -173,7 +173,15 @@ pub struct Log {
     writer: Arc<CheckpointWriter>,
     /// Why the log stopped (a failed fsync), if it did.
     failed: Option<String>,
+    /// Where the last clean of a compacted log ended (persisted in
+    /// `cleaner-offset-checkpoint`).
+    cleaner_offset: u64,
 }
+
+#[path = "log_cleaning.rs"]
+pub(crate) mod cleaning;
+pub use cleaning::CleanStats;
+pub(crate) use cleaning::{CLEANED, CleanPlan, SegmentView, StagedGroup};
 
 fn parse_segment_name(name: &str) -> Option<(u64, &str)> {
     let (stem, ext) = name.split_once('.')?;
@@ -195,6 +203,7 @@ impl Log {
         }
         Self::create_dir_durably(dir)?;
         let checkpoints = Checkpoints::read(dir)?;
+        cleaning::finish_interrupted_swaps(dir)?;
         let bases = Self::clean_directory(dir)?;
         let mut log = Log {
             dir: dir.to_path_buf(),
@@ -213,6 +222,7 @@ impl Log {
             recovery_point_taken_ms: i64::MIN,
             writer: Arc::new(CheckpointWriter::new(dir)),
             failed: None,
+            cleaner_offset: super::checkpoint::read_cleaner_offset(dir)?.get(),
         };
         log.load_segments(&bases)?;
         let leo = log.leo();
@@ -221,6 +231,7 @@ impl Log {
         log.leader_epochs.truncate_from_end(Offset(leo));
         log.leader_epochs.truncate_from_start(Offset(log.log_start_offset));
         log.high_watermark = checkpoints.high_watermark.get().clamp(log.log_start_offset, leo);
+        log.cleaner_offset = log.cleaner_offset.clamp(log.log_start_offset, leo);
         log.last_flush_ms = log.clock.now_ms();
         // Whatever recovery validated (and trimmed) is synced before the
         // recovery point moves over it: the segments it re-validated are in
@@ -259,7 +270,13 @@ impl Log {
             let entry = entry.map_err(io_err("read directory", dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
-            if name.ends_with(".tmp") || name.ends_with(".deleted") || name.ends_with(".swap") {
+            // `.swap` files left here are leftovers of an undecided swap
+            // (decided ones were finished before this).
+            if name.ends_with(".tmp")
+                || name.ends_with(".deleted")
+                || name.ends_with(".swap")
+                || name.ends_with(".cleaned")
+            {
                 remove_if_exists(&path)?;
             } else if let Some((base, ext)) = parse_segment_name(&name) {
                 match ext {
@@ -547,9 +564,10 @@ impl Log {
     }
 
     /// Appends a batch as a follower, keeping the leader's offsets and epoch.
-    /// The batch must start at the log end offset, have a record count that
-    /// matches its offsets, and an epoch no older than the log's latest. On
-    /// error the log is unchanged.
+    /// The batch must start at the log end offset, hold no more records than
+    /// its offsets span (a cleaned batch may hold fewer, or none), and carry
+    /// an epoch no older than the log's latest. On error the log is
+    /// unchanged.
     pub fn append_replica(&mut self, batch: &RecordBatch) -> Result<AppendInfo> {
         self.check_not_failed()?;
         let h = batch.header();
@@ -558,9 +576,9 @@ impl Log {
             return Err(StorageError::NonContiguousOffset { expected: Offset(leo), got: h.base_offset() });
         }
         let (delta, count) = (h.last_offset_delta(), h.record_count());
-        if delta < 0 || i64::from(delta) + 1 != i64::from(count) {
+        if delta < 0 || count < 0 || i64::from(count) > i64::from(delta) + 1 {
             return Err(StorageError::InvalidReplicaBatch(format!(
-                "lastOffsetDelta {delta} does not match recordCount {count}"
+                "lastOffsetDelta {delta} does not fit recordCount {count}"
             )));
         }
         if h.last_offset().checked_add(1).is_none() {

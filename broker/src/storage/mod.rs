@@ -25,6 +25,7 @@
 //!   full disk is an error from the allocation, never a hole in the map.
 
 mod checkpoint;
+mod cleaner;
 mod clock;
 mod config;
 mod error;
@@ -40,12 +41,14 @@ pub(crate) mod testfs;
 mod writeback;
 
 pub use checkpoint::{CheckpointSnapshot, Checkpoints, EpochEntry, LeaderEpochCache, RecoveryPointSnapshot};
+pub use cleaner::{CleanOutcome, Cleaner, CleanerConfig, LogAccess};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{FlushPolicy, LogConfig};
+pub use config::{Compaction, FlushPolicy, LogConfig};
 pub use error::StorageError;
 pub use group_commit::GroupCommit;
 pub use log::{
-    AppendInfo, Log, RECOVERY_POINT_WRITE_INTERVAL_MS, ReadResult, RemovedSegments, RetentionOutcome, SyncPlan,
+    AppendInfo, CleanStats, Log, RECOVERY_POINT_WRITE_INTERVAL_MS, ReadResult, RemovedSegments, RetentionOutcome,
+    SyncPlan,
 };
 pub use offset::Offset;
 pub use scan::{SegmentBatch, SegmentScan, scan_segment_file};

@@ -98,19 +98,32 @@ impl Segment {
     /// nothing, if a `.log` of that name exists: a live file is never
     /// truncated to be reused (readers may hold its bytes).
     pub(crate) fn create(dir: &Path, base_offset: u64, sizes: SegmentSizes, now_ms: i64) -> Result<Segment> {
-        let path = dir.join(file_name(base_offset, "log"));
+        Self::create_named(dir, base_offset, "", sizes, now_ms)
+    }
+
+    /// [`Segment::create`] with `suffix` after each file's extension
+    /// (`.log.cleaned`, ...): a segment the cleaner builds beside the live
+    /// ones, which no open of the log takes for a segment.
+    pub(crate) fn create_named(
+        dir: &Path,
+        base_offset: u64,
+        suffix: &str,
+        sizes: SegmentSizes,
+        now_ms: i64,
+    ) -> Result<Segment> {
+        let path = dir.join(file_name(base_offset, &format!("log{suffix}")));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&path)
             .map_err(io_err("create", &path))?;
-        let result = Self::create_files(dir, &path, file, base_offset, sizes, now_ms);
+        let result = Self::create_files(dir, &path, file, base_offset, suffix, sizes, now_ms);
         if result.is_err() {
             // Leave no half-made segment behind (disk full, say); the files
             // are ours: the `.log` did not exist before.
             for ext in ["log", "index", "timeindex"] {
-                let _ = remove_if_exists(&dir.join(file_name(base_offset, ext)));
+                let _ = remove_if_exists(&dir.join(file_name(base_offset, &format!("{ext}{suffix}"))));
             }
         }
         result
@@ -121,17 +134,18 @@ impl Segment {
         path: &Path,
         file: File,
         base_offset: u64,
+        suffix: &str,
         sizes: SegmentSizes,
         now_ms: i64,
     ) -> Result<Segment> {
         // Index files without their `.log` belong to no segment.
-        remove_if_exists(&dir.join(file_name(base_offset, "index")))?;
-        remove_if_exists(&dir.join(file_name(base_offset, "timeindex")))?;
+        remove_if_exists(&dir.join(file_name(base_offset, &format!("index{suffix}"))))?;
+        remove_if_exists(&dir.join(file_name(base_offset, &format!("timeindex{suffix}"))))?;
         let first_step = LOG_ALLOCATION_STEP.min(sizes.log_bytes);
         preallocate(&file, first_step, path)?;
         // The map covers the whole segment; only allocated bytes are ever read.
         let map = map(&file, sizes.log_bytes, path)?.map(Arc::new);
-        let (offset_index, time_index) = open_indexes(dir, base_offset, Some(sizes.index_bytes), false)?;
+        let (offset_index, time_index) = open_indexes(dir, base_offset, suffix, Some(sizes.index_bytes), false)?;
         let indexes = (offset_index, time_index);
         let mut segment = Segment::new(base_offset, path.to_path_buf(), file, map, sizes.log_bytes, indexes, now_ms);
         segment.allocated = first_step;
@@ -149,7 +163,7 @@ impl Segment {
         let len = meta.len();
         let map = map(&file, len, &path)?.map(Arc::new);
         let keep = recover_index_bytes.is_none();
-        let (offset_index, time_index) = open_indexes(dir, base_offset, recover_index_bytes, keep)?;
+        let (offset_index, time_index) = open_indexes(dir, base_offset, "", recover_index_bytes, keep)?;
         let mut segment = Segment::new(base_offset, path, file, map, len, (offset_index, time_index), now_ms);
         segment.last_append_ms = mtime_ms(&meta).unwrap_or(now_ms);
         Ok(segment)
@@ -216,6 +230,13 @@ impl Segment {
     /// so a record claiming a far-future timestamp cannot pin the segment.
     pub(crate) fn retention_time_ms(&self) -> i64 {
         self.max_timestamp().map_or(self.last_append_ms, |ts| ts.min(self.last_append_ms))
+    }
+    /// Broker time of the last append (the file's mtime once loaded).
+    pub(crate) fn last_append_ms(&self) -> i64 {
+        self.last_append_ms
+    }
+    pub(crate) fn set_last_append_ms(&mut self, ms: i64) {
+        self.last_append_ms = ms;
     }
     pub(crate) fn path(&self) -> &Path {
         &self.path
@@ -707,14 +728,18 @@ impl Segment {
             let Ok(h) = batch::check_framing_slice(self.bytes(position, total)) else {
                 break;
             };
-            let count_ok = h.record_count() > 0 && i64::from(h.last_offset_delta()) + 1 == i64::from(h.record_count());
+            // A cleaned batch keeps its span with fewer records, or none
+            // (the cleaner's fillers): the count is under the CRC, the
+            // offsets are not and must continue exactly.
+            let count_ok = h.record_count() >= 0 && i64::from(h.record_count()) <= i64::from(h.last_offset_delta()) + 1;
             if h.base_offset() != expected as i64 || !count_ok || h.last_offset() as u64 >= limit {
                 break;
             }
+            let base = expected;
             let epoch = h.partition_leader_epoch();
             let (last, max_ts) = (h.last_offset() as u64, h.max_timestamp());
             if epoch >= 0 {
-                let covering = checkpointed.entries().iter().rev().find(|e| e.start_offset.get() <= expected);
+                let covering = checkpointed.entries().iter().rev().find(|e| e.start_offset.get() <= base);
                 let consistent = epoch >= previous_epoch && covering.is_none_or(|e| e.epoch == epoch as u32);
                 if !consistent {
                     // partitionLeaderEpoch is outside the CRC: a flipped
@@ -728,10 +753,10 @@ impl Segment {
                 // the batch lies below its first entry, before the log
                 // start); without one (full recovery) it is rebuilt here.
                 if checkpointed.entries().is_empty() {
-                    epochs.assign(epoch as u32, super::Offset(expected));
+                    epochs.assign(epoch as u32, super::Offset(base));
                 }
             }
-            self.track(position, total, expected, last, max_ts, interval);
+            self.track(position, total, base, last, max_ts, interval);
             expected = last + 1;
             position += total;
         }
@@ -931,8 +956,16 @@ fn batch_size_at_checked(head: &[u8], available: u64) -> Option<u64> {
     (total >= HEADER_LEN as u64 && total <= available).then_some(total)
 }
 
-fn open_indexes(dir: &Path, base: u64, writable: Option<u64>, keep: bool) -> Result<(OffsetIndex, TimeIndex)> {
-    let oi = IndexFile::open(&dir.join(file_name(base, "index")), OffsetIndex::ENTRY, writable, keep)?;
-    let ti = IndexFile::open(&dir.join(file_name(base, "timeindex")), TimeIndex::ENTRY, writable, keep)?;
+fn open_indexes(
+    dir: &Path,
+    base: u64,
+    suffix: &str,
+    writable: Option<u64>,
+    keep: bool,
+) -> Result<(OffsetIndex, TimeIndex)> {
+    let oi =
+        IndexFile::open(&dir.join(file_name(base, &format!("index{suffix}"))), OffsetIndex::ENTRY, writable, keep)?;
+    let ti =
+        IndexFile::open(&dir.join(file_name(base, &format!("timeindex{suffix}"))), TimeIndex::ENTRY, writable, keep)?;
     Ok((OffsetIndex::new(oi, base), TimeIndex::new(ti, base)))
 }
