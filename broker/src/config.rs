@@ -92,6 +92,18 @@ pub struct BrokerConfig {
     /// a test can treat controller traffic apart from replica fetches.
     /// Default: `peer_source_address`.
     pub controller_source_address: Option<String>,
+    /// Threads compacting `cleanup_policy = compact` partitions (Kafka's
+    /// `log.cleaner.threads`); 0 turns compaction off. Default 1.
+    pub log_cleaner_threads: u32,
+    /// Memory for the cleaners' offset maps, shared among the threads
+    /// (`log.cleaner.dedupe.buffer.size`). Default 128 MiB.
+    pub log_cleaner_dedupe_buffer_bytes: u64,
+    /// Bytes per second each cleaner reads and writes at most
+    /// (`log.cleaner.io.max.bytes.per.second`); 0 for no limit. Default 0.
+    pub log_cleaner_io_max_bytes_per_second: u64,
+    /// How long a cleaner with nothing due sleeps
+    /// (`log.cleaner.backoff.ms`). Default 15 000.
+    pub log_cleaner_backoff_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -122,6 +134,10 @@ impl Default for BrokerConfig {
             leader_imbalance_check_interval_ms: 30_000,
             peer_source_address: None,
             controller_source_address: None,
+            log_cleaner_threads: 1,
+            log_cleaner_dedupe_buffer_bytes: 128 << 20,
+            log_cleaner_io_max_bytes_per_second: 0,
+            log_cleaner_backoff_ms: 15_000,
         }
     }
 }
@@ -148,8 +164,23 @@ pub struct LogDefaults {
     pub flush: String,
     /// `min.insync.replicas`: replicas that must have a batch for acks=all. Default 1.
     pub min_insync_replicas: u32,
-    /// `cleanup.policy`: only `delete` for now. Default `delete`.
+    /// `cleanup.policy`: `delete` (retention by time and size), `compact`
+    /// (keep the last record of every key), or `compact,delete` (both).
+    /// Default `delete`.
     pub cleanup_policy: String,
+    /// `min.compaction.lag.ms`: records younger than this are not
+    /// compacted. Default 0.
+    pub min_compaction_lag_ms: i64,
+    /// `max.compaction.lag.ms`: a compacted log whose oldest uncleaned data
+    /// is older than this is cleaned whatever its dirty ratio. Default
+    /// i64::MAX (never).
+    pub max_compaction_lag_ms: i64,
+    /// `min.cleanable.dirty.ratio`: the share of uncleaned bytes that makes a
+    /// compacted log due for cleaning. Default 0.5.
+    pub min_cleanable_dirty_ratio: f64,
+    /// `delete.retention.ms`: how long a tombstone of a compacted topic
+    /// outlives the clean that first kept it. Default 86 400 000 (a day).
+    pub delete_retention_ms: i64,
     /// `unclean.leader.election.enable`: `true` lets a replica outside the
     /// ISR and the eligible replicas lead when none of them can, at the
     /// price of losing acknowledged records. Default `false`.
@@ -175,6 +206,7 @@ pub struct LogDefaults {
 impl Default for LogDefaults {
     fn default() -> Self {
         let log = LogConfig::default();
+        let compaction = crate::storage::Compaction::default();
         LogDefaults {
             segment_bytes: log.segment_bytes,
             segment_ms: log.segment_ms,
@@ -186,6 +218,10 @@ impl Default for LogDefaults {
             flush: "os".to_string(),
             min_insync_replicas: 1,
             cleanup_policy: "delete".to_string(),
+            min_compaction_lag_ms: compaction.min_lag_ms,
+            max_compaction_lag_ms: compaction.max_lag_ms,
+            min_cleanable_dirty_ratio: compaction.min_cleanable_dirty_ratio,
+            delete_retention_ms: compaction.delete_retention_ms,
             unclean_leader_election: "false".to_string(),
             compression_type: "producer".to_string(),
             message_timestamp_type: "CreateTime".to_string(),
@@ -261,6 +297,19 @@ impl BrokerConfig {
             {
                 problems.push(format!("{name} must be an IP address, got `{ip}`"));
             }
+        }
+        if self.log_cleaner_threads > 16 {
+            problems.push(format!("log_cleaner_threads must be 0 to 16, got {}", self.log_cleaner_threads));
+        }
+        let per_thread = self.log_cleaner_dedupe_buffer_bytes / u64::from(self.log_cleaner_threads.max(1));
+        if self.log_cleaner_threads > 0 && per_thread < 1 << 20 {
+            problems.push(format!(
+                "log_cleaner_dedupe_buffer_bytes must give each cleaner thread at least 1 MiB, got {} for {} threads",
+                self.log_cleaner_dedupe_buffer_bytes, self.log_cleaner_threads
+            ));
+        }
+        if self.log_cleaner_backoff_ms == 0 || self.log_cleaner_backoff_ms > 86_400_000 {
+            problems.push(format!("log_cleaner_backoff_ms must be 1 to 86400000, got {}", self.log_cleaner_backoff_ms));
         }
         if u64::from(self.replica_fetch_wait_max_ms) >= self.replica_lag_time_max_ms {
             problems.push(format!(
@@ -340,6 +389,10 @@ const BROKER_KEYS: &[&str] = &[
     "leader_imbalance_check_interval_ms",
     "peer_source_address",
     "controller_source_address",
+    "log_cleaner_threads",
+    "log_cleaner_dedupe_buffer_bytes",
+    "log_cleaner_io_max_bytes_per_second",
+    "log_cleaner_backoff_ms",
 ];
 
 /// `TALLY_*` variables that are not config fields: the command line's own.

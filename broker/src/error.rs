@@ -172,7 +172,10 @@ impl BrokerError {
                 ErrorCode::MessageTooLarge
             }
             BrokerError::CorruptMessage(
-                BatchError::ControlBatch | BatchError::ProducerFields { .. } | BatchError::HeaderKeyNotUtf8 { .. },
+                BatchError::ControlBatch
+                | BatchError::ProducerFields { .. }
+                | BatchError::HeaderKeyNotUtf8 { .. }
+                | BatchError::MissingKey { .. },
             ) => ErrorCode::InvalidRecord,
             BrokerError::CorruptMessage(BatchError::TimestampOutOfRange { .. }) => ErrorCode::InvalidTimestamp,
             BrokerError::CorruptMessage(_) => ErrorCode::CorruptMessage,

@@ -11,6 +11,7 @@ pub mod broker;
 pub mod config;
 pub mod controller;
 pub mod error;
+mod log_cleaner;
 mod maintenance;
 pub mod membership;
 pub mod partition;

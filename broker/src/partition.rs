@@ -32,7 +32,10 @@ use tokio::sync::{Semaphore, watch};
 use crate::controller::BrokerId;
 use crate::error::BrokerError;
 use crate::replication::{Assignment, IsrChange, LeaderSettings, LeaderState, ProposalOutcome};
-use crate::storage::{AppendInfo, FlushPolicy, GroupCommit, Log, Offset, ReadResult, StorageError, Writeback};
+use crate::storage::{
+    AppendInfo, CleanOutcome, CleanStats, Cleaner, FlushPolicy, GroupCommit, Log, Offset, ReadResult, StorageError,
+    Writeback,
+};
 use crate::topic::TopicConfig;
 
 /// What this broker is for a partition.
@@ -941,6 +944,23 @@ impl Partition {
     /// Applies new topic settings to the log.
     pub fn set_config(&self, config: &TopicConfig) -> Result<(), BrokerError> {
         self.write_log().set_config(config.log.clone()).map_err(BrokerError::Storage)
+    }
+
+    /// One pass of log compaction if this partition's log is compacted and
+    /// due (`force`: whenever anything is dirty). The log's lock is held
+    /// only to plan and to install each cleaned group; a truncation or
+    /// retention meanwhile makes the pass stop without installing more.
+    pub fn clean(&self, cleaner: &mut Cleaner, force: bool) -> Result<Option<CleanOutcome>, BrokerError> {
+        if self.upkeep().is_none() {
+            return Ok(None); // closed
+        }
+        cleaner.clean_if_due(&self.log, force).map_err(BrokerError::Storage)
+    }
+
+    /// How much of this compacted partition is cleaned, and whether it is
+    /// due; `None` unless compacted.
+    pub fn cleaning_due(&self) -> Option<(CleanStats, bool)> {
+        self.read_log().cleaning_due()
     }
 
     /// Deletes segments past retention.

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::{LogDefaults, format_flush, parse_flush};
-use crate::storage::LogConfig;
+use crate::storage::{Compaction, LogConfig};
 
 /// A topic name that follows Kafka's rules: 1 to 249 characters of
 /// `[a-zA-Z0-9._-]`, and not `.` or `..`.
@@ -72,6 +72,13 @@ pub struct TopicConfig {
     pub message_timestamp_before_max_ms: i64,
     /// How far in the future a CreateTime record may be, in ms.
     pub message_timestamp_after_max_ms: i64,
+    /// `delete`, `compact` or `compact,delete`.
+    pub cleanup_policy: &'static str,
+    /// `retention_ms` and `retention_bytes` as set (-1 for none); the log
+    /// applies them only with `delete` in the cleanup policy.
+    pub retention_settings: (i64, i64),
+    /// The compaction settings as set (used only with `compact`).
+    pub compaction_settings: Compaction,
 }
 
 impl TopicConfig {
@@ -92,12 +99,16 @@ const COMPRESSION_PRODUCER: &str = "producer";
 pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "cleanup_policy",
     "compression_type",
+    "delete_retention_ms",
     "flush",
     "index_interval_bytes",
+    "max_compaction_lag_ms",
     "max_message_bytes",
     "message_timestamp_after_max_ms",
     "message_timestamp_before_max_ms",
     "message_timestamp_type",
+    "min_cleanable_dirty_ratio",
+    "min_compaction_lag_ms",
     "min_insync_replicas",
     "retention_bytes",
     "retention_ms",
@@ -117,6 +128,10 @@ fn defaults_map(d: &LogDefaults) -> BTreeMap<String, String> {
     [
         ("cleanup_policy", d.cleanup_policy.clone()),
         ("compression_type", d.compression_type.clone()),
+        ("delete_retention_ms", d.delete_retention_ms.to_string()),
+        ("max_compaction_lag_ms", d.max_compaction_lag_ms.to_string()),
+        ("min_cleanable_dirty_ratio", d.min_cleanable_dirty_ratio.to_string()),
+        ("min_compaction_lag_ms", d.min_compaction_lag_ms.to_string()),
         ("flush", d.flush.clone()),
         ("index_interval_bytes", d.index_interval_bytes.to_string()),
         ("max_message_bytes", d.max_message_bytes.to_string()),
@@ -135,6 +150,31 @@ fn defaults_map(d: &LogDefaults) -> BTreeMap<String, String> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
+}
+
+/// `cleanup.policy` as (compact, delete): `delete`, `compact`, or both
+/// (`compact,delete` in either order).
+fn parse_cleanup_policy(value: &str) -> Result<(bool, bool), String> {
+    let (mut compact, mut delete) = (false, false);
+    for part in value.split(',').map(str::trim) {
+        match part {
+            "compact" => compact = true,
+            "delete" => delete = true,
+            other => return Err(format!("`{other}` is not one of delete, compact, compact,delete")),
+        }
+    }
+    if !compact && !delete {
+        return Err("must be delete, compact or compact,delete".to_string());
+    }
+    Ok((compact, delete))
+}
+
+impl TopicConfig {
+    /// True for a compacted topic (`cleanup_policy` with `compact`): every
+    /// record needs a key.
+    pub fn is_compacted(&self) -> bool {
+        self.log.compaction.is_some()
+    }
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> InvalidConfig {
@@ -244,27 +284,31 @@ impl TopicConfig {
             "false" => false,
             other => return Err(invalid("unclean_leader_election", format!("`{other}` is not `true` or `false`"))),
         };
-        match map["cleanup_policy"].trim() {
-            "delete" => {}
-            "compact" | "compact,delete" | "delete,compact" => {
-                return Err(invalid("cleanup_policy", "compaction is not supported yet; use `delete`"));
-            }
-            other => {
-                return Err(invalid("cleanup_policy", format!("`{other}` is not `delete`")));
-            }
+        let (compact, delete) =
+            parse_cleanup_policy(&map["cleanup_policy"]).map_err(|r| invalid("cleanup_policy", r))?;
+        let compaction = Compaction {
+            min_lag_ms: num(map, "min_compaction_lag_ms")?,
+            max_lag_ms: num(map, "max_compaction_lag_ms")?,
+            min_cleanable_dirty_ratio: num(map, "min_cleanable_dirty_ratio")?,
+            delete_retention_ms: num(map, "delete_retention_ms")?,
+        };
+        if let Some(problem) = compaction.problems().into_iter().next() {
+            let key = problem.split_whitespace().next().unwrap_or("cleanup_policy").to_string();
+            return Err(invalid(&key, problem));
         }
         Ok(TopicConfig {
             log: LogConfig {
                 segment_bytes,
                 segment_ms,
-                retention_ms: (retention_ms >= 0).then_some(retention_ms),
-                retention_bytes: u64::try_from(retention_bytes).ok(),
+                // A compacted topic without `delete` keeps every key forever.
+                retention_ms: (retention_ms >= 0 && delete).then_some(retention_ms),
+                retention_bytes: u64::try_from(retention_bytes).ok().filter(|_| delete),
                 index_interval_bytes,
                 segment_index_bytes,
                 flush,
                 verify_on_read: true,
                 writeback_window_bytes,
-                compaction: None,
+                compaction: compact.then_some(compaction),
             },
             max_message_bytes,
             min_insync_replicas,
@@ -272,14 +316,27 @@ impl TopicConfig {
             log_append_time,
             message_timestamp_before_max_ms,
             message_timestamp_after_max_ms,
+            cleanup_policy: match (compact, delete) {
+                (true, true) => "compact,delete",
+                (true, false) => "compact",
+                _ => "delete",
+            },
+            retention_settings: (retention_ms, retention_bytes),
+            compaction_settings: compaction,
         })
     }
 
     /// The effective value of every key, as strings.
     pub fn describe(&self) -> BTreeMap<String, String> {
         let l = &self.log;
+        // The compaction settings as set, shown whatever the policy.
+        let compaction = self.compaction_settings;
         [
-            ("cleanup_policy", "delete".to_string()),
+            ("cleanup_policy", self.cleanup_policy.to_string()),
+            ("delete_retention_ms", compaction.delete_retention_ms.to_string()),
+            ("max_compaction_lag_ms", compaction.max_lag_ms.to_string()),
+            ("min_cleanable_dirty_ratio", compaction.min_cleanable_dirty_ratio.to_string()),
+            ("min_compaction_lag_ms", compaction.min_lag_ms.to_string()),
             ("compression_type", COMPRESSION_PRODUCER.to_string()),
             ("flush", format_flush(l.flush)),
             ("index_interval_bytes", l.index_interval_bytes.to_string()),
@@ -288,8 +345,8 @@ impl TopicConfig {
             ("message_timestamp_before_max_ms", self.message_timestamp_before_max_ms.to_string()),
             ("message_timestamp_type", if self.log_append_time { "LogAppendTime" } else { "CreateTime" }.to_string()),
             ("min_insync_replicas", self.min_insync_replicas.to_string()),
-            ("retention_bytes", l.retention_bytes.map_or(-1, |b| b as i64).to_string()),
-            ("retention_ms", l.retention_ms.unwrap_or(-1).to_string()),
+            ("retention_bytes", self.retention_settings.1.to_string()),
+            ("retention_ms", self.retention_settings.0.to_string()),
             ("segment_bytes", l.segment_bytes.to_string()),
             ("segment_index_bytes", l.segment_index_bytes.to_string()),
             ("segment_ms", l.segment_ms.to_string()),
@@ -330,5 +387,34 @@ mod tests {
         let mut u = BTreeMap::new();
         u.insert("retention_hours".to_string(), "1".to_string());
         assert_eq!(TopicConfig::with_overrides(&d, &u).unwrap_err().key, "retention_hours");
+    }
+
+    #[test]
+    fn cleanup_policies_choose_compaction_retention_or_both() {
+        let d = LogDefaults::default();
+        let with = |pairs: &[(&str, &str)]| {
+            let o: BTreeMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            TopicConfig::with_overrides(&d, &o)
+        };
+        let compact = with(&[("cleanup.policy", "compact"), ("retention.ms", "1000")]).unwrap();
+        assert!(compact.is_compacted());
+        assert_eq!(compact.log.retention_ms, None, "compact alone keeps every key forever");
+        assert_eq!(
+            (compact.describe()["cleanup_policy"].as_str(), compact.describe()["retention_ms"].as_str()),
+            ("compact", "1000")
+        );
+        let both = with(&[("cleanup_policy", "delete, compact"), ("retention_ms", "1000")]).unwrap();
+        assert!(both.is_compacted());
+        assert_eq!((both.cleanup_policy, both.log.retention_ms), ("compact,delete", Some(1000)));
+        let delete = with(&[]).unwrap();
+        assert!(!delete.is_compacted() && delete.log.retention_ms.is_some());
+        let err = with(&[("cleanup_policy", "shred")]).unwrap_err();
+        assert!(err.key == "cleanup_policy" && err.reason.contains("delete, compact, compact,delete"), "{err:?}");
+        let err = with(&[("cleanup_policy", "compact"), ("min_cleanable_dirty_ratio", "1.5")]).unwrap_err();
+        assert_eq!(err.key, "min_cleanable_dirty_ratio");
+        let err = with(&[("cleanup_policy", "compact"), ("delete_retention_ms", "-5")]).unwrap_err();
+        assert_eq!(err.key, "delete_retention_ms");
+        let err = with(&[("max_compaction_lag_ms", "0")]).unwrap_err();
+        assert_eq!(err.key, "max_compaction_lag_ms");
     }
 }

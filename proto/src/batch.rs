@@ -149,6 +149,12 @@ pub enum BatchError {
         /// Which rule they break.
         why: &'static str,
     },
+    /// A record without a key for a compacted topic (INVALID_RECORD).
+    #[error("record {index} has no key: a compacted topic keeps the last record of every key, so each needs one")]
+    MissingKey {
+        /// Position of the record in the batch.
+        index: i32,
+    },
     /// A header key that is not UTF-8 (Kafka's wire type for it is a string).
     #[error("record {index} has a header key that is not valid UTF-8")]
     HeaderKeyNotUtf8 {
@@ -355,6 +361,8 @@ pub struct BatchLimits {
     /// range, `(earliest, latest)` (Kafka's
     /// `message.timestamp.before/after.max.ms` around now).
     pub timestamps: Option<(i64, i64)>,
+    /// Every record must have a key (a compacted topic).
+    pub require_keys: bool,
 }
 
 /// Default of [`BatchLimits::max_uncompressed_bytes`], and the bound when
@@ -363,7 +371,12 @@ pub const MAX_UNCOMPRESSED_BYTES: usize = 64 << 20;
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits { max_batch_bytes: 1024 * 1024, max_uncompressed_bytes: MAX_UNCOMPRESSED_BYTES, timestamps: None }
+        BatchLimits {
+            max_batch_bytes: 1024 * 1024,
+            max_uncompressed_bytes: MAX_UNCOMPRESSED_BYTES,
+            timestamps: None,
+            require_keys: false,
+        }
     }
 }
 
@@ -439,6 +452,9 @@ fn check_records(bytes: &[u8], header: &BatchHeader<'_>, limits: &BatchLimits) -
             let (record, next) = parse_record(bytes, pos, found)?;
             if record.offset_delta != found {
                 return Err(BatchError::OffsetDeltaMismatch { index: found, delta: record.offset_delta });
+            }
+            if limits.require_keys && record.key.is_none() {
+                return Err(BatchError::MissingKey { index: found });
             }
             let ts = base_ts.wrapping_add(record.timestamp_delta);
             if let Some((earliest, latest)) = bounds
@@ -1238,7 +1254,8 @@ mod tests {
         let zeros = vec![0u8; 4 << 20];
         for codec in CODECS {
             let bytes = compressed(codec, &[&zeros]);
-            let limits = BatchLimits { max_batch_bytes: 1 << 20, max_uncompressed_bytes: 1 << 20, timestamps: None };
+            let limits =
+                BatchLimits { max_batch_bytes: 1 << 20, max_uncompressed_bytes: 1 << 20, ..BatchLimits::default() };
             let e = RecordBatch::validate(bytes, &limits).unwrap_err();
             assert!(matches!(e, BatchError::DecompressedTooLarge { limit: 1_048_576 }), "{codec}: {e}");
         }
@@ -1386,5 +1403,16 @@ mod tests {
                 let _ = item;
             }
         }
+    }
+
+    #[test]
+    fn a_compacted_topic_refuses_a_record_without_a_key() {
+        let mut b = BatchBuilder::new();
+        b.push(&RecordRef { timestamp: 1, key: Some(b"k"), value: Some(b"v"), headers: &[] });
+        b.push(&RecordRef { timestamp: 1, key: None, value: Some(b"v"), headers: &[] });
+        let bytes = b.finish();
+        let limits = BatchLimits { require_keys: true, ..BatchLimits::default() };
+        assert_eq!(RecordBatch::validate(bytes.clone(), &limits).unwrap_err(), BatchError::MissingKey { index: 1 });
+        assert!(RecordBatch::validate(bytes, &BatchLimits::default()).is_ok());
     }
 }

@@ -14,9 +14,14 @@ pub struct TestBroker {
     task: Option<JoinHandle<Result<(), BrokerError>>>,
 }
 
-/// A config with small limits so rolls and retention happen in tests.
+/// A config with small limits so rolls, retention and compaction happen in tests.
 pub fn test_config(data_dir: &Path) -> BrokerConfig {
-    BrokerConfig { data_dir: data_dir.to_path_buf(), retention_check_interval_ms: 100, ..BrokerConfig::default() }
+    BrokerConfig {
+        data_dir: data_dir.to_path_buf(),
+        retention_check_interval_ms: 100,
+        log_cleaner_backoff_ms: 100,
+        ..BrokerConfig::default()
+    }
 }
 
 impl TestBroker {

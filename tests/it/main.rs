@@ -6,6 +6,7 @@ mod api;
 mod checker;
 mod cli;
 mod cluster;
+mod compaction;
 mod fault;
 mod harness;
 mod interop;

@@ -119,6 +119,7 @@ fn validate_payload(records: &[Bytes], config: &TopicConfig, now_ms: i64) -> Res
     let limits = BatchLimits {
         max_batch_bytes: max,
         timestamps: (!config.log_append_time).then(|| config.timestamp_bounds(now_ms)),
+        require_keys: config.is_compacted(),
         ..BatchLimits::default()
     };
     let mut parts = Vec::new();

@@ -90,6 +90,8 @@ pub async fn run(
     let isr = tokio::spawn(crate::replication::isr::run(broker.clone(), proposer, proposals, isr_tick));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let maintenance = tokio::spawn(crate::maintenance::run(broker.clone(), stop_rx));
+    let cleaners = crate::log_cleaner::LogCleaners::start(broker.clone())
+        .map_err(|e| BrokerError::InvalidRequest(format!("cannot start the log cleaner: {e}")))?;
 
     let max_bytes = usize::try_from(broker.config().max_request_bytes).unwrap_or(usize::MAX);
     let tally = TallyServer::new(TallyService::new(broker.clone()))
@@ -146,6 +148,7 @@ pub async fn run(
         .await;
     let _ = stop_tx.send(true);
     let _ = maintenance.await;
+    let _ = tokio::task::spawn_blocking(move || cleaners.stop()).await;
     // Every task holding the broker ends before it closes, so the data
     // directory's lock is free when run returns.
     migration.abort();

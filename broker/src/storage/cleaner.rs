@@ -74,6 +74,12 @@ impl LogAccess for std::sync::Mutex<Log> {
     }
 }
 
+impl LogAccess for std::sync::RwLock<Log> {
+    fn with_log<R>(&self, f: impl FnOnce(&mut Log) -> R) -> R {
+        f(&mut self.write().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
 /// What one pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CleanOutcome {
@@ -139,14 +145,16 @@ impl Cleaner {
         }
     }
 
-    /// Cleans the log once if it is compacted and due at `now_ms` (see
+    /// Cleans the log once if it is compacted and due by its own clock (see
     /// [`CleanStats::is_due`]), or whenever it has anything dirty if `force`.
-    pub fn clean_if_due<L: LogAccess>(&mut self, log: &L, now_ms: i64, force: bool) -> Result<Option<CleanOutcome>> {
-        let plan = log.with_log(|l| {
+    pub fn clean_if_due<L: LogAccess>(&mut self, log: &L, force: bool) -> Result<Option<CleanOutcome>> {
+        let planned = log.with_log(|l| {
+            let now_ms = l.now_ms();
             let due = |s: CleanStats| force || l.config().compaction.is_some_and(|c| s.is_due(&c, now_ms));
-            l.cleaning_stats(now_ms).is_some_and(due).then(|| l.clean_plan(now_ms)).flatten()
+            let plan = l.cleaning_stats(now_ms).is_some_and(due).then(|| l.clean_plan(now_ms)).flatten();
+            plan.map(|p| (p, now_ms))
         });
-        let Some(plan) = plan else { return Ok(None) };
+        let Some((plan, now_ms)) = planned else { return Ok(None) };
         self.clean(log, &plan, now_ms).map(Some)
     }
 

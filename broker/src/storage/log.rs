@@ -572,6 +572,17 @@ impl Log {
         self.check_not_failed()?;
         let h = batch.header();
         let leo = self.leo();
+        if h.base_offset() < leo as i64 && h.record_count() == 0 && h.last_offset() >= leo as i64 {
+            // The leader's cleaner covered removed batches with one filler,
+            // and this log ends inside it: take the part from here on (what
+            // this log holds before it are records the leader removed).
+            let delta = i32::try_from(h.last_offset() - leo as i64).expect("within the filler's span");
+            let mut rest = RecordBatch::filler(delta, h.base_timestamp(), h.max_timestamp()).into_bytes().to_vec();
+            tally_proto::batch::set_base_offset(&mut rest, leo as i64);
+            tally_proto::batch::set_partition_leader_epoch(&mut rest, h.partition_leader_epoch());
+            let rest = RecordBatch::check_framing(rest.into()).expect("a filler is well framed");
+            return self.append_replica(&rest);
+        }
         if h.base_offset() != leo as i64 {
             return Err(StorageError::NonContiguousOffset { expected: Offset(leo), got: h.base_offset() });
         }

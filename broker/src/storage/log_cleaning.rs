@@ -117,6 +117,20 @@ impl CleanStats {
 }
 
 impl Log {
+    /// The log's clock, in ms (what retention and the cleaner judge by).
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// How much of this compacted log is cleaned, by its own clock, and
+    /// whether it is due for cleaning; `None` unless it is compacted.
+    pub fn cleaning_due(&self) -> Option<(CleanStats, bool)> {
+        let now_ms = self.now_ms();
+        let compaction = self.config.compaction?;
+        let stats = self.cleaning_stats(now_ms)?;
+        Some((stats, stats.is_due(&compaction, now_ms)))
+    }
+
     /// The first offset the cleaner must leave alone: the active segment,
     /// anything at or above the high watermark, and segments younger than
     /// `min_compaction_lag_ms`. Cleaning takes whole segments below it.
