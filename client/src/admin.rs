@@ -34,7 +34,7 @@ impl NewTopic {
 }
 
 /// One partition as `describe` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PartitionDescription {
     /// Partition number.
     pub partition: u32,
@@ -58,6 +58,20 @@ pub struct PartitionDescription {
     /// Why the named leader cannot serve the partition, when it said so (it
     /// could not take the leadership, or its log failed; it retries).
     pub leader_error: Option<String>,
+    /// Compaction progress, for a compacted topic (from its leader).
+    pub compaction: Option<CompactionProgress>,
+}
+
+/// How far compaction of a partition got, as its leader reports it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CompactionProgress {
+    /// Share of the cleanable bytes not cleaned yet (0 to 1).
+    pub dirty_ratio: f64,
+    /// The log is cleaned below this offset.
+    pub cleaner_offset: i64,
+    /// When the last clean ended (ms since the epoch), if since the leader
+    /// started.
+    pub last_clean_ms: Option<i64>,
 }
 
 /// A topic as `describe` shows it.
@@ -249,6 +263,11 @@ impl Admin {
                     high_watermark: p.high_watermark,
                     log_end_offset: p.log_end_offset,
                     replica_lags: p.replica_lags.iter().map(|l| (l.broker_id, u64::try_from(l.lag).ok())).collect(),
+                    compaction: (p.cleaner_offset >= 0).then_some(CompactionProgress {
+                        dirty_ratio: p.dirty_ratio,
+                        cleaner_offset: p.cleaner_offset,
+                        last_clean_ms: (p.last_clean_ms >= 0).then_some(p.last_clean_ms),
+                    }),
                     leader_error: (!p.leader_error.is_empty()).then_some(p.leader_error),
                 })
                 .collect(),
@@ -286,6 +305,7 @@ impl Admin {
                         high_watermark: -1,
                         log_end_offset: -1,
                         replica_lags: Vec::new(),
+                        compaction: None,
                         leader_error: (!p.leader_error.is_empty()).then_some(p.leader_error),
                     },
                 ));

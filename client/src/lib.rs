@@ -28,8 +28,8 @@ pub mod partitioner;
 mod producer;
 
 pub use admin::{
-    Admin, BrokerDescription, ClusterDescription, NewTopic, PartitionDescription, TopicDescription, TopicListing,
-    VoterDescription,
+    Admin, BrokerDescription, ClusterDescription, CompactionProgress, NewTopic, PartitionDescription, TopicDescription,
+    TopicListing, VoterDescription,
 };
 pub use client::{Client, ClientBuilder, ClientConfig, TopicInfo};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, Headers, OffsetReset, RecordStream, SeekTo};

@@ -54,6 +54,13 @@ fn print_batch(b: &SegmentBatch, print_data: bool) {
         b.compression,
         crc
     );
+    // Compaction keeps a batch's span: the offsets it no longer holds.
+    let removed = (b.last_offset - b.base_offset + 1 - i64::from(b.record_count)).max(0);
+    if b.error.is_none() && b.record_count == 0 {
+        println!("| compaction filler: offsets {}..={} were removed", b.base_offset, b.last_offset);
+    } else if b.error.is_none() && removed > 0 {
+        println!("| compacted: {removed} of {} offsets removed", b.last_offset - b.base_offset + 1);
+    }
     if !print_data || b.error.is_some() {
         return;
     }
@@ -88,6 +95,7 @@ pub fn run(ctx: &Context, args: DumpLogArgs) -> anyhow::Result<()> {
                     "position": b.position, "size": b.size, "base_offset": b.base_offset,
                     "last_offset": b.last_offset, "record_count": b.record_count,
                     "max_timestamp": b.max_timestamp, "valid": b.error.is_none(),
+                    "removed_offsets": (b.last_offset - b.base_offset + 1 - i64::from(b.record_count)).max(0),
                     "error": b.error.as_ref().map(ToString::to_string),
                 })),
                 Output::Table => print_batch(&b, args.print_data),

@@ -34,6 +34,11 @@ pub struct ProduceArgs {
     /// Batch codec: none, gzip, snappy, lz4 or zstd.
     #[arg(long, default_value = "none")]
     compression: tally_client::Compression,
+    /// Each line is a key to delete: send a tombstone (the key with a null
+    /// value) for it, which a compacted topic keeps for
+    /// `delete_retention_ms` and then drops with the key.
+    #[arg(long, conflicts_with = "key_separator")]
+    tombstone: bool,
 }
 
 /// Runs `tally produce`; exits non-zero unless every line was acknowledged.
@@ -62,15 +67,17 @@ pub async fn run(ctx: &Context, args: ProduceArgs) -> anyhow::Result<()> {
     while let Some(line) = lines.next_line().await.context("cannot read standard input")? {
         sent += 1;
         let (key, value) = match &args.key_separator {
+            _ if args.tombstone => (Some(line.as_bytes()), None),
             Some(sep) => match line.split_once(sep.as_str()) {
-                Some((k, v)) => (Some(k.as_bytes()), v.as_bytes()),
-                None => (None, line.as_bytes()),
+                Some((k, v)) => (Some(k.as_bytes()), Some(v.as_bytes())),
+                None => (None, Some(line.as_bytes())),
             },
-            None => (None, line.as_bytes()),
+            None => (None, Some(line.as_bytes())),
         };
-        let mut record = ProducerRecord::new(&args.topic, value).headers(&headers);
+        let mut record = ProducerRecord::tombstone(&args.topic, b"").headers(&headers);
         record.partition = args.partition;
         record.key = key;
+        record.value = value;
         match producer.send(record).await {
             Ok(f) => pending.push_back((sent, f)),
             Err(e) => settle(Err(e), sent, &mut failed),

@@ -104,6 +104,11 @@ pub async fn run(ctx: &Context, cmd: TopicCommand) -> anyhow::Result<()> {
                                     .map(|(b, lag)| json!({"broker": b, "lag": lag}))
                                     .collect::<Vec<_>>(),
                                 "leader_error": p.leader_error,
+                                "compaction": p.compaction.map(|c| json!({
+                                    "dirty_ratio": c.dirty_ratio,
+                                    "cleaner_offset": c.cleaner_offset,
+                                    "last_clean_ms": c.last_clean_ms,
+                                })),
                             })
                         })
                         .collect();
@@ -151,6 +156,15 @@ pub async fn run(ctx: &Context, cmd: TopicCommand) -> anyhow::Result<()> {
                         &rows,
                     );
                     for p in &d.partitions {
+                        if let Some(c) = &p.compaction {
+                            let last = c.last_clean_ms.map_or("not since its leader started".to_string(), |ms| {
+                                format!("{} s ago", (now_ms() - ms).max(0) / 1000)
+                            });
+                            println!(
+                                "partition {}: compacted below offset {}, dirty ratio {:.2}, last clean {last}",
+                                p.partition, c.cleaner_offset, c.dirty_ratio
+                            );
+                        }
                         if let Some(e) = &p.leader_error {
                             println!(
                                 "partition {}: unavailable, its leader cannot serve it (retrying): {e}",
@@ -184,4 +198,10 @@ pub async fn run(ctx: &Context, cmd: TopicCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }

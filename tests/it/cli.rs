@@ -102,3 +102,52 @@ async fn cli_produces_lines_and_consumes_them_back_in_order() {
     assert!(text.contains("value: line number 499"), "{text}");
     assert!(text.contains("valid: ok"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_deletes_keys_of_a_compacted_topic_and_shows_its_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let a = broker.address.clone();
+    let configs = ["cleanup_policy=compact", "segment_bytes=1024", "min_cleanable_dirty_ratio=0.01"];
+    let mut args = vec!["topic", "create", "table", "--partitions", "1"];
+    for c in &configs {
+        args.extend(["--config", c]);
+    }
+    let out = run(&a, &args, None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let input: String = (0..200).map(|i| format!("key-{}={}-{}\n", i % 4, i, "x".repeat(30))).collect();
+    let out = run(&a, &["produce", "table", "--acks", "all", "--key-separator", "="], Some(&input)).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&a, &["produce", "table", "--acks", "all", "--tombstone"], Some("key-0\n")).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // An unkeyed line is refused on a compacted topic.
+    let out = run(&a, &["produce", "table"], Some("no key\n")).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no key"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let compacted = crate::harness::wait_for(std::time::Duration::from_secs(30), async || {
+        let out = run(&a, &["topic", "describe", "table", "--output", "json"], None).await;
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["partitions"][0]["compaction"]["cleaner_offset"].as_i64().is_some_and(|o| o > 0)
+    })
+    .await;
+    assert!(compacted, "describe shows a clean");
+    let out = run(&a, &["topic", "describe", "table"], None).await;
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("compacted below offset") && text.contains("dirty ratio"), "{text}");
+
+    // The tombstone reads as Kafka's tools show it: %s empty, %S -1.
+    let out = run(&a, &["consume", "table", "--from", "200", "-n", "1", "--format", "%k:%s:%S\n"], None).await;
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "key-0::-1\n");
+    let out = run(&a, &["consume", "table", "--from", "beginning", "--exit-at-end", "--format", "%o %k\n"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = String::from_utf8(out.stdout).unwrap();
+    assert!(lines.lines().count() < 100, "superseded records are gone: {lines}");
+    assert!(lines.contains("199 key-3"), "the last record of a key stays: {lines}");
+
+    broker.stop().await.unwrap();
+    let out = run(&a, &["dump-log", dir.path().join("table-0").to_str().unwrap(), "--verify"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("compacted: 196 of 200 offsets removed"), "dump-log shows what compaction removed: {text}");
+}

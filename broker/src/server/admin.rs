@@ -135,8 +135,12 @@ impl Admin for AdminService {
                                 .filter(|_| state.leader.is_some_and(|l| l.0 == me))
                                 .and_then(|p| p.leadership_failure().or_else(|| p.failure()))
                                 .unwrap_or_default();
+                            let cleaning = led.and_then(|p| p.cleaning_due()).map(|(stats, _)| stats);
                             pb::PartitionDescription {
                                 leader_error,
+                                dirty_ratio: cleaning.map_or(0.0, |c| c.dirty_ratio()),
+                                cleaner_offset: cleaning.map_or(-1, |c| c.cleaner_offset.to_wire()),
+                                last_clean_ms: cleaning.and_then(|c| c.last_clean_ms).unwrap_or(-1),
                                 partition: i as u32,
                                 leader_id: state.leader.map_or(-1, |l| l.0 as i32),
                                 leader_epoch: state.leader_epoch.0,

@@ -176,6 +176,8 @@ pub struct Log {
     /// Where the last clean of a compacted log ended (persisted in
     /// `cleaner-offset-checkpoint`).
     cleaner_offset: u64,
+    /// When the last clean ended (since this open).
+    last_clean_ms: Option<i64>,
 }
 
 #[path = "log_cleaning.rs"]
@@ -223,6 +225,7 @@ impl Log {
             writer: Arc::new(CheckpointWriter::new(dir)),
             failed: None,
             cleaner_offset: super::checkpoint::read_cleaner_offset(dir)?.get(),
+            last_clean_ms: None,
         };
         log.load_segments(&bases)?;
         let leo = log.leo();

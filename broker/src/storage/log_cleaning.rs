@@ -95,6 +95,8 @@ pub struct CleanStats {
     pub cleaner_offset: Offset,
     /// The newest record time of the oldest dirty segment, if any.
     pub oldest_dirty_ms: Option<i64>,
+    /// When the last clean of this log since it was opened ended.
+    pub last_clean_ms: Option<i64>,
 }
 
 impl CleanStats {
@@ -161,6 +163,7 @@ impl Log {
             dirty_bytes: 0,
             cleaner_offset: Offset(self.cleaner_offset),
             oldest_dirty_ms: None,
+            last_clean_ms: self.last_clean_ms,
         };
         for segment in self.cleanable_segments(&compaction, now_ms) {
             if segment.next_offset() <= self.cleaner_offset {
@@ -278,6 +281,7 @@ impl Log {
     /// value only makes the next clean redo work).
     pub(crate) fn set_cleaner_offset(&mut self, offset: u64) -> Result<()> {
         self.cleaner_offset = offset;
+        self.last_clean_ms = Some(self.clock.now_ms());
         self.writer.write_offset_now(super::Kind::CleanerOffset, Offset(offset))
     }
 }
