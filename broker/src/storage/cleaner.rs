@@ -30,8 +30,6 @@
 //! about 2^-128 per pair, which would drop the older one's record. Like
 //! Kafka's MD5, this is no defence against keys built to collide.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
 use tally_proto::batch::{self, RecordBatch, Retained};
@@ -40,9 +38,81 @@ use super::log::{CleanPlan, SegmentView, StagedGroup};
 use super::segment::Segment;
 use super::{CleanStats, Log, Result, StorageError};
 
-/// Bytes of map memory per entry: a 16-byte hash, an 8-byte offset and
-/// the hash table's own overhead.
-const MAP_ENTRY_BYTES: u64 = 32;
+/// Bytes of map memory per slot: a 16-byte key hash and an 8-byte offset.
+const MAP_ENTRY_BYTES: u64 = 24;
+
+/// The most of its slots the offset map fills (linear probing stays short).
+const MAP_LOAD: f64 = 0.9;
+
+/// Key hash -> last offset, in a flat table of `dedupe_buffer_bytes`
+/// (Kafka's `SkimpyOffsetMap`): open addressing with linear probing, no
+/// allocation per entry, and a pass uses (and touches) only as many slots
+/// as its section has records.
+struct OffsetMap {
+    /// `[hash high, hash low, offset]`; offset `u64::MAX` marks a free slot.
+    slots: Vec<[u64; 3]>,
+    /// Slots in use this pass (a prefix of `slots`).
+    len: usize,
+    entries: usize,
+}
+
+impl OffsetMap {
+    fn new(budget_bytes: u64) -> OffsetMap {
+        let most = usize::try_from((budget_bytes / MAP_ENTRY_BYTES).max(16)).unwrap_or(usize::MAX);
+        OffsetMap { slots: Vec::with_capacity(most), len: 0, entries: 0 }
+    }
+
+    /// Empties the map, sized for up to `records` entries (within budget).
+    fn reset(&mut self, records: u64) {
+        let wanted = ((records as f64 / MAP_LOAD) as usize).max(16);
+        self.len = wanted.min(self.slots.capacity());
+        self.slots.clear();
+        self.slots.resize(self.len, [0, 0, u64::MAX]);
+        self.entries = 0;
+    }
+
+    /// How many more entries fit.
+    fn room(&self) -> usize {
+        ((self.len as f64 * MAP_LOAD) as usize).saturating_sub(self.entries)
+    }
+
+    fn slot(&self, hash: u128) -> usize {
+        ((hash as u64) % self.len as u64) as usize
+    }
+
+    fn put(&mut self, hash: u128, offset: u64) {
+        let (hi, lo) = ((hash >> 64) as u64, hash as u64);
+        let mut i = self.slot(hash);
+        loop {
+            let s = &mut self.slots[i];
+            if s[2] == u64::MAX {
+                *s = [hi, lo, offset];
+                self.entries += 1;
+                return;
+            }
+            if s[0] == hi && s[1] == lo {
+                s[2] = offset;
+                return;
+            }
+            i = if i + 1 == self.len { 0 } else { i + 1 };
+        }
+    }
+
+    fn get(&self, hash: u128) -> Option<u64> {
+        let (hi, lo) = ((hash >> 64) as u64, hash as u64);
+        let mut i = self.slot(hash);
+        loop {
+            let s = &self.slots[i];
+            if s[2] == u64::MAX {
+                return None;
+            }
+            if s[0] == hi && s[1] == lo {
+                return Some(s[2]);
+            }
+            i = if i + 1 == self.len { 0 } else { i + 1 };
+        }
+    }
+}
 
 /// Settings of the broker's cleaner, with Kafka's names.
 #[derive(Debug, Clone, Copy)]
@@ -100,26 +170,6 @@ pub struct CleanOutcome {
     pub completed: bool,
 }
 
-/// The hash map's hasher: the keys are hashes already.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 ^= u64::from_le_bytes(word);
-        }
-    }
-    fn write_u128(&mut self, n: u128) {
-        self.0 = n as u64;
-    }
-}
-
 fn key_hash(key: &[u8]) -> u128 {
     twox_hash::XxHash3_128::oneshot(key)
 }
@@ -128,19 +178,16 @@ fn key_hash(key: &[u8]) -> u128 {
 /// pass, so its memory is bounded) and its rate limit.
 pub struct Cleaner {
     config: CleanerConfig,
-    map: HashMap<u128, u64, BuildHasherDefault<Prehashed>>,
-    capacity: usize,
+    map: OffsetMap,
     throttle: Throttle,
 }
 
 impl Cleaner {
     /// A cleaner with an empty map of `dedupe_buffer_bytes`.
     pub fn new(config: CleanerConfig) -> Cleaner {
-        let capacity = usize::try_from((config.dedupe_buffer_bytes / MAP_ENTRY_BYTES).max(1)).unwrap_or(usize::MAX);
         Cleaner {
             config,
-            map: HashMap::with_capacity_and_hasher(capacity, Default::default()),
-            capacity,
+            map: OffsetMap::new(config.dedupe_buffer_bytes),
             throttle: Throttle::new(config.io_max_bytes_per_second),
         }
     }
@@ -187,30 +234,36 @@ impl Cleaner {
     /// is full. Returns where the map ends: records at or above it are left
     /// as they are.
     fn build_map(&mut self, plan: &CleanPlan) -> Result<u64> {
-        self.map.clear();
+        let dirty: Vec<&SegmentView> = plan.segments.iter().filter(|s| s.next > plan.cleaner_offset).collect();
+        // The section's record count bounds its keys: the map is sized (and
+        // its memory touched) for that, within the budget.
+        let records: u64 = dirty.iter().map(|s| record_count(&s.bytes)).sum();
+        self.map.reset(records);
         let mut end = plan.cleaner_offset;
-        for segment in plan.segments.iter().filter(|s| s.next > plan.cleaner_offset) {
+        for segment in dirty {
             for (batch, _) in batches(segment)? {
                 let h = batch.header();
                 if (h.last_offset() as u64) < plan.cleaner_offset {
                     continue;
                 }
-                let records = h.record_count().max(0) as usize;
-                if self.map.len() + records > self.capacity {
+                let count = h.record_count().max(0) as usize;
+                if count > self.map.room() {
                     if end == plan.cleaner_offset {
                         return Err(StorageError::InvalidArgument(format!(
-                            "the cleaner's dedupe buffer ({} bytes) cannot hold one batch of {records} records",
+                            "the cleaner's dedupe buffer ({} bytes) cannot hold one batch of {count} records",
                             self.config.dedupe_buffer_bytes
                         )));
                     }
                     return Ok(end);
                 }
-                for record in batch.records().map_err(|e| corrupt(segment, 0, e))? {
-                    let record = record.map_err(|e| corrupt(segment, 0, e))?;
-                    if let Some(key) = &record.key {
-                        self.map.insert(key_hash(key), record.offset as u64);
-                    }
-                }
+                let map = &mut self.map;
+                batch
+                    .for_each_key(|offset, key| {
+                        if let Some(key) = key {
+                            map.put(key_hash(key), offset as u64);
+                        }
+                    })
+                    .map_err(|e| corrupt(segment, 0, e))?;
                 end = h.next_offset() as u64;
                 self.throttle.account(batch.len() as u64);
             }
@@ -283,14 +336,14 @@ impl Cleaner {
                 } else {
                     let horizon = batch.delete_horizon_ms();
                     let map = &self.map;
-                    let keep = |r: &batch::Record| {
-                        let Some(key) = &r.key else { return false };
-                        if map.get(&key_hash(key)).is_some_and(|&latest| latest > r.offset as u64) {
+                    let keep = |offset: i64, key: Option<&[u8]>, has_value: bool| {
+                        let Some(key) = key else { return false };
+                        if map.get(key_hash(key)).is_some_and(|latest| latest > offset as u64) {
                             return false;
                         }
                         // The latest record of its key: a tombstone goes once
                         // its horizon has passed.
-                        r.value.is_some() || horizon.is_none_or(|h| now_ms < h)
+                        has_value || horizon.is_none_or(|h| now_ms < h)
                     };
                     batch.retain(keep, delete_horizon).map_err(|e| corrupt(segment, 0, e))?
                 };
@@ -396,6 +449,22 @@ fn groups<'a>(segments: &'a [&'a SegmentView], max_bytes: u64) -> Vec<&'a [&'a S
         start = end;
     }
     out
+}
+
+/// Records in a segment's bytes, from the batch headers alone (an upper
+/// bound for sizing the map; the batches are checked when read).
+fn record_count(bytes: &[u8]) -> u64 {
+    let (mut position, mut records) = (0usize, 0u64);
+    while let Some(total) = batch::batch_size_at(&bytes[position..]).filter(|t| *t >= batch::HEADER_LEN) {
+        if let Ok(h) = batch::BatchHeader::new(&bytes[position..]) {
+            records += h.record_count().max(0) as u64;
+        }
+        position += total;
+        if position >= bytes.len() {
+            break;
+        }
+    }
+    records
 }
 
 /// The batches of a segment's bytes, each CRC-checked.

@@ -19,7 +19,7 @@ use bytes::Bytes;
 
 use super::{
     ATTRIBUTES, BASE_TIMESTAMP, BATCH_LENGTH, BatchError, CRC, HEADER_LEN, LOG_OVERHEAD, MAX_TIMESTAMP, RECORD_COUNT,
-    Record, RecordBatch, compute_crc, parse_record,
+    RecordBatch, compute_crc, parse_record,
 };
 use crate::compression::Compression;
 use crate::varint::{put_varint, put_varlong};
@@ -47,13 +47,37 @@ impl RecordBatch {
         (header.attributes() & DELETE_HORIZON_BIT != 0).then(|| header.base_timestamp())
     }
 
-    /// This batch with only the records `keep` accepts. When a kept record
-    /// is a tombstone (a key with a null value) and the batch has no delete
-    /// horizon yet, `new_delete_horizon_ms` becomes its horizon. Decompresses
-    /// and compresses again with the batch's codec.
+    /// Calls `f` with each record's offset and key, borrowed from the batch
+    /// (or from its records decompressed once): what the log cleaner's
+    /// offset map needs, without a `Bytes` per field.
+    pub fn for_each_key(&self, mut f: impl FnMut(i64, Option<&[u8]>)) -> Result<(), BatchError> {
+        let header = self.header();
+        let owned;
+        let bytes: &[u8] = match Compression::from_attributes(header.attributes())? {
+            Compression::None => &self.bytes,
+            _ => {
+                owned = self.decompressed(super::MAX_UNCOMPRESSED_BYTES)?;
+                &owned
+            }
+        };
+        let mut pos = HEADER_LEN;
+        for index in 0..header.record_count().max(0) {
+            let (raw, end) = parse_record(bytes, pos, index)?;
+            f(header.base_offset() + i64::from(raw.offset_delta), raw.key.map(|k| &bytes[k]));
+            pos = end;
+        }
+        Ok(())
+    }
+
+    /// This batch with only the records `keep` accepts; `keep` sees each
+    /// record's offset, key, and whether it has a value (borrowed, no
+    /// allocation per record). When a kept record is a tombstone (a key
+    /// with a null value) and the batch has no delete horizon yet,
+    /// `new_delete_horizon_ms` becomes its horizon. Decompresses and
+    /// compresses again with the batch's codec.
     pub fn retain(
         &self,
-        mut keep: impl FnMut(&Record) -> bool,
+        mut keep: impl FnMut(i64, Option<&[u8]>, bool) -> bool,
         new_delete_horizon_ms: i64,
     ) -> Result<Retained, BatchError> {
         let header = self.header();
@@ -64,18 +88,18 @@ impl RecordBatch {
             _ => self.decompressed(super::MAX_UNCOMPRESSED_BYTES)?,
         };
         // Positions [start, end) of the kept records in `plain`, with their
-        // timestamps and offset deltas (for a rebase).
+        // stored timestamps and offset deltas (for a rebase).
         let mut kept: Vec<(usize, usize, i64, i32)> = Vec::new();
         let mut keeps_tombstone = false;
-        let mut records = self.records()?;
         let mut pos = HEADER_LEN;
         for index in 0..count.max(0) {
-            let record =
-                records.next().unwrap_or(Err(BatchError::MalformedRecord { index, what: "missing record" }))?;
-            let (_, end) = parse_record(&plain, pos, index)?;
-            if keep(&record) {
-                keeps_tombstone |= record.key.is_some() && record.value.is_none();
-                kept.push((pos, end, record.timestamp, record.offset_delta));
+            let (raw, end) = parse_record(&plain, pos, index)?;
+            let key = raw.key.clone().map(|k| &plain[k]);
+            let offset = header.base_offset() + i64::from(raw.offset_delta);
+            if keep(offset, key, raw.value.is_some()) {
+                keeps_tombstone |= key.is_some() && raw.value.is_none();
+                let timestamp = header.base_timestamp().wrapping_add(raw.timestamp_delta);
+                kept.push((pos, end, timestamp, raw.offset_delta));
             }
             pos = end;
         }
@@ -89,15 +113,14 @@ impl RecordBatch {
         let log_append_time = header.is_log_append_time();
         let base_timestamp = if set_horizon { new_delete_horizon_ms } else { header.base_timestamp() };
         let mut body = Vec::with_capacity(pos - HEADER_LEN);
-        for &(start, end, _, offset_delta) in &kept {
+        for &(start, end, timestamp, offset_delta) in &kept {
             if !set_horizon {
                 body.extend_from_slice(&plain[start..end]);
                 continue;
             }
             // Rebase the timestamp delta on the horizon; the rest of the
             // record (key, value, headers) is copied as it was.
-            let (raw, _) = parse_record(&plain, start, 0)?;
-            let stored_timestamp = header.base_timestamp().wrapping_add(raw.timestamp_delta);
+            let stored_timestamp = timestamp;
             let rest = key_field_start(&plain, start);
             let mut record = Vec::with_capacity(end - start + 10);
             record.push(0); // attributes
@@ -218,7 +241,7 @@ mod tests {
                 &[(Some("a"), Some("1"), 1000), (Some("b"), Some("2"), 1005), (Some("a"), Some("3"), 1002)],
                 codec,
             );
-            let b = rewritten(original.retain(|r| r.offset != 40 && r.offset != 42, 0).unwrap());
+            let b = rewritten(original.retain(|offset, _, _| offset != 40 && offset != 42, 0).unwrap());
             let h = b.header();
             assert_eq!((h.base_offset(), h.last_offset(), h.record_count()), (40, 42, 1), "{codec:?}");
             assert_eq!((h.producer_id(), h.producer_epoch(), h.base_sequence()), (7, 2, 100));
@@ -255,15 +278,15 @@ mod tests {
     #[test]
     fn all_kept_is_unchanged_and_none_kept_is_empty() {
         let original = batch(&[(Some("a"), Some("1"), 1000), (Some("b"), Some("2"), 1001)], Compression::None);
-        assert!(matches!(original.retain(|_| true, 0).unwrap(), Retained::Unchanged));
-        assert!(matches!(original.retain(|_| false, 0).unwrap(), Retained::Empty));
+        assert!(matches!(original.retain(|_, _, _| true, 0).unwrap(), Retained::Unchanged));
+        assert!(matches!(original.retain(|_, _, _| false, 0).unwrap(), Retained::Empty));
     }
 
     #[test]
     fn a_kept_tombstone_gets_a_delete_horizon_once_and_timestamps_stay_true() {
         for codec in [Compression::None, Compression::Zstd] {
             let original = batch(&[(Some("a"), None, 1000), (Some("b"), Some("2"), 1007)], codec);
-            let b = rewritten(original.retain(|_| true, 90_000).unwrap());
+            let b = rewritten(original.retain(|_, _, _| true, 90_000).unwrap());
             assert_eq!(b.delete_horizon_ms(), Some(90_000));
             assert_eq!(
                 contents(&b),
@@ -275,8 +298,8 @@ mod tests {
             );
             assert_eq!(b.header().max_timestamp(), 1007);
             // A later pass keeps the first horizon.
-            assert!(matches!(b.retain(|_| true, 200_000).unwrap(), Retained::Unchanged));
-            let later = rewritten(b.retain(|r| r.offset == 40, 200_000).unwrap());
+            assert!(matches!(b.retain(|_, _, _| true, 200_000).unwrap(), Retained::Unchanged));
+            let later = rewritten(b.retain(|offset, _, _| offset == 40, 200_000).unwrap());
             assert_eq!(later.delete_horizon_ms(), Some(90_000));
             assert_eq!(contents(&later), vec![(40, Some(Bytes::from("a")), None, 1000)]);
         }
