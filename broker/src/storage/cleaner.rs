@@ -64,7 +64,8 @@ impl OffsetMap {
 
     /// Empties the map, sized for up to `records` entries (within budget).
     fn reset(&mut self, records: u64) {
-        let wanted = ((records as f64 / MAP_LOAD) as usize).max(16);
+        // Enough slots that `room` holds every record at the load factor.
+        let wanted = usize::try_from(records.saturating_mul(10) / 9 + 2).unwrap_or(usize::MAX).max(16);
         self.len = wanted.min(self.slots.capacity());
         self.slots.clear();
         self.slots.resize(self.len, [0, 0, u64::MAX]);

@@ -206,6 +206,19 @@ fn a_tombstone_outlives_its_first_clean_by_the_delete_retention_then_goes() {
 }
 
 #[test]
+fn a_section_of_one_large_batch_fits_the_map_it_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let log = open(dir.path(), 1 << 20, &clock);
+    for n in [200usize, 9, 1000] {
+        let group: Vec<Rec> = (0..n).map(|i| rec(&format!("k{}", i % (n / 2).max(1)), Some("v"))).collect();
+        append_all(&log, &[group], &clock);
+        let outcome = clean(&mut Cleaner::new(CleanerConfig::default()), &log, &clock).expect("a pass ran");
+        assert!(outcome.completed && outcome.records_removed > 0, "{n} records: {outcome:?}");
+    }
+}
+
+#[test]
 fn unkeyed_records_do_not_survive_a_clean() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(1_000_000));
