@@ -505,7 +505,17 @@ proptest! {
         let keys: std::collections::BTreeSet<&String> = got.iter().map(|r| &r.1).collect();
         prop_assert_eq!(keys.len(), got.len(), "one record per key after a full clean");
         drop(log);
-        let reopened = open(dir.path(), segment_bytes, &clock);
-        prop_assert_eq!(reopened.with_log(|l| read_records(l)), got);
+        let log = open(dir.path(), segment_bytes, &clock);
+        prop_assert_eq!(&log.with_log(|l| read_records(l)), &got);
+        // Past the delete retention, the next clean drops every tombstone
+        // it kept (and its key); live keys stay.
+        clock.advance(RETENTION + 1);
+        written.extend(append_all(&log, &[vec![rec("fresh", Some("1"))]], &clock));
+        while clean(&mut full, &log, &clock).is_some() {}
+        let after = log.with_log(|l| read_records(l));
+        prop_assert!(after.iter().all(|(_, k, v)| v.is_some() || k == "fresh"), "no tombstone outlives its horizon: {:?}", after);
+        let live: Vec<_> = got.iter().filter(|(_, _, v)| v.is_some()).cloned().collect();
+        let after_live: Vec<_> = after.iter().filter(|(_, k, _)| k != "fresh").cloned().collect();
+        prop_assert_eq!(after_live, live);
     }
 }
