@@ -175,7 +175,8 @@ impl BrokerError {
                 BatchError::ControlBatch
                 | BatchError::ProducerFields { .. }
                 | BatchError::HeaderKeyNotUtf8 { .. }
-                | BatchError::MissingKey { .. },
+                | BatchError::MissingKey { .. }
+                | BatchError::DeleteHorizonSet,
             ) => ErrorCode::InvalidRecord,
             BrokerError::CorruptMessage(BatchError::TimestampOutOfRange { .. }) => ErrorCode::InvalidTimestamp,
             BrokerError::CorruptMessage(_) => ErrorCode::CorruptMessage,

@@ -9,9 +9,10 @@
 //! bounded whatever the partitions hold. The work is synchronous I/O on
 //! plain threads, off the async runtime.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -22,6 +23,9 @@ use crate::storage::{Cleaner, CleanerConfig};
 /// The running cleaner threads; [`LogCleaners::stop`] ends them.
 pub struct LogCleaners {
     stop: watch::Sender<bool>,
+    /// Each thread's cleaner's stop flag: a pass in progress ends at its
+    /// next batch when the broker stops.
+    flags: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -39,21 +43,27 @@ impl LogCleaners {
         let backoff = Duration::from_millis(config.log_cleaner_backoff_ms);
         let (stop, stopped) = watch::channel(false);
         let busy = Arc::new(Mutex::new(HashSet::new()));
+        let failed = Arc::new(Mutex::new(HashMap::new()));
+        let flags = Arc::new(Mutex::new(Vec::new()));
         let mut threads = Vec::new();
         for i in 0..count {
-            let (broker, stopped, busy) = (broker.clone(), stopped.clone(), busy.clone());
+            let (broker, stopped, busy, failed) = (broker.clone(), stopped.clone(), busy.clone(), failed.clone());
+            let cleaner = Cleaner::new(cleaner);
+            flags.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(cleaner.stop_flag());
             let thread = std::thread::Builder::new()
                 .name(format!("log-cleaner-{i}"))
-                .spawn(move || run(&broker, cleaner, backoff, &stopped, &busy))?;
+                .spawn(move || run(&broker, cleaner, backoff, &stopped, &busy, &failed))?;
             threads.push(thread);
         }
-        Ok(LogCleaners { stop, threads })
+        Ok(LogCleaners { stop, flags, threads })
     }
 
-    /// Stops the threads, waiting for a pass in progress to end (a pass is
-    /// bounded by one partition's cleanable bytes).
+    /// Stops the threads; a pass in progress stops at its next batch.
     pub fn stop(self) {
         let _ = self.stop.send(true);
+        for flag in self.flags.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
+            flag.store(true, Ordering::Relaxed);
+        }
         for t in self.threads {
             let _ = t.join();
         }
@@ -62,18 +72,34 @@ impl LogCleaners {
 
 type Busy = Mutex<HashSet<(Arc<str>, u32)>>;
 
-fn run(broker: &Broker, config: CleanerConfig, backoff: Duration, stopped: &watch::Receiver<bool>, busy: &Busy) {
-    let mut cleaner = Cleaner::new(config);
+/// Partitions whose last pass failed: not tried again before the instant,
+/// with the wait doubling up to [`FAILED_BACKOFF_MAX`] (Kafka marks them
+/// uncleanable), so one bad partition does not take every pass.
+type Failed = Mutex<HashMap<(Arc<str>, u32), (Instant, Duration)>>;
+
+/// The longest wait before a partition whose cleaning failed is tried again.
+const FAILED_BACKOFF_MAX: Duration = Duration::from_secs(600);
+
+fn run(
+    broker: &Broker,
+    mut cleaner: Cleaner,
+    backoff: Duration,
+    stopped: &watch::Receiver<bool>,
+    busy: &Busy,
+    failed: &Failed,
+) {
+    let stop = cleaner.stop_flag();
     while !*stopped.borrow() {
-        let Some(partition) = dirtiest(broker, busy) else {
-            sleep_unless_stopped(backoff, stopped);
+        let Some(partition) = dirtiest(broker, busy, failed) else {
+            sleep_unless_stopped(backoff, stopped, &stop);
             continue;
         };
         let key = (Arc::<str>::from(partition.topic()), partition.index());
         let span = tracing::info_span!("log_cleaner", topic = partition.topic(), partition = partition.index());
         let _enter = span.enter();
         let began = std::time::Instant::now();
-        match partition.clean(&mut cleaner, false) {
+        let result = partition.clean(&mut cleaner, false);
+        match &result {
             Ok(Some(outcome)) => tracing::info!(
                 segments_before = outcome.segments_before,
                 segments_after = outcome.segments_after,
@@ -86,10 +112,16 @@ fn run(broker: &Broker, config: CleanerConfig, backoff: Duration, stopped: &watc
                 "cleaned"
             ),
             Ok(None) => {}
+            Err(_) if *stopped.borrow() => {}
             Err(e) => {
-                tracing::error!(error = %e, "cleaning failed");
-                sleep_unless_stopped(backoff, stopped);
+                let mut failed = failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let wait = failed.get(&key).map_or(backoff, |(_, w)| (*w * 2).min(FAILED_BACKOFF_MAX));
+                tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "cleaning failed; other partitions go first");
+                failed.insert(key.clone(), (Instant::now() + wait, wait));
             }
+        }
+        if let Ok(Some(_)) = &result {
+            failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
         }
         busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
     }
@@ -97,12 +129,17 @@ fn run(broker: &Broker, config: CleanerConfig, backoff: Duration, stopped: &watc
 
 /// The due partition with the highest dirty ratio that no other thread is
 /// cleaning, marked busy.
-fn dirtiest(broker: &Broker, busy: &Busy) -> Option<Arc<Partition>> {
+fn dirtiest(broker: &Broker, busy: &Busy, failed: &Failed) -> Option<Arc<Partition>> {
     let mut busy = busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let failed = failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let now = Instant::now();
     let best = broker
         .all_partitions()
         .into_iter()
-        .filter(|p| !busy.contains(&(Arc::<str>::from(p.topic()), p.index())))
+        .filter(|p| {
+            let key = (Arc::<str>::from(p.topic()), p.index());
+            !busy.contains(&key) && failed.get(&key).is_none_or(|(until, _)| now >= *until)
+        })
         .filter_map(|p| match p.cleaning_due() {
             Some((stats, true)) => Some((stats.dirty_ratio(), p)),
             _ => None,
@@ -113,10 +150,10 @@ fn dirtiest(broker: &Broker, busy: &Busy) -> Option<Arc<Partition>> {
     Some(best)
 }
 
-fn sleep_unless_stopped(total: Duration, stopped: &watch::Receiver<bool>) {
+fn sleep_unless_stopped(total: Duration, stopped: &watch::Receiver<bool>, stop: &AtomicBool) {
     let step = Duration::from_millis(100);
     let mut left = total;
-    while !left.is_zero() && !*stopped.borrow() {
+    while !left.is_zero() && !*stopped.borrow() && !stop.load(Ordering::Relaxed) {
         let nap = left.min(step);
         std::thread::sleep(nap);
         left -= nap;

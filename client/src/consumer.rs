@@ -159,6 +159,10 @@ struct Chunk {
     generation: u64,
     records: VecDeque<ConsumerRecord>,
     bytes: usize,
+    /// Offset after the fetched batches: the position once every record
+    /// is handed out (a compacted log's batches may end in offsets that
+    /// hold no record).
+    next_offset: i64,
 }
 
 #[derive(Debug, Default)]
@@ -204,10 +208,11 @@ impl State {
             let record = if live { chunk.records.pop_front() } else { None };
             match record {
                 Some(r) => {
+                    let exhausted = chunk.records.is_empty();
                     if let Some(a) = self.assigned.get_mut(&chunk.key) {
                         a.position = a.position.max(r.offset + 1);
                     }
-                    if chunk.records.is_empty() {
+                    if exhausted {
                         self.pop_chunk();
                     }
                     return Some(r);
@@ -217,8 +222,15 @@ impl State {
         }
     }
 
+    /// Drops the front chunk; a live one that was handed out whole moves its
+    /// partition's position to the chunk's end.
     fn pop_chunk(&mut self) {
         if let Some(c) = self.buffered.pop_front() {
+            if c.records.is_empty()
+                && let Some(a) = self.assigned.get_mut(&c.key).filter(|a| a.generation == c.generation)
+            {
+                a.position = a.position.max(c.next_offset);
+            }
             self.buffered_bytes -= c.bytes;
         }
     }
@@ -689,13 +701,19 @@ async fn take_partition(inner: &Arc<Inner>, target: &Target, p: pb::FetchPartiti
         return; // sought, paused or unassigned meanwhile
     };
     a.high_watermark = fetched.high_watermark;
-    if let Some(next) = fetched.next_offset() {
-        a.fetch_position = a.fetch_position.max(next);
+    let Some(next) = fetched.next_offset() else { return };
+    a.fetch_position = a.fetch_position.max(next);
+    let (key, generation) = (target.key.clone(), target.generation);
+    if records.is_empty() && !st.buffered.iter().any(|c| c.key == key && c.generation == generation) {
+        // Batches without records for us (a compacted log's removed
+        // offsets): nothing to hand out, the position moves past them.
+        if let Some(a) = st.assigned.get_mut(&key) {
+            a.position = a.position.max(next);
+        }
+        return;
     }
-    if !records.is_empty() {
-        st.buffered_bytes += bytes;
-        st.buffered.push_back(Chunk { key: target.key.clone(), generation: target.generation, records, bytes });
-    }
+    st.buffered_bytes += bytes;
+    st.buffered.push_back(Chunk { key, generation, records, bytes, next_offset: next });
 }
 
 /// Reports a partition's non-retriable failure once and stops fetching it.

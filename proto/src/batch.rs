@@ -149,6 +149,11 @@ pub enum BatchError {
         /// Which rule they break.
         why: &'static str,
     },
+    /// A batch with the delete-horizon attribute, which only the log cleaner
+    /// sets (INVALID_RECORD): a producer could otherwise shorten
+    /// `delete_retention_ms` for its tombstones.
+    #[error("the batch has the delete-horizon attribute (0x40) set; only the log cleaner sets it")]
+    DeleteHorizonSet,
     /// A record without a key for a compacted topic (INVALID_RECORD).
     #[error("record {index} has no key: a compacted topic keeps the last record of every key, so each needs one")]
     MissingKey {
@@ -404,6 +409,9 @@ impl RecordBatch {
         }
         if header.is_control() {
             return Err(BatchError::ControlBatch);
+        }
+        if header.attributes() & retain::DELETE_HORIZON_BIT != 0 {
+            return Err(BatchError::DeleteHorizonSet);
         }
         check_producer_fields(&header)?;
         if i64::from(header.last_offset_delta()) + 1 != i64::from(count) {

@@ -30,6 +30,8 @@
 //! about 2^-128 per pair, which would drop the older one's record. Like
 //! Kafka's MD5, this is no defence against keys built to collide.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tally_proto::batch::{self, RecordBatch, Retained};
@@ -181,6 +183,8 @@ pub struct Cleaner {
     config: CleanerConfig,
     map: OffsetMap,
     throttle: Throttle,
+    /// Set to make a pass in progress stop at its next batch.
+    stop: Arc<AtomicBool>,
 }
 
 impl Cleaner {
@@ -190,7 +194,21 @@ impl Cleaner {
             config,
             map: OffsetMap::new(config.dedupe_buffer_bytes),
             throttle: Throttle::new(config.io_max_bytes_per_second),
+            stop: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// A flag that, once set, stops a pass at its next batch (nothing of
+    /// the group being written is installed); for a broker shutting down.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    fn check_stop(&self) -> Result<()> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(StorageError::InvalidArgument("cleaning stopped: the broker is shutting down".into()));
+        }
+        Ok(())
     }
 
     /// Cleans the log once if it is compacted and due by its own clock (see
@@ -215,8 +233,11 @@ impl Cleaner {
             let staged = self.rewrite_group(plan, group, map_end, now_ms, delete_horizon, &mut outcome)?;
             let installed = log.with_log(|l| l.install_cleaned(&staged, plan.truncations));
             match installed {
-                Ok(true) => {}
-                Ok(false) => {
+                Ok(Some(retired)) => {
+                    drop(staged);
+                    retired.finish()?;
+                }
+                Ok(None) => {
                     staged.discard(&plan.dir);
                     outcome.completed = false;
                     return Ok(outcome);
@@ -227,7 +248,7 @@ impl Cleaner {
                 }
             }
         }
-        log.with_log(|l| l.set_cleaner_offset(map_end))?;
+        log.with_log(|l| l.set_cleaner_offset(map_end, plan.truncations))?;
         Ok(outcome)
     }
 
@@ -242,9 +263,11 @@ impl Cleaner {
         self.map.reset(records);
         let mut end = plan.cleaner_offset;
         for segment in dirty {
-            for (batch, _) in batches(segment)? {
+            for batch in batches(segment) {
+                self.check_stop()?;
+                let batch = batch?;
                 let h = batch.header();
-                if (h.last_offset() as u64) < plan.cleaner_offset {
+                if h.is_control() || (h.last_offset() as u64) < plan.cleaner_offset {
                     continue;
                 }
                 let count = h.record_count().max(0) as usize;
@@ -288,7 +311,12 @@ impl Cleaner {
         // Rewritten batches are rarely larger than they were (a recompressed
         // one, a horizon's rebased timestamps): room for twice the input.
         let log_bytes = input.saturating_mul(2).saturating_add(1 << 20).min(u64::from(u32::MAX));
-        let sizes = super::segment::SegmentSizes { log_bytes, index_bytes: plan.sizes.index_bytes };
+        // Indexes for every entry the output can need (an entry needs an
+        // index interval of bytes since the last), whatever
+        // segment_index_bytes; they are allocated as they fill.
+        let entries = log_bytes / plan.index_interval_bytes.max(1) + 64;
+        let index_bytes = plan.sizes.index_bytes.max(entries.saturating_mul(12));
+        let sizes = super::segment::SegmentSizes { log_bytes, index_bytes };
         let dir = &plan.dir;
         let _ = super::fs::remove_if_exists(&dir.join(super::segment::file_name(base, "log.cleaned")));
         let mut out = Segment::create_named(dir, base, super::log::CLEANED, sizes, now_ms)?;
@@ -326,11 +354,13 @@ impl Cleaner {
         // Batches removed whole, not yet covered by a filler.
         let mut removed: Option<Removed> = None;
         for segment in group {
-            for (batch, _) in batches(segment)? {
+            for batch in batches(segment) {
+                self.check_stop()?;
+                let batch = batch?;
                 let h = batch.header();
                 let (base, epoch, count_before) =
                     (h.base_offset() as u64, h.partition_leader_epoch(), h.record_count());
-                let (last, base_ts, max_ts) = (h.last_offset() as u64, h.base_timestamp(), h.max_timestamp());
+                let last = h.last_offset() as u64;
                 let total = h.total_size().max(0) as u64;
                 let kept = if base >= map_end || h.is_control() {
                     Retained::Unchanged
@@ -360,11 +390,10 @@ impl Cleaner {
                         let joins =
                             removed.as_ref().is_some_and(|r| r.epoch == epoch && last - r.base <= i32::MAX as u64);
                         if joins {
-                            let r = removed.as_mut().expect("joins");
-                            (r.last, r.max_ts) = (last, r.max_ts.max(max_ts));
+                            removed.as_mut().expect("joins").last = last;
                         } else {
                             self.write_filler(out, removed.take(), interval, now_ms)?;
-                            removed = Some(Removed { base, last, epoch, base_ts, max_ts });
+                            removed = Some(Removed { base, last, epoch });
                         }
                         continue;
                     }
@@ -381,7 +410,8 @@ impl Cleaner {
     fn write_filler(&mut self, out: &mut Segment, removed: Option<Removed>, interval: u64, now_ms: i64) -> Result<()> {
         let Some(r) = removed else { return Ok(()) };
         let delta = i32::try_from(r.last - r.base).expect("runs are split to fit");
-        let filler = RecordBatch::filler(delta, r.base_ts, r.max_ts);
+        // No timestamp: a filler holds no record for a time lookup to find.
+        let filler = RecordBatch::filler(delta, -1, -1);
         self.write(out, &filler, r.base, r.epoch, interval, now_ms)
     }
 
@@ -413,8 +443,6 @@ struct Removed {
     base: u64,
     last: u64,
     epoch: i32,
-    base_ts: i64,
-    max_ts: i64,
 }
 
 /// Closes the staged segment, gives it the replaced segments' last append
@@ -468,22 +496,38 @@ fn record_count(bytes: &[u8]) -> u64 {
     records
 }
 
-/// The batches of a segment's bytes, each CRC-checked.
-fn batches(segment: &SegmentView) -> Result<Vec<(RecordBatch, u64)>> {
-    let mut out = Vec::new();
-    let mut position = 0usize;
-    let bytes = &segment.bytes;
-    while position < bytes.len() {
-        let total =
-            batch::batch_size_at(&bytes[position..]).filter(|t| position + t <= bytes.len()).ok_or_else(|| {
-                corrupt(segment, position as u64, batch::BatchError::Truncated { needed: 12, available: 0 })
-            })?;
-        let one = RecordBatch::check_framing(bytes.slice(position..position + total))
-            .map_err(|e| corrupt(segment, position as u64, e))?;
-        out.push((one, position as u64));
-        position += total;
+/// The batches of a segment's bytes, each CRC-checked, one at a time (a
+/// segment of small batches must not cost memory per batch).
+fn batches(segment: &SegmentView) -> Batches<'_> {
+    Batches { segment, position: 0 }
+}
+
+struct Batches<'a> {
+    segment: &'a SegmentView,
+    position: usize,
+}
+
+impl Iterator for Batches<'_> {
+    type Item = Result<RecordBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let bytes = &self.segment.bytes;
+        let position = self.position;
+        if position >= bytes.len() {
+            return None;
+        }
+        let one = batch::batch_size_at(&bytes[position..])
+            .filter(|t| *t >= batch::HEADER_LEN && position + t <= bytes.len())
+            .ok_or(batch::BatchError::Truncated { needed: batch::HEADER_LEN, available: bytes.len() - position })
+            .and_then(|total| {
+                self.position += total;
+                RecordBatch::check_framing(bytes.slice(position..position + total))
+            });
+        if one.is_err() {
+            self.position = bytes.len();
+        }
+        Some(one.map_err(|e| corrupt(self.segment, position as u64, e)))
     }
-    Ok(out)
 }
 
 fn corrupt(segment: &SegmentView, position: u64, reason: batch::BatchError) -> StorageError {

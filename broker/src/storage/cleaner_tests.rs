@@ -219,6 +219,28 @@ fn a_section_of_one_large_batch_fits_the_map_it_sizes() {
 }
 
 #[test]
+fn a_truncation_below_the_cleaner_offset_makes_what_follows_dirty_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let log = open(dir.path(), 1 << 20, &clock);
+    let mut cleaner = Cleaner::new(CleanerConfig::default());
+    append_all(&log, &[vec![rec("a", Some("1"))], vec![rec("b", Some("1"))], vec![rec("c", Some("1"))]], &clock);
+    clean(&mut cleaner, &log, &clock);
+    assert_eq!(log.with_log(|l| l.cleaning_stats(0).unwrap().cleaner_offset), Offset(3));
+    // A new leader's log differs from offset 1 on: the tail is cut, and
+    // its tombstone for `a` lands below the old cleaner offset.
+    log.with_log(|l| l.truncate_to(Offset(1)).unwrap());
+    assert_eq!(log.with_log(|l| l.cleaning_stats(0).unwrap().cleaner_offset), Offset(1));
+    append_all(&log, &[vec![rec("a", None)], vec![rec("d", Some("1"))], vec![rec("e", Some("1"))]], &clock);
+    clean(&mut cleaner, &log, &clock);
+    clock.advance(RETENTION + 1);
+    append_all(&log, &[vec![rec("f", Some("1"))]], &clock);
+    clean(&mut cleaner, &log, &clock);
+    let keys: Vec<String> = log.with_log(|l| read_records(l)).into_iter().map(|(_, k, _)| k).collect();
+    assert_eq!(keys, ["d", "e", "f"], "the tombstone took `a` with it; nothing came back");
+}
+
+#[test]
 fn unkeyed_records_do_not_survive_a_clean() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(1_000_000));
@@ -408,7 +430,8 @@ fn a_crash_at_any_step_of_a_swap_leaves_the_old_segments_or_the_new_one() {
     assert!(after.len() < before.len());
     let (mut old, mut new) = (0, 0);
     for power_loss in [false, true] {
-        for step in 1..=12 {
+        let mut finished = false;
+        for step in 1..=64 {
             let dir = tempfile::tempdir().unwrap();
             copy_dir(template.path(), dir.path());
             testfs::watch(dir.path());
@@ -432,9 +455,11 @@ fn a_crash_at_any_step_of_a_swap_leaves_the_old_segments_or_the_new_one() {
                 new += 1;
             }
             if result.is_ok() {
-                break; // the swap has fewer steps than this
+                finished = true;
+                break; // past the swap's last step
             }
         }
+        assert!(finished, "every step of the swap was crashed at");
     }
     assert!(old > 0 && new > 0, "both outcomes were reached: {old} old, {new} new");
 }

@@ -178,6 +178,9 @@ pub struct Log {
     cleaner_offset: u64,
     /// When the last clean ended (since this open).
     last_clean_ms: Option<i64>,
+    /// Set by `close`: a clean in progress installs nothing after it (the
+    /// directory may be renamed away and another log created at its path).
+    closed: bool,
 }
 
 #[path = "log_cleaning.rs"]
@@ -226,6 +229,7 @@ impl Log {
             failed: None,
             cleaner_offset: super::checkpoint::read_cleaner_offset(dir)?.get(),
             last_clean_ms: None,
+            closed: false,
         };
         log.load_segments(&bases)?;
         let leo = log.leo();
@@ -845,7 +849,20 @@ impl Log {
         if self.leader_epochs.truncate_from_end(Offset(leo)) {
             self.writer.write_epochs_now(&self.leader_epochs)?;
         }
+        self.lower_cleaner_offset(leo)?;
         Ok(Offset(leo))
+    }
+
+    /// A truncation below the cleaner offset makes what follows dirty
+    /// again (Kafka's `maybeTruncateCheckpoint`): records appended there
+    /// must be mapped, or a tombstone among them could be dropped while
+    /// an older value of its key survives below.
+    fn lower_cleaner_offset(&mut self, offset: u64) -> Result<()> {
+        if self.cleaner_offset > offset {
+            self.cleaner_offset = offset;
+            self.writer.write_offset_now(Kind::CleanerOffset, Offset(offset))?;
+        }
+        Ok(())
     }
 
     /// Lowers the recovery point to `offset`, durably.
@@ -943,6 +960,8 @@ impl Log {
         self.writer.write_offset_now(Kind::LogStart, Offset(offset))?;
         self.recovery_point = offset;
         self.writer.write_offset_now(Kind::RecoveryPoint, Offset(offset))?;
+        self.cleaner_offset = offset;
+        self.writer.write_offset_now(Kind::CleanerOffset, Offset(offset))?;
         Ok(Offset(offset))
     }
 
@@ -1169,6 +1188,7 @@ impl Log {
     /// Flushes, trims the active segment's preallocation and writes every
     /// checkpoint: the next open re-validates nothing but the last segment.
     pub fn close(&mut self) -> Result<()> {
+        self.closed = true;
         self.flush()?;
         self.active_mut().close()?;
         self.checkpoint_snapshot().write()

@@ -84,6 +84,28 @@ impl StagedGroup {
     }
 }
 
+/// Segments a swap replaced: dropped (maps unmapped, files closed) and
+/// their renamed-aside files deleted outside the log's lock, so freeing a
+/// large file's blocks never holds up appends and reads.
+#[derive(Debug, Default)]
+#[must_use = "the replaced files are deleted by finish()"]
+pub(crate) struct Retired {
+    segments: Vec<Segment>,
+    paths: Vec<PathBuf>,
+}
+
+impl Retired {
+    /// Drops the segments and deletes their files (a crash first leaves
+    /// `.deleted` files the next open removes).
+    pub(crate) fn finish(self) -> Result<()> {
+        drop(self.segments);
+        for path in self.paths {
+            remove_if_exists(&path)?;
+        }
+        Ok(())
+    }
+}
+
 /// How much of a compacted log is cleaned and how much is not.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CleanStats {
@@ -208,16 +230,18 @@ impl Log {
 
     /// Installs a cleaned group (steps 2 and 3 of the module's swap), if the
     /// segments it replaces are still in the log as the plan saw them (no
-    /// truncation, retention or deletion since). Returns false, touching
-    /// nothing, when they are not; the caller discards the group. An I/O
-    /// error part way fails the log: the next open finishes or drops the
-    /// swap.
-    pub(crate) fn install_cleaned(&mut self, staged: &StagedGroup, truncations: u64) -> Result<bool> {
+    /// truncation, retention or deletion since). Returns `None`, touching
+    /// nothing, when they are not (the caller discards the group), else the
+    /// replaced segments to let go of after the lock ([`Retired::finish`]).
+    /// An I/O error part way fails the log: the next open finishes or drops
+    /// the swap.
+    pub(crate) fn install_cleaned(&mut self, staged: &StagedGroup, truncations: u64) -> Result<Option<Retired>> {
         self.check_not_failed()?;
         let base = staged.segment.base_offset();
         let end = staged.segment.next_offset();
         let active_base = self.active().base_offset();
-        let unchanged = self.truncations == truncations
+        let unchanged = !self.closed
+            && self.truncations == truncations
             && end <= active_base
             && self.segments.range(base..end).count() == staged.replaces.len()
             && staged.replaces.iter().all(|&(b, next, size)| {
@@ -225,42 +249,63 @@ impl Log {
             })
             && self.segments.contains_key(&end);
         if !unchanged {
-            return Ok(false);
+            return Ok(None);
         }
-        if let Err(e) = self.swap_in(base, end, staged) {
+        let mut retired = Retired::default();
+        if let Err(e) = self.swap_in(base, end, staged, &mut retired) {
             self.fail(&e);
             return Err(e);
         }
-        Ok(true)
+        Ok(Some(retired))
     }
 
-    fn swap_in(&mut self, base: u64, end: u64, staged: &StagedGroup) -> Result<()> {
+    fn swap_in(&mut self, base: u64, end: u64, staged: &StagedGroup, retired: &mut Retired) -> Result<()> {
         let path = |ext: &str, suffix: &str| self.dir.join(file_name(base, &format!("{ext}{suffix}")));
-        let mut step = 0;
-        // Step 2: decide.
-        for ext in ["index", "timeindex", "log"] {
-            let (from, to) = (path(ext, CLEANED), path(ext, SWAP));
+        let rename = |from: PathBuf, to: PathBuf, step: &mut u32| -> Result<()> {
             std::fs::rename(&from, &to).map_err(io_err("rename", &from))?;
-            crash_point(&mut step)?;
+            crash_point(step)
+        };
+        let sync = |step: &mut u32| -> Result<()> {
+            sync_dir(&self.dir)?;
+            crash_point(step)
+        };
+        let mut step = 0;
+        // Step 2: decide. The indexes are durably renamed before the log,
+        // so a `.log.swap` always comes with its indexes.
+        for ext in ["index", "timeindex"] {
+            rename(path(ext, CLEANED), path(ext, SWAP), &mut step)?;
         }
-        sync_dir(&self.dir)?;
-        crash_point(&mut step)?;
-        // Step 3: the old segments leave the log (readers keep their maps),
-        // their files go, and the new files take B's names.
+        sync(&mut step)?;
+        rename(path("log", CLEANED), path("log", SWAP), &mut step)?;
+        sync(&mut step)?;
+        // Step 3: the old segments leave the log (readers keep their maps;
+        // the objects are dropped and the files deleted after the lock, by
+        // `Retired::finish`), their files are renamed aside, durably, before
+        // the new files take B's names, so a finished swap never comes back
+        // with them.
         let old: Vec<u64> = self.segments.range(base..end).map(|(b, _)| *b).collect();
         for b in old {
-            let segment = self.segments.remove(&b).expect("listed");
+            retired.segments.push(self.segments.remove(&b).expect("listed"));
             if b != base {
-                segment.delete()?;
+                for ext in ["log", "index", "timeindex"] {
+                    let name = self.dir.join(file_name(b, ext));
+                    let aside = self.dir.join(format!("{}.deleted", file_name(b, ext)));
+                    match std::fs::rename(&name, &aside) {
+                        Ok(()) => retired.paths.push(aside),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io_err("rename", &name)(e)),
+                    }
+                }
                 crash_point(&mut step)?;
             }
         }
         self.unsynced.retain(|(e, _)| *e <= base || *e > end);
-        for ext in ["index", "timeindex", "log"] {
-            let (from, to) = (path(ext, SWAP), path(ext, ""));
-            std::fs::rename(&from, &to).map_err(io_err("rename", &from))?;
-            crash_point(&mut step)?;
+        sync(&mut step)?;
+        for ext in ["index", "timeindex"] {
+            rename(path(ext, SWAP), path(ext, ""), &mut step)?;
         }
+        sync(&mut step)?;
+        rename(path("log", SWAP), path("log", ""), &mut step)?;
         self.dir_generation += 1;
         sync_dir(&self.dir)?;
         self.synced_dir_generation = self.synced_dir_generation.max(self.dir_generation);
@@ -278,8 +323,12 @@ impl Log {
     }
 
     /// Records that the log is cleaned below `offset`, durably (a lost
-    /// value only makes the next clean redo work).
-    pub(crate) fn set_cleaner_offset(&mut self, offset: u64) -> Result<()> {
+    /// value only makes the next clean redo work), unless the log was
+    /// truncated since the pass planned (`truncations`) or closed.
+    pub(crate) fn set_cleaner_offset(&mut self, offset: u64, truncations: u64) -> Result<()> {
+        if self.truncations != truncations || self.closed {
+            return Ok(());
+        }
         self.cleaner_offset = offset;
         self.last_clean_ms = Some(self.clock.now_ms());
         self.writer.write_offset_now(super::Kind::CleanerOffset, Offset(offset))

@@ -293,6 +293,7 @@ impl Segment {
             last_offset: header.last_offset(),
             total: total as u64,
             max_timestamp: header.max_timestamp(),
+            record_count: header.record_count(),
         })
     }
 
@@ -500,8 +501,10 @@ impl Segment {
             if header.max_timestamp() >= timestamp && header.last_offset() >= start as i64 {
                 let batch = RecordBatch::check_framing(self.slice(position, total))
                     .map_err(|reason| StorageError::Corrupt { path: self.path.clone(), position, reason })?;
-                // Every record of a LogAppendTime batch has the batch's time.
-                if batch.header().is_log_append_time() {
+                // Every record of a LogAppendTime batch has the batch's time
+                // (and, unless compaction removed some, every offset a record).
+                let whole = i64::from(header.record_count) == header.last_offset() - header.base_offset() + 1;
+                if batch.header().is_log_append_time() && whole {
                     let offset = (header.base_offset() as u64).max(start);
                     return Ok(Some((offset, header.max_timestamp())));
                 }
@@ -535,7 +538,8 @@ impl Segment {
             if header.last_offset >= upper as i64 {
                 break;
             }
-            if best.is_none_or(|(ts, _)| header.max_timestamp > ts) {
+            // A compaction filler holds no record to answer with.
+            if header.record_count > 0 && best.is_none_or(|(ts, _)| header.max_timestamp > ts) {
                 best = Some((header.max_timestamp, header.base_offset as u64));
             }
             position += header.total;
@@ -886,6 +890,7 @@ struct HeaderInfo {
     last_offset: i64,
     total: u64,
     max_timestamp: i64,
+    record_count: i32,
 }
 
 impl HeaderInfo {

@@ -204,7 +204,7 @@ fn key_field_start(plain: &[u8], start: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::{BatchBuilder, BatchLimits, RecordRef, set_base_offset};
+    use crate::batch::{BatchBuilder, BatchError, BatchLimits, RecordRef, set_base_offset};
 
     fn batch(records: &[(Option<&str>, Option<&str>, i64)], codec: Compression) -> RecordBatch {
         let mut b = BatchBuilder::new();
@@ -252,6 +252,17 @@ mod tests {
             assert_eq!(headers.len(), 1, "headers survive");
             assert!(b.delete_horizon_ms().is_none(), "no tombstone, no horizon");
         }
+    }
+
+    #[test]
+    fn a_producer_cannot_set_a_delete_horizon() {
+        let original = batch(&[(Some("a"), None, 1000)], Compression::None);
+        let cleaned = rewritten(original.retain(|_, _, _| true, 5).unwrap());
+        assert_eq!(cleaned.delete_horizon_ms(), Some(5));
+        let mut bytes = cleaned.into_bytes().to_vec();
+        set_base_offset(&mut bytes, 0);
+        let err = RecordBatch::validate(bytes.into(), &BatchLimits::default()).unwrap_err();
+        assert_eq!(err, BatchError::DeleteHorizonSet);
     }
 
     #[test]
