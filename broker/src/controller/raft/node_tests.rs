@@ -120,7 +120,10 @@ async fn propose(nodes: &BTreeMap<u32, Voter>, command: MetadataCommand) -> Vec<
 async fn converge(nodes: &BTreeMap<u32, Voter>, what: &str, check: impl Fn(&crate::controller::MetadataImage) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !nodes.values().all(|v| check(&v.controller.image())) {
-        assert!(Instant::now() < deadline, "voters did not converge on {what}");
+        if Instant::now() >= deadline {
+            let states: Vec<_> = nodes.values().map(|v| v.controller.status()).collect();
+            panic!("voters did not converge on {what}: {states:#?}");
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
