@@ -185,6 +185,10 @@ pub struct Cleaner {
     throttle: Throttle,
     /// Set to make a pass in progress stop at its next batch.
     stop: Arc<AtomicBool>,
+    /// Producer id -> base offset of its last batch in the pass's segments:
+    /// that batch is kept, emptied if need be, as Kafka keeps it, so the
+    /// producer's last sequence survives for its state.
+    last_of_producer: std::collections::HashMap<i64, u64>,
 }
 
 impl Cleaner {
@@ -195,6 +199,7 @@ impl Cleaner {
             map: OffsetMap::new(config.dedupe_buffer_bytes),
             throttle: Throttle::new(config.io_max_bytes_per_second),
             stop: Arc::new(AtomicBool::new(false)),
+            last_of_producer: std::collections::HashMap::new(),
         }
     }
 
@@ -225,6 +230,14 @@ impl Cleaner {
     }
 
     fn clean<L: LogAccess>(&mut self, log: &L, plan: &CleanPlan, now_ms: i64) -> Result<CleanOutcome> {
+        self.last_of_producer.clear();
+        for segment in &plan.segments {
+            for_each_header(&segment.bytes, |h| {
+                if h.producer_id() >= 0 {
+                    self.last_of_producer.insert(h.producer_id(), h.base_offset() as u64);
+                }
+            });
+        }
         let map_end = self.build_map(plan)?;
         let mut outcome = CleanOutcome { cleaner_offset: map_end, completed: true, ..CleanOutcome::default() };
         let rewrite: Vec<&SegmentView> = plan.segments.iter().filter(|s| s.base < map_end).collect();
@@ -362,6 +375,7 @@ impl Cleaner {
                     (h.base_offset() as u64, h.partition_leader_epoch(), h.record_count());
                 let last = h.last_offset() as u64;
                 let total = h.total_size().max(0) as u64;
+                let producers_last = h.producer_id() >= 0 && self.last_of_producer.get(&h.producer_id()) == Some(&base);
                 let kept = if base >= map_end || h.is_control() {
                     Retained::Unchanged
                 } else {
@@ -384,6 +398,10 @@ impl Cleaner {
                     Retained::Rewritten(b) => {
                         outcome.records_removed += (count_before - b.header().record_count()).max(0) as u64;
                         b
+                    }
+                    Retained::Empty if producers_last => {
+                        outcome.records_removed += count_before.max(0) as u64;
+                        batch.emptied()
                     }
                     Retained::Empty => {
                         outcome.records_removed += count_before.max(0) as u64;
@@ -480,19 +498,26 @@ fn groups<'a>(segments: &'a [&'a SegmentView], max_bytes: u64) -> Vec<&'a [&'a S
     out
 }
 
-/// Records in a segment's bytes, from the batch headers alone (an upper
-/// bound for sizing the map; the batches are checked when read).
-fn record_count(bytes: &[u8]) -> u64 {
-    let (mut position, mut records) = (0usize, 0u64);
-    while let Some(total) = batch::batch_size_at(&bytes[position..]).filter(|t| *t >= batch::HEADER_LEN) {
+/// Calls `f` with each batch header of a segment's bytes (no CRC check:
+/// for sizing and bookkeeping; the batches are checked when read).
+fn for_each_header(bytes: &[u8], mut f: impl FnMut(&batch::BatchHeader<'_>)) {
+    let mut position = 0usize;
+    while position < bytes.len() {
+        let Some(total) = batch::batch_size_at(&bytes[position..]).filter(|t| *t >= batch::HEADER_LEN) else {
+            return;
+        };
         if let Ok(h) = batch::BatchHeader::new(&bytes[position..]) {
-            records += h.record_count().max(0) as u64;
+            f(&h);
         }
         position += total;
-        if position >= bytes.len() {
-            break;
-        }
     }
+}
+
+/// Records in a segment's bytes, from the batch headers alone (an upper
+/// bound for sizing the map).
+fn record_count(bytes: &[u8]) -> u64 {
+    let mut records = 0u64;
+    for_each_header(bytes, |h| records += h.record_count().max(0) as u64);
     records
 }
 

@@ -241,6 +241,39 @@ fn a_truncation_below_the_cleaner_offset_makes_what_follows_dirty_again() {
 }
 
 #[test]
+fn a_producers_last_batch_stays_emptied_when_all_its_records_are_superseded() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let log = open(dir.path(), 1 << 20, &clock);
+    for (sequence, key) in [(0, "a"), (1, "b")] {
+        let mut b = BatchBuilder::new();
+        b.set_producer(7, 3, sequence);
+        b.push(&RecordRef { timestamp: 0, key: Some(key.as_bytes()), value: Some(b"old"), headers: &[] });
+        let batch = RecordBatch::validate(b.finish(), &BatchLimits::default()).unwrap();
+        log.with_log(|l| l.append(&batch, 0).unwrap());
+    }
+    append_all(&log, &[vec![rec("a", Some("new")), rec("b", Some("new"))]], &clock);
+    clean(&mut Cleaner::new(CleanerConfig::default()), &log, &clock);
+    let batches: Vec<(i64, i64, i32, i64, i32)> = log.with_log(|l| {
+        let r = l.read(Offset(0), u64::MAX, Offset::MAX).unwrap();
+        r.chunks
+            .into_iter()
+            .flat_map(BatchIter::new)
+            .map(|b| {
+                let b = b.unwrap();
+                let h = b.header();
+                (h.base_offset(), h.last_offset(), h.record_count(), h.producer_id(), h.base_sequence())
+            })
+            .collect()
+    });
+    assert_eq!(
+        batches,
+        vec![(0, 0, 0, -1, -1), (1, 1, 0, 7, 1), (2, 3, 2, -1, -1)],
+        "(base, last, records, producer, sequence): a filler, producer 7's last batch emptied, the new records"
+    );
+}
+
+#[test]
 fn unkeyed_records_do_not_survive_a_clean() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(1_000_000));
@@ -387,6 +420,14 @@ fn compressed_batches_are_cleaned_with_their_codec_and_time_lookups_still_answer
             }
         }
     }
+    // Producer 42's last batch stays, emptied if nothing in it survived,
+    // with its sequence: its producer state can be rebuilt from the log.
+    let last = log.with_log(|l| {
+        let r = l.read(Offset(38), 1, Offset::MAX).unwrap();
+        BatchIter::new(r.chunks[0].clone()).next().unwrap().unwrap()
+    });
+    let h = last.header();
+    assert_eq!((h.base_offset(), h.last_offset(), h.producer_id(), h.base_sequence()), (38, 39, 42, 38));
     // Time lookups land on a batch covering a surviving record or a filler
     // a reader steps over, never past a surviving record of that time.
     let (found, _) = log.with_log(|l| l.offset_for_timestamp(5016).unwrap()).expect("a record that late");
