@@ -59,13 +59,21 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
-        let client = self.connections.get(&node.addr).map(|c| {
-            ControllerRaftClient::new(c)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES)
-        });
+        let client = raft_client(&self.connections, &node.addr);
         PeerClient { target, address: node.addr.clone(), connections: self.connections.clone(), client }
     }
+}
+
+/// A Raft client over the kept connection to `address`.
+fn raft_client(
+    connections: &crate::peer::PeerConnections,
+    address: &str,
+) -> Result<ControllerRaftClient<Channel>, String> {
+    connections.get(address).map(|c| {
+        ControllerRaftClient::new(c)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,8 +118,12 @@ impl PeerClient {
             serde_json::from_slice(&response.json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         if let Err(RaftError::Fatal(_)) = &answer {
             // The Raft behind this connection stopped; a restarted voter at
-            // the same address is reached over a new connection.
+            // the same address is reached over a new connection, by this
+            // client too: openraft keeps one client per replication stream
+            // for a whole term, and one kept on the old connection would
+            // never reach the restarted voter.
             self.connections.forget(&self.address);
+            self.client = raft_client(&self.connections, &self.address);
         }
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
