@@ -241,9 +241,9 @@ impl Cleaner {
         let map_end = self.build_map(plan)?;
         let mut outcome = CleanOutcome { cleaner_offset: map_end, completed: true, ..CleanOutcome::default() };
         let rewrite: Vec<&SegmentView> = plan.segments.iter().filter(|s| s.base < map_end).collect();
-        let delete_horizon = now_ms.saturating_add(plan.compaction.delete_retention_ms);
+        let pass = Pass { map_end, now_ms, delete_horizon: now_ms.saturating_add(plan.compaction.delete_retention_ms) };
         for group in groups(&rewrite, plan.sizes.log_bytes) {
-            let staged = self.rewrite_group(plan, group, map_end, now_ms, delete_horizon, &mut outcome)?;
+            let staged = self.rewrite_group(plan, group, pass, &mut outcome)?;
             let installed = log.with_log(|l| l.install_cleaned(&staged, plan.truncations));
             match installed {
                 Ok(Some(retired)) => {
@@ -314,11 +314,10 @@ impl Cleaner {
         &mut self,
         plan: &CleanPlan,
         group: &[&SegmentView],
-        map_end: u64,
-        now_ms: i64,
-        delete_horizon: i64,
+        pass: Pass,
         outcome: &mut CleanOutcome,
     ) -> Result<StagedGroup> {
+        let now_ms = pass.now_ms;
         let base = group[0].base;
         let input: u64 = group.iter().map(|s| s.bytes.len() as u64).sum();
         // Rewritten batches are rarely larger than they were (a recompressed
@@ -333,7 +332,7 @@ impl Cleaner {
         let dir = &plan.dir;
         let _ = super::fs::remove_if_exists(&dir.join(super::segment::file_name(base, "log.cleaned")));
         let mut out = Segment::create_named(dir, base, super::log::CLEANED, sizes, now_ms)?;
-        let result = self.fill(&mut out, plan, group, map_end, now_ms, delete_horizon, outcome);
+        let result = self.fill(&mut out, plan, group, pass, outcome);
         let last_append_ms = group.iter().map(|s| s.last_append_ms).max().unwrap_or(now_ms);
         let result = result.and_then(|()| finish_staged(&mut out, last_append_ms));
         let staged = StagedGroup {
@@ -352,17 +351,15 @@ impl Cleaner {
         Ok(staged)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn fill(
         &mut self,
         out: &mut Segment,
         plan: &CleanPlan,
         group: &[&SegmentView],
-        map_end: u64,
-        now_ms: i64,
-        delete_horizon: i64,
+        pass: Pass,
         outcome: &mut CleanOutcome,
     ) -> Result<()> {
+        let Pass { map_end, now_ms, delete_horizon } = pass;
         let interval = plan.index_interval_bytes;
         // Batches removed whole, not yet covered by a filler.
         let mut removed: Option<Removed> = None;
@@ -454,6 +451,18 @@ impl Cleaner {
         self.throttle.account(batch.len() as u64);
         Ok(())
     }
+}
+
+/// What one pass decides by, the same for every group it rewrites.
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    /// The offset map covers the dirty section below this; batches at or
+    /// above it are left as they are.
+    map_end: u64,
+    /// The log's clock when the pass planned.
+    now_ms: i64,
+    /// The horizon given to tombstones this pass keeps for the first time.
+    delete_horizon: i64,
 }
 
 /// A run of batches removed whole, with one leader epoch.
