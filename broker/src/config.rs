@@ -104,6 +104,30 @@ pub struct BrokerConfig {
     /// How long a cleaner with nothing due sleeps
     /// (`log.cleaner.backoff.ms`). Default 15 000.
     pub log_cleaner_backoff_ms: u64,
+    /// Partitions of `__consumer_offsets`, fixed when it is created on first
+    /// use (Kafka's `offsets.topic.num.partitions`). Default 50.
+    pub offsets_topic_num_partitions: u32,
+    /// Its replication factor, or the number of brokers if fewer
+    /// (`offsets.topic.replication.factor`). Default 3.
+    pub offsets_topic_replication_factor: u32,
+    /// Its segment size: small, so compaction reaches old group state soon
+    /// and an idle offsets partition reserves little disk. Default 4 MiB.
+    pub offsets_topic_segment_bytes: u64,
+    /// How long an empty group's committed offsets are kept
+    /// (`offsets.retention.minutes`). Default 10 080 (7 days).
+    pub offsets_retention_minutes: u64,
+    /// A group member's session when it asks for none
+    /// (`group.consumer.session.timeout.ms`). Default 45 000.
+    pub group_consumer_session_timeout_ms: u32,
+    /// The shortest session a member may ask for. Default 45 000.
+    pub group_consumer_min_session_timeout_ms: u32,
+    /// The longest session a member may ask for. Default 60 000.
+    pub group_consumer_max_session_timeout_ms: u32,
+    /// How often members heartbeat (`group.consumer.heartbeat.interval.ms`;
+    /// never above a third of a member's session). Default 5000.
+    pub group_consumer_heartbeat_interval_ms: u32,
+    /// Most members per group (`group.consumer.max.size`). Default 1000.
+    pub group_consumer_max_size: u32,
 }
 
 impl Default for BrokerConfig {
@@ -133,6 +157,15 @@ impl Default for BrokerConfig {
             replica_fetch_backoff_ms: 50,
             leader_imbalance_check_interval_ms: 30_000,
             peer_source_address: None,
+            offsets_topic_num_partitions: 50,
+            offsets_topic_replication_factor: 3,
+            offsets_topic_segment_bytes: 4 << 20,
+            offsets_retention_minutes: 7 * 24 * 60,
+            group_consumer_session_timeout_ms: 45_000,
+            group_consumer_min_session_timeout_ms: 45_000,
+            group_consumer_max_session_timeout_ms: 60_000,
+            group_consumer_heartbeat_interval_ms: 5_000,
+            group_consumer_max_size: 1_000,
             controller_source_address: None,
             log_cleaner_threads: 1,
             log_cleaner_dedupe_buffer_bytes: 128 << 20,
@@ -284,6 +317,33 @@ impl BrokerConfig {
                  or voters start elections between heartbeats",
                 self.controller_election_timeout_ms, self.controller_heartbeat_interval_ms
             ));
+        }
+        if self.offsets_topic_num_partitions == 0 || self.offsets_topic_num_partitions > self.max_partitions_per_topic {
+            problems.push("offsets_topic_num_partitions must be in 1 ..= max_partitions_per_topic".to_string());
+        }
+        if self.offsets_topic_replication_factor == 0 {
+            problems.push("offsets_topic_replication_factor must be positive".to_string());
+        }
+        if !(1024..=crate::storage::LogConfig::MAX_SEGMENT_BYTES).contains(&self.offsets_topic_segment_bytes) {
+            problems
+                .push("offsets_topic_segment_bytes must be at least 1024 and at most the segment limit".to_string());
+        }
+        let (min, default, max) = (
+            self.group_consumer_min_session_timeout_ms,
+            self.group_consumer_session_timeout_ms,
+            self.group_consumer_max_session_timeout_ms,
+        );
+        if min == 0 || !(min <= default && default <= max) {
+            problems.push(format!(
+                "group_consumer_min_session_timeout_ms ({min}) <= group_consumer_session_timeout_ms ({default}) \
+                 <= group_consumer_max_session_timeout_ms ({max}) must hold, with a positive minimum"
+            ));
+        }
+        if self.group_consumer_heartbeat_interval_ms == 0 || self.group_consumer_heartbeat_interval_ms >= default {
+            problems.push("group_consumer_heartbeat_interval_ms must be positive and below the session timeout".into());
+        }
+        if self.group_consumer_max_size == 0 {
+            problems.push("group_consumer_max_size must be positive".to_string());
         }
         if self.controller_install_snapshot_timeout_ms == 0 {
             problems.push("controller_install_snapshot_timeout_ms must be positive".to_string());

@@ -10,6 +10,7 @@
 pub mod broker;
 pub mod config;
 pub mod controller;
+pub mod coordinator;
 pub mod error;
 mod log_cleaner;
 mod maintenance;

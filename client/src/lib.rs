@@ -24,7 +24,7 @@ mod client;
 mod consumer;
 mod error;
 mod partition_client;
-pub mod partitioner;
+pub use tally_proto::partitioner;
 mod producer;
 
 pub use admin::{

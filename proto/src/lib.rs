@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod compression;
 pub mod connection;
+pub mod partitioner;
 pub mod varint;
 
 /// Generated gRPC messages and services for `tally.v1`.

@@ -104,6 +104,52 @@ impl Partition {
         }
     }
 
+    /// Appends one batch the broker wrote itself (the group coordinator's
+    /// records) as leader in `leader_epoch`, refusing (NOT_ENOUGH_REPLICAS)
+    /// when the committed ISR is below `min_insync_replicas`. Answers at once
+    /// with where the batch landed and the role generation it was appended
+    /// under, for [`Partition::wait_committed`].
+    pub fn append_internal(&self, batch: &RecordBatch, leader_epoch: u32) -> Result<(AppendInfo, u64), BrokerError> {
+        let (info, hw, leo, generation, writeback) = {
+            let mut log = self.write_log();
+            self.check_leads(leader_epoch, true)?;
+            let generation = *self.role_changes.borrow();
+            let info = log.append(batch, leader_epoch).map_err(BrokerError::from_storage)?;
+            let hw = self.advance_hw(&mut log);
+            (info, hw, log.log_end_offset(), generation, log.take_writeback())
+        };
+        self.publish_hw(hw);
+        self.publish_log_end(leo);
+        if let Some(writeback) = writeback {
+            let (topic, index) = (self.topic.clone(), self.index);
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = writeback.run() {
+                    tracing::warn!(%topic, partition = index, error = %e, "write-behind failed");
+                }
+            });
+        }
+        Ok((info, generation))
+    }
+
+    /// Waits until what was appended below `end` in `leader_epoch` (under
+    /// `role_generation`) is committed: durable under flush `always`, and
+    /// below the high watermark, with this broker leading the whole time.
+    pub async fn wait_committed(
+        self: &Arc<Self>,
+        end: Offset,
+        leader_epoch: u32,
+        role_generation: u64,
+        timeout: Duration,
+    ) -> Result<(), BrokerError> {
+        let role_changes = self.role_changes.subscribe();
+        self.check_still_leads(leader_epoch, role_generation)?;
+        if self.read_log().config().flush == FlushPolicy::Always {
+            self.sync_to(end).await?;
+        }
+        self.wait_replicated(end, leader_epoch, role_changes, timeout).await?;
+        self.check_still_leads(leader_epoch, role_generation)
+    }
+
     /// Refuses unless this broker leads in `leader_epoch` under a live
     /// session (and, for acks=all, the committed ISR is large enough). Call with the log lock
     /// held, so no role change slips in before the append.

@@ -333,6 +333,11 @@ impl Partition {
         *self.lock_pending_leadership() = None;
     }
 
+    /// The current role generation (bumped by every role change).
+    pub fn role_generation(&self) -> u64 {
+        *self.role_changes.borrow()
+    }
+
     /// The leader epoch this broker leads in, if it leads.
     pub fn leading_epoch(&self) -> Option<u32> {
         match &*self.lock_role() {

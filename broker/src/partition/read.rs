@@ -86,6 +86,14 @@ impl Partition {
         Ok(Fetched { read, high_watermark: hw, log_start_offset: log_start })
     }
 
+    /// Reads batches from `offset` up to the log end, committed or not: the
+    /// group coordinator's load, on the leader.
+    pub fn read_to_log_end(&self, offset: Offset, max_bytes: u64) -> Result<ReadResult, BrokerError> {
+        let log = self.read_log();
+        let leo = log.log_end_offset();
+        log.read(offset, max_bytes, leo).map_err(BrokerError::from_storage)
+    }
+
     /// Read-side drop-behind: a cold read's pages are dropped from the cache
     /// when a later fetch starts at or past its end (the reader has moved on),
     /// so a consumer catching up from disk recycles page-cache pages instead
