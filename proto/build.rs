@@ -15,12 +15,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             config,
             &[
                 "proto/tally/v1/tally.proto",
+                "proto/tally/v1/groups.proto",
                 "proto/tally/internal/v1/raft.proto",
                 "proto/tally/internal/v1/replication.proto",
             ],
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto/tally/v1/tally.proto");
+    println!("cargo:rerun-if-changed=proto/tally/v1/groups.proto");
     println!("cargo:rerun-if-changed=proto/tally/internal/v1/raft.proto");
     println!("cargo:rerun-if-changed=proto/tally/internal/v1/replication.proto");
     Ok(())

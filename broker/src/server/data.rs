@@ -45,6 +45,11 @@ impl TallyService {
         timeout: Duration,
     ) -> Result<(crate::storage::AppendInfo, i64), BrokerError> {
         let acks = acks.map_err(BrokerError::InvalidRequiredAcks)?;
+        if topic == crate::coordinator::OFFSETS_TOPIC {
+            return Err(BrokerError::InvalidTopic(format!(
+                "`{topic}` is internal: only the group coordinator writes to it"
+            )));
+        }
         let (topic, partition) = self.broker.partition(topic, partition)?;
         let now_ms = wall_clock_ms();
         let batches = validate_payload(&records, &topic.config, now_ms)?;

@@ -4,6 +4,7 @@
 
 mod admin;
 mod data;
+mod groups;
 mod replica;
 
 use std::future::Future;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use tally_proto::internal::v1::replication_server::ReplicationServer;
 use tally_proto::v1::admin_server::AdminServer;
+use tally_proto::v1::groups_server::GroupsServer;
 use tally_proto::v1::tally_server::TallyServer;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
@@ -25,6 +27,7 @@ use crate::membership::{Membership, new_incarnation, take_over_incarnation};
 
 pub use admin::AdminService;
 pub use data::TallyService;
+pub use groups::GroupsService;
 pub use replica::ReplicationService;
 
 /// Runs a broker on `listener` until `shutdown` completes, then asks the
@@ -100,6 +103,10 @@ pub async fn run(
     let admin = AdminServer::new(AdminService::new(broker.clone(), controller.clone()))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
+    let coordinators = crate::coordinator::Coordinators::start(broker.clone());
+    let groups = GroupsServer::new(GroupsService::new(coordinators.clone()))
+        .max_decoding_message_size(max_bytes)
+        .max_encoding_message_size(max_bytes);
     let replication = ReplicationServer::new(ReplicationService::new(broker.clone()))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
@@ -139,6 +146,7 @@ pub async fn run(
         .max_frame_size(Some(1 << 20))
         .add_service(tally)
         .add_service(admin)
+        .add_service(groups)
         .add_service(replication)
         .add_service(health)
         .add_service(reflection)
@@ -147,6 +155,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = stop_tx.send(true);
+    coordinators.stop();
     let _ = maintenance.await;
     let _ = tokio::task::spawn_blocking(move || cleaners.stop()).await;
     // Every task holding the broker ends before it closes, so the data
