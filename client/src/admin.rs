@@ -173,6 +173,10 @@ impl Admin {
         Admin { client }
     }
 
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// Creates a topic.
     pub async fn create_topic(&self, topic: NewTopic) -> Result<()> {
         let name = topic.name.clone();

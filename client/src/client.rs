@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tally_proto::connection::{Connection as Channel, ConnectionSettings};
 use tally_proto::v1::admin_client::AdminClient;
+use tally_proto::v1::groups_client::GroupsClient;
 use tally_proto::v1::tally_client::TallyClient;
 use tally_proto::v1::{self as pb};
 
@@ -408,6 +409,32 @@ impl Client {
         }
         self.refresh_metadata(&[]).await?;
         cached().ok_or_else(|| Error::InvalidArgument(format!("broker {id} is not in the cluster metadata")))
+    }
+
+    /// A groups gRPC client for the broker at `address`.
+    pub(crate) fn groups_rpc_at(&self, address: &str) -> Result<GroupsClient<Channel>> {
+        Ok(GroupsClient::new(self.channel(address)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// A groups gRPC client for the broker admin requests go to (the one
+    /// that answered last, else the bootstrap addresses).
+    pub(crate) fn groups_rpc(&self) -> GroupsClient<Channel> {
+        let answering = self.inner.answering.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let channel = self.channel(&answering).unwrap_or_else(|_| self.inner.bootstrap.clone());
+        GroupsClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Every broker of the cluster, as a fresh metadata answer names them.
+    pub(crate) async fn broker_addresses(&self) -> Result<Vec<(u32, String)>> {
+        self.refresh_metadata(&[]).await?;
+        let md = self.inner.metadata.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<(u32, String)> = md.brokers.iter().map(|(id, a)| (*id, a.clone())).collect();
+        out.sort();
+        Ok(out)
     }
 
     /// A gRPC client for the broker at `address`.

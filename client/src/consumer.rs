@@ -32,6 +32,8 @@ use tokio::sync::Notify;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::group::{CommittedOffset, CoordinatorClient, TopicPartitions};
+use crate::membership::{GroupShared, RebalanceEvent};
 use crate::partition_client::{OffsetSpec, decode_fetch, list_offset_rpc};
 
 /// Where to start reading a partition.
@@ -73,8 +75,27 @@ pub struct ConsumerConfig {
     /// above it. Each partition may go past it by one batch (a fetch always
     /// returns at least one). Default 32 MiB.
     pub max_prefetch_bytes: usize,
-    /// Reaction to an out-of-range position. Default [`OffsetReset::Latest`] (Kafka's default).
+    /// Reaction to an out-of-range position, and where a group member
+    /// starts a partition without a committed offset. Default
+    /// [`OffsetReset::Latest`] (Kafka's default).
     pub auto_offset_reset: OffsetReset,
+    /// The consumer group to join on [`Consumer::subscribe`]. Default none.
+    pub group_id: Option<String>,
+    /// Commit, every `auto_commit_interval`, the positions `poll` and
+    /// `stream` have handed out (and before a partition is revoked, and on
+    /// close). Default on.
+    pub enable_auto_commit: bool,
+    /// Default 5 s.
+    pub auto_commit_interval: Duration,
+    /// The group session: the coordinator removes a member it has not heard
+    /// from for this long. Default: the broker's (45 s).
+    pub session_timeout: Option<Duration>,
+    /// A group member that does not poll for this long leaves the group
+    /// (and rejoins at its next poll); also how long it may take to give up
+    /// revoked partitions. Default 5 min.
+    pub max_poll_interval: Duration,
+    /// The server assignor to ask for: `uniform` (default) or `range`.
+    pub group_assignor: Option<String>,
 }
 
 impl Default for ConsumerConfig {
@@ -85,6 +106,12 @@ impl Default for ConsumerConfig {
             partition_max_bytes: 8 << 20,
             max_prefetch_bytes: 32 << 20,
             auto_offset_reset: OffsetReset::Latest,
+            group_id: None,
+            enable_auto_commit: true,
+            auto_commit_interval: Duration::from_secs(5),
+            session_timeout: None,
+            max_poll_interval: Duration::from_secs(300),
+            group_assignor: None,
         }
     }
 }
@@ -176,6 +203,8 @@ struct State {
     /// leader at all (cleared by the next round that does).
     fetch_failure: Option<Error>,
     next_generation: u64,
+    /// When `poll` or the stream last asked for records.
+    last_poll: Option<std::time::Instant>,
 }
 
 impl State {
@@ -237,9 +266,10 @@ impl State {
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(crate) struct Inner {
     client: Client,
     config: ConsumerConfig,
+    group: Option<Arc<GroupShared>>,
     state: Mutex<State>,
     /// Fetcher to readers: records or an error were buffered.
     data: Notify,
@@ -251,6 +281,89 @@ struct Inner {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn config(&self) -> &ConsumerConfig {
+        &self.config
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Starts reading a partition from `from`.
+    pub(crate) async fn start_partition(&self, topic: &str, partition: u32, from: SeekTo) -> Result<()> {
+        let info = self.client.topic_info(topic).await?;
+        if partition as usize >= info.leaders.len() {
+            return Err(Error::Broker {
+                code: ErrorCode::UnknownTopicOrPartition,
+                message: format!("topic `{topic}` has {} partitions", info.leaders.len()),
+                topic: topic.to_string(),
+                partition: Some(partition),
+            });
+        }
+        let position = resolve(&self.client, topic, partition, from).await?;
+        let key: Key = (Arc::from(topic), partition);
+        let mut st = self.lock();
+        let entry = st.assigned.entry(key.clone()).or_insert(Assigned {
+            position,
+            fetch_position: position,
+            high_watermark: -1,
+            generation: 0,
+            paused: false,
+            failed: false,
+        });
+        entry.position = position;
+        entry.fetch_position = position;
+        entry.failed = false;
+        st.bump(&key);
+        drop(st);
+        self.space.notify_one();
+        Ok(())
+    }
+
+    /// Stops reading a partition, dropping what was fetched ahead for it.
+    pub(crate) fn stop_partition(&self, topic: &str, partition: u32) {
+        let key: Key = (Arc::from(topic), partition);
+        let mut st = self.lock();
+        st.drop_buffered(&key);
+        st.assigned.remove(&key);
+    }
+
+    /// The positions of those of `partitions` that are being read.
+    pub(crate) fn positions(&self, partitions: &crate::group::TopicPartitions) -> BTreeMap<(String, u32), i64> {
+        let st = self.lock();
+        let mut out = BTreeMap::new();
+        for (t, ps) in partitions {
+            for p in ps {
+                if let Some(a) = st.assigned.get(&(Arc::from(t.as_str()), *p)) {
+                    out.insert((t.clone(), *p), a.position);
+                }
+            }
+        }
+        out
+    }
+
+    /// Hands `e` to the next `poll` (or stream item).
+    pub(crate) fn report(&self, e: Error) {
+        self.lock().errors.push_back(e);
+        self.data.notify_waiters();
+    }
+
+    /// How long since `poll` or the stream last asked for records (`None`
+    /// before the first time).
+    pub(crate) fn since_last_poll(&self) -> Option<Duration> {
+        self.lock().last_poll.map(|t| t.elapsed())
+    }
+
+    /// Notes a poll; wakes a membership that left for want of one.
+    fn polled(&self, st: &mut State) {
+        st.last_poll = Some(std::time::Instant::now());
+        if let Some(g) = &self.group
+            && g.member().left.is_some()
+        {
+            g.wake.notify_one();
+        }
     }
 }
 
@@ -276,11 +389,15 @@ impl Inner {
 pub struct Consumer {
     inner: Arc<Inner>,
     fetcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    membership: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for Consumer {
     fn drop(&mut self) {
         if let Some(task) = self.fetcher.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            task.abort();
+        }
+        if let Some(task) = self.membership.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
             task.abort();
         }
     }
@@ -289,47 +406,23 @@ impl Drop for Consumer {
 impl Consumer {
     /// A consumer with nothing assigned.
     pub fn new(client: Client, config: ConsumerConfig) -> Consumer {
+        let group = config.group_id.clone().map(|g| Arc::new(GroupShared::new(CoordinatorClient::new(client.clone(), g))));
         let inner = Arc::new(Inner {
             client,
             config,
+            group,
             state: Mutex::new(State::default()),
             data: Notify::new(),
             space: Notify::new(),
             fetcher_started: AtomicBool::new(false),
         });
-        Consumer { inner, fetcher: Mutex::new(None) }
+        Consumer { inner, fetcher: Mutex::new(None), membership: Mutex::new(None) }
     }
 
     /// Starts reading `topic`/`partition` from `from` (replacing any earlier
     /// position for it).
     pub async fn assign(&self, topic: &str, partition: u32, from: SeekTo) -> Result<()> {
-        let info = self.inner.client.topic_info(topic).await?;
-        if partition as usize >= info.leaders.len() {
-            return Err(Error::Broker {
-                code: ErrorCode::UnknownTopicOrPartition,
-                message: format!("topic `{topic}` has {} partitions", info.leaders.len()),
-                topic: topic.to_string(),
-                partition: Some(partition),
-            });
-        }
-        let position = resolve(&self.inner.client, topic, partition, from).await?;
-        let key: Key = (Arc::from(topic), partition);
-        let mut st = self.inner.lock();
-        let entry = st.assigned.entry(key.clone()).or_insert(Assigned {
-            position,
-            fetch_position: position,
-            high_watermark: -1,
-            generation: 0,
-            paused: false,
-            failed: false,
-        });
-        entry.position = position;
-        entry.fetch_position = position;
-        entry.failed = false;
-        st.bump(&key);
-        drop(st);
-        self.inner.space.notify_one();
-        Ok(())
+        self.inner.start_partition(topic, partition, from).await
     }
 
     /// Moves an assigned partition's position (dropping what was fetched
@@ -340,10 +433,7 @@ impl Consumer {
 
     /// Stops reading a partition.
     pub fn unassign(&self, topic: &str, partition: u32) {
-        let key: Key = (Arc::from(topic), partition);
-        let mut st = self.inner.lock();
-        st.drop_buffered(&key);
-        st.assigned.remove(&key);
+        self.inner.stop_partition(topic, partition);
     }
 
     /// The assigned partitions.
@@ -418,7 +508,8 @@ impl Consumer {
             let notified = self.inner.data.notified();
             {
                 let mut st = self.inner.lock();
-                if st.assigned.is_empty() {
+                self.inner.polled(&mut st);
+                if st.assigned.is_empty() && self.inner.group.is_none() {
                     return Err(Error::InvalidArgument("no partition is assigned".into()));
                 }
                 let mut out = Vec::new();
@@ -453,10 +544,126 @@ impl Consumer {
         self.start_fetcher();
         RecordStream { consumer: self, waiting: None }
     }
+
+    fn group(&self) -> Result<&Arc<GroupShared>> {
+        self.inner.group.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("this consumer has no group: set ConsumerConfig::group_id".into())
+        })
+    }
+
+    /// Joins the consumer's group (`group_id`) subscribed to `topics`: the
+    /// coordinator assigns this consumer a share of their partitions, and
+    /// `poll` / `stream` read those, each from its committed offset. Calling
+    /// it again changes the subscription.
+    pub fn subscribe(&self, topics: &[&str]) -> Result<()> {
+        self.subscribe_with(topics.iter().map(|t| t.to_string()).collect(), String::new())
+    }
+
+    /// Like [`Consumer::subscribe`], with every topic whose whole name
+    /// matches `pattern` (a regular expression, matched by the coordinator;
+    /// topics created later are picked up).
+    pub fn subscribe_pattern(&self, pattern: &str) -> Result<()> {
+        if pattern.is_empty() {
+            return Err(Error::InvalidArgument("the subscription pattern is empty".into()));
+        }
+        self.subscribe_with(Vec::new(), pattern.to_string())
+    }
+
+    fn subscribe_with(&self, topics: Vec<String>, regex: String) -> Result<()> {
+        let group = self.group()?.clone();
+        if group.closing.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        {
+            let mut m = group.member();
+            m.topics = topics;
+            m.regex = regex;
+        }
+        let mut task = self.membership.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if task.is_none() {
+            *task = Some(tokio::spawn(crate::membership::run(self.inner.clone(), group.clone())));
+        }
+        group.wake.notify_one();
+        Ok(())
+    }
+
+    /// Calls `listener` on every change of the partitions this group member
+    /// owns. A revocation is reported before the partitions are released
+    /// (and before their positions are auto-committed), so the application
+    /// can commit or flush its state there. Runs on the membership task:
+    /// keep it short.
+    pub fn on_rebalance(&self, listener: impl Fn(&RebalanceEvent) + Send + Sync + 'static) -> Result<()> {
+        self.group()?.set_listener(Arc::new(listener));
+        Ok(())
+    }
+
+    /// Commits `record`'s partition at the offset after it; returns once the
+    /// commit is replicated. Refused (STALE_MEMBER_EPOCH) when this consumer
+    /// no longer owns the partition.
+    pub async fn commit(&self, record: &ConsumerRecord) -> Result<()> {
+        let offsets = BTreeMap::from([((record.topic.to_string(), record.partition), record.offset + 1)]);
+        self.commit_offsets(&offsets).await
+    }
+
+    /// Commits offsets (each the next offset to read) as this group member;
+    /// returns once replicated. Commits of one consumer apply in the order
+    /// they were made.
+    pub async fn commit_offsets(&self, offsets: &BTreeMap<(String, u32), i64>) -> Result<()> {
+        self.group()?.commit(offsets).await
+    }
+
+    /// Commits the positions `poll` / `stream` have handed out for every
+    /// owned partition; returns once replicated.
+    pub async fn commit_positions(&self) -> Result<()> {
+        let group = self.group()?;
+        let owned = group.member().owned.clone();
+        let positions = self.inner.positions(&owned);
+        group.commit(&positions).await
+    }
+
+    /// Like [`Consumer::commit_offsets`] without waiting: the commit runs in
+    /// the background (in order with the others); the handle tells how it
+    /// went.
+    pub fn commit_async(&self, offsets: BTreeMap<(String, u32), i64>) -> Result<tokio::task::JoinHandle<Result<()>>> {
+        let group = self.group()?.clone();
+        Ok(tokio::spawn(async move { group.commit(&offsets).await }))
+    }
+
+    /// The group's committed offsets for `partitions` (all of them when
+    /// empty).
+    pub async fn committed(&self, partitions: &TopicPartitions) -> Result<BTreeMap<(String, u32), CommittedOffset>> {
+        self.group()?.coordinator.fetch_offsets(partitions).await
+    }
+
+    /// The partitions the group assigned to this consumer, and its member id
+    /// and epoch (-1 after close, 0 while joining).
+    pub fn group_assignment(&self) -> Option<(String, i32, TopicPartitions)> {
+        let group = self.inner.group.as_ref()?;
+        let m = group.member();
+        Some((m.member_id.clone(), m.epoch, m.owned.clone()))
+    }
+
+    /// Leaves the group: commits what was handed out (with auto-commit) and
+    /// tells the coordinator, so the others take the partitions over at
+    /// once. Without a group, stops fetching.
+    pub async fn close(&self) -> Result<()> {
+        if let Some(group) = &self.inner.group {
+            group.closing.store(true, Ordering::Release);
+            group.wake.notify_one();
+            let task = self.membership.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            if let Some(task) = task {
+                let _ = task.await;
+            }
+        }
+        if let Some(task) = self.fetcher.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            task.abort();
+        }
+        Ok(())
+    }
 }
 
 /// The offset `from` means for a partition.
-async fn resolve(client: &Client, topic: &str, partition: u32, from: SeekTo) -> Result<i64> {
+pub(crate) async fn resolve(client: &Client, topic: &str, partition: u32, from: SeekTo) -> Result<i64> {
     let spec = match from {
         SeekTo::Offset(o) => return Ok(o),
         SeekTo::Beginning => OffsetSpec::Earliest,
@@ -492,6 +699,7 @@ impl Stream for RecordStream<'_> {
             waiting.as_mut().enable();
             let (item, freed) = {
                 let mut st = inner.lock();
+                inner.polled(&mut st);
                 let before = st.buffered_bytes;
                 match st.next_record() {
                     Some(r) => (Some(Ok(r)), st.buffered_bytes < before),

@@ -23,6 +23,8 @@ mod admin;
 mod client;
 mod consumer;
 mod error;
+mod group;
+mod membership;
 mod partition_client;
 pub use tally_proto::partitioner;
 mod producer;
@@ -34,6 +36,8 @@ pub use admin::{
 pub use client::{Client, ClientBuilder, ClientConfig, TopicInfo};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, Headers, OffsetReset, RecordStream, SeekTo};
 pub use error::{Error, Result};
+pub use group::{CommittedOffset, GroupDescription, GroupListing, GroupMember, TopicPartitions};
+pub use membership::{RebalanceEvent, RebalanceListener};
 pub use partition_client::{Acks, FetchedBatches, OffsetSpec, PartitionClient};
 pub use producer::{
     DeliveryError, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata, UndeliveredRecord,

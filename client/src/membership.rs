@@ -1,0 +1,390 @@
+//! A [`Consumer`](crate::Consumer)'s membership in a consumer group (Kafka
+//! 4's protocol, KIP-848): a background task heartbeats the coordinator with
+//! the subscription and the partitions the consumer owns, and applies what
+//! it answers. A partition taken away is revoked first: the application's
+//! listener hears of it, its position is committed (with auto-commit), the
+//! consumer stops reading it, and only then does a heartbeat report it
+//! released, so the coordinator never hands it to another member while this
+//! one may still read it. A partition given is started at its committed
+//! offset (or `auto_offset_reset` without one).
+//!
+//! Invariants:
+//! - Commits go out one at a time, in order (`commit_order`), so a later
+//!   commit is never overtaken by an earlier one.
+//! - The member state lock is never held across an `.await`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tally_proto::ErrorCode;
+use tally_proto::v1::{self as pb};
+use tokio::sync::Notify;
+
+use crate::consumer::{Inner, OffsetReset, SeekTo};
+use crate::error::{Error, Result};
+use crate::group::{CoordinatorClient, TopicPartitions, check, from_wire, to_wire};
+
+/// A change of the partitions a group member owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebalanceEvent {
+    /// These partitions were given to this consumer; reading starts at their
+    /// committed offsets.
+    Assigned(Vec<(String, u32)>),
+    /// These partitions are being taken away: called before they are
+    /// released (and, with auto-commit, before their positions are
+    /// committed), so the application can finish or commit its work.
+    Revoked(Vec<(String, u32)>),
+    /// The coordinator removed this member (its session or rebalance timeout
+    /// passed): these partitions may already belong to another member. The
+    /// consumer rejoins.
+    Lost(Vec<(String, u32)>),
+}
+
+/// The application's rebalance callback.
+pub type RebalanceListener = Arc<dyn Fn(&RebalanceEvent) + Send + Sync>;
+
+#[derive(Debug, Default)]
+pub(crate) struct MemberInfo {
+    pub(crate) member_id: String,
+    pub(crate) epoch: i32,
+    pub(crate) owned: TopicPartitions,
+    pub(crate) topics: Vec<String>,
+    pub(crate) regex: String,
+    /// Why the member left on its own (poll interval passed); it rejoins at
+    /// the next poll.
+    pub(crate) left: Option<String>,
+    /// The last offset committed per partition by this consumer.
+    pub(crate) committed: BTreeMap<(String, u32), i64>,
+}
+
+/// What the consumer and its membership task share.
+pub(crate) struct GroupShared {
+    pub(crate) coordinator: CoordinatorClient,
+    member: Mutex<MemberInfo>,
+    /// Wakes the task: subscription changed, closing, or polled after leaving.
+    pub(crate) wake: Notify,
+    commit_order: tokio::sync::Mutex<()>,
+    listener: Mutex<Option<RebalanceListener>>,
+    pub(crate) closing: AtomicBool,
+}
+
+impl std::fmt::Debug for GroupShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupShared").field("group", &self.coordinator.group()).finish_non_exhaustive()
+    }
+}
+
+fn new_member_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = String::with_capacity(32);
+    for i in 0..2u64 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(i);
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
+}
+
+fn pairs(a: &TopicPartitions) -> Vec<(String, u32)> {
+    a.iter().flat_map(|(t, ps)| ps.iter().map(move |p| (t.clone(), *p))).collect()
+}
+
+fn minus(a: &TopicPartitions, b: &TopicPartitions) -> TopicPartitions {
+    let mut out = TopicPartitions::new();
+    for (t, ps) in a {
+        for p in ps {
+            if !b.get(t).is_some_and(|s| s.contains(p)) {
+                out.entry(t.clone()).or_default().insert(*p);
+            }
+        }
+    }
+    out
+}
+
+impl GroupShared {
+    pub(crate) fn new(coordinator: CoordinatorClient) -> GroupShared {
+        GroupShared {
+            coordinator,
+            member: Mutex::new(MemberInfo { member_id: new_member_id(), ..MemberInfo::default() }),
+            wake: Notify::new(),
+            commit_order: tokio::sync::Mutex::new(()),
+            listener: Mutex::new(None),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn member(&self) -> MutexGuard<'_, MemberInfo> {
+        self.member.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn set_listener(&self, listener: RebalanceListener) {
+        *self.listener.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(listener);
+    }
+
+    fn notify(&self, event: RebalanceEvent) {
+        let listener = self.listener.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if let Some(l) = listener {
+            l(&event);
+        }
+    }
+
+    /// Commits `offsets` as the current member (in order with every other
+    /// commit of this consumer); answers once replicated.
+    pub(crate) async fn commit(&self, offsets: &BTreeMap<(String, u32), i64>) -> Result<()> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let _order = self.commit_order.lock().await;
+        let (member_id, epoch) = {
+            let m = self.member();
+            (m.member_id.clone(), m.epoch)
+        };
+        if epoch <= 0 {
+            return Err(Error::InvalidArgument(format!(
+                "not a member of group `{}` right now (joining or rejoining); nothing committed",
+                self.coordinator.group()
+            )));
+        }
+        self.coordinator.commit(&member_id, epoch, offsets).await?;
+        let mut m = self.member();
+        for (k, v) in offsets {
+            m.committed.insert(k.clone(), *v);
+        }
+        Ok(())
+    }
+}
+
+/// The positions of `partitions` that moved past what this consumer last
+/// committed.
+fn uncommitted(inner: &Inner, group: &GroupShared, partitions: &TopicPartitions) -> BTreeMap<(String, u32), i64> {
+    let positions = inner.positions(partitions);
+    let m = group.member();
+    positions.into_iter().filter(|(k, v)| m.committed.get(k).is_none_or(|c| c != v)).collect()
+}
+
+async fn commit_positions(inner: &Inner, group: &GroupShared, partitions: &TopicPartitions) {
+    let offsets = uncommitted(inner, group, partitions);
+    if let Err(e) = group.commit(&offsets).await {
+        tracing::warn!(group = %group.coordinator.group(), error = %e, "auto-commit failed");
+    }
+}
+
+/// Heartbeats once. `leave` sends epoch -1.
+async fn heartbeat(inner: &Inner, group: &GroupShared, leave: bool) -> Result<pb::ConsumerGroupHeartbeatResponse> {
+    let config = inner.config();
+    let request = {
+        let m = group.member();
+        pb::ConsumerGroupHeartbeatRequest {
+            group_id: group.coordinator.group().to_string(),
+            member_id: m.member_id.clone(),
+            member_epoch: if leave { -1 } else { m.epoch },
+            rebalance_timeout_ms: u32::try_from(config.max_poll_interval.as_millis()).unwrap_or(u32::MAX),
+            subscribed_topic_names: m.topics.clone(),
+            subscribed_topic_regex: m.regex.clone(),
+            server_assignor: config.group_assignor.clone().unwrap_or_default(),
+            owned_partitions: to_wire(&m.owned),
+            session_timeout_ms: config.session_timeout.map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
+            client_id: "tally-client".into(),
+            client_host: String::new(),
+        }
+    };
+    let patience = inner.client().request_timeout();
+    let group_id = group.coordinator.group().to_string();
+    group
+        .coordinator
+        .call(patience, |mut rpc| {
+            let request = request.clone();
+            let group_id = group_id.clone();
+            async move {
+                let r = rpc.consumer_group_heartbeat(request).await?.into_inner();
+                check(r.error_code, r.error_message.clone(), &group_id)?;
+                Ok(r)
+            }
+        })
+        .await
+}
+
+/// Gives up every owned partition (stops reading them) and reports `event`.
+fn drop_all(inner: &Inner, group: &GroupShared, lost: bool) {
+    let owned = std::mem::take(&mut group.member().owned);
+    if owned.is_empty() {
+        return;
+    }
+    let list = pairs(&owned);
+    group.notify(if lost { RebalanceEvent::Lost(list.clone()) } else { RebalanceEvent::Revoked(list.clone()) });
+    for (t, p) in list {
+        inner.stop_partition(&t, p);
+    }
+}
+
+/// Applies a heartbeat's assignment: revokes first, then starts what was
+/// added. True when a revocation needs reporting at once.
+async fn apply(inner: &Inner, group: &GroupShared, assigned: TopicPartitions) -> bool {
+    let owned = group.member().owned.clone();
+    let revoked = minus(&owned, &assigned);
+    if !revoked.is_empty() {
+        group.notify(RebalanceEvent::Revoked(pairs(&revoked)));
+        if inner.config().enable_auto_commit {
+            commit_positions(inner, group, &revoked).await;
+        }
+        for (t, p) in pairs(&revoked) {
+            inner.stop_partition(&t, p);
+        }
+        let mut m = group.member();
+        m.owned = minus(&m.owned, &revoked);
+        return true;
+    }
+    let added = minus(&assigned, &owned);
+    if added.is_empty() {
+        return false;
+    }
+    let committed = match group.coordinator.fetch_offsets(&added).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(group = %group.coordinator.group(), error = %e, "cannot read committed offsets; retrying");
+            return false;
+        }
+    };
+    let mut started = TopicPartitions::new();
+    for (t, p) in pairs(&added) {
+        let from = match committed.get(&(t.clone(), p)).map(|c| c.offset).filter(|o| *o >= 0) {
+            Some(o) => SeekTo::Offset(o),
+            None => match inner.config().auto_offset_reset {
+                OffsetReset::Earliest => SeekTo::Beginning,
+                OffsetReset::Latest => SeekTo::End,
+                OffsetReset::Error => {
+                    inner.report(Error::Broker {
+                        code: ErrorCode::OffsetOutOfRange,
+                        message: format!(
+                            "group `{}` has no committed offset for {t}/{p} and auto_offset_reset is Error",
+                            group.coordinator.group()
+                        ),
+                        topic: t.clone(),
+                        partition: Some(p),
+                    });
+                    // Owned (the coordinator gave it) but not read.
+                    started.entry(t.clone()).or_default().insert(p);
+                    continue;
+                }
+            },
+        };
+        match inner.start_partition(&t, p, from).await {
+            Ok(()) => {
+                started.entry(t.clone()).or_default().insert(p);
+            }
+            Err(e) => tracing::warn!(topic = %t, partition = p, error = %e, "cannot start an assigned partition"),
+        }
+    }
+    {
+        let mut m = group.member();
+        for (t, ps) in &started {
+            m.owned.entry(t.clone()).or_default().extend(ps);
+        }
+        for ((t, p), c) in committed {
+            if c.offset >= 0 {
+                m.committed.insert((t, p), c.offset);
+            }
+        }
+    }
+    if !started.is_empty() {
+        group.notify(RebalanceEvent::Assigned(pairs(&started)));
+    }
+    false
+}
+
+/// The membership task: runs until the consumer closes (then commits, with
+/// auto-commit, and leaves the group) or is dropped.
+pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
+    let config = inner.config().clone();
+    let mut interval = Duration::from_millis(500);
+    let mut backoff = Duration::from_millis(100);
+    let mut next_commit = Instant::now() + config.auto_commit_interval;
+    loop {
+        let woken = group.wake.notified();
+        if group.closing.load(Ordering::Acquire) {
+            break;
+        }
+        // A consumer that stopped polling leaves, so its partitions move on.
+        let idle = inner.since_last_poll();
+        if group.member().left.is_some() {
+            if idle.is_some_and(|d| d < config.max_poll_interval) {
+                group.member().left = None;
+                continue;
+            }
+            woken.await;
+            continue;
+        }
+        if idle.is_some_and(|d| d > config.max_poll_interval) {
+            let reason = format!(
+                "left group `{}`: poll was not called within max_poll_interval ({:?}); rejoining at the next poll",
+                group.coordinator.group(),
+                config.max_poll_interval
+            );
+            tracing::warn!("{reason}");
+            if config.enable_auto_commit {
+                let owned = group.member().owned.clone();
+                commit_positions(&inner, &group, &owned).await;
+            }
+            drop_all(&inner, &group, false);
+            let _ = heartbeat(&inner, &group, true).await;
+            {
+                let mut m = group.member();
+                m.epoch = 0;
+                m.left = Some(reason.clone());
+            }
+            inner.report(Error::InvalidArgument(reason));
+            continue;
+        }
+        let immediate;
+        match heartbeat(&inner, &group, false).await {
+            Ok(r) => {
+                backoff = Duration::from_millis(100);
+                interval = Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(50)));
+                group.member().epoch = r.member_epoch;
+                immediate = apply(&inner, &group, from_wire(r.assignment)).await;
+            }
+            Err(e) if matches!(e.code(), Some(ErrorCode::FencedMemberEpoch | ErrorCode::UnknownMemberId)) => {
+                tracing::warn!(group = %group.coordinator.group(), error = %e, "fenced by the coordinator; rejoining");
+                drop_all(&inner, &group, true);
+                group.member().epoch = 0;
+                immediate = true;
+            }
+            Err(e) if e.is_retriable() => {
+                tracing::debug!(group = %group.coordinator.group(), error = %e, "heartbeat failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(interval.max(Duration::from_millis(100)));
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(group = %group.coordinator.group(), error = %e, "heartbeat refused");
+                inner.report(e);
+                tokio::time::sleep(interval.max(Duration::from_secs(1))).await;
+                continue;
+            }
+        }
+        if config.enable_auto_commit && Instant::now() >= next_commit {
+            let owned = group.member().owned.clone();
+            commit_positions(&inner, &group, &owned).await;
+            next_commit = Instant::now() + config.auto_commit_interval;
+        }
+        if immediate {
+            continue;
+        }
+        let _ = tokio::time::timeout(interval, woken).await;
+    }
+    // Closing: commit what was handed out, then leave.
+    if config.enable_auto_commit {
+        let owned = group.member().owned.clone();
+        commit_positions(&inner, &group, &owned).await;
+    }
+    drop_all(&inner, &group, false);
+    if group.member().epoch > 0
+        && let Err(e) = heartbeat(&inner, &group, true).await
+    {
+        tracing::warn!(group = %group.coordinator.group(), error = %e, "leaving the group failed; its session will end it");
+    }
+    group.member().epoch = -1;
+}
