@@ -406,7 +406,8 @@ impl Drop for Consumer {
 impl Consumer {
     /// A consumer with nothing assigned.
     pub fn new(client: Client, config: ConsumerConfig) -> Consumer {
-        let group = config.group_id.clone().map(|g| Arc::new(GroupShared::new(CoordinatorClient::new(client.clone(), g))));
+        let group =
+            config.group_id.clone().map(|g| Arc::new(GroupShared::new(CoordinatorClient::new(client.clone(), g))));
         let inner = Arc::new(Inner {
             client,
             config,
@@ -546,9 +547,10 @@ impl Consumer {
     }
 
     fn group(&self) -> Result<&Arc<GroupShared>> {
-        self.inner.group.as_ref().ok_or_else(|| {
-            Error::InvalidArgument("this consumer has no group: set ConsumerConfig::group_id".into())
-        })
+        self.inner
+            .group
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("this consumer has no group: set ConsumerConfig::group_id".into()))
     }
 
     /// Joins the consumer's group (`group_id`) subscribed to `topics`: the

@@ -125,7 +125,10 @@ impl CoordinatorClient {
 
     /// Committed offsets of `partitions` (all of the group's when empty):
     /// (topic, partition) to (offset, leader epoch, metadata); -1 when none.
-    pub(crate) async fn fetch_offsets(&self, partitions: &TopicPartitions) -> Result<BTreeMap<(String, u32), CommittedOffset>> {
+    pub(crate) async fn fetch_offsets(
+        &self,
+        partitions: &TopicPartitions,
+    ) -> Result<BTreeMap<(String, u32), CommittedOffset>> {
         let request = pb::OffsetFetchRequest { group_id: self.group.clone(), partitions: to_wire(partitions) };
         let response = self
             .call(self.client.request_timeout(), |mut rpc| {

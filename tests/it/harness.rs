@@ -20,6 +20,8 @@ pub fn test_config(data_dir: &Path) -> BrokerConfig {
         data_dir: data_dir.to_path_buf(),
         retention_check_interval_ms: 100,
         log_cleaner_backoff_ms: 100,
+        offsets_topic_num_partitions: 3,
+        group_consumer_min_session_timeout_ms: 500,
         ..BrokerConfig::default()
     }
 }

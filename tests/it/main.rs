@@ -8,6 +8,7 @@ mod cli;
 mod cluster;
 mod compaction;
 mod fault;
+mod groups;
 mod harness;
 mod interop;
 mod process;

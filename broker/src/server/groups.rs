@@ -61,11 +61,9 @@ impl Groups for GroupsService {
             Ok((node_id, address)) => {
                 pb::FindCoordinatorResponse { error_code: 0, error_message: String::new(), node_id, address }
             }
-            Err(e) => pb::FindCoordinatorResponse {
-                error_code: code(&e),
-                error_message: e.to_string(),
-                ..Default::default()
-            },
+            Err(e) => {
+                pb::FindCoordinatorResponse { error_code: code(&e), error_message: e.to_string(), ..Default::default() }
+            }
         }))
     }
 
@@ -87,7 +85,8 @@ impl Groups for GroupsService {
             client_id: req.client_id,
             client_host: req.client_host,
         };
-        let outcome = self.coordinators.run(&req.group_id, move |shard, topics, now| shard.heartbeat(&hb, topics, now)).await;
+        let outcome =
+            self.coordinators.run(&req.group_id, move |shard, topics, now| shard.heartbeat(&hb, topics, now)).await;
         Ok(Response::new(match outcome {
             Ok(r) => pb::ConsumerGroupHeartbeatResponse {
                 error_code: 0,
@@ -125,9 +124,7 @@ impl Groups for GroupsService {
         let (group, member, epoch) = (req.group_id.clone(), req.member_id.clone(), req.member_epoch);
         let outcome = self
             .coordinators
-            .run(&req.group_id, move |shard, topics, now| {
-                shard.commit(&group, &member, epoch, &offsets, topics, now)
-            })
+            .run(&req.group_id, move |shard, topics, now| shard.commit(&group, &member, epoch, &offsets, topics, now))
             .await;
         let answer = |error: Option<&GroupError>, i: usize| {
             let p = &req.partitions[i];
@@ -188,7 +185,9 @@ impl Groups for GroupsService {
                     })
                     .collect(),
             },
-            Err(e) => pb::OffsetFetchResponse { error_code: code(&e), error_message: e.to_string(), partitions: vec![] },
+            Err(e) => {
+                pb::OffsetFetchResponse { error_code: code(&e), error_message: e.to_string(), partitions: vec![] }
+            }
         }))
     }
 
