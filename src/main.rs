@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{bench, cluster, consume, dump_log, offsets, produce, serve, topic};
+use commands::{bench, cluster, consume, dump_log, group, offsets, produce, serve, topic};
 
 /// Tally: a replicated, partitioned event log.
 #[derive(Debug, Parser)]
@@ -37,6 +37,9 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Print records of a topic.
     Consume(consume::ConsumeArgs),
+    /// List, describe and delete consumer groups; reset their offsets.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
     /// Print the earliest, latest or by-time offset of each partition.
     Offsets(offsets::OffsetsArgs),
     /// Print the batches of a segment file (or of every segment in a directory).
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
             Command::Topic(cmd) => topic::run(&ctx, cmd).await,
             Command::Produce(args) => produce::run(&ctx, args).await,
             Command::Consume(args) => consume::run(&ctx, args).await,
+            Command::Group(cmd) => group::run(&ctx, cmd).await,
             Command::Offsets(args) => offsets::run(&ctx, args).await,
             Command::DumpLog(args) => dump_log::run(&ctx, args),
             Command::Bench(cmd) => bench::run(&ctx, cmd).await,

@@ -1,5 +1,6 @@
 //! `tally consume`: print records, kcat-style.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
@@ -14,11 +15,18 @@ pub struct ConsumeArgs {
     /// Topic.
     topic: String,
     /// Read only this partition (default: all).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "group")]
     partition: Option<u32>,
-    /// Where to start: beginning, end, an offset, or @TIMESTAMP_MS.
+    /// Where to start: beginning, end, an offset, or @TIMESTAMP_MS. With
+    /// --group: where a partition without a committed offset starts
+    /// (beginning or end); a committed offset always wins.
     #[arg(long, default_value = "end")]
     from: String,
+    /// Consume as a member of this consumer group: the group's partitions
+    /// are shared with its other members, and what was printed is committed
+    /// (at least once: a kill never skips a record).
+    #[arg(long)]
+    group: Option<String>,
     /// Stop after this many records.
     #[arg(short = 'n', long = "count")]
     count: Option<u64>,
@@ -155,6 +163,14 @@ pub async fn run(ctx: &Context, args: ConsumeArgs) -> anyhow::Result<()> {
         bail!("tally consume prints records with --format, not --output json");
     }
     let tokens = parse_format(&args.format)?;
+    if let Some(group) = args.group.clone() {
+        let reset = match from {
+            SeekTo::Beginning => OffsetReset::Earliest,
+            SeekTo::End => OffsetReset::Latest,
+            _ => bail!("with --group, --from is beginning or end (a committed offset always wins)"),
+        };
+        return run_in_group(client, args, group, reset, tokens).await;
+    }
     let info = client.topic_info(&args.topic).await.with_context(|| format!("cannot consume `{}`", args.topic))?;
     let partitions: Vec<u32> = match args.partition {
         Some(p) if (p as usize) < info.leaders.len() => vec![p],
@@ -207,6 +223,147 @@ pub async fn run(ctx: &Context, args: ConsumeArgs) -> anyhow::Result<()> {
         if args.count.is_some_and(|n| printed >= n) || (args.exit_at_end && consumer.at_end()) {
             return Ok(());
         }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `tally consume --group`: prints the partitions the group gives this
+/// member, and commits what was printed and flushed (never more), every
+/// second, on exit and on Ctrl-C / SIGTERM, after which it leaves the group.
+async fn run_in_group(
+    client: tally_client::Client,
+    args: ConsumeArgs,
+    group: String,
+    reset: OffsetReset,
+    tokens: Vec<Token>,
+) -> anyhow::Result<()> {
+    let mut config = ConsumerConfig::default();
+    config.max_wait = if args.exit_at_end { Duration::from_millis(100) } else { Duration::from_millis(500) };
+    config.auto_offset_reset = reset;
+    config.group_id = Some(group.clone());
+    // Auto-commit counts what poll handed out; only what reached stdout
+    // may be committed here.
+    config.enable_auto_commit = false;
+    let consumer = Consumer::new(client, config);
+    consumer.subscribe(&[args.topic.as_str()])?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut printed = 0u64;
+    // Offset after the last printed record, per partition, and what of it
+    // is committed.
+    let mut done: BTreeMap<(String, u32), i64> = BTreeMap::new();
+    let mut committed: BTreeMap<(String, u32), i64> = BTreeMap::new();
+    let mut last_commit = std::time::Instant::now();
+    let mut failing_since: Option<std::time::Instant> = None;
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    let outcome: anyhow::Result<()> = loop {
+        let polled = tokio::select! {
+            () = &mut stop => break Ok(()),
+            polled = consumer.poll() => polled,
+        };
+        let records = match polled {
+            Ok(records) => {
+                failing_since = None;
+                records
+            }
+            Err(e) if e.is_retriable() => {
+                let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > RETRY_FOR {
+                    break Err(anyhow::Error::from(e).context(format!("still failing after {} s", RETRY_FOR.as_secs())));
+                }
+                eprintln!("tally consume: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(e) => break Err(e.into()),
+        };
+        let mut pipe_closed = false;
+        for r in &records {
+            if args.count.is_some_and(|n| printed >= n) {
+                break;
+            }
+            match write_record(&mut out, &tokens, r) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    pipe_closed = true;
+                    break;
+                }
+                other => other?,
+            }
+            done.insert((r.topic.to_string(), r.partition), r.offset + 1);
+            printed += 1;
+        }
+        match out.flush() {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => pipe_closed = true,
+            other => other?,
+        }
+        if pipe_closed {
+            // What was not flushed may not have reached the reader.
+            break Ok(());
+        }
+        let finished = args.count.is_some_and(|n| printed >= n);
+        if finished || last_commit.elapsed() >= Duration::from_secs(1) {
+            commit_printed(&consumer, &done, &mut committed).await;
+            last_commit = std::time::Instant::now();
+        }
+        if finished {
+            break Ok(());
+        }
+        if args.exit_at_end {
+            let joined = consumer.group_assignment().is_some_and(|(_, epoch, owned)| epoch > 0 && !owned.is_empty());
+            if joined && consumer.at_end() {
+                commit_printed(&consumer, &done, &mut committed).await;
+                let owned = consumer.group_assignment().map(|(_, _, o)| o).unwrap_or_default();
+                let mine = |(t, p): &(String, u32)| owned.get(t).is_some_and(|ps| ps.contains(p));
+                if done.iter().filter(|(k, _)| mine(k)).all(|(k, v)| committed.get(k) == Some(v)) {
+                    break Ok(());
+                }
+            }
+        }
+    };
+    commit_printed(&consumer, &done, &mut committed).await;
+    consumer.close().await?;
+    outcome
+}
+
+/// Commits the printed positions of the partitions this member still owns.
+async fn commit_printed(
+    consumer: &Consumer,
+    done: &BTreeMap<(String, u32), i64>,
+    committed: &mut BTreeMap<(String, u32), i64>,
+) {
+    let Some((_, _, owned)) = consumer.group_assignment() else { return };
+    let due: BTreeMap<(String, u32), i64> = done
+        .iter()
+        .filter(|((t, p), v)| {
+            owned.get(t).is_some_and(|ps| ps.contains(p)) && committed.get(&(t.clone(), *p)) != Some(*v)
+        })
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    if due.is_empty() {
+        return;
+    }
+    match consumer.commit_offsets(&due).await {
+        Ok(()) => committed.extend(due),
+        Err(e) => eprintln!("tally consume: commit failed (retried later): {e}"),
     }
 }
 

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cluster;
 pub mod consume;
 pub mod dump_log;
+pub mod group;
 pub mod offsets;
 pub mod produce;
 pub mod serve;

@@ -151,3 +151,87 @@ async fn cli_deletes_keys_of_a_compacted_topic_and_shows_its_compaction() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("compacted: 196 of 200 offsets removed"), "dump-log shows what compaction removed: {text}");
 }
+
+fn text(out: &std::process::Output) -> String {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_consumes_in_a_group_commits_what_it_printed_and_manages_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let a = broker.address.clone();
+    text(&run(&a, &["topic", "create", "jobs", "--partitions", "3"], None).await);
+    let input: String = (0..300).map(|i| format!("k{i}=job {i}\n")).collect();
+    text(&run(&a, &["produce", "jobs", "--key-separator", "=", "--acks", "all"], Some(&input)).await);
+
+    let group = ["--group", "cli", "--exit-at-end", "--format", "%v\\n"];
+    let first = text(&run(&a, &[&["consume", "jobs", "--from", "beginning"][..], &group[..]].concat(), None).await);
+    assert_eq!(first.lines().count(), 300);
+    let described = text(&run(&a, &["group", "describe", "cli", "--output", "json"], None).await);
+    let d: serde_json::Value = serde_json::from_str(&described).unwrap();
+    assert_eq!(d["state"], "Empty", "{d}");
+    let parts = d["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 3, "{d}");
+    assert!(parts.iter().all(|p| p["lag"] == 0 && p["committed_offset"] == p["log_end_offset"]), "{d}");
+
+    // A second run resumes at the commits: only what is new.
+    let more: String = (300..330).map(|i| format!("k{i}=job {i}\n")).collect();
+    text(&run(&a, &["produce", "jobs", "--key-separator", "=", "--acks", "all"], Some(&more)).await);
+    let second = text(&run(&a, &[&["consume", "jobs"][..], &group[..]].concat(), None).await);
+    assert_eq!(second.lines().count(), 30, "{second}");
+    assert!(text(&run(&a, &["group", "list"], None).await).contains("cli"));
+
+    // Reset: a dry run changes nothing, --execute rewinds.
+    let plan = text(&run(&a, &["group", "reset-offsets", "cli", "--topic", "jobs", "--to-earliest"], None).await);
+    assert!(plan.contains("NEW-OFFSET"), "{plan}");
+    let d: serde_json::Value =
+        serde_json::from_str(&text(&run(&a, &["group", "describe", "cli", "--output", "json"], None).await)).unwrap();
+    assert!(d["partitions"].as_array().unwrap().iter().all(|p| p["lag"] == 0), "{d}");
+    text(&run(&a, &["group", "reset-offsets", "cli", "--topic", "jobs", "--to-earliest", "--execute"], None).await);
+    let again = text(&run(&a, &[&["consume", "jobs"][..], &group[..]].concat(), None).await);
+    assert_eq!(again.lines().count(), 330);
+
+    // SIGTERM: what was printed is committed, and the member leaves.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["consume", "jobs", "--group", "term", "--from", "beginning"])
+        .env("TALLY_BOOTSTRAP", &a)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut all).unwrap();
+        all
+    });
+    let joined = crate::harness::wait_for(std::time::Duration::from_secs(20), async || {
+        let out = run(&a, &["group", "describe", "term", "--output", "json"], None).await;
+        let Ok(d) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return false };
+        d["partitions"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().map(|p| p["committed_offset"].as_i64().unwrap_or(0)).sum::<i64>() == 330)
+    })
+    .await;
+    assert!(joined, "the group consumer did not commit everything it read");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(reader.join().unwrap().lines().count(), 330);
+    let d: serde_json::Value =
+        serde_json::from_str(&text(&run(&a, &["group", "describe", "term", "--output", "json"], None).await)).unwrap();
+    assert_eq!(d["members"].as_array().unwrap().len(), 0, "the member did not leave: {d}");
+
+    // Delete, then it is gone.
+    text(&run(&a, &["group", "delete", "cli"], None).await);
+    let out = run(&a, &["group", "describe", "cli"], None).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not exist"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    broker.stop().await.unwrap();
+}
