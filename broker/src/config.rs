@@ -453,6 +453,15 @@ const BROKER_KEYS: &[&str] = &[
     "log_cleaner_dedupe_buffer_bytes",
     "log_cleaner_io_max_bytes_per_second",
     "log_cleaner_backoff_ms",
+    "offsets_topic_num_partitions",
+    "offsets_topic_replication_factor",
+    "offsets_topic_segment_bytes",
+    "offsets_retention_minutes",
+    "group_consumer_session_timeout_ms",
+    "group_consumer_min_session_timeout_ms",
+    "group_consumer_max_session_timeout_ms",
+    "group_consumer_heartbeat_interval_ms",
+    "group_consumer_max_size",
 ];
 
 /// `TALLY_*` variables that are not config fields: the command line's own.
@@ -529,6 +538,14 @@ mod tests {
     fn unknown_keys_are_rejected_so_a_typo_cannot_disable_fsync() {
         let err = toml::from_str::<BrokerConfig>("[log]\nenforce_fsync = true\n").unwrap_err();
         assert!(err.to_string().contains("enforce_fsync"), "{err}");
+    }
+
+    #[test]
+    fn every_broker_field_can_be_set_from_the_environment() {
+        let table = toml::Value::try_from(BrokerConfig::default()).unwrap();
+        for key in table.as_table().unwrap().keys().filter(|k| *k != "log") {
+            assert!(BROKER_KEYS.contains(&key.as_str()), "TALLY_{} is not read", key.to_uppercase());
+        }
     }
 
     #[test]

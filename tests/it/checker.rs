@@ -49,6 +49,15 @@ pub struct History {
     pub polls: Vec<Poll>,
     /// Each partition read from offset 0 to its end after healing.
     pub final_logs: BTreeMap<u32, Vec<(i64, String)>>,
+    /// What the members of a consumer group were handed (their sequences
+    /// may go back: a partition moves and is re-read from its commit).
+    pub group_polls: Vec<Poll>,
+    /// Commits the coordinator acknowledged: (partition, offset).
+    pub commits: Vec<(u32, i64)>,
+    /// The group's committed offsets as read over time, in order.
+    pub committed_snapshots: Vec<BTreeMap<u32, i64>>,
+    /// The group's committed offsets at the end.
+    pub final_committed: BTreeMap<u32, i64>,
 }
 
 /// The anomalies found; all empty means the history is valid.
@@ -74,6 +83,14 @@ pub struct Report {
     /// A writer's acknowledged value at an offset not after the one it
     /// acknowledged before it (earlier value, later value).
     pub reordered: Vec<(String, String)>,
+    /// A group's committed offset went back (partition, from, to).
+    pub commit_went_back: Vec<(u32, i64, i64)>,
+    /// An acknowledged commit above the final committed offset (partition,
+    /// acknowledged, final).
+    pub commit_lost: Vec<(u32, i64, i64)>,
+    /// An offset below the final committed one that no group member was
+    /// handed (partition, offset): the group skipped it.
+    pub skipped_below_commit: Vec<(u32, i64)>,
 }
 
 impl Report {
@@ -88,7 +105,7 @@ pub fn check(h: &History) -> Report {
     let mut report = Report::default();
     // Every value seen at each offset, from polls, final logs and acks.
     let mut at: BTreeMap<(u32, i64), BTreeSet<&str>> = BTreeMap::new();
-    for p in &h.polls {
+    for p in h.polls.iter().chain(&h.group_polls) {
         for (o, v) in &p.records {
             at.entry((p.partition, *o)).or_default().insert(v);
         }
@@ -109,7 +126,7 @@ pub fn check(h: &History) -> Report {
     let finals: BTreeMap<(u32, i64), &str> =
         h.final_logs.iter().flat_map(|(p, log)| log.iter().map(move |(o, v)| ((*p, *o), v.as_str()))).collect();
     let mut vanished = BTreeSet::new();
-    for p in &h.polls {
+    for p in h.polls.iter().chain(&h.group_polls) {
         for (o, v) in &p.records {
             if !finals.contains_key(&(p.partition, *o)) {
                 vanished.insert((p.partition, *o, v.clone()));
@@ -117,6 +134,7 @@ pub fn check(h: &History) -> Report {
         }
     }
     report.vanished = vanished.into_iter().collect();
+    check_group(h, &mut report);
     // The final logs: dense, each value once.
     let mut stored: BTreeMap<(u32, &str), usize> = BTreeMap::new();
     for (partition, log) in &h.final_logs {
@@ -198,7 +216,28 @@ mod tests {
                 Poll { consumer: 0, partition: 0, records: vec![(2, "c".into())] },
             ],
             final_logs: BTreeMap::from([(0, log(&["a", "b", "c"]))]),
+            group_polls: vec![
+                Poll { consumer: 100, partition: 0, records: log(&["a", "b"]) },
+                // Moved to another member, re-read from the commit.
+                Poll { consumer: 101, partition: 0, records: vec![(1, "b".into()), (2, "c".into())] },
+            ],
+            commits: vec![(0, 2), (0, 3)],
+            committed_snapshots: vec![BTreeMap::from([(0, 2)]), BTreeMap::from([(0, 3)])],
+            final_committed: BTreeMap::from([(0, 3)]),
         }
+    }
+
+    #[test]
+    fn a_group_commit_that_went_back_or_was_lost_or_skipped_records_is_reported() {
+        let mut h = valid();
+        h.committed_snapshots.push(BTreeMap::from([(0, 1)]));
+        assert_eq!(check(&h).commit_went_back, vec![(0, 3, 1)]);
+        let mut h = valid();
+        h.commits.push((0, 9));
+        assert_eq!(check(&h).commit_lost, vec![(0, 9, 3)]);
+        let mut h = valid();
+        h.group_polls.remove(1);
+        assert_eq!(check(&h).skipped_below_commit, vec![(0, 2)]);
     }
 
     #[test]
@@ -298,5 +337,36 @@ mod tests {
         let report = check(&h);
         assert_eq!(report.vanished, vec![(0, 1, "b".to_string())]);
         assert!(report.inconsistent.is_empty(), "one value per offset");
+    }
+}
+
+/// The consumer group's commits: never backwards, an acknowledged commit
+/// never lost, and nothing below the final commit left unread.
+fn check_group(h: &History, report: &mut Report) {
+    let mut last: BTreeMap<u32, i64> = BTreeMap::new();
+    for snapshot in h.committed_snapshots.iter().chain(std::iter::once(&h.final_committed)) {
+        for (p, o) in snapshot {
+            if let Some(before) = last.insert(*p, *o)
+                && *o < before
+            {
+                report.commit_went_back.push((*p, before, *o));
+            }
+        }
+    }
+    for (p, o) in &h.commits {
+        let fin = h.final_committed.get(p).copied().unwrap_or(-1);
+        if *o > fin {
+            report.commit_lost.push((*p, *o, fin));
+        }
+    }
+    let mut handed: BTreeMap<u32, BTreeSet<i64>> = BTreeMap::new();
+    for poll in &h.group_polls {
+        handed.entry(poll.partition).or_default().extend(poll.records.iter().map(|(o, _)| *o));
+    }
+    for (p, committed) in &h.final_committed {
+        let seen = handed.get(p);
+        if let Some(o) = (0..*committed).find(|o| !seen.is_some_and(|s| s.contains(o))) {
+            report.skipped_below_commit.push((*p, o));
+        }
     }
 }

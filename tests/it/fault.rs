@@ -22,6 +22,11 @@
 //! Meanwhile an admin task moves `min_insync_replicas` between 1 and 2,
 //! grows a scratch topic, and deletes and re-creates it.
 //!
+//! A consumer group of two members reads the topic too, committing after
+//! each poll; the checker asserts its committed offsets never go back, no
+//! acknowledged commit is lost, and no offset below the final commit went
+//! unread.
+//!
 //! Each seed's first fault is kind `seed % KINDS`, so the default seeds
 //! (`1..=10`) cover every kind; later faults are drawn from the seed.
 //! `TALLY_TEST_FAULT_SEEDS` (a list like `1,2,5` or a range like `1..=20`)
@@ -34,7 +39,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tally::child::BrokerProcess;
-use tally_client::{Acks, Client, ErrorCode, NewTopic, Producer, ProducerConfig, ProducerRecord};
+use std::collections::BTreeMap;
+
+use tally_client::{
+    Acks, Client, Consumer, ConsumerConfig, ErrorCode, NewTopic, OffsetReset, Producer, ProducerConfig, ProducerRecord,
+    TopicPartitions,
+};
 use tally_proto::batch::RecordRef;
 use tokio::sync::watch;
 
@@ -95,7 +105,14 @@ const ENVS: &[(&str, &str)] = &[
     ("TALLY_CONTROLLER_ELECTION_TIMEOUT_MS", "800"),
     ("TALLY_REPLICA_LAG_TIME_MAX_MS", "2000"),
     ("TALLY_REPLICA_FETCH_WAIT_MAX_MS", "200"),
+    ("TALLY_GROUP_CONSUMER_MIN_SESSION_TIMEOUT_MS", "1000"),
+    ("TALLY_OFFSETS_TOPIC_NUM_PARTITIONS", "3"),
 ];
+
+/// The consumer group whose commits the checker follows.
+const GROUP: &str = "fault-readers";
+/// Its members.
+const GROUP_MEMBERS: usize = 2;
 
 /// The local address broker `id` dials its peers from (replica fetches).
 fn source_of(id: u32) -> std::net::IpAddr {
@@ -542,6 +559,54 @@ async fn reader(client: Client, partition: u32, stop: watch::Receiver<Option<i64
     }
 }
 
+/// A member of [`GROUP`]: reads what the group gives it and commits, after
+/// each poll, the offset after the last record it was handed.
+async fn group_member(
+    client: Client,
+    id: usize,
+    stop: watch::Receiver<bool>,
+    polls: Arc<Mutex<Vec<Poll>>>,
+    commits: Arc<Mutex<Vec<(u32, i64)>>>,
+) {
+    let mut config = ConsumerConfig::default();
+    config.group_id = Some(GROUP.to_string());
+    config.enable_auto_commit = false;
+    config.auto_offset_reset = OffsetReset::Earliest;
+    config.session_timeout = Some(Duration::from_secs(3));
+    config.max_wait = Duration::from_millis(200);
+    let consumer = Consumer::new(client, config);
+    consumer.subscribe(&["faults"]).expect("subscribe");
+    while !*stop.borrow() {
+        let Ok(records) = consumer.poll().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut handed: BTreeMap<u32, Vec<(i64, String)>> = BTreeMap::new();
+        for r in records {
+            let value = String::from_utf8(r.value.as_deref().unwrap_or_default().to_vec()).expect("utf-8");
+            handed.entry(r.partition).or_default().push((r.offset, value));
+        }
+        let offsets: BTreeMap<(String, u32), i64> =
+            handed.iter().map(|(p, rs)| (("faults".to_string(), *p), rs.last().expect("a record").0 + 1)).collect();
+        {
+            let mut polls = polls.lock().unwrap();
+            for (partition, records) in handed {
+                polls.push(Poll { consumer: 100 + id, partition, records });
+            }
+        }
+        if !offsets.is_empty() && consumer.commit_offsets(&offsets).await.is_ok() {
+            commits.lock().unwrap().extend(offsets.iter().map(|((_, p), o)| (*p, *o)));
+        }
+    }
+    let _ = consumer.close().await;
+}
+
+/// The group's committed offsets of `faults`, by partition.
+async fn group_offsets(client: &Client) -> Option<BTreeMap<u32, i64>> {
+    let offsets = client.admin().group_offsets(GROUP, &TopicPartitions::new()).await.ok()?;
+    Some(offsets.into_iter().filter(|((t, _), _)| t == "faults").map(|((_, p), c)| (p, c.offset)).collect())
+}
+
 fn now_ms() -> i64 {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
     i64::try_from(since.as_millis()).unwrap()
@@ -619,6 +684,27 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
         readers.push(tokio::spawn(reader(c, partition, end, polls.clone())));
     }
 
+    let group_polls = Arc::new(Mutex::new(Vec::new()));
+    let commits = Arc::new(Mutex::new(Vec::new()));
+    let (stop_group, group_stop) = watch::channel(false);
+    let mut members = Vec::new();
+    for id in 0..GROUP_MEMBERS {
+        let c = client_for(&cluster).await;
+        members.push(tokio::spawn(group_member(c, id, group_stop.clone(), group_polls.clone(), commits.clone())));
+    }
+    let snapshots = Arc::new(Mutex::new(Vec::new()));
+    let watcher = {
+        let (c, snapshots, mut stop) = (client_for(&cluster).await, snapshots.clone(), group_stop.clone());
+        tokio::spawn(async move {
+            while !*stop.borrow() {
+                if let Some(s) = group_offsets(&c).await {
+                    snapshots.lock().unwrap().push(s);
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(300), stop.changed()).await;
+            }
+        })
+    };
+
     let _ = client.admin().create_topic(NewTopic::new("scratch", 1)).await;
     let (stop_admin, admin_stop) = watch::channel(false);
     let admin = tokio::spawn(admin_changes(client_for(&cluster).await, admin_stop, seed));
@@ -653,7 +739,31 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
     for r in readers {
         tokio::time::timeout(Duration::from_secs(60), r).await.expect("readers reach the end").unwrap();
     }
+    // The group reads everything and commits the ends.
+    let caught_up = crate::harness::wait_for(Duration::from_secs(60), async || {
+        group_offsets(&client).await.is_some_and(|c| (0..PARTITIONS).all(|p| c.get(&p) == Some(&ends[p as usize])))
+    })
+    .await;
+    let _ = stop_group.send(true);
+    for m in members {
+        tokio::time::timeout(Duration::from_secs(30), m).await.expect("group members stop").unwrap();
+    }
+    watcher.await.unwrap();
+    let mut final_committed = None;
+    for _ in 0..100 {
+        final_committed = group_offsets(&client).await;
+        if final_committed.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let final_committed = final_committed.expect("the group's offsets can be read");
+    assert!(caught_up, "seed {seed}: the group never committed the ends {ends:?}: {final_committed:?}");
     let mut history = History::default();
+    history.group_polls = std::mem::take(&mut *group_polls.lock().unwrap());
+    history.commits = std::mem::take(&mut *commits.lock().unwrap());
+    history.committed_snapshots = std::mem::take(&mut *snapshots.lock().unwrap());
+    history.final_committed = final_committed;
     for (partition, end) in (0..PARTITIONS).zip(&ends) {
         history.final_logs.insert(partition, read_to(&client, "faults", partition, *end).await);
     }
@@ -670,7 +780,8 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
         "fault test seed {seed}: {} faults, {} sends ({acked} acked, {failed} failed, {unknown} indeterminate; \
          {through_producer} through the Producer, {producer_acked} of them acked), {} polls, \
          final ends {ends:?}; lost {}, inconsistent {}, vanished {}, nonmonotonic {}, skipped {}, duplicates {}, \
-         failed-but-stored {}, reordered {}",
+         failed-but-stored {}, reordered {}; group: {} commits, {} snapshots, commit back {}, commit lost {}, \
+         skipped below commit {}",
         faults.len(),
         history.sends.len(),
         history.polls.len(),
@@ -682,6 +793,11 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
         report.duplicates.len(),
         report.failed_but_stored.len(),
         report.reordered.len(),
+        history.commits.len(),
+        history.committed_snapshots.len(),
+        report.commit_went_back.len(),
+        report.commit_lost.len(),
+        report.skipped_below_commit.len(),
     );
     eprintln!("fault test seed {seed}: faults {faults:?}");
     eprintln!("fault test seed {seed}: admin changes {admin_changes:?}");
