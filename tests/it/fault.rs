@@ -38,8 +38,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tally::child::BrokerProcess;
 use std::collections::BTreeMap;
+use tally::child::BrokerProcess;
 
 use tally_client::{
     Acks, Client, Consumer, ConsumerConfig, ErrorCode, NewTopic, OffsetReset, Producer, ProducerConfig, ProducerRecord,

@@ -168,6 +168,11 @@ impl CoordinatorRecord {
         self.value.as_ref().map(|v| serde_json::to_vec(v).expect("record values serialize"))
     }
 
+    /// True when `key` is one of this version's record keys.
+    pub fn is_known_key(key: &[u8]) -> bool {
+        serde_json::from_slice::<RecordKey>(key).is_ok()
+    }
+
     /// Reads a record back; a value that does not match its key's kind is
     /// an error.
     pub fn decode(offset: i64, key: &[u8], value: Option<&[u8]>) -> Result<CoordinatorRecord, RecordError> {

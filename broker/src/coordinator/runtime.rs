@@ -286,7 +286,7 @@ impl Drop for Coordinators {
 fn load(partition: &Partition, shard: &mut Shard, now: u64) -> Result<Offset, String> {
     let (start, _, end) = partition.offsets();
     let mut next = start;
-    let mut records = 0u64;
+    let (mut records, mut skipped) = (0u64, 0u64);
     while next < end {
         let read = partition.read_to_log_end(next, LOAD_READ_BYTES).map_err(|e| e.to_string())?;
         if read.next_offset <= next {
@@ -298,6 +298,12 @@ fn load(partition: &Partition, shard: &mut Shard, now: u64) -> Result<Offset, St
                 for record in batch.records().map_err(|e| e.to_string())? {
                     let record = record.map_err(|e| e.to_string())?;
                     let Some(key) = record.key.as_deref() else { continue };
+                    if !CoordinatorRecord::is_known_key(key) {
+                        // A kind of record from a newer version: skipped, as
+                        // Kafka skips unknown record types.
+                        skipped += 1;
+                        continue;
+                    }
                     let decoded = CoordinatorRecord::decode(record.offset, key, record.value.as_deref())
                         .map_err(|e| e.to_string())?;
                     shard.replay(&decoded, now);
@@ -306,6 +312,9 @@ fn load(partition: &Partition, shard: &mut Shard, now: u64) -> Result<Offset, St
             }
         }
         next = read.next_offset;
+    }
+    if skipped > 0 {
+        tracing::warn!(partition = partition.index(), skipped, "skipped coordinator records of unknown kinds");
     }
     tracing::debug!(
         topic = OFFSETS_TOPIC,
@@ -360,13 +369,16 @@ async fn run_shard(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let not_coordinator = || GroupError::NotCoordinator(format!("{OFFSETS_TOPIC}/{index}"));
+    let mut read_generation = partition.role_generation();
     loop {
         let (records, reply): (Vec<CoordinatorRecord>, Option<Reply>) = tokio::select! {
             job = jobs.recv() => {
                 let Some(job) = job else { return };
-                if partition.leading_epoch() != Some(leader_epoch) {
-                    let (_, reply) = job(&mut Shard::default(), &TopicsView::new(), now_ms());
-                    reply(Err(not_coordinator()));
+                read_generation = partition.role_generation();
+                if !partition.leads_live(leader_epoch) {
+                    // Dropping the job drops its answer's sender: the caller
+                    // hears NOT_COORDINATOR and finds the new coordinator.
+                    drop(job);
                     return;
                 }
                 let topics = topics_view(&broker);
@@ -374,7 +386,7 @@ async fn run_shard(
                 (records, Some(reply))
             }
             _ = tick.tick() => {
-                if partition.leading_epoch() != Some(leader_epoch) {
+                if !partition.leads_live(leader_epoch) {
                     return;
                 }
                 (shard.tick(now_ms()), None)
@@ -409,7 +421,7 @@ async fn run_shard(
         let Some(reply) = reply else { continue };
         // A read waits for what was appended before it, under the role it
         // was answered in.
-        let generation = generation.unwrap_or_else(|| partition.role_generation());
+        let generation = generation.unwrap_or(read_generation);
         let (p, wait_for) = (partition.clone(), end);
         tokio::spawn(async move {
             let outcome = p.wait_committed(wait_for, leader_epoch, generation, COMMIT_TIMEOUT).await;

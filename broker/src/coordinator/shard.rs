@@ -392,15 +392,21 @@ impl Shard {
             if existing.is_none() && size >= self.config.max_size as usize {
                 return Err(GroupError::GroupMaxSizeReached { group: req.group.clone(), max: self.config.max_size });
             }
-            // A first heartbeat, or a rejoin after the member let go of
-            // everything (fenced, or its first answer lost): it starts empty.
-            let mut m = existing.clone().unwrap_or_default();
-            m.epoch = 0;
-            m.previous_epoch = 0;
-            m.state = MemberState::Stable;
-            m.assigned = Assignment::new();
-            m.revoking = Assignment::new();
-            m
+            match existing.clone() {
+                None => MemberValue::default(),
+                // The first heartbeat again, its answer lost: the member owns
+                // nothing yet, and gets the state it already has.
+                Some(m) if m.previous_epoch == 0 && req.owned.as_ref().is_none_or(|o| is_subset(o, &m.assigned)) => m,
+                // A late or replayed join of a member that moved on: taking
+                // it would take the live member's partitions away.
+                Some(m) => {
+                    return Err(GroupError::FencedMemberEpoch {
+                        member: req.member_id.clone(),
+                        received: 0,
+                        current: m.epoch,
+                    });
+                }
+            }
         } else {
             let Some(m) = existing.clone() else {
                 return Err(GroupError::UnknownMemberId {
@@ -453,8 +459,7 @@ impl Shard {
         if !req.client_host.is_empty() {
             member.client_host = req.client_host.clone();
         }
-        let rejoined = req.member_epoch == 0 && existing.is_some();
-        if subscription_changed || rejoined || existing.as_ref() != Some(&member) {
+        if subscription_changed || existing.as_ref() != Some(&member) {
             self.emit(&mut out, member_record(&req.group, &req.member_id, &member), now_ms);
         }
         // Group epoch: bumped on a subscription change or when the
@@ -482,7 +487,9 @@ impl Shard {
         let timers = self.timers.entry((req.group.clone(), req.member_id.clone())).or_default();
         timers.session_deadline_ms = now_ms + u64::from(session_timeout_ms);
         if next.state == MemberState::UnrevokedPartitions {
-            if timers.revoke_deadline.is_none_or(|(epoch, _)| epoch != next.epoch) {
+            // Armed for each new set to revoke, even at the same epoch.
+            let new_set = next.revoking != member.revoking;
+            if new_set || timers.revoke_deadline.is_none_or(|(epoch, _)| epoch != next.epoch) {
                 timers.revoke_deadline = Some((next.epoch, now_ms + u64::from(next.rebalance_timeout_ms)));
             }
         } else {

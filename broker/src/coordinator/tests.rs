@@ -83,6 +83,19 @@ impl Sim {
         Ok(response)
     }
 
+    /// What a fenced client does: drops what it owns, leaves, joins again.
+    fn rejoin(&mut self, id: &str) {
+        let mut c = self.clients[id].clone();
+        c.owned.clear();
+        let mut req = self.request(&c);
+        req.member_epoch = -1;
+        let (records, _) = self.shard.heartbeat(&req, &self.topics, self.now).unwrap();
+        self.log.extend(records);
+        c.epoch = 0;
+        self.clients.insert(id.to_string(), c);
+        self.heartbeat(id).unwrap();
+    }
+
     fn leave(&mut self, id: &str) {
         let mut req = self.request(&self.clients[id]);
         req.member_epoch = -1;
@@ -321,12 +334,10 @@ fn random_joins_leaves_and_expiries_never_give_a_partition_two_owners() {
                 }
                 _ if !sim.clients.is_empty() => {
                     let id = sim.clients.keys().nth(next(sim.clients.len() as u64) as usize).unwrap().clone();
-                    // A removed member's heartbeat fails; it rejoins as new.
+                    // A removed or fenced member lets go of everything,
+                    // leaves, and joins again.
                     if sim.heartbeat(&id).is_err() {
-                        let c = sim.clients.get_mut(&id).unwrap();
-                        c.epoch = 0;
-                        c.owned.clear();
-                        sim.heartbeat(&id).unwrap();
+                        sim.rejoin(&id);
                     }
                 }
                 _ => {}
@@ -336,9 +347,9 @@ fn random_joins_leaves_and_expiries_never_give_a_partition_two_owners() {
         sim.now += 10_000;
         let expired = sim.shard.tick(sim.now);
         sim.log.extend(expired);
-        for c in sim.clients.values_mut() {
-            c.epoch = 0;
-            c.owned.clear();
+        let ids: Vec<String> = sim.clients.keys().cloned().collect();
+        for id in ids {
+            sim.rejoin(&id);
         }
         if sim.clients.is_empty() {
             continue;
@@ -519,4 +530,55 @@ fn the_uniform_assignor_is_balanced_and_sticky_and_range_is_contiguous() {
 fn the_group_partition_is_murmur2_of_the_group_id() {
     // Kafka's murmur2 vector: murmur2("21") = -973932308.
     assert_eq!(partition_for_group("21", 50), ((-973932308i32 & 0x7fff_ffff) as u32) % 50);
+}
+
+#[test]
+fn a_late_join_of_a_live_member_is_fenced_and_takes_nothing_from_it() {
+    let mut sim = Sim::new(topics(&[("t", 4)]));
+    sim.join("a", &["t"]);
+    sim.settle();
+    sim.join("b", &["t"]);
+    sim.settle();
+    assert_eq!(count(&sim.clients["a"].owned), 2);
+    // a's join request, delayed, arrives again after a moved on.
+    let mut late = sim.request(&sim.clients["a"]);
+    late.member_epoch = 0;
+    late.owned = Some(Assignment::new());
+    let e = sim.shard.heartbeat(&late, &sim.topics, sim.now).unwrap_err();
+    assert_eq!(e.kafka_code(), 110, "{e}");
+    assert_eq!(sim.shard.owners("g").len(), 4);
+    // A retried first join (its answer lost) gets the member's state back.
+    let mut sim = Sim::new(topics(&[("t", 4)]));
+    let first = sim.request(&Client { id: "b".into(), epoch: 0, owned: Assignment::new(), topics: vec!["t".into()] });
+    let (_, r1) = sim.shard.heartbeat(&first, &sim.topics, sim.now).unwrap();
+    let (records, r2) = sim.shard.heartbeat(&first, &sim.topics, sim.now).unwrap();
+    assert_eq!(r1, r2);
+    assert!(records.is_empty(), "{records:?}");
+}
+
+#[test]
+fn a_second_revocation_at_the_same_epoch_gets_its_own_deadline() {
+    let mut sim = Sim::new(topics(&[("t", 6)]));
+    sim.join("a", &["t"]);
+    sim.settle();
+    sim.join("b", &["t"]);
+    // a is told to revoke (its 10 s timeout starts) and lets go at once...
+    sim.heartbeat("a").unwrap();
+    let state = |sim: &Sim| sim.shard.describe("g").unwrap().members.iter().find(|m| m.member_id == "a").unwrap().state;
+    assert_eq!(state(&sim), MemberState::UnrevokedPartitions);
+    sim.now += 9_000;
+    sim.heartbeat("b").unwrap();
+    // ...but c joins before a reports it, 9 s in: a has more to revoke,
+    // at the same epoch.
+    sim.join("c", &["t"]);
+    sim.heartbeat("a").unwrap();
+    assert_eq!(state(&sim), MemberState::UnrevokedPartitions);
+    sim.now += 2_000;
+    sim.shard.tick(sim.now);
+    assert!(
+        sim.shard.describe("g").unwrap().members.iter().any(|m| m.member_id == "a"),
+        "a was fenced while responsive"
+    );
+    sim.settle();
+    assert_eq!(sim.owned_counts().values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);
 }

@@ -109,7 +109,11 @@ impl Partition {
     /// when the committed ISR is below `min_insync_replicas`. Answers at once
     /// with where the batch landed and the role generation it was appended
     /// under, for [`Partition::wait_committed`].
-    pub fn append_internal(&self, batch: &RecordBatch, leader_epoch: u32) -> Result<(AppendInfo, u64), BrokerError> {
+    pub fn append_internal(
+        self: &Arc<Self>,
+        batch: &RecordBatch,
+        leader_epoch: u32,
+    ) -> Result<(AppendInfo, u64), BrokerError> {
         let (info, hw, leo, generation, writeback) = {
             let mut log = self.write_log();
             self.check_leads(leader_epoch, true)?;
@@ -121,10 +125,12 @@ impl Partition {
         self.publish_hw(hw);
         self.publish_log_end(leo);
         if let Some(writeback) = writeback {
-            let (topic, index) = (self.topic.clone(), self.index);
+            let partition = self.clone();
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = writeback.run() {
-                    tracing::warn!(%topic, partition = index, error = %e, "write-behind failed");
+                    // As for produce: the pages it covered may be lost.
+                    let dir = partition.read_log().dir().to_path_buf();
+                    partition.fail(&StorageError::Io { op: "write-behind", path: dir, source: e });
                 }
             });
         }
@@ -147,7 +153,12 @@ impl Partition {
             self.sync_to(end).await?;
         }
         self.wait_replicated(end, leader_epoch, role_changes, timeout).await?;
-        self.check_still_leads(leader_epoch, role_generation)
+        self.check_still_leads(leader_epoch, role_generation)?;
+        if !self.session.is_live() {
+            // Cut off from the controller: another broker may lead by now.
+            return Err(self.not_leader(None, leader_epoch));
+        }
+        Ok(())
     }
 
     /// Refuses unless this broker leads in `leader_epoch` under a live

@@ -333,6 +333,12 @@ impl Partition {
         *self.lock_pending_leadership() = None;
     }
 
+    /// True while this broker leads in `leader_epoch` under a live session:
+    /// what the group coordinator checks before answering from its state.
+    pub fn leads_live(&self, leader_epoch: u32) -> bool {
+        self.leading_epoch() == Some(leader_epoch) && self.session.is_live()
+    }
+
     /// The current role generation (bumped by every role change).
     pub fn role_generation(&self) -> u64 {
         *self.role_changes.borrow()
