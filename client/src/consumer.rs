@@ -81,9 +81,10 @@ pub struct ConsumerConfig {
     pub auto_offset_reset: OffsetReset,
     /// The consumer group to join on [`Consumer::subscribe`]. Default none.
     pub group_id: Option<String>,
-    /// Commit, every `auto_commit_interval`, the positions `poll` and
-    /// `stream` have handed out (and before a partition is revoked, and on
-    /// close). Default on.
+    /// Commit, every `auto_commit_interval`, what the application is done
+    /// with: the records `poll` / `stream` handed out before it last asked
+    /// for more (also before a partition is revoked; on close, everything
+    /// handed out). Default on.
     pub enable_auto_commit: bool,
     /// Default 5 s.
     pub auto_commit_interval: Duration,
@@ -177,6 +178,44 @@ struct Assigned {
     paused: bool,
     /// A non-retriable error was reported; not fetched until a seek.
     failed: bool,
+    /// Being taken away by the group: nothing more is fetched or handed out.
+    revoking: bool,
+    /// The poll cycle that last moved `position`, and the position before
+    /// that cycle: what the application is done with (see `committable`).
+    cycle: u64,
+    committable: i64,
+}
+
+impl Assigned {
+    fn new(position: i64) -> Assigned {
+        Assigned {
+            position,
+            fetch_position: position,
+            high_watermark: -1,
+            generation: 0,
+            paused: false,
+            failed: false,
+            revoking: false,
+            cycle: 0,
+            committable: position,
+        }
+    }
+
+    /// Moves the position in poll cycle `cycle`.
+    fn advance(&mut self, to: i64, cycle: u64) {
+        if self.cycle != cycle {
+            self.committable = self.position;
+            self.cycle = cycle;
+        }
+        self.position = self.position.max(to);
+    }
+
+    /// The position the application is done with: everything handed out
+    /// before the current poll cycle (a `poll`, or a stream item, asked for
+    /// after records means those records were processed).
+    fn committable(&self, cycle: u64) -> i64 {
+        if self.cycle < cycle { self.position } else { self.committable }
+    }
 }
 
 /// Fetched records of one partition, not yet handed out.
@@ -205,6 +244,13 @@ struct State {
     next_generation: u64,
     /// When `poll` or the stream last asked for records.
     last_poll: Option<std::time::Instant>,
+    /// Counts `poll` calls and stream item requests.
+    cycle: u64,
+    /// The application is waiting inside `poll` or the stream, holding no
+    /// record of the current cycle.
+    in_poll: bool,
+    /// A revocation waits for the application to ask for records again.
+    revoke_waiting: bool,
 }
 
 impl State {
@@ -233,13 +279,17 @@ impl State {
     fn next_record(&mut self) -> Option<ConsumerRecord> {
         loop {
             let chunk = self.buffered.front_mut()?;
-            let live = self.assigned.get(&chunk.key).is_some_and(|a| a.generation == chunk.generation && !a.paused);
+            let live = self
+                .assigned
+                .get(&chunk.key)
+                .is_some_and(|a| a.generation == chunk.generation && !a.paused && !a.revoking);
             let record = if live { chunk.records.pop_front() } else { None };
             match record {
                 Some(r) => {
                     let exhausted = chunk.records.is_empty();
+                    let cycle = self.cycle;
                     if let Some(a) = self.assigned.get_mut(&chunk.key) {
-                        a.position = a.position.max(r.offset + 1);
+                        a.advance(r.offset + 1, cycle);
                     }
                     if exhausted {
                         self.pop_chunk();
@@ -255,10 +305,11 @@ impl State {
     /// partition's position to the chunk's end.
     fn pop_chunk(&mut self) {
         if let Some(c) = self.buffered.pop_front() {
+            let cycle = self.cycle;
             if c.records.is_empty()
                 && let Some(a) = self.assigned.get_mut(&c.key).filter(|a| a.generation == c.generation)
             {
-                a.position = a.position.max(c.next_offset);
+                a.advance(c.next_offset, cycle);
             }
             self.buffered_bytes -= c.bytes;
         }
@@ -305,16 +356,11 @@ impl Inner {
         let position = resolve(&self.client, topic, partition, from).await?;
         let key: Key = (Arc::from(topic), partition);
         let mut st = self.lock();
-        let entry = st.assigned.entry(key.clone()).or_insert(Assigned {
-            position,
-            fetch_position: position,
-            high_watermark: -1,
-            generation: 0,
-            paused: false,
-            failed: false,
-        });
+        let entry = st.assigned.entry(key.clone()).or_insert(Assigned::new(position));
         entry.position = position;
         entry.fetch_position = position;
+        entry.committable = position;
+        entry.cycle = 0;
         entry.failed = false;
         st.bump(&key);
         drop(st);
@@ -330,18 +376,50 @@ impl Inner {
         st.assigned.remove(&key);
     }
 
-    /// The positions of those of `partitions` that are being read.
-    pub(crate) fn positions(&self, partitions: &crate::group::TopicPartitions) -> BTreeMap<(String, u32), i64> {
+    /// The positions of those of `partitions` that are being read: what was
+    /// handed out, or (`done_only`) what the application is done with.
+    pub(crate) fn positions(
+        &self,
+        partitions: &crate::group::TopicPartitions,
+        done_only: bool,
+    ) -> BTreeMap<(String, u32), i64> {
         let st = self.lock();
         let mut out = BTreeMap::new();
         for (t, ps) in partitions {
             for p in ps {
                 if let Some(a) = st.assigned.get(&(Arc::from(t.as_str()), *p)) {
-                    out.insert((t.clone(), *p), a.position);
+                    out.insert((t.clone(), *p), if done_only { a.committable(st.cycle) } else { a.position });
                 }
             }
         }
         out
+    }
+
+    /// Stops handing out and fetching `partitions` (the group takes them
+    /// away); returns the poll cycle to wait past.
+    pub(crate) fn begin_revoke(&self, partitions: &[(String, u32)]) -> u64 {
+        let mut st = self.lock();
+        for (t, p) in partitions {
+            let key: Key = (Arc::from(t.as_str()), *p);
+            if let Some(a) = st.assigned.get_mut(&key) {
+                a.revoking = true;
+            }
+            st.drop_buffered(&key);
+        }
+        st.revoke_waiting = true;
+        st.cycle
+    }
+
+    /// True once the application holds no record handed out before the
+    /// revocation began at `mark`: it asked for records again, or waits
+    /// inside `poll`.
+    pub(crate) fn revoke_ready(&self, mark: u64) -> bool {
+        let st = self.lock();
+        st.cycle > mark || st.in_poll
+    }
+
+    pub(crate) fn end_revoke(&self) {
+        self.lock().revoke_waiting = false;
     }
 
     /// Hands `e` to the next `poll` (or stream item).
@@ -356,13 +434,18 @@ impl Inner {
         self.lock().last_poll.map(|t| t.elapsed())
     }
 
-    /// Notes a poll; wakes a membership that left for want of one.
+    /// Notes a poll (a new poll cycle); wakes a revocation waiting for it,
+    /// and a membership that left for want of one.
     fn polled(&self, st: &mut State) {
-        st.last_poll = Some(std::time::Instant::now());
-        if let Some(g) = &self.group
-            && g.member().left.is_some()
-        {
-            g.wake.notify_one();
+        st.cycle += 1;
+        if let Some(g) = &self.group {
+            st.last_poll = Some(std::time::Instant::now());
+            if st.revoke_waiting {
+                g.polled.notify_waiters();
+            }
+            if g.member().left.is_some() {
+                g.wake.notify_one();
+            }
         }
     }
 }
@@ -505,11 +588,15 @@ impl Consumer {
     pub async fn poll(&self) -> Result<Vec<ConsumerRecord>> {
         self.start_fetcher();
         let deadline = tokio::time::Instant::now() + self.inner.config.max_wait;
+        let mut first = true;
         loop {
             let notified = self.inner.data.notified();
             {
                 let mut st = self.inner.lock();
-                self.inner.polled(&mut st);
+                if first {
+                    self.inner.polled(&mut st);
+                    first = false;
+                }
                 if st.assigned.is_empty() && self.inner.group.is_none() {
                     return Err(Error::InvalidArgument("no partition is assigned".into()));
                 }
@@ -518,17 +605,22 @@ impl Consumer {
                     out.push(r);
                 }
                 if !out.is_empty() {
+                    st.in_poll = false;
                     drop(st);
                     self.inner.space.notify_one();
                     return Ok(out);
                 }
                 if let Some(e) = st.errors.pop_front() {
+                    st.in_poll = false;
                     return Err(e);
                 }
+                st.in_poll = true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 // Nothing came: say why if no leader could be reached.
-                return match self.inner.lock().fetch_failure.clone() {
+                let mut st = self.inner.lock();
+                st.in_poll = false;
+                return match st.fetch_failure.clone() {
                     Some(e) => Err(e),
                     None => Ok(Vec::new()),
                 };
@@ -590,9 +682,10 @@ impl Consumer {
     }
 
     /// Calls `listener` on every change of the partitions this group member
-    /// owns. A revocation is reported before the partitions are released
-    /// (and before their positions are auto-committed), so the application
-    /// can commit or flush its state there. Runs on the membership task:
+    /// owns. A revocation is reported once the application has asked for
+    /// records again (so it holds none of those partitions' records), before
+    /// they are released and before their positions are auto-committed: the
+    /// place to flush state kept per partition. Runs on the membership task:
     /// keep it short.
     pub fn on_rebalance(&self, listener: impl Fn(&RebalanceEvent) + Send + Sync + 'static) -> Result<()> {
         self.group()?.set_listener(Arc::new(listener));
@@ -619,7 +712,7 @@ impl Consumer {
     pub async fn commit_positions(&self) -> Result<()> {
         let group = self.group()?;
         let owned = group.member().owned.clone();
-        let positions = self.inner.positions(&owned);
+        let positions = self.inner.positions(&owned, false);
         group.commit(&positions).await
     }
 
@@ -703,10 +796,12 @@ impl Stream for RecordStream<'_> {
                 let mut st = inner.lock();
                 inner.polled(&mut st);
                 let before = st.buffered_bytes;
-                match st.next_record() {
-                    Some(r) => (Some(Ok(r)), st.buffered_bytes < before),
-                    None => (st.errors.pop_front().map(Err), st.buffered_bytes < before),
-                }
+                let item = match st.next_record() {
+                    Some(r) => Some(Ok(r)),
+                    None => st.errors.pop_front().map(Err),
+                };
+                st.in_poll = item.is_none();
+                (item, st.buffered_bytes < before)
             };
             if freed {
                 inner.space.notify_one();
@@ -740,7 +835,7 @@ async fn run_fetcher(inner: Arc<Inner>) {
             let targets: Vec<Target> = st
                 .assigned
                 .iter()
-                .filter(|(_, a)| !a.paused && !a.failed)
+                .filter(|(_, a)| !a.paused && !a.failed && !a.revoking)
                 .map(|(k, a)| Target { key: k.clone(), offset: a.fetch_position, generation: a.generation })
                 .collect();
             (targets, budget)

@@ -1,12 +1,18 @@
 //! A [`Consumer`](crate::Consumer)'s membership in a consumer group (Kafka
 //! 4's protocol, KIP-848): a background task heartbeats the coordinator with
 //! the subscription and the partitions the consumer owns, and applies what
-//! it answers. A partition taken away is revoked first: the application's
-//! listener hears of it, its position is committed (with auto-commit), the
-//! consumer stops reading it, and only then does a heartbeat report it
-//! released, so the coordinator never hands it to another member while this
-//! one may still read it. A partition given is started at its committed
-//! offset (or `auto_offset_reset` without one).
+//! it answers. A partition taken away is revoked first: nothing more of it
+//! is handed out, the task waits until the application asks for records
+//! again (so it holds none of that partition: Kafka runs its revocation
+//! inside `poll` for the same reason), then the listener hears of it, its
+//! position is committed (with auto-commit), the consumer drops it, and only
+//! then does a heartbeat report it released. So the coordinator never hands
+//! it to another member while this one may still work on it. A partition
+//! given is started at its committed offset (or `auto_offset_reset`).
+//!
+//! Auto-commit commits what the application is done with: the records
+//! handed out before its latest `poll` (or stream item request), never the
+//! ones it may still be processing.
 //!
 //! Invariants:
 //! - Commits go out one at a time, in order (`commit_order`), so a later
@@ -32,9 +38,9 @@ pub enum RebalanceEvent {
     /// These partitions were given to this consumer; reading starts at their
     /// committed offsets.
     Assigned(Vec<(String, u32)>),
-    /// These partitions are being taken away: called before they are
-    /// released (and, with auto-commit, before their positions are
-    /// committed), so the application can finish or commit its work.
+    /// These partitions are being taken away: called once the application
+    /// asked for records again (it holds none of theirs), before they are
+    /// released and, with auto-commit, before their positions are committed.
     Revoked(Vec<(String, u32)>),
     /// The coordinator removed this member (its session or rebalance timeout
     /// passed): these partitions may already belong to another member. The
@@ -65,6 +71,8 @@ pub(crate) struct GroupShared {
     member: Mutex<MemberInfo>,
     /// Wakes the task: subscription changed, closing, or polled after leaving.
     pub(crate) wake: Notify,
+    /// The application asked for records while a revocation waited.
+    pub(crate) polled: Notify,
     commit_order: tokio::sync::Mutex<()>,
     listener: Mutex<Option<RebalanceListener>>,
     pub(crate) closing: AtomicBool,
@@ -110,6 +118,7 @@ impl GroupShared {
             coordinator,
             member: Mutex::new(MemberInfo { member_id: new_member_id(), ..MemberInfo::default() }),
             wake: Notify::new(),
+            polled: Notify::new(),
             commit_order: tokio::sync::Mutex::new(()),
             listener: Mutex::new(None),
             closing: AtomicBool::new(false),
@@ -158,15 +167,21 @@ impl GroupShared {
 }
 
 /// The positions of `partitions` that moved past what this consumer last
-/// committed.
-fn uncommitted(inner: &Inner, group: &GroupShared, partitions: &TopicPartitions) -> BTreeMap<(String, u32), i64> {
-    let positions = inner.positions(partitions);
+/// committed: what was handed out, or (`done_only`) what the application is
+/// done with (handed out before its latest poll).
+fn uncommitted(
+    inner: &Inner,
+    group: &GroupShared,
+    partitions: &TopicPartitions,
+    done_only: bool,
+) -> BTreeMap<(String, u32), i64> {
+    let positions = inner.positions(partitions, done_only);
     let m = group.member();
     positions.into_iter().filter(|(k, v)| m.committed.get(k).is_none_or(|c| c != v)).collect()
 }
 
-async fn commit_positions(inner: &Inner, group: &GroupShared, partitions: &TopicPartitions) {
-    let offsets = uncommitted(inner, group, partitions);
+async fn commit_positions(inner: &Inner, group: &GroupShared, partitions: &TopicPartitions, done_only: bool) {
+    let offsets = uncommitted(inner, group, partitions, done_only);
     if let Err(e) = group.commit(&offsets).await {
         tracing::warn!(group = %group.coordinator.group(), error = %e, "auto-commit failed");
     }
@@ -226,13 +241,32 @@ async fn apply(inner: &Inner, group: &GroupShared, assigned: TopicPartitions) ->
     let owned = group.member().owned.clone();
     let revoked = minus(&owned, &assigned);
     if !revoked.is_empty() {
-        group.notify(RebalanceEvent::Revoked(pairs(&revoked)));
-        if inner.config().enable_auto_commit {
-            commit_positions(inner, group, &revoked).await;
+        let list = pairs(&revoked);
+        // Nothing more of them is handed out; the application finishes
+        // what it holds (it asks for records again) before they go.
+        let mark = inner.begin_revoke(&list);
+        let deadline = tokio::time::Instant::now() + inner.config().max_poll_interval;
+        let mut finished = true;
+        loop {
+            let polled = group.polled.notified();
+            tokio::pin!(polled);
+            polled.as_mut().enable();
+            if inner.revoke_ready(mark) || group.closing.load(Ordering::Acquire) {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, polled).await.is_err() {
+                finished = false;
+                break;
+            }
         }
-        for (t, p) in pairs(&revoked) {
+        group.notify(RebalanceEvent::Revoked(list.clone()));
+        if finished && inner.config().enable_auto_commit {
+            commit_positions(inner, group, &revoked, true).await;
+        }
+        for (t, p) in list {
             inner.stop_partition(&t, p);
         }
+        inner.end_revoke();
         let mut m = group.member();
         m.owned = minus(&m.owned, &revoked);
         return true;
@@ -302,6 +336,8 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
     let mut interval = Duration::from_millis(500);
     let mut backoff = Duration::from_millis(100);
     let mut next_commit = Instant::now() + config.auto_commit_interval;
+    let mut last_ok = Instant::now();
+    let session = config.session_timeout.unwrap_or(Duration::from_secs(45));
     loop {
         let woken = group.wake.notified();
         if group.closing.load(Ordering::Acquire) {
@@ -325,8 +361,9 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
             );
             tracing::warn!("{reason}");
             if config.enable_auto_commit {
+                // Only what it finished: it is stuck on the rest.
                 let owned = group.member().owned.clone();
-                commit_positions(&inner, &group, &owned).await;
+                commit_positions(&inner, &group, &owned, true).await;
             }
             drop_all(&inner, &group, false);
             let _ = heartbeat(&inner, &group, true).await;
@@ -342,6 +379,7 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
         match heartbeat(&inner, &group, false).await {
             Ok(r) => {
                 backoff = Duration::from_millis(100);
+                last_ok = Instant::now();
                 interval = Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(50)));
                 group.member().epoch = r.member_epoch;
                 immediate = apply(&inner, &group, from_wire(r.assignment)).await;
@@ -349,11 +387,22 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
             Err(e) if matches!(e.code(), Some(ErrorCode::FencedMemberEpoch | ErrorCode::UnknownMemberId)) => {
                 tracing::warn!(group = %group.coordinator.group(), error = %e, "fenced by the coordinator; rejoining");
                 drop_all(&inner, &group, true);
+                if e.code() == Some(ErrorCode::FencedMemberEpoch) {
+                    // Leave first, so the rejoin starts from nothing instead
+                    // of being fenced again as a late join.
+                    let _ = heartbeat(&inner, &group, true).await;
+                }
                 group.member().epoch = 0;
                 immediate = true;
             }
             Err(e) if e.is_retriable() => {
                 tracing::debug!(group = %group.coordinator.group(), error = %e, "heartbeat failed; retrying");
+                if last_ok.elapsed() > session && !group.member().owned.is_empty() {
+                    // The coordinator has given them away by now.
+                    tracing::warn!(group = %group.coordinator.group(), "no heartbeat answered for a session; partitions lost");
+                    drop_all(&inner, &group, true);
+                    group.member().epoch = 0;
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(interval.max(Duration::from_millis(100)));
                 continue;
@@ -367,7 +416,7 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
         }
         if config.enable_auto_commit && Instant::now() >= next_commit {
             let owned = group.member().owned.clone();
-            commit_positions(&inner, &group, &owned).await;
+            commit_positions(&inner, &group, &owned, true).await;
             next_commit = Instant::now() + config.auto_commit_interval;
         }
         if immediate {
@@ -375,15 +424,14 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
         }
         let _ = tokio::time::timeout(interval, woken).await;
     }
-    // Closing: commit what was handed out, then leave.
+    // Closing (the application is done with what it was handed): commit
+    // it, then leave (also when a join's answer never came).
     if config.enable_auto_commit {
         let owned = group.member().owned.clone();
-        commit_positions(&inner, &group, &owned).await;
+        commit_positions(&inner, &group, &owned, false).await;
     }
     drop_all(&inner, &group, false);
-    if group.member().epoch > 0
-        && let Err(e) = heartbeat(&inner, &group, true).await
-    {
+    if let Err(e) = heartbeat(&inner, &group, true).await {
         tracing::warn!(group = %group.coordinator.group(), error = %e, "leaving the group failed; its session will end it");
     }
     group.member().epoch = -1;

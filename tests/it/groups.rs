@@ -340,3 +340,63 @@ async fn bad_group_requests_get_kafkas_codes_and_the_broker_serves_on() {
     assert_eq!(admin.describe_group("manual").await.unwrap_err().code(), Some(ErrorCode::GroupIdNotFound));
     broker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_commit_and_revocation_wait_for_the_application_to_finish_what_it_was_handed() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = crate::harness::TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    let topic = "work";
+    client.admin().create_topic(NewTopic::new(topic, 2)).await.unwrap();
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    for i in 0..10u32 {
+        producer.send(ProducerRecord::new(topic, b"job").partition(i % 2)).await.unwrap().await.unwrap();
+    }
+    let group = "workers";
+    let first = Consumer::new(client.clone(), group_config(group));
+    first.subscribe(&[topic]).unwrap();
+    let (mut handed, mut last) = (0, 0);
+    while handed < 10 {
+        last = first.poll().await.unwrap().len();
+        handed += last;
+    }
+    // Still working on them: auto-commit (every 200 ms) must not commit them.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let committed = |client: Client| async move {
+        client
+            .admin()
+            .group_offsets(group, &TopicPartitions::new())
+            .await
+            .unwrap()
+            .values()
+            .map(|c| c.offset)
+            .sum::<i64>()
+    };
+    let early = committed(client.clone()).await;
+    assert!(early <= 10 - last as i64, "committed {early}, but the last {last} records are still being processed");
+
+    // A second member joins; the partition it is to get stays with the
+    // first (which holds records of it) until the first asks for more.
+    let second = Consumer::new(client.clone(), group_config(group));
+    second.subscribe(&[topic]).unwrap();
+    for _ in 0..8 {
+        assert!(second.poll().await.unwrap().is_empty());
+    }
+    let owned = |c: &Consumer| c.group_assignment().map_or(0, |(_, _, o)| o.values().map(BTreeSet::len).sum::<usize>());
+    assert_eq!(owned(&second), 0, "the partition moved while the first member still held its records");
+    // Done: the first asks again; its records are committed, the partition moves.
+    let _ = first.poll().await.unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), async || {
+            let _ = first.poll().await;
+            let _ = second.poll().await;
+            owned(&second) == 1
+        })
+        .await,
+        "the partition never moved"
+    );
+    assert_eq!(committed(client.clone()).await, 10);
+    first.close().await.unwrap();
+    second.close().await.unwrap();
+    broker.stop().await.unwrap();
+}
