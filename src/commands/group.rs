@@ -103,6 +103,10 @@ pub async fn run(ctx: &Context, cmd: GroupCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A partition of a group: topic, partition, committed offset, log end,
+/// lag, member id, host.
+type Row = (String, u32, Option<i64>, Option<i64>, Option<i64>, String, String);
+
 async fn describe(ctx: &Context, client: &Client, group: &str) -> anyhow::Result<()> {
     let admin = client.admin();
     let d = admin.describe_group(group).await.with_context(|| format!("cannot describe group `{group}`"))?;
@@ -129,7 +133,7 @@ async fn describe(ctx: &Context, client: &Client, group: &str) -> anyhow::Result
             ends.insert(t.clone(), e);
         }
     }
-    let rows: Vec<(String, u32, Option<i64>, Option<i64>, Option<i64>, String, String)> = keys
+    let rows: Vec<Row> = keys
         .iter()
         .map(|(t, p)| {
             let current = committed.get(&(t.clone(), *p)).map(|c| c.offset).filter(|o| *o >= 0);

@@ -190,6 +190,37 @@ pub fn check(h: &History) -> Report {
     report
 }
 
+/// The consumer group's commits: never backwards, an acknowledged commit
+/// never lost, and nothing below the final commit left unread.
+fn check_group(h: &History, report: &mut Report) {
+    let mut last: BTreeMap<u32, i64> = BTreeMap::new();
+    for snapshot in h.committed_snapshots.iter().chain(std::iter::once(&h.final_committed)) {
+        for (p, o) in snapshot {
+            if let Some(before) = last.insert(*p, *o)
+                && *o < before
+            {
+                report.commit_went_back.push((*p, before, *o));
+            }
+        }
+    }
+    for (p, o) in &h.commits {
+        let fin = h.final_committed.get(p).copied().unwrap_or(-1);
+        if *o > fin {
+            report.commit_lost.push((*p, *o, fin));
+        }
+    }
+    let mut handed: BTreeMap<u32, BTreeSet<i64>> = BTreeMap::new();
+    for poll in &h.group_polls {
+        handed.entry(poll.partition).or_default().extend(poll.records.iter().map(|(o, _)| *o));
+    }
+    for (p, committed) in &h.final_committed {
+        let seen = handed.get(p);
+        if let Some(o) = (0..*committed).find(|o| !seen.is_some_and(|s| s.contains(o))) {
+            report.skipped_below_commit.push((*p, o));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,36 +368,5 @@ mod tests {
         let report = check(&h);
         assert_eq!(report.vanished, vec![(0, 1, "b".to_string())]);
         assert!(report.inconsistent.is_empty(), "one value per offset");
-    }
-}
-
-/// The consumer group's commits: never backwards, an acknowledged commit
-/// never lost, and nothing below the final commit left unread.
-fn check_group(h: &History, report: &mut Report) {
-    let mut last: BTreeMap<u32, i64> = BTreeMap::new();
-    for snapshot in h.committed_snapshots.iter().chain(std::iter::once(&h.final_committed)) {
-        for (p, o) in snapshot {
-            if let Some(before) = last.insert(*p, *o)
-                && *o < before
-            {
-                report.commit_went_back.push((*p, before, *o));
-            }
-        }
-    }
-    for (p, o) in &h.commits {
-        let fin = h.final_committed.get(p).copied().unwrap_or(-1);
-        if *o > fin {
-            report.commit_lost.push((*p, *o, fin));
-        }
-    }
-    let mut handed: BTreeMap<u32, BTreeSet<i64>> = BTreeMap::new();
-    for poll in &h.group_polls {
-        handed.entry(poll.partition).or_default().extend(poll.records.iter().map(|(o, _)| *o));
-    }
-    for (p, committed) in &h.final_committed {
-        let seen = handed.get(p);
-        if let Some(o) = (0..*committed).find(|o| !seen.is_some_and(|s| s.contains(o))) {
-            report.skipped_below_commit.push((*p, o));
-        }
     }
 }

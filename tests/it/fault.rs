@@ -759,11 +759,13 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
     }
     let final_committed = final_committed.expect("the group's offsets can be read");
     assert!(caught_up, "seed {seed}: the group never committed the ends {ends:?}: {final_committed:?}");
-    let mut history = History::default();
-    history.group_polls = std::mem::take(&mut *group_polls.lock().unwrap());
-    history.commits = std::mem::take(&mut *commits.lock().unwrap());
-    history.committed_snapshots = std::mem::take(&mut *snapshots.lock().unwrap());
-    history.final_committed = final_committed;
+    let mut history = History {
+        group_polls: std::mem::take(&mut *group_polls.lock().unwrap()),
+        commits: std::mem::take(&mut *commits.lock().unwrap()),
+        committed_snapshots: std::mem::take(&mut *snapshots.lock().unwrap()),
+        final_committed,
+        ..History::default()
+    };
     for (partition, end) in (0..PARTITIONS).zip(&ends) {
         history.final_logs.insert(partition, read_to(&client, "faults", partition, *end).await);
     }

@@ -182,14 +182,14 @@ impl CoordinatorRecord {
             None => None,
             Some(v) => Some(serde_json::from_slice::<RecordValue>(v).map_err(|e| err(format!("value: {e}")))?),
         };
-        let matches = match (&key, &value) {
-            (_, None) => true,
-            (RecordKey::Group { .. }, Some(RecordValue::Group(_)))
-            | (RecordKey::Member { .. }, Some(RecordValue::Member(_)))
-            | (RecordKey::Target { .. }, Some(RecordValue::Target(_)))
-            | (RecordKey::Offset { .. }, Some(RecordValue::Offset(_))) => true,
-            _ => false,
-        };
+        let matches = matches!(
+            (&key, &value),
+            (_, None)
+                | (RecordKey::Group { .. }, Some(RecordValue::Group(_)))
+                | (RecordKey::Member { .. }, Some(RecordValue::Member(_)))
+                | (RecordKey::Target { .. }, Some(RecordValue::Target(_)))
+                | (RecordKey::Offset { .. }, Some(RecordValue::Offset(_)))
+        );
         if !matches {
             return Err(err(format!("value of the wrong kind for key {key:?}")));
         }

@@ -13,6 +13,9 @@ use super::member::{self, MemberState, is_subset};
 use super::records::{CoordinatorRecord, GroupValue, MemberValue, OffsetValue, RecordKey, RecordValue};
 use super::{Assignment, GroupError, TopicsView};
 
+/// A topic and a partition of it.
+type TopicPartition = (String, u32);
+
 /// Longest group or member id, in bytes.
 pub const MAX_ID_BYTES: usize = 255;
 /// Longest commit metadata, in bytes (Kafka's `offset.metadata.max.bytes`).
@@ -615,13 +618,14 @@ impl Shard {
             self.remove_member(&g, &m, &mut out, now_ms);
         }
         let retention = self.config.offsets_retention_ms;
-        let mut doomed: Vec<(String, Vec<(String, u32)>, bool)> = Vec::new();
+        // (group, its expired offsets, whether the whole group goes)
+        let mut doomed: Vec<(String, Vec<TopicPartition>, bool)> = Vec::new();
         for (name, since) in &self.empty_since {
             let Some(g) = self.groups.get(name) else { continue };
             if !g.members.is_empty() {
                 continue;
             }
-            let old: Vec<(String, u32)> = g
+            let old: Vec<TopicPartition> = g
                 .offsets
                 .iter()
                 .filter(|(_, v)| v.commit_time_ms.max(*since) + retention <= now_ms)
@@ -717,7 +721,7 @@ impl Shard {
         }
         let mut results = Vec::with_capacity(offsets.len());
         for o in offsets {
-            let result = if !topics.get(&o.topic).is_some_and(|n| o.partition < *n) {
+            let result = if topics.get(&o.topic).is_none_or(|n| o.partition >= *n) {
                 Err(GroupError::UnknownTopicOrPartition { topic: o.topic.clone(), partition: o.partition })
             } else if o.metadata.len() > MAX_METADATA_BYTES {
                 Err(GroupError::OffsetMetadataTooLarge { len: o.metadata.len(), max: MAX_METADATA_BYTES })
