@@ -365,6 +365,7 @@ mod tests {
         h.final_logs.insert(0, log(&["a"]));
         h.sends.retain(|s| s.value != "c");
         h.polls.truncate(1);
+        h.group_polls.truncate(1);
         let report = check(&h);
         assert_eq!(report.vanished, vec![(0, 1, "b".to_string())]);
         assert!(report.inconsistent.is_empty(), "one value per offset");
