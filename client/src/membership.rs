@@ -188,7 +188,12 @@ async fn commit_positions(inner: &Inner, group: &GroupShared, partitions: &Topic
 }
 
 /// Heartbeats once. `leave` sends epoch -1.
-async fn heartbeat(inner: &Inner, group: &GroupShared, leave: bool) -> Result<pb::ConsumerGroupHeartbeatResponse> {
+async fn heartbeat(
+    inner: &Inner,
+    group: &GroupShared,
+    leave: bool,
+    max_wait: Duration,
+) -> Result<pb::ConsumerGroupHeartbeatResponse> {
     let config = inner.config();
     let request = {
         let m = group.member();
@@ -204,9 +209,10 @@ async fn heartbeat(inner: &Inner, group: &GroupShared, leave: bool) -> Result<pb
             session_timeout_ms: config.session_timeout.map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
             client_id: "tally-client".into(),
             client_host: String::new(),
+            max_wait_ms: u32::try_from(max_wait.as_millis()).unwrap_or(u32::MAX),
         }
     };
-    let patience = inner.client().request_timeout();
+    let patience = inner.client().request_timeout() + max_wait;
     let group_id = group.coordinator.group().to_string();
     group
         .coordinator
@@ -235,51 +241,52 @@ fn drop_all(inner: &Inner, group: &GroupShared, lost: bool) {
     }
 }
 
-/// Applies a heartbeat's assignment: revokes first, then starts what was
-/// added. True when a revocation needs reporting at once.
-async fn apply(inner: &Inner, group: &GroupShared, assigned: TopicPartitions) -> bool {
-    let owned = group.member().owned.clone();
-    let revoked = minus(&owned, &assigned);
-    if !revoked.is_empty() {
-        let list = pairs(&revoked);
-        // Nothing more of them is handed out; the application finishes
-        // what it holds (it asks for records again) before they go.
-        let mark = inner.begin_revoke(&list);
-        let deadline = tokio::time::Instant::now() + inner.config().max_poll_interval;
-        let mut finished = true;
-        loop {
-            let polled = group.polled.notified();
-            tokio::pin!(polled);
-            polled.as_mut().enable();
-            if inner.revoke_ready(mark) || group.closing.load(Ordering::Acquire) {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, polled).await.is_err() {
-                finished = false;
-                break;
-            }
-        }
-        group.notify(RebalanceEvent::Revoked(list.clone()));
-        if finished && inner.config().enable_auto_commit {
-            commit_positions(inner, group, &revoked, true).await;
-        }
-        for (t, p) in list {
-            inner.stop_partition(&t, p);
-        }
-        inner.end_revoke();
-        let mut m = group.member();
-        m.owned = minus(&m.owned, &revoked);
-        return true;
+/// A revocation in progress: its partitions are no longer handed out, and
+/// are released once the application asks for records again.
+struct PendingRevoke {
+    partitions: TopicPartitions,
+    /// The poll cycle it began in.
+    mark: u64,
+    /// Past it, the partitions go without a commit (the coordinator is about
+    /// to remove this member anyway).
+    deadline: tokio::time::Instant,
+}
+
+/// Starts revoking what the coordinator took away.
+fn begin_revoke(inner: &Inner, revoked: TopicPartitions) -> PendingRevoke {
+    let mark = inner.begin_revoke(&pairs(&revoked));
+    PendingRevoke {
+        partitions: revoked,
+        mark,
+        deadline: tokio::time::Instant::now() + inner.config().max_poll_interval,
     }
-    let added = minus(&assigned, &owned);
-    if added.is_empty() {
-        return false;
+}
+
+/// Finishes a revocation whose partitions the application no longer holds:
+/// the listener, the commit (with auto-commit), then they are dropped.
+async fn finish_revoke(inner: &Inner, group: &GroupShared, revoke: PendingRevoke, in_time: bool) {
+    let list = pairs(&revoke.partitions);
+    group.notify(RebalanceEvent::Revoked(list.clone()));
+    if in_time && inner.config().enable_auto_commit {
+        commit_positions(inner, group, &revoke.partitions, true).await;
     }
+    for (t, p) in list {
+        inner.stop_partition(&t, p);
+    }
+    inner.end_revoke();
+    let mut m = group.member();
+    m.owned = minus(&m.owned, &revoke.partitions);
+}
+
+/// Starts the partitions the coordinator added, each at its committed offset
+/// (or `auto_offset_reset`). A partition whose offsets cannot be read now is
+/// left for the next heartbeat's answer.
+async fn start_added(inner: &Inner, group: &GroupShared, added: TopicPartitions) {
     let committed = match group.coordinator.fetch_offsets(&added).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(group = %group.coordinator.group(), error = %e, "cannot read committed offsets; retrying");
-            return false;
+            return;
         }
     };
     let mut started = TopicPartitions::new();
@@ -326,11 +333,15 @@ async fn apply(inner: &Inner, group: &GroupShared, assigned: TopicPartitions) ->
     if !started.is_empty() {
         group.notify(RebalanceEvent::Assigned(pairs(&started)));
     }
-    false
 }
 
 /// The membership task: runs until the consumer closes (then commits, with
 /// auto-commit, and leaves the group) or is dropped.
+///
+/// While nothing changes, each heartbeat waits at the coordinator for up to
+/// the heartbeat interval (Tally's long poll), so a rebalance reaches the
+/// member at once; while a revocation waits for the application, heartbeats
+/// go at the interval, carrying the partitions not yet released.
 pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
     let config = inner.config().clone();
     let mut interval = Duration::from_millis(500);
@@ -338,8 +349,13 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
     let mut next_commit = Instant::now() + config.auto_commit_interval;
     let mut last_ok = Instant::now();
     let session = config.session_timeout.unwrap_or(Duration::from_secs(45));
+    let mut revoking: Option<PendingRevoke> = None;
+    // No long poll before the first answer: a join must be answered at once.
+    let mut long_poll = false;
     loop {
         let woken = group.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
         if group.closing.load(Ordering::Acquire) {
             break;
         }
@@ -348,6 +364,7 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
         if group.member().left.is_some() {
             if idle.is_some_and(|d| d < config.max_poll_interval) {
                 group.member().left = None;
+                long_poll = false;
                 continue;
             }
             woken.await;
@@ -360,13 +377,16 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
                 config.max_poll_interval
             );
             tracing::warn!("{reason}");
+            if let Some(r) = revoking.take() {
+                finish_revoke(&inner, &group, r, false).await;
+            }
             if config.enable_auto_commit {
                 // Only what it finished: it is stuck on the rest.
                 let owned = group.member().owned.clone();
                 commit_positions(&inner, &group, &owned, true).await;
             }
             drop_all(&inner, &group, false);
-            let _ = heartbeat(&inner, &group, true).await;
+            let _ = heartbeat(&inner, &group, true, Duration::ZERO).await;
             {
                 let mut m = group.member();
                 m.epoch = 0;
@@ -375,31 +395,91 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
             inner.report(Error::InvalidArgument(reason));
             continue;
         }
-        let immediate;
-        match heartbeat(&inner, &group, false).await {
+        // A revocation the application has let go of is finished first, and
+        // reported at once.
+        if let Some(r) = revoking.take() {
+            let ready = inner.revoke_ready(r.mark);
+            let late = tokio::time::Instant::now() >= r.deadline;
+            if ready || late {
+                finish_revoke(&inner, &group, r, ready).await;
+            } else {
+                revoking = Some(r);
+            }
+        }
+        // Parked at most half a request timeout, so the call never times out.
+        let longest = inner.client().request_timeout() / 2;
+        let wait = if long_poll && revoking.is_none() { interval.min(longest) } else { Duration::ZERO };
+        let call = heartbeat(&inner, &group, false, wait);
+        tokio::pin!(call);
+        let answer = loop {
+            tokio::select! {
+                answer = &mut call => break Some(answer),
+                () = &mut woken => {
+                    // Closing drops the parked heartbeat (close refreshes the
+                    // epoch before it commits); a new subscription goes
+                    // with the next one.
+                    if group.closing.load(Ordering::Acquire) {
+                        break None;
+                    }
+                    woken.set(group.wake.notified());
+                    woken.as_mut().enable();
+                }
+            }
+        };
+        let Some(answer) = answer else { continue };
+        match answer {
             Ok(r) => {
                 backoff = Duration::from_millis(100);
                 last_ok = Instant::now();
                 interval = Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(50)));
+                long_poll = true;
                 group.member().epoch = r.member_epoch;
-                immediate = apply(&inner, &group, from_wire(r.assignment)).await;
+                let assigned = from_wire(r.assignment);
+                let owned = group.member().owned.clone();
+                let taken = minus(&owned, &assigned);
+                let pending = revoking.as_ref().map(|r| r.partitions.clone()).unwrap_or_default();
+                let newly_taken = minus(&taken, &pending);
+                if !newly_taken.is_empty() {
+                    match &mut revoking {
+                        Some(r) => {
+                            inner.begin_revoke(&pairs(&newly_taken));
+                            for (t, ps) in newly_taken {
+                                r.partitions.entry(t).or_default().extend(ps);
+                            }
+                        }
+                        None => revoking = Some(begin_revoke(&inner, newly_taken)),
+                    }
+                    continue;
+                }
+                let added = minus(&assigned, &owned);
+                if !added.is_empty() {
+                    start_added(&inner, &group, added).await;
+                }
             }
             Err(e) if matches!(e.code(), Some(ErrorCode::FencedMemberEpoch | ErrorCode::UnknownMemberId)) => {
                 tracing::warn!(group = %group.coordinator.group(), error = %e, "fenced by the coordinator; rejoining");
+                if let Some(r) = revoking.take() {
+                    finish_revoke(&inner, &group, r, false).await;
+                }
                 drop_all(&inner, &group, true);
                 if e.code() == Some(ErrorCode::FencedMemberEpoch) {
                     // Leave first, so the rejoin starts from nothing instead
                     // of being fenced again as a late join.
-                    let _ = heartbeat(&inner, &group, true).await;
+                    let _ = heartbeat(&inner, &group, true, Duration::ZERO).await;
                 }
                 group.member().epoch = 0;
-                immediate = true;
+                long_poll = false;
+                continue;
             }
             Err(e) if e.is_retriable() => {
                 tracing::debug!(group = %group.coordinator.group(), error = %e, "heartbeat failed; retrying");
+                long_poll = false;
                 if last_ok.elapsed() > session && !group.member().owned.is_empty() {
                     // The coordinator has given them away by now.
                     tracing::warn!(group = %group.coordinator.group(), "no heartbeat answered for a session; partitions lost");
+                    if let Some(r) = revoking.take() {
+                        finish_revoke(&inner, &group, r, false).await;
+                    }
                     drop_all(&inner, &group, true);
                     group.member().epoch = 0;
                 }
@@ -410,6 +490,7 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
             Err(e) => {
                 tracing::warn!(group = %group.coordinator.group(), error = %e, "heartbeat refused");
                 inner.report(e);
+                long_poll = false;
                 tokio::time::sleep(interval.max(Duration::from_secs(1))).await;
                 continue;
             }
@@ -419,19 +500,37 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
             commit_positions(&inner, &group, &owned, true).await;
             next_commit = Instant::now() + config.auto_commit_interval;
         }
-        if immediate {
-            continue;
+        if revoking.is_some() {
+            // Until the application asks for records again (or the interval
+            // passes: the member heartbeats meanwhile).
+            let polled = group.polled.notified();
+            tokio::pin!(polled);
+            polled.as_mut().enable();
+            if !revoking.as_ref().is_some_and(|r| inner.revoke_ready(r.mark)) {
+                tokio::select! {
+                    () = &mut polled => {}
+                    () = &mut woken => {}
+                    () = tokio::time::sleep(interval) => {}
+                }
+            }
         }
-        let _ = tokio::time::timeout(interval, woken).await;
     }
     // Closing (the application is done with what it was handed): commit
     // it, then leave (also when a join's answer never came).
-    if config.enable_auto_commit {
+    if let Some(r) = revoking.take() {
+        finish_revoke(&inner, &group, r, true).await;
+    }
+    if config.enable_auto_commit && group.member().epoch > 0 {
+        // A heartbeat dropped on the way out may have moved the epoch: learn
+        // it, so the commit is not refused as stale.
+        if let Ok(r) = heartbeat(&inner, &group, false, Duration::ZERO).await {
+            group.member().epoch = r.member_epoch;
+        }
         let owned = group.member().owned.clone();
         commit_positions(&inner, &group, &owned, false).await;
     }
     drop_all(&inner, &group, false);
-    if let Err(e) = heartbeat(&inner, &group, true).await {
+    if let Err(e) = heartbeat(&inner, &group, true, Duration::ZERO).await {
         tracing::warn!(group = %group.coordinator.group(), error = %e, "leaving the group failed; its session will end it");
     }
     group.member().epoch = -1;

@@ -197,8 +197,21 @@ async fn a_group_shares_partitions_with_one_owner_each_and_resumes_from_its_comm
     history.lock().unwrap().push(Event::Stopped(3));
     let committed = admin.group_offsets(group, &TopicPartitions::new()).await.unwrap();
     assert_eq!(committed.len(), 12, "{committed:?}");
-    for ((_, p), c) in &committed {
-        assert_eq!(c.offset, ends[p], "partition {p}: committed {} of {}", c.offset, ends[p]);
+    for ((t, p), c) in &committed {
+        let about: Vec<&Event> = history
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| match e {
+                Event::Assigned(_, ps) | Event::Revoked(_, ps) => ps.contains(&(t.clone(), *p)),
+                Event::Stopped(_) => true,
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+            .leak()
+            .iter()
+            .collect();
+        assert_eq!(c.offset, ends[p], "partition {p}: committed {} of {}; its history {about:?}", c.offset, ends[p]);
     }
     produce(&client, topic, 1800, 120).await;
     let after: Seen = Arc::default();

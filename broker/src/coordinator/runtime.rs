@@ -10,7 +10,7 @@
 //! dropped (NOT_COORDINATOR); a failed append ends it too and the next load
 //! starts from the log.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +19,9 @@ use tally_proto::batch::{BatchBuilder, BatchIter, RecordBatch, RecordRef};
 use tokio::sync::{mpsc, oneshot};
 
 use super::records::CoordinatorRecord;
-use super::{GroupConfig, GroupError, OFFSETS_TOPIC, Shard, TopicsView, partition_for_group};
+use super::{
+    GroupConfig, GroupError, HeartbeatRequest, HeartbeatResponse, OFFSETS_TOPIC, Shard, TopicsView, partition_for_group,
+};
 use crate::broker::{Broker, NewTopic};
 use crate::error::BrokerError;
 use crate::partition::Partition;
@@ -31,6 +33,8 @@ const TICK: Duration = Duration::from_millis(250);
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Requests queued per shard before callers wait.
 const QUEUE: usize = 1024;
+/// The longest a heartbeat waits for news.
+const MAX_HEARTBEAT_WAIT: Duration = Duration::from_secs(15);
 /// Bytes read per step of a load.
 const LOAD_READ_BYTES: u64 = 4 << 20;
 
@@ -39,7 +43,7 @@ type Job = Box<dyn FnOnce(&mut Shard, &TopicsView, u64) -> (Vec<CoordinatorRecor
 
 struct ShardHandle {
     leader_epoch: u32,
-    jobs: mpsc::Sender<Job>,
+    ops: mpsc::Sender<Op>,
     loaded: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -135,7 +139,7 @@ impl Coordinators {
             if shards.contains_key(&index) {
                 continue;
             }
-            let (jobs, rx) = mpsc::channel(QUEUE);
+            let (ops, rx) = mpsc::channel(QUEUE);
             let loaded = Arc::new(AtomicBool::new(false));
             let task = tokio::spawn(run_shard(
                 self.broker.clone(),
@@ -146,7 +150,7 @@ impl Coordinators {
                 loaded.clone(),
             ));
             tracing::info!(partition = index, leader_epoch = epoch, "loading group coordinator");
-            shards.insert(index, ShardHandle { leader_epoch: epoch, jobs, loaded, task });
+            shards.insert(index, ShardHandle { leader_epoch: epoch, ops, loaded, task });
         }
     }
 
@@ -214,7 +218,7 @@ impl Coordinators {
         group: &str,
         f: impl FnOnce(&mut Shard, &TopicsView, u64) -> Result<(Vec<CoordinatorRecord>, T), GroupError> + Send + 'static,
     ) -> Result<T, GroupError> {
-        let jobs = self.shard_for(group)?;
+        let ops = self.shard_for(group)?;
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |shard, topics, now| match f(shard, topics, now) {
             Ok((records, value)) => {
@@ -229,8 +233,22 @@ impl Coordinators {
             }
         });
         let gone = || GroupError::NotCoordinator(group.to_string());
-        jobs.send(job).await.map_err(|_| gone())?;
+        ops.send(Op::Job(job)).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
+    }
+
+    /// A member's heartbeat. With `max_wait`, a heartbeat that has nothing
+    /// new to tell the member (same epoch, same assignment) is answered when
+    /// its group changes, or after `max_wait`: members hear of a rebalance at
+    /// once instead of at their next interval.
+    pub async fn heartbeat(&self, req: HeartbeatRequest, max_wait: Duration) -> Result<HeartbeatResponse, GroupError> {
+        let group = req.group.clone();
+        let ops = self.shard_for(&group)?;
+        let (reply, answer) = oneshot::channel();
+        let max_wait = max_wait.min(MAX_HEARTBEAT_WAIT);
+        let gone = || GroupError::NotCoordinator(group.clone());
+        ops.send(Op::Heartbeat { req, max_wait, reply }).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
     }
 
     /// Runs `f` on every loaded shard of this broker (listing groups).
@@ -238,17 +256,17 @@ impl Coordinators {
         &self,
         f: impl Fn(&Shard) -> T + Send + Sync + Clone + 'static,
     ) -> Vec<Result<T, GroupError>> {
-        let senders: Vec<mpsc::Sender<Job>> =
-            self.lock().values().filter(|h| h.loaded.load(Ordering::Acquire)).map(|h| h.jobs.clone()).collect();
+        let senders: Vec<mpsc::Sender<Op>> =
+            self.lock().values().filter(|h| h.loaded.load(Ordering::Acquire)).map(|h| h.ops.clone()).collect();
         let mut out = Vec::new();
-        for jobs in senders {
+        for ops in senders {
             let (tx, rx) = oneshot::channel();
             let f = f.clone();
             let job: Job = Box::new(move |shard, _, _| {
                 let value = f(shard);
                 (Vec::new(), Box::new(move |outcome| drop(tx.send(outcome.map(|()| value)))))
             });
-            if jobs.send(job).await.is_ok()
+            if ops.send(Op::Job(job)).await.is_ok()
                 && let Ok(r) = rx.await
             {
                 out.push(r);
@@ -257,7 +275,7 @@ impl Coordinators {
         out
     }
 
-    fn shard_for(&self, group: &str) -> Result<mpsc::Sender<Job>, GroupError> {
+    fn shard_for(&self, group: &str) -> Result<mpsc::Sender<Op>, GroupError> {
         if group.is_empty() {
             return Err(GroupError::InvalidRequest("the group id must not be empty".into()));
         }
@@ -272,7 +290,7 @@ impl Coordinators {
         if !h.loaded.load(Ordering::Acquire) {
             return Err(GroupError::CoordinatorLoadInProgress(group.to_string()));
         }
-        Ok(h.jobs.clone())
+        Ok(h.ops.clone())
     }
 }
 
@@ -337,22 +355,168 @@ fn encode(records: &[CoordinatorRecord], now: u64) -> Result<RecordBatch, GroupE
         .map_err(|e| GroupError::CoordinatorNotAvailable(format!("cannot encode coordinator records: {e}")))
 }
 
+/// What a shard task is asked to do.
+enum Op {
+    /// Anything on the shard, answered once its records are committed.
+    Job(Job),
+    /// A member's heartbeat that may wait (`max_wait`) for a change to tell.
+    Heartbeat {
+        req: HeartbeatRequest,
+        max_wait: Duration,
+        reply: oneshot::Sender<Result<HeartbeatResponse, GroupError>>,
+    },
+}
+
+/// A heartbeat with nothing new to tell yet: answered when its group
+/// changes, or at its deadline.
+struct Parked {
+    req: HeartbeatRequest,
+    deadline: tokio::time::Instant,
+    reply: oneshot::Sender<Result<HeartbeatResponse, GroupError>>,
+}
+
+/// The state of one shard's task.
+struct ShardTask {
+    broker: Arc<Broker>,
+    partition: Arc<Partition>,
+    leader_epoch: u32,
+    shard: Shard,
+    /// The log end after the last append: what answers wait to be committed.
+    end: Offset,
+    /// The role generation requests are being answered under.
+    generation: u64,
+    parked: Vec<Parked>,
+}
+
+/// The task must end (leadership lost, or an append failed).
+struct Stop;
+
+impl ShardTask {
+    fn not_coordinator(&self) -> GroupError {
+        GroupError::NotCoordinator(format!("{OFFSETS_TOPIC}/{}", self.partition.index()))
+    }
+
+    /// Appends `records` (if any) as leader, then sends `reply` on a task of
+    /// its own once the high watermark passes everything appended so far.
+    fn commit_then(&mut self, records: &[CoordinatorRecord], reply: Option<Reply>) -> Result<(), Stop> {
+        let mut generation = self.generation;
+        if !records.is_empty() {
+            let appended = encode(records, now_ms()).and_then(|batch| {
+                self.partition.append_internal(&batch, self.leader_epoch).map_err(|e| match e.code() {
+                    tally_proto::ErrorCode::NotLeaderOrFollower | tally_proto::ErrorCode::LeaderNotAvailable => {
+                        self.not_coordinator()
+                    }
+                    _ => GroupError::CoordinatorNotAvailable(e.to_string()),
+                })
+            });
+            match appended {
+                Ok((info, g)) => {
+                    self.end = info.log_end_offset;
+                    generation = g;
+                }
+                Err(e) => {
+                    // The shard applied records the log does not hold: end
+                    // here; the next load starts from the log.
+                    tracing::warn!(partition = self.partition.index(), error = %e, "cannot append coordinator records; reloading");
+                    if let Some(reply) = reply {
+                        reply(Err(e));
+                    }
+                    return Err(Stop);
+                }
+            }
+        }
+        let Some(reply) = reply else { return Ok(()) };
+        let (p, wait_for, leader_epoch) = (self.partition.clone(), self.end, self.leader_epoch);
+        tokio::spawn(async move {
+            let outcome = p.wait_committed(wait_for, leader_epoch, generation, COMMIT_TIMEOUT).await;
+            reply(outcome.map_err(|e| match e.code() {
+                tally_proto::ErrorCode::NotLeaderOrFollower | tally_proto::ErrorCode::LeaderNotAvailable => {
+                    GroupError::NotCoordinator(format!("{OFFSETS_TOPIC}/{}", p.index()))
+                }
+                _ => GroupError::CoordinatorNotAvailable(e.to_string()),
+            }));
+        });
+        Ok(())
+    }
+
+    /// Runs a heartbeat: parks it while it has nothing new to tell (and
+    /// `max_wait` allows), else answers it once its records are committed.
+    /// Returns the groups whose records changed.
+    fn heartbeat(
+        &mut self,
+        req: HeartbeatRequest,
+        deadline: Option<tokio::time::Instant>,
+        reply: oneshot::Sender<Result<HeartbeatResponse, GroupError>>,
+        topics: &TopicsView,
+    ) -> Result<Option<String>, Stop> {
+        // A member has one heartbeat in flight; an older parked one is moot.
+        self.parked.retain(|p| !(p.req.group == req.group && p.req.member_id == req.member_id));
+        match self.shard.heartbeat(&req, topics, now_ms()) {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                Ok(None)
+            }
+            Ok((records, response)) => {
+                let idle = records.is_empty()
+                    && response.member_epoch == req.member_epoch
+                    && req.owned.as_ref() == Some(&response.assignment);
+                if idle && let Some(deadline) = deadline.filter(|d| *d > tokio::time::Instant::now()) {
+                    self.parked.push(Parked { req, deadline, reply });
+                    return Ok(None);
+                }
+                let changed = (!records.is_empty()).then(|| req.group.clone());
+                let reply: Reply = Box::new(move |outcome| drop(reply.send(outcome.map(|()| response))));
+                self.commit_then(&records, Some(reply))?;
+                Ok(changed)
+            }
+        }
+    }
+
+    /// Runs again the parked heartbeats of `groups` (their group changed)
+    /// and, with `expired`, those past their deadline; repeats while that
+    /// changes more groups.
+    fn wake(&mut self, mut groups: BTreeSet<String>, expired: bool) -> Result<(), Stop> {
+        let topics = topics_view(&self.broker);
+        let mut expired = expired;
+        while !groups.is_empty() || expired {
+            let now = tokio::time::Instant::now();
+            let (due, keep): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut self.parked)
+                .into_iter()
+                .partition(|p| groups.contains(&p.req.group) || (expired && p.deadline <= now) || p.reply.is_closed());
+            self.parked = keep;
+            groups.clear();
+            expired = false;
+            for p in due {
+                if p.reply.is_closed() {
+                    continue;
+                }
+                let deadline = (p.deadline > now).then_some(p.deadline);
+                if let Some(g) = self.heartbeat(p.req, deadline, p.reply, &topics)? {
+                    groups.insert(g);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 async fn run_shard(
     broker: Arc<Broker>,
     partition: Arc<Partition>,
     leader_epoch: u32,
-    mut shard: Shard,
-    mut jobs: mpsc::Receiver<Job>,
+    shard: Shard,
+    mut ops: mpsc::Receiver<Op>,
     loaded: Arc<AtomicBool>,
 ) {
     let index = partition.index();
     let loading = partition.clone();
+    let mut shard = shard;
     let outcome = tokio::task::spawn_blocking(move || {
         let r = load(&loading, &mut shard, now_ms());
         (shard, r)
     })
     .await;
-    let (mut shard, mut end) = match outcome {
+    let (shard, end) = match outcome {
         Ok((shard, Ok(end))) => (shard, end),
         Ok((_, Err(e))) => {
             tracing::error!(partition = index, error = %e, "cannot load the group coordinator's state; retrying");
@@ -366,71 +530,49 @@ async fn run_shard(
     };
     loaded.store(true, Ordering::Release);
     tracing::info!(partition = index, leader_epoch, groups = shard.group_count(), "group coordinator loaded");
+    let generation = partition.role_generation();
+    let mut task = ShardTask { broker, partition, leader_epoch, shard, end, generation, parked: Vec::new() };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let not_coordinator = || GroupError::NotCoordinator(format!("{OFFSETS_TOPIC}/{index}"));
-    let mut read_generation = partition.role_generation();
     loop {
-        let (records, reply): (Vec<CoordinatorRecord>, Option<Reply>) = tokio::select! {
-            job = jobs.recv() => {
-                let Some(job) = job else { return };
-                read_generation = partition.role_generation();
-                if !partition.leads_live(leader_epoch) {
-                    // Dropping the job drops its answer's sender: the caller
+        let step = tokio::select! {
+            op = ops.recv() => {
+                let Some(op) = op else { return };
+                task.generation = task.partition.role_generation();
+                if !task.partition.leads_live(leader_epoch) {
+                    // Dropping the op drops its answer's sender: the caller
                     // hears NOT_COORDINATOR and finds the new coordinator.
-                    drop(job);
                     return;
                 }
-                let topics = topics_view(&broker);
-                let (records, reply) = job(&mut shard, &topics, now_ms());
-                (records, Some(reply))
+                let topics = topics_view(&task.broker);
+                match op {
+                    Op::Job(job) => {
+                        let (records, reply) = job(&mut task.shard, &topics, now_ms());
+                        let groups: BTreeSet<String> = records.iter().map(|r| r.key.group().to_string()).collect();
+                        task.commit_then(&records, Some(reply)).and_then(|()| task.wake(groups, false))
+                    }
+                    Op::Heartbeat { req, max_wait, reply } => {
+                        let deadline = (!max_wait.is_zero()).then(|| tokio::time::Instant::now() + max_wait);
+                        match task.heartbeat(req, deadline, reply, &topics) {
+                            Ok(Some(group)) => task.wake(BTreeSet::from([group]), false),
+                            Ok(None) => Ok(()),
+                            Err(stop) => Err(stop),
+                        }
+                    }
+                }
             }
             _ = tick.tick() => {
-                if !partition.leads_live(leader_epoch) {
+                if !task.partition.leads_live(leader_epoch) {
                     return;
                 }
-                (shard.tick(now_ms()), None)
+                task.generation = task.partition.role_generation();
+                let records = task.shard.tick(now_ms());
+                let groups: BTreeSet<String> = records.iter().map(|r| r.key.group().to_string()).collect();
+                task.commit_then(&records, None).and_then(|()| task.wake(groups, true))
             }
         };
-        let mut generation = None;
-        if !records.is_empty() {
-            let appended = encode(&records, now_ms()).and_then(|batch| {
-                partition.append_internal(&batch, leader_epoch).map_err(|e| match e.code() {
-                    tally_proto::ErrorCode::NotLeaderOrFollower | tally_proto::ErrorCode::LeaderNotAvailable => {
-                        not_coordinator()
-                    }
-                    _ => GroupError::CoordinatorNotAvailable(e.to_string()),
-                })
-            });
-            match appended {
-                Ok((info, g)) => {
-                    end = info.log_end_offset;
-                    generation = Some(g);
-                }
-                Err(e) => {
-                    // The shard applied records the log does not hold: end
-                    // here; the next load starts from the log.
-                    tracing::warn!(partition = index, error = %e, "cannot append coordinator records; reloading");
-                    if let Some(reply) = reply {
-                        reply(Err(e));
-                    }
-                    return;
-                }
-            }
+        if step.is_err() {
+            return;
         }
-        let Some(reply) = reply else { continue };
-        // A read waits for what was appended before it, under the role it
-        // was answered in.
-        let generation = generation.unwrap_or(read_generation);
-        let (p, wait_for) = (partition.clone(), end);
-        tokio::spawn(async move {
-            let outcome = p.wait_committed(wait_for, leader_epoch, generation, COMMIT_TIMEOUT).await;
-            reply(outcome.map_err(|e| match e.code() {
-                tally_proto::ErrorCode::NotLeaderOrFollower | tally_proto::ErrorCode::LeaderNotAvailable => {
-                    GroupError::NotCoordinator(format!("{OFFSETS_TOPIC}/{}", p.index()))
-                }
-                _ => GroupError::CoordinatorNotAvailable(e.to_string()),
-            }));
-        });
     }
 }

@@ -85,8 +85,8 @@ impl Groups for GroupsService {
             client_id: req.client_id,
             client_host: req.client_host,
         };
-        let outcome =
-            self.coordinators.run(&req.group_id, move |shard, topics, now| shard.heartbeat(&hb, topics, now)).await;
+        let max_wait = std::time::Duration::from_millis(u64::from(req.max_wait_ms));
+        let outcome = self.coordinators.heartbeat(hb, max_wait).await;
         Ok(Response::new(match outcome {
             Ok(r) => pb::ConsumerGroupHeartbeatResponse {
                 error_code: 0,
