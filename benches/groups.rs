@@ -300,7 +300,13 @@ async fn latency(client: &Client) {
             let _ = until_owned(client, "latency-bench", partitions as usize, 1).await;
         } else {
             for p in 0..partitions {
-                consumer.assign(topic, p, SeekTo::End).await.expect("assign");
+                // Right after the topic's creation, its leaders may not be known yet.
+                let mut attempts = 0;
+                while let Err(e) = consumer.assign(topic, p, SeekTo::End).await {
+                    attempts += 1;
+                    assert!(attempts < 100, "assign: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
