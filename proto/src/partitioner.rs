@@ -3,6 +3,7 @@
 //! partition number as it would with a Kafka client.
 
 /// Kafka's `Utils.murmur2`.
+#[inline]
 pub fn murmur2(data: &[u8]) -> i32 {
     const SEED: u32 = 0x9747_b28c;
     const M: u32 = 0x5bd1_e995;
@@ -36,6 +37,7 @@ pub fn murmur2(data: &[u8]) -> i32 {
 }
 
 /// The partition Kafka's default partitioner picks for `key`.
+#[inline]
 pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
     assert!(partitions > 0, "a topic has at least one partition");
     ((murmur2(key) & 0x7fff_ffff) as u32) % partitions

@@ -213,6 +213,7 @@ async fn cli_consumes_in_a_group_commits_what_it_printed_and_manages_groups() {
         d["partitions"]
             .as_array()
             .is_some_and(|ps| ps.iter().map(|p| p["committed_offset"].as_i64().unwrap_or(0)).sum::<i64>() == 330)
+            && d["members"][0]["host"] == "127.0.0.1"
     })
     .await;
     assert!(joined, "the group consumer did not commit everything it read");

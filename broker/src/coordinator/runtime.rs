@@ -247,7 +247,7 @@ impl Coordinators {
         let (reply, answer) = oneshot::channel();
         let max_wait = max_wait.min(MAX_HEARTBEAT_WAIT);
         let gone = || GroupError::NotCoordinator(group.clone());
-        ops.send(Op::Heartbeat { req, max_wait, reply }).await.map_err(|_| gone())?;
+        ops.send(Op::Heartbeat { req: Box::new(req), max_wait, reply }).await.map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
 
@@ -361,7 +361,7 @@ enum Op {
     Job(Job),
     /// A member's heartbeat that may wait (`max_wait`) for a change to tell.
     Heartbeat {
-        req: HeartbeatRequest,
+        req: Box<HeartbeatRequest>,
         max_wait: Duration,
         reply: oneshot::Sender<Result<HeartbeatResponse, GroupError>>,
     },
@@ -553,7 +553,7 @@ async fn run_shard(
                     }
                     Op::Heartbeat { req, max_wait, reply } => {
                         let deadline = (!max_wait.is_zero()).then(|| tokio::time::Instant::now() + max_wait);
-                        match task.heartbeat(req, deadline, reply, &topics) {
+                        match task.heartbeat(*req, deadline, reply, &topics) {
                             Ok(Some(group)) => task.wake(BTreeSet::from([group]), false),
                             Ok(None) => Ok(()),
                             Err(stop) => Err(stop),

@@ -71,7 +71,10 @@ impl Groups for GroupsService {
         &self,
         request: Request<pb::ConsumerGroupHeartbeatRequest>,
     ) -> Result<Response<pb::ConsumerGroupHeartbeatResponse>, Status> {
+        // The member's host as this broker sees it (Kafka's HOST column).
+        let peer = request.remote_addr().map(|a| a.ip().to_string());
         let req = request.into_inner();
+        let client_host = if req.client_host.is_empty() { peer.unwrap_or_default() } else { req.client_host };
         let hb = HeartbeatRequest {
             group: req.group_id.clone(),
             member_id: req.member_id.clone(),
@@ -83,7 +86,7 @@ impl Groups for GroupsService {
             session_timeout_ms: req.session_timeout_ms,
             owned: Some(to_assignment(req.owned_partitions)),
             client_id: req.client_id,
-            client_host: req.client_host,
+            client_host,
         };
         let max_wait = std::time::Duration::from_millis(u64::from(req.max_wait_ms));
         let outcome = self.coordinators.heartbeat(hb, max_wait).await;
