@@ -429,9 +429,14 @@ impl Inner {
     }
 
     /// How long since `poll` or the stream last asked for records (`None`
-    /// before the first time).
+    /// before the first time, and while the application waits inside them:
+    /// it is not stuck then, there is just nothing to hand out).
     pub(crate) fn since_last_poll(&self) -> Option<Duration> {
-        self.lock().last_poll.map(|t| t.elapsed())
+        let st = self.lock();
+        if st.in_poll {
+            return None;
+        }
+        st.last_poll.map(|t| t.elapsed())
     }
 
     /// Notes a poll (a new poll cycle); wakes a revocation waiting for it,
@@ -630,6 +635,10 @@ impl Consumer {
 
     /// The records of every assigned partition as a stream, borrowing the
     /// consumer so it can still seek, pause or report its position.
+    /// In a group, asking for the next item tells the consumer the previous
+    /// ones are processed (what auto-commit commits, and when a revoked
+    /// partition may go): adapters that read ahead (`ready_chunks`,
+    /// `buffer_unordered`, ...) void that; batch with `poll` instead.
     /// Retriable errors (a broker restarting, a leader moving) are ridden out
     /// in the background; any other error is yielded once, its partition
     /// stops until it is sought again, and the stream goes on with the rest.

@@ -253,6 +253,8 @@ pub struct GroupDescription {
     pub assignment_epoch: i32,
     /// Assignor.
     pub assignor: String,
+    /// The group's own configs (unset ones follow the broker's).
+    pub configs: BTreeMap<String, u32>,
     /// Members.
     pub members: Vec<GroupMember>,
 }
@@ -299,6 +301,7 @@ impl Admin {
             epoch: d.group_epoch,
             assignment_epoch: d.assignment_epoch,
             assignor: d.assignor_name,
+            configs: d.configs.into_iter().collect(),
             members: d
                 .members
                 .into_iter()
@@ -315,6 +318,27 @@ impl Admin {
                 })
                 .collect(),
         })
+    }
+
+    /// Sets (`Some`) or removes (`None`) a group's own configs:
+    /// `consumer_session_timeout_ms` (within the broker's bounds) and
+    /// `consumer_heartbeat_interval_ms`. All or nothing.
+    pub async fn alter_group_configs(&self, group: &str, changes: &[(&str, Option<&str>)]) -> Result<()> {
+        let coordinator = self.coordinator(group);
+        let request = pb::AlterGroupConfigsRequest {
+            group_id: group.to_string(),
+            set: changes.iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v.to_string()))).collect(),
+            delete: changes.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| k.to_string()).collect(),
+        };
+        coordinator
+            .call(self.client().request_timeout(), |mut rpc| {
+                let request = request.clone();
+                async move {
+                    let r = rpc.alter_group_configs(request).await?.into_inner();
+                    check(r.error_code, r.error_message, group)
+                }
+            })
+            .await
     }
 
     /// Deletes an empty group and its committed offsets.

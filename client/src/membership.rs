@@ -264,9 +264,12 @@ fn begin_revoke(inner: &Inner, revoked: TopicPartitions) -> PendingRevoke {
 
 /// Finishes a revocation whose partitions the application no longer holds:
 /// the listener, the commit (with auto-commit), then they are dropped.
+/// `in_time` false: the member is being removed or left for want of a
+/// poll, so the partitions may already be another member's (`Lost`, no
+/// commit).
 async fn finish_revoke(inner: &Inner, group: &GroupShared, revoke: PendingRevoke, in_time: bool) {
     let list = pairs(&revoke.partitions);
-    group.notify(RebalanceEvent::Revoked(list.clone()));
+    group.notify(if in_time { RebalanceEvent::Revoked(list.clone()) } else { RebalanceEvent::Lost(list.clone()) });
     if in_time && inner.config().enable_auto_commit {
         commit_positions(inner, group, &revoke.partitions, true).await;
     }
@@ -279,16 +282,18 @@ async fn finish_revoke(inner: &Inner, group: &GroupShared, revoke: PendingRevoke
 }
 
 /// Starts the partitions the coordinator added, each at its committed offset
-/// (or `auto_offset_reset`). A partition whose offsets cannot be read now is
-/// left for the next heartbeat's answer.
-async fn start_added(inner: &Inner, group: &GroupShared, added: TopicPartitions) {
+/// (or `auto_offset_reset`). A partition that cannot start now (its offsets
+/// unreadable, its topic's new partitions not in the cached metadata yet) is
+/// left for the next heartbeat's answer; returns false then.
+async fn start_added(inner: &Inner, group: &GroupShared, added: TopicPartitions) -> bool {
     let committed = match group.coordinator.fetch_offsets(&added).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(group = %group.coordinator.group(), error = %e, "cannot read committed offsets; retrying");
-            return;
+            return false;
         }
     };
+    let mut all_started = true;
     let mut started = TopicPartitions::new();
     for (t, p) in pairs(&added) {
         let from = match committed.get(&(t.clone(), p)).map(|c| c.offset).filter(|o| *o >= 0) {
@@ -316,7 +321,12 @@ async fn start_added(inner: &Inner, group: &GroupShared, added: TopicPartitions)
             Ok(()) => {
                 started.entry(t.clone()).or_default().insert(p);
             }
-            Err(e) => tracing::warn!(topic = %t, partition = p, error = %e, "cannot start an assigned partition"),
+            Err(e) => {
+                tracing::warn!(topic = %t, partition = p, error = %e, "cannot start an assigned partition; retrying");
+                // A partition added to the topic since its metadata was cached.
+                inner.client().invalidate(&t);
+                all_started = false;
+            }
         }
     }
     {
@@ -333,6 +343,7 @@ async fn start_added(inner: &Inner, group: &GroupShared, added: TopicPartitions)
     if !started.is_empty() {
         group.notify(RebalanceEvent::Assigned(pairs(&started)));
     }
+    all_started
 }
 
 /// The membership task: runs until the consumer closes (then commits, with
@@ -362,7 +373,8 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
         // A consumer that stopped polling leaves, so its partitions move on.
         let idle = inner.since_last_poll();
         if group.member().left.is_some() {
-            if idle.is_some_and(|d| d < config.max_poll_interval) {
+            // Back (it polled since, or waits inside poll): rejoin.
+            if idle.is_none_or(|d| d < config.max_poll_interval) {
                 group.member().left = None;
                 long_poll = false;
                 continue;
@@ -442,7 +454,7 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
                 if !newly_taken.is_empty() {
                     match &mut revoking {
                         Some(r) => {
-                            inner.begin_revoke(&pairs(&newly_taken));
+                            r.mark = inner.begin_revoke(&pairs(&newly_taken));
                             for (t, ps) in newly_taken {
                                 r.partitions.entry(t).or_default().extend(ps);
                             }
@@ -452,8 +464,15 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
                     continue;
                 }
                 let added = minus(&assigned, &owned);
-                if !added.is_empty() {
-                    start_added(&inner, &group, added).await;
+                if !added.is_empty() && !start_added(&inner, &group, added).await {
+                    // Not parked next time (the coordinator parks only a
+                    // member that owns its assignment): pace the retries.
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = &mut woken => {}
+                    }
+                    backoff = (backoff * 2).min(interval.max(Duration::from_millis(100)));
+                    continue;
                 }
             }
             Err(e) if matches!(e.code(), Some(ErrorCode::FencedMemberEpoch | ErrorCode::UnknownMemberId)) => {

@@ -8,7 +8,7 @@ use serde_json::json;
 use tally_client::{Client, OffsetSpec, TopicPartitions};
 use tally_proto::ErrorCode;
 
-use super::{Context, Output, print_table};
+use super::{Context, Output, parse_key_value, print_table};
 
 /// Group subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -48,6 +48,18 @@ pub enum GroupCommand {
         #[arg(long)]
         execute: bool,
     },
+    /// Set or remove a group's own configs: consumer_session_timeout_ms,
+    /// consumer_heartbeat_interval_ms (unset ones follow the broker's).
+    Alter {
+        /// Group id.
+        group: String,
+        /// Config to set, KEY=VALUE (repeatable).
+        #[arg(long = "config", value_parser = parse_key_value)]
+        configs: Vec<(String, String)>,
+        /// Config to remove (repeatable).
+        #[arg(long = "delete-config")]
+        delete_configs: Vec<String>,
+    },
     /// Delete a group (it must have no members) and its committed offsets.
     Delete {
         /// Group id.
@@ -75,6 +87,19 @@ pub async fn run(ctx: &Context, cmd: GroupCommand) -> anyhow::Result<()> {
             }
         }
         GroupCommand::Describe { group } => describe(ctx, &client, &group).await?,
+        GroupCommand::Alter { group, configs, delete_configs } => {
+            if configs.is_empty() && delete_configs.is_empty() {
+                bail!("nothing to change: give --config KEY=VALUE or --delete-config KEY");
+            }
+            let mut changes: Vec<(&str, Option<&str>)> =
+                configs.iter().map(|(k, v)| (k.as_str(), Some(v.as_str()))).collect();
+            changes.extend(delete_configs.iter().map(|k| (k.as_str(), None)));
+            admin
+                .alter_group_configs(&group, &changes)
+                .await
+                .with_context(|| format!("cannot alter group `{group}`"))?;
+            eprintln!("altered group {group}");
+        }
         GroupCommand::Delete { group } => {
             admin.delete_group(&group).await.with_context(|| format!("cannot delete group `{group}`"))?;
             eprintln!("deleted group {group}");
@@ -165,17 +190,19 @@ async fn describe(ctx: &Context, client: &Client, group: &str) -> anyhow::Result
                 })
                 .collect();
             let out = json!({"group": d.group, "state": d.state, "epoch": d.epoch, "assignor": d.assignor,
-                             "members": members, "partitions": partitions});
+                             "configs": d.configs, "members": members, "partitions": partitions});
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Output::Table => {
+            let configs: Vec<String> = d.configs.iter().map(|(k, v)| format!("{k}={v}")).collect();
             println!(
-                "GROUP {}  STATE {}  EPOCH {}  ASSIGNOR {}  MEMBERS {}\n",
+                "GROUP {}  STATE {}  EPOCH {}  ASSIGNOR {}  MEMBERS {}{}\n",
                 d.group,
                 d.state,
                 d.epoch,
                 d.assignor,
-                d.members.len()
+                d.members.len(),
+                if configs.is_empty() { String::new() } else { format!("  CONFIGS {}", configs.join(",")) }
             );
             let dash = |v: &Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
             let table: Vec<Vec<String>> = rows

@@ -225,6 +225,15 @@ async fn cli_consumes_in_a_group_commits_what_it_printed_and_manages_groups() {
         serde_json::from_str(&text(&run(&a, &["group", "describe", "term", "--output", "json"], None).await)).unwrap();
     assert_eq!(d["members"].as_array().unwrap().len(), 0, "the member did not leave: {d}");
 
+    // The group's own configs.
+    text(&run(&a, &["group", "alter", "cli", "--config", "consumer_session_timeout_ms=50000"], None).await);
+    let d: serde_json::Value =
+        serde_json::from_str(&text(&run(&a, &["group", "describe", "cli", "--output", "json"], None).await)).unwrap();
+    assert_eq!(d["configs"]["consumer_session_timeout_ms"], 50000, "{d}");
+    let out = run(&a, &["group", "alter", "cli", "--config", "consumer_session_timeout_ms=5"], None).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outside"), "{}", String::from_utf8_lossy(&out.stderr));
+
     // Delete, then it is gone.
     text(&run(&a, &["group", "delete", "cli"], None).await);
     let out = run(&a, &["group", "describe", "cli"], None).await;

@@ -31,8 +31,8 @@ use std::collections::{BTreeMap, BTreeSet};
 pub use member::{Member, MemberState};
 pub use runtime::Coordinators;
 pub use shard::{
-    CommitOffset, GroupConfig, GroupDescription, GroupListing, GroupState, HeartbeatRequest, HeartbeatResponse,
-    MemberDescription, Shard,
+    CommitOffset, GROUP_CONFIGS, GroupConfig, GroupDescription, GroupListing, GroupState, HeartbeatRequest,
+    HeartbeatResponse, MemberDescription, Shard,
 };
 
 /// The internal topic holding every group's state.
@@ -141,6 +141,9 @@ pub enum GroupError {
         /// Compiler's message.
         reason: String,
     },
+    /// A group config that is unknown or out of bounds.
+    #[error("invalid group config: {0}")]
+    InvalidConfig(String),
     /// This broker is not (or no longer) the group's coordinator.
     #[error("this broker is not the coordinator of group `{0}`; ask FindCoordinator again")]
     NotCoordinator(String),
@@ -170,6 +173,7 @@ impl GroupError {
             GroupError::UnknownTopicOrPartition { .. } => 3,
             GroupError::UnsupportedAssignor(_) => 112,
             GroupError::InvalidRegularExpression { .. } => 130,
+            GroupError::InvalidConfig(_) => 40,
             GroupError::NotCoordinator(_) => 16,
             GroupError::CoordinatorLoadInProgress(_) => 14,
             GroupError::CoordinatorNotAvailable(_) => 15,

@@ -71,6 +71,10 @@ pub struct GroupValue {
     pub target_epoch: i32,
     /// Partition counts of the subscribed topics when the epoch was bumped.
     pub partition_counts: BTreeMap<String, u32>,
+    /// The group's own settings (Kafka's dynamic group configs), by name:
+    /// `consumer_session_timeout_ms`, `consumer_heartbeat_interval_ms`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub configs: BTreeMap<String, u32>,
 }
 
 /// A member's subscription and where it stands.

@@ -355,6 +355,22 @@ fn encode(records: &[CoordinatorRecord], now: u64) -> Result<RecordBatch, GroupE
         .map_err(|e| GroupError::CoordinatorNotAvailable(format!("cannot encode coordinator records: {e}")))
 }
 
+/// True when `records` change what a member may be told (members, targets,
+/// the group's epochs); a committed offset does not.
+fn changes_membership(records: &[CoordinatorRecord]) -> bool {
+    records.iter().any(|r| !matches!(r.key, super::records::RecordKey::Offset { .. }))
+}
+
+/// The groups whose membership `records` change: their parked heartbeats
+/// run again.
+fn membership_groups(records: &[CoordinatorRecord]) -> BTreeSet<String> {
+    records
+        .iter()
+        .filter(|r| !matches!(r.key, super::records::RecordKey::Offset { .. }))
+        .map(|r| r.key.group().to_string())
+        .collect()
+}
+
 /// What a shard task is asked to do.
 enum Op {
     /// Anything on the shard, answered once its records are committed.
@@ -385,7 +401,8 @@ struct ShardTask {
     end: Offset,
     /// The role generation requests are being answered under.
     generation: u64,
-    parked: Vec<Parked>,
+    /// By (group, member): a member has one heartbeat in flight.
+    parked: HashMap<(String, String), Parked>,
 }
 
 /// The task must end (leadership lost, or an append failed).
@@ -450,7 +467,7 @@ impl ShardTask {
         topics: &TopicsView,
     ) -> Result<Option<String>, Stop> {
         // A member has one heartbeat in flight; an older parked one is moot.
-        self.parked.retain(|p| !(p.req.group == req.group && p.req.member_id == req.member_id));
+        self.parked.remove(&(req.group.clone(), req.member_id.clone()));
         match self.shard.heartbeat(&req, topics, now_ms()) {
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -460,11 +477,16 @@ impl ShardTask {
                 let idle = records.is_empty()
                     && response.member_epoch == req.member_epoch
                     && req.owned.as_ref() == Some(&response.assignment);
-                if idle && let Some(deadline) = deadline.filter(|d| *d > tokio::time::Instant::now()) {
-                    self.parked.push(Parked { req, deadline, reply });
+                // Never parked past the member's heartbeat interval: its
+                // session is refreshed only when the heartbeat runs.
+                let now = tokio::time::Instant::now();
+                let longest = now + Duration::from_millis(u64::from(response.heartbeat_interval_ms));
+                if idle && let Some(deadline) = deadline.map(|d| d.min(longest)).filter(|d| *d > now) {
+                    let key = (req.group.clone(), req.member_id.clone());
+                    self.parked.insert(key, Parked { req, deadline, reply });
                     return Ok(None);
                 }
-                let changed = (!records.is_empty()).then(|| req.group.clone());
+                let changed = changes_membership(&records).then(|| req.group.clone());
                 let reply: Reply = Box::new(move |outcome| drop(reply.send(outcome.map(|()| response))));
                 self.commit_then(&records, Some(reply))?;
                 Ok(changed)
@@ -480,10 +502,13 @@ impl ShardTask {
         let mut expired = expired;
         while !groups.is_empty() || expired {
             let now = tokio::time::Instant::now();
-            let (due, keep): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut self.parked)
-                .into_iter()
-                .partition(|p| groups.contains(&p.req.group) || (expired && p.deadline <= now) || p.reply.is_closed());
-            self.parked = keep;
+            let due_keys: Vec<(String, String)> = self
+                .parked
+                .iter()
+                .filter(|(_, p)| groups.contains(&p.req.group) || (expired && p.deadline <= now) || p.reply.is_closed())
+                .map(|(k, _)| k.clone())
+                .collect();
+            let due: Vec<Parked> = due_keys.iter().filter_map(|k| self.parked.remove(k)).collect();
             groups.clear();
             expired = false;
             for p in due {
@@ -531,7 +556,7 @@ async fn run_shard(
     loaded.store(true, Ordering::Release);
     tracing::info!(partition = index, leader_epoch, groups = shard.group_count(), "group coordinator loaded");
     let generation = partition.role_generation();
-    let mut task = ShardTask { broker, partition, leader_epoch, shard, end, generation, parked: Vec::new() };
+    let mut task = ShardTask { broker, partition, leader_epoch, shard, end, generation, parked: HashMap::new() };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -548,7 +573,7 @@ async fn run_shard(
                 match op {
                     Op::Job(job) => {
                         let (records, reply) = job(&mut task.shard, &topics, now_ms());
-                        let groups: BTreeSet<String> = records.iter().map(|r| r.key.group().to_string()).collect();
+                        let groups = membership_groups(&records);
                         task.commit_then(&records, Some(reply)).and_then(|()| task.wake(groups, false))
                     }
                     Op::Heartbeat { req, max_wait, reply } => {
@@ -567,7 +592,7 @@ async fn run_shard(
                 }
                 task.generation = task.partition.role_generation();
                 let records = task.shard.tick(now_ms());
-                let groups: BTreeSet<String> = records.iter().map(|r| r.key.group().to_string()).collect();
+                let groups = membership_groups(&records);
                 task.commit_then(&records, None).and_then(|()| task.wake(groups, true))
             }
         };

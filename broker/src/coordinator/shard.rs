@@ -13,6 +13,10 @@ use super::member::{self, MemberState, is_subset};
 use super::records::{CoordinatorRecord, GroupValue, MemberValue, OffsetValue, RecordKey, RecordValue};
 use super::{Assignment, GroupError, TopicsView};
 
+/// The group configs a group may set (Kafka's `consumer.session.timeout.ms`
+/// and `consumer.heartbeat.interval.ms`, with `_`).
+pub const GROUP_CONFIGS: [&str; 2] = ["consumer_session_timeout_ms", "consumer_heartbeat_interval_ms"];
+
 /// A topic and a partition of it.
 type TopicPartition = (String, u32);
 
@@ -180,6 +184,8 @@ pub struct GroupDescription {
     pub target_epoch: i32,
     /// The assignor the target was computed with.
     pub assignor: String,
+    /// The group's own settings (those not set follow the broker's).
+    pub configs: BTreeMap<String, u32>,
     /// Members.
     pub members: Vec<MemberDescription>,
 }
@@ -366,8 +372,11 @@ impl Shard {
                 req.member_epoch
             )));
         }
+        let group_config = |key: &str| self.groups.get(&req.group).and_then(|g| g.value.configs.get(key).copied());
+        let group_session = group_config("consumer_session_timeout_ms");
+        let group_interval = group_config("consumer_heartbeat_interval_ms");
         let session_timeout_ms = match req.session_timeout_ms {
-            0 => self.config.session_timeout_ms,
+            0 => group_session.unwrap_or(self.config.session_timeout_ms),
             t if t < self.config.min_session_timeout_ms || t > self.config.max_session_timeout_ms => {
                 return Err(GroupError::InvalidSessionTimeout {
                     requested: t,
@@ -498,7 +507,8 @@ impl Shard {
         } else {
             timers.revoke_deadline = None;
         }
-        let heartbeat_interval_ms = self.config.heartbeat_interval_ms.min(session_timeout_ms / 3).max(1);
+        let interval = group_interval.unwrap_or(self.config.heartbeat_interval_ms);
+        let heartbeat_interval_ms = interval.min(session_timeout_ms / 3).max(1);
         let response = HeartbeatResponse {
             member_id: req.member_id.clone(),
             member_epoch: next.epoch,
@@ -798,6 +808,7 @@ impl Shard {
             epoch: g.value.epoch,
             target_epoch: g.value.target_epoch,
             assignor: g.assignor().to_string(),
+            configs: g.value.configs.clone(),
             members,
         })
     }
@@ -843,6 +854,59 @@ impl Shard {
             results.push(Ok(()));
         }
         Ok((out, results))
+    }
+
+    /// Sets (`Some`) or removes (`None`) group configs ([`GROUP_CONFIGS`]),
+    /// all or nothing; a group that does not exist yet is created empty
+    /// (Kafka configures groups before their first member). A session must
+    /// lie within the broker's bounds, and the heartbeat interval below it.
+    pub fn alter_configs(
+        &mut self,
+        group: &str,
+        changes: &[(String, Option<String>)],
+        now_ms: u64,
+    ) -> Result<Vec<CoordinatorRecord>, GroupError> {
+        check_id("group", group)?;
+        let mut value = self.groups.get(group).map(|g| g.value.clone()).unwrap_or_default();
+        for (key, v) in changes {
+            if !GROUP_CONFIGS.contains(&key.as_str()) {
+                return Err(GroupError::InvalidConfig(format!(
+                    "unknown group config `{key}` (known: {})",
+                    GROUP_CONFIGS.join(", ")
+                )));
+            }
+            match v {
+                None => {
+                    value.configs.remove(key);
+                }
+                Some(v) => {
+                    let n: u32 = v.trim().parse().map_err(|_| {
+                        GroupError::InvalidConfig(format!("{key} must be a number of milliseconds, got `{v}`"))
+                    })?;
+                    value.configs.insert(key.clone(), n);
+                }
+            }
+        }
+        let session = value.configs.get("consumer_session_timeout_ms").copied();
+        if let Some(t) = session
+            && !(self.config.min_session_timeout_ms..=self.config.max_session_timeout_ms).contains(&t)
+        {
+            return Err(GroupError::InvalidConfig(format!(
+                "consumer_session_timeout_ms {t} is outside [{}, {}] (group_consumer_min/max_session_timeout_ms)",
+                self.config.min_session_timeout_ms, self.config.max_session_timeout_ms
+            )));
+        }
+        if let Some(i) = value.configs.get("consumer_heartbeat_interval_ms").copied() {
+            let session = session.unwrap_or(self.config.session_timeout_ms);
+            if i < 100 || i >= session {
+                return Err(GroupError::InvalidConfig(format!(
+                    "consumer_heartbeat_interval_ms {i} must be at least 100 and below the session timeout ({session})"
+                )));
+            }
+        }
+        let mut out = Vec::new();
+        self.emit(&mut out, CoordinatorRecord::set(group_key(group), RecordValue::Group(value)), now_ms);
+        Ok(out)
     }
 
     /// Number of groups (for tests and metrics).

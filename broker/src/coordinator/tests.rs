@@ -582,3 +582,53 @@ fn a_second_revocation_at_the_same_epoch_gets_its_own_deadline() {
     sim.settle();
     assert_eq!(sim.owned_counts().values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);
 }
+
+#[test]
+fn group_configs_set_the_session_and_interval_within_the_broker_bounds() {
+    let mut sim = Sim::new(topics(&[("t", 2)]));
+    let set = |k: &str, v: &str| (k.to_string(), Some(v.to_string()));
+    let records = sim
+        .shard
+        .alter_configs(
+            "g",
+            &[set("consumer_session_timeout_ms", "20000"), set("consumer_heartbeat_interval_ms", "2000")],
+            sim.now,
+        )
+        .unwrap();
+    sim.log.extend(records);
+    assert_eq!(sim.shard.describe("g").unwrap().configs["consumer_session_timeout_ms"], 20_000);
+    // A member that asks for no session of its own gets the group's.
+    let c = Client { id: "a".into(), epoch: 0, owned: Assignment::new(), topics: vec!["t".into()] };
+    let mut req = sim.request(&c);
+    req.session_timeout_ms = 0;
+    let (records, r) = sim.shard.heartbeat(&req, &sim.topics, sim.now).unwrap();
+    sim.log.extend(records);
+    assert_eq!(r.heartbeat_interval_ms, 2000);
+    sim.now += 19_000;
+    assert!(sim.shard.tick(sim.now).is_empty(), "removed before the group's session");
+    sim.now += 2_000;
+    assert!(!sim.shard.tick(sim.now).is_empty(), "kept past the group's session");
+    // Out of bounds, unknown, or an interval not below the session: refused,
+    // and nothing changes.
+    for bad in [
+        set("consumer_session_timeout_ms", "500"),
+        set("consumer_session_timeout_ms", "soon"),
+        set("consumer_heartbeat_interval_ms", "20000"),
+        set("consumer.session.timeout", "20000"),
+    ] {
+        let e = sim.shard.alter_configs("g", std::slice::from_ref(&bad), sim.now).unwrap_err();
+        assert_eq!(e.kafka_code(), 40, "{bad:?}: {e}");
+    }
+    assert_eq!(sim.shard.describe("g").unwrap().configs.len(), 2);
+    // Removing one falls back to the broker's.
+    let records = sim.shard.alter_configs("g", &[("consumer_heartbeat_interval_ms".into(), None)], sim.now).unwrap();
+    sim.log.extend(records);
+    let mut replayed = Shard::new(config());
+    for r in &sim.log {
+        replayed.replay(r, sim.now);
+    }
+    assert_eq!(
+        replayed.describe("g").unwrap().configs,
+        BTreeMap::from([("consumer_session_timeout_ms".into(), 20_000)])
+    );
+}

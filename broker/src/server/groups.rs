@@ -234,6 +234,7 @@ impl Groups for GroupsService {
                     group_epoch: d.epoch,
                     assignment_epoch: d.target_epoch,
                     assignor_name: d.assignor,
+                    configs: d.configs.into_iter().collect(),
                     members: d
                         .members
                         .into_iter()
@@ -280,6 +281,24 @@ impl Groups for GroupsService {
             });
         }
         Ok(Response::new(pb::DeleteGroupsResponse { results }))
+    }
+
+    async fn alter_group_configs(
+        &self,
+        request: Request<pb::AlterGroupConfigsRequest>,
+    ) -> Result<Response<pb::AlterGroupConfigsResponse>, Status> {
+        let req = request.into_inner();
+        let mut changes: Vec<(String, Option<String>)> = req.set.into_iter().map(|(k, v)| (k, Some(v))).collect();
+        changes.extend(req.delete.into_iter().map(|k| (k, None)));
+        let group = req.group_id.clone();
+        let outcome = self
+            .coordinators
+            .run(&req.group_id, move |shard, _, now| shard.alter_configs(&group, &changes, now).map(|r| (r, ())))
+            .await;
+        Ok(Response::new(pb::AlterGroupConfigsResponse {
+            error_code: outcome.as_ref().err().map_or(0, code),
+            error_message: outcome.err().map(|e| e.to_string()).unwrap_or_default(),
+        }))
     }
 
     async fn offset_delete(
