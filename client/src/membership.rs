@@ -426,6 +426,12 @@ pub(crate) async fn run(inner: Arc<Inner>, group: Arc<GroupShared>) {
         let answer = loop {
             tokio::select! {
                 answer = &mut call => break Some(answer),
+                // Auto-commit keeps its pace while the heartbeat is parked.
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(next_commit)), if config.enable_auto_commit => {
+                    let owned = group.member().owned.clone();
+                    commit_positions(&inner, &group, &owned, true).await;
+                    next_commit = Instant::now() + config.auto_commit_interval;
+                }
                 () = &mut woken => {
                     // Closing drops the parked heartbeat (close refreshes the
                     // epoch before it commits); a new subscription goes

@@ -155,6 +155,31 @@ fn write_record(out: &mut impl Write, tokens: &[Token], r: &ConsumerRecord) -> s
 /// How long `tally consume` rides out retriable errors before giving up.
 const RETRY_FOR: Duration = Duration::from_secs(60);
 
+/// A poll's records; `None` after a retriable failure (a leader moving, a
+/// broker restarting: ridden out, as the Rust stream does, for
+/// `RETRY_FOR`); an error past that or for anything else.
+async fn ride_out(
+    polled: tally_client::Result<Vec<ConsumerRecord>>,
+    failing_since: &mut Option<std::time::Instant>,
+) -> anyhow::Result<Option<Vec<ConsumerRecord>>> {
+    match polled {
+        Ok(records) => {
+            *failing_since = None;
+            Ok(Some(records))
+        }
+        Err(e) if e.is_retriable() => {
+            let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > RETRY_FOR {
+                return Err(e).context(format!("still failing after {} s", RETRY_FOR.as_secs()));
+            }
+            eprintln!("tally consume: {e}; retrying");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Runs `tally consume`.
 pub async fn run(ctx: &Context, args: ConsumeArgs) -> anyhow::Result<()> {
     let client = ctx.connect().await?;
@@ -189,23 +214,7 @@ pub async fn run(ctx: &Context, args: ConsumeArgs) -> anyhow::Result<()> {
     let mut printed = 0u64;
     let mut failing_since: Option<std::time::Instant> = None;
     loop {
-        let records = match consumer.poll().await {
-            Ok(records) => {
-                failing_since = None;
-                records
-            }
-            // Ride out a leader move or a broker restart, as the Rust stream does.
-            Err(e) if e.is_retriable() => {
-                let since = *failing_since.get_or_insert_with(std::time::Instant::now);
-                if since.elapsed() > RETRY_FOR {
-                    return Err(e).context(format!("still failing after {} s", RETRY_FOR.as_secs()));
-                }
-                eprintln!("tally consume: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let Some(records) = ride_out(consumer.poll().await, &mut failing_since).await? else { continue };
         for r in &records {
             if args.count.is_some_and(|n| printed >= n) {
                 break;
@@ -280,21 +289,10 @@ async fn run_in_group(
             () = &mut stop => break Ok(()),
             polled = consumer.poll() => polled,
         };
-        let records = match polled {
-            Ok(records) => {
-                failing_since = None;
-                records
-            }
-            Err(e) if e.is_retriable() => {
-                let since = *failing_since.get_or_insert_with(std::time::Instant::now);
-                if since.elapsed() > RETRY_FOR {
-                    break Err(anyhow::Error::from(e).context(format!("still failing after {} s", RETRY_FOR.as_secs())));
-                }
-                eprintln!("tally consume: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            Err(e) => break Err(e.into()),
+        let records = match ride_out(polled, &mut failing_since).await {
+            Ok(Some(records)) => records,
+            Ok(None) => continue,
+            Err(e) => break Err(e),
         };
         let mut pipe_closed = false;
         for r in &records {
