@@ -576,26 +576,36 @@ async fn group_member(
     config.max_wait = Duration::from_millis(200);
     let consumer = Consumer::new(client, config);
     consumer.subscribe(&["faults"]).expect("subscribe");
+    // Handed out and not yet committed: a commit that fails (the
+    // coordinator moving) is tried again, for the partitions still owned.
+    let mut pending: BTreeMap<(String, u32), i64> = BTreeMap::new();
     while !*stop.borrow() {
-        let Ok(records) = consumer.poll().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+        let records = match consumer.poll().await {
+            Ok(records) => records,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Vec::new()
+            }
         };
         let mut handed: BTreeMap<u32, Vec<(i64, String)>> = BTreeMap::new();
         for r in records {
             let value = String::from_utf8(r.value.as_deref().unwrap_or_default().to_vec()).expect("utf-8");
             handed.entry(r.partition).or_default().push((r.offset, value));
         }
-        let offsets: BTreeMap<(String, u32), i64> =
-            handed.iter().map(|(p, rs)| (("faults".to_string(), *p), rs.last().expect("a record").0 + 1)).collect();
+        for (p, rs) in &handed {
+            pending.insert(("faults".to_string(), *p), rs.last().expect("a record").0 + 1);
+        }
         {
             let mut polls = polls.lock().unwrap();
             for (partition, records) in handed {
                 polls.push(Poll { consumer: 100 + id, partition, records });
             }
         }
-        if !offsets.is_empty() && consumer.commit_offsets(&offsets).await.is_ok() {
-            commits.lock().unwrap().extend(offsets.iter().map(|((_, p), o)| (*p, *o)));
+        let owned = consumer.group_assignment().map(|(_, _, o)| o).unwrap_or_default();
+        pending.retain(|(t, p), _| owned.get(t).is_some_and(|ps| ps.contains(p)));
+        if !pending.is_empty() && consumer.commit_offsets(&pending).await.is_ok() {
+            commits.lock().unwrap().extend(pending.iter().map(|((_, p), o)| (*p, *o)));
+            pending.clear();
         }
     }
     let _ = consumer.close().await;

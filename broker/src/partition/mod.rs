@@ -428,6 +428,7 @@ pub struct Fetched {
 
 mod follower;
 mod leader;
+pub mod producer_state;
 mod read;
 mod upkeep;
 
