@@ -355,6 +355,17 @@ fn encode(records: &[CoordinatorRecord], now: u64) -> Result<RecordBatch, GroupE
         .map_err(|e| GroupError::CoordinatorNotAvailable(format!("cannot encode coordinator records: {e}")))
 }
 
+/// What a failed append or wait on offsets partition `index` means to a
+/// group's client: find the coordinator again, or retry.
+fn group_error(e: &BrokerError, index: u32) -> GroupError {
+    match e.code() {
+        tally_proto::ErrorCode::NotLeaderOrFollower | tally_proto::ErrorCode::LeaderNotAvailable => {
+            GroupError::NotCoordinator(format!("{OFFSETS_TOPIC}/{index}"))
+        }
+        _ => GroupError::CoordinatorNotAvailable(e.to_string()),
+    }
+}
+
 /// True when `records` change what a member may be told (members, targets,
 /// the group's epochs); a committed offset does not.
 fn changes_membership(records: &[CoordinatorRecord]) -> bool {
@@ -409,22 +420,14 @@ struct ShardTask {
 struct Stop;
 
 impl ShardTask {
-    fn not_coordinator(&self) -> GroupError {
-        GroupError::NotCoordinator(format!("{OFFSETS_TOPIC}/{}", self.partition.index()))
-    }
-
     /// Appends `records` (if any) as leader, then sends `reply` on a task of
     /// its own once the high watermark passes everything appended so far.
     fn commit_then(&mut self, records: &[CoordinatorRecord], reply: Option<Reply>) -> Result<(), Stop> {
         let mut generation = self.generation;
         if !records.is_empty() {
             let appended = encode(records, now_ms()).and_then(|batch| {
-                self.partition.append_internal(&batch, self.leader_epoch).map_err(|e| match e.code() {
-                    tally_proto::ErrorCode::NotLeaderOrFollower | tally_proto::ErrorCode::LeaderNotAvailable => {
-                        self.not_coordinator()
-                    }
-                    _ => GroupError::CoordinatorNotAvailable(e.to_string()),
-                })
+                let index = self.partition.index();
+                self.partition.append_internal(&batch, self.leader_epoch).map_err(|e| group_error(&e, index))
             });
             match appended {
                 Ok((info, g)) => {
@@ -446,12 +449,7 @@ impl ShardTask {
         let (p, wait_for, leader_epoch) = (self.partition.clone(), self.end, self.leader_epoch);
         tokio::spawn(async move {
             let outcome = p.wait_committed(wait_for, leader_epoch, generation, COMMIT_TIMEOUT).await;
-            reply(outcome.map_err(|e| match e.code() {
-                tally_proto::ErrorCode::NotLeaderOrFollower | tally_proto::ErrorCode::LeaderNotAvailable => {
-                    GroupError::NotCoordinator(format!("{OFFSETS_TOPIC}/{}", p.index()))
-                }
-                _ => GroupError::CoordinatorNotAvailable(e.to_string()),
-            }));
+            reply(outcome.map_err(|e| group_error(&e, p.index())));
         });
         Ok(())
     }
