@@ -37,6 +37,7 @@ use crate::controller::{
 };
 use crate::error::BrokerError;
 use crate::partition::{LeaderSession, Partition};
+use crate::producer_ids::ProducerIds;
 use crate::replication::fetcher::{FetcherSettings, Fetchers, Follow};
 use crate::replication::isr::{IsrProposer, Proposal, now_ms};
 use crate::replication::{Assignment, LeaderSettings, ProposalOutcome};
@@ -117,6 +118,10 @@ pub struct Broker {
     fetchers: Fetchers,
     /// Where leaders send their ISR changes, once running.
     isr_proposer: OnceLock<IsrProposer>,
+    /// Producer ids for InitProducerId.
+    producer_ids: Arc<ProducerIds>,
+    /// The first producer id not handed out yet, from the applied metadata.
+    next_producer_id: std::sync::atomic::AtomicU64,
     _lock: File,
 }
 
@@ -249,6 +254,8 @@ impl Broker {
                 source: config.peer_source_ip(),
             }),
             isr_proposer: OnceLock::new(),
+            producer_ids: Arc::new(ProducerIds::new()),
+            next_producer_id: std::sync::atomic::AtomicU64::new(0),
             _lock: lock,
             config,
         })
@@ -277,8 +284,35 @@ impl Broker {
     /// Proposes a metadata command to the active controller (forwarded
     /// there when this voter is not it).
     pub async fn propose(&self, command: MetadataCommand) -> Result<(), BrokerError> {
-        self.controller()?.propose_anywhere(command).await.map_err(from_controller)?;
-        Ok(())
+        self.propose_with_effects(command).await.map(drop)
+    }
+
+    /// [`Broker::propose`], answering with what applying the command changed.
+    pub async fn propose_with_effects(
+        &self,
+        command: MetadataCommand,
+    ) -> Result<Vec<crate::controller::MetadataEffect>, BrokerError> {
+        Ok(self.controller()?.propose_anywhere(command).await.map_err(from_controller)?.effects)
+    }
+
+    /// The broker's source of producer ids (InitProducerId).
+    pub fn producer_ids(&self) -> &Arc<ProducerIds> {
+        &self.producer_ids
+    }
+
+    /// Refuses a producer id this cluster has not handed out, as far as the
+    /// metadata this broker applied knows (a block is committed before any
+    /// of its ids is given, so only a broker lagging behind the metadata
+    /// refuses a real one, until it catches up).
+    pub fn check_producer_id(&self, producer_id: i64) -> Result<(), BrokerError> {
+        let next = self.next_producer_id.load(std::sync::atomic::Ordering::Acquire);
+        if u64::try_from(producer_id).is_ok_and(|id| id < next) {
+            return Ok(());
+        }
+        Err(BrokerError::UnknownProducerId(format!(
+            "producer id {producer_id} was not handed out by this cluster (ids below {next} were); \
+             ask InitProducerId for one"
+        )))
     }
 
     /// Every partition this broker leads now, with its topic name.
@@ -379,16 +413,18 @@ impl Broker {
     /// Blocking; one at a time.
     pub fn reconcile(&self, applied: &AppliedImage) -> Result<(), BrokerError> {
         let _one = self.reconcile_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.next_producer_id.fetch_max(applied.image.next_producer_id(), std::sync::atomic::Ordering::AcqRel);
         let current = self.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let me = BrokerId(self.node_id());
         let mut next = BTreeMap::new();
         let mut failure = None;
         for (name, t) in applied.image.topics() {
             let Ok(topic_name) = TopicName::new(name) else { continue };
-            let config = TopicConfig::with_overrides(&self.config.log, &t.configs).unwrap_or_else(|e| {
+            let mut config = TopicConfig::with_overrides(&self.config.log, &t.configs).unwrap_or_else(|e| {
                 tracing::error!(topic = %name, error = %e, "topic config does not apply here; using the defaults");
                 TopicConfig::from_defaults(&self.config.log).expect("validated defaults")
             });
+            config.log.max_producers = self.config.max_producers_per_partition.max(1) as usize;
             let existing = current.get(name).filter(|e| e.id == t.id.0);
             let config_changed = existing.is_some_and(|e| e.overrides != t.configs);
             let mut partitions = BTreeMap::new();

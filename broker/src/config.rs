@@ -116,6 +116,15 @@ pub struct BrokerConfig {
     /// How long an empty group's committed offsets are kept
     /// (`offsets.retention.minutes`). Default 10 080 (7 days).
     pub offsets_retention_minutes: u64,
+    /// How long a producer that appends nothing is remembered by each
+    /// partition's producer-state table (`producer.id.expiration.ms`,
+    /// KIP-854). Default 86 400 000 (a day).
+    pub producer_id_expiration_ms: u64,
+    /// Most producers one partition's producer-state table tracks; a new
+    /// producer past it is refused with POLICY_VIOLATION until idle ones
+    /// expire. Bounds the table's memory (about 200 bytes a producer).
+    /// Default 10 000.
+    pub max_producers_per_partition: u32,
     /// A group member's session when it asks for none
     /// (`group.consumer.session.timeout.ms`). Default 45 000.
     pub group_consumer_session_timeout_ms: u32,
@@ -161,6 +170,8 @@ impl Default for BrokerConfig {
             offsets_topic_replication_factor: 3,
             offsets_topic_segment_bytes: 4 << 20,
             offsets_retention_minutes: 7 * 24 * 60,
+            producer_id_expiration_ms: 24 * 3600 * 1000,
+            max_producers_per_partition: 10_000,
             group_consumer_session_timeout_ms: 45_000,
             group_consumer_min_session_timeout_ms: 45_000,
             group_consumer_max_session_timeout_ms: 60_000,
@@ -283,6 +294,12 @@ impl BrokerConfig {
         }
         if self.max_inflight_bytes_per_partition > u64::from(u32::MAX) {
             problems.push("max_inflight_bytes_per_partition must be below 4 GiB".to_string());
+        }
+        if self.max_producers_per_partition == 0 {
+            problems.push("max_producers_per_partition must be at least 1".to_string());
+        }
+        if self.producer_id_expiration_ms == 0 {
+            problems.push("producer_id_expiration_ms must be positive".to_string());
         }
         if self.max_concurrent_requests_per_connection == 0 {
             problems.push("max_concurrent_requests_per_connection must be positive".to_string());
@@ -457,6 +474,8 @@ const BROKER_KEYS: &[&str] = &[
     "offsets_topic_replication_factor",
     "offsets_topic_segment_bytes",
     "offsets_retention_minutes",
+    "producer_id_expiration_ms",
+    "max_producers_per_partition",
     "group_consumer_session_timeout_ms",
     "group_consumer_min_session_timeout_ms",
     "group_consumer_max_session_timeout_ms",

@@ -4,6 +4,7 @@ use tally_proto::ErrorCode;
 use tally_proto::batch::BatchError;
 
 use crate::controller::ControllerError;
+use crate::storage::producer_state::ProducerStateError;
 use crate::storage::{Offset, StorageError};
 use crate::topic::InvalidConfig;
 
@@ -81,6 +82,10 @@ pub enum BrokerError {
     /// A malformed request.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A producer id this cluster never handed out (or, on InitProducerId,
+    /// one it cannot bump).
+    #[error("{0}")]
+    UnknownProducerId(String),
     /// The disk or file system failed.
     #[error("storage error: {0}")]
     Storage(#[from] StorageError),
@@ -188,6 +193,13 @@ impl BrokerError {
             BrokerError::Storage(StorageError::OffsetOutOfRange { .. }) => ErrorCode::OffsetOutOfRange,
             BrokerError::Storage(StorageError::StaleLeaderEpoch { .. }) => ErrorCode::FencedLeaderEpoch,
             BrokerError::Storage(StorageError::InvalidReplicaBatch(_)) => ErrorCode::CorruptMessage,
+            BrokerError::Storage(StorageError::ProducerState(e)) => match e {
+                ProducerStateError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequenceNumber,
+                ProducerStateError::InvalidProducerEpoch { .. } => ErrorCode::InvalidProducerEpoch,
+                ProducerStateError::UnknownProducerId { .. } => ErrorCode::UnknownProducerId,
+                ProducerStateError::TooManyProducers { .. } => ErrorCode::PolicyViolation,
+            },
+            BrokerError::UnknownProducerId(_) => ErrorCode::UnknownProducerId,
             BrokerError::Storage(_) => ErrorCode::KafkaStorageError,
             BrokerError::FencedLeaderEpoch { .. } => ErrorCode::FencedLeaderEpoch,
             BrokerError::UnknownLeaderEpoch { .. } => ErrorCode::UnknownLeaderEpoch,

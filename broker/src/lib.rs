@@ -17,6 +17,7 @@ mod maintenance;
 pub mod membership;
 pub mod partition;
 pub mod peer;
+pub mod producer_ids;
 pub mod replication;
 pub mod server;
 pub mod storage;

@@ -31,6 +31,7 @@ pub async fn run(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
             last_checkpoint = now;
         }
         let b = broker.clone();
+        let expiration_ms = i64::try_from(broker.config().producer_id_expiration_ms).unwrap_or(i64::MAX);
         let work = tokio::task::spawn_blocking(move || {
             for p in b.all_partitions() {
                 let span = tracing::info_span!("maintenance", topic = p.topic(), partition = p.index());
@@ -39,6 +40,10 @@ pub async fn run(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
                     tracing::error!(error = %e, "interval flush failed");
                 }
                 if retention {
+                    let expired = p.expire_producers(expiration_ms);
+                    if expired > 0 {
+                        tracing::debug!(producers = expired, "idle producers expired");
+                    }
                     match p.enforce_retention() {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(segments = n, "retention deleted segments"),

@@ -309,6 +309,7 @@ impl TopicConfig {
                 verify_on_read: true,
                 writeback_window_bytes,
                 compaction: compact.then_some(compaction),
+                max_producers: LogConfig::default().max_producers,
             },
             max_message_bytes,
             min_insync_replicas,

@@ -4,6 +4,17 @@
 
 use super::*;
 
+/// What a leader's produce did (see [`Partition::produce_with_outcome`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Produced {
+    /// Where the batches lie.
+    pub info: AppendInfo,
+    /// For a retry of a batch already in the log (nothing appended): the
+    /// original's max timestamp, which is its append time on a
+    /// `LogAppendTime` topic.
+    pub duplicate_timestamp: Option<i64>,
+}
+
 impl Partition {
     /// Appends validated batches as leader in `leader_epoch`: all, or, when
     /// one fails, the ones before it, answered as
@@ -18,6 +29,23 @@ impl Partition {
         leader_epoch: u32,
         acks_all: Option<Duration>,
     ) -> Result<AppendInfo, BrokerError> {
+        self.produce_with_outcome(batches, leader_epoch, acks_all).await.map(|p| p.info)
+    }
+
+    /// [`Partition::produce`], also saying whether the (one) batch was a
+    /// retry of an idempotent producer's batch already in the log: then
+    /// nothing was appended, `info` is where the original lies, and its
+    /// waits (fsync, high watermark) were for the original.
+    pub async fn produce_with_outcome(
+        self: &Arc<Self>,
+        batches: &[RecordBatch],
+        leader_epoch: u32,
+        acks_all: Option<Duration>,
+    ) -> Result<Produced, BrokerError> {
+        if let Some(batch) = idempotence::idempotent_batch(batches)? {
+            self.await_sequence_turn(batch).await;
+        }
+        let mut duplicate_timestamp = None;
         let bytes: usize = batches.iter().map(RecordBatch::len).sum();
         let permits = u32::try_from(bytes).unwrap_or(u32::MAX).min(self.inflight_limit);
         // Held until the reply, acks=all waits included: this bounds the
@@ -40,6 +68,17 @@ impl Partition {
                             None => (info, info, 1),
                             Some((first, _, n)) => (first, info, n + 1),
                         })
+                    }
+                    Err(StorageError::DuplicateBatch { first_offset, last_offset, timestamp, .. }) => {
+                        // A retry of a batch already in the log: answered
+                        // as that batch (the request holds no other).
+                        let info = AppendInfo {
+                            base_offset: Offset(first_offset),
+                            last_offset: Offset(last_offset),
+                            log_end_offset: Offset(last_offset + 1),
+                        };
+                        duplicate_timestamp = Some(timestamp);
+                        appended = Some((info, info, 1));
                     }
                     Err(e) => {
                         failure = Some(BrokerError::from_storage(e));
@@ -99,7 +138,7 @@ impl Partition {
             log_end_offset: last.log_end_offset,
         };
         match rest_failed {
-            None => Ok(appended),
+            None => Ok(Produced { info: appended, duplicate_timestamp }),
             Some(e) => Err(BrokerError::PartlyAppended { appended, batches: count, source: Box::new(e) }),
         }
     }

@@ -43,6 +43,8 @@ use crate::storage::{
 };
 use crate::topic::TopicConfig;
 
+pub use leader::Produced;
+
 /// What this broker is for a partition.
 #[derive(Debug)]
 enum Role {
@@ -427,8 +429,8 @@ pub struct Fetched {
 }
 
 mod follower;
+mod idempotence;
 mod leader;
-pub mod producer_state;
 mod read;
 mod upkeep;
 

@@ -53,10 +53,51 @@ impl TallyService {
         let (topic, partition) = self.broker.partition(topic, partition)?;
         let now_ms = wall_clock_ms();
         let batches = validate_payload(&records, &topic.config, now_ms)?;
+        for batch in &batches {
+            let producer_id = batch.header().producer_id();
+            if producer_id >= 0 {
+                self.broker.check_producer_id(producer_id)?;
+            }
+        }
         let epoch = topic.states.get(partition.index() as usize).map_or(0, |s| s.leader_epoch.0);
         let acks_all = (acks == pb::Acks::All).then_some(timeout);
-        let info = partition.produce(&batches, epoch, acks_all).await?;
-        Ok((info, if topic.config.log_append_time { now_ms } else { -1 }))
+        let produced = partition.produce_with_outcome(&batches, epoch, acks_all).await?;
+        let append_time = match produced.duplicate_timestamp {
+            _ if !topic.config.log_append_time => -1,
+            Some(original) => original,
+            None => now_ms,
+        };
+        Ok((produced.info, append_time))
+    }
+}
+
+impl TallyService {
+    /// InitProducerId for an idempotent producer: a new id at epoch 0, or
+    /// (KIP-360) the given id at the next epoch; past the last epoch, a new
+    /// id. Transactions are not supported.
+    async fn init_producer_id_inner(&self, req: &pb::InitProducerIdRequest) -> Result<(i64, i16), BrokerError> {
+        if req.transactional_id.as_deref().is_some_and(|t| !t.is_empty()) {
+            return Err(BrokerError::InvalidRequest(
+                "transactions are not supported by Tally: leave transactional_id unset (idempotence needs none)".into(),
+            ));
+        }
+        let new_id = || async { Ok((self.broker.producer_ids().next_id(&self.broker).await?, 0)) };
+        match (req.producer_id, req.producer_epoch) {
+            (-1, -1) => new_id().await,
+            (id, epoch) if id >= 0 && (0..=i32::from(i16::MAX)).contains(&epoch) => {
+                self.broker.check_producer_id(id)?;
+                // Kafka keeps the last epoch for a transaction's abort
+                // marker; an idempotent producer there gets a new id.
+                match i16::try_from(epoch + 1) {
+                    Ok(next) if next < i16::MAX => Ok((id, next)),
+                    _ => new_id().await,
+                }
+            }
+            (id, epoch) => Err(BrokerError::InvalidRequest(format!(
+                "producer_id {id} with producer_epoch {epoch}: send -1 and -1 for a new producer, or an id and its \
+                 current epoch (0 ..= 32767) to bump it"
+            ))),
+        }
     }
 }
 
@@ -202,6 +243,27 @@ impl Tally for TallyService {
         });
         let topics = futures_util::future::join_all(topics).await;
         Ok(Response::new(pb::ProduceResponse { topics }))
+    }
+
+    async fn init_producer_id(
+        &self,
+        request: Request<pb::InitProducerIdRequest>,
+    ) -> Result<Response<pb::InitProducerIdResponse>, Status> {
+        let req = request.into_inner();
+        let answer = match self.init_producer_id_inner(&req).await {
+            Ok((producer_id, producer_epoch)) => pb::InitProducerIdResponse {
+                error_code: ErrorCode::None as i32,
+                error_message: String::new(),
+                producer_id,
+                producer_epoch: i32::from(producer_epoch),
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "InitProducerId refused");
+                let (error_code, error_message) = code_and_message(&e);
+                pb::InitProducerIdResponse { error_code, error_message, producer_id: -1, producer_epoch: -1 }
+            }
+        };
+        Ok(Response::new(answer))
     }
 
     async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {

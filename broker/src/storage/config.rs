@@ -45,6 +45,9 @@ pub struct LogConfig {
     /// Log compaction (`cleanup.policy` with `compact`); `None` for a log
     /// that only deletes by retention. Default `None`.
     pub compaction: Option<Compaction>,
+    /// Most producers the producer-state table tracks; a new producer past
+    /// it is refused. Default 10 000.
+    pub max_producers: usize,
 }
 
 /// How a compacted log is cleaned, with Kafka's names and defaults.
@@ -113,6 +116,7 @@ impl Default for LogConfig {
             verify_on_read: true,
             writeback_window_bytes: 32 << 20,
             compaction: None,
+            max_producers: 10_000,
         }
     }
 }
@@ -145,6 +149,9 @@ impl LogConfig {
         }
         if self.segment_index_bytes < 12 * 4 {
             out.push(format!("segment_index_bytes must be at least 48, got {}", self.segment_index_bytes));
+        }
+        if self.max_producers == 0 {
+            out.push("max_producers must be at least 1".to_string());
         }
         if let Some(c) = &self.compaction {
             out.extend(c.problems());

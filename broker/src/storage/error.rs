@@ -113,6 +113,29 @@ pub enum StorageError {
     /// An argument the log cannot act on.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A producer's batch the producer-state table refuses (a sequence gap,
+    /// a fenced epoch, an unknown producer, too many producers).
+    #[error(transparent)]
+    ProducerState(#[from] super::producer_state::ProducerStateError),
+    /// A retry of a producer's batch the log already holds: not appended
+    /// again. The leader answers with the original offsets instead.
+    #[error(
+        "producer {producer_id}: sequences {first_seq}..={last_seq} are already in the log at offsets {first_offset}..={last_offset}"
+    )]
+    DuplicateBatch {
+        /// Producer.
+        producer_id: i64,
+        /// First sequence of the batch.
+        first_seq: i32,
+        /// Last sequence of the batch.
+        last_seq: i32,
+        /// Where the original batch starts.
+        first_offset: u64,
+        /// Where it ends.
+        last_offset: u64,
+        /// Its max timestamp (the append time on a `LogAppendTime` topic).
+        timestamp: i64,
+    },
 }
 
 impl StorageError {

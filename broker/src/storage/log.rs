@@ -28,6 +28,7 @@ use super::clock::Clock;
 use super::config::{FlushPolicy, LogConfig};
 use super::error::io_err;
 use super::fs::{remove_if_exists, sync_data, sync_dir};
+use super::producer_state::ProducerStateTable;
 use super::segment::{Segment, SegmentSizes, Tail, file_name};
 use super::writeback::Writeback;
 use super::{Offset, Result, StorageError};
@@ -181,12 +182,20 @@ pub struct Log {
     /// Set by `close`: a clean in progress installs nothing after it (the
     /// directory may be renamed away and another log created at its path).
     closed: bool,
+    /// Per producer id, its epoch and last batches (see `log_producers.rs`).
+    producers: ProducerStateTable,
 }
 
 #[path = "log_cleaning.rs"]
 pub(crate) mod cleaning;
 pub use cleaning::CleanStats;
 pub(crate) use cleaning::{CLEANED, CleanPlan, SegmentView, StagedGroup};
+
+#[path = "log_producers.rs"]
+mod producers;
+#[cfg(test)]
+#[path = "log_producers_tests.rs"]
+mod producers_tests;
 
 fn parse_segment_name(name: &str) -> Option<(u64, &str)> {
     let (stem, ext) = name.split_once('.')?;
@@ -230,7 +239,9 @@ impl Log {
             cleaner_offset: super::checkpoint::read_cleaner_offset(dir)?.get(),
             last_clean_ms: None,
             closed: false,
+            producers: ProducerStateTable::new(0),
         };
+        log.producers = ProducerStateTable::new(log.config.max_producers);
         log.load_segments(&bases)?;
         let leo = log.leo();
         let first_base = log.segments.keys().next().copied().unwrap_or(leo);
@@ -251,6 +262,7 @@ impl Log {
         if log.recovery_point != checkpoints.recovery_point.get() {
             log.writer.write_offset_now(Kind::RecoveryPoint, Offset(log.recovery_point))?;
         }
+        log.load_producers()?;
         Ok(log)
     }
 
@@ -530,8 +542,11 @@ impl Log {
 
     /// Appends a validated batch as leader: assigns offsets from the log end
     /// and stamps `leader_epoch`, patching 12 header bytes (never
-    /// re-encoding). An epoch older than the log's latest is refused. On
-    /// error the log is unchanged.
+    /// re-encoding). An epoch older than the log's latest is refused, and a
+    /// batch with a producer id must be the next in its producer's sequence
+    /// ([`StorageError::DuplicateBatch`] for a retry of one of its last
+    /// batches, [`StorageError::ProducerState`] otherwise). On error the log
+    /// is unchanged.
     pub fn append(&mut self, batch: &RecordBatch, leader_epoch: u32) -> Result<AppendInfo> {
         self.check_not_failed()?;
         if let Some(latest) = self.leader_epochs.latest_epoch()
@@ -539,6 +554,7 @@ impl Log {
         {
             return Err(StorageError::StaleLeaderEpoch { epoch: leader_epoch, latest });
         }
+        self.check_producer(batch)?;
         let base = self.leo();
         let epoch =
             i32::try_from(leader_epoch).map_err(|_| StorageError::InvalidArgument("leader epoch too large".into()))?;
@@ -644,6 +660,7 @@ impl Log {
         }
         let leo = self.leo();
         debug_assert_eq!(leo, last + 1);
+        self.record_producer(batch, base, last, now);
         Ok(AppendInfo { base_offset: Offset(base), last_offset: Offset(last), log_end_offset: Offset(leo) })
     }
 
@@ -676,6 +693,9 @@ impl Log {
         self.unsynced.push((base, files));
         self.segments.insert(base, segment);
         self.dir_generation += 1;
+        // The table as of the new segment's base: an open replays only from
+        // here, and retention may delete everything below it.
+        self.snapshot_producers();
         Ok(())
     }
 
@@ -850,6 +870,7 @@ impl Log {
             self.writer.write_epochs_now(&self.leader_epochs)?;
         }
         self.lower_cleaner_offset(leo)?;
+        self.truncate_producers(leo)?;
         Ok(Offset(leo))
     }
 
@@ -962,6 +983,7 @@ impl Log {
         self.writer.write_offset_now(Kind::RecoveryPoint, Offset(offset))?;
         self.cleaner_offset = offset;
         self.writer.write_offset_now(Kind::CleanerOffset, Offset(offset))?;
+        self.clear_producers()?;
         Ok(Offset(offset))
     }
 
@@ -1191,6 +1213,7 @@ impl Log {
         self.closed = true;
         self.flush()?;
         self.active_mut().close()?;
+        self.snapshot_producers();
         self.checkpoint_snapshot().write()
     }
 

@@ -34,6 +34,8 @@ mod group_commit;
 mod index;
 mod log;
 mod offset;
+mod producer_snapshot;
+pub mod producer_state;
 mod scan;
 mod segment;
 #[cfg(test)]

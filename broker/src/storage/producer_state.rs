@@ -10,8 +10,9 @@
 //! (`encode` / `decode`, CRC-32C over the whole) let a restart rebuild it
 //! from the last snapshot plus the log after it.
 //!
-//! Not wired into the append path yet (issue 21): this module is the table
-//! and its rules, tested on their own.
+//! The [`Log`](super::Log) owns one (see `log_producers.rs`), so every path
+//! that changes the log (a leader's or a follower's append, truncation,
+//! open) changes the table with it.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -119,7 +120,9 @@ pub enum ProducerStateError {
         first_seq: i32,
     },
     /// The partition tracks as many producers as it may.
-    #[error("this partition already tracks {max} producers (producer_state_max_producers)")]
+    #[error(
+        "this partition already tracks {max} producers (max_producers_per_partition); idle ones expire after producer_id_expiration_ms"
+    )]
     TooManyProducers {
         /// Limit.
         max: usize,
@@ -133,8 +136,9 @@ impl ProducerStateError {
             ProducerStateError::OutOfOrderSequence { .. } => 45,
             ProducerStateError::InvalidProducerEpoch { .. } => 47,
             ProducerStateError::UnknownProducerId { .. } => 59,
-            // Kafka has no number for it; the closest is a resource limit.
-            ProducerStateError::TooManyProducers { .. } => 89,
+            // Kafka has no number for it; POLICY_VIOLATION says a limit of
+            // this broker's configuration refused the request.
+            ProducerStateError::TooManyProducers { .. } => 44,
         }
     }
 }
