@@ -437,6 +437,47 @@ impl Client {
         Ok(out)
     }
 
+    /// InitProducerId: a new producer id at epoch 0 (`current` `None`), or
+    /// the next epoch of `current` (KIP-360). Any broker answers; the
+    /// bootstrap broker is asked first, then every broker the metadata
+    /// names while the answer is a retriable failure.
+    pub(crate) async fn init_producer_id(&self, current: Option<(i64, i16)>) -> Result<(i64, i16)> {
+        let (producer_id, producer_epoch) = current.map_or((-1, -1), |(id, epoch)| (id, i32::from(epoch)));
+        let request = tally_proto::v1::InitProducerIdRequest {
+            transactional_id: None,
+            transaction_timeout_ms: 0,
+            producer_id,
+            producer_epoch,
+        };
+        let ask = |mut rpc: TallyClient<Channel>| {
+            let request = request.clone();
+            let timeout = self.config().request_timeout;
+            async move {
+                let mut call = tonic::Request::new(request);
+                call.set_timeout(timeout);
+                let answer = rpc.init_producer_id(call).await.map_err(Error::from)?.into_inner();
+                if answer.error_code != 0 {
+                    return Err(Error::broker(answer.error_code, answer.error_message, "", None));
+                }
+                let epoch = i16::try_from(answer.producer_epoch).map_err(|_| {
+                    Error::InvalidArgument(format!("producer epoch {} out of range", answer.producer_epoch))
+                })?;
+                Ok((answer.producer_id, epoch))
+            }
+        };
+        let mut last = match ask(Self::tally_rpc(self.inner.bootstrap.clone())).await {
+            Err(e) if e.is_retriable() => e,
+            done => return done,
+        };
+        for (_, address) in self.broker_addresses().await.unwrap_or_default() {
+            match ask(self.rpc_at(&address)?).await {
+                Err(e) if e.is_retriable() => last = e,
+                done => return done,
+            }
+        }
+        Err(last)
+    }
+
     /// A gRPC client for the broker at `address`.
     pub(crate) fn rpc_at(&self, address: &str) -> Result<TallyClient<Channel>> {
         Ok(Self::tally_rpc(self.channel(address)?))

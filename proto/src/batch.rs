@@ -242,6 +242,18 @@ pub fn set_partition_leader_epoch(batch: &mut [u8], epoch: i32) {
     batch[PARTITION_LEADER_EPOCH..PARTITION_LEADER_EPOCH + 4].copy_from_slice(&epoch.to_be_bytes());
 }
 
+/// Overwrites the idempotent-producer fields (`producerId`,
+/// `producerEpoch`, `baseSequence`) of an encoded batch and recomputes its
+/// CRC, which covers them. For a producer that restamps a batch it had
+/// sealed before it knew its producer id, or after an epoch bump.
+pub fn set_producer_fields(batch: &mut [u8], producer_id: i64, producer_epoch: i16, base_sequence: i32) {
+    batch[PRODUCER_ID..PRODUCER_ID + 8].copy_from_slice(&producer_id.to_be_bytes());
+    batch[PRODUCER_EPOCH..PRODUCER_EPOCH + 2].copy_from_slice(&producer_epoch.to_be_bytes());
+    batch[BASE_SEQUENCE..BASE_SEQUENCE + 4].copy_from_slice(&base_sequence.to_be_bytes());
+    let crc = compute_crc(batch);
+    batch[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
 /// [`RecordBatch::check_framing`] on borrowed bytes: header present,
 /// `batchLength` equal to `buf.len()`, magic 2, CRC right.
 pub fn check_framing_slice(buf: &[u8]) -> Result<BatchHeader<'_>, BatchError> {

@@ -4,11 +4,14 @@
 //! Invariants:
 //! - Each partition has its own lock; nothing on the per-record path locks
 //!   anything shared by two partitions.
-//! - A partition is on the sender's ready list at most once (`queued`), and
-//!   never while it has a request in flight: the request's end puts it back
-//!   if batches are waiting. So a partition has at most one request in flight
-//!   and its batches reach the broker in sequence order, retries included
-//!   (a retried batch goes back to the front of `ready`).
+//! - A partition is on the sender's ready list at most once (`queued`).
+//!   Without idempotence it is never there while it has a request in
+//!   flight: the request's end puts it back if batches are waiting, so it
+//!   has at most one request in flight and its batches reach the broker in
+//!   sequence order, retries included (a retried batch goes back to the
+//!   front of `ready`). An idempotent producer's partition may have up to
+//!   `max_in_flight` requests of one batch each in flight; the broker's
+//!   sequence check keeps their order (see `idempotence.rs`).
 //! - Buffer memory is taken from the producer's semaphore in chunks
 //!   (`credit`), spent by records, and given back when their batch settles;
 //!   unspent credit goes back when the batch is sealed.
@@ -76,8 +79,9 @@ pub(crate) struct PartitionState {
     pub open: Option<OpenBatch>,
     /// Sealed batches not in flight, in sequence order.
     pub ready: VecDeque<SealedBatch>,
-    /// Outcomes of the batches of the request in flight (empty: none).
-    pub in_flight: Vec<Arc<BatchOutcome>>,
+    /// The batches in flight: their place in the partition's order
+    /// (`SealedBatch::sequence`) and outcome (empty: none).
+    pub in_flight: Vec<(u64, Arc<BatchOutcome>)>,
     /// On the sender's ready list.
     pub queued: bool,
     /// No request before this (backing off after a retriable error).
@@ -91,6 +95,33 @@ pub(crate) struct PartitionState {
     pub next_sequence: u64,
     /// Size of the last batch sealed: the next one's buffer capacity.
     pub last_batch_bytes: usize,
+    /// The idempotent producer's state of this partition.
+    pub idem: IdempotentState,
+}
+
+/// The producer id, epoch and sequence numbers of one partition, for an
+/// idempotent producer. Epochs are per partition: the broker's
+/// producer-state table is too, so bumping one partition's epoch (KIP-360)
+/// leaves the others' sequences alone.
+#[derive(Debug, Default)]
+pub(crate) struct IdempotentState {
+    /// Producer id and epoch, once known.
+    pub producer: Option<(i64, i16)>,
+    /// Base sequence of the next batch stamped.
+    pub next_seq: i32,
+    /// A batch failed for good (or the broker lost this producer): the
+    /// epoch is bumped and sequences restart before anything more is sent.
+    pub needs_bump: bool,
+    /// An InitProducerId for the bump is under way.
+    pub bumping: bool,
+}
+
+/// A batch's idempotent-producer fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    pub producer_id: i64,
+    pub epoch: i16,
+    pub base_sequence: i32,
 }
 
 /// A batch taking records.
@@ -119,6 +150,13 @@ pub(crate) struct SealedBatch {
     pub created: Instant,
     pub outcome: Arc<BatchOutcome>,
     pub sequence: u64,
+    /// The producer fields it is to be sent with (idempotent producer).
+    pub stamp: Option<Stamp>,
+    /// The producer fields its bytes hold now.
+    pub stamped: Option<Stamp>,
+    /// Answers of OUT_OF_ORDER_SEQUENCE_NUMBER or UNKNOWN_PRODUCER_ID it got
+    /// while first in line (see `idempotence.rs`).
+    pub sequence_refusals: u8,
     pub _reserved: Option<Reservation>,
 }
 
@@ -135,6 +173,34 @@ impl SealedBatch {
         };
         self.bytes = BatchBytes::Ready(bytes.clone());
         bytes
+    }
+
+    /// The batch's bytes with its producer fields as `stamp` says:
+    /// patched (and the CRC recomputed) when they differ, in place when no
+    /// one else holds the bytes, else on a copy.
+    pub(crate) async fn stamped_bytes(&mut self) -> Bytes {
+        let bytes = self.bytes().await;
+        match self.stamp {
+            Some(stamp) if self.stamped != Some(stamp) => {
+                drop(bytes);
+                let BatchBytes::Ready(ready) = std::mem::replace(&mut self.bytes, BatchBytes::Ready(Bytes::new()))
+                else {
+                    unreachable!("bytes() made them ready")
+                };
+                let mut owned = ready.try_into_mut().unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+                tally_proto::batch::set_producer_fields(
+                    &mut owned,
+                    stamp.producer_id,
+                    stamp.epoch,
+                    stamp.base_sequence,
+                );
+                let bytes = owned.freeze();
+                self.bytes = BatchBytes::Ready(bytes.clone());
+                self.stamped = Some(stamp);
+                bytes
+            }
+            _ => bytes,
+        }
     }
 }
 
@@ -164,6 +230,7 @@ impl PartitionAcc {
                 credit: None,
                 next_sequence: 0,
                 last_batch_bytes: 0,
+                idem: IdempotentState::default(),
             }),
         })
     }
@@ -255,11 +322,20 @@ pub(crate) struct Queues {
     /// The producer's runtime: sealing a batch may start its compression
     /// from a thread outside it (`try_send`).
     pub runtime: tokio::runtime::Handle,
+    /// With idempotence, the requests (of one batch each) a partition may
+    /// have in flight; `None` without.
+    pub idempotent: Option<usize>,
 }
 
 impl Queues {
     pub(crate) fn new(runtime: tokio::runtime::Handle) -> Self {
-        Queues { work: Mutex::new(Work::default()), wake: Notify::new(), next_batch_id: AtomicU64::new(0), runtime }
+        Queues {
+            work: Mutex::new(Work::default()),
+            wake: Notify::new(),
+            next_batch_id: AtomicU64::new(0),
+            runtime,
+            idempotent: None,
+        }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Work> {
@@ -269,12 +345,30 @@ impl Queues {
     /// Puts a partition with ready batches on the sender's list (if it is not
     /// on it and has no request in flight). True when the sender should wake.
     pub(crate) fn enqueue(&self, acc: &Arc<PartitionAcc>, st: &mut PartitionState) -> bool {
-        if st.queued || !st.in_flight.is_empty() || st.ready.is_empty() {
+        if st.queued || st.ready.is_empty() || !self.may_send_more(st) {
             return false;
         }
         st.queued = true;
         self.lock().ready.push(acc.clone());
         true
+    }
+
+    /// Whether the partition may have one more request in flight now.
+    pub(crate) fn may_send_more(&self, st: &PartitionState) -> bool {
+        match self.idempotent {
+            None => st.in_flight.is_empty(),
+            // A bump waits until nothing is in flight; the next batch stays
+            // within `limit` of the oldest one in flight (see
+            // `idempotence.rs`).
+            Some(limit) => {
+                let oldest = st.in_flight.iter().map(|(s, _)| *s).min();
+                let within = match (oldest, st.ready.front()) {
+                    (Some(oldest), Some(next)) => next.sequence < oldest + limit as u64,
+                    _ => true,
+                };
+                st.in_flight.len() < limit && within && !st.idem.needs_bump && !st.idem.bumping
+            }
+        }
     }
 
     /// Opens a batch on the partition, registering its linger deadline.
@@ -312,9 +406,13 @@ impl Queues {
         if open.builder.is_empty() {
             return false; // opened by a send that then waited for buffer
         }
-        let OpenBatch { builder, created, outcome, reserved, id: _ } = open;
+        let OpenBatch { mut builder, created, outcome, reserved, id: _ } = open;
         let (size, record_count) = (builder.len(), builder.record_count());
         st.last_batch_bytes = size;
+        let stamp = if self.idempotent.is_some() { next_stamp(st, record_count) } else { None };
+        if let Some(s) = stamp {
+            builder.set_producer(s.producer_id, s.epoch, s.base_sequence);
+        }
         let bytes = if builder.is_compressed() {
             BatchBytes::Compressing(self.runtime.spawn_blocking(move || builder.finish()))
         } else {
@@ -322,7 +420,18 @@ impl Queues {
         };
         let sequence = st.next_sequence;
         st.next_sequence += 1;
-        st.ready.push_back(SealedBatch { bytes, size, record_count, created, outcome, sequence, _reserved: reserved });
+        st.ready.push_back(SealedBatch {
+            bytes,
+            size,
+            record_count,
+            created,
+            outcome,
+            sequence,
+            stamp,
+            stamped: stamp,
+            sequence_refusals: 0,
+            _reserved: reserved,
+        });
         acc.topic.switch_sticky(acc.partition, rng);
         self.enqueue(acc, st)
     }
@@ -368,4 +477,19 @@ impl Rng {
         self.0.store(x, Ordering::Relaxed);
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
+}
+
+/// The producer fields of the partition's next batch of `records` records,
+/// taking its sequence numbers; `None` while the producer id is unknown
+/// (the batch is stamped when it is, before it is first sent).
+pub(crate) fn next_stamp(st: &mut PartitionState, records: i32) -> Option<Stamp> {
+    let (producer_id, epoch) = st.idem.producer?;
+    let base_sequence = st.idem.next_seq;
+    st.idem.next_seq = wrapping_seq_add(base_sequence, records);
+    Some(Stamp { producer_id, epoch, base_sequence })
+}
+
+/// `seq + n`, wrapping past `i32::MAX` to 0 as Kafka's sequences do.
+pub(crate) fn wrapping_seq_add(seq: i32, n: i32) -> i32 {
+    ((i64::from(seq) + i64::from(n)) % (i64::from(i32::MAX) + 1)) as i32
 }

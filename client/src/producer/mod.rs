@@ -21,6 +21,7 @@
 
 mod accumulator;
 mod delivery;
+mod idempotence;
 mod sender;
 mod transport;
 
@@ -50,7 +51,8 @@ use transport::{ClientTransport, Transport};
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ProducerConfig {
-    /// Acknowledgement level. Default [`Acks::Leader`].
+    /// Acknowledgement level. Default [`Acks::All`] (Kafka's default since
+    /// 3.0, and what idempotence needs).
     pub acks: Acks,
     /// How long a batch waits for more records. Default 5 ms.
     pub linger: Duration,
@@ -72,8 +74,17 @@ pub struct ProducerConfig {
     /// Codec of the batches sent (Kafka's `compression.type`). Default none.
     pub compression: Compression,
     /// Requests in flight to one broker (Kafka's
-    /// `max.in.flight.requests.per.connection`). Default 5.
+    /// `max.in.flight.requests.per.connection`), and with idempotence to
+    /// one partition. Default 5; at most 5 with idempotence (the broker
+    /// remembers a producer's last five batches).
     pub max_in_flight: usize,
+    /// Kafka's `enable.idempotence`: a producer id from the cluster and a
+    /// sequence number on every batch, so no retry duplicates a record and
+    /// several requests per partition keep their order. `None` (the
+    /// default) turns it on unless `acks` is not [`Acks::All`] or
+    /// `max_in_flight` is above 5, as Kafka's default does; `Some(true)`
+    /// with either is refused by [`Producer::try_new`].
+    pub idempotence: Option<bool>,
     /// Largest request: the ready batches for one broker are bundled up to
     /// this many bytes (one batch always goes). Default 8 MiB.
     pub max_request_bytes: usize,
@@ -82,7 +93,7 @@ pub struct ProducerConfig {
 impl Default for ProducerConfig {
     fn default() -> Self {
         ProducerConfig {
-            acks: Acks::Leader,
+            acks: Acks::All,
             linger: Duration::from_millis(5),
             batch_bytes: 512 << 10,
             buffer_bytes: 64 << 20,
@@ -93,6 +104,32 @@ impl Default for ProducerConfig {
             compression: Compression::None,
             max_in_flight: 5,
             max_request_bytes: 8 << 20,
+            idempotence: None,
+        }
+    }
+}
+
+/// Most requests an idempotent producer keeps in flight per partition (the
+/// batches the broker remembers per producer).
+pub const MAX_IDEMPOTENT_IN_FLIGHT: usize = 5;
+
+impl ProducerConfig {
+    /// Whether this config makes an idempotent producer, or why it cannot
+    /// be used.
+    pub fn effective_idempotence(&self) -> Result<bool> {
+        let compatible = self.acks == Acks::All && self.max_in_flight <= MAX_IDEMPOTENT_IN_FLIGHT;
+        match self.idempotence {
+            None => Ok(compatible),
+            Some(false) => Ok(false),
+            Some(true) if self.acks != Acks::All => Err(Error::InvalidArgument(format!(
+                "idempotence needs acks=all, not {:?}: set acks to Acks::All or idempotence to Some(false)",
+                self.acks
+            ))),
+            Some(true) if self.max_in_flight > MAX_IDEMPOTENT_IN_FLIGHT => Err(Error::InvalidArgument(format!(
+                "idempotence allows at most {MAX_IDEMPOTENT_IN_FLIGHT} requests in flight, not {}",
+                self.max_in_flight
+            ))),
+            Some(true) => Ok(true),
         }
     }
 }
@@ -155,6 +192,8 @@ pub(crate) struct Shared {
     rng: Rng,
     /// Set once closing starts: sends are refused from then on.
     closed: AtomicBool,
+    /// The idempotent producer's id (unused without idempotence).
+    identity: idempotence::Identity,
     topics: RwLock<HashMap<Arc<str>, Arc<TopicState>>>,
     /// Topic states replaced by a newer generation, kept alive because
     /// handles may still point at them (one per partition-count increase).
@@ -275,21 +314,44 @@ enum Append {
 
 impl Producer {
     /// A producer over `client`. Must be created inside a tokio runtime.
+    ///
+    /// # Panics
+    /// When `config` cannot be used (see [`Producer::try_new`]).
     pub fn new(client: Client, config: ProducerConfig) -> Producer {
+        Self::try_new(client, config).unwrap_or_else(|e| panic!("invalid producer config: {e}"))
+    }
+
+    /// A producer over `client`, or why `config` cannot be used
+    /// (idempotence asked for with acks other than all, or with more than
+    /// five requests in flight). Must be called inside a tokio runtime.
+    pub fn try_new(client: Client, config: ProducerConfig) -> Result<Producer> {
         let max_age = client.config().metadata_max_age;
         Self::with_transport(Arc::new(ClientTransport(client)), config, max_age)
     }
 
-    fn with_transport(transport: Arc<dyn Transport>, config: ProducerConfig, metadata_max_age: Duration) -> Producer {
+    /// Whether this producer is idempotent.
+    pub fn is_idempotent(&self) -> bool {
+        self.shared().queues.idempotent.is_some()
+    }
+
+    fn with_transport(
+        transport: Arc<dyn Transport>,
+        config: ProducerConfig,
+        metadata_max_age: Duration,
+    ) -> Result<Producer> {
+        let idempotent = config.effective_idempotence()?;
+        let mut queues = Queues::new(tokio::runtime::Handle::current());
+        queues.idempotent = idempotent.then_some(config.max_in_flight.max(1));
         let seed = u64::try_from(now_ms()).unwrap_or(1) ^ u64::from(std::process::id()).rotate_left(32);
         let (stopped, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             transport,
             buffer: Arc::new(Semaphore::new(config.buffer_bytes.clamp(1, Semaphore::MAX_PERMITS))),
             config,
-            queues: Queues::new(tokio::runtime::Handle::current()),
+            queues,
             rng: Rng::new(seed),
             closed: AtomicBool::new(false),
+            identity: idempotence::Identity::default(),
             topics: RwLock::new(HashMap::new()),
             retired: Mutex::new(Vec::new()),
             metadata_max_age,
@@ -297,7 +359,7 @@ impl Producer {
             stopped,
         });
         tokio::spawn(sender::run(shared.clone()));
-        Producer { handle: Arc::new(Handle { shared }), last_topic: AtomicPtr::new(std::ptr::null_mut()) }
+        Ok(Producer { handle: Arc::new(Handle { shared }), last_topic: AtomicPtr::new(std::ptr::null_mut()) })
     }
 
     fn shared(&self) -> &Arc<Shared> {
@@ -585,7 +647,7 @@ impl Producer {
             let mut st = acc.lock();
             wake |= shared.queues.seal(&acc, &mut st, &shared.rng);
             outcomes.extend(st.ready.iter().map(|b| b.outcome.clone()));
-            outcomes.extend(st.in_flight.iter().cloned());
+            outcomes.extend(st.in_flight.iter().map(|(_, o)| o.clone()));
         }
         if wake {
             shared.queues.wake.notify_one();

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::accumulator::{BatchBytes, PartitionAcc, PartitionState, SealedBatch};
+use super::idempotence::{self, Prepared};
 use crate::error::Error;
 use crate::partition_client::Acks;
 
@@ -132,6 +133,15 @@ impl Sender {
                 self.waiting.push(acc);
                 continue;
             }
+            if self.shared.queues.idempotent.is_some() {
+                let prepared = idempotence::prepare(&self.shared, &acc, &mut st);
+                if matches!(prepared, Prepared::Wait) || !self.shared.queues.may_send_more(&st) {
+                    // What it waits for (the producer id, a bump, a request
+                    // slot) queues it again when it is done.
+                    st.queued = false;
+                    continue;
+                }
+            }
             drop(st);
             match self.shared.transport.leader(&acc.topic.name, acc.partition) {
                 Some(leader) => by_leader.entry(leader).or_default().push(acc),
@@ -175,6 +185,9 @@ impl Sender {
     /// Sends the ready batches of `accs` to `leader` in as few requests as
     /// the request size allows, while the broker has request slots free.
     fn send_to(&mut self, leader: Arc<str>, accs: Vec<Arc<PartitionAcc>>) {
+        if self.shared.queues.idempotent.is_some() {
+            return self.send_idempotent(leader, accs);
+        }
         let counter = self.in_flight.entry(leader.clone()).or_default().clone();
         let max_bytes = self.shared.config.max_request_bytes;
         let mut accs = accs.into_iter().peekable();
@@ -202,7 +215,7 @@ impl Sender {
                 debug_assert!(taken.windows(2).all(|w| w[1].sequence == w[0].sequence + 1), "batches in sequence");
                 let full = !st.ready.is_empty();
                 st.queued = false;
-                st.in_flight = taken.iter().map(|b| b.outcome.clone()).collect();
+                st.in_flight = taken.iter().map(|b| (b.sequence, b.outcome.clone())).collect();
                 drop(st);
                 parts.push((accs.next().expect("peeked"), taken));
                 if full {
@@ -211,6 +224,59 @@ impl Sender {
             }
             counter.fetch_add(1, Ordering::AcqRel);
             tokio::spawn(run_request(self.shared.clone(), leader.clone(), counter.clone(), parts));
+        }
+    }
+}
+
+impl Sender {
+    /// [`Sender::send_to`] for an idempotent producer: one batch per
+    /// partition per request (the broker's rule for batches with a producer
+    /// id), several requests per partition in flight, each partition's
+    /// batches taken in order.
+    fn send_idempotent(&mut self, leader: Arc<str>, mut accs: Vec<Arc<PartitionAcc>>) {
+        let counter = self.in_flight.entry(leader.clone()).or_default().clone();
+        let max_bytes = self.shared.config.max_request_bytes;
+        while !accs.is_empty() {
+            if counter.load(Ordering::Acquire) >= self.shared.config.max_in_flight.max(1) {
+                self.waiting.extend(accs);
+                return;
+            }
+            let mut parts: Vec<(Arc<PartitionAcc>, Vec<SealedBatch>)> = Vec::new();
+            let mut bytes = 0usize;
+            let mut next = Vec::new();
+            for acc in accs {
+                let mut st = acc.lock();
+                let sendable =
+                    st.ready.front().is_some_and(|b| b.stamp.is_some()) && self.shared.queues.may_send_more(&st);
+                if !sendable {
+                    st.queued = false;
+                    continue;
+                }
+                let size = st.ready.front().expect("checked").size;
+                if !parts.is_empty() && bytes + size > max_bytes {
+                    drop(st);
+                    next.push(acc); // the next request takes it
+                    continue;
+                }
+                bytes += size;
+                let batch = st.ready.pop_front().expect("checked");
+                st.in_flight.push((batch.sequence, batch.outcome.clone()));
+                let more = !st.ready.is_empty() && self.shared.queues.may_send_more(&st);
+                if !more {
+                    st.queued = false;
+                }
+                drop(st);
+                if more {
+                    next.push(acc.clone());
+                }
+                parts.push((acc, vec![batch]));
+            }
+            if parts.is_empty() {
+                return;
+            }
+            counter.fetch_add(1, Ordering::AcqRel);
+            tokio::spawn(run_request(self.shared.clone(), leader.clone(), counter.clone(), parts));
+            accs = next;
         }
     }
 }
@@ -241,7 +307,7 @@ async fn run_request(
     for (acc, batches) in &mut parts {
         let mut records: Vec<Bytes> = Vec::with_capacity(batches.len());
         for b in batches.iter_mut() {
-            records.push(b.bytes().await);
+            records.push(b.stamped_bytes().await);
         }
         let data = pb::PartitionProduceData { partition: acc.partition, records };
         match topics.iter_mut().find(|t| *t.name == *acc.topic.name) {
@@ -314,12 +380,15 @@ fn partition_answer(response: &pb::ProduceResponse, acc: &PartitionAcc) -> Parti
 /// Settles the batches of one partition after its request ended, and gives
 /// the partition back to the sender.
 fn settle(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     acc: &Arc<PartitionAcc>,
     batches: Vec<SealedBatch>,
     result: PartitionResult,
     acks_none: bool,
 ) {
+    if shared.queues.idempotent.is_some() {
+        return settle_idempotent(shared, acc, batches, result);
+    }
     let config = &shared.config;
     let mut retry = Vec::new();
     let acked = result.is_ok();
@@ -374,4 +443,62 @@ fn settle(
     }
     st.in_flight.clear();
     shared.queues.enqueue(acc, &mut st);
+}
+
+/// [`settle`] for an idempotent producer's request: one batch of the
+/// partition, retried in its place or failed as `idempotence` decides.
+fn settle_idempotent(
+    shared: &Arc<Shared>,
+    acc: &Arc<PartitionAcc>,
+    batches: Vec<SealedBatch>,
+    result: PartitionResult,
+) {
+    let config = &shared.config;
+    let mut st = acc.lock();
+    for mut b in batches {
+        st.in_flight.retain(|(s, _)| *s != b.sequence);
+        match &result {
+            Ok((base_offset, log_append_time_ms)) => {
+                st.backoff = config.retry_backoff;
+                b.outcome.acked(*base_offset, *log_append_time_ms);
+            }
+            Err(Failure { appended: Some((n, base_offset)), .. }) if *n > 0 => b.outcome.acked(*base_offset, -1),
+            Err(Failure { error, hint, .. }) => {
+                shared.transport.partition_failed(&acc.topic.name, acc.partition, error, *hint);
+                let retry_by = Instant::now() + st.backoff;
+                let deadline = b.created + config.delivery_timeout;
+                match idempotence::on_failure(&mut st, &mut b, error, retry_by, deadline) {
+                    idempotence::Verdict::Retry => {
+                        tracing::debug!(topic = %acc.topic.name, partition = acc.partition, error = %error, "retrying");
+                        idempotence::requeue(&mut st, b);
+                        // One backoff for the batches of one failed round,
+                        // not one doubling per batch.
+                        let now = Instant::now();
+                        if st.retry_at.is_none_or(|at| at <= now) {
+                            let jitter = 0.8 + (shared.rng.next() % 400) as f64 / 1000.0;
+                            st.retry_at = Some(now + st.backoff.mul_f64(jitter));
+                            st.backoff = (st.backoff * 2).min(config.retry_backoff_max);
+                        }
+                    }
+                    idempotence::Verdict::Fail => {
+                        tracing::warn!(topic = %acc.topic.name, partition = acc.partition, error = %error, "batch failed");
+                        fail_later(b, error.clone());
+                    }
+                }
+            }
+        }
+    }
+    let wake = shared.queues.enqueue(acc, &mut st);
+    if !wake && st.idem.needs_bump && st.in_flight.is_empty() && !st.ready.is_empty() && !st.queued {
+        // The bump starts from the dispatch loop.
+        st.queued = true;
+        shared.queues.lock().ready.push(acc.clone());
+        drop(st);
+        shared.queues.wake.notify_one();
+        return;
+    }
+    drop(st);
+    if wake {
+        shared.queues.wake.notify_one();
+    }
 }

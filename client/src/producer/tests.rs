@@ -28,6 +28,68 @@ enum Fault {
     /// Each partition appends only its first batch; the rest fail with a
     /// retriable storage error (a disk that filled up mid-request).
     FirstBatchOnly,
+    /// Every partition refuses its batch for good (MESSAGE_TOO_LARGE),
+    /// nothing appended.
+    Refuse,
+    /// The leaders forget every producer (the KIP-360 case), then apply
+    /// the request.
+    ForgetProducers,
+}
+
+/// The fake's producer-state table of one partition: per producer id, its
+/// epoch and last five batches (first seq, last seq, base offset), with the
+/// broker's rules.
+#[derive(Default)]
+struct Producers(HashMap<i64, (i16, std::collections::VecDeque<(i32, i32, i64)>)>);
+
+enum SeqCheck {
+    Append,
+    Duplicate(i64),
+    Refused(ErrorCode),
+}
+
+impl Producers {
+    fn check(&self, pid: i64, epoch: i16, first: i32, last: i32) -> SeqCheck {
+        let Some((known, batches)) = self.0.get(&pid) else {
+            return if first == 0 { SeqCheck::Append } else { SeqCheck::Refused(ErrorCode::UnknownProducerId) };
+        };
+        if epoch < *known {
+            return SeqCheck::Refused(ErrorCode::InvalidProducerEpoch);
+        }
+        if epoch > *known {
+            return if first == 0 { SeqCheck::Append } else { SeqCheck::Refused(ErrorCode::OutOfOrderSequenceNumber) };
+        }
+        if let Some((_, _, base)) = batches.iter().find(|(f, l, _)| *f == first && *l == last) {
+            return SeqCheck::Duplicate(*base);
+        }
+        let expected = batches.back().map_or(0, |(_, l, _)| l + 1);
+        if first == expected { SeqCheck::Append } else { SeqCheck::Refused(ErrorCode::OutOfOrderSequenceNumber) }
+    }
+
+    fn record(&mut self, pid: i64, epoch: i16, first: i32, last: i32, base: i64) {
+        let entry = self.0.entry(pid).or_insert_with(|| (epoch, Default::default()));
+        if entry.0 != epoch {
+            *entry = (epoch, Default::default());
+        }
+        entry.1.push_back((first, last, base));
+        if entry.1.len() > 5 {
+            entry.1.pop_front();
+        }
+    }
+}
+
+fn refusal(partition: u32, code: ErrorCode) -> pb::PartitionProduceResponse {
+    pb::PartitionProduceResponse {
+        partition,
+        error_code: code as i32,
+        error_message: format!("{code:?}"),
+        base_offset: -1,
+        log_append_time_ms: -1,
+        log_start_offset: 0,
+        leader_id: None,
+        leader_epoch: None,
+        appended_batches: 0,
+    }
 }
 
 type Script = Box<dyn Fn(usize, &pb::ProduceRequest) -> Option<Fault> + Send + Sync>;
@@ -40,6 +102,19 @@ struct Fake {
     logs: Mutex<HashMap<u32, Vec<Bytes>>>,
     /// Values whose request's answer was lost.
     lost: Mutex<Vec<Bytes>>,
+    /// Producer state per partition.
+    producers: Mutex<HashMap<u32, Producers>>,
+    /// Producer ids handed out.
+    next_producer_id: AtomicUsize,
+    /// InitProducerId calls that bumped an epoch.
+    bumps: AtomicUsize,
+    /// Batches answered as duplicates.
+    duplicates: AtomicUsize,
+    /// Batches refused for their sequence (or epoch, or unknown producer).
+    sequence_refusals: AtomicUsize,
+    /// Most requests seen in flight for one partition at once.
+    max_partition_in_flight: AtomicUsize,
+    partition_in_flight: Mutex<HashMap<u32, usize>>,
     requests: AtomicUsize,
     /// Partition answers that appended only a prefix.
     partial: AtomicUsize,
@@ -64,6 +139,13 @@ impl Fake {
             leaders: Mutex::new((0..partitions).map(|p| Some(Arc::from(format!("b{}", p % 2)))).collect()),
             logs: Mutex::new(HashMap::new()),
             lost: Mutex::new(Vec::new()),
+            producers: Mutex::new(HashMap::new()),
+            next_producer_id: AtomicUsize::new(1000),
+            bumps: AtomicUsize::new(0),
+            duplicates: AtomicUsize::new(0),
+            sequence_refusals: AtomicUsize::new(0),
+            max_partition_in_flight: AtomicUsize::new(0),
+            partition_in_flight: Mutex::new(HashMap::new()),
             requests: AtomicUsize::new(0),
             partial: AtomicUsize::new(0),
             faults: AtomicUsize::new(0),
@@ -88,10 +170,60 @@ impl Fake {
     /// Applies the request; the answer per partition.
     fn apply(&self, request: &pb::ProduceRequest, fault: Option<Fault>) -> pb::ProduceResponse {
         let mut logs = self.logs.lock().unwrap();
+        let mut producers = self.producers.lock().unwrap();
+        if fault == Some(Fault::ForgetProducers) {
+            producers.clear();
+        }
         let mut topics = Vec::new();
         for t in &request.topics {
             let mut partitions = Vec::new();
             for p in &t.partitions {
+                if fault == Some(Fault::Refuse) {
+                    partitions.push(refusal(p.partition, ErrorCode::MessageTooLarge));
+                    continue;
+                }
+                let first = RecordBatch::validate(p.records[0].clone(), &BatchLimits::default()).expect("valid");
+                let h = first.header();
+                if h.producer_id() >= 0 {
+                    assert_eq!(p.records.len(), 1, "one batch per partition from an idempotent producer");
+                    let (pid, epoch, seq) = (h.producer_id(), h.producer_epoch(), h.base_sequence());
+                    let last = seq + h.last_offset_delta();
+                    let table = producers.entry(p.partition).or_default();
+                    let log = logs.entry(p.partition).or_default();
+                    let answer = match (fault, table.check(pid, epoch, seq, last)) {
+                        (Some(Fault::NotLeader), _) => refusal(p.partition, ErrorCode::NotLeaderOrFollower),
+                        (_, SeqCheck::Refused(code)) => {
+                            self.sequence_refusals.fetch_add(1, Ordering::SeqCst);
+                            refusal(p.partition, code)
+                        }
+                        (_, SeqCheck::Duplicate(base)) => {
+                            self.duplicates.fetch_add(1, Ordering::SeqCst);
+                            pb::PartitionProduceResponse {
+                                base_offset: base,
+                                error_code: 0,
+                                ..refusal(p.partition, ErrorCode::None)
+                            }
+                        }
+                        (_, SeqCheck::Append) => {
+                            let base = log.len() as i64;
+                            for r in first.records().expect("records") {
+                                let value = r.expect("record").value.expect("value");
+                                if fault == Some(Fault::LoseReply) {
+                                    self.lost.lock().unwrap().push(value.clone());
+                                }
+                                log.push(value);
+                            }
+                            table.record(pid, epoch, seq, last, base);
+                            pb::PartitionProduceResponse {
+                                base_offset: base,
+                                error_code: 0,
+                                ..refusal(p.partition, ErrorCode::None)
+                            }
+                        }
+                    };
+                    partitions.push(pb::PartitionProduceResponse { error_message: String::new(), ..answer });
+                    continue;
+                }
                 if fault == Some(Fault::NotLeader) {
                     partitions.push(pb::PartitionProduceResponse {
                         partition: p.partition,
@@ -173,6 +305,14 @@ impl Transport for FakeTransport {
             let n = fake.requests.fetch_add(1, Ordering::SeqCst);
             let now = fake.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             fake.max_in_flight_seen.fetch_max(now, Ordering::SeqCst);
+            let partitions: Vec<u32> =
+                request.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.partition)).collect();
+            for p in &partitions {
+                let mut counts = fake.partition_in_flight.lock().unwrap();
+                let c = counts.entry(*p).or_default();
+                *c += 1;
+                fake.max_partition_in_flight.fetch_max(*c, Ordering::SeqCst);
+            }
             fake.shapes.lock().unwrap().push(request.topics.iter().map(|t| t.partitions.len()).sum());
             if fake.gated.load(Ordering::SeqCst) {
                 fake.gate.acquire().await.expect("gate").forget();
@@ -194,25 +334,49 @@ impl Transport for FakeTransport {
                 _ => Ok(fake.apply(&request, fault)),
             };
             fake.in_flight.fetch_sub(1, Ordering::SeqCst);
+            for p in &partitions {
+                *fake.partition_in_flight.lock().unwrap().get_mut(p).expect("counted") -= 1;
+            }
             answer
         })
     }
 
     fn partition_failed(&self, _topic: &str, _partition: u32, _error: &Error, _hint: Option<(u32, u32)>) {}
+
+    fn init_producer_id(&self, current: Option<(i64, i16)>) -> BoxFuture<'static, crate::Result<(i64, i16)>> {
+        let fake = self.0.clone();
+        Box::pin(async move {
+            match current {
+                None => Ok((fake.next_producer_id.fetch_add(1, Ordering::SeqCst) as i64, 0)),
+                Some((id, epoch)) => {
+                    fake.bumps.fetch_add(1, Ordering::SeqCst);
+                    Ok((id, epoch + 1))
+                }
+            }
+        })
+    }
 }
 
+/// A producer without idempotence (the tests of batching and plain
+/// retries); `idempotent_config` for the idempotent one.
 fn config() -> ProducerConfig {
     ProducerConfig {
         linger: Duration::from_millis(2),
         batch_bytes: 2048,
         retry_backoff: Duration::from_millis(1),
         retry_backoff_max: Duration::from_millis(4),
+        idempotence: Some(false),
         ..ProducerConfig::default()
     }
 }
 
+fn idempotent_config() -> ProducerConfig {
+    ProducerConfig { idempotence: None, ..config() }
+}
+
 fn producer(fake: &Arc<Fake>, config: ProducerConfig) -> Producer {
     Producer::with_transport(Arc::new(FakeTransport(fake.clone())), config, Duration::from_secs(300))
+        .expect("valid config")
 }
 
 fn value(i: usize) -> Vec<u8> {
@@ -482,7 +646,8 @@ async fn a_batch_past_its_delivery_timeout_fails_and_hands_its_records_back() {
 #[tokio::test]
 async fn added_partitions_are_used_once_the_metadata_ages_out() {
     let fake = Fake::healthy(1);
-    let p = Producer::with_transport(Arc::new(FakeTransport(fake.clone())), config(), Duration::from_millis(20));
+    let p = Producer::with_transport(Arc::new(FakeTransport(fake.clone())), config(), Duration::from_millis(20))
+        .expect("valid config");
     p.send(ProducerRecord::new("t", b"first")).await.unwrap().await.unwrap();
     fake.leaders.lock().unwrap().extend([Some(Arc::from("b1")), Some(Arc::from("b0"))]);
     *fake.partitions.lock().unwrap() = 3;
@@ -570,5 +735,124 @@ async fn try_send_works_from_a_thread_outside_the_runtime_with_compression() {
     let log = fake.log(1);
     assert_eq!(log.len(), 200);
     assert!(log.iter().enumerate().all(|(i, v)| *v == value(i)), "in order, each once");
+    p.close().await;
+}
+
+/// Every record is in its partition's log exactly once, in send order, and
+/// each delivery's offset holds its own record.
+async fn assert_exactly_once_in_order(
+    fake: &Fake,
+    sent: HashMap<u32, Vec<Bytes>>,
+    deliveries: Vec<DeliveryFuture>,
+    partitions: u32,
+) {
+    for (i, d) in deliveries.into_iter().enumerate() {
+        let meta = d.await.unwrap_or_else(|e| panic!("record {i}: {e}"));
+        assert_eq!(meta.partition, (i as u32) % partitions);
+        assert_eq!(fake.log(meta.partition)[meta.offset as usize], Bytes::from(value(i)), "offset of record {i}");
+    }
+    for (partition, values) in sent {
+        assert_eq!(fake.log(partition), values, "partition {partition}: every record once, in order");
+    }
+}
+
+#[tokio::test]
+async fn idempotence_is_the_default_with_acks_all_and_refused_with_acks_one_when_asked_for() {
+    let fake = Fake::healthy(1);
+    assert!(producer(&fake, idempotent_config()).is_idempotent());
+    assert!(!producer(&fake, ProducerConfig { acks: Acks::Leader, ..idempotent_config() }).is_idempotent());
+    let transport = || Arc::new(FakeTransport(fake.clone())) as Arc<dyn Transport>;
+    let asked = ProducerConfig { acks: Acks::Leader, idempotence: Some(true), ..config() };
+    let e = Producer::with_transport(transport(), asked, Duration::from_secs(1)).unwrap_err();
+    assert!(e.to_string().contains("acks=all"), "{e}");
+    let too_many = ProducerConfig { max_in_flight: 6, idempotence: Some(true), ..config() };
+    assert!(Producer::with_transport(transport(), too_many, Duration::from_secs(1)).is_err());
+}
+
+#[tokio::test]
+async fn lost_replies_are_retried_and_answered_as_duplicates_never_appended_twice() {
+    let fake = Fake::new(3, Box::new(|n, _| (n % 4 == 1).then_some(Fault::LoseReply)));
+    *fake.delay.lock().unwrap() = Duration::from_millis(1);
+    let p = producer(&fake, idempotent_config());
+    let (sent, deliveries) = send_keyed(&p, 4000, 3).await;
+    assert_exactly_once_in_order(&fake, sent, deliveries, 3).await;
+    assert!(!fake.lost.lock().unwrap().is_empty(), "some replies were lost");
+    assert!(fake.duplicates.load(Ordering::SeqCst) > 0, "their retries were answered as duplicates");
+    p.close().await;
+}
+
+#[tokio::test]
+async fn several_requests_per_partition_are_in_flight_and_the_log_keeps_send_order() {
+    let fake = Fake::healthy(1);
+    *fake.delay.lock().unwrap() = Duration::from_millis(3);
+    let p = producer(&fake, ProducerConfig { batch_bytes: 512, ..idempotent_config() });
+    let (sent, deliveries) = send_keyed(&p, 3000, 1).await;
+    assert_exactly_once_in_order(&fake, sent, deliveries, 1).await;
+    let most = fake.max_partition_in_flight.load(Ordering::SeqCst);
+    assert!((2..=5).contains(&most), "up to five requests of one partition in flight, saw {most}");
+    p.close().await;
+}
+
+#[tokio::test]
+async fn a_leader_change_and_transport_failures_mid_stream_lose_and_duplicate_nothing() {
+    let fake = Fake::new(
+        4,
+        Box::new(|n, _| match n {
+            n if n % 7 == 3 => Some(Fault::NotLeader),
+            n if n % 5 == 1 => Some(Fault::LoseReply),
+            n if n % 11 == 4 => Some(Fault::Unavailable),
+            _ => None,
+        }),
+    );
+    *fake.delay.lock().unwrap() = Duration::from_millis(1);
+    let p = producer(&fake, ProducerConfig { batch_bytes: 512, ..idempotent_config() });
+    let (sent, deliveries) = send_keyed(&p, 4000, 4).await;
+    assert_exactly_once_in_order(&fake, sent, deliveries, 4).await;
+    assert!(fake.faults.load(Ordering::SeqCst) > 5);
+    p.close().await;
+}
+
+#[tokio::test]
+async fn a_batch_refused_for_good_fails_its_records_and_the_rest_follow_after_an_epoch_bump() {
+    let fake = Fake::new(1, Box::new(|n, _| (n == 3).then_some(Fault::Refuse)));
+    let p =
+        producer(&fake, ProducerConfig { batch_bytes: 256, linger: Duration::from_millis(1), ..idempotent_config() });
+    let mut deliveries = Vec::new();
+    for i in 0..400 {
+        let v = value(i);
+        deliveries.push(p.send(ProducerRecord::new("t", &v).partition(0)).await.unwrap());
+        if i % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    }
+    let mut delivered = Vec::new();
+    let mut failed = 0;
+    for (i, d) in deliveries.into_iter().enumerate() {
+        match d.await {
+            Ok(meta) => {
+                assert_eq!(fake.log(0)[meta.offset as usize], Bytes::from(value(i)));
+                delivered.push(Bytes::from(value(i)));
+            }
+            Err(e) => {
+                assert_eq!(e.error.code(), Some(ErrorCode::MessageTooLarge), "{e}");
+                assert_eq!(e.record.as_ref().and_then(|r| r.value.clone()), Some(Bytes::from(value(i))));
+                failed += 1;
+            }
+        }
+    }
+    assert!(failed > 0, "the refused batch's records failed");
+    assert_eq!(fake.log(0), delivered, "everything else once, in order");
+    assert!(fake.bumps.load(Ordering::SeqCst) >= 1, "the epoch was bumped past the spent sequence numbers");
+    p.close().await;
+}
+
+#[tokio::test]
+async fn a_leader_that_forgot_the_producer_gets_the_rest_under_a_bumped_epoch() {
+    let fake = Fake::new(2, Box::new(|n, _| (n == 6).then_some(Fault::ForgetProducers)));
+    let p = producer(&fake, ProducerConfig { batch_bytes: 512, ..idempotent_config() });
+    let (sent, deliveries) = send_keyed(&p, 3000, 2).await;
+    assert_exactly_once_in_order(&fake, sent, deliveries, 2).await;
+    assert!(fake.sequence_refusals.load(Ordering::SeqCst) > 0, "UNKNOWN_PRODUCER_ID was answered");
+    assert!(fake.bumps.load(Ordering::SeqCst) >= 1, "and recovered from by a bump");
     p.close().await;
 }

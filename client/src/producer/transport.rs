@@ -41,6 +41,10 @@ pub(crate) trait Transport: Send + Sync + 'static {
     /// Learns from a partition's failed answer: follows a NOT_LEADER hint, or
     /// forgets what is cached about the topic.
     fn partition_failed(&self, topic: &str, partition: u32, error: &Error, hint: Option<(u32, u32)>);
+
+    /// InitProducerId: a new producer id (`None`), or the epoch after
+    /// `current` (KIP-360's bump).
+    fn init_producer_id(&self, current: Option<(i64, i16)>) -> BoxFuture<'static, Result<(i64, i16)>>;
 }
 
 /// The real cluster, through a [`Client`].
@@ -93,6 +97,11 @@ impl Transport for ClientTransport {
                 }
             }
         })
+    }
+
+    fn init_producer_id(&self, current: Option<(i64, i16)>) -> BoxFuture<'static, Result<(i64, i16)>> {
+        let client = self.0.clone();
+        Box::pin(async move { client.init_producer_id(current).await })
     }
 
     fn partition_failed(&self, topic: &str, partition: u32, error: &Error, hint: Option<(u32, u32)>) {
