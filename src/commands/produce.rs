@@ -16,9 +16,14 @@ const MAX_PENDING: usize = 100_000;
 pub struct ProduceArgs {
     /// Topic.
     topic: String,
-    /// Acknowledgement level: 0, 1 or all.
-    #[arg(long, default_value = "1")]
+    /// Acknowledgement level: 0, 1 or all. With all (the default) the
+    /// producer is idempotent: no retry writes a line twice.
+    #[arg(long, default_value = "all")]
     acks: Acks,
+    /// Turn the idempotent producer off (it is on with --acks all): a
+    /// retry after a lost answer may then write a line twice.
+    #[arg(long)]
+    no_idempotence: bool,
     /// Split each line into key and value at the first SEP.
     #[arg(long)]
     key_separator: Option<String>,
@@ -49,7 +54,8 @@ pub async fn run(ctx: &Context, args: ProduceArgs) -> anyhow::Result<()> {
     config.acks = args.acks;
     config.linger = std::time::Duration::from_millis(args.linger_ms);
     config.compression = args.compression;
-    let producer = Producer::new(client, config);
+    config.idempotence = args.no_idempotence.then_some(false);
+    let producer = Producer::try_new(client, config).context("cannot start the producer")?;
     let headers: Vec<HeaderRef<'_>> =
         args.headers.iter().map(|(k, v)| HeaderRef { key: k, value: Some(v.as_bytes()) }).collect();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();

@@ -1,9 +1,11 @@
 //! The process-level fault test: three real `tally serve` processes behind
 //! fault-injecting proxies, writers with acks=all (raw one-record requests,
-//! and the batching, retrying `Producer`) and consumers reading, while a
+//! and the batching, retrying, idempotent `Producer`) and consumers reading, while a
 //! seeded nemesis injects faults and an admin task changes the topics. The
 //! history checker then looks for every anomaly it knows (lost, inconsistent,
-//! read-then-vanished, reordered, duplicated, nonmonotonic, skipped), and
+//! read-then-vanished, reordered, duplicated (no writer may store a value
+//! twice: the `Producer`'s retries are deduplicated by the broker's
+//! producer-state table), nonmonotonic, skipped), and
 //! after healing the replicas must hold identical bytes below the high
 //! watermark.
 //!
@@ -53,6 +55,8 @@ use crate::proxy::Proxy;
 use crate::replication::{log_bytes, read_to};
 
 const PARTITIONS: u32 = 2;
+/// Writer ids from here on are the `Producer` writers (one per partition).
+const PRODUCER_WRITER: usize = 1000;
 const WRITERS_PER_PARTITION: usize = 2;
 
 /// splitmix64: small, seeded, good enough to pick faults.
@@ -127,7 +131,7 @@ fn controller_source_of(id: u32) -> std::net::IpAddr {
 }
 
 /// Three brokers, each behind its proxy (what every peer and client dials).
-struct Cluster {
+pub(crate) struct Cluster {
     root: PathBuf,
     listen: Vec<String>,
     proxies: Vec<Proxy>,
@@ -137,7 +141,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start(root: &Path) -> Cluster {
+    pub(crate) async fn start(root: &Path) -> Cluster {
         let listen: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let mut proxies = Vec::new();
         for l in &listen {
@@ -167,7 +171,7 @@ impl Cluster {
         self.root.join(format!("b{id}"))
     }
 
-    async fn start_broker(&mut self, id: u32) {
+    pub(crate) async fn start_broker(&mut self, id: u32) {
         let i = id as usize - 1;
         let (binary, dir, listen) = (PathBuf::from(env!("CARGO_BIN_EXE_tally")), self.dir(id), self.listen[i].clone());
         let (voters, advertised) = (self.voters.clone(), self.proxies[i].address.to_string());
@@ -189,13 +193,13 @@ impl Cluster {
         self.processes[i] = Some(process);
     }
 
-    fn kill(&mut self, id: u32) {
+    pub(crate) fn kill(&mut self, id: u32) {
         drop(self.processes[id as usize - 1].take());
         self.paused[id as usize - 1] = false;
     }
 
     /// Undoes every fault: proxies healed, frozen brokers resumed, dead ones started.
-    async fn heal(&mut self) {
+    pub(crate) async fn heal(&mut self) {
         for p in &self.proxies {
             p.heal();
             for id in 1..=3 {
@@ -215,7 +219,7 @@ impl Cluster {
         }
     }
 
-    fn stop_all(&mut self) {
+    pub(crate) fn stop_all(&mut self) {
         for p in self.processes.iter_mut().filter_map(Option::take) {
             let _ = p.stop();
         }
@@ -234,13 +238,13 @@ async fn roles(client: &Client) -> Option<(Vec<(Option<u32>, Vec<u32>)>, Option<
 const KINDS: u64 = 10;
 
 impl Cluster {
-    fn pause(&mut self, id: u32) -> Option<()> {
+    pub(crate) fn pause(&mut self, id: u32) -> Option<()> {
         self.processes[id as usize - 1].as_ref()?.pause();
         self.paused[id as usize - 1] = true;
         Some(())
     }
 
-    fn resume(&mut self, id: u32) -> Option<()> {
+    pub(crate) fn resume(&mut self, id: u32) -> Option<()> {
         self.processes[id as usize - 1].as_ref()?.resume();
         self.paused[id as usize - 1] = false;
         Some(())
@@ -474,9 +478,12 @@ async fn writer(client: Client, partition: u32, w: usize, stop: watch::Receiver<
     }
 }
 
-/// Writes values of its own to `partition` through a `Producer` with
-/// acks=all (batching, retrying, up to 32 deliveries outstanding, about one
-/// record a millisecond) until `stop`, then waits for every delivery.
+/// Writes values of its own to `partition` through an idempotent
+/// `Producer` with acks=all (batching, retrying with the same sequence
+/// numbers, up to five requests in flight, up to 32 deliveries
+/// outstanding, about one record a millisecond) until `stop`, then waits
+/// for every delivery. Its values may not be stored twice: the checker
+/// counts any duplicate.
 async fn producer_writer(client: Client, partition: u32, stop: watch::Receiver<bool>, sends: Arc<Mutex<Vec<Send>>>) {
     let mut config = ProducerConfig::default();
     config.acks = Acks::All;
@@ -484,7 +491,8 @@ async fn producer_writer(client: Client, partition: u32, stop: watch::Receiver<b
     // Bounded, so a partition that never heals fails the test instead of hanging it.
     config.delivery_timeout = Duration::from_secs(60);
     let producer = Producer::new(client, config);
-    let writer = 1000 + partition as usize;
+    assert!(producer.is_idempotent(), "the default producer with acks=all is idempotent");
+    let writer = PRODUCER_WRITER + partition as usize;
     let mut pending = std::collections::VecDeque::new();
     let settle = |value: String, result: Result<tally_client::RecordMetadata, tally_client::DeliveryError>| {
         let outcome = match result {
@@ -495,7 +503,7 @@ async fn producer_writer(client: Client, partition: u32, stop: watch::Receiver<b
             // Failed for good after retries: an earlier try may have been stored.
             Err(_) => Outcome::Unknown,
         };
-        sends.lock().unwrap().push(Send { partition, value, outcome, writer, may_repeat: true });
+        sends.lock().unwrap().push(Send { partition, value, outcome, writer, may_repeat: false });
     };
     for n in 0.. {
         if *stop.borrow() {
@@ -510,7 +518,7 @@ async fn producer_writer(client: Client, partition: u32, stop: watch::Receiver<b
                 value,
                 outcome: Outcome::Failed,
                 writer,
-                may_repeat: true,
+                may_repeat: false,
             }),
         }
         if pending.len() >= 32
@@ -622,7 +630,7 @@ fn now_ms() -> i64 {
     i64::try_from(since.as_millis()).unwrap()
 }
 
-async fn client_for(cluster: &Cluster) -> Client {
+pub(crate) async fn client_for(cluster: &Cluster) -> Client {
     Client::builder().bootstrap(cluster.addresses()).request_timeout(Duration::from_secs(3)).connect().await.unwrap()
 }
 
@@ -784,9 +792,9 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
     let count = |f: fn(&Outcome) -> bool| history.sends.iter().filter(|s| f(&s.outcome)).count();
     let acked = count(|o| matches!(o, Outcome::Acked(_)));
     let (failed, unknown) = (count(|o| *o == Outcome::Failed), count(|o| *o == Outcome::Unknown));
-    let through_producer = history.sends.iter().filter(|s| s.may_repeat).count();
+    let through_producer = history.sends.iter().filter(|s| s.writer >= PRODUCER_WRITER).count();
     let producer_acked =
-        history.sends.iter().filter(|s| s.may_repeat && matches!(s.outcome, Outcome::Acked(_))).count();
+        history.sends.iter().filter(|s| s.writer >= PRODUCER_WRITER && matches!(s.outcome, Outcome::Acked(_))).count();
     let report = checker::check(&history);
     eprintln!(
         "fault test seed {seed}: {} faults, {} sends ({acked} acked, {failed} failed, {unknown} indeterminate; \
@@ -823,9 +831,9 @@ async fn run_seed(seed: u64, nemesis_for: Duration) {
             "seed {seed}: replicas of partition {partition} differ below the high watermark"
         );
     }
-    // The raw writers never retry a send (a retry is a new value), so a
-    // duplicate of theirs would be a broker bug; the Producer retries, so
-    // its values may be stored twice until it is idempotent. Every writer's
+    // The raw writers never retry a send (a retry is a new value), and the
+    // Producer is idempotent (a retry is recognised by its sequence
+    // numbers), so any value stored twice is a bug. Every writer's
     // acknowledgements must follow its send order.
     assert!(report.is_valid(), "seed {seed}: anomalies {report:#?}\nfaults: {faults:#?}");
     assert!(!faults.is_empty(), "seed {seed}: no fault was injected");

@@ -10,6 +10,7 @@ mod compaction;
 mod fault;
 mod groups;
 mod harness;
+mod idempotence;
 mod interop;
 mod process;
 mod proxy;
