@@ -85,6 +85,8 @@ async fn main() {
         compression: tally_client::Compression::None,
         rate_records_per_s: None,
         through_producer: false,
+        idempotence: None,
+        max_in_flight: None,
     };
     println!("broker pid {pid} at {}; median of {} run(s)", broker.address, if quick() { 1 } else { 3 });
     let mut peak_rss: f64 = 0.0;

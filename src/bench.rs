@@ -51,6 +51,12 @@ pub struct ProduceParams {
     /// partitions, batches up to `records_per_batch` records and retries)
     /// instead of pre-built batches through a `PartitionClient`.
     pub through_producer: bool,
+    /// With `through_producer`: the producer's `idempotence` setting
+    /// (`None`: its default, on with acks=all).
+    pub idempotence: Option<bool>,
+    /// With `through_producer`: requests in flight per broker (and per
+    /// partition when idempotent); `None` for the producer's default (5).
+    pub max_in_flight: Option<usize>,
 }
 
 /// Parameters of a consume benchmark.
@@ -323,8 +329,12 @@ async fn produce_records(client: &Client, p: &ProduceParams) -> anyhow::Result<R
     config.acks = p.acks;
     config.compression = p.compression;
     config.batch_bytes = (p.records_per_batch * (p.record_size + 16)).clamp(1024, 1 << 20);
+    config.idempotence = p.idempotence;
+    if let Some(n) = p.max_in_flight {
+        config.max_in_flight = n;
+    }
     // One producer shared by every task, as an application would share it.
-    let shared = Producer::new(client.clone(), config);
+    let shared = Producer::try_new(client.clone(), config)?;
     let mut tasks = Vec::new();
     for i in 0..p.producers {
         let producer = shared.clone();
@@ -562,7 +572,7 @@ pub struct SweepRow {
 
 /// Creates the topic of `p` and waits until every partition has all its
 /// replicas in sync and its leader serves it.
-async fn create_replicated(client: &Client, p: &ProduceParams) -> anyhow::Result<()> {
+pub async fn create_replicated(client: &Client, p: &ProduceParams) -> anyhow::Result<()> {
     let topic = NewTopic {
         name: p.topic.clone(),
         partitions: p.partitions,
@@ -585,43 +595,84 @@ async fn create_replicated(client: &Client, p: &ProduceParams) -> anyhow::Result
     }
 }
 
+/// Three `tally serve` child processes on free local ports forming one
+/// cluster, with data under a directory of the caller's, each watched for
+/// its peak RssAnon; for the benchmarks that need replication.
+pub struct LocalCluster {
+    processes: Vec<crate::child::BrokerProcess>,
+    stop: Arc<AtomicBool>,
+    watches: Vec<Option<std::thread::JoinHandle<u64>>>,
+    /// A client of the cluster.
+    pub client: Client,
+}
+
+impl LocalCluster {
+    /// Starts the brokers (the `tally` binary at `binary`, data under
+    /// `data_dir`) and waits until all three are registered.
+    pub async fn start(binary: &std::path::Path, data_dir: &std::path::Path) -> anyhow::Result<LocalCluster> {
+        let ports: Vec<u16> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()))
+            .collect::<Result<_, _>>()?;
+        let voters =
+            ports.iter().enumerate().map(|(i, port)| format!("{}@127.0.0.1:{port}", i + 1)).collect::<Vec<_>>();
+        let voters = voters.join(",");
+        let mut brokers = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let id = (i + 1).to_string();
+            let dir = data_dir.join(&id);
+            let args = ["--node-id", id.as_str(), "--voters", voters.as_str()];
+            let listen = format!("127.0.0.1:{port}");
+            let (binary, args_owned) = (binary.to_path_buf(), args.map(str::to_string));
+            let process = tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args_owned.iter().map(String::as_str).collect();
+                crate::child::BrokerProcess::start_listening(&binary, &dir, &listen, &args, &[])
+            });
+            brokers.push(process);
+        }
+        let mut processes = Vec::new();
+        for b in brokers {
+            processes.push(b.await??);
+        }
+        let addresses: Vec<String> = processes.iter().map(|b| b.address.clone()).collect();
+        let client = Client::builder().bootstrap(addresses).connect().await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !client
+            .admin()
+            .describe_cluster()
+            .await
+            .is_ok_and(|c| c.brokers.iter().filter(|b| !b.fenced).count() == 3)
+        {
+            anyhow::ensure!(Instant::now() < deadline, "the three brokers did not all register within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let watches = processes.iter().map(|b| watch_rss(Some(b.pid()), stop.clone())).collect();
+        Ok(LocalCluster { processes, stop, watches, client })
+    }
+
+    /// Stops the brokers; returns each one's peak RssAnon in MiB.
+    pub async fn stop(self) -> Vec<(u32, f64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut peaks = Vec::new();
+        for (i, watch) in self.watches.into_iter().enumerate() {
+            let kib = watch.and_then(|h| h.join().ok()).unwrap_or(0);
+            peaks.push((i as u32 + 1, kib as f64 / 1024.0));
+        }
+        for b in self.processes {
+            let _ = tokio::task::spawn_blocking(move || b.stop()).await;
+        }
+        peaks
+    }
+}
+
 /// A three-broker local cluster (child processes), each topic with
 /// replication factor 3 and `min_insync_replicas` 2, and produce runs over
 /// every combination of partitions, record size and acks (0, 1, all), plus
 /// acks=all paced at half of its measured rate. Calls `row` after each run;
 /// returns the peak RssAnon of each broker in MiB.
 pub async fn replication_sweep(p: &SweepParams, mut row: impl FnMut(&SweepRow)) -> anyhow::Result<Vec<(u32, f64)>> {
-    let ports: Vec<u16> = (0..3)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()))
-        .collect::<Result<_, _>>()?;
-    let voters = ports.iter().enumerate().map(|(i, port)| format!("{}@127.0.0.1:{port}", i + 1)).collect::<Vec<_>>();
-    let voters = voters.join(",");
-    let mut brokers = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let id = (i + 1).to_string();
-        let dir = p.data_dir.join(&id);
-        let args = ["--node-id", id.as_str(), "--voters", voters.as_str()];
-        let listen = format!("127.0.0.1:{port}");
-        let (binary, args_owned) = (p.binary.clone(), args.map(str::to_string));
-        let process = tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args_owned.iter().map(String::as_str).collect();
-            crate::child::BrokerProcess::start_listening(&binary, &dir, &listen, &args, &[])
-        });
-        brokers.push(process);
-    }
-    let mut processes = Vec::new();
-    for b in brokers {
-        processes.push(b.await??);
-    }
-    let addresses: Vec<String> = processes.iter().map(|b| b.address.clone()).collect();
-    let client = Client::builder().bootstrap(addresses).connect().await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !client.admin().describe_cluster().await.is_ok_and(|c| c.brokers.iter().filter(|b| !b.fenced).count() == 3) {
-        anyhow::ensure!(Instant::now() < deadline, "the three brokers did not all register within 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let watches: Vec<_> = processes.iter().map(|b| (b.pid(), watch_rss(Some(b.pid()), stop.clone()))).collect();
+    let cluster = LocalCluster::start(&p.binary, &p.data_dir).await?;
+    let client = cluster.client.clone();
     for &partitions in &p.partitions {
         for &record_size in &p.record_sizes {
             let records_per_batch = (100_000 / record_size.max(1)).clamp(1, 1000);
@@ -650,6 +701,8 @@ pub async fn replication_sweep(p: &SweepParams, mut row: impl FnMut(&SweepRow)) 
                     compression: tally_client::Compression::None,
                     rate_records_per_s: if paced { all_rate.map(|r: f64| r / 2.0) } else { None },
                     through_producer: false,
+                    idempotence: None,
+                    max_in_flight: None,
                 };
                 create_replicated(&client, &params).await?;
                 let report = produce(&client, &params).await?;
@@ -661,14 +714,5 @@ pub async fn replication_sweep(p: &SweepParams, mut row: impl FnMut(&SweepRow)) 
             }
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut peaks = Vec::new();
-    for (i, (_, watch)) in watches.into_iter().enumerate() {
-        let kib = watch.and_then(|h| h.join().ok()).unwrap_or(0);
-        peaks.push((i as u32 + 1, kib as f64 / 1024.0));
-    }
-    for b in processes {
-        let _ = tokio::task::spawn_blocking(move || b.stop()).await;
-    }
-    Ok(peaks)
+    Ok(cluster.stop().await)
 }

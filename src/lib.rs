@@ -3,6 +3,7 @@
 //! `tally` binary as a child process.
 
 pub mod bench;
+pub mod bench_idempotence;
 pub mod child;
 
 /// README.md's Rust examples, compiled as doctests so the README stays true.

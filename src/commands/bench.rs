@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use tally::bench::{ConsumeParams, ProduceParams, SweepParams, consume, produce, replication_sweep};
+use tally::bench_idempotence::{IdempotenceParams, idempotence_sweep};
 use tally_client::Acks;
 
 use super::{Context, parse_key_value};
@@ -71,6 +72,30 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         warmup_s: u64,
     },
+    /// A three-broker local cluster (started here, data in a temporary
+    /// directory), acks=all through the batching Producer: idempotence off
+    /// and on for each partition count and record size, then one partition
+    /// of 1 KiB records with one and with five requests in flight.
+    Idempotence {
+        /// Partition counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        partitions: Vec<u32>,
+        /// Record sizes in bytes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "100,1024")]
+        record_sizes: Vec<usize>,
+        /// Producer tasks per partition (sharing one Producer).
+        #[arg(long, default_value_t = 1)]
+        producers_per_partition: usize,
+        /// Measured seconds per run.
+        #[arg(long, default_value_t = 5)]
+        duration_s: u64,
+        /// Warm-up seconds per run.
+        #[arg(long, default_value_t = 1)]
+        warmup_s: u64,
+        /// Runs of each setting, alternating.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
     /// Consumers reading a topic from the beginning.
     Consume {
         /// Topic.
@@ -116,6 +141,26 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
             };
             return sweep(&params).await;
         }
+        BenchCommand::Idempotence {
+            partitions,
+            record_sizes,
+            producers_per_partition,
+            duration_s,
+            warmup_s,
+            rounds,
+        } => {
+            let params = IdempotenceParams {
+                binary: std::env::current_exe()?,
+                data_dir: sweep_dir(),
+                partitions,
+                record_sizes,
+                producers_per_partition,
+                duration: Duration::from_secs(duration_s),
+                warmup: Duration::from_secs(warmup_s),
+                rounds,
+            };
+            return idempotence(&params).await;
+        }
         BenchCommand::Produce {
             topic,
             producers,
@@ -145,6 +190,8 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
                 compression,
                 rate_records_per_s: None,
                 through_producer,
+                idempotence: None,
+                max_in_flight: None,
             };
             produce(&ctx.connect().await?, &params).await?
         }
@@ -177,6 +224,35 @@ async fn sweep(params: &SweepParams) -> anyhow::Result<()> {
             rep.latency_ms[0],
             rep.latency_ms[1],
             rep.latency_ms[2]
+        );
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&params.data_dir);
+    for (broker, mib) in peaks? {
+        println!("broker {broker}: peak RssAnon {mib:.1} MiB");
+    }
+    Ok(())
+}
+
+/// `tally bench idempotence`: one row per run, then each broker's peak
+/// memory. Removes the brokers' data when done.
+async fn idempotence(params: &IdempotenceParams) -> anyhow::Result<()> {
+    println!(
+        "{:>10} {:>7} {:>9} {:>16} {:>12} {:>9} {:>9} {:>9}",
+        "partitions", "bytes", "producers", "setting", "records/s", "MB/s", "p50 ms", "p99 ms"
+    );
+    let peaks = idempotence_sweep(params, |r| {
+        let rep = &r.report;
+        println!(
+            "{:>10} {:>7} {:>9} {:>16} {:>12.0} {:>9.1} {:>9.3} {:>9.3}",
+            r.partitions,
+            r.record_size,
+            r.producers,
+            r.setting,
+            rep.records_per_s,
+            rep.mb_per_s,
+            rep.latency_ms[0],
+            rep.latency_ms[1]
         );
     })
     .await;
