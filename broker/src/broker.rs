@@ -305,9 +305,21 @@ impl Broker {
     /// of its ids is given, so only a broker lagging behind the metadata
     /// refuses a real one, until it catches up).
     pub fn check_producer_id(&self, producer_id: i64) -> Result<(), BrokerError> {
-        let next = self.next_producer_id.load(std::sync::atomic::Ordering::Acquire);
-        if u64::try_from(producer_id).is_ok_and(|id| id < next) {
+        use std::sync::atomic::Ordering;
+        let below = |next: u64| u64::try_from(producer_id).is_ok_and(|id| id < next);
+        let mut next = self.next_producer_id.load(Ordering::Acquire);
+        if below(next) {
             return Ok(());
+        }
+        // The partitions' reconcile may lag this broker's voter: ask its
+        // image, which applies each metadata record as it commits.
+        if let Some(controller) = self.controller.get() {
+            let fresh = controller.image().next_producer_id();
+            self.next_producer_id.fetch_max(fresh, Ordering::AcqRel);
+            next = next.max(fresh);
+            if below(next) {
+                return Ok(());
+            }
         }
         Err(BrokerError::UnknownProducerId(format!(
             "producer id {producer_id} was not handed out by this cluster (ids below {next} were); \

@@ -70,6 +70,16 @@ impl Partition {
         }
     }
 
+    /// Refuses a produce unless this broker leads in `leader_epoch` now: the
+    /// check `produce` makes under the log lock, made early so that a
+    /// former leader answers NOT_LEADER_OR_FOLLOWER before anything about
+    /// the batch's producer (Kafka's order: a client that hears a producer
+    /// error from a stale leader would act on it).
+    pub fn check_leads_now(&self, leader_epoch: u32) -> Result<(), BrokerError> {
+        let _log = self.read_log();
+        self.check_leads(leader_epoch, false)
+    }
+
     /// Drops the producers idle for `expiration_ms` from the log's
     /// producer-state table; returns how many.
     pub fn expire_producers(&self, expiration_ms: i64) -> usize {

@@ -53,13 +53,13 @@ impl TallyService {
         let (topic, partition) = self.broker.partition(topic, partition)?;
         let now_ms = wall_clock_ms();
         let batches = validate_payload(&records, &topic.config, now_ms)?;
-        for batch in &batches {
-            let producer_id = batch.header().producer_id();
-            if producer_id >= 0 {
-                self.broker.check_producer_id(producer_id)?;
+        let epoch = topic.states.get(partition.index() as usize).map_or(0, |s| s.leader_epoch.0);
+        if batches.iter().any(|b| b.header().producer_id() >= 0) {
+            partition.check_leads_now(epoch)?;
+            for batch in &batches {
+                self.broker.check_producer_id(batch.header().producer_id())?;
             }
         }
-        let epoch = topic.states.get(partition.index() as usize).map_or(0, |s| s.leader_epoch.0);
         let acks_all = (acks == pb::Acks::All).then_some(timeout);
         let produced = partition.produce_with_outcome(&batches, epoch, acks_all).await?;
         let append_time = match produced.duplicate_timestamp {

@@ -870,7 +870,7 @@ impl Log {
             self.writer.write_epochs_now(&self.leader_epochs)?;
         }
         self.lower_cleaner_offset(leo)?;
-        self.truncate_producers(leo)?;
+        self.rebuild_producers_after_truncation()?;
         Ok(Offset(leo))
     }
 

@@ -4,14 +4,11 @@
 //! (see [`super::super::producer_snapshot`]), and rebuilt at open from the
 //! newest snapshot plus the batches after it.
 
-use tally_proto::batch::{BatchHeader, RecordBatch, batch_size_at, check_framing_slice};
+use tally_proto::batch::{BatchHeader, RecordBatch, batch_size_at};
 
 use super::super::producer_snapshot;
 use super::super::producer_state::{ProducerBatch, ProducerStateError, ProducerStateTable, Verdict};
-use super::{Log, Offset, Result, StorageError};
-
-/// Bytes read per step while replaying the log into the table at open.
-const REPLAY_READ_BYTES: u64 = 8 << 20;
+use super::{Log, Result, StorageError};
 
 /// The producer fields of a batch, when it has a producer id.
 pub(crate) fn producer_batch(h: &BatchHeader<'_>) -> Option<ProducerBatch> {
@@ -79,11 +76,14 @@ impl Log {
         }
     }
 
-    /// Rewinds the table to a truncation at `offset` and deletes the
-    /// snapshots that hold batches above it.
-    pub(super) fn truncate_producers(&mut self, offset: u64) -> Result<()> {
-        self.producers.truncate_to(offset);
-        producer_snapshot::delete_above(&self.dir, offset)
+    /// Rebuilds the table after a truncation to the log end (Kafka's
+    /// `rebuildProducerState`): the snapshots above it go, and the table is
+    /// the newest snapshot at or below it plus the batches after it, so a
+    /// producer whose remembered batches were all cut is still known by the
+    /// ones before them. The replay reads at most what was appended since
+    /// the last roll.
+    pub(super) fn rebuild_producers_after_truncation(&mut self) -> Result<()> {
+        self.load_producers()
     }
 
     /// Forgets every producer (the log was emptied and starts again).
@@ -110,35 +110,48 @@ impl Log {
             }
         };
         self.producers = table;
+        self.replay_producers_from(from.max(self.log_start_offset))
+    }
+
+    /// Records every producer batch from `from` to the log end into the
+    /// table, walking batch headers in the segment maps (no CRC check: these
+    /// bytes were validated when written or recovered, and only headers are
+    /// touched, a page per batch at most).
+    fn replay_producers_from(&mut self, from: u64) -> Result<()> {
+        let leo = self.leo();
+        if from >= leo {
+            return Ok(());
+        }
         let now = self.clock.now_ms();
-        let mut offset = from.max(self.log_start_offset);
-        while offset < leo {
-            let read = self.read(Offset(offset), REPLAY_READ_BYTES, Offset(leo))?;
-            if read.next_offset.get() <= offset {
-                break;
-            }
-            for chunk in &read.chunks {
-                let mut rest: &[u8] = chunk;
-                while !rest.is_empty() {
-                    // `read` hands out only batches validated when written or
-                    // recovered; a framing error here is a broken invariant.
-                    let size = batch_size_at(rest).filter(|&n| n <= rest.len()).unwrap_or(rest.len());
-                    let h = check_framing_slice(&rest[..size]).map_err(|reason| StorageError::Corrupt {
-                        path: self.dir.clone(),
-                        position: 0,
-                        reason,
-                    })?;
-                    if let Some(pb) = producer_batch(&h) {
-                        let base = h.base_offset() as u64;
-                        // A cleaned batch keeps its producer fields; the
-                        // last appended time is unknown, so it counts as now
-                        // (expiry then waits a full period, never less).
-                        self.producers.record(&pb, base, h.last_offset() as u64, h.max_timestamp(), now);
-                    }
-                    rest = &rest[size..];
+        let floor = self.segments.range(..=from).next_back().map_or(0, |(b, _)| *b);
+        let (segments, producers) = (&self.segments, &mut self.producers);
+        let mut first = true;
+        for segment in segments.range(floor..).map(|(_, s)| s) {
+            let position = if first {
+                match segment.find_position(from)? {
+                    Some(p) => p,
+                    None => continue,
                 }
+            } else {
+                0
+            };
+            first = false;
+            let Some((bytes, _)) = segment.read_from(position, u64::MAX, leo, true, false)? else { continue };
+            let mut rest: &[u8] = &bytes;
+            while !rest.is_empty() {
+                let size = batch_size_at(rest).filter(|&n| n <= rest.len()).unwrap_or(rest.len());
+                let h = BatchHeader::new(&rest[..size]).map_err(|reason| StorageError::Corrupt {
+                    path: self.dir.clone(),
+                    position,
+                    reason,
+                })?;
+                if let Some(pb) = producer_batch(&h) {
+                    // The last appended time is unknown, so it counts as now
+                    // (expiry then waits a full period, never less).
+                    producers.record(&pb, h.base_offset() as u64, h.last_offset() as u64, h.max_timestamp(), now);
+                }
+                rest = &rest[size..];
             }
-            offset = read.next_offset.get();
         }
         Ok(())
     }

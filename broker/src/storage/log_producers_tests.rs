@@ -189,3 +189,23 @@ fn producers_idle_past_the_expiration_are_dropped() {
     assert_eq!(log.expire_producers(1_000), 1);
     assert!(log.producer_state().get(7).is_none() && log.producer_state().get(9).is_some());
 }
+
+#[test]
+fn a_truncation_that_cuts_every_remembered_batch_still_knows_the_producer() {
+    // Producer 7's last five batches are all above the cut, but the log
+    // below the cut holds its earlier ones: the rebuilt table has them
+    // (Kafka's rebuild), so its next batch is in sequence, not unknown.
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    for i in 0..4 {
+        log.append(&pbatch(7, 3, i * 2, 2), 0).unwrap();
+    }
+    let cut = log.log_end_offset();
+    for i in 4..10 {
+        log.append(&pbatch(7, 3, i * 2, 2), 0).unwrap();
+    }
+    log.truncate_to(cut).unwrap();
+    let entry = log.producer_state().get(7).expect("still known");
+    assert_eq!((entry.epoch, entry.batches.back().unwrap().last_seq), (3, 7));
+    log.append(&pbatch(7, 3, 8, 2), 1).unwrap();
+}

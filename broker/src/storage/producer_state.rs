@@ -260,17 +260,6 @@ impl ProducerStateTable {
         before - self.producers.len()
     }
 
-    /// Forgets every batch at or above `offset` (a truncation), and the
-    /// producers left with none. What the log holds below `offset` but this
-    /// table no longer remembers comes back by replaying the log from the
-    /// last snapshot at or below it.
-    pub fn truncate_to(&mut self, offset: u64) {
-        self.producers.retain(|_, e| {
-            e.batches.retain(|b| b.last_offset < offset);
-            !e.batches.is_empty()
-        });
-    }
-
     /// The table as snapshot bytes: `[crc32c u32][version u16][count u32]`
     /// then per producer `[id i64][epoch i16][last append i64][n u8]` and
     /// `n` batches `[first seq i32][last seq i32][first offset u64][last
@@ -454,21 +443,6 @@ mod tests {
         t.record(&batch(2, 0, 0, 1), 1, 1, 0, 50_000);
         assert_eq!(t.expire(60_000, 30_000), 1);
         assert!(t.get(1).is_none() && t.get(2).is_some());
-    }
-
-    #[test]
-    fn truncation_forgets_batches_at_and_above_the_offset() {
-        let mut t = ProducerStateTable::new(100);
-        let mut next = 0;
-        for i in 0..4 {
-            append(&mut t, &batch(5, 0, i * 2, 2), &mut next).unwrap();
-        }
-        append(&mut t, &batch(6, 0, 0, 2), &mut next).unwrap(); // offsets 8..9
-        t.truncate_to(4);
-        assert_eq!(t.get(5).unwrap().batches.len(), 2);
-        assert!(t.get(6).is_none());
-        // The truncated batch comes again as the next in sequence.
-        assert_eq!(t.check(&batch(5, 0, 4, 2)).unwrap(), Verdict::Append);
     }
 
     #[test]

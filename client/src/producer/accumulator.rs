@@ -345,7 +345,7 @@ impl Queues {
     /// Puts a partition with ready batches on the sender's list (if it is not
     /// on it and has no request in flight). True when the sender should wake.
     pub(crate) fn enqueue(&self, acc: &Arc<PartitionAcc>, st: &mut PartitionState) -> bool {
-        if st.queued || st.ready.is_empty() || !self.may_send_more(st) {
+        if st.queued || st.ready.is_empty() || !(self.may_send_more(st) || self.bump_due(st)) {
             return false;
         }
         st.queued = true;
@@ -369,6 +369,12 @@ impl Queues {
                 st.in_flight.len() < limit && within && !st.idem.needs_bump && !st.idem.bumping
             }
         }
+    }
+
+    /// An idempotent partition whose epoch bump can start now (nothing in
+    /// flight, none under way): the sender's dispatch starts it.
+    pub(crate) fn bump_due(&self, st: &PartitionState) -> bool {
+        self.idempotent.is_some() && st.idem.needs_bump && !st.idem.bumping && st.in_flight.is_empty()
     }
 
     /// Opens a batch on the partition, registering its linger deadline.

@@ -175,6 +175,7 @@ fn start_bump(shared: &Arc<Shared>, acc: &Arc<PartitionAcc>, st: &mut PartitionS
             Err(e) => {
                 tracing::warn!(error = %e, "epoch bump failed; retrying");
                 st.retry_at = Some(Instant::now() + st.backoff);
+                st.backoff = (st.backoff * 2).min(shared.config.retry_backoff_max);
             }
         }
         let wake = shared.queues.enqueue(&acc, &mut st);

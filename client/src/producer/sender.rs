@@ -488,15 +488,8 @@ fn settle_idempotent(
             }
         }
     }
+    // Queued again to send more, or (a bump due) to start the bump.
     let wake = shared.queues.enqueue(acc, &mut st);
-    if !wake && st.idem.needs_bump && st.in_flight.is_empty() && !st.ready.is_empty() && !st.queued {
-        // The bump starts from the dispatch loop.
-        st.queued = true;
-        shared.queues.lock().ready.push(acc.clone());
-        drop(st);
-        shared.queues.wake.notify_one();
-        return;
-    }
     drop(st);
     if wake {
         shared.queues.wake.notify_one();

@@ -40,7 +40,10 @@ enum Fault {
 /// epoch and last five batches (first seq, last seq, base offset), with the
 /// broker's rules.
 #[derive(Default)]
-struct Producers(HashMap<i64, (i16, std::collections::VecDeque<(i32, i32, i64)>)>);
+struct Producers(HashMap<i64, (i16, LastBatches)>);
+
+/// A producer's last batches: (first seq, last seq, base offset).
+type LastBatches = std::collections::VecDeque<(i32, i32, i64)>;
 
 enum SeqCheck {
     Append,
@@ -108,6 +111,9 @@ struct Fake {
     next_producer_id: AtomicUsize,
     /// InitProducerId calls that bumped an epoch.
     bumps: AtomicUsize,
+    /// Bumps to refuse (as a broker that cannot reach the controller would)
+    /// before one succeeds.
+    failing_bumps: AtomicUsize,
     /// Batches answered as duplicates.
     duplicates: AtomicUsize,
     /// Batches refused for their sequence (or epoch, or unknown producer).
@@ -142,6 +148,7 @@ impl Fake {
             producers: Mutex::new(HashMap::new()),
             next_producer_id: AtomicUsize::new(1000),
             bumps: AtomicUsize::new(0),
+            failing_bumps: AtomicUsize::new(0),
             duplicates: AtomicUsize::new(0),
             sequence_refusals: AtomicUsize::new(0),
             max_partition_in_flight: AtomicUsize::new(0),
@@ -349,6 +356,11 @@ impl Transport for FakeTransport {
             match current {
                 None => Ok((fake.next_producer_id.fetch_add(1, Ordering::SeqCst) as i64, 0)),
                 Some((id, epoch)) => {
+                    let refuse =
+                        fake.failing_bumps.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                    if refuse.is_ok() {
+                        return Err(Error::Rpc { code: tonic::Code::Unavailable, message: "controller away".into() });
+                    }
                     fake.bumps.fetch_add(1, Ordering::SeqCst);
                     Ok((id, epoch + 1))
                 }
@@ -854,5 +866,19 @@ async fn a_leader_that_forgot_the_producer_gets_the_rest_under_a_bumped_epoch() 
     assert_exactly_once_in_order(&fake, sent, deliveries, 2).await;
     assert!(fake.sequence_refusals.load(Ordering::SeqCst) > 0, "UNKNOWN_PRODUCER_ID was answered");
     assert!(fake.bumps.load(Ordering::SeqCst) >= 1, "and recovered from by a bump");
+    p.close().await;
+}
+
+#[tokio::test]
+async fn an_epoch_bump_that_fails_is_tried_again_until_the_partition_sends() {
+    let fake = Fake::new(2, Box::new(|n, _| (n == 6).then_some(Fault::ForgetProducers)));
+    fake.failing_bumps.store(3, Ordering::SeqCst);
+    let p = producer(&fake, ProducerConfig { batch_bytes: 512, ..idempotent_config() });
+    let (sent, deliveries) = send_keyed(&p, 3000, 2).await;
+    tokio::time::timeout(Duration::from_secs(20), assert_exactly_once_in_order(&fake, sent, deliveries, 2))
+        .await
+        .expect("the partitions waiting for a bump are sent again");
+    assert_eq!(fake.failing_bumps.load(Ordering::SeqCst), 0, "the refused bumps were tried again");
+    assert!(fake.bumps.load(Ordering::SeqCst) >= 1);
     p.close().await;
 }
