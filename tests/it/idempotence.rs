@@ -122,3 +122,104 @@ async fn a_frozen_then_a_killed_leader_leave_every_record_once_in_order() {
     cluster.heal().await;
     cluster.stop_all();
 }
+
+/// A batch of `n` records from producer `pid` at `epoch` from sequence `seq`.
+fn producer_batch(pid: i64, epoch: i16, seq: i32, n: usize) -> bytes::Bytes {
+    let mut b = tally_proto::batch::BatchBuilder::new();
+    b.set_producer(pid, epoch, seq);
+    for i in 0..n {
+        let value = format!("pid{pid}-e{epoch}-s{}", seq + i as i32);
+        b.push(&tally_proto::batch::RecordRef { timestamp: 1, value: Some(value.as_bytes()), ..Default::default() });
+    }
+    b.finish()
+}
+
+async fn produce_raw(
+    rpc: &mut tally_proto::v1::tally_client::TallyClient<tally_proto::connection::Connection>,
+    records: Vec<bytes::Bytes>,
+) -> tally_proto::v1::PartitionProduceResponse {
+    use tally_proto::v1 as pb;
+    let request = pb::ProduceRequest {
+        acks: pb::Acks::All as i32,
+        timeout_ms: 5000,
+        topics: vec![pb::TopicProduceData {
+            name: "idem".into(),
+            partitions: vec![pb::PartitionProduceData { partition: 0, records }],
+        }],
+    };
+    rpc.produce(request).await.unwrap().into_inner().topics.remove(0).partitions.remove(0)
+}
+
+async fn init(
+    rpc: &mut tally_proto::v1::tally_client::TallyClient<tally_proto::connection::Connection>,
+    transactional_id: Option<&str>,
+    producer_id: i64,
+    producer_epoch: i32,
+) -> tally_proto::v1::InitProducerIdResponse {
+    let request = tally_proto::v1::InitProducerIdRequest {
+        transactional_id: transactional_id.map(str::to_string),
+        transaction_timeout_ms: 0,
+        producer_id,
+        producer_epoch,
+    };
+    rpc.init_producer_id(request).await.unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_errors_get_their_codes_append_nothing_and_the_broker_keeps_serving() {
+    use tally_client::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = crate::harness::TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    client.admin().create_topic(NewTopic::new("idem", 1)).await.unwrap();
+    let mut rpc = crate::harness::raw_client(&broker.address);
+    let end = async |client: &Client| {
+        client.partition_client("idem", 0).list_offset(tally_client::OffsetSpec::Latest).await.unwrap().unwrap()
+    };
+
+    let first = init(&mut rpc, None, -1, -1).await;
+    assert_eq!((first.error_code, first.producer_epoch), (0, 0), "{}", first.error_message);
+    let pid = first.producer_id;
+    let other = init(&mut rpc, None, -1, -1).await.producer_id;
+    assert_ne!(pid, other, "ids are never handed out twice");
+
+    let ok = produce_raw(&mut rpc, vec![producer_batch(pid, 0, 0, 3)]).await;
+    assert_eq!((ok.error_code, ok.base_offset), (0, 0), "{}", ok.error_message);
+    let again = produce_raw(&mut rpc, vec![producer_batch(pid, 0, 0, 3)]).await;
+    assert_eq!((again.error_code, again.base_offset), (0, 0), "a retry is answered with the original offset");
+    assert_eq!(end(&client).await, 3, "and appended nothing");
+
+    let gap = produce_raw(&mut rpc, vec![producer_batch(pid, 0, 5, 1)]).await;
+    assert_eq!(gap.error_code, ErrorCode::OutOfOrderSequenceNumber as i32);
+    assert!(gap.error_message.contains("expected 3"), "{}", gap.error_message);
+
+    let unknown = produce_raw(&mut rpc, vec![producer_batch(other, 0, 4, 1)]).await;
+    assert_eq!(unknown.error_code, ErrorCode::UnknownProducerId as i32, "{}", unknown.error_message);
+
+    let never = produce_raw(&mut rpc, vec![producer_batch(1 << 40, 0, 0, 1)]).await;
+    assert_eq!(never.error_code, ErrorCode::UnknownProducerId as i32);
+    assert!(never.error_message.contains("not handed out"), "{}", never.error_message);
+
+    let bumped = init(&mut rpc, None, pid, 0).await;
+    assert_eq!((bumped.error_code, bumped.producer_id, bumped.producer_epoch), (0, pid, 1));
+    let new_epoch = produce_raw(&mut rpc, vec![producer_batch(pid, 1, 0, 1)]).await;
+    assert_eq!(new_epoch.error_code, 0, "a new epoch starts at 0: {}", new_epoch.error_message);
+    let zombie = produce_raw(&mut rpc, vec![producer_batch(pid, 0, 3, 1)]).await;
+    assert_eq!(zombie.error_code, ErrorCode::InvalidProducerEpoch as i32, "{}", zombie.error_message);
+
+    let two = produce_raw(&mut rpc, vec![producer_batch(pid, 1, 1, 1), producer_batch(pid, 1, 2, 1)]).await;
+    assert_eq!(two.error_code, ErrorCode::InvalidRequest as i32, "{}", two.error_message);
+    let transactional = init(&mut rpc, Some("tx-1"), -1, -1).await;
+    assert_eq!(transactional.error_code, ErrorCode::InvalidRequest as i32);
+    assert!(transactional.error_message.contains("transactions are not supported"));
+    let bad_epoch = init(&mut rpc, None, pid, 40_000).await;
+    assert_eq!(bad_epoch.error_code, ErrorCode::InvalidRequest as i32);
+
+    assert_eq!(end(&client).await, 4, "only the accepted batches are in the log");
+    let plain = tally_proto::batch::BatchBuilder::new();
+    let mut plain = plain;
+    plain.push(&tally_proto::batch::RecordRef { timestamp: 1, value: Some(b"plain"), ..Default::default() });
+    let served = produce_raw(&mut rpc, vec![plain.finish()]).await;
+    assert_eq!((served.error_code, served.base_offset), (0, 4), "the broker serves on");
+    broker.stop().await.unwrap();
+}

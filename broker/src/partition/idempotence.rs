@@ -46,7 +46,8 @@ fn ahead_of(first_seq: i32, expected: i32) -> bool {
 
 impl Partition {
     /// Waits (at most [`SEQUENCE_GAP_WAIT`]) while `batch` is a little
-    /// ahead of its producer's next sequence in this log, for the batches
+    /// ahead of its producer's next sequence in this log (or, for a
+    /// producer the log does not know, of sequence 0), for the batches
     /// before it to be appended. Returns at once for anything else; the
     /// append under the log lock decides.
     pub(super) async fn await_sequence_turn(&self, batch: &RecordBatch) {
@@ -58,6 +59,8 @@ impl Partition {
                 Err(ProducerStateError::OutOfOrderSequence { first_seq, expected, .. }) => {
                     ahead_of(first_seq, expected)
                 }
+                // A new producer's second batch overtook its first.
+                Err(ProducerStateError::UnknownProducerId { first_seq, .. }) => ahead_of(first_seq, 0),
                 _ => false,
             };
             if !waiting {

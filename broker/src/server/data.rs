@@ -56,7 +56,7 @@ impl TallyService {
         let epoch = topic.states.get(partition.index() as usize).map_or(0, |s| s.leader_epoch.0);
         if batches.iter().any(|b| b.header().producer_id() >= 0) {
             partition.check_leads_now(epoch)?;
-            for batch in &batches {
+            for batch in batches.iter().filter(|b| b.header().producer_id() >= 0) {
                 self.broker.check_producer_id(batch.header().producer_id())?;
             }
         }

@@ -1,8 +1,9 @@
 //! The log's producer-state table (see [`super::super::producer_state`]):
 //! checked before a leader's append, fed by every append (leader or
-//! replica), rewound by truncation, snapshotted at each roll and at close
-//! (see [`super::super::producer_snapshot`]), and rebuilt at open from the
-//! newest snapshot plus the batches after it.
+//! replica), snapshotted at each roll and at close (see
+//! [`super::super::producer_snapshot`]), and rebuilt after a truncation and
+//! at open from the newest snapshot at or below the log end plus the
+//! batches after it.
 
 use tally_proto::batch::{BatchHeader, RecordBatch, batch_size_at};
 
@@ -71,7 +72,7 @@ impl Log {
     /// logged: the next open replays from an older snapshot instead.
     pub(super) fn snapshot_producers(&self) {
         let leo = self.leo();
-        if let Err(e) = producer_snapshot::write(&self.dir, leo, &self.producers) {
+        if let Err(e) = producer_snapshot::write(&self.dir, leo, &self.producers, self.log_start_offset) {
             tracing::warn!(dir = %self.dir.display(), offset = leo, error = %e, "could not write a producer-state snapshot");
         }
     }
@@ -80,8 +81,9 @@ impl Log {
     /// `rebuildProducerState`): the snapshots above it go, and the table is
     /// the newest snapshot at or below it plus the batches after it, so a
     /// producer whose remembered batches were all cut is still known by the
-    /// ones before them. The replay reads at most what was appended since
-    /// the last roll.
+    /// ones before them. A snapshot is kept for every roll down to the log
+    /// start, so the replay reads from the base of the segment that held
+    /// the cut.
     pub(super) fn rebuild_producers_after_truncation(&mut self) -> Result<()> {
         self.load_producers()
     }

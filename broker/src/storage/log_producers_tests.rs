@@ -144,6 +144,7 @@ fn truncation_rewinds_the_table_and_drops_the_snapshots_above_the_cut() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = open(dir.path());
     produce(&mut log, 20);
+    assert!(producer_snapshot::list(dir.path()).unwrap().len() > 3, "a snapshot per roll is kept");
     let cut = log.log_end_offset().get() - 12; // the last two batches of each
     log.truncate_to(Offset(cut)).unwrap();
     assert!(producer_snapshot::list(dir.path()).unwrap().iter().all(|&o| o <= cut));
@@ -208,4 +209,28 @@ fn a_truncation_that_cuts_every_remembered_batch_still_knows_the_producer() {
     let entry = log.producer_state().get(7).expect("still known");
     assert_eq!((entry.epoch, entry.batches.back().unwrap().last_seq), (3, 7));
     log.append(&pbatch(7, 3, 8, 2), 1).unwrap();
+}
+
+#[test]
+fn a_truncation_many_segments_back_rebuilds_from_the_snapshot_below_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    log.append(&pbatch(42, 0, 0, 3), 0).unwrap();
+    produce(&mut log, 8);
+    let cut = log.log_end_offset();
+    produce_more(&mut log, 8, 24);
+    assert!(log.segment_count() > 6);
+    log.truncate_to(cut).unwrap();
+    assert!(log.producer_state().get(42).is_some(), "known from the snapshot below the cut");
+    assert!(matches!(log.append(&pbatch(42, 0, 0, 3), 1), Err(StorageError::DuplicateBatch { .. })));
+    assert_eq!(log.producer_state().get(7).unwrap().batches.back().unwrap().last_seq, 3 * 8 - 1);
+}
+
+/// Continues producers 7 and 9 from sequence `seq` for `n` more batches each.
+fn produce_more(log: &mut Log, n: i32, mut seq: i32) {
+    for _ in 0..n {
+        log.append(&pbatch(7, 0, seq, 3), 0).unwrap();
+        log.append(&pbatch(9, 2, seq, 3), 0).unwrap();
+        seq += 3;
+    }
 }

@@ -6,11 +6,14 @@
 //! its final name; a torn one that a crash left anyway fails its CRC and
 //! the next older one is used.
 //!
+//! One snapshot is kept per segment roll down to the log start (Kafka's
+//! way), so a truncation anywhere in the log finds one at or below its cut.
+//! Those wholly below the log start go when the next one is written,
+//! except the newest of them (an open replays from the log start after it).
+//!
 //! The files are not fsynced: losing the newest snapshot costs a longer
 //! replay at open (from an older snapshot), never a wrong table, as long as
-//! the log after the older snapshot is still there. Retention can delete
-//! that log, so the newest snapshots are kept and older ones only once two
-//! newer exist.
+//! the log after the older snapshot is still there.
 
 use std::path::{Path, PathBuf};
 
@@ -20,10 +23,6 @@ use super::producer_state::ProducerStateTable;
 use super::{Result, StorageError};
 
 const SUFFIX: &str = ".snapshot";
-
-/// How many snapshot files a log keeps (the newest); an older one is only a
-/// fallback when the newest is unreadable.
-const KEEP: usize = 2;
 
 /// The snapshot file for `offset` in `dir`.
 pub(crate) fn path(dir: &Path, offset: u64) -> PathBuf {
@@ -48,14 +47,14 @@ pub(crate) fn list(dir: &Path) -> Result<Vec<u64>> {
 }
 
 /// Writes `table` as the snapshot at `offset` (replacing one of the same
-/// offset) and deletes all but the newest [`KEEP`] snapshots.
-pub(crate) fn write(dir: &Path, offset: u64, table: &ProducerStateTable) -> Result<()> {
+/// offset) and deletes those below `log_start` but the newest of them.
+pub(crate) fn write(dir: &Path, offset: u64, table: &ProducerStateTable, log_start: u64) -> Result<()> {
     let target = path(dir, offset);
     let tmp = dir.join(format!("{offset:020}{SUFFIX}.tmp"));
     std::fs::write(&tmp, table.encode()).map_err(io_err("write", &tmp))?;
     std::fs::rename(&tmp, &target).map_err(io_err("rename", &tmp))?;
-    let offsets = list(dir)?;
-    for &old in offsets.iter().rev().skip(KEEP) {
+    let below: Vec<u64> = list(dir)?.into_iter().filter(|&o| o <= log_start).collect();
+    for &old in below.iter().rev().skip(1) {
         remove_if_exists(&path(dir, old))?;
     }
     Ok(())

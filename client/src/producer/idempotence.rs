@@ -121,7 +121,8 @@ async fn fetch_identity(shared: Arc<Shared>) {
                 tracing::warn!(error = %e, "InitProducerId failed; retrying");
                 // Waiting partitions look again (their batches may expire).
                 requeue_all(&shared);
-                if shared.closed.load(std::sync::atomic::Ordering::Acquire) && shared.all_partitions().is_empty() {
+                let closed = shared.closed.load(std::sync::atomic::Ordering::Acquire);
+                if closed && (shared.all_partitions().is_empty() || *shared.stopped.borrow()) {
                     *shared.identity.lock() = IdentityState::Unknown;
                     return;
                 }

@@ -9,15 +9,17 @@
 //!   out, or on flush and close. Sealing queues the partition for the sender
 //!   and moves the sticky partition on ([`accumulator`]).
 //! - The sender bundles the ready batches of every partition a broker leads
-//!   into one request, up to `max_in_flight` requests per broker; each
-//!   partition has one request in flight at a time, so its batches land in
-//!   the order they were sealed, retries included ([`sender`]).
+//!   into one request, up to `max_in_flight` requests per broker. Without
+//!   idempotence each partition has one request in flight at a time, so its
+//!   batches land in the order they were sealed, retries included
+//!   ([`sender`]); the idempotent producer (the default) sends one batch per
+//!   partition per request and up to `max_in_flight` requests per
+//!   partition, in order by the broker's sequence check ([`idempotence`]).
 //! - Memory is bounded by `buffer_bytes`: `send` waits while records not yet
 //!   settled hold that much.
 //!
 //! Retries of a non-idempotent producer can duplicate a batch whose answer was
-//! lost; the idempotent producer (producer ids and the sequence numbers the
-//! batches already carry here) will remove those duplicates.
+//! lost; the idempotent producer's cannot.
 
 mod accumulator;
 mod delivery;

@@ -250,6 +250,12 @@ impl Sender {
                     st.ready.front().is_some_and(|b| b.stamp.is_some()) && self.shared.queues.may_send_more(&st);
                 if !sendable {
                     st.queued = false;
+                    // A request may have settled since dispatch looked (its
+                    // enqueue saw the partition still queued): a bump it made
+                    // due is started from the ready list.
+                    if self.shared.queues.enqueue(&acc, &mut st) {
+                        self.shared.queues.wake.notify_one();
+                    }
                     continue;
                 }
                 let size = st.ready.front().expect("checked").size;
