@@ -345,16 +345,21 @@ impl Client {
     }
 
     /// Takes the leader a NOT_LEADER_OR_FOLLOWER answer named, so the retry
-    /// goes there without a metadata round trip; forgets the topic's
-    /// metadata instead when the hint cannot be used (stale, or a broker
-    /// the cache does not know).
+    /// goes there without a metadata round trip; keeps the cache when it
+    /// already has that leader at that epoch (the answers of several
+    /// requests in flight to the old leader name the same one); forgets the
+    /// topic's metadata when the hint cannot be used (older than the cache,
+    /// or a broker the cache does not know).
     pub(crate) fn follow_leader_hint(&self, topic: &str, partition: u32, leader: u32, epoch: u32) {
         let mut md = self.inner.metadata.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let known_broker = md.brokers.contains_key(&leader);
-        let next = md.topics.get(topic).and_then(|t| t.with_leader(partition, leader, epoch));
-        match next {
-            Some(info) if known_broker => {
-                md.topics.insert(topic.to_string(), Arc::new(info));
+        let Some(info) = md.topics.get(topic) else { return };
+        let i = partition as usize;
+        let followed = info.leader_epochs.get(i) == Some(&epoch) && info.leaders.get(i) == Some(&Some(leader));
+        match info.with_leader(partition, leader, epoch) {
+            _ if followed && known_broker => {}
+            Some(next) if known_broker => {
+                md.topics.insert(topic.to_string(), Arc::new(next));
             }
             _ => {
                 md.topics.remove(topic);

@@ -244,8 +244,18 @@ impl Sender {
             let mut parts: Vec<(Arc<PartitionAcc>, Vec<SealedBatch>)> = Vec::new();
             let mut bytes = 0usize;
             let mut next = Vec::new();
+            let now = Instant::now();
             for acc in accs {
                 let mut st = acc.lock();
+                if st.retry_at.is_some_and(|at| at > now) {
+                    // An earlier request of it failed since dispatch looked:
+                    // its backoff holds. The next dispatch (woken now) sees
+                    // the deadline and sleeps until it.
+                    drop(st);
+                    self.waiting.push(acc);
+                    self.shared.queues.wake.notify_one();
+                    continue;
+                }
                 let sendable =
                     st.ready.front().is_some_and(|b| b.stamp.is_some()) && self.shared.queues.may_send_more(&st);
                 if !sendable {
