@@ -584,9 +584,14 @@ async fn group_member(
     config.max_wait = Duration::from_millis(200);
     let consumer = Consumer::new(client, config);
     consumer.subscribe(&["faults"]).expect("subscribe");
-    // Handed out and not yet committed: a commit that fails (the
-    // coordinator moving) is tried again, for the partitions still owned.
-    let mut pending: BTreeMap<(String, u32), i64> = BTreeMap::new();
+    // Handed out and not yet committed, with the member epoch they were
+    // handed under: a commit that fails (the coordinator moving) is tried
+    // again while the member is still at that epoch and owns the partition.
+    // After an epoch change the partition may have been owned (and
+    // committed further) by the other member in between, and an old
+    // offset committed now would move the group back: last writer wins,
+    // in Kafka's protocol as here.
+    let mut pending: BTreeMap<(String, u32), (i64, i32)> = BTreeMap::new();
     while !*stop.borrow() {
         let records = match consumer.poll().await {
             Ok(records) => records,
@@ -600,8 +605,9 @@ async fn group_member(
             let value = String::from_utf8(r.value.as_deref().unwrap_or_default().to_vec()).expect("utf-8");
             handed.entry(r.partition).or_default().push((r.offset, value));
         }
+        let epoch = consumer.group_assignment().map_or(-1, |(_, e, _)| e);
         for (p, rs) in &handed {
-            pending.insert(("faults".to_string(), *p), rs.last().expect("a record").0 + 1);
+            pending.insert(("faults".to_string(), *p), (rs.last().expect("a record").0 + 1, epoch));
         }
         {
             let mut polls = polls.lock().unwrap();
@@ -609,10 +615,11 @@ async fn group_member(
                 polls.push(Poll { consumer: 100 + id, partition, records });
             }
         }
-        let owned = consumer.group_assignment().map(|(_, _, o)| o).unwrap_or_default();
-        pending.retain(|(t, p), _| owned.get(t).is_some_and(|ps| ps.contains(p)));
-        if !pending.is_empty() && consumer.commit_offsets(&pending).await.is_ok() {
-            commits.lock().unwrap().extend(pending.iter().map(|((_, p), o)| (*p, *o)));
+        let (epoch, owned) = consumer.group_assignment().map(|(_, e, o)| (e, o)).unwrap_or_default();
+        pending.retain(|(t, p), (_, at)| *at == epoch && owned.get(t).is_some_and(|ps| ps.contains(p)));
+        let offsets: BTreeMap<(String, u32), i64> = pending.iter().map(|(k, (o, _))| (k.clone(), *o)).collect();
+        if !offsets.is_empty() && consumer.commit_offsets(&offsets).await.is_ok() {
+            commits.lock().unwrap().extend(offsets.iter().map(|((_, p), o)| (*p, *o)));
             pending.clear();
         }
     }
