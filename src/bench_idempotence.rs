@@ -8,29 +8,17 @@
 //! - one partition, 1 KiB records, one producer, idempotent, with one
 //!   request in flight per partition and with five.
 
-use std::time::Duration;
-
 use tally_client::Acks;
 
-use crate::bench::{LocalCluster, ProduceParams, Report, create_replicated, produce};
+use crate::bench::{LocalCluster, ProduceParams, Report, SweepParams, create_replicated, produce};
 
-/// Parameters of the sweep.
+/// Parameters of the sweep: the cluster and dimensions of
+/// `tally bench replication`, and how many rounds of each setting.
 #[derive(Debug, Clone)]
 pub struct IdempotenceParams {
-    /// The `tally` binary the brokers run.
-    pub binary: std::path::PathBuf,
-    /// Where the three brokers keep their data.
-    pub data_dir: std::path::PathBuf,
-    /// Partition counts to try.
-    pub partitions: Vec<u32>,
-    /// Record sizes to try, in bytes.
-    pub record_sizes: Vec<usize>,
-    /// Producer tasks per partition (sharing one `Producer`).
-    pub producers_per_partition: usize,
-    /// Measured time per run.
-    pub duration: Duration,
-    /// Unmeasured time before it.
-    pub warmup: Duration,
+    /// Binary, data directory, partition counts, record sizes, producers
+    /// per partition and times, as for the replication sweep.
+    pub sweep: SweepParams,
     /// Runs of each setting, alternating.
     pub rounds: usize,
 }
@@ -64,8 +52,8 @@ fn params(
         record_size,
         records_per_batch: (100_000 / record_size.max(1)).clamp(1, 1000),
         acks: Acks::All,
-        duration: p.duration,
-        warmup: p.warmup,
+        duration: p.sweep.duration,
+        warmup: p.sweep.warmup,
         topic_configs: vec![("min_insync_replicas".into(), "2".into())],
         broker_pid: None,
         replication_factor: 3,
@@ -83,7 +71,7 @@ pub async fn idempotence_sweep(
     p: &IdempotenceParams,
     mut row: impl FnMut(&IdempotenceRow),
 ) -> anyhow::Result<Vec<(u32, f64)>> {
-    let cluster = LocalCluster::start(&p.binary, &p.data_dir).await?;
+    let cluster = LocalCluster::start(&p.sweep.binary, &p.sweep.data_dir).await?;
     let client = cluster.client.clone();
     let mut run = 0u32;
     let mut one = async |mut params: ProduceParams, setting: &str| -> anyhow::Result<IdempotenceRow> {
@@ -100,9 +88,9 @@ pub async fn idempotence_sweep(
             report,
         })
     };
-    for &partitions in &p.partitions {
-        for &record_size in &p.record_sizes {
-            let producers = partitions as usize * p.producers_per_partition.max(1);
+    for &partitions in &p.sweep.partitions {
+        for &record_size in &p.sweep.record_sizes {
+            let producers = partitions as usize * p.sweep.producers_per_partition.max(1);
             for _ in 0..p.rounds.max(1) {
                 for (setting, idempotence) in [("idempotence off", false), ("idempotence on", true)] {
                     let mut q =

@@ -149,7 +149,7 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
             warmup_s,
             rounds,
         } => {
-            let params = IdempotenceParams {
+            let sweep = SweepParams {
                 binary: std::env::current_exe()?,
                 data_dir: sweep_dir(),
                 partitions,
@@ -157,8 +157,8 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
                 producers_per_partition,
                 duration: Duration::from_secs(duration_s),
                 warmup: Duration::from_secs(warmup_s),
-                rounds,
             };
+            let params = IdempotenceParams { sweep, rounds };
             return idempotence(&params).await;
         }
         BenchCommand::Produce {
@@ -227,11 +227,7 @@ async fn sweep(params: &SweepParams) -> anyhow::Result<()> {
         );
     })
     .await;
-    let _ = std::fs::remove_dir_all(&params.data_dir);
-    for (broker, mib) in peaks? {
-        println!("broker {broker}: peak RssAnon {mib:.1} MiB");
-    }
-    Ok(())
+    finish_sweep(&params.data_dir, peaks)
 }
 
 /// `tally bench idempotence`: one row per run, then each broker's peak
@@ -256,7 +252,12 @@ async fn idempotence(params: &IdempotenceParams) -> anyhow::Result<()> {
         );
     })
     .await;
-    let _ = std::fs::remove_dir_all(&params.data_dir);
+    finish_sweep(&params.sweep.data_dir, peaks)
+}
+
+/// Removes a sweep's broker data and prints each broker's peak memory.
+fn finish_sweep(data_dir: &std::path::Path, peaks: anyhow::Result<Vec<(u32, f64)>>) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(data_dir);
     for (broker, mib) in peaks? {
         println!("broker {broker}: peak RssAnon {mib:.1} MiB");
     }
