@@ -82,6 +82,18 @@ pub enum BrokerError {
     /// A malformed request.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A conditional append whose expected end offset is not the log end.
+    #[error("the log of {topic}/{partition} ends at {current}, not at the expected {expected}: nothing was appended")]
+    EndOffsetMismatch {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The end offset the request expected.
+        expected: u64,
+        /// The log end offset now.
+        current: u64,
+    },
     /// A producer id this cluster never handed out (or, on InitProducerId,
     /// one it cannot bump).
     #[error("{0}")]
@@ -200,6 +212,7 @@ impl BrokerError {
                 ProducerStateError::TooManyProducers { .. } => ErrorCode::PolicyViolation,
             },
             BrokerError::UnknownProducerId(_) => ErrorCode::UnknownProducerId,
+            BrokerError::EndOffsetMismatch { .. } => ErrorCode::EndOffsetMismatch,
             BrokerError::Storage(_) => ErrorCode::KafkaStorageError,
             BrokerError::FencedLeaderEpoch { .. } => ErrorCode::FencedLeaderEpoch,
             BrokerError::UnknownLeaderEpoch { .. } => ErrorCode::UnknownLeaderEpoch,

@@ -38,7 +38,7 @@ pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, Headers, OffsetRese
 pub use error::{Error, Result};
 pub use group::{CommittedOffset, GroupDescription, GroupListing, GroupMember, TopicPartitions};
 pub use membership::{RebalanceEvent, RebalanceListener};
-pub use partition_client::{Acks, FetchedBatches, OffsetSpec, PartitionClient};
+pub use partition_client::{Acks, AppendIfError, FetchedBatches, OffsetSpec, PartitionClient};
 pub use producer::{
     DeliveryError, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata, UndeliveredRecord,
 };

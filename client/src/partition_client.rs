@@ -138,6 +138,38 @@ impl PartitionClient {
         produce_rpc(&self.client, &self.topic, self.partition, batches, acks).await
     }
 
+    /// Conditional append, for event sourcing: encodes `records` into one
+    /// batch and appends it only if the partition's log ends at
+    /// `expected_end_offset` at that moment (checked by the leader under its
+    /// log lock), so of two writers that read the same state only one can
+    /// append after it. Answers the offset of the first record, or
+    /// [`AppendIfError::Conflict`] with the log's end now (nothing was
+    /// appended). Not retried: after a transport failure the outcome is
+    /// unknown ([`AppendIfError::Failed`]); read the partition to find out.
+    pub async fn append_if(
+        &self,
+        expected_end_offset: i64,
+        records: &[RecordRef<'_>],
+        acks: Acks,
+    ) -> std::result::Result<i64, AppendIfError> {
+        let mut b = BatchBuilder::new();
+        for r in records {
+            b.push(r);
+        }
+        if b.is_empty() {
+            return Err(Error::InvalidArgument("no records".into()).into());
+        }
+        let parts =
+            produce_parts(&self.client, &self.topic, self.partition, b.finish(), Some(expected_end_offset), acks)
+                .await?;
+        if let Some(p) = parts.iter().find(|p| p.partition == self.partition)
+            && p.error_code == tally_proto::ErrorCode::EndOffsetMismatch as i32
+        {
+            return Err(AppendIfError::Conflict { current_end_offset: p.current_end_offset.unwrap_or(-1) });
+        }
+        Ok(answer(parts, &self.topic, self.partition)?.base_offset)
+    }
+
     /// Encodes `records` into one batch and appends it.
     pub async fn produce_records(&self, records: &[RecordRef<'_>], acks: Acks) -> Result<i64> {
         let mut b = BatchBuilder::new();
@@ -232,6 +264,25 @@ fn answer<P: PartitionAnswer>(parts: impl IntoIterator<Item = P>, topic: &str, p
     Ok(p)
 }
 
+/// Why a conditional append ([`PartitionClient::append_if`]) did not
+/// happen.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppendIfError {
+    /// The partition's log does not end at the expected offset (another
+    /// append came first): nothing was appended. Read from the expected
+    /// offset to `current_end_offset`, decide again, and retry with it.
+    #[error("conflict: the log ends at {current_end_offset}, not at the expected offset; nothing was appended")]
+    Conflict {
+        /// Where the partition's log ends now.
+        current_end_offset: i64,
+    },
+    /// Any other failure. After a transport failure the append may have
+    /// happened.
+    #[error(transparent)]
+    Failed(#[from] Error),
+}
+
 pub(crate) async fn produce_rpc(
     client: &Client,
     topic: &str,
@@ -239,12 +290,26 @@ pub(crate) async fn produce_rpc(
     records: Bytes,
     acks: Acks,
 ) -> Result<i64> {
+    let parts = produce_parts(client, topic, partition, records, None, acks).await?;
+    Ok(answer(parts, topic, partition)?.base_offset)
+}
+
+/// One Produce of `records` to the partition's leader (following a
+/// NOT_LEADER hint for the next call); the partitions' answers.
+async fn produce_parts(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    records: Bytes,
+    expected_end_offset: Option<i64>,
+    acks: Acks,
+) -> Result<Vec<pb::PartitionProduceResponse>> {
     let request = pb::ProduceRequest {
         acks: acks.to_wire() as i32,
         timeout_ms: u32::try_from(client.config().request_timeout.as_millis()).unwrap_or(u32::MAX),
         topics: vec![pb::TopicProduceData {
             name: topic.to_string(),
-            partitions: vec![pb::PartitionProduceData { partition, records: vec![records] }],
+            partitions: vec![pb::PartitionProduceData { partition, records: vec![records], expected_end_offset }],
         }],
     };
     let address = client.leader_address(topic, partition).await?;
@@ -259,8 +324,7 @@ pub(crate) async fn produce_rpc(
     {
         client.follow_leader_hint(topic, partition, leader, epoch);
     }
-    let p = answer(parts, topic, partition)?;
-    Ok(p.base_offset)
+    Ok(parts)
 }
 
 pub(crate) async fn list_offset_rpc(

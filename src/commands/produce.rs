@@ -44,12 +44,24 @@ pub struct ProduceArgs {
     /// `delete_retention_ms` and then drops with the key.
     #[arg(long, conflicts_with = "key_separator")]
     tombstone: bool,
+    /// Conditional append: append every line as one batch to --partition
+    /// only if its log ends at N now; otherwise append nothing, print the
+    /// log's end, and exit 3.
+    #[arg(long, value_name = "N", requires = "partition")]
+    expect_end_offset: Option<i64>,
 }
+
+/// Exit status of `tally produce --expect-end-offset` when the log did not
+/// end there (nothing was appended).
+pub const CONFLICT_EXIT: i32 = 3;
 
 /// Runs `tally produce`; exits non-zero unless every line was acknowledged.
 pub async fn run(ctx: &Context, args: ProduceArgs) -> anyhow::Result<()> {
     let client = ctx.connect().await?;
     client.topic_info(&args.topic).await.with_context(|| format!("cannot produce to `{}`", args.topic))?;
+    if let Some(expected) = args.expect_end_offset {
+        return append_if(client, &args, expected).await;
+    }
     let mut config = ProducerConfig::default();
     config.acks = args.acks;
     config.linger = std::time::Duration::from_millis(args.linger_ms);
@@ -104,4 +116,52 @@ pub async fn run(ctx: &Context, args: ProduceArgs) -> anyhow::Result<()> {
     }
     eprintln!("produced {sent} records to {}", args.topic);
     Ok(())
+}
+
+/// `--expect-end-offset`: every line of standard input as one batch,
+/// appended only if the partition's log ends at `expected`.
+async fn append_if(client: tally_client::Client, args: &ProduceArgs, expected: i64) -> anyhow::Result<()> {
+    let partition = args.partition.context("--expect-end-offset needs --partition")?;
+    let mut lines = Vec::new();
+    let mut input = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = input.next_line().await.context("cannot read standard input")? {
+        lines.push(line);
+    }
+    let headers: Vec<HeaderRef<'_>> =
+        args.headers.iter().map(|(k, v)| HeaderRef { key: k, value: Some(v.as_bytes()) }).collect();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let timestamp = i64::try_from(now.as_millis()).unwrap_or(i64::MAX);
+    let records: Vec<tally_proto::batch::RecordRef<'_>> = lines
+        .iter()
+        .map(|line| {
+            let (key, value) = match &args.key_separator {
+                _ if args.tombstone => (Some(line.as_bytes()), None),
+                Some(sep) => match line.split_once(sep.as_str()) {
+                    Some((k, v)) => (Some(k.as_bytes()), Some(v.as_bytes())),
+                    None => (None, Some(line.as_bytes())),
+                },
+                None => (None, Some(line.as_bytes())),
+            };
+            tally_proto::batch::RecordRef { timestamp, key, value, headers: &headers }
+        })
+        .collect();
+    if records.is_empty() {
+        bail!("no lines on standard input: nothing to append");
+    }
+    let pc = client.partition_client(args.topic.clone(), partition);
+    match pc.append_if(expected, &records, args.acks).await {
+        Ok(offset) => {
+            eprintln!("appended {} records to {}/{partition} at offset {offset}", records.len(), args.topic);
+            Ok(())
+        }
+        Err(tally_client::AppendIfError::Conflict { current_end_offset }) => {
+            println!("{current_end_offset}");
+            eprintln!(
+                "conflict: {}/{partition} ends at {current_end_offset}, not {expected}; nothing was appended",
+                args.topic
+            );
+            std::process::exit(CONFLICT_EXIT);
+        }
+        Err(e) => Err(e).context("conditional append failed (after a transport failure it may have happened)"),
+    }
 }

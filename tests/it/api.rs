@@ -164,7 +164,11 @@ async fn raw_produce(
         timeout_ms: 1000,
         topics: vec![pb::TopicProduceData {
             name: topic.to_string(),
-            partitions: vec![pb::PartitionProduceData { partition, records: vec![records.into()] }],
+            partitions: vec![pb::PartitionProduceData {
+                partition,
+                records: vec![records.into()],
+                expected_end_offset: None,
+            }],
         }],
     };
     rpc.produce(request).await.unwrap().into_inner().topics.remove(0).partitions.remove(0)
@@ -668,7 +672,11 @@ async fn timestamps_outside_the_topic_bounds_are_refused_and_log_append_time_sta
         timeout_ms: 1000,
         topics: vec![pb::TopicProduceData {
             name: "stamped".into(),
-            partitions: vec![pb::PartitionProduceData { partition: 0, records: vec![b.finish()] }],
+            partitions: vec![pb::PartitionProduceData {
+                partition: 0,
+                records: vec![b.finish()],
+                expected_end_offset: None,
+            }],
         }],
     };
     let before = wall_ms();

@@ -245,3 +245,26 @@ async fn cli_consumes_in_a_group_commits_what_it_printed_and_manages_groups() {
     );
     broker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_appends_only_at_the_expected_end_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let a = broker.address.clone();
+    let out = run(&a, &["topic", "create", "ledger", "--partitions", "1"], None).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let append = ["produce", "ledger", "--partition", "0", "--expect-end-offset", "0"];
+    let out = run(&a, &append, Some("opened\ndeposited 10\n")).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&a, &append, Some("withdrawn 10\n")).await;
+    assert_eq!(out.status.code(), Some(3), "a conflict: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "2\n", "the log's end, for the script to retry at");
+    let out =
+        run(&a, &["produce", "ledger", "--partition", "0", "--expect-end-offset", "2"], Some("withdrawn 10\n")).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&a, &["consume", "ledger", "--from", "beginning", "--exit-at-end"], None).await;
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "opened\ndeposited 10\nwithdrawn 10\n");
+    let out = run(&a, &["produce", "ledger", "--expect-end-offset", "3"], Some("x\n")).await;
+    assert!(!out.status.success(), "--expect-end-offset needs --partition");
+    broker.stop().await.unwrap();
+}

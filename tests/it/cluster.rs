@@ -199,7 +199,11 @@ async fn a_topic_created_at_any_broker_spreads_over_all_and_each_partition_is_se
         timeout_ms: 1000,
         topics: vec![pb::TopicProduceData {
             name: "spread".into(),
-            partitions: vec![pb::PartitionProduceData { partition, records: vec![b.finish()] }],
+            partitions: vec![pb::PartitionProduceData {
+                partition,
+                records: vec![b.finish()],
+                expected_end_offset: None,
+            }],
         }],
     };
     let answer = raw.produce(request).await.unwrap().into_inner();

@@ -144,7 +144,7 @@ async fn produce_raw(
         timeout_ms: 5000,
         topics: vec![pb::TopicProduceData {
             name: "idem".into(),
-            partitions: vec![pb::PartitionProduceData { partition: 0, records }],
+            partitions: vec![pb::PartitionProduceData { partition: 0, records, expected_end_offset: None }],
         }],
     };
     rpc.produce(request).await.unwrap().into_inner().topics.remove(0).partitions.remove(0)

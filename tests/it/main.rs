@@ -7,6 +7,7 @@ mod checker;
 mod cli;
 mod cluster;
 mod compaction;
+mod conditional;
 mod fault;
 mod groups;
 mod harness;

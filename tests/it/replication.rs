@@ -456,7 +456,11 @@ async fn produce_direct_to(
         timeout_ms: 1000,
         topics: vec![pb::TopicProduceData {
             name: topic.into(),
-            partitions: vec![pb::PartitionProduceData { partition, records: vec![b.finish()] }],
+            partitions: vec![pb::PartitionProduceData {
+                partition,
+                records: vec![b.finish()],
+                expected_end_offset: None,
+            }],
         }],
     };
     match raw.produce(request).await {

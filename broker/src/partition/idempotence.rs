@@ -83,6 +83,36 @@ impl Partition {
         self.check_leads(leader_epoch, false)
     }
 
+    /// A conditional append's check, under the log lock: the log must end
+    /// at `expected`, unless the request is a retry of an idempotent
+    /// producer's batch that was appended (then it is answered as that
+    /// append, not as a mismatch).
+    pub(super) fn check_end_offset(
+        &self,
+        log: &Log,
+        batches: &[RecordBatch],
+        expected: u64,
+    ) -> Result<(), BrokerError> {
+        let current = log.log_end_offset().get();
+        if current == expected {
+            return Ok(());
+        }
+        let retry_of_appended = batches.len() == 1
+            && matches!(
+                log.producer_verdict(&batches[0]),
+                Ok(Some(crate::storage::producer_state::Verdict::Duplicate(_)))
+            );
+        if retry_of_appended {
+            return Ok(());
+        }
+        Err(BrokerError::EndOffsetMismatch {
+            topic: self.topic().to_string(),
+            partition: self.index(),
+            expected,
+            current,
+        })
+    }
+
     /// Drops the producers idle for `expiration_ms` from the log's
     /// producer-state table; returns how many.
     pub fn expire_producers(&self, expiration_ms: i64) -> usize {

@@ -29,18 +29,23 @@ impl Partition {
         leader_epoch: u32,
         acks_all: Option<Duration>,
     ) -> Result<AppendInfo, BrokerError> {
-        self.produce_with_outcome(batches, leader_epoch, acks_all).await.map(|p| p.info)
+        self.produce_with_outcome(batches, leader_epoch, acks_all, None).await.map(|p| p.info)
     }
 
     /// [`Partition::produce`], also saying whether the (one) batch was a
     /// retry of an idempotent producer's batch already in the log: then
     /// nothing was appended, `info` is where the original lies, and its
-    /// waits (fsync, high watermark) were for the original.
+    /// waits (fsync, high watermark) were for the original. With
+    /// `expected_end` (a conditional append), appends only if the log ends
+    /// there, checked under the log lock with the producer check first (a
+    /// retry of an append that happened is answered as that append), else
+    /// [`BrokerError::EndOffsetMismatch`].
     pub async fn produce_with_outcome(
         self: &Arc<Self>,
         batches: &[RecordBatch],
         leader_epoch: u32,
         acks_all: Option<Duration>,
+        expected_end: Option<u64>,
     ) -> Result<Produced, BrokerError> {
         if let Some(batch) = idempotence::idempotent_batch(batches)? {
             self.await_sequence_turn(batch).await;
@@ -56,6 +61,9 @@ impl Partition {
         let (appended, failure, flush, writeback, hw, leo, role_generation) = {
             let mut log = self.write_log();
             self.check_leads(leader_epoch, acks_all.is_some())?;
+            if let Some(expected) = expected_end {
+                self.check_end_offset(&log, batches, expected)?;
+            }
             // Role changes take the log lock: this is the role the batches
             // are appended under.
             let role_generation = *self.role_changes.borrow();

@@ -41,6 +41,7 @@ impl TallyService {
         topic: &str,
         partition: u32,
         records: Vec<Bytes>,
+        expected_end_offset: Option<i64>,
         acks: Result<pb::Acks, i32>,
         timeout: Duration,
     ) -> Result<(crate::storage::AppendInfo, i64), BrokerError> {
@@ -61,7 +62,14 @@ impl TallyService {
             }
         }
         let acks_all = (acks == pb::Acks::All).then_some(timeout);
-        let produced = partition.produce_with_outcome(&batches, epoch, acks_all).await?;
+        let expected_end = expected_end_offset
+            .map(|o| {
+                u64::try_from(o).map_err(|_| {
+                    BrokerError::InvalidRequest(format!("expected_end_offset {o} is negative: send a log end offset"))
+                })
+            })
+            .transpose()?;
+        let produced = partition.produce_with_outcome(&batches, epoch, acks_all, expected_end).await?;
         let append_time = match produced.duplicate_timestamp {
             _ if !topic.config.log_append_time => -1,
             Some(original) => original,
@@ -113,6 +121,10 @@ fn produce_failure(partition: u32, log_start: i64, e: &BrokerError) -> pb::Parti
         }
         _ => (-1, 0),
     };
+    let current_end_offset = match e {
+        BrokerError::EndOffsetMismatch { current, .. } => i64::try_from(*current).ok(),
+        _ => None,
+    };
     pb::PartitionProduceResponse {
         partition,
         error_code,
@@ -123,6 +135,7 @@ fn produce_failure(partition: u32, log_start: i64, e: &BrokerError) -> pb::Parti
         leader_id,
         leader_epoch,
         appended_batches,
+        current_end_offset,
     }
 }
 
@@ -145,6 +158,7 @@ impl TallyService {
                 leader_id: None,
                 leader_epoch: None,
                 appended_batches: 0,
+                current_end_offset: None,
             },
             Err(e) => {
                 tracing::debug!(topic, partition, error = %e, "produce refused");
@@ -233,8 +247,10 @@ impl Tally for TallyService {
                 let name = name.as_str();
                 async move {
                     let span = tracing::debug_span!("produce", topic = %name, partition = p.partition);
-                    let result =
-                        self.produce_partition(name, p.partition, p.records, acks, timeout).instrument(span).await;
+                    let result = self
+                        .produce_partition(name, p.partition, p.records, p.expected_end_offset, acks, timeout)
+                        .instrument(span)
+                        .await;
                     self.partition_produce_response(name, p.partition, result)
                 }
             });

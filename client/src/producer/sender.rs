@@ -325,7 +325,7 @@ async fn run_request(
         for b in batches.iter_mut() {
             records.push(b.stamped_bytes().await);
         }
-        let data = pb::PartitionProduceData { partition: acc.partition, records };
+        let data = pb::PartitionProduceData { partition: acc.partition, records, expected_end_offset: None };
         match topics.iter_mut().find(|t| *t.name == *acc.topic.name) {
             Some(t) => t.partitions.push(data),
             None => topics.push(pb::TopicProduceData { name: acc.topic.name.to_string(), partitions: vec![data] }),

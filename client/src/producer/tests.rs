@@ -92,6 +92,7 @@ fn refusal(partition: u32, code: ErrorCode) -> pb::PartitionProduceResponse {
         leader_id: None,
         leader_epoch: None,
         appended_batches: 0,
+        current_end_offset: None,
     }
 }
 
@@ -242,6 +243,7 @@ impl Fake {
                         leader_id: None,
                         leader_epoch: None,
                         appended_batches: 0,
+                        current_end_offset: None,
                     });
                     continue;
                 }
@@ -271,6 +273,7 @@ impl Fake {
                     leader_id: None,
                     leader_epoch: None,
                     appended_batches: if partial { 1 } else { 0 },
+                    current_end_offset: None,
                 });
                 if partial {
                     self.partial.fetch_add(1, Ordering::SeqCst);
