@@ -584,14 +584,14 @@ async fn group_member(
     config.max_wait = Duration::from_millis(200);
     let consumer = Consumer::new(client, config);
     consumer.subscribe(&["faults"]).expect("subscribe");
-    // Handed out and not yet committed, with the member epoch they were
-    // handed under: a commit that fails (the coordinator moving) is tried
-    // again while the member is still at that epoch and owns the partition.
-    // After an epoch change the partition may have been owned (and
-    // committed further) by the other member in between, and an old
-    // offset committed now would move the group back: last writer wins,
-    // in Kafka's protocol as here.
-    let mut pending: BTreeMap<(String, u32), (i64, i32)> = BTreeMap::new();
+    // What this member last committed per partition. Each round it commits
+    // the position of every partition it owns that moved since: a commit
+    // that fails (the coordinator moving) is thus tried again, and the
+    // position is always its reading of its current ownership (a partition
+    // lost and regained starts again at the group's committed offset), never
+    // an offset left from an earlier ownership, which committed now could
+    // move the group back (last writer wins, in Kafka's protocol as here).
+    let mut last_committed: BTreeMap<u32, i64> = BTreeMap::new();
     while !*stop.borrow() {
         let records = match consumer.poll().await {
             Ok(records) => records,
@@ -605,22 +605,24 @@ async fn group_member(
             let value = String::from_utf8(r.value.as_deref().unwrap_or_default().to_vec()).expect("utf-8");
             handed.entry(r.partition).or_default().push((r.offset, value));
         }
-        let epoch = consumer.group_assignment().map_or(-1, |(_, e, _)| e);
-        for (p, rs) in &handed {
-            pending.insert(("faults".to_string(), *p), (rs.last().expect("a record").0 + 1, epoch));
-        }
         {
             let mut polls = polls.lock().unwrap();
             for (partition, records) in handed {
                 polls.push(Poll { consumer: 100 + id, partition, records });
             }
         }
-        let (epoch, owned) = consumer.group_assignment().map(|(_, e, o)| (e, o)).unwrap_or_default();
-        pending.retain(|(t, p), (_, at)| *at == epoch && owned.get(t).is_some_and(|ps| ps.contains(p)));
-        let offsets: BTreeMap<(String, u32), i64> = pending.iter().map(|(k, (o, _))| (k.clone(), *o)).collect();
+        let owned = consumer.group_assignment().map(|(_, _, o)| o).unwrap_or_default();
+        let offsets: BTreeMap<(String, u32), i64> = owned
+            .get("faults")
+            .into_iter()
+            .flatten()
+            .filter_map(|p| consumer.position("faults", *p).map(|position| (*p, position)))
+            .filter(|(p, position)| last_committed.get(p) != Some(position))
+            .map(|(p, position)| (("faults".to_string(), p), position))
+            .collect();
         if !offsets.is_empty() && consumer.commit_offsets(&offsets).await.is_ok() {
             commits.lock().unwrap().extend(offsets.iter().map(|((_, p), o)| (*p, *o)));
-            pending.clear();
+            last_committed.extend(offsets.iter().map(|((_, p), o)| (*p, *o)));
         }
     }
     let _ = consumer.close().await;
