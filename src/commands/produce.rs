@@ -84,14 +84,7 @@ pub async fn run(ctx: &Context, args: ProduceArgs) -> anyhow::Result<()> {
     };
     while let Some(line) = lines.next_line().await.context("cannot read standard input")? {
         sent += 1;
-        let (key, value) = match &args.key_separator {
-            _ if args.tombstone => (Some(line.as_bytes()), None),
-            Some(sep) => match line.split_once(sep.as_str()) {
-                Some((k, v)) => (Some(k.as_bytes()), Some(v.as_bytes())),
-                None => (None, Some(line.as_bytes())),
-            },
-            None => (None, Some(line.as_bytes())),
-        };
+        let (key, value) = key_and_value(&args, &line);
         let mut record = ProducerRecord::tombstone(&args.topic, b"").headers(&headers);
         record.partition = args.partition;
         record.key = key;
@@ -134,14 +127,7 @@ async fn append_if(client: tally_client::Client, args: &ProduceArgs, expected: i
     let records: Vec<tally_proto::batch::RecordRef<'_>> = lines
         .iter()
         .map(|line| {
-            let (key, value) = match &args.key_separator {
-                _ if args.tombstone => (Some(line.as_bytes()), None),
-                Some(sep) => match line.split_once(sep.as_str()) {
-                    Some((k, v)) => (Some(k.as_bytes()), Some(v.as_bytes())),
-                    None => (None, Some(line.as_bytes())),
-                },
-                None => (None, Some(line.as_bytes())),
-            };
+            let (key, value) = key_and_value(args, line);
             tally_proto::batch::RecordRef { timestamp, key, value, headers: &headers }
         })
         .collect();
@@ -163,5 +149,19 @@ async fn append_if(client: tally_client::Client, args: &ProduceArgs, expected: i
             std::process::exit(CONFLICT_EXIT);
         }
         Err(e) => Err(e).context("conditional append failed (after a transport failure it may have happened)"),
+    }
+}
+
+/// A line's key and value: with `--tombstone` the line is the key and the
+/// value is null; with `--key-separator` it is split at the first one (a
+/// line without it is a value alone); otherwise it is the value.
+fn key_and_value<'a>(args: &ProduceArgs, line: &'a str) -> (Option<&'a [u8]>, Option<&'a [u8]>) {
+    match &args.key_separator {
+        _ if args.tombstone => (Some(line.as_bytes()), None),
+        Some(sep) => match line.split_once(sep.as_str()) {
+            Some((k, v)) => (Some(k.as_bytes()), Some(v.as_bytes())),
+            None => (None, Some(line.as_bytes())),
+        },
+        None => (None, Some(line.as_bytes())),
     }
 }

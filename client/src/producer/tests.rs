@@ -233,18 +233,7 @@ impl Fake {
                     continue;
                 }
                 if fault == Some(Fault::NotLeader) {
-                    partitions.push(pb::PartitionProduceResponse {
-                        partition: p.partition,
-                        error_code: ErrorCode::NotLeaderOrFollower as i32,
-                        error_message: "moved".into(),
-                        base_offset: -1,
-                        log_append_time_ms: -1,
-                        log_start_offset: 0,
-                        leader_id: None,
-                        leader_epoch: None,
-                        appended_batches: 0,
-                        current_end_offset: None,
-                    });
+                    partitions.push(refusal(p.partition, ErrorCode::NotLeaderOrFollower));
                     continue;
                 }
                 let log = logs.entry(p.partition).or_default();
