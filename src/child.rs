@@ -14,6 +14,8 @@ pub struct BrokerProcess {
     child: Child,
     /// `host:port` it listens on.
     pub address: String,
+    /// `host:port` of its metrics endpoint, when it serves one.
+    pub metrics_address: Option<String>,
 }
 
 impl BrokerProcess {
@@ -43,6 +45,19 @@ impl BrokerProcess {
         args: &[&str],
         envs: &[(&str, &str)],
     ) -> anyhow::Result<BrokerProcess> {
+        Self::start_labeled(binary, data_dir, listen, args, envs, "broker")
+    }
+
+    /// [`BrokerProcess::start_listening`], its log lines on our stderr
+    /// prefixed with `[label]`.
+    pub fn start_labeled(
+        binary: &Path,
+        data_dir: &Path,
+        listen: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        label: &str,
+    ) -> anyhow::Result<BrokerProcess> {
         let mut child = Command::new(binary)
             .arg("serve")
             .arg("--listen")
@@ -59,19 +74,23 @@ impl BrokerProcess {
             .with_context(|| format!("cannot start {}", binary.display()))?;
         let stderr = child.stderr.take().context("no stderr")?;
         let (tx, rx) = std::sync::mpsc::channel();
+        let label = label.to_string();
         std::thread::spawn(move || {
             let mut sent = false;
+            let mut metrics = None;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent && let Some(addr) = line.strip_prefix("tally broker listening on ") {
-                    let _ = tx.send(addr.trim().to_string());
+                if !sent && let Some(addr) = line.strip_prefix("tally metrics listening on ") {
+                    metrics = Some(addr.trim().to_string());
+                } else if !sent && let Some(addr) = line.strip_prefix("tally broker listening on ") {
+                    let _ = tx.send((addr.trim().to_string(), metrics.take()));
                     sent = true;
                 } else {
-                    eprintln!("[broker] {line}");
+                    eprintln!("[{label}] {line}");
                 }
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
-        let address = loop {
+        let (address, metrics_address) = loop {
             if let Ok(a) = rx.recv_timeout(Duration::from_millis(100)) {
                 break a;
             }
@@ -83,7 +102,7 @@ impl BrokerProcess {
                 bail!("broker did not start within 30 s");
             }
         };
-        Ok(BrokerProcess { child, address })
+        Ok(BrokerProcess { child, address, metrics_address })
     }
 
     /// The child's process id.

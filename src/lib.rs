@@ -1,10 +1,11 @@
 //! The library half of the `tally` package: the benchmark driver that both
-//! `tally bench` and the `benches/` targets use, and a helper to run the real
-//! `tally` binary as a child process.
+//! `tally bench` and the `benches/` targets use, a helper to run the real
+//! `tally` binary as a child process, and the `tally dev` supervisor.
 
 pub mod bench;
 pub mod bench_idempotence;
 pub mod child;
+pub mod dev;
 
 /// README.md's Rust examples, compiled as doctests so the README stays true.
 #[cfg(doctest)]

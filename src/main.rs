@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{bench, cluster, consume, dump_log, group, offsets, produce, serve, topic};
+use commands::{bench, cluster, consume, dev, dump_log, group, offsets, produce, serve, topic};
 
 /// Tally: a replicated, partitioned event log.
 #[derive(Debug, Parser)]
@@ -28,8 +28,9 @@ struct Cli {
 enum Command {
     /// Run one broker in the foreground.
     Serve(serve::ServeArgs),
-    /// Run a local broker for development (data in ./.tally/dev) with a `demo` topic.
-    Dev(serve::DevArgs),
+    /// Run a local cluster (three brokers, each its own process, data in
+    /// ./.tally/dev) with a `demo` topic; break it with `tally dev kill N`.
+    Dev(dev::DevArgs),
     /// Create, list, describe, alter and delete topics.
     #[command(subcommand)]
     Topic(topic::TopicCommand),
@@ -60,7 +61,11 @@ fn init_tracing(default: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let server = matches!(cli.command, Command::Serve(_) | Command::Dev(_));
+    let server = match &cli.command {
+        Command::Serve(_) => true,
+        Command::Dev(args) => args.starts_cluster(),
+        _ => false,
+    };
     if !server {
         // Like other Unix tools, end quietly when the reader of our output
         // goes away (`tally topic describe x | head`), instead of panicking
@@ -82,7 +87,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::serve(args).await,
-            Command::Dev(args) => serve::dev(args).await,
+            Command::Dev(args) => dev::run(ctx.output, args).await,
             Command::Topic(cmd) => topic::run(&ctx, cmd).await,
             Command::Produce(args) => produce::run(&ctx, args).await,
             Command::Consume(args) => consume::run(&ctx, args).await,

@@ -61,6 +61,8 @@ pub struct Topic {
     pub states: Vec<PartitionState>,
     /// The partitions this broker hosts, by number.
     pub partitions: BTreeMap<u32, Arc<Partition>>,
+    /// Its traffic counters.
+    pub metrics: crate::metrics::TopicMetrics,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -337,6 +339,11 @@ impl Broker {
             .collect()
     }
 
+    /// What this broker's controller voter knows of the quorum, once attached.
+    pub fn controller_status(&self) -> Option<crate::controller::ControllerStatus> {
+        self.controller.get().map(Controller::status)
+    }
+
     fn controller(&self) -> Result<&Controller, BrokerError> {
         self.controller.get().ok_or(BrokerError::ShuttingDown)
     }
@@ -474,6 +481,7 @@ impl Broker {
                     config,
                     states: t.partitions.clone(),
                     partitions,
+                    metrics: existing.map_or_else(|| crate::metrics::TopicMetrics::new(name), |e| e.metrics.clone()),
                 }),
             );
         }
@@ -515,6 +523,9 @@ impl Broker {
                 let Some(state) = t.states.get(*index as usize) else { continue };
                 match state.leader {
                     Some(leader) if leader == me => {
+                        if p.leading_epoch() != Some(state.leader_epoch.0) {
+                            metrics::counter!(crate::metrics::LEADER_ELECTIONS).increment(1);
+                        }
                         let assignment = Assignment {
                             replicas: state.replicas.clone(),
                             isr: state.isr.clone(),

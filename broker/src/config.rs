@@ -92,6 +92,9 @@ pub struct BrokerConfig {
     /// a test can treat controller traffic apart from replica fetches.
     /// Default: `peer_source_address`.
     pub controller_source_address: Option<String>,
+    /// Where to serve Prometheus metrics (`host:port`, `GET /metrics`);
+    /// off unless set. See docs/metrics.md for what is exported.
+    pub metrics_listen: Option<String>,
     /// Threads compacting `cleanup_policy = compact` partitions (Kafka's
     /// `log.cleaner.threads`); 0 turns compaction off. Default 1.
     pub log_cleaner_threads: u32,
@@ -166,6 +169,7 @@ impl Default for BrokerConfig {
             replica_fetch_backoff_ms: 50,
             leader_imbalance_check_interval_ms: 30_000,
             peer_source_address: None,
+            metrics_listen: None,
             offsets_topic_num_partitions: 50,
             offsets_topic_replication_factor: 3,
             offsets_topic_segment_bytes: 4 << 20,
@@ -365,6 +369,12 @@ impl BrokerConfig {
         if self.controller_install_snapshot_timeout_ms == 0 {
             problems.push("controller_install_snapshot_timeout_ms must be positive".to_string());
         }
+        if let Some(address) = &self.metrics_listen
+            && address.parse::<std::net::SocketAddr>().is_err()
+        {
+            problems
+                .push(format!("metrics_listen must be an IP address and port (e.g. 127.0.0.1:9644), got `{address}`"));
+        }
         for (name, value) in [
             ("peer_source_address", &self.peer_source_address),
             ("controller_source_address", &self.controller_source_address),
@@ -465,6 +475,7 @@ const BROKER_KEYS: &[&str] = &[
     "replica_fetch_backoff_ms",
     "leader_imbalance_check_interval_ms",
     "peer_source_address",
+    "metrics_listen",
     "controller_source_address",
     "log_cleaner_threads",
     "log_cleaner_dedupe_buffer_bytes",

@@ -15,6 +15,7 @@ pub mod error;
 mod log_cleaner;
 mod maintenance;
 pub mod membership;
+pub mod metrics;
 pub mod partition;
 pub mod peer;
 pub mod producer_ids;
@@ -25,7 +26,7 @@ pub mod topic;
 
 pub use config::BrokerConfig;
 pub use error::BrokerError;
-pub use server::run;
+pub use server::{run, run_with_metrics};
 
 #[cfg(not(target_pointer_width = "64"))]
 compile_error!("Tally maps whole segments into memory and needs a 64-bit target");

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod consume;
+pub mod dev;
 pub mod dump_log;
 pub mod group;
 pub mod offsets;

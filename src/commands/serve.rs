@@ -1,4 +1,4 @@
-//! `tally serve` and `tally dev`.
+//! `tally serve`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,25 +35,15 @@ pub struct ServeArgs {
     /// (overrides the config file and TALLY_LOG_FLUSH).
     #[arg(long)]
     flush: Option<String>,
-}
-
-/// Flags of `tally dev`.
-#[derive(Debug, clap::Args)]
-pub struct DevArgs {
-    /// Address of the first broker; the others listen on the next ports
-    /// (port 0: any free ports).
-    #[arg(long, default_value = "127.0.0.1:9092")]
-    listen: SocketAddr,
-    /// Brokers to run, all controller voters, in this one process.
-    #[arg(long, default_value_t = 3)]
-    brokers: u32,
-    /// Data directory, kept across runs (one subdirectory per broker).
-    #[arg(long, default_value = ".tally/dev")]
-    data_dir: PathBuf,
+    /// Serve Prometheus metrics on this address (`GET /metrics`; port 0
+    /// picks a free port and prints it); overrides the config file and
+    /// TALLY_METRICS_LISTEN. Off unless set.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
@@ -101,96 +91,27 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(flush) = args.flush {
         config.log.flush = flush;
     }
+    if let Some(address) = args.metrics_listen {
+        config.metrics_listen = Some(address.to_string());
+    }
     let problems = config.validate();
     if !problems.is_empty() {
         bail!("invalid configuration:\n  {}", problems.join("\n  "));
     }
     tracing::info!(config = ?config, "effective configuration");
+    // Bound first, so its line comes before the broker's, which scripts
+    // take to mean "started".
+    let metrics = match config.metrics_listen.as_deref() {
+        Some(address) => {
+            let address: SocketAddr = address.parse().context("metrics_listen")?;
+            let listener = tally_broker::server::bind_metrics(address).await?;
+            // Scripts and tests read this line to find the port.
+            eprintln!("tally metrics listening on {}", listener.local_addr()?);
+            Some(listener)
+        }
+        None => None,
+    };
     let listener = bind(args.listen).await?;
-    tally_broker::run(config, listener, shutdown_signal()).await?;
-    Ok(())
-}
-
-/// `tally dev`: a local cluster (three brokers in this process by default,
-/// all controller voters) with a `demo` topic.
-pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
-    anyhow::ensure!((1..=9).contains(&args.brokers), "--brokers takes 1 to 9, not {}", args.brokers);
-    let mut listeners = Vec::new();
-    for i in 0..args.brokers {
-        let mut at = args.listen;
-        if at.port() != 0 {
-            at.set_port(at.port() + i as u16);
-        }
-        listeners.push(bind(at).await?);
-    }
-    let addresses: Vec<String> =
-        listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>()?;
-    let voters = addresses.iter().enumerate().map(|(i, a)| format!("{}@{a}", i + 1)).collect::<Vec<_>>().join(",");
-    let mut stops = Vec::new();
-    let mut brokers = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let id = i as u32 + 1;
-        let config = BrokerConfig {
-            node_id: id,
-            data_dir: args.data_dir.join(id.to_string()),
-            voters: Some(voters.clone()),
-            ..BrokerConfig::default()
-        };
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        stops.push(stop_tx);
-        brokers.push(tokio::spawn(tally_broker::run(config, listener, async move {
-            let _ = stop_rx.await;
-        })));
-    }
-    let client = tally_client::Client::builder().bootstrap([addresses[0].clone()]).connect().await?;
-    // Wait (a while) for every broker to register, so `demo` spreads over all.
-    for _ in 0..100 {
-        let cluster = client.admin().describe_cluster().await;
-        if cluster.is_ok_and(|c| c.brokers.iter().filter(|b| !b.fenced).count() == args.brokers as usize) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    // Six partitions, each on three brokers (fewer with fewer brokers), and
-    // acks=all needing two copies: one broker may die without losing an
-    // acknowledged record.
-    let replication_factor = args.brokers.min(3);
-    let mut demo =
-        tally_client::NewTopic::new("demo", 6).config("min_insync_replicas", replication_factor.min(2).to_string());
-    demo.replication_factor = replication_factor;
-    let mut created = Err(anyhow::anyhow!("not tried"));
-    // The brokers register once a majority of them runs: retry for a while.
-    for _ in 0..100 {
-        created = match client.admin().create_topic(demo.clone()).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.code() == Some(tally_client::ErrorCode::TopicAlreadyExists) => Ok(()),
-            Err(e) => Err(e.into()),
-        };
-        if created.is_ok() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    created.context("cannot create the demo topic")?;
-    eprintln!(
-        "\nTally is running: {} broker(s) in this process at {} (data in {}),\n\
-         with topic `demo`: 6 partitions, replication factor {replication_factor}.\n\
-         Try, in another terminal:\n\
-         \n  echo hello | cargo run --release -- produce demo\
-         \n  cargo run --release -- consume demo --from beginning --exit-at-end\
-         \n  cargo run --release -- topic describe demo\
-         \n  cargo run --release -- cluster status\n\
-         \nCtrl-C stops them all.",
-        args.brokers,
-        addresses.join(", "),
-        args.data_dir.display()
-    );
-    shutdown_signal().await;
-    for stop in stops {
-        let _ = stop.send(());
-    }
-    for broker in brokers {
-        broker.await.context("broker task failed")??;
-    }
+    tally_broker::run_with_metrics(config, listener, metrics, shutdown_signal()).await?;
     Ok(())
 }

@@ -190,6 +190,17 @@ pub struct GroupDescription {
     pub members: Vec<MemberDescription>,
 }
 
+/// A group as metrics see it: its size and where it has committed.
+#[derive(Debug, Clone)]
+pub struct GroupSample {
+    /// The group id.
+    pub group: String,
+    /// Members right now.
+    pub members: usize,
+    /// The committed offset (next to read) of each partition.
+    pub committed: Vec<((String, u32), i64)>,
+}
+
 #[derive(Debug, Clone, Default)]
 struct Group {
     value: GroupValue,
@@ -912,6 +923,18 @@ impl Shard {
     /// Number of groups (for tests and metrics).
     pub fn group_count(&self) -> usize {
         self.groups.len()
+    }
+
+    /// Each group's member count and committed offsets (for metrics).
+    pub fn samples(&self) -> Vec<GroupSample> {
+        self.groups
+            .iter()
+            .map(|(name, g)| GroupSample {
+                group: name.clone(),
+                members: g.members.len(),
+                committed: g.offsets.iter().map(|(k, v)| (k.clone(), v.offset)).collect(),
+            })
+            .collect()
     }
 
     /// Which member owns each partition of `group` (assigned or revoking).

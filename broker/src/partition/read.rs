@@ -39,7 +39,10 @@ impl Partition {
                         }
                         log.sync_plan()
                     };
-                    if let Err(e) = plan.execute() {
+                    let started = std::time::Instant::now();
+                    let executed = plan.execute();
+                    metrics::histogram!(crate::metrics::FLUSH_DURATION).record(started.elapsed().as_secs_f64());
+                    if let Err(e) = executed {
                         self.fail(&e);
                         return Err(e);
                     }
@@ -165,5 +168,11 @@ impl Partition {
     pub fn max_timestamp_record(&self) -> Result<Option<(Offset, i64)>, BrokerError> {
         let log = self.read_log();
         log.max_timestamp_record(log.high_watermark()).map_err(BrokerError::from_storage)
+    }
+
+    /// Bytes of the log's segments on disk, and producer ids tracked.
+    pub fn sizes(&self) -> (u64, usize) {
+        let log = self.read_log();
+        (log.size_bytes(), log.producer_count())
     }
 }

@@ -104,9 +104,18 @@ async fn send(broker: &Broker, p: Proposal) {
         partition_epoch: PartitionEpoch(p.change.partition_epoch),
         isr: p.change.isr.clone(),
     };
+    let before = broker
+        .topic(&p.topic)
+        .and_then(|t| t.states.get(p.partition.index() as usize).map(|s| s.isr.len()))
+        .unwrap_or(0);
     match broker.propose(command).await {
         Ok(()) => {
             tracing::info!(topic = %p.topic, partition = p.partition.index(), isr = ?p.change.isr, "ISR changed");
+            match p.change.isr.len().cmp(&before) {
+                std::cmp::Ordering::Less => metrics::counter!(crate::metrics::ISR_SHRINKS).increment(1),
+                std::cmp::Ordering::Greater => metrics::counter!(crate::metrics::ISR_EXPANDS).increment(1),
+                std::cmp::Ordering::Equal => {}
+            }
         }
         Err(e) => {
             let outcome = outcome_of(&e);

@@ -70,6 +70,11 @@ impl TallyService {
             })
             .transpose()?;
         let produced = partition.produce_with_outcome(&batches, epoch, acks_all, expected_end).await?;
+        if produced.duplicate_timestamp.is_none() {
+            let bytes = records.iter().map(|r| r.len() as u64).sum();
+            let count = batches.iter().map(|b| u64::try_from(b.header().record_count()).unwrap_or(0)).sum();
+            topic.metrics.produced(bytes, count);
+        }
         let append_time = match produced.duplicate_timestamp {
             _ if !topic.config.log_append_time => -1,
             Some(original) => original,
@@ -80,6 +85,59 @@ impl TallyService {
 }
 
 impl TallyService {
+    /// Counts what a fetch answer sends, per topic, and its errors.
+    fn count_fetch(&self, response: &pb::FetchResponse) {
+        for t in &response.topics {
+            if let Some(topic) = self.broker.topic(&t.name) {
+                for p in t.partitions.iter().filter(|p| !p.records.is_empty()) {
+                    topic.metrics.fetched(&p.records);
+                }
+            }
+            for p in t.partitions.iter().filter(|p| p.error_code != 0) {
+                crate::metrics::request_error("fetch", p.error_code);
+            }
+        }
+    }
+
+    /// A consumer fetch: long-polls until `min_bytes` are there or
+    /// `max_wait_ms` passed.
+    async fn fetch_inner(&self, req: pb::FetchRequest) -> Result<Response<pb::FetchResponse>, Status> {
+        let max_wait = Duration::from_millis(u64::from(req.max_wait_ms).min(self.broker.config().max_fetch_wait_ms));
+        let deadline = tokio::time::Instant::now() + max_wait;
+        let limit = self.broker.config().max_request_bytes.saturating_sub(64 << 10);
+        let max_bytes = if req.max_bytes == 0 { DEFAULT_FETCH_MAX_BYTES } else { u64::from(req.max_bytes) }.min(limit);
+        let min_bytes = u64::from(req.min_bytes);
+        let names: Vec<String> = req.topics.iter().map(|t| t.name.clone()).collect();
+        let mut targets = Vec::new();
+        for (topic_index, t) in req.topics.iter().enumerate() {
+            for p in &t.partitions {
+                targets.push(FetchTarget {
+                    topic_index,
+                    partition: p.partition,
+                    offset: p.fetch_offset,
+                    max_bytes: if p.partition_max_bytes == 0 { max_bytes } else { u64::from(p.partition_max_bytes) },
+                    resolved: self.broker.partition(&t.name, p.partition).map(|(_, p)| p),
+                });
+            }
+        }
+        // Subscribe before the first read so an append between the read and
+        // the wait still wakes us.
+        let mut watchers: Vec<watch::Receiver<Offset>> =
+            targets.iter().filter_map(|t| t.resolved.as_ref().ok().map(|p| p.subscribe())).collect();
+        let shared = Arc::new((targets, names));
+        loop {
+            let (response, total, any_error) = read_off_runtime(&shared, max_bytes).await?;
+            if total >= min_bytes || any_error || watchers.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(Response::new(response));
+            }
+            let changed = futures_util::future::select_all(watchers.iter_mut().map(|w| Box::pin(w.changed())));
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                let (response, _, _) = read_off_runtime(&shared, max_bytes).await?;
+                return Ok(Response::new(response));
+            }
+        }
+    }
+
     /// InitProducerId for an idempotent producer: a new id at epoch 0, or
     /// (KIP-360) the given id at the next epoch; past the last epoch, a new
     /// id. Transactions are not supported.
@@ -162,7 +220,9 @@ impl TallyService {
             },
             Err(e) => {
                 tracing::debug!(topic, partition, error = %e, "produce refused");
-                produce_failure(partition, log_start, &e)
+                let failure = produce_failure(partition, log_start, &e);
+                crate::metrics::request_error("produce", failure.error_code);
+                failure
             }
         }
     }
@@ -236,7 +296,9 @@ struct FetchTarget {
 #[tonic::async_trait]
 impl Tally for TallyService {
     async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
+        let started = std::time::Instant::now();
         let req = request.into_inner();
+        let acks_label = crate::metrics::acks_label(req.acks);
         let acks = pb::Acks::try_from(req.acks).map_err(|_| req.acks);
         let timeout =
             if req.timeout_ms == 0 { DEFAULT_ACKS_TIMEOUT } else { Duration::from_millis(u64::from(req.timeout_ms)) };
@@ -258,6 +320,8 @@ impl Tally for TallyService {
             pb::TopicProduceResponse { name, partitions }
         });
         let topics = futures_util::future::join_all(topics).await;
+        metrics::histogram!(crate::metrics::PRODUCE_DURATION, "acks" => acks_label)
+            .record(started.elapsed().as_secs_f64());
         Ok(Response::new(pb::ProduceResponse { topics }))
     }
 
@@ -283,41 +347,13 @@ impl Tally for TallyService {
     }
 
     async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
-        let req = request.into_inner();
-        let max_wait = Duration::from_millis(u64::from(req.max_wait_ms).min(self.broker.config().max_fetch_wait_ms));
-        let deadline = tokio::time::Instant::now() + max_wait;
-        let limit = self.broker.config().max_request_bytes.saturating_sub(64 << 10);
-        let max_bytes = if req.max_bytes == 0 { DEFAULT_FETCH_MAX_BYTES } else { u64::from(req.max_bytes) }.min(limit);
-        let min_bytes = u64::from(req.min_bytes);
-        let names: Vec<String> = req.topics.iter().map(|t| t.name.clone()).collect();
-        let mut targets = Vec::new();
-        for (topic_index, t) in req.topics.iter().enumerate() {
-            for p in &t.partitions {
-                targets.push(FetchTarget {
-                    topic_index,
-                    partition: p.partition,
-                    offset: p.fetch_offset,
-                    max_bytes: if p.partition_max_bytes == 0 { max_bytes } else { u64::from(p.partition_max_bytes) },
-                    resolved: self.broker.partition(&t.name, p.partition).map(|(_, p)| p),
-                });
-            }
+        let started = std::time::Instant::now();
+        let answer = self.fetch_inner(request.into_inner()).await;
+        metrics::histogram!(crate::metrics::FETCH_DURATION).record(started.elapsed().as_secs_f64());
+        if let Ok(response) = &answer {
+            self.count_fetch(response.get_ref());
         }
-        // Subscribe before the first read so an append between the read and
-        // the wait still wakes us.
-        let mut watchers: Vec<watch::Receiver<Offset>> =
-            targets.iter().filter_map(|t| t.resolved.as_ref().ok().map(|p| p.subscribe())).collect();
-        let shared = Arc::new((targets, names));
-        loop {
-            let (response, total, any_error) = read_off_runtime(&shared, max_bytes).await?;
-            if total >= min_bytes || any_error || watchers.is_empty() || tokio::time::Instant::now() >= deadline {
-                return Ok(Response::new(response));
-            }
-            let changed = futures_util::future::select_all(watchers.iter_mut().map(|w| Box::pin(w.changed())));
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                let (response, _, _) = read_off_runtime(&shared, max_bytes).await?;
-                return Ok(Response::new(response));
-            }
-        }
+        answer
     }
 
     async fn list_offsets(

@@ -40,10 +40,39 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), BrokerError> {
+    let metrics = match config.metrics_listen.as_deref().map(str::parse::<std::net::SocketAddr>) {
+        None => None,
+        Some(Ok(address)) => Some(bind_metrics(address).await?),
+        // `validate` below names the problem.
+        Some(Err(_)) => None,
+    };
+    run_with_metrics(config, listener, metrics, shutdown).await
+}
+
+/// Binds the metrics endpoint's listener; the error names the address.
+pub async fn bind_metrics(address: std::net::SocketAddr) -> Result<TcpListener, BrokerError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|e| BrokerError::InvalidRequest(format!("cannot serve metrics on {address} (metrics_listen): {e}")))
+}
+
+/// [`run`] with the metrics endpoint on a listener the caller bound (to
+/// learn its port before the broker starts); `config.metrics_listen` is
+/// then not bound again.
+pub async fn run_with_metrics(
+    config: BrokerConfig,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), BrokerError> {
     let problems = config.validate();
     if !problems.is_empty() {
         return Err(BrokerError::InvalidRequest(format!("invalid broker config: {}", problems.join("; "))));
     }
+    let metrics_handle = match &metrics {
+        Some(_) => Some(crate::metrics::install().map_err(BrokerError::InvalidRequest)?),
+        None => None,
+    };
     let local =
         listener.local_addr().map_err(|e| BrokerError::InvalidRequest(format!("listener has no address: {e}")))?;
     let advertised = config.advertised_address.clone().unwrap_or_else(|| local.to_string());
@@ -104,6 +133,16 @@ pub async fn run(
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
     let coordinators = crate::coordinator::Coordinators::start(broker.clone());
+    let _metrics_server = match (metrics, metrics_handle) {
+        (Some(listener), Some(handle)) => {
+            let sampler = Arc::new(crate::metrics::sample::Sampler::new(broker.clone(), coordinators.clone()));
+            let server = crate::metrics::MetricsServer::start(listener, handle, sampler)
+                .map_err(|e| BrokerError::InvalidRequest(format!("metrics listener: {e}")))?;
+            tracing::info!(address = %server.local_addr(), "serving metrics");
+            Some(server)
+        }
+        _ => None,
+    };
     let groups = GroupsServer::new(GroupsService::new(coordinators.clone()))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
@@ -118,10 +157,10 @@ pub async fn run(
         .map_err(|e| BrokerError::InvalidRequest(format!("reflection service: {e}")))?;
 
     let incoming = TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(stream) = &conn {
+        conn.map(|stream| {
             let _ = stream.set_nodelay(true);
-        }
-        conn
+            crate::metrics::CountedStream::new(stream)
+        })
     });
     let fatal = Arc::new(std::sync::Mutex::new(None::<String>));
     let fatal_slot = fatal.clone();

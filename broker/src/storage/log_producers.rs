@@ -22,6 +22,11 @@ pub(crate) fn producer_batch(h: &BatchHeader<'_>) -> Option<ProducerBatch> {
 }
 
 impl Log {
+    /// Producer ids this log tracks.
+    pub fn producer_count(&self) -> usize {
+        self.producers.len()
+    }
+
     /// The producer-state table (what the log knows of each producer).
     pub fn producer_state(&self) -> &ProducerStateTable {
         &self.producers
