@@ -691,14 +691,57 @@ impl Broker {
         let controller = self.controller()?;
         let deadline = tokio::time::Instant::now() + PLACEMENT_WAIT;
         loop {
-            match place(&controller.image(), count, replication_factor) {
-                Ok(assignments) => return Ok(assignments),
+            let image = controller.image();
+            match place(&image, count, replication_factor) {
+                Ok(assignments) => {
+                    self.check_partition_limit(&image, &assignments)?;
+                    return Ok(assignments);
+                }
                 Err(e) if tokio::time::Instant::now() >= deadline => {
                     return Err(BrokerError::InvalidReplicationFactor(e.to_string()));
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
+    }
+
+    /// Refuses `assignments` when they would put more partition replicas on
+    /// a broker than `max_partitions_per_broker`, or than this broker's
+    /// open-file limit holds (brokers are assumed alike in that).
+    fn check_partition_limit(&self, image: &MetadataImage, assignments: &[Vec<BrokerId>]) -> Result<(), BrokerError> {
+        let max = u64::from(self.config.max_partitions_per_broker);
+        let (soft, _) = crate::limits::open_files();
+        let fd_limit = crate::limits::partitions_within(soft);
+        let limit = max.min(fd_limit);
+        let mut hosted: BTreeMap<BrokerId, u64> = BTreeMap::new();
+        for p in image.topics().values().flat_map(|t| t.partitions.iter()) {
+            for r in &p.replicas {
+                *hosted.entry(*r).or_default() += 1;
+            }
+        }
+        let mut added: BTreeMap<BrokerId, u64> = BTreeMap::new();
+        for r in assignments.iter().flatten() {
+            *added.entry(*r).or_default() += 1;
+        }
+        for (broker, new) in added {
+            let now = hosted.get(&broker).copied().unwrap_or(0);
+            if now + new > limit {
+                let why = if fd_limit < max {
+                    format!(
+                        "the open-file limit of {soft} descriptors holds about {fd_limit} partitions of one segment \
+                         (raise it with `ulimit -n` or LimitNOFILE=)"
+                    )
+                } else {
+                    format!("max_partitions_per_broker is {max}")
+                };
+                return Err(BrokerError::InvalidPartitions(format!(
+                    "broker {} hosts {now} partition replicas and would get {new} more, above its limit of {limit}: \
+                     {why}; use fewer partitions or more brokers",
+                    broker.0
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Creates a topic (or only checks that it could be, with `validate_only`).

@@ -40,6 +40,11 @@ pub struct BrokerConfig {
     pub default_partitions: u32,
     /// Most partitions one topic may have. Default 10 000.
     pub max_partitions_per_topic: u32,
+    /// Most partition replicas one broker may host; a topic creation or
+    /// partition increase that would place more on any broker is refused
+    /// with INVALID_PARTITIONS, as is one beyond what this broker's
+    /// open-file limit holds (one descriptor per segment). Default 20 000.
+    pub max_partitions_per_broker: u32,
     /// The controller voters, `id@host:port,...` (each voter's advertised
     /// address). A broker whose id is not among them is an observer: it
     /// follows the metadata log without voting. Default: this broker
@@ -157,6 +162,7 @@ impl Default for BrokerConfig {
             checkpoint_interval_ms: 60_000,
             default_partitions: 1,
             max_partitions_per_topic: 10_000,
+            max_partitions_per_broker: 20_000,
             voters: None,
             broker_session_timeout_ms: 9000,
             broker_heartbeat_interval_ms: 2000,
@@ -298,6 +304,9 @@ impl BrokerConfig {
         }
         if self.max_inflight_bytes_per_partition > u64::from(u32::MAX) {
             problems.push("max_inflight_bytes_per_partition must be below 4 GiB".to_string());
+        }
+        if self.max_partitions_per_broker == 0 {
+            problems.push("max_partitions_per_broker must be at least 1".to_string());
         }
         if self.max_producers_per_partition == 0 {
             problems.push("max_producers_per_partition must be at least 1".to_string());
@@ -463,6 +472,7 @@ const BROKER_KEYS: &[&str] = &[
     "checkpoint_interval_ms",
     "default_partitions",
     "max_partitions_per_topic",
+    "max_partitions_per_broker",
     "voters",
     "broker_session_timeout_ms",
     "broker_heartbeat_interval_ms",

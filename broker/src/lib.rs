@@ -14,6 +14,7 @@ pub mod coordinator;
 pub mod error;
 mod log_cleaner;
 mod maintenance;
+pub mod limits;
 pub mod membership;
 pub mod metrics;
 pub mod partition;

@@ -804,3 +804,24 @@ async fn a_client_rides_its_broker_restarting_on_the_same_address() {
     assert_eq!(produced, Some(1), "the record after the restart follows the one before it");
     broker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_past_the_per_broker_limit_are_refused_up_front_with_the_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tally_broker::BrokerConfig { max_partitions_per_broker: 10, ..test_config(dir.path()) };
+    let broker = TestBroker::start_with(config).await;
+    let client = broker.client().await;
+    let admin = client.admin();
+    admin.create_topic(NewTopic::new("eight", 8)).await.unwrap();
+    let e = admin.create_topic(NewTopic::new("four", 4)).await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::InvalidPartitions));
+    let message = e.to_string();
+    assert!(message.contains("hosts 8 partition replicas and would get 4 more, above its limit of 10"), "{message}");
+    assert!(message.contains("max_partitions_per_broker is 10"), "{message}");
+    assert!(admin.list_topics().await.unwrap().iter().all(|t| t.name != "four"), "nothing was created");
+    let e = admin.create_partitions("eight", 11).await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::InvalidPartitions));
+    // Up to the limit is fine.
+    admin.create_partitions("eight", 10).await.unwrap();
+    assert_eq!(admin.describe_topic("eight").await.unwrap().partitions.len(), 10);
+}

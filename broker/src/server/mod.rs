@@ -69,6 +69,9 @@ pub async fn run_with_metrics(
     if !problems.is_empty() {
         return Err(BrokerError::InvalidRequest(format!("invalid broker config: {}", problems.join("; "))));
     }
+    // Before any partition opens: a broker that cannot hold its segments
+    // says so now, not with EMFILE in the middle of a roll.
+    crate::limits::check_start(&config.data_dir).map_err(BrokerError::InvalidRequest)?;
     let metrics_handle = match &metrics {
         Some(_) => Some(crate::metrics::install().map_err(BrokerError::InvalidRequest)?),
         None => None,

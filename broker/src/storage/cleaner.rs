@@ -478,7 +478,7 @@ fn finish_staged(out: &mut Segment, last_append_ms: i64) -> Result<()> {
     out.close()?;
     let mtime = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(last_append_ms).unwrap_or(0));
     out.log_file().set_modified(mtime).map_err(super::error::io_err("set mtime", out.path()))?;
-    for file in out.files() {
+    for file in out.files()? {
         super::fs::sync_data(&file, out.path())?;
     }
     Ok(())

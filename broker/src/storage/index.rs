@@ -31,7 +31,6 @@ pub(crate) const INDEX_ALLOCATION_STEP: u64 = 64 << 10;
 #[derive(Debug)]
 pub(crate) struct IndexFile {
     path: PathBuf,
-    file: Arc<File>,
     map: Option<MmapRaw>,
     entry_len: usize,
     /// Most entries the map can hold.
@@ -61,15 +60,9 @@ impl IndexFile {
         let map = map(&file, map_len, path)?;
         let capacity = usize::try_from(map_len).unwrap_or(0) / entry_len;
         let allocated = usize::try_from(allocated_bytes).unwrap_or(0) / entry_len;
-        Ok(IndexFile {
-            path: path.to_path_buf(),
-            file: Arc::new(file),
-            map,
-            entry_len,
-            capacity,
-            allocated,
-            len: existing.min(capacity),
-        })
+        // The map outlives the descriptor, which is closed here.
+        drop(file);
+        Ok(IndexFile { path: path.to_path_buf(), map, entry_len, capacity, allocated, len: existing.min(capacity) })
     }
 
     /// Allocates the next step of the file; false when the disk refuses
@@ -77,7 +70,11 @@ impl IndexFile {
     fn allocate_more(&mut self) -> bool {
         let step = (INDEX_ALLOCATION_STEP as usize / self.entry_len).max(1);
         let target = (self.allocated + step).min(self.capacity);
-        if target <= self.allocated || preallocate(&self.file, (target * self.entry_len) as u64, &self.path).is_err() {
+        if target <= self.allocated {
+            return false;
+        }
+        let grown = self.open_file().and_then(|f| preallocate(&f, (target * self.entry_len) as u64, &self.path));
+        if grown.is_err() {
             return false;
         }
         self.allocated = target;
@@ -92,8 +89,15 @@ impl IndexFile {
         self.len >= self.capacity
     }
 
-    pub(crate) fn file(&self) -> &Arc<File> {
-        &self.file
+    /// The index file, opened now (it must exist: its segment is in the
+    /// log), for a sync or a resize.
+    pub(crate) fn open_file(&self) -> Result<Arc<File>> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map(Arc::new)
+            .map_err(io_err("open", &self.path))
     }
 
     pub(crate) fn entry(&self, i: usize) -> &[u8] {
@@ -136,7 +140,7 @@ impl IndexFile {
     /// Shrinks the file to its entries (when the segment closes).
     pub(crate) fn trim(&mut self) -> Result<()> {
         let bytes = (self.len * self.entry_len) as u64;
-        self.file.set_len(bytes).map_err(io_err("truncate", &self.path))?;
+        self.open_file()?.set_len(bytes).map_err(io_err("truncate", &self.path))?;
         self.capacity = self.len;
         self.allocated = self.len;
         Ok(())
@@ -146,7 +150,8 @@ impl IndexFile {
     /// becomes active again after a truncation).
     pub(crate) fn make_writable(&mut self, bytes: u64) -> Result<()> {
         let bytes = bytes / self.entry_len as u64 * self.entry_len as u64;
-        self.map = map(&self.file, bytes, &self.path)?;
+        let file = self.open_file()?;
+        self.map = map(&file, bytes, &self.path)?;
         self.capacity = usize::try_from(bytes).unwrap_or(0) / self.entry_len;
         self.allocated = self.allocated.max(self.len).min(self.capacity);
         Ok(())

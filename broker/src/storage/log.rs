@@ -397,7 +397,7 @@ impl Log {
                 segment.close()?;
             }
             // Re-validated bytes count as durable only once synced.
-            self.unsynced.push((end, segment.files()));
+            self.unsynced.push((end, segment.files()?));
             self.segments.insert(base, segment);
             if recovered.tail == Tail::Damaged && !is_last {
                 tracing::warn!(dir = %self.dir.display(), "removing the segments after the damaged one: they follow a hole");
@@ -686,10 +686,12 @@ impl Log {
             return Ok(());
         }
         let base = self.leo();
+        // Opened first (the indexes hold no descriptor): nothing changed if
+        // the process is out of descriptors.
+        let files = self.active().files()?;
         let segment = Segment::create(&self.dir, base, self.sizes(), self.clock.now_ms())?;
         let old = self.active_mut();
         old.close()?;
-        let files = old.files();
         self.unsynced.push((base, files));
         self.segments.insert(base, segment);
         self.dir_generation += 1;
@@ -851,11 +853,11 @@ impl Log {
         if cut == floor {
             self.replace_with_empty(floor)?;
         } else {
+            let files = self.segments.get(&floor).expect("floor exists").files()?;
             let segment = Segment::create(&self.dir, cut, self.sizes(), self.clock.now_ms())?;
             let sealed = self.segments.get_mut(&floor).expect("floor exists");
             sealed.seal_at(offset)?;
             sealed.close()?;
-            let files = sealed.files();
             self.segments.insert(cut, segment);
             self.unsynced.retain(|(end, _)| *end <= floor);
             self.unsynced.push((cut, files));

@@ -1000,25 +1000,31 @@ fn allocated_bytes(path: &std::path::Path) -> u64 {
 }
 
 #[test]
-fn an_idle_partition_reserves_one_allocation_step_not_a_whole_segment() {
+fn an_idle_partition_reserves_a_small_first_step_and_a_busy_one_allocates_ahead_in_growing_steps() {
+    use super::super::segment::{LOG_ALLOCATION_STEP, LOG_FIRST_ALLOCATION};
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig { retention_ms: None, ..LogConfig::default() }; // 1 GiB segments
     let mut log = Log::open(dir.path(), config.clone(), Arc::new(SystemClock)).unwrap();
     let seg = dir.path().join("00000000000000000000.log");
-    let step = super::super::segment::LOG_ALLOCATION_STEP;
-    assert!(allocated_bytes(&seg) <= step, "allocated {}", allocated_bytes(&seg));
+    assert!(allocated_bytes(&seg) <= LOG_FIRST_ALLOCATION, "allocated {}", allocated_bytes(&seg));
+    let mut idle = allocated_bytes(&seg);
     for ext in ["index", "timeindex"] {
         let idx = dir.path().join(format!("00000000000000000000.{ext}"));
         assert!(allocated_bytes(&idx) <= 64 << 10, "{ext} allocated {}", allocated_bytes(&idx));
+        idle += allocated_bytes(&idx);
     }
-    // Appending past the first step allocates the next one, and the data reads back.
+    assert!(idle <= 1 << 20, "an idle partition reserves at most 1 MiB, not {idle}");
+    // 40 MiB written: allocated ahead of the writer, by at most one step
+    // (steps double up to 32 MiB), and the data reads back.
     let value = vec![3u8; 512 << 10];
-    let batches = step / (512 << 10) + 2;
+    let batches = 80u64;
     for _ in 0..batches {
         log.append(&batch(&[&value], 1), 0).unwrap();
     }
+    let written = std::fs::metadata(&seg).unwrap().len().min(batches * (512 << 10));
     let allocated = allocated_bytes(&seg);
-    assert!(allocated > step && allocated <= 3 * step, "allocated {allocated}");
+    assert!(allocated >= written, "allocated {allocated} below written {written}");
+    assert!(allocated <= written + LOG_ALLOCATION_STEP && allocated <= 2 * written, "allocated {allocated}");
     drop(log);
     let log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
     assert_eq!(log.log_end_offset().get(), batches);
@@ -1422,4 +1428,42 @@ fn the_recovery_point_after_syncs_is_written_at_most_once_per_interval() {
     let next = log.recovery_point_after_sync().expect("once the interval passed");
     next.write().unwrap();
     assert_eq!(Checkpoints::read(dir.path()).unwrap().recovery_point, Offset(8));
+}
+
+/// Files under `dir` this process holds a descriptor of.
+fn open_files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let dir = dir.canonicalize().unwrap();
+    let mut out: Vec<_> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|p| p.starts_with(&dir))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_segment_holds_one_descriptor_its_indexes_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { segment_bytes: 4096, ..LogConfig::default() };
+    let mut log = Log::open(dir.path(), config.clone(), Arc::new(SystemClock)).unwrap();
+    for _ in 0..20 {
+        log.append(&batch(&[&[7u8; 1000]], 1), 0).unwrap();
+    }
+    assert!(log.segment_count() >= 3, "rolled");
+    // Syncing lets go of the closed segments' index files too.
+    let plan = log.sync_plan();
+    plan.execute().unwrap();
+    log.mark_durable(&plan);
+    drop(plan);
+    let held = open_files_under(dir.path());
+    assert!(held.iter().all(|p| p.extension().is_some_and(|e| e == "log")), "{held:?}");
+    assert_eq!(held.len(), log.segment_count(), "one per segment: {held:?}");
+    // Indexes still answer lookups and grow after a reopen.
+    drop(log);
+    let mut log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
+    assert_eq!(log.offset_for_timestamp(1).unwrap().map(|(o, _)| o), Some(Offset(0)));
+    log.append(&batch(&[&[7u8; 1000]], 1), 0).unwrap();
+    assert_eq!(log.log_end_offset(), Offset(21));
 }

@@ -28,9 +28,22 @@ use super::index::{IndexFile, OffsetIndex, TimeIndex};
 use super::writeback::Writeback;
 use super::{Result, StorageError};
 
-/// Bytes of `.log` allocated at a time as the active segment fills, so an
-/// idle partition does not reserve a whole `segment_bytes` of disk.
+/// Largest step of `.log` allocation: a busy partition allocates this much
+/// at a time (one `fallocate` per 32 MiB written).
 pub(crate) const LOG_ALLOCATION_STEP: u64 = 32 << 20;
+
+/// First step of a new segment's `.log` allocation: what an idle partition
+/// reserves. Each later step is as large as everything allocated so far (up
+/// to [`LOG_ALLOCATION_STEP`]), so the steps follow the write rate: a busy
+/// segment reaches 32 MiB steps after 64 MiB, an idle one stays at 256 KiB.
+pub(crate) const LOG_FIRST_ALLOCATION: u64 = 256 << 10;
+
+/// The next allocation target for a segment with `allocated` bytes of real
+/// blocks that must reach `end`, within `capacity`.
+fn allocation_target(allocated: u64, end: u64, capacity: u64) -> u64 {
+    let step = allocated.clamp(LOG_FIRST_ALLOCATION, LOG_ALLOCATION_STEP);
+    end.max(allocated + step).min(capacity.max(end))
+}
 
 /// File name of a segment file: the base offset, 20 digits, and `ext`.
 pub(crate) fn file_name(base_offset: u64, ext: &str) -> String {
@@ -70,7 +83,7 @@ pub(crate) struct Segment {
     /// Most bytes the segment may hold: the length of its map.
     capacity: u64,
     /// Bytes of the file with real blocks (the file's length); appends
-    /// allocate ahead in steps of [`LOG_ALLOCATION_STEP`].
+    /// allocate ahead in growing steps (see [`LOG_FIRST_ALLOCATION`]).
     allocated: u64,
     size: u64,
     /// The file is never cut below this while the process runs: the most
@@ -141,7 +154,7 @@ impl Segment {
         // Index files without their `.log` belong to no segment.
         remove_if_exists(&dir.join(file_name(base_offset, &format!("index{suffix}"))))?;
         remove_if_exists(&dir.join(file_name(base_offset, &format!("timeindex{suffix}"))))?;
-        let first_step = LOG_ALLOCATION_STEP.min(sizes.log_bytes);
+        let first_step = LOG_FIRST_ALLOCATION.min(sizes.log_bytes);
         preallocate(&file, first_step, path)?;
         // The map covers the whole segment; only allocated bytes are ever read.
         let map = map(&file, sizes.log_bytes, path)?.map(Arc::new);
@@ -246,8 +259,10 @@ impl Segment {
         &self.file
     }
 
-    pub(crate) fn files(&self) -> [Arc<File>; 3] {
-        [self.file.clone(), self.offset_index.file.file().clone(), self.time_index.file.file().clone()]
+    /// The `.log` and both index files, to sync (the indexes are opened
+    /// now: they hold no descriptor otherwise).
+    pub(crate) fn files(&self) -> Result<[Arc<File>; 3]> {
+        Ok([self.file.clone(), self.offset_index.file.open_file()?, self.time_index.file.open_file()?])
     }
 
     /// True when `len` more bytes or another index entry may not fit.
@@ -321,7 +336,7 @@ impl Segment {
         if end <= self.allocated {
             return Ok(());
         }
-        let target = end.max(self.allocated + LOG_ALLOCATION_STEP).min(self.capacity.max(end));
+        let target = allocation_target(self.allocated, end, self.capacity);
         preallocate(&self.file, target, &self.path)?;
         self.allocated = target;
         Ok(())
@@ -973,4 +988,21 @@ fn open_indexes(
     let ti =
         IndexFile::open(&dir.join(file_name(base, &format!("timeindex{suffix}"))), TimeIndex::ENTRY, writable, keep)?;
     Ok((OffsetIndex::new(oi, base), TimeIndex::new(ti, base)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn allocation_steps_double_from_256_kib_to_32_mib_and_stop_at_the_capacity() {
+        let (mut allocated, mut steps) = (super::LOG_FIRST_ALLOCATION, Vec::new());
+        while allocated < 200 << 20 {
+            let next = super::allocation_target(allocated, allocated + 1, 1 << 30);
+            steps.push((next - allocated) >> 10);
+            allocated = next;
+        }
+        assert_eq!(steps[..8], [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]);
+        assert!(steps[8..].iter().all(|s| *s == 32768));
+        assert_eq!(super::allocation_target(10 << 20, 11 << 20, 12 << 20), 12 << 20, "capped at the capacity");
+        assert_eq!(super::allocation_target(1 << 20, 50 << 20, 1 << 30), 50 << 20, "a large write gets what it needs");
+    }
 }
