@@ -25,7 +25,7 @@ use super::error::io_err;
 use super::fs::{map, open_rw, preallocate};
 
 /// Bytes of index file allocated at a time.
-pub(crate) const INDEX_ALLOCATION_STEP: u64 = 64 << 10;
+pub(crate) const INDEX_ALLOCATION_STEP: u64 = 16 << 10;
 
 /// One mapped index file of fixed-size entries.
 #[derive(Debug)]

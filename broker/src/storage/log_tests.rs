@@ -1010,10 +1010,10 @@ fn an_idle_partition_reserves_a_small_first_step_and_a_busy_one_allocates_ahead_
     let mut idle = allocated_bytes(&seg);
     for ext in ["index", "timeindex"] {
         let idx = dir.path().join(format!("00000000000000000000.{ext}"));
-        assert!(allocated_bytes(&idx) <= 64 << 10, "{ext} allocated {}", allocated_bytes(&idx));
+        assert!(allocated_bytes(&idx) <= 16 << 10, "{ext} allocated {}", allocated_bytes(&idx));
         idle += allocated_bytes(&idx);
     }
-    assert!(idle <= 1 << 20, "an idle partition reserves at most 1 MiB, not {idle}");
+    assert!(idle <= 128 << 10, "an idle partition reserves at most 128 KiB, not {idle}");
     // 40 MiB written: allocated ahead of the writer, by at most one step
     // (steps double up to 32 MiB), and the data reads back.
     let value = vec![3u8; 512 << 10];

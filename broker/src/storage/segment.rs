@@ -35,8 +35,8 @@ pub(crate) const LOG_ALLOCATION_STEP: u64 = 32 << 20;
 /// First step of a new segment's `.log` allocation: what an idle partition
 /// reserves. Each later step is as large as everything allocated so far (up
 /// to [`LOG_ALLOCATION_STEP`]), so the steps follow the write rate: a busy
-/// segment reaches 32 MiB steps after 64 MiB, an idle one stays at 256 KiB.
-pub(crate) const LOG_FIRST_ALLOCATION: u64 = 256 << 10;
+/// segment reaches 32 MiB steps after 64 MiB, an idle one stays at 64 KiB.
+pub(crate) const LOG_FIRST_ALLOCATION: u64 = 64 << 10;
 
 /// The next allocation target for a segment with `allocated` bytes of real
 /// blocks that must reach `end`, within `capacity`.
@@ -993,15 +993,15 @@ fn open_indexes(
 #[cfg(test)]
 mod tests {
     #[test]
-    fn allocation_steps_double_from_256_kib_to_32_mib_and_stop_at_the_capacity() {
+    fn allocation_steps_double_from_64_kib_to_32_mib_and_stop_at_the_capacity() {
         let (mut allocated, mut steps) = (super::LOG_FIRST_ALLOCATION, Vec::new());
         while allocated < 200 << 20 {
             let next = super::allocation_target(allocated, allocated + 1, 1 << 30);
             steps.push((next - allocated) >> 10);
             allocated = next;
         }
-        assert_eq!(steps[..8], [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]);
-        assert!(steps[8..].iter().all(|s| *s == 32768));
+        assert_eq!(steps[..10], [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]);
+        assert!(steps[10..].iter().all(|s| *s == 32768));
         assert_eq!(super::allocation_target(10 << 20, 11 << 20, 12 << 20), 12 << 20, "capped at the capacity");
         assert_eq!(super::allocation_target(1 << 20, 50 << 20, 1 << 30), 50 << 20, "a large write gets what it needs");
     }
