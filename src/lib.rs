@@ -3,7 +3,10 @@
 //! `tally` binary as a child process, and the `tally dev` supervisor.
 
 pub mod bench;
+pub mod bench_chart;
 pub mod bench_idempotence;
+pub mod bench_partitions;
+pub mod bench_sweep;
 pub mod child;
 pub mod dev;
 

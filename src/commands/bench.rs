@@ -1,12 +1,17 @@
-//! `tally bench produce|consume`.
+//! `tally bench produce|consume|sweep|replication|idempotence`.
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use tally::bench::{ConsumeParams, ProduceParams, SweepParams, consume, produce, replication_sweep};
 use tally::bench_idempotence::{IdempotenceParams, idempotence_sweep};
+use tally::bench_sweep::{
+    ClusterChoice, Machine, SweepConfig, UNACKED_BYTES_DEFAULT, results_json, run_sweep, table_header, table_row,
+    write_results,
+};
 use tally_client::Acks;
 
-use super::{Context, parse_key_value};
+use super::{Context, Output, parse_key_value};
 
 /// Benchmarks.
 #[derive(Debug, clap::Subcommand)]
@@ -51,10 +56,19 @@ pub enum BenchCommand {
         #[arg(long, default_value = "none")]
         compression: tally_client::Compression,
     },
-    /// A three-broker local cluster (started here, data in a temporary
-    /// directory) and a produce run for each partition count, record size
-    /// and acks level, on topics with replication factor 3 and
-    /// min_insync_replicas 2: one table.
+    /// The acks benchmark: acks 0/1/all × record size × partitions ×
+    /// idempotence, producers (the batching Producer) and consumers
+    /// running together for a fixed time per point, against a three-broker
+    /// cluster started here (replication factor 3, min ISR 2) or, with
+    /// --existing, the cluster at --bootstrap. Prints a table and writes
+    /// results.json, results.csv and chart.svg into --out.
+    Sweep(SweepArgs),
+    /// Pre-built batches through a PartitionClient (no Producer, no
+    /// consumers) for each partition count, record size and acks level,
+    /// plus acks=all paced at half its rate, on a three-broker local
+    /// cluster (replication factor 3, min_insync_replicas 2): one table.
+    /// Kept for comparison with earlier figures; `bench sweep` is its
+    /// successor.
     Replication {
         /// Partition counts, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,8")]
@@ -118,6 +132,26 @@ pub enum BenchCommand {
         #[arg(long)]
         through_consumer: bool,
     },
+    /// What a partition costs: one broker (started here) gets `--count`
+    /// partitions; prints disk allocated, RssAnon, descriptors, maps,
+    /// create and restart times, and produce throughput over all of them.
+    Partitions {
+        /// Partitions in all.
+        #[arg(long, default_value_t = 1000)]
+        count: u32,
+        /// Topics sharing them evenly (e.g. 1000 topics of 10).
+        #[arg(long, default_value_t = 1)]
+        topics: u32,
+        /// Seconds of each produce run.
+        #[arg(long, default_value_t = 5)]
+        produce_s: u64,
+        /// Value bytes per record.
+        #[arg(long, default_value_t = 100)]
+        record_size: usize,
+        /// The broker's data directory (default: a fresh temporary one, removed after).
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+    },
 }
 
 /// A fresh directory for the sweep's brokers, removed when it ends.
@@ -140,6 +174,24 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
                 warmup: Duration::from_secs(warmup_s),
             };
             return sweep(&params).await;
+        }
+        BenchCommand::Sweep(args) => return run_sweep_command(ctx, args).await,
+        BenchCommand::Partitions { count, topics, produce_s, record_size, data_dir } => {
+            let temporary = data_dir.is_none();
+            let params = tally::bench_partitions::PartitionsParams {
+                binary: std::env::current_exe()?,
+                data_dir: data_dir.unwrap_or_else(sweep_dir),
+                count,
+                topics,
+                produce: Duration::from_secs(produce_s),
+                record_size,
+            };
+            let report = tally::bench_partitions::run(&params, |step| eprintln!("{step}")).await;
+            if temporary {
+                let _ = std::fs::remove_dir_all(&params.data_dir);
+            }
+            println!("{}", report?);
+            return Ok(());
         }
         BenchCommand::Idempotence {
             partitions,
@@ -261,5 +313,194 @@ fn finish_sweep(data_dir: &std::path::Path, peaks: anyhow::Result<Vec<(u32, f64)
     for (broker, mib) in peaks? {
         println!("broker {broker}: peak RssAnon {mib:.1} MiB");
     }
+    Ok(())
+}
+
+/// `tally bench sweep`'s flags. Each dimension is a comma-separated list.
+#[derive(Debug, clap::Args)]
+pub struct SweepArgs {
+    /// Measure the running cluster at --bootstrap (or TALLY_BOOTSTRAP)
+    /// instead of starting three local brokers. It needs at least
+    /// --replication-factor live brokers; the sweep creates and deletes
+    /// its own topics there (bench-sweep-PID-N).
+    #[arg(long)]
+    existing: bool,
+    /// Acks levels: 0, 1 and/or all.
+    #[arg(long, default_value = "0,1,all")]
+    acks: CommaList<Acks>,
+    /// Record value sizes in bytes (at least 8: each record carries its
+    /// send timestamp).
+    #[arg(long, default_value = "100,1024,10240")]
+    record_sizes: CommaList<usize>,
+    /// Partition counts.
+    #[arg(long, default_value = "1,8")]
+    partitions: CommaList<u32>,
+    /// Producer idempotence: on, off or on,off. On runs only with
+    /// acks=all (the client refuses it otherwise); the other combinations
+    /// are skipped, and the sweep says so.
+    #[arg(long, default_value = "off,on")]
+    idempotence: CommaList<OnOff>,
+    /// Measured seconds per point.
+    #[arg(long, default_value = "5", value_parser = parse_seconds)]
+    duration_s: Duration,
+    /// Unmeasured warm-up seconds per point, before the measured ones.
+    #[arg(long, default_value = "1", value_parser = parse_seconds)]
+    warmup_s: Duration,
+    /// Hold this many records per second in total (spread over the
+    /// producer tasks) instead of sending as fast as acknowledgements come
+    /// back: latency at a fixed load, like kafka-producer-perf-test's
+    /// --throughput.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Replicas per partition of the sweep's topics.
+    #[arg(long, default_value_t = 3)]
+    replication_factor: u32,
+    /// min_insync_replicas of the sweep's topics (acks=all needs it at
+    /// most the replication factor).
+    #[arg(long, default_value_t = 2)]
+    min_insync_replicas: u32,
+    /// Producer tasks per partition (sharing the point's one Producer).
+    #[arg(long, default_value_t = 1)]
+    producers_per_partition: usize,
+    /// KiB of record values a point keeps sent but not yet acknowledged,
+    /// split over its producer tasks (Kafka's perf tool has buffer.memory
+    /// in this role). A closed loop's latency is about this over its
+    /// throughput; use --rate for latency at a given load.
+    #[arg(long, default_value_t = UNACKED_BYTES_DEFAULT / 1024)]
+    unacked_kib: usize,
+    /// Directory for results.json, results.csv and chart.svg (created if
+    /// missing; files in it are replaced).
+    #[arg(long, default_value = "bench-results")]
+    out: std::path::PathBuf,
+}
+
+/// A comma-separated list; an empty string is an empty list (which the
+/// sweep then refuses by name).
+#[derive(Debug, Clone)]
+pub struct CommaList<T>(Vec<T>);
+
+impl<T: std::str::FromStr> std::str::FromStr for CommaList<T>
+where
+    T::Err: std::fmt::Display,
+{
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().is_empty() {
+            return Ok(CommaList(Vec::new()));
+        }
+        s.split(',')
+            .map(|item| item.trim().parse::<T>().map_err(|e| format!("`{}`: {e}", item.trim())))
+            .collect::<Result<Vec<T>, String>>()
+            .map(CommaList)
+    }
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct OnOff(bool);
+
+impl std::str::FromStr for OnOff {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" | "true" => Ok(OnOff(true)),
+            "off" | "false" => Ok(OnOff(false)),
+            other => Err(format!("expected on or off, got `{other}`")),
+        }
+    }
+}
+
+/// Seconds as a non-negative decimal number.
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|e| format!("`{s}` is not a number of seconds: {e}"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is not a non-negative number of seconds"))
+}
+
+impl SweepArgs {
+    fn config(&self, ctx: &Context) -> anyhow::Result<SweepConfig> {
+        let cluster = if self.existing {
+            ClusterChoice::Existing { bootstrap: ctx.bootstrap.clone() }
+        } else {
+            ClusterChoice::Local { binary: std::env::current_exe()?, data_dir: sweep_dir() }
+        };
+        Ok(SweepConfig {
+            cluster,
+            acks: self.acks.0.clone(),
+            record_sizes: self.record_sizes.0.clone(),
+            partitions: self.partitions.0.clone(),
+            idempotence: self.idempotence.0.iter().map(|o| o.0).collect(),
+            duration: self.duration_s,
+            warmup: self.warmup_s,
+            rate_records_per_s: self.rate,
+            replication_factor: self.replication_factor,
+            min_insync_replicas: self.min_insync_replicas,
+            producers_per_partition: self.producers_per_partition,
+            unacked_bytes: self.unacked_kib.saturating_mul(1024),
+        })
+    }
+}
+
+/// `tally bench sweep`: checks the settings and the output directory
+/// before any broker starts, runs the sweep under a progress bar (stderr,
+/// shown on a terminal only), prints the table (or, with `--output json`,
+/// the results document), then writes the files.
+async fn run_sweep_command(ctx: &Context, args: SweepArgs) -> anyhow::Result<()> {
+    let config = args.config(ctx)?;
+    config.validate()?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create the output directory {}", args.out.display()))?;
+    let plan = config.plan();
+    if !plan.skipped.is_empty() {
+        eprintln!(
+            "note: skipping {} combination(s) of idempotence on with acks 0 or 1: the idempotent producer needs \
+             acks=all",
+            plan.skipped.len()
+        );
+    }
+    let machine = Machine::describe();
+    let table = ctx.output == Output::Table;
+    let progress = indicatif::ProgressBar::new(plan.points.len() as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:24}] {pos}/{len} {wide_msg}")?
+            .progress_chars("=> "),
+    );
+    progress.enable_steady_tick(Duration::from_millis(200));
+    if table {
+        println!("{}", table_header());
+    }
+    let outcome = run_sweep(&config, &progress, |r| {
+        if table {
+            progress.suspend(|| println!("{}", table_row(r)));
+        }
+    })
+    .await;
+    progress.finish_and_clear();
+    if let ClusterChoice::Local { data_dir, .. } = &config.cluster {
+        let _ = std::fs::remove_dir_all(data_dir);
+    }
+    let outcome = outcome?;
+    let json = results_json(&config, &machine, &outcome);
+    let rate = config.rate_records_per_s.map_or_else(|| "closed loop".to_string(), |r| format!("{r:.0} records/s"));
+    let title = format!(
+        "tally bench sweep: {} brokers, RF {}, min ISR {}, {}, {} s per point",
+        outcome.brokers,
+        config.replication_factor,
+        config.min_insync_replicas,
+        rate,
+        config.duration.as_secs_f64(),
+    );
+    let footer = format!("tally {}; {}", env!("CARGO_PKG_VERSION"), machine.summary());
+    write_results(&args.out, &json, &outcome.results, &title, &footer)?;
+    if table {
+        for (broker, mib) in &outcome.broker_peak_rss_anon_mib {
+            println!("broker {broker}: peak RssAnon {mib:.1} MiB");
+        }
+    } else {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    }
+    eprintln!("machine: {}", machine.summary());
+    eprintln!("wrote results.json, results.csv and chart.svg to {}", args.out.display());
     Ok(())
 }

@@ -269,3 +269,169 @@ async fn cli_appends_only_at_the_expected_end_offset() {
     assert!(!out.status.success(), "--expect-end-offset needs --partition");
     broker.stop().await.unwrap();
 }
+
+/// Checks that `svg` is one well-formed `<svg>` element: every tag closed in
+/// order, nothing after the root. Returns the text of every `<text>` element.
+fn svg_texts(svg: &str) -> Vec<String> {
+    let mut open: Vec<String> = Vec::new();
+    let mut texts = Vec::new();
+    let mut rest = svg.trim();
+    let mut roots = 0;
+    while let Some(lt) = rest.find('<') {
+        let content = rest[..lt].trim();
+        if !content.is_empty() {
+            assert!(!open.is_empty(), "text outside the root: {content}");
+            if open.last().map(String::as_str) == Some("text") {
+                texts.push(content.to_string());
+            }
+        }
+        let gt = rest[lt..].find('>').expect("an unterminated tag") + lt;
+        let tag = &rest[lt + 1..gt];
+        rest = &rest[gt + 1..];
+        if tag.starts_with('?') || tag.starts_with('!') {
+            continue;
+        }
+        if let Some(name) = tag.strip_prefix('/') {
+            assert_eq!(open.pop().as_deref(), Some(name.trim()), "a closing tag out of order");
+            continue;
+        }
+        let name = tag.split_whitespace().next().unwrap_or_default().trim_end_matches('/').to_string();
+        if open.is_empty() {
+            roots += 1;
+            assert_eq!(name, "svg", "the root element");
+        }
+        if !tag.ends_with('/') {
+            open.push(name);
+        }
+    }
+    assert!(open.is_empty(), "unclosed elements: {open:?}");
+    assert!(rest.trim().is_empty(), "content after the root: {rest}");
+    assert_eq!(roots, 1, "one root element");
+    texts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_bench_sweep_writes_results_and_a_chart_for_every_possible_point() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out_path = out_dir.path().join("results");
+    let args = [
+        "bench",
+        "sweep",
+        "--acks",
+        "1,all",
+        "--record-sizes",
+        "100",
+        "--partitions",
+        "1",
+        "--idempotence",
+        "off,on",
+        "--duration-s",
+        "1",
+        "--warmup-s",
+        "0.2",
+        "--out",
+        out_path.to_str().unwrap(),
+    ];
+    // A local three-broker cluster of its own: no bootstrap needed.
+    let out = run("127.0.0.1:1", &args, None).await;
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("skipping 1 combination"), "acks=1 with idempotence is skipped, and said: {stderr}");
+    let table = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = table.lines().filter(|l| l.trim_start().starts_with(['1', 'a'])).collect();
+    assert_eq!(rows.len(), 4, "header and three points: {table}");
+
+    // results.json: the machine, the parameters and one result per possible point.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_path.join("results.json")).unwrap()).unwrap();
+    assert!(json["machine"]["cores"].as_u64().is_some_and(|c| c >= 1), "{json}");
+    assert!(json["machine"]["kernel"].as_str().is_some_and(|k| !k.is_empty()), "{json}");
+    assert_eq!(json["parameters"]["replication_factor"], 3);
+    assert_eq!(json["parameters"]["min_insync_replicas"], 2);
+    assert_eq!(json["brokers"], 3);
+    assert_eq!(json["skipped"].as_array().unwrap().len(), 1, "{json}");
+    assert_eq!(
+        (json["skipped"][0]["acks"].as_str(), json["skipped"][0]["idempotence"].as_bool()),
+        (Some("1"), Some(true))
+    );
+    let results = json["results"].as_array().unwrap();
+    let points: Vec<(&str, bool)> =
+        results.iter().map(|r| (r["acks"].as_str().unwrap(), r["idempotence"].as_bool().unwrap())).collect();
+    assert_eq!(points, [("1", false), ("all", false), ("all", true)]);
+    for r in results {
+        assert_eq!((r["record_size"].as_u64(), r["partitions"].as_u64()), (Some(100), Some(1)), "{r}");
+        // Something was measured (no speed is asserted): acknowledged
+        // records, a produce latency, and records that reached a consumer.
+        assert!(r["records_per_s"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+        assert!(r["produce_samples"].as_u64().is_some_and(|n| n > 0), "{r}");
+        let p = &r["produce_latency_ms"];
+        assert!(p["p50"].as_f64().unwrap() <= p["p99"].as_f64().unwrap(), "{r}");
+        assert!(p["p99"].as_f64().unwrap() <= p["p99_9"].as_f64().unwrap(), "{r}");
+        assert!(r["end_to_end_samples"].as_u64().is_some_and(|n| n > 0), "the consumers saw stamped records: {r}");
+        assert!(r["end_to_end_latency_ms"]["p50"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+    }
+
+    // results.csv: the header and the same rows.
+    let csv = std::fs::read_to_string(out_path.join("results.csv")).unwrap();
+    let lines: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    assert_eq!(lines.len(), 4, "{csv}");
+    let header = &lines[0];
+    assert_eq!(header[..4], ["acks", "idempotence", "record_size", "partitions"], "{csv}");
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("no column {name}"));
+    let keys: Vec<(&str, &str)> = lines[1..].iter().map(|l| (l[0], l[1])).collect();
+    assert_eq!(keys, [("1", "off"), ("all", "off"), ("all", "on")]);
+    for (line, r) in lines[1..].iter().zip(results) {
+        assert_eq!(line.len(), header.len(), "{csv}");
+        let rate: f64 = line[col("records_per_s")].parse().unwrap();
+        assert!((rate - r["records_per_s"].as_f64().unwrap()).abs() < 0.1, "csv and json agree: {csv}");
+        let _: f64 = line[col("e2e_p99_ms")].parse().unwrap();
+    }
+
+    // chart.svg: well-formed, both panels, every series named.
+    let svg = std::fs::read_to_string(out_path.join("chart.svg")).unwrap();
+    let texts = svg_texts(&svg);
+    for label in ["acks=1", "acks=all", "acks=all, idempotent", "100 B", "p50", "p99", "p99.9", "100B 1p"] {
+        assert!(texts.iter().any(|t| t == label), "no `{label}` text in the chart: {texts:?}");
+    }
+    assert!(texts.iter().any(|t| t.contains("MB/s")), "{texts:?}");
+    assert!(texts.iter().any(|t| t.contains("Produce latency")), "{texts:?}");
+    assert!(svg.matches("<rect").count() >= 3, "a throughput bar per point");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_bench_sweep_refuses_impossible_settings_before_doing_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let a = broker.address.clone();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out_path = out_dir.path().join("results");
+    let out_arg = out_path.to_str().unwrap();
+    let refused = async |bootstrap: &str, args: &[&str]| {
+        let out = run(bootstrap, &[&["bench", "sweep"][..], args].concat(), None).await;
+        assert!(!out.status.success(), "{args:?} ran: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+
+    // Replication factor 3 on a one-broker cluster: refused, no topic made.
+    let existing_out = out_dir.path().join("existing");
+    let err = refused(&a, &["--existing", "--duration-s", "1", "--out", existing_out.to_str().unwrap()]).await;
+    assert!(err.contains("replication factor 3 needs 3 brokers") && err.contains("has 1 live broker"), "{err}");
+    let topics = broker.client().await.admin().list_topics().await.unwrap();
+    assert!(topics.iter().all(|t| !t.name.starts_with("bench-sweep")), "{topics:?}");
+
+    // These are refused before any broker starts or the output directory
+    // is made (the bootstrap address is unreachable and unused).
+    let none = "127.0.0.1:1";
+    let err = refused(none, &["--replication-factor", "2", "--min-insync-replicas", "3", "--out", out_arg]).await;
+    assert!(err.contains("acks=all with --min-insync-replicas 3 above --replication-factor 2"), "{err}");
+    let err = refused(none, &["--acks", "1,2", "--out", out_arg]).await;
+    assert!(err.contains("acks must be 0, 1 or all, got `2`"), "{err}");
+    let err = refused(none, &["--partitions", "", "--record-sizes", "4", "--out", out_arg]).await;
+    assert!(err.contains("--partitions is empty") && err.contains("record size 4"), "every problem at once: {err}");
+    let err = refused(none, &["--acks", "0,1", "--idempotence", "on", "--out", out_arg]).await;
+    assert!(err.contains("no point to run") && err.contains("needs acks=all"), "{err}");
+    let err = refused(none, &["--replication-factor", "4", "--min-insync-replicas", "2", "--out", out_arg]).await;
+    assert!(err.contains("the local cluster has 3"), "{err}");
+    assert!(!out_path.exists(), "no work was done");
+    broker.stop().await.unwrap();
+}
