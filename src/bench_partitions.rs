@@ -190,7 +190,12 @@ async fn produce_rate(client: &Client, topic: &str, p: &PartitionsParams) -> any
 /// Runs the benchmark; `progress` hears what it is doing.
 pub async fn run(p: &PartitionsParams, mut progress: impl FnMut(&str)) -> anyhow::Result<PartitionsReport> {
     anyhow::ensure!(p.count > 0 && p.topics > 0 && p.topics <= p.count, "--count and --topics must be 1 ..= count");
-    anyhow::ensure!(p.count.is_multiple_of(p.topics), "--count {} does not split evenly over {} topics", p.count, p.topics);
+    anyhow::ensure!(
+        p.count.is_multiple_of(p.topics),
+        "--count {} does not split evenly over {} topics",
+        p.count,
+        p.topics
+    );
     std::fs::create_dir_all(&p.data_dir)?;
     let mut report = PartitionsReport { partitions: u64::from(p.count), ..Default::default() };
     let broker = start(p)?;
