@@ -180,7 +180,13 @@ async fn run(
                         }
                         Err(why) => {
                             if reasons.get(&key(f)) != Some(&why) {
-                                tracing::warn!(topic = %f.topic, partition = f.partition.index(), %why, "replica fetch paused");
+                                // A leader that has not opened a new partition yet, or
+                                // has deleted it, answers this until metadata catches up.
+                                if why.starts_with("UnknownTopicOrPartition") {
+                                    tracing::debug!(topic = %f.topic, partition = f.partition.index(), %why, "replica fetch paused");
+                                } else {
+                                    tracing::warn!(topic = %f.topic, partition = f.partition.index(), %why, "replica fetch paused");
+                                }
                                 reasons.insert(key(f), why);
                             }
                             paused.insert(key(f), Instant::now() + settings.backoff_max.min(backoff * 4));
