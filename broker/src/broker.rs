@@ -133,8 +133,8 @@ const OPEN_THREADS: usize = 16;
 
 /// `open(item)` for every item, on up to [`OPEN_THREADS`] threads; the
 /// results in the items' order.
-fn in_parallel<T: Send>(items: &[u32], open: impl Fn(u32) -> T + Sync) -> Vec<T> {
-    if items.len() <= 1 {
+fn in_parallel<I: Copy + Sync, T: Send>(items: &[I], open: impl Fn(I) -> T + Sync) -> Vec<T> {
+    if items.len() < 8 {
         return items.iter().map(|i| open(*i)).collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -468,6 +468,19 @@ impl Broker {
         let me = BrokerId(self.node_id());
         let mut next = BTreeMap::new();
         let mut failure = None;
+        // First what each topic needs; then every new partition of every
+        // topic opened at once (a restarted broker opens thousands); then
+        // the topics.
+        struct Pending<'a> {
+            name: &'a String,
+            topic_name: TopicName,
+            image: &'a crate::controller::TopicState,
+            config: TopicConfig,
+            existing: Option<&'a Arc<Topic>>,
+            partitions: BTreeMap<u32, Arc<Partition>>,
+        }
+        let mut pending = Vec::new();
+        let mut to_open: Vec<(usize, u32)> = Vec::new();
         for (name, t) in applied.image.topics() {
             let Ok(topic_name) = TopicName::new(name) else { continue };
             let mut config = TopicConfig::with_overrides(&self.config.log, &t.configs).unwrap_or_else(|e| {
@@ -478,7 +491,6 @@ impl Broker {
             let existing = current.get(name).filter(|e| e.id == t.id.0);
             let config_changed = existing.is_some_and(|e| e.overrides != t.configs);
             let mut partitions = BTreeMap::new();
-            let mut to_open = Vec::new();
             for (index, state) in t.partitions.iter().enumerate() {
                 let index = index as u32;
                 if !state.replicas.contains(&me) {
@@ -491,21 +503,27 @@ impl Broker {
                         }
                         partitions.insert(index, p.clone());
                     }
-                    None => to_open.push(index),
+                    None => to_open.push((pending.len(), index)),
                 }
             }
-            let opened = in_parallel(&to_open, |index| self.open_partition(&topic_name, &t.id.0, index, &config));
-            for (index, opened) in to_open.into_iter().zip(opened) {
-                match opened {
-                    Ok(p) => {
-                        partitions.insert(index, p);
-                    }
-                    Err(e) => {
-                        tracing::error!(topic = %name, partition = index, error = %e, "cannot open partition");
-                        failure.get_or_insert(e);
-                    }
+            pending.push(Pending { name, topic_name, image: t, config, existing, partitions });
+        }
+        let opened = in_parallel(&to_open, |(slot, index)| {
+            let p = &pending[slot];
+            self.open_partition(&p.topic_name, &p.image.id.0, index, &p.config)
+        });
+        for ((slot, index), opened) in to_open.into_iter().zip(opened) {
+            match opened {
+                Ok(p) => {
+                    pending[slot].partitions.insert(index, p);
+                }
+                Err(e) => {
+                    tracing::error!(topic = %pending[slot].name, partition = index, error = %e, "cannot open partition");
+                    failure.get_or_insert(e);
                 }
             }
+        }
+        for Pending { name, topic_name, image: t, config, existing, partitions } in pending {
             let replication_factor = t.partitions.first().map_or(1, |p| p.replicas.len() as u32);
             next.insert(
                 name.clone(),
@@ -549,31 +567,44 @@ impl Broker {
         let me = BrokerId(self.node_id());
         let now = now_ms();
         let mut follows: BTreeMap<BrokerId, (String, Vec<Follow>)> = BTreeMap::new();
-        for t in topics.values() {
+        let take = |t: &Topic, index: u32| {
             let settings = LeaderSettings {
                 // The controller's elections use the recorded value too.
                 min_insync_replicas: recorded_min_insync_replicas(&t.overrides),
                 replica_lag_time_max_ms: self.config.replica_lag_time_max_ms,
             };
+            let (p, state) = (&t.partitions[&index], &t.states[index as usize]);
+            if p.leading_epoch() != Some(state.leader_epoch.0) {
+                metrics::counter!(crate::metrics::LEADER_ELECTIONS).increment(1);
+            }
+            let assignment = Assignment {
+                replicas: state.replicas.clone(),
+                isr: state.isr.clone(),
+                leader_epoch: state.leader_epoch.0,
+                partition_epoch: state.partition_epoch.0,
+            };
+            if let Err(e) = p.make_leader(me, assignment, settings, now) {
+                tracing::error!(topic = %t.name, partition = index, error = %e, "cannot take the leadership");
+            }
+            // KIP-841: what the controller would refuse to add.
+            let fenced = |r: &&BrokerId| applied.image.broker(**r).is_none_or(|b| b.fenced);
+            p.set_fenced_replicas(state.replicas.iter().filter(fenced).copied().collect());
+        };
+        // Leaderships in a new epoch are taken in parallel, over every
+        // topic: each writes the epoch to its checkpoint file (an fsync),
+        // and a restarted broker takes thousands at once. The rest is
+        // bookkeeping, done here.
+        let mut new_epoch: Vec<(&Topic, u32)> = Vec::new();
+        for t in topics.values() {
             for (index, p) in &t.partitions {
                 let Some(state) = t.states.get(*index as usize) else { continue };
                 match state.leader {
                     Some(leader) if leader == me => {
-                        if p.leading_epoch() != Some(state.leader_epoch.0) {
-                            metrics::counter!(crate::metrics::LEADER_ELECTIONS).increment(1);
+                        if p.leading_epoch() == Some(state.leader_epoch.0) {
+                            take(t, *index);
+                        } else {
+                            new_epoch.push((t, *index));
                         }
-                        let assignment = Assignment {
-                            replicas: state.replicas.clone(),
-                            isr: state.isr.clone(),
-                            leader_epoch: state.leader_epoch.0,
-                            partition_epoch: state.partition_epoch.0,
-                        };
-                        if let Err(e) = p.make_leader(me, assignment, settings, now) {
-                            tracing::error!(topic = %t.name, partition = index, error = %e, "cannot take the leadership");
-                        }
-                        // KIP-841: what the controller would refuse to add.
-                        let fenced = |r: &&BrokerId| applied.image.broker(**r).is_none_or(|b| b.fenced);
-                        p.set_fenced_replicas(state.replicas.iter().filter(fenced).copied().collect());
                     }
                     leader => {
                         p.make_follower(leader, state.leader_epoch.0);
@@ -590,6 +621,7 @@ impl Broker {
                 }
             }
         }
+        in_parallel(&new_epoch, |(t, index)| take(t, index));
         self.fetchers.update(follows);
     }
 
