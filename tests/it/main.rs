@@ -9,6 +9,7 @@ mod cluster;
 mod compaction;
 mod conditional;
 mod dev;
+mod examples;
 mod fault;
 mod groups;
 mod harness;
