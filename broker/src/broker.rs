@@ -133,9 +133,9 @@ const OPEN_THREADS: usize = 16;
 
 /// `open(item)` for every item, on up to [`OPEN_THREADS`] threads; the
 /// results in the items' order.
-fn in_parallel<I: Copy + Sync, T: Send>(items: &[I], open: impl Fn(I) -> T + Sync) -> Vec<T> {
+fn in_parallel<I: Clone + Sync, T: Send>(items: &[I], open: impl Fn(I) -> T + Sync) -> Vec<T> {
     if items.len() < 8 {
-        return items.iter().map(|i| open(*i)).collect();
+        return items.iter().map(|i| open(i.clone())).collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let threads = OPEN_THREADS.min(items.len());
@@ -147,7 +147,7 @@ fn in_parallel<I: Copy + Sync, T: Send>(items: &[I], open: impl Fn(I) -> T + Syn
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(item) = items.get(i) else { return done };
-                        done.push((i, open(*item)));
+                        done.push((i, open(item.clone())));
                     }
                 })
             })
@@ -979,14 +979,16 @@ impl Broker {
     /// cleanly. Blocking.
     pub fn close(&self) -> bool {
         self.fetchers.shutdown();
-        let mut clean = true;
-        for p in self.all_partitions() {
-            if let Err(e) = p.close() {
+        // In parallel: each close syncs and writes its checkpoints.
+        let partitions = self.all_partitions();
+        let closed = in_parallel(&partitions, |p| match p.close() {
+            Ok(()) => true,
+            Err(e) => {
                 tracing::error!(topic = p.topic(), partition = p.index(), error = %e, "closing partition failed");
-                clean = false;
+                false
             }
-        }
-        clean
+        });
+        closed.into_iter().all(|ok| ok)
     }
 }
 
