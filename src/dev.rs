@@ -367,7 +367,10 @@ impl DevCluster {
 
 async fn accept_control(listener: UnixListener, requests: mpsc::Sender<Request>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         let requests = requests.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
@@ -404,10 +407,10 @@ pub async fn request(data_dir: &Path, request: Value) -> anyhow::Result<Value> {
     let (read, mut write) = stream.into_split();
     write.write_all(format!("{request}\n").as_bytes()).await?;
     let mut line = String::new();
-    // A restart waits for the broker to start (up to 30 s).
-    tokio::time::timeout(Duration::from_secs(60), BufReader::new(read).take(MAX_LINE as u64).read_line(&mut line))
+    // A restart stops the broker (up to 30 s) and starts it (up to 30 s).
+    tokio::time::timeout(Duration::from_secs(90), BufReader::new(read).take(MAX_LINE as u64).read_line(&mut line))
         .await
-        .context("the dev cluster did not answer within 60 s")??;
+        .context("the dev cluster did not answer within 90 s")??;
     let answer: Value = serde_json::from_str(&line).context("the dev cluster's answer is not JSON")?;
     if answer["ok"].as_bool() != Some(true) {
         bail!("{}", answer["message"].as_str().unwrap_or("refused"));
@@ -474,14 +477,30 @@ fn take_lock(dir: &Path) -> anyhow::Result<File> {
     Ok(file)
 }
 
-/// Removes every broker's data (the numbered subdirectories) under `dir`.
+/// Removes every broker's data (the numbered subdirectories) under `dir`;
+/// refused while a broker process still holds one (a broker left running
+/// by a supervisor that was killed holds its directory's `.lock`).
 fn wipe(dir: &Path) -> anyhow::Result<()> {
+    let mut brokers = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        let name = entry.file_name();
-        if entry.file_type()?.is_dir() && name.to_string_lossy().parse::<u32>().is_ok() {
-            std::fs::remove_dir_all(entry.path()).with_context(|| format!("cannot wipe {}", entry.path().display()))?;
+        if entry.file_type()?.is_dir() && entry.file_name().to_string_lossy().parse::<u32>().is_ok() {
+            brokers.push(entry.path());
         }
+    }
+    for broker in &brokers {
+        let lock = broker.join(".lock");
+        let Ok(file) = File::open(&lock) else { continue };
+        // SAFETY: flock on a descriptor we own; released when `file` drops.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!(
+                "a broker still runs on {} (its .lock is held): stop it before --fresh wipes its data",
+                broker.display()
+            );
+        }
+    }
+    for broker in brokers {
+        std::fs::remove_dir_all(&broker).with_context(|| format!("cannot wipe {}", broker.display()))?;
     }
     Ok(())
 }

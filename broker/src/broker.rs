@@ -574,17 +574,21 @@ impl Broker {
                 replica_lag_time_max_ms: self.config.replica_lag_time_max_ms,
             };
             let (p, state) = (&t.partitions[&index], &t.states[index as usize]);
-            if p.leading_epoch() != Some(state.leader_epoch.0) {
-                metrics::counter!(crate::metrics::LEADER_ELECTIONS).increment(1);
-            }
+            let elected = p.leading_epoch() != Some(state.leader_epoch.0);
             let assignment = Assignment {
                 replicas: state.replicas.clone(),
                 isr: state.isr.clone(),
                 leader_epoch: state.leader_epoch.0,
                 partition_epoch: state.partition_epoch.0,
             };
-            if let Err(e) = p.make_leader(me, assignment, settings, now) {
-                tracing::error!(topic = %t.name, partition = index, error = %e, "cannot take the leadership");
+            match p.make_leader(me, assignment, settings, now) {
+                Ok(()) if elected && p.leading_epoch() == Some(state.leader_epoch.0) => {
+                    metrics::counter!(crate::metrics::LEADER_ELECTIONS).increment(1);
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!(topic = %t.name, partition = index, error = %e, "cannot take the leadership")
+                }
             }
             // KIP-841: what the controller would refuse to add.
             let fenced = |r: &&BrokerId| applied.image.broker(**r).is_none_or(|b| b.fenced);

@@ -98,9 +98,22 @@ async fn start(args: DevArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         fresh: args.fresh,
     };
-    let cluster = DevCluster::start(options).await?;
+    // Watched from the start, so a Ctrl-C while the brokers start stops
+    // them too instead of leaving them running.
+    let shutdown = crate::commands::serve::shutdown_signal();
+    tokio::pin!(shutdown);
+    let cluster = tokio::select! {
+        started = DevCluster::start(options) => started?,
+        () = &mut shutdown => anyhow::bail!("interrupted while the brokers were starting"),
+    };
     let addresses = cluster.addresses();
-    let replication_factor = create_demo(&addresses, args.brokers).await?;
+    let replication_factor = tokio::select! {
+        created = create_demo(&addresses, args.brokers) => created?,
+        () = &mut shutdown => {
+            cluster.run(std::future::ready(())).await?;
+            anyhow::bail!("interrupted while the brokers were starting");
+        }
+    };
     let metrics = cluster.metrics_addresses();
     let dir = args.data_dir.display();
     let on_dir = if args.data_dir == Path::new(".tally/dev") { String::new() } else { format!(" --data-dir {dir}") };
@@ -127,7 +140,7 @@ async fn start(args: DevArgs) -> anyhow::Result<()> {
          \nCtrl-C stops them all.\n"
     );
     eprintln!("{banner}");
-    cluster.run(crate::commands::serve::shutdown_signal()).await?;
+    cluster.run(shutdown).await?;
     eprintln!("dev cluster stopped");
     Ok(())
 }

@@ -176,3 +176,24 @@ fn a_dev_cluster_fails_over_when_a_broker_is_killed_and_the_broker_rejoins_on_re
     let gone = dev(dir.path(), &["status"]);
     assert!(String::from_utf8_lossy(&gone.stderr).contains("no dev cluster is running"), "{gone:?}");
 }
+
+#[test]
+fn fresh_refuses_to_wipe_brokers_left_running_by_a_killed_supervisor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut supervisor = Supervisor::start(dir.path());
+    let pids: Vec<u64> = brokers(&dev_json(dir.path(), &["status"])).iter().filter_map(|b| b.2).collect();
+    assert_eq!(pids.len(), 3);
+    // SIGKILL reaches the supervisor alone: its brokers keep running.
+    supervisor.child.kill().unwrap();
+    supervisor.child.wait().unwrap();
+    assert!(pids.iter().all(|p| alive(*p)));
+    let fresh = dev(dir.path(), &["--fresh", "--listen", "127.0.0.1:0", "--no-metrics"]);
+    for pid in &pids {
+        // SAFETY: signalling the brokers this test started.
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    assert!(!fresh.status.success());
+    let stderr = String::from_utf8_lossy(&fresh.stderr);
+    assert!(stderr.contains("a broker still runs on") && stderr.contains("stop it before --fresh"), "{stderr}");
+    assert!(dir.path().join("1").join("__cluster_metadata").exists(), "nothing was wiped");
+}

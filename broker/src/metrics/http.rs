@@ -18,6 +18,9 @@ use super::sample::Sampler;
 /// Scrapers served at once; more wait for a slot.
 const MAX_CONNECTIONS: usize = 32;
 
+/// How long a connection may take to send a request's headers.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The running endpoint; stops when dropped.
 #[derive(Debug)]
 pub struct MetricsServer {
@@ -47,8 +50,12 @@ impl MetricsServer {
                         let (handle, sampler) = (handle.clone(), sampler.clone());
                         async move { Ok::<_, Infallible>(respond(&req, &handle, &sampler).await) }
                     });
-                    let conn =
-                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                    // A connection that sends no request within the limit
+                    // is closed, so idle ones cannot hold every slot.
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .serve_connection(TokioIo::new(stream), service);
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "metrics connection ended");
                     }

@@ -54,7 +54,9 @@ impl Sampler {
                     Some(leader) if leader == me => {
                         led += 1;
                         under += u64::from(state.isr.len() < state.replicas.len());
-                        under_min += u64::from((state.isr.len() as u32) < t.config.min_insync_replicas);
+                        // What the leader enforces: the recorded value.
+                        let min_isr = crate::controller::recorded_min_insync_replicas(&t.overrides);
+                        under_min += u64::from((state.isr.len() as u32) < min_isr);
                     }
                     Some(_) => {}
                 }

@@ -690,8 +690,15 @@ impl Log {
         // the process is out of descriptors.
         let files = self.active().files()?;
         let segment = Segment::create(&self.dir, base, self.sizes(), self.clock.now_ms())?;
-        let old = self.active_mut();
-        old.close()?;
+        if let Err(e) = self.active_mut().close() {
+            // Undone, so the next append can roll again (the new files
+            // would stand in its way).
+            drop(segment);
+            for ext in ["log", "index", "timeindex"] {
+                let _ = super::fs::remove_if_exists(&self.dir.join(super::segment::file_name(base, ext)));
+            }
+            return Err(e);
+        }
         self.unsynced.push((base, files));
         self.segments.insert(base, segment);
         self.dir_generation += 1;
