@@ -142,3 +142,26 @@ fn a_metrics_address_in_use_fails_the_start_naming_it() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("cannot serve metrics on {address}")), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gauges_of_a_deleted_topic_leave_the_scrape() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = Path::new(env!("CARGO_BIN_EXE_tally"));
+    let broker = BrokerProcess::start(binary, dir.path(), &["--metrics-listen", "127.0.0.1:0"]).unwrap();
+    let metrics = broker.metrics_address.clone().unwrap();
+    let client = tally_client::Client::builder().bootstrap([broker.address.clone()]).connect().await.unwrap();
+    client.admin().create_topic(NewTopic::new("brief", 1)).await.unwrap();
+    let m = metrics.clone();
+    let present = tokio::task::spawn_blocking(move || scrape(&m)).await.unwrap();
+    assert!(
+        present.samples.iter().any(|s| s.metric == "tally_log_size_bytes" && s.labels.get("topic") == Some("brief"))
+    );
+    client.admin().delete_topic("brief").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let after = tokio::task::spawn_blocking(move || scrape(&metrics)).await.unwrap();
+    assert!(
+        !after.samples.iter().any(|s| s.metric == "tally_log_size_bytes" && s.labels.get("topic") == Some("brief")),
+        "a deleted partition's size is no longer reported"
+    );
+    assert!(after.samples.iter().any(|s| s.metric == "tally_controller_active"), "live gauges stay");
+}

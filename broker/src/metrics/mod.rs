@@ -95,6 +95,9 @@ catalogue! {
 const BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
+/// A gauge not set for this long leaves the output (see [`install`]).
+const GAUGE_IDLE: Duration = Duration::from_secs(10);
+
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 
 /// Installs the process's Prometheus recorder (once; later calls return the
@@ -105,8 +108,11 @@ pub fn install() -> Result<PrometheusHandle, String> {
             let builder = PrometheusBuilder::new()
                 .set_buckets(BUCKETS)
                 .map_err(|e| format!("metrics buckets: {e}"))?
-                // Gauges of partitions or groups that went away disappear.
-                .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(Duration::from_secs(120)));
+                // Every gauge is set at each scrape, just before the render
+                // (`sample.rs`): one not set for this long belongs to a
+                // partition or group that went away (or a coordinator that
+                // moved), and leaves the output.
+                .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(GAUGE_IDLE));
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
