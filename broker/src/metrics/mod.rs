@@ -207,6 +207,48 @@ pub fn request_error(api: &'static str, code: i32) {
     counter!(REQUEST_ERRORS, "api" => api, "code" => name).increment(1);
 }
 
+/// The request-time histograms of the data path, registered once (after
+/// the recorder is installed) so a request records into an atomic instead
+/// of looking its series up.
+#[derive(Debug, Clone)]
+pub struct RequestTimes {
+    /// Produce, by acks level: 0, 1, all, invalid.
+    produce: [metrics::Histogram; 4],
+    fetch: metrics::Histogram,
+}
+
+impl RequestTimes {
+    /// Registers the series.
+    pub fn new() -> RequestTimes {
+        RequestTimes {
+            produce: ["0", "1", "all", "invalid"].map(|acks| metrics::histogram!(PRODUCE_DURATION, "acks" => acks)),
+            fetch: metrics::histogram!(FETCH_DURATION),
+        }
+    }
+
+    /// A produce request with wire `acks` took `seconds`.
+    pub fn produce(&self, acks: i32, seconds: f64) {
+        let i = match acks_label(acks) {
+            "0" => 0,
+            "1" => 1,
+            "all" => 2,
+            _ => 3,
+        };
+        self.produce[i].record(seconds);
+    }
+
+    /// A consumer fetch took `seconds`.
+    pub fn fetch(&self, seconds: f64) {
+        self.fetch.record(seconds);
+    }
+}
+
+impl Default for RequestTimes {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The `acks` label of a produce request.
 pub fn acks_label(acks: i32) -> &'static str {
     match tally_proto::v1::Acks::try_from(acks) {

@@ -28,12 +28,13 @@ const DEFAULT_FETCH_MAX_BYTES: u64 = 50 << 20;
 #[derive(Debug, Clone)]
 pub struct TallyService {
     broker: Arc<Broker>,
+    times: crate::metrics::RequestTimes,
 }
 
 impl TallyService {
     /// A service over `broker`.
     pub fn new(broker: Arc<Broker>) -> Self {
-        TallyService { broker }
+        TallyService { broker, times: crate::metrics::RequestTimes::new() }
     }
 
     async fn produce_partition(
@@ -298,7 +299,7 @@ impl Tally for TallyService {
     async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
         let started = std::time::Instant::now();
         let req = request.into_inner();
-        let acks_label = crate::metrics::acks_label(req.acks);
+        let wire_acks = req.acks;
         let acks = pb::Acks::try_from(req.acks).map_err(|_| req.acks);
         let timeout =
             if req.timeout_ms == 0 { DEFAULT_ACKS_TIMEOUT } else { Duration::from_millis(u64::from(req.timeout_ms)) };
@@ -320,8 +321,7 @@ impl Tally for TallyService {
             pb::TopicProduceResponse { name, partitions }
         });
         let topics = futures_util::future::join_all(topics).await;
-        metrics::histogram!(crate::metrics::PRODUCE_DURATION, "acks" => acks_label)
-            .record(started.elapsed().as_secs_f64());
+        self.times.produce(wire_acks, started.elapsed().as_secs_f64());
         Ok(Response::new(pb::ProduceResponse { topics }))
     }
 
@@ -349,7 +349,7 @@ impl Tally for TallyService {
     async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
         let started = std::time::Instant::now();
         let answer = self.fetch_inner(request.into_inner()).await;
-        metrics::histogram!(crate::metrics::FETCH_DURATION).record(started.elapsed().as_secs_f64());
+        self.times.fetch(started.elapsed().as_secs_f64());
         if let Ok(response) = &answer {
             self.count_fetch(response.get_ref());
         }
