@@ -791,7 +791,9 @@ impl Broker {
         let max = u64::from(self.config.max_partitions_per_broker);
         let (soft, _) = crate::limits::open_files();
         let fd_limit = crate::limits::partitions_within(soft);
-        let limit = max.min(fd_limit);
+        let max_maps = crate::limits::max_map_count().unwrap_or(u64::MAX);
+        let map_limit = max_maps.saturating_sub(crate::limits::RESERVED_MAPS) / crate::limits::MAPS_PER_SEGMENT;
+        let limit = max.min(fd_limit).min(map_limit);
         let mut hosted: BTreeMap<BrokerId, u64> = BTreeMap::new();
         for p in image.topics().values().flat_map(|t| t.partitions.iter()) {
             for r in &p.replicas {
@@ -805,7 +807,13 @@ impl Broker {
         for (broker, new) in added {
             let now = hosted.get(&broker).copied().unwrap_or(0);
             if now + new > limit {
-                let why = if fd_limit < max {
+                let why = if map_limit < max && map_limit <= fd_limit {
+                    format!(
+                        "the kernel's map limit of {max_maps} (vm.max_map_count) holds about {map_limit} partitions \
+                         of one segment at {} maps each (raise it with sysctl)",
+                        crate::limits::MAPS_PER_SEGMENT
+                    )
+                } else if fd_limit < max {
                     format!(
                         "the open-file limit of {soft} descriptors holds about {fd_limit} partitions of one segment \
                          (raise it with `ulimit -n` or LimitNOFILE=)"

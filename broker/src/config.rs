@@ -43,7 +43,8 @@ pub struct BrokerConfig {
     /// Most partition replicas one broker may host; a topic creation or
     /// partition increase that would place more on any broker is refused
     /// with INVALID_PARTITIONS, as is one beyond what this broker's
-    /// open-file limit holds (one descriptor per segment). Default 20 000.
+    /// open-file limit (one descriptor per segment) or the kernel's `vm.max_map_count`
+    /// (three maps per segment) holds. Default 20 000.
     pub max_partitions_per_broker: u32,
     /// The controller voters, `id@host:port,...` (each voter's advertised
     /// address). A broker whose id is not among them is an observer: it

@@ -58,11 +58,38 @@ pub fn segments_on_disk(data_dir: &Path) -> u64 {
         .sum()
 }
 
-/// Checks at start that the open-file limit holds the segments on disk
-/// (after raising it); the error gives the numbers and what to change.
+/// Memory maps a segment holds: its `.log` and two indexes.
+pub const MAPS_PER_SEGMENT: u64 = 3;
+
+/// Maps kept back for the runtime, libraries and the metadata log.
+pub const RESERVED_MAPS: u64 = 1024;
+
+/// The kernel's limit on a process's memory maps (`vm.max_map_count`).
+pub fn max_map_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count").ok()?.trim().parse().ok()
+}
+
+/// Checks at start that the open-file limit (after raising it) and the
+/// kernel's map limit hold the segments on disk; the error gives the
+/// numbers and what to change.
 pub fn check_start(data_dir: &Path) -> Result<(), String> {
     let (soft, hard) = raise_open_files();
-    let segments = segments_on_disk(data_dir);
+    check_counts(segments_on_disk(data_dir), (soft, hard), max_map_count())
+}
+
+/// Whether `segments` fit the open-file limits and the map limit.
+fn check_counts(segments: u64, (soft, hard): (u64, u64), max_maps: Option<u64>) -> Result<(), String> {
+    if let Some(max_maps) = max_maps {
+        let maps = segments * MAPS_PER_SEGMENT + RESERVED_MAPS;
+        if maps > max_maps {
+            return Err(format!(
+                "this broker needs about {maps} memory maps ({segments} segments on disk, {MAPS_PER_SEGMENT} each, \
+                 plus {RESERVED_MAPS}) but the kernel allows {max_maps}: raise it (`sysctl vm.max_map_count={}`) \
+                 before starting it",
+                maps.next_power_of_two()
+            ));
+        }
+    }
     let needed = segments * FDS_PER_SEGMENT + RESERVED_FDS;
     if needed > soft {
         return Err(format!(
@@ -82,6 +109,15 @@ mod tests {
     fn the_soft_limit_is_raised_to_the_hard_one() {
         let (soft, hard) = raise_open_files();
         assert_eq!(soft, hard);
+    }
+
+    #[test]
+    fn a_start_beyond_the_descriptor_or_map_limit_is_refused_with_the_numbers() {
+        assert!(check_counts(1000, (20_000, 20_000), Some(65_530)).is_ok());
+        let fds = check_counts(19_500, (20_000, 20_000), Some(1 << 20)).unwrap_err();
+        assert!(fds.contains("needs about 20524 open files") && fds.contains("ulimit -n 20524"), "{fds}");
+        let maps = check_counts(30_000, (1 << 20, 1 << 20), Some(65_530)).unwrap_err();
+        assert!(maps.contains("needs about 91024 memory maps") && maps.contains("vm.max_map_count=131072"), "{maps}");
     }
 
     #[test]
