@@ -138,16 +138,7 @@ fn throughput_panel(
             .label(size_label(size))
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], style));
     }
-    group_marks(&mut chart, layout, top * 0.97)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font((FONT, 13))
-        .draw()
-        .map_err(draw_error)?;
-    Ok(())
+    finish_panel(&mut chart, layout, top * 0.97)
 }
 
 fn latency_panel(
@@ -198,22 +189,13 @@ fn latency_panel(
             }
         }
     }
-    group_marks(&mut chart, layout, high / 1.3)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font((FONT, 13))
-        .draw()
-        .map_err(draw_error)?;
-    Ok(())
+    finish_panel(&mut chart, layout, high / 1.3)
 }
 
-/// The acks groups: each named at its left edge, at height `label_y`, with
-/// a grey line between groups.
-fn group_marks<Y>(
-    chart: &mut ChartContext<'_, SVGBackend<'_>, Cartesian2d<SegmentedCoord<RangedCoordi32>, Y>>,
+/// Ends a panel: the acks groups, each named at its left edge at height
+/// `label_y` with a grey line between groups, and the legend.
+fn finish_panel<'a, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<SegmentedCoord<RangedCoordi32>, Y>>,
     layout: &Layout,
     label_y: Y::ValueType,
 ) -> anyhow::Result<()>
@@ -231,5 +213,13 @@ where
         let text = Text::new(name.clone(), (x, label_y.clone()), (FONT, 14).into_font().color(&BLACK));
         chart.draw_series(std::iter::once(text)).map_err(draw_error)?;
     }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font((FONT, 13))
+        .draw()
+        .map_err(draw_error)?;
     Ok(())
 }
