@@ -13,9 +13,10 @@
 //!                       into the metadata log
 //! ```
 //!
-//! Topics are immutable values behind `Arc`, rebuilt from each metadata
-//! image by [`Broker::reconcile`]: a broker opens the partitions whose
-//! replicas include it and closes and deletes what the image no longer has.
+//! Topics are immutable values behind `Arc`, rebuilt by
+//! [`Broker::reconcile`] (in `reconcile.rs`) for each metadata image that
+//! changes them: a broker opens the partitions whose replicas include it and
+//! closes and deletes what the image no longer has.
 //! The data path reads only these values (never Raft). Admin operations
 //! are proposed to the controller, then wait until this broker has
 //! reconciled the image that holds them. They are serialized by one async
@@ -32,17 +33,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::BrokerConfig;
 use crate::controller::{
-    AppliedImage, BrokerId, Controller, ControllerError, MetadataCommand, MetadataError, MetadataImage, PartitionState,
-    TopicId, place, recorded_min_insync_replicas,
+    BrokerId, Controller, ControllerError, MetadataCommand, MetadataError, MetadataImage, PartitionState, TopicId,
+    TopicState, place,
 };
 use crate::error::BrokerError;
-use crate::partition::{LeaderSession, Partition};
+use crate::partition::Partition;
+
+mod reconcile;
+
 use crate::producer_ids::ProducerIds;
-use crate::replication::fetcher::{FetcherSettings, Fetchers, Follow};
+use crate::replication::ProposalOutcome;
+use crate::replication::fetcher::{FetcherSettings, Fetchers};
 use crate::replication::isr::{IsrProposer, Proposal, now_ms};
-use crate::replication::{Assignment, LeaderSettings, ProposalOutcome};
-use crate::storage::{Log, SystemClock};
 use crate::topic::{TopicConfig, TopicName, canonical_key};
+use reconcile::in_parallel;
 
 /// A topic, as this broker hosts it.
 #[derive(Debug)]
@@ -63,6 +67,12 @@ pub struct Topic {
     pub partitions: BTreeMap<u32, Arc<Partition>>,
     /// Its traffic counters.
     pub metrics: crate::metrics::TopicMetrics,
+    /// The image's state of the topic this value was built from: a later
+    /// image holding the same `Arc` has not changed the topic.
+    image: Arc<TopicState>,
+    /// False when a partition did not open or a role did not take: the
+    /// next reconcile works on the topic again even if it is unchanged.
+    complete: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -103,6 +113,8 @@ pub struct Broker {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     admin: tokio::sync::Mutex<()>,
     reconcile_lock: Mutex<()>,
+    /// What the last reconcile saw, for the next to compare against.
+    reconciled_state: Mutex<reconcile::Reconciled>,
     /// The metadata log index this broker has reconciled its topics to.
     reconciled: tokio::sync::watch::Sender<u64>,
     controller: OnceLock<Controller>,
@@ -125,37 +137,6 @@ pub struct Broker {
     /// The first producer id not handed out yet, from the applied metadata.
     next_producer_id: std::sync::atomic::AtomicU64,
     _lock: File,
-}
-
-/// Threads that open partitions at once: opening one is mostly waiting on
-/// file creation and fsyncs, so more threads than cores pay off.
-const OPEN_THREADS: usize = 16;
-
-/// `open(item)` for every item, on up to [`OPEN_THREADS`] threads; the
-/// results in the items' order.
-fn in_parallel<I: Clone + Sync, T: Send>(items: &[I], open: impl Fn(I) -> T + Sync) -> Vec<T> {
-    if items.len() < 8 {
-        return items.iter().map(|i| open(i.clone())).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let threads = OPEN_THREADS.min(items.len());
-    let mut results: Vec<(usize, T)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(item) = items.get(i) else { return done };
-                        done.push((i, open(item.clone())));
-                    }
-                })
-            })
-            .collect();
-        workers.into_iter().flat_map(|w| w.join().expect("an opening thread panicked")).collect()
-    });
-    results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
 }
 
 fn partition_dir(data_dir: &Path, topic: &str, partition: u32) -> PathBuf {
@@ -272,6 +253,7 @@ impl Broker {
             topics: RwLock::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
             reconcile_lock: Mutex::new(()),
+            reconciled_state: Mutex::new(reconcile::Reconciled::default()),
             reconciled: tokio::sync::watch::channel(0).0,
             controller: OnceLock::new(),
             incarnation: OnceLock::new(),
@@ -420,225 +402,6 @@ impl Broker {
             BrokerError::Storage(crate::storage::StorageError::Io { op: "rename", path: path.clone(), source })
         })?;
         Ok(moved)
-    }
-
-    /// Opens (or creates) the log of partition `index` of topic `id`. A
-    /// directory left by an earlier topic of the same name (another id) is
-    /// deleted first, so a recreated topic never sees the old one's data.
-    fn open_partition(
-        &self,
-        topic: &TopicName,
-        id: &str,
-        index: u32,
-        config: &TopicConfig,
-    ) -> Result<Arc<Partition>, BrokerError> {
-        let dir = partition_dir(&self.config.data_dir, topic.as_str(), index);
-        let marker = dir.join(PARTITION_METADATA);
-        let io = |op: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| BrokerError::Storage(crate::storage::StorageError::Io { op, path, source })
-        };
-        match std::fs::read_to_string(&marker) {
-            Ok(text) if text.trim() != format!("topic_id: {id}") => {
-                tracing::warn!(dir = %dir.display(), found = text.trim(), wanted = id, "removing the data of an earlier topic with this name");
-                let doomed = self.config.data_dir.join(format!("{}-{index}.stale.delete", topic));
-                std::fs::rename(&dir, &doomed).map_err(io("rename", &dir))?;
-                std::fs::remove_dir_all(&doomed).map_err(io("remove directory", &doomed))?;
-            }
-            _ => {}
-        }
-        let log = Log::open(&dir, config.log.clone(), Arc::new(SystemClock))?;
-        if !marker.exists() {
-            crate::storage::fs::write_atomic(&marker, format!("topic_id: {id}\n").as_bytes())?;
-        }
-        let limit = u32::try_from(self.config.max_inflight_bytes_per_partition).unwrap_or(u32::MAX);
-        let (serving, lease) = (self.serving.clone(), self.lease.clone());
-        let session = LeaderSession::new(move || serving.load(std::sync::atomic::Ordering::SeqCst) && lease.is_valid());
-        Ok(Arc::new(Partition::new(Arc::from(topic.as_str()), index, log, limit).with_session(session)))
-    }
-
-    /// Brings the hosted topics and partitions in line with `applied`: opens
-    /// the partitions whose replicas include this broker, applies config
-    /// changes, and closes and deletes what the image no longer holds.
-    /// Blocking; one at a time.
-    pub fn reconcile(&self, applied: &AppliedImage) -> Result<(), BrokerError> {
-        let _one = self.reconcile_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.next_producer_id.fetch_max(applied.image.next_producer_id(), std::sync::atomic::Ordering::AcqRel);
-        let current = self.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        let me = BrokerId(self.node_id());
-        let mut next = BTreeMap::new();
-        let mut failure = None;
-        // First what each topic needs; then every new partition of every
-        // topic opened at once (a restarted broker opens thousands); then
-        // the topics.
-        struct Pending<'a> {
-            name: &'a String,
-            topic_name: TopicName,
-            image: &'a crate::controller::TopicState,
-            config: TopicConfig,
-            existing: Option<&'a Arc<Topic>>,
-            partitions: BTreeMap<u32, Arc<Partition>>,
-        }
-        let mut pending = Vec::new();
-        let mut to_open: Vec<(usize, u32)> = Vec::new();
-        for (name, t) in applied.image.topics() {
-            let Ok(topic_name) = TopicName::new(name) else { continue };
-            let mut config = TopicConfig::with_overrides(&self.config.log, &t.configs).unwrap_or_else(|e| {
-                tracing::error!(topic = %name, error = %e, "topic config does not apply here; using the defaults");
-                TopicConfig::from_defaults(&self.config.log).expect("validated defaults")
-            });
-            config.log.max_producers = self.config.max_producers_per_partition.max(1) as usize;
-            let existing = current.get(name).filter(|e| e.id == t.id.0);
-            let config_changed = existing.is_some_and(|e| e.overrides != t.configs);
-            let mut partitions = BTreeMap::new();
-            for (index, state) in t.partitions.iter().enumerate() {
-                let index = index as u32;
-                if !state.replicas.contains(&me) {
-                    continue;
-                }
-                match existing.and_then(|e| e.partitions.get(&index)) {
-                    Some(p) => {
-                        if config_changed && let Err(e) = p.set_config(&config) {
-                            tracing::error!(topic = %name, partition = index, error = %e, "config change failed");
-                        }
-                        partitions.insert(index, p.clone());
-                    }
-                    None => to_open.push((pending.len(), index)),
-                }
-            }
-            pending.push(Pending { name, topic_name, image: t, config, existing, partitions });
-        }
-        let opened = in_parallel(&to_open, |(slot, index)| {
-            let p = &pending[slot];
-            self.open_partition(&p.topic_name, &p.image.id.0, index, &p.config)
-        });
-        for ((slot, index), opened) in to_open.into_iter().zip(opened) {
-            match opened {
-                Ok(p) => {
-                    pending[slot].partitions.insert(index, p);
-                }
-                Err(e) => {
-                    tracing::error!(topic = %pending[slot].name, partition = index, error = %e, "cannot open partition");
-                    failure.get_or_insert(e);
-                }
-            }
-        }
-        for Pending { name, topic_name, image: t, config, existing, partitions } in pending {
-            let replication_factor = t.partitions.first().map_or(1, |p| p.replicas.len() as u32);
-            next.insert(
-                name.clone(),
-                Arc::new(Topic {
-                    name: topic_name,
-                    id: t.id.0.clone(),
-                    replication_factor,
-                    overrides: t.configs.clone(),
-                    config,
-                    states: t.partitions.clone(),
-                    partitions,
-                    metrics: existing.map_or_else(|| crate::metrics::TopicMetrics::new(name), |e| e.metrics.clone()),
-                }),
-            );
-        }
-        self.apply_roles(applied, &next);
-        let mine = self.incarnation.get().copied();
-        let serving = applied.image.broker(me).is_some_and(|b| Some(b.incarnation) == mine && !b.fenced);
-        self.serving.store(serving, std::sync::atomic::Ordering::SeqCst);
-        let gone: Vec<Arc<Topic>> = current
-            .values()
-            .filter(|old| next.get(old.name.as_str()).is_none_or(|n| n.id != old.id))
-            .cloned()
-            .collect();
-        *self.topics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
-        for topic in gone {
-            self.delete_local(&topic);
-            tracing::info!(topic = %topic.name, "deleted topic");
-        }
-        self.reconciled.send_replace(applied.index);
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// Gives every hosted partition its role from the image (leader with the
-    /// committed ISR, or follower of the leader it names) and points the
-    /// fetchers at the leaders.
-    fn apply_roles(&self, applied: &AppliedImage, topics: &BTreeMap<String, Arc<Topic>>) {
-        let me = BrokerId(self.node_id());
-        let now = now_ms();
-        let mut follows: BTreeMap<BrokerId, (String, Vec<Follow>)> = BTreeMap::new();
-        let take = |t: &Topic, index: u32| {
-            let settings = LeaderSettings {
-                // The controller's elections use the recorded value too.
-                min_insync_replicas: recorded_min_insync_replicas(&t.overrides),
-                replica_lag_time_max_ms: self.config.replica_lag_time_max_ms,
-            };
-            let (p, state) = (&t.partitions[&index], &t.states[index as usize]);
-            let elected = p.leading_epoch() != Some(state.leader_epoch.0);
-            let assignment = Assignment {
-                replicas: state.replicas.clone(),
-                isr: state.isr.clone(),
-                leader_epoch: state.leader_epoch.0,
-                partition_epoch: state.partition_epoch.0,
-            };
-            match p.make_leader(me, assignment, settings, now) {
-                Ok(()) if elected && p.leading_epoch() == Some(state.leader_epoch.0) => {
-                    metrics::counter!(crate::metrics::LEADER_ELECTIONS).increment(1);
-                }
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::error!(topic = %t.name, partition = index, error = %e, "cannot take the leadership")
-                }
-            }
-            // KIP-841: what the controller would refuse to add.
-            let fenced = |r: &&BrokerId| applied.image.broker(**r).is_none_or(|b| b.fenced);
-            p.set_fenced_replicas(state.replicas.iter().filter(fenced).copied().collect());
-        };
-        // Leaderships in a new epoch are taken in parallel, over every
-        // topic: each writes the epoch to its checkpoint file (an fsync),
-        // and a restarted broker takes thousands at once. The rest is
-        // bookkeeping, done here.
-        let mut new_epoch: Vec<(&Topic, u32)> = Vec::new();
-        for t in topics.values() {
-            for (index, p) in &t.partitions {
-                let Some(state) = t.states.get(*index as usize) else { continue };
-                match state.leader {
-                    Some(leader) if leader == me => {
-                        if p.leading_epoch() == Some(state.leader_epoch.0) {
-                            take(t, *index);
-                        } else {
-                            new_epoch.push((t, *index));
-                        }
-                    }
-                    leader => {
-                        p.make_follower(leader, state.leader_epoch.0);
-                        let Some(leader) = leader else { continue };
-                        let Some(address) = applied.image.broker(leader).map(|b| b.address.clone()) else { continue };
-                        let entry = follows.entry(leader).or_insert_with(|| (address, Vec::new()));
-                        entry.1.push(Follow {
-                            topic: Arc::from(t.name.as_str()),
-                            topic_id: Arc::from(t.id.as_str()),
-                            partition: p.clone(),
-                            leader_epoch: state.leader_epoch.0,
-                        });
-                    }
-                }
-            }
-        }
-        in_parallel(&new_epoch, |(t, index)| take(t, index));
-        self.fetchers.update(follows);
-    }
-
-    /// Closes a topic's hosted partitions and deletes their data.
-    fn delete_local(&self, topic: &Topic) {
-        for p in topic.partitions.values() {
-            let _ = p.close();
-            let dir = partition_dir(&self.config.data_dir, topic.name.as_str(), p.index());
-            let doomed = self.config.data_dir.join(format!("{}-{}.{}.delete", topic.name, p.index(), topic.id));
-            if std::fs::rename(&dir, &doomed).is_ok() {
-                let _ = std::fs::remove_dir_all(&doomed);
-            }
-        }
     }
 
     /// Waits (up to [`RECONCILE_WAIT`]) until this broker has reconciled the
@@ -1007,6 +770,7 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::recorded_min_insync_replicas;
 
     #[test]
     fn deleting_the_min_insync_replicas_override_records_the_broker_default() {

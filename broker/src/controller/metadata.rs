@@ -33,6 +33,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -441,12 +442,16 @@ fn changed(topic: &str, index: usize, state: &PartitionState) -> MetadataEffect 
 /// Most producer ids one request may take.
 pub const MAX_PRODUCER_ID_BLOCK: u64 = 1 << 20;
 
-/// The whole cluster metadata at one point of the metadata log. Cloning is
-/// a deep copy; brokers share images behind `Arc` and swap in new ones.
+/// The whole cluster metadata at one point of the metadata log. Brokers
+/// share images behind `Arc` and swap in new ones. Topics are shared too:
+/// cloning an image copies one pointer per topic, and an applied change
+/// copies only the topics it changes (`Arc::make_mut`), so a topic that is
+/// the same `Arc` in two images is unchanged between them (what a broker's
+/// incremental reconcile relies on).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetadataImage {
     brokers: BTreeMap<BrokerId, BrokerRegistration>,
-    topics: BTreeMap<String, TopicState>,
+    topics: BTreeMap<String, Arc<TopicState>>,
     next_producer_id: u64,
 }
 
@@ -467,13 +472,13 @@ impl MetadataImage {
     }
 
     /// Topics, by name.
-    pub fn topics(&self) -> &BTreeMap<String, TopicState> {
+    pub fn topics(&self) -> &BTreeMap<String, Arc<TopicState>> {
         &self.topics
     }
 
     /// One topic.
     pub fn topic(&self, name: &str) -> Option<&TopicState> {
-        self.topics.get(name)
+        self.topics.get(name).map(|t| &**t)
     }
 
     /// One partition.
@@ -535,7 +540,7 @@ impl MetadataImage {
             .collect();
         let mut effects = Vec::new();
         for (topic, index) in moves {
-            let p = &mut self.topics.get_mut(&topic).expect("listed").partitions[index];
+            let p = &mut Arc::make_mut(self.topics.get_mut(&topic).expect("listed")).partitions[index];
             p.leader = p.replicas.first().copied();
             p.leader_epoch.0 += 1;
             p.partition_epoch.0 += 1;
@@ -586,7 +591,12 @@ impl MetadataImage {
         let mut effects = vec![MetadataEffect::BrokerFenced(id)];
         let brokers = &self.brokers;
         let live = |b: BrokerId| brokers.get(&b).is_some_and(|r| !r.fenced);
+        let touched = |p: &PartitionState| p.leader == Some(id) || (p.isr.contains(&id) && p.isr.len() > 1);
         for topic in self.topics.values_mut() {
+            if !topic.partitions.iter().any(touched) {
+                continue;
+            }
+            let topic = Arc::make_mut(topic);
             let rules = election_rules(&topic.configs);
             for (index, p) in topic.partitions.iter_mut().enumerate() {
                 let leads = p.leader == Some(id);
@@ -632,6 +642,10 @@ impl MetadataImage {
         let live = |b: BrokerId| brokers.get(&b).is_some_and(|r| !r.fenced);
         let mut effects = Vec::new();
         for topic in self.topics.values_mut() {
+            if topic.partitions.iter().all(|p| p.leader.is_some()) {
+                continue;
+            }
+            let topic = Arc::make_mut(topic);
             let rules = election_rules(&topic.configs);
             for (index, p) in topic.partitions.iter_mut().enumerate() {
                 if p.leader.is_some() {
@@ -651,6 +665,12 @@ impl MetadataImage {
         self.registered(id, incarnation)?;
         let mut effects = Vec::new();
         for topic in self.topics.values_mut() {
+            // What `forget_replica` may change: a replica in the ISR or ELR
+            // (or an ELR it clears).
+            if !topic.partitions.iter().any(|p| p.leader != Some(id) && (p.isr.contains(&id) || !p.elr.is_empty())) {
+                continue;
+            }
+            let topic = Arc::make_mut(topic);
             let rules = election_rules(&topic.configs);
             for (index, p) in topic.partitions.iter_mut().enumerate() {
                 if p.leader == Some(id) || !forget_replica(p, id, rules) {
@@ -728,7 +748,7 @@ impl MetadataImage {
             partitions,
             config_version: 0,
         };
-        self.topics.insert(name.to_string(), topic);
+        self.topics.insert(name.to_string(), Arc::new(topic));
         Ok(vec![MetadataEffect::TopicCreated { name: name.to_string(), id: id.clone() }])
     }
 
@@ -744,7 +764,7 @@ impl MetadataImage {
             });
         }
         let topic = self.topics.remove(name).expect("checked");
-        Ok(vec![MetadataEffect::TopicDeleted { name: topic.name, id: topic.id }])
+        Ok(vec![MetadataEffect::TopicDeleted { name: topic.name.clone(), id: topic.id.clone() }])
     }
 
     fn create_partitions(
@@ -762,7 +782,7 @@ impl MetadataImage {
         }
         let rf = topic.partitions.first().map(|p| p.replicas.len());
         let mut partitions = self.new_partitions(assignments, rf)?;
-        let topic = self.topics.get_mut(name).expect("checked");
+        let topic = Arc::make_mut(self.topics.get_mut(name).expect("checked"));
         let from = topic.partitions.len() as u32;
         topic.partitions.append(&mut partitions);
         let to = topic.partitions.len() as u32;
@@ -790,6 +810,7 @@ impl MetadataImage {
                 expected,
             });
         }
+        let topic = Arc::make_mut(topic);
         let before = election_rules(&topic.configs).min_insync_replicas;
         topic.configs = configs.clone();
         topic.config_version += 1;
@@ -854,7 +875,7 @@ impl MetadataImage {
         if let Some(b) = isr.iter().find(|b| !state.isr.contains(b) && fenced(b)) {
             return Err(invalid(format!("broker {b} is fenced and cannot join the ISR")));
         }
-        let t = self.topics.get_mut(topic).expect("checked");
+        let t = Arc::make_mut(self.topics.get_mut(topic).expect("checked"));
         let rules = election_rules(&t.configs);
         let state = &mut t.partitions[partition as usize];
         set_isr(state, isr.to_vec(), rules);
