@@ -20,7 +20,10 @@
 //! The data path reads only these values (never Raft). Admin operations
 //! are proposed to the controller, then wait until this broker has
 //! reconciled the image that holds them. They are serialized by one async
-//! mutex; reconciling is serialized by its own lock.
+//! mutex up to the point where the local voter has applied them (so each is
+//! computed from an image holding the ones before); the wait for the
+//! reconcile happens outside it, so changes made at once are reconciled
+//! together. Reconciling is serialized by its own lock.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -608,7 +611,7 @@ impl Broker {
         let mut overrides: BTreeMap<String, String> =
             new.configs.iter().map(|(k, v)| (canonical_key(k), v.clone())).collect();
         record_min_insync_replicas(&self.config.log, &mut overrides)?;
-        let _admin = self.admin.lock().await;
+        let admin = self.admin.lock().await;
         let controller = self.controller()?;
         if controller.image().topic(name.as_str()).is_some() {
             return Err(BrokerError::TopicAlreadyExists(name.to_string()));
@@ -624,6 +627,7 @@ impl Broker {
             assignments,
         };
         let committed = controller.propose_anywhere(command).await.map_err(from_controller)?;
+        self.release_admin(admin, controller, committed.index).await;
         self.wait_reconciled(committed.index).await?;
         tracing::info!(topic = %name, partitions, "created topic");
         Ok(())
@@ -633,12 +637,13 @@ impl Broker {
     /// that name (by its id, so a topic created again under the name since
     /// is not deleted).
     pub async fn delete_topic(self: &Arc<Self>, name: &str) -> Result<(), BrokerError> {
-        let _admin = self.admin.lock().await;
+        let admin = self.admin.lock().await;
         let controller = self.controller()?;
         let unknown = || BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None };
         let id = controller.image().topic(name).ok_or_else(unknown)?.id.clone();
         let command = MetadataCommand::DeleteTopic { name: name.to_string(), id: Some(id) };
         let committed = controller.propose_anywhere(command).await.map_err(from_controller)?;
+        self.release_admin(admin, controller, committed.index).await;
         self.wait_reconciled(committed.index).await
     }
 
@@ -652,7 +657,7 @@ impl Broker {
         set: &BTreeMap<String, String>,
         delete: &[String],
     ) -> Result<(), BrokerError> {
-        let _admin = self.admin.lock().await;
+        let admin = self.admin.lock().await;
         let controller = self.controller()?;
         let unknown = || BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None };
         let mut attempt = 0;
@@ -666,7 +671,10 @@ impl Broker {
                 expected_version: Some(topic.config_version),
             };
             match controller.propose_anywhere(command).await {
-                Ok(committed) => return self.wait_reconciled(committed.index).await,
+                Ok(committed) => {
+                    self.release_admin(admin, controller, committed.index).await;
+                    return self.wait_reconciled(committed.index).await;
+                }
                 Err(ControllerError::Refused(MetadataError::ConfigVersionChanged { current, .. }))
                     if attempt + 1 < ADMIN_CAS_ATTEMPTS =>
                 {
@@ -683,7 +691,7 @@ impl Broker {
     /// A topic that another change grew to exactly `count` meanwhile is
     /// already what was asked for.
     pub async fn create_partitions(self: &Arc<Self>, name: &str, count: u32) -> Result<(), BrokerError> {
-        let _admin = self.admin.lock().await;
+        let admin = self.admin.lock().await;
         let controller = self.controller()?;
         let unknown = || BrokerError::UnknownTopicOrPartition { topic: name.to_string(), partition: None };
         if count > self.config.max_partitions_per_topic {
@@ -710,7 +718,10 @@ impl Broker {
                 expected_count: Some(current),
             };
             match controller.propose_anywhere(command).await {
-                Ok(committed) => return self.wait_reconciled(committed.index).await,
+                Ok(committed) => {
+                    self.release_admin(admin, controller, committed.index).await;
+                    return self.wait_reconciled(committed.index).await;
+                }
                 Err(ControllerError::Refused(MetadataError::PartitionCountChanged { current, .. }))
                     if attempt + 1 < ADMIN_CAS_ATTEMPTS =>
                 {
@@ -724,6 +735,20 @@ impl Broker {
                 Err(e) => return Err(from_controller(e)),
             }
         }
+    }
+
+    /// Ends an admin change's hold of the admin lock once its committed
+    /// entry at `index` is in the local voter's image (bounded by
+    /// [`RECONCILE_WAIT`]), so the next change, placement included, is
+    /// computed from an image that holds this one. Opening and closing the
+    /// files happens after, outside the lock: changes made at once (a script
+    /// creating a thousand topics) are then reconciled together, their
+    /// partitions opened in one parallel pass.
+    async fn release_admin(&self, admin: tokio::sync::MutexGuard<'_, ()>, controller: &Controller, index: u64) {
+        if !controller.wait_applied(index, RECONCILE_WAIT).await {
+            tracing::warn!(index, "committed, but this voter has not applied it after {RECONCILE_WAIT:?}");
+        }
+        drop(admin);
     }
 
     /// Waits (bounded) until this broker's controller image satisfies `until`.
