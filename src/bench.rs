@@ -155,7 +155,7 @@ pub fn text_values(size: usize, count: usize) -> Vec<Vec<u8>> {
 }
 
 /// CPU seconds (user + system) the process has used, from /proc.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -595,9 +595,10 @@ pub async fn create_replicated(client: &Client, p: &ProduceParams) -> anyhow::Re
     }
 }
 
-/// Three `tally serve` child processes on free local ports forming one
-/// cluster, with data under a directory of the caller's, each watched for
-/// its peak RssAnon; for the benchmarks that need replication.
+/// `tally serve` child processes (three unless asked otherwise) on free
+/// local ports forming one cluster, every broker a controller voter, with
+/// data under a directory of the caller's, each watched for its peak
+/// RssAnon; for the benchmarks that need replication.
 pub struct LocalCluster {
     processes: Vec<crate::child::BrokerProcess>,
     stop: Arc<AtomicBool>,
@@ -607,47 +608,68 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    /// Starts the brokers (the `tally` binary at `binary`, data under
+    /// Starts three brokers (the `tally` binary at `binary`, data under
     /// `data_dir`) and waits until all three are registered.
     pub async fn start(binary: &std::path::Path, data_dir: &std::path::Path) -> anyhow::Result<LocalCluster> {
-        let ports: Vec<u16> = (0..3)
+        Self::start_with(binary, data_dir, 3, &[]).await
+    }
+
+    /// [`LocalCluster::start`] with `brokers` brokers (node ids 1 ..=
+    /// brokers, data in `data_dir/ID`), each also given `args` (e.g.
+    /// `--metrics-listen 127.0.0.1:0`); waits until all are registered.
+    pub async fn start_with(
+        binary: &std::path::Path,
+        data_dir: &std::path::Path,
+        brokers: u32,
+        args: &[&str],
+    ) -> anyhow::Result<LocalCluster> {
+        anyhow::ensure!(brokers >= 1, "a cluster needs at least one broker");
+        let ports: Vec<u16> = (0..brokers)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()))
             .collect::<Result<_, _>>()?;
         let voters =
             ports.iter().enumerate().map(|(i, port)| format!("{}@127.0.0.1:{port}", i + 1)).collect::<Vec<_>>();
         let voters = voters.join(",");
-        let mut brokers = Vec::new();
+        let mut starting = Vec::new();
         for (i, port) in ports.iter().enumerate() {
             let id = (i + 1).to_string();
             let dir = data_dir.join(&id);
-            let args = ["--node-id", id.as_str(), "--voters", voters.as_str()];
+            let mut args_owned: Vec<String> =
+                ["--node-id", id.as_str(), "--voters", voters.as_str()].map(str::to_string).to_vec();
+            args_owned.extend(args.iter().map(|a| a.to_string()));
             let listen = format!("127.0.0.1:{port}");
-            let (binary, args_owned) = (binary.to_path_buf(), args.map(str::to_string));
+            let binary = binary.to_path_buf();
             let process = tokio::task::spawn_blocking(move || {
                 let args: Vec<&str> = args_owned.iter().map(String::as_str).collect();
                 crate::child::BrokerProcess::start_listening(&binary, &dir, &listen, &args, &[])
             });
-            brokers.push(process);
+            starting.push(process);
         }
         let mut processes = Vec::new();
-        for b in brokers {
+        for b in starting {
             processes.push(b.await??);
         }
         let addresses: Vec<String> = processes.iter().map(|b| b.address.clone()).collect();
         let client = Client::builder().bootstrap(addresses).connect().await?;
         let deadline = Instant::now() + Duration::from_secs(30);
+        let wanted = processes.len();
         while !client
             .admin()
             .describe_cluster()
             .await
-            .is_ok_and(|c| c.brokers.iter().filter(|b| !b.fenced).count() == 3)
+            .is_ok_and(|c| c.brokers.iter().filter(|b| !b.fenced).count() == wanted)
         {
-            anyhow::ensure!(Instant::now() < deadline, "the three brokers did not all register within 30 s");
+            anyhow::ensure!(Instant::now() < deadline, "the {wanted} brokers did not all register within 30 s");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let stop = Arc::new(AtomicBool::new(false));
         let watches = processes.iter().map(|b| watch_rss(Some(b.pid()), stop.clone())).collect();
         Ok(LocalCluster { processes, stop, watches, client })
+    }
+
+    /// The brokers' processes, broker 1 first.
+    pub fn processes(&self) -> &[crate::child::BrokerProcess] {
+        &self.processes
     }
 
     /// Stops the brokers; returns each one's peak RssAnon in MiB.

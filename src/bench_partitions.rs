@@ -6,6 +6,9 @@
 //! after SIGKILL, and produce throughput through one `Producer` whose
 //! unkeyed records spread over all of them (sticky), against the same on an
 //! 8-partition topic.
+//!
+//! With more than one broker ([`PartitionsParams::brokers`]) it measures
+//! replication at partition scale instead: see [`replicated`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +22,8 @@ use tally_client::{Acks, Client, NewTopic, Producer, ProducerConfig, ProducerRec
 use crate::bench::text_values;
 use crate::child::{BrokerProcess, rss_anon_kib};
 
+pub mod replicated;
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct PartitionsParams {
@@ -30,10 +35,18 @@ pub struct PartitionsParams {
     pub count: u32,
     /// Topics sharing them (`count / topics` partitions each).
     pub topics: u32,
-    /// Seconds of each produce run.
+    /// Seconds of each produce run (the replicated mode: of each acks=all
+    /// latency run).
     pub produce: Duration,
     /// Value bytes per record.
     pub record_size: usize,
+    /// Brokers: 1 measures one broker ([`run`]); more, a cluster of them
+    /// ([`replicated::run`]).
+    pub brokers: u32,
+    /// Replicas per partition (at most `brokers`).
+    pub replication_factor: u32,
+    /// Seconds of each quiet window of the replicated mode.
+    pub idle: Duration,
 }
 
 /// The figures.
@@ -113,8 +126,9 @@ pub fn allocated_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// Partitions the broker leads, read from its metrics endpoint.
-async fn partitions_led(metrics: &str) -> Option<u64> {
+/// `GET /metrics` of the endpoint at `metrics`: the body, or `None` when it
+/// cannot be read.
+async fn scrape(metrics: &str) -> Option<String> {
     let metrics = metrics.to_string();
     tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
@@ -123,14 +137,21 @@ async fn partitions_led(metrics: &str) -> Option<u64> {
         write!(s, "GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n").ok()?;
         let mut body = String::new();
         s.read_to_string(&mut body).ok()?;
-        body.lines()
-            .find_map(|l| l.strip_prefix("tally_partitions_leader "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(|v| v as u64)
+        Some(body)
     })
     .await
     .ok()
     .flatten()
+}
+
+/// The value of the unlabelled series `name` in a scrape's `body`.
+fn metric_value(body: &str, name: &str) -> Option<f64> {
+    body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')).and_then(|v| v.trim().parse::<f64>().ok())
+}
+
+/// Partitions the broker leads, read from its metrics endpoint.
+async fn partitions_led(metrics: &str) -> Option<u64> {
+    metric_value(&scrape(metrics).await?, "tally_partitions_leader").map(|v| v as u64)
 }
 
 async fn wait_led(metrics: &str, count: u64, limit: Duration) -> anyhow::Result<()> {
@@ -189,6 +210,10 @@ async fn produce_rate(client: &Client, topic: &str, p: &PartitionsParams) -> any
 
 /// Runs the benchmark; `progress` hears what it is doing.
 pub async fn run(p: &PartitionsParams, mut progress: impl FnMut(&str)) -> anyhow::Result<PartitionsReport> {
+    anyhow::ensure!(
+        p.brokers == 1 && p.replication_factor == 1,
+        "one broker, replication factor 1: the replicated mode is replicated::run"
+    );
     anyhow::ensure!(p.count > 0 && p.topics > 0 && p.topics <= p.count, "--count and --topics must be 1 ..= count");
     anyhow::ensure!(
         p.count.is_multiple_of(p.topics),

@@ -135,22 +135,41 @@ pub enum BenchCommand {
     /// What a partition costs: one broker (started here) gets `--count`
     /// partitions; prints disk allocated, RssAnon, descriptors, maps,
     /// create and restart times, and produce throughput over all of them.
+    /// With `--brokers 3 --replication-factor 3`, replication at that
+    /// scale instead: a local cluster, acks=all latency of one busy
+    /// partition alone and beside `--count - 1` idle ones, the time until
+    /// those are replicated, and the cluster's network traffic and CPU
+    /// while nothing is produced.
     Partitions {
-        /// Partitions in all.
+        /// Partitions in all (replicated mode: the busy one and
+        /// `count - 1` idle ones).
         #[arg(long, default_value_t = 1000)]
         count: u32,
-        /// Topics sharing them evenly (e.g. 1000 topics of 10).
+        /// Topics sharing them evenly (e.g. 1000 topics of 10); one broker only.
         #[arg(long, default_value_t = 1)]
         topics: u32,
-        /// Seconds of each produce run.
+        /// Seconds of each produce run (replicated mode: of each acks=all
+        /// latency run).
         #[arg(long, default_value_t = 5)]
         produce_s: u64,
-        /// Value bytes per record.
-        #[arg(long, default_value_t = 100)]
-        record_size: usize,
+        /// Value bytes per record (default 100; 1024 in the replicated mode).
+        #[arg(long)]
+        record_size: Option<usize>,
         /// The broker's data directory (default: a fresh temporary one, removed after).
         #[arg(long)]
         data_dir: Option<std::path::PathBuf>,
+        /// Brokers to start: 1, or 2 to 9 for the replicated mode (a local
+        /// cluster, every broker a controller voter).
+        #[arg(long, default_value_t = 1)]
+        brokers: u32,
+        /// Replicas per partition (at most --brokers); the busy topic has
+        /// min_insync_replicas 2 (1 with one replica).
+        #[arg(long, default_value_t = 1)]
+        replication_factor: u32,
+        /// Replicated mode: seconds of each quiet window over which network
+        /// traffic and CPU are measured.
+        #[arg(long, default_value_t = 10)]
+        idle_s: u64,
     },
 }
 
@@ -176,7 +195,17 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
             return sweep(&params).await;
         }
         BenchCommand::Sweep(args) => return run_sweep_command(ctx, args).await,
-        BenchCommand::Partitions { count, topics, produce_s, record_size, data_dir } => {
+        BenchCommand::Partitions {
+            count,
+            topics,
+            produce_s,
+            record_size,
+            data_dir,
+            brokers,
+            replication_factor,
+            idle_s,
+        } => {
+            let replicated = brokers > 1 || replication_factor > 1;
             let temporary = data_dir.is_none();
             let params = tally::bench_partitions::PartitionsParams {
                 binary: std::env::current_exe()?,
@@ -184,9 +213,18 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
                 count,
                 topics,
                 produce: Duration::from_secs(produce_s),
-                record_size,
+                record_size: record_size.unwrap_or(if replicated { 1024 } else { 100 }),
+                brokers,
+                replication_factor,
+                idle: Duration::from_secs(idle_s),
             };
-            let report = tally::bench_partitions::run(&params, |step| eprintln!("{step}")).await;
+            let report = if replicated {
+                tally::bench_partitions::replicated::run(&params, |step| eprintln!("{step}"))
+                    .await
+                    .map(|r| r.to_string())
+            } else {
+                tally::bench_partitions::run(&params, |step| eprintln!("{step}")).await.map(|r| r.to_string())
+            };
             if temporary {
                 let _ = std::fs::remove_dir_all(&params.data_dir);
             }

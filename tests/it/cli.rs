@@ -435,3 +435,64 @@ async fn cli_bench_sweep_refuses_impossible_settings_before_doing_work() {
     assert!(!out_path.exists(), "no work was done");
     broker.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_bench_partitions_replicated_reports_latency_idle_traffic_and_cpu_of_every_broker() {
+    let args = [
+        "bench",
+        "partitions",
+        "--brokers",
+        "3",
+        "--replication-factor",
+        "3",
+        "--count",
+        "30",
+        "--produce-s",
+        "1",
+        "--idle-s",
+        "1",
+    ];
+    // A local three-broker cluster of its own: no bootstrap needed.
+    let out = run("127.0.0.1:1", &args, None).await;
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    let table = String::from_utf8(out.stdout).unwrap();
+    // The figures after a row's label (which may hold numbers of its own).
+    let figures = |label: &str| -> Vec<f64> {
+        let line = table.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no `{label}`: {table}"));
+        line[label.len()..]
+            .split_whitespace()
+            .map(|v| v.parse::<f64>().unwrap_or_else(|e| panic!("`{v}` in `{line}`: {e}")))
+            .collect()
+    };
+    assert!(table.starts_with("brokers 3, replication factor 3, min ISR 2"), "{table}");
+    assert!(table.contains("30 partitions, 90 replicas; 1 busy, 29 idle"), "{table}");
+    let create = table.lines().find_map(|l| l.strip_prefix("create until replicated")).expect("a create time");
+    let create_s: f64 = create.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(create_s > 0.0, "{table}");
+
+    for label in ["latency alone", "latency with 29 idle"] {
+        let [p50, p99, p999, rate, samples] = figures(label)[..] else { panic!("five figures: {table}") };
+        assert!(p50 > 0.0 && p50 <= p99 && p99 <= p999, "{table}");
+        assert!(rate > 0.0 && samples >= 1.0, "{table}");
+    }
+    let ratios = figures("latency ratio (with / alone)");
+    assert_eq!(ratios.len(), 4, "{table}");
+    assert!(ratios.iter().all(|r| r.is_finite() && *r > 0.0), "{table}");
+
+    for label in ["idle traffic alone", "idle traffic with 29 idle"] {
+        let row = figures(label);
+        assert_eq!(row.len(), 4, "B/s and a CPU share per broker: {table}");
+        // The controller quorum's heartbeats cross the listeners in any window.
+        assert!(row[0] > 0.0, "{table}");
+        assert!(row[1..].iter().all(|cpu| (0.0..=200.0).contains(cpu)), "{table}");
+    }
+    let _per_partition = figures("idle traffic per idle partition");
+
+    for broker in 1..=3 {
+        let [before, after, peak, _per_replica] = figures(&format!("broker {broker}"))[..] else {
+            panic!("four figures for broker {broker}: {table}")
+        };
+        assert!(before > 0.0 && after > 0.0 && peak >= after.min(before), "{table}");
+    }
+}

@@ -23,7 +23,7 @@ use std::time::Duration;
 use metrics::{Counter, Unit, counter, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-pub use connections::{CountedStream, open_connections};
+pub use connections::{CountedStream, open_connections, received_bytes, sent_bytes};
 pub use http::MetricsServer;
 
 /// What kind of series a metric is.
@@ -89,6 +89,8 @@ catalogue! {
     GROUP_MEMBERS = "tally_consumer_group_members", Gauge, ["group"], "Members of a group, reported by its coordinator.";
     PRODUCER_IDS = "tally_producer_ids", Gauge, [], "Producer ids tracked by the partitions hosted here (idempotence state).";
     CONNECTIONS = "tally_connections_open", Gauge, [], "Client and peer TCP connections open to the broker's gRPC listener.";
+    NETWORK_RECEIVED = "tally_network_received_bytes_total", Counter, [], "Bytes received on the gRPC listener's connections (client and peer requests, including replica fetches), TCP payload.";
+    NETWORK_SENT = "tally_network_sent_bytes_total", Counter, [], "Bytes sent on the gRPC listener's connections (answers to clients and peers, including replica fetches), TCP payload.";
 }
 
 /// Histogram buckets for request and fsync times, in seconds.

@@ -1,12 +1,13 @@
 //! Gauges read at each scrape: partition health and sizes, producer ids,
 //! the controller voter's role and log, consumer groups' members and lag,
-//! open connections.
+//! open connections; and the network byte counters, which are atomics
+//! added to by every connection and copied into the recorder here.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::gauge;
+use metrics::{counter, gauge};
 use tally_proto::v1 as pb;
 use tally_proto::v1::tally_client::TallyClient;
 
@@ -41,6 +42,9 @@ impl Sampler {
         self.controller();
         self.groups().await;
         gauge!(CONNECTIONS).set(open_connections() as f64);
+        // Monotonic process-wide totals: `absolute` raises the counter to them.
+        counter!(NETWORK_RECEIVED).absolute(received_bytes());
+        counter!(NETWORK_SENT).absolute(sent_bytes());
     }
 
     fn partitions(&self) {
