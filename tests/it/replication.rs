@@ -854,3 +854,117 @@ async fn a_restarted_broker_answers_no_metadata_older_than_its_restart_and_clien
     restarted.await.unwrap().unwrap();
     cluster.stop_all().await;
 }
+
+/// Every fetch session the brokers hold as leaders, by (leader, follower).
+async fn fetch_sessions(cluster: &Cluster) -> BTreeMap<(u32, u32), tally_proto::internal::v1::FetchSessionInfo> {
+    use tally_proto::internal::v1 as pb;
+    let mut out = BTreeMap::new();
+    for (i, address) in cluster.addresses.iter().enumerate() {
+        let connection = tally_proto::connection::Connection::lazy(address, Default::default()).expect("address");
+        let mut raw = pb::replication_client::ReplicationClient::new(connection);
+        let described = raw.describe_fetch_sessions(pb::DescribeFetchSessionsRequest {}).await.expect("describe");
+        for s in described.into_inner().sessions {
+            out.insert((i as u32 + 1, s.replica_id), s);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_partitions_replicate_in_fetch_sessions_whose_requests_stay_empty_and_keep_the_isr_full() {
+    const PARTITIONS: u32 = 200;
+    let root = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(root.path()).await;
+    let (lag_ms, wait_ms) =
+        (cluster.configs[0].replica_lag_time_max_ms, u64::from(cluster.configs[0].replica_fetch_wait_max_ms));
+    let client = cluster.client().await;
+    let mut topic = NewTopic::new("many", PARTITIONS).config("min_insync_replicas", "2");
+    topic.replication_factor = 3;
+    client.admin().create_topic(topic).await.unwrap();
+    let isr_full = async || {
+        let Ok(d) = client.admin().describe_topic("many").await else { return false };
+        d.partitions.len() == PARTITIONS as usize && d.partitions.iter().all(|p| p.leader.is_some() && p.isr.len() == 3)
+    };
+    assert!(wait_for(Duration::from_secs(60), isr_full).await, "every partition replicated");
+    // Each leader holds one session per follower, with the partitions it
+    // leads (what a full fetch would carry in every request).
+    let d = client.admin().describe_topic("many").await.unwrap();
+    let led = |b: u32| d.partitions.iter().filter(|p| p.leader == Some(b)).count() as u32;
+    let complete = |sessions: &BTreeMap<(u32, u32), tally_proto::internal::v1::FetchSessionInfo>| {
+        (1..=3u32).all(|l| {
+            (1..=3u32).filter(|f| *f != l).all(|f| sessions.get(&(l, f)).is_some_and(|s| s.partitions == led(l)))
+        })
+    };
+    // Settled: a window of a few fetches per session in which nothing was
+    // carried either way (a partition that answered an error at first, as
+    // its leader opened it, is answered once more when it reads well).
+    type Sessions = BTreeMap<(u32, u32), tally_proto::internal::v1::FetchSessionInfo>;
+    let quiet = |from: &Sessions, to: &Sessions, fetches: u64| {
+        to.iter().all(|(k, s)| {
+            from.get(k).is_some_and(|f| {
+                f.session_id == s.session_id
+                    && f.incremental_request_partitions == s.incremental_request_partitions
+                    && f.incremental_response_partitions == s.incremental_response_partitions
+                    && s.incremental_fetches >= f.incremental_fetches + fetches
+            })
+        })
+    };
+    let mut before: Sessions = BTreeMap::new();
+    let mut window: Option<Sessions> = None;
+    let settled = wait_for(Duration::from_secs(30), async || {
+        before = fetch_sessions(&cluster).await;
+        match &window {
+            Some(from) if complete(&before) && quiet(from, &before, 3) => return true,
+            Some(from) if complete(&before) && quiet(from, &before, 0) => {}
+            _ => window = Some(before.clone()),
+        }
+        false
+    })
+    .await;
+    assert!(settled, "a session per leader and follower, holding what it leads, then quiet: {before:#?}");
+    // Idle long polls for three lag times (counted in fetches, not slept).
+    let rounds = 3 * lag_ms / wait_ms;
+    let mut after = BTreeMap::new();
+    let idled = wait_for(Duration::from_secs(60), async || {
+        after = fetch_sessions(&cluster).await;
+        before
+            .iter()
+            .all(|(k, s)| after.get(k).is_some_and(|a| a.incremental_fetches >= s.incremental_fetches + rounds))
+    })
+    .await;
+    assert!(idled, "{rounds} idle rounds per session: {after:#?}");
+    for (k, s) in &before {
+        let a = &after[k];
+        assert_eq!(a.session_id, s.session_id, "{k:?}: idle rounds keep their session");
+        let fetches = a.incremental_fetches - s.incremental_fetches;
+        let carried = a.incremental_request_partitions - s.incremental_request_partitions;
+        let answered = a.incremental_response_partitions - s.incremental_response_partitions;
+        // Sessionless, each of these requests and answers would have carried
+        // every partition of the session.
+        assert!(
+            carried < u64::from(a.partitions) && answered < u64::from(a.partitions),
+            "{k:?}: {fetches} idle fetches carried {carried} and answered {answered} partition entries of {}",
+            a.partitions
+        );
+    }
+    assert!(isr_full().await, "followers that said nothing stayed in the ISR");
+    // A busy partition among the idle ones: acks=all is acknowledged, and
+    // the followers hold the same bytes.
+    let pc = client.partition_client("many", 7);
+    for n in 0..20 {
+        let value = format!("v{n}");
+        let record = RecordRef { timestamp: now_ms(), value: Some(value.as_bytes()), ..Default::default() };
+        pc.produce_records(&[record], Acks::All).await.expect("acks=all among idle partitions");
+    }
+    let hw = pc.list_offset(OffsetSpec::Latest).await.unwrap().unwrap();
+    assert_eq!(hw, 20);
+    let busy = fetch_sessions(&cluster).await;
+    for (k, s) in &after {
+        assert_eq!(busy.get(k).map(|b| b.session_id), Some(s.session_id), "{k:?}: records flow in the same session");
+    }
+    cluster.stop_all().await;
+    let logs: Vec<Vec<u8>> = (1..=3).map(|id| log_bytes(&root.path().join(format!("b{id}/many-7")), 20)).collect();
+    assert!(!logs[0].is_empty());
+    assert_eq!(logs[0], logs[1], "brokers 1 and 2 hold the same bytes");
+    assert_eq!(logs[1], logs[2], "brokers 2 and 3 hold the same bytes");
+}
