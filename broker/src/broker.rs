@@ -267,6 +267,7 @@ impl Broker {
                 replica_id: BrokerId(config.node_id),
                 max_wait_ms: config.replica_fetch_wait_max_ms,
                 max_bytes: config.replica_fetch_response_max_bytes,
+                max_batch_bytes: usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX),
                 backoff: Duration::from_millis(config.replica_fetch_backoff_ms),
                 backoff_max: Duration::from_secs(1),
                 source: config.peer_source_ip(),
@@ -487,6 +488,12 @@ impl Broker {
         };
         out.insert(self.node_id(), self.advertised_address.clone());
         out.into_iter().collect()
+    }
+
+    /// Whether broker `id` is registered in the cluster's metadata (this
+    /// one always is, as in [`Broker::brokers`]).
+    pub fn is_registered(&self, id: BrokerId) -> bool {
+        id.0 == self.node_id() || self.controller.get().is_some_and(|c| c.image().brokers().contains_key(&id))
     }
 
     /// The topic called `name`.

@@ -21,6 +21,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(root: &Path) -> Cluster {
+        Self::start_with(root, |_| {}).await
+    }
+
+    /// Three brokers whose configurations `adjust` changes after the test
+    /// defaults.
+    pub async fn start_with(root: &Path, adjust: impl Fn(&mut BrokerConfig)) -> Cluster {
         let mut listeners = Vec::new();
         for _ in 0..3 {
             listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
@@ -38,6 +44,7 @@ impl Cluster {
                 config.replica_lag_time_max_ms = 2000;
                 config.replica_fetch_wait_max_ms = 200;
                 config.leader_imbalance_check_interval_ms = 500;
+                adjust(&mut config);
                 config
             })
             .collect();
@@ -967,4 +974,59 @@ async fn idle_partitions_replicate_in_fetch_sessions_whose_requests_stay_empty_a
     assert!(!logs[0].is_empty());
     assert_eq!(logs[0], logs[1], "brokers 1 and 2 hold the same bytes");
     assert_eq!(logs[1], logs[2], "brokers 2 and 3 hold the same bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_catches_up_on_many_partitions_whose_batches_together_exceed_its_response_size() {
+    // Each partition's backlog alone fits a response; all of them together
+    // are 20 times one. A leader that let every partition of a response
+    // take one batch past the budget answered more than the follower can
+    // decode, every time: the follower never caught up.
+    const PARTITIONS: u32 = 20;
+    const BATCH: usize = 900 << 10;
+    let root = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start_with(root.path(), |c| c.replica_fetch_response_max_bytes = 1 << 20).await;
+    let client = cluster.client().await;
+    let mut topic = NewTopic::new("wide", PARTITIONS).config("min_insync_replicas", "3");
+    topic.replication_factor = 3;
+    client.admin().create_topic(topic).await.unwrap();
+    let isr_full = async || {
+        let Ok(d) = client.admin().describe_topic("wide").await else { return false };
+        d.partitions.len() == PARTITIONS as usize && d.partitions.iter().all(|p| p.leader.is_some() && p.isr.len() == 3)
+    };
+    assert!(wait_for(Duration::from_secs(60), isr_full).await, "every partition replicated");
+    let value = vec![b'x'; BATCH];
+    for round in 0..2 {
+        // All partitions at once, acks=1: the followers find 20 large
+        // batches waiting.
+        let produced = (0..PARTITIONS).map(|p| {
+            let (pc, value) = (client.partition_client("wide", p), &value);
+            async move {
+                let record = RecordRef { timestamp: now_ms(), value: Some(value), ..Default::default() };
+                pc.produce_records(&[record], Acks::Leader).await
+            }
+        });
+        for (p, outcome) in futures_util::future::join_all(produced).await.into_iter().enumerate() {
+            outcome.unwrap_or_else(|e| panic!("round {round}, partition {p}: {e}"));
+        }
+    }
+    // acks=all with min ISR 3 is acknowledged only once both followers hold
+    // everything before it too.
+    let confirmed = (0..PARTITIONS).map(|p| {
+        let pc = client.partition_client("wide", p);
+        async move {
+            let record = RecordRef { timestamp: now_ms(), value: Some(b"last"), ..Default::default() };
+            pc.produce_records(&[record], Acks::All).await
+        }
+    });
+    for (p, outcome) in futures_util::future::join_all(confirmed).await.into_iter().enumerate() {
+        assert_eq!(outcome.unwrap_or_else(|e| panic!("partition {p}: {e}")), 2, "partition {p}");
+    }
+    assert!(isr_full().await, "no follower fell out of the ISR");
+    cluster.stop_all().await;
+    for p in [0, PARTITIONS - 1] {
+        let logs: Vec<Vec<u8>> = (1..=3).map(|id| log_bytes(&root.path().join(format!("b{id}/wide-{p}")), 3)).collect();
+        assert!(logs[0].len() > 2 * BATCH, "partition {p} holds both batches");
+        assert!(logs[0] == logs[1] && logs[1] == logs[2], "partition {p}: replicas hold the same bytes");
+    }
 }

@@ -292,7 +292,9 @@ impl Partition {
     /// finds where its log diverges (its last fetched epoch against this
     /// log's epochs, Kafka's KIP-320 rule), counts its fetch offset as its
     /// log end (which may move the HW and the ISR), and reads batches from
-    /// there up to the log end.
+    /// there up to the log end: at most `max_bytes`, but at least one batch
+    /// when there is one, unless `max_bytes` is 0 (the response it goes in
+    /// is full: nothing is read).
     pub fn replica_fetch(
         &self,
         follower: BrokerId,
@@ -358,7 +360,13 @@ impl Partition {
             state.on_fetch(follower, offset, leo, log.high_watermark(), now_ms)
         };
         let hw = self.advance_hw(&mut log);
-        let read = log.read(offset, max_bytes, leo).map_err(BrokerError::from_storage)?;
+        // No budget left in the response: the follower's position counted,
+        // nothing read (a read always takes at least one batch).
+        let read = if max_bytes == 0 {
+            ReadResult { next_offset: offset, ..ReadResult::default() }
+        } else {
+            log.read(offset, max_bytes, leo).map_err(BrokerError::from_storage)?
+        };
         drop(log);
         self.publish_hw(hw);
         Ok(ReplicaRead {

@@ -27,7 +27,11 @@
 //!   anything is read, so a repeated or stale request is refused.
 //! - A follower holds at most one session per leader (a new one replaces
 //!   it); the cache holds at most `max_sessions` and evicts the least
-//!   recently used; a session holds at most [`MAX_SESSION_PARTITIONS`].
+//!   recently used; a session holds at most [`MAX_SESSION_PARTITIONS`], and
+//!   all of them together at most [`MAX_CACHED_PARTITIONS`].
+//! - A checked-out session goes back only into the opening it came from
+//!   (its [`Ticket`]'s generation), never into a newer session that drew
+//!   the same id.
 //! - Every partition of a session is read at its cached position at least
 //!   once per interval (the request's wait) plus the gap between two
 //!   requests, as often as a sessionless follower's idle requests read it:
@@ -62,6 +66,15 @@ pub const MAX_SESSIONS: usize = 128;
 /// Partitions one session holds at most; a larger full fetch is served
 /// without a session.
 pub const MAX_SESSION_PARTITIONS: usize = 200_000;
+/// Partitions all the sessions of a leader hold together at most (each costs
+/// a few hundred bytes: its key, position and log-end watcher). A session
+/// that would take the total past it is not opened (the follower is answered
+/// session id 0 and goes on with full fetches), and one that grows past it
+/// through incremental requests is closed at its check-in (its follower gets
+/// FETCH_SESSION_ID_NOT_FOUND and asks again). Sessions are also opened only
+/// for registered brokers (the server checks), so together with
+/// [`MAX_SESSIONS`] this bounds the memory followers can make a leader hold.
+pub const MAX_CACHED_PARTITIONS: usize = 1_000_000;
 
 /// A session's id: never 0 (0 on the wire means "no session").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -222,6 +235,10 @@ pub struct ReadSummary {
     pub high_watermark: i64,
     /// The log start offset the answer carries.
     pub log_start_offset: i64,
+    /// The read found records for the follower but carries none: the
+    /// response's byte budget was spent. The follower's standing was counted
+    /// (the read was made); the partition is read first in the next request.
+    pub deferred: bool,
 }
 
 impl ReadSummary {
@@ -314,7 +331,8 @@ pub struct Session<H, W> {
     /// Slots marked hot since the last plan.
     hot: Vec<usize>,
     /// Where passes start reading (rotated so one busy partition does not
-    /// always take the byte budget first).
+    /// always take the byte budget first, and partitions deferred for lack of
+    /// room go first next time).
     cursor: usize,
     /// Numbers the current request and pass.
     request: u64,
@@ -330,8 +348,10 @@ pub struct Session<H, W> {
     sweep_credit: u128,
     /// The slots answered in the current request, in answer order.
     answered: Vec<usize>,
-    /// The slot after the last one whose read had records this request.
-    next_cursor: Option<usize>,
+    /// The slot after the first one whose read had records this request.
+    past_first_records: Option<usize>,
+    /// The first slot deferred this request (records, but no room left).
+    first_deferred: Option<usize>,
     stats: SessionStats,
     /// The server's per-session state.
     pub watch: W,
@@ -356,7 +376,8 @@ impl<H: Default, W: Default> Session<H, W> {
             swept_at_ms: None,
             sweep_credit: 0,
             answered: Vec::new(),
-            next_cursor: None,
+            past_first_records: None,
+            first_deferred: None,
             stats: SessionStats::default(),
             watch: W::default(),
         };
@@ -493,6 +514,14 @@ impl<H, W> Session<H, W> {
         (&mut p.handle, &mut self.watch)
     }
 
+    /// [`Session::handle_mut`] if `slot` still holds the partition of
+    /// `generation` (a handle's late signal may be about one that left).
+    pub fn handle_of(&mut self, slot: usize, generation: u32) -> Option<(&mut H, &mut W)> {
+        let s = self.slots.get_mut(slot).filter(|s| s.generation == generation)?;
+        let p = s.partition.as_mut()?;
+        Some((&mut p.handle, &mut self.watch))
+    }
+
     /// The partition in `slot` of `generation` may have something new (its
     /// log end moved): read it in the next pass. A signal about a partition
     /// that has left the slot since is ignored. Returns whether it counted.
@@ -510,7 +539,7 @@ impl<H, W> Session<H, W> {
     }
 
     /// Starts a pass: the slots to read, in order. Hot partitions first (in
-    /// an order that rotates past the one that last had records), then the
+    /// an order that rotates: see [`Session::finish_request`]), then the
     /// sweep: cold partitions in turn, as many as keep every partition read
     /// at least once per `every_ms` (spread over the requests of that
     /// time, so a busy session reads a few per round and an idle one, asking
@@ -579,19 +608,27 @@ impl<H, W> Session<H, W> {
     }
 
     /// Takes a read of `slot` in this pass: whether the answer includes it,
-    /// and where. Remembers what was sent.
+    /// and where. Remembers what was sent. A deferred read (records, no
+    /// room) makes the partition hot again, for the next request.
     pub fn record(&mut self, slot: usize, read: &ReadSummary) -> Option<AnswerAt> {
         let (full, request) = (self.full, self.request);
         let p = self.slots[slot].partition.as_mut().expect("planned slots are occupied");
+        if read.deferred {
+            if !p.hot {
+                p.hot = true;
+                self.hot.push(slot);
+            }
+            self.first_deferred.get_or_insert(slot);
+        }
+        if read.bytes > 0 {
+            self.past_first_records.get_or_insert(slot + 1);
+        }
         let sent = Sent { high_watermark: read.high_watermark, log_start_offset: read.log_start_offset };
         let include = full || read.is_news() || p.listed_in == request || p.answer.is_some() || p.sent != Some(sent);
         if !include {
             return None;
         }
         p.sent = if read.error { None } else { Some(sent) };
-        if read.bytes > 0 {
-            self.next_cursor = Some(slot + 1);
-        }
         match p.answer {
             Some(index) => Some(AnswerAt::Replace(index)),
             None => {
@@ -604,14 +641,16 @@ impl<H, W> Session<H, W> {
     }
 
     /// Ends the current request: returns how many partitions it answered,
-    /// and rotates where the next passes start (past the last partition
-    /// that had records).
+    /// and rotates where the next passes start: at the first partition
+    /// deferred for lack of room (those not served go first), else past the
+    /// first partition that had records (so with several busy partitions
+    /// each takes the byte budget first in turn).
     pub fn finish_request(&mut self) -> usize {
         let answered = self.answered.len();
         if !self.full {
             self.stats.incremental_response_partitions += answered as u64;
         }
-        if let Some(next) = self.next_cursor.take() {
+        if let Some(next) = self.first_deferred.or(self.past_first_records) {
             self.cursor = next;
         }
         self.clear_answers();
@@ -626,7 +665,8 @@ impl<H, W> Session<H, W> {
             }
         }
         self.answered.clear();
-        self.next_cursor = None;
+        self.past_first_records = None;
+        self.first_deferred = None;
     }
 
     /// Every handle, for the server to release (a session that ends).
@@ -650,41 +690,73 @@ pub struct SessionInfo {
     pub stats: SessionStats,
 }
 
+/// A checked-out session's claim on its cache entry: the id, and which
+/// opening of that id it is. Ids are random and may be drawn again once
+/// their session left the cache; the generation tells a late check-in of a
+/// replaced or evicted session from the session that now holds the id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    /// The session's id.
+    pub id: SessionId,
+    generation: u64,
+}
+
 #[derive(Debug)]
 struct Entry<S> {
     follower: BrokerId,
+    /// Which opening this is (unique for the cache's life).
+    generation: u64,
     next_epoch: i32,
     last_used: u64,
     /// `None` while a request has it checked out.
     session: Option<S>,
+    /// As of the last check-in (or the opening); counted in
+    /// [`FetchSessionCache::partitions`].
     partitions: usize,
     stats: SessionStats,
 }
 
-/// The sessions a leader holds, bounded, least recently used evicted first.
+/// The sessions a leader holds, bounded (sessions, and partitions over all
+/// of them), least recently used evicted first.
 #[derive(Debug)]
 pub struct FetchSessionCache<H, W> {
     entries: HashMap<SessionId, Entry<Session<H, W>>>,
     by_follower: HashMap<BrokerId, SessionId>,
     max_sessions: usize,
+    /// Partitions held over all entries at most.
+    max_partitions: usize,
+    /// The sum of the entries' `partitions`.
+    partitions: usize,
     /// splitmix64 state for session ids (random, so a restarted leader is
     /// unlikely to hand out an id a follower still holds from before).
     rng: u64,
     /// Logical clock for least-recently-used.
     tick: u64,
+    /// Openings so far: the next entry's generation.
+    opened: u64,
 }
 
 impl<H, W> FetchSessionCache<H, W> {
-    /// An empty cache of at most `max_sessions` (at least 1), drawing ids
-    /// from `seed`.
+    /// An empty cache of at most `max_sessions` (at least 1) holding at most
+    /// [`MAX_CACHED_PARTITIONS`] partitions, drawing ids from `seed`.
     pub fn new(max_sessions: usize, seed: u64) -> FetchSessionCache<H, W> {
         FetchSessionCache {
             entries: HashMap::new(),
             by_follower: HashMap::new(),
             max_sessions: max_sessions.max(1),
+            max_partitions: MAX_CACHED_PARTITIONS,
+            partitions: 0,
             rng: seed,
             tick: 0,
+            opened: 0,
         }
+    }
+
+    /// The same cache holding at most `max_partitions` partitions over all
+    /// its sessions.
+    pub fn with_max_partitions(mut self, max_partitions: usize) -> FetchSessionCache<H, W> {
+        self.max_partitions = max_partitions;
+        self
     }
 
     /// Sessions held (checked out ones included).
@@ -695,6 +767,11 @@ impl<H, W> FetchSessionCache<H, W> {
     /// True when no session is held.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Partitions held over all sessions (as of their last check-in).
+    pub fn partitions(&self) -> usize {
+        self.partitions
     }
 
     fn next_id(&mut self) -> SessionId {
@@ -715,29 +792,49 @@ impl<H, W> FetchSessionCache<H, W> {
     }
 
     /// Opens a session for `session` (checked out to the caller, who checks
-    /// it in when its first request ends). It replaces the follower's
-    /// previous session, and evicts the least recently used one when the
-    /// cache is full. Returns its id and the sessions that left, for the
-    /// caller to drop outside any lock. `None` (and no change) when the
-    /// session is too large to cache: serve it without one.
-    pub fn open(&mut self, session: &Session<H, W>) -> Option<(SessionId, Vec<Session<H, W>>)> {
-        if session.len() > MAX_SESSION_PARTITIONS {
-            return None;
+    /// it in with the ticket when its first request ends). It replaces the
+    /// follower's previous session, and evicts the least recently used one
+    /// when the cache is full. Returns the ticket, and the sessions that
+    /// left, for the caller to drop outside any lock. No ticket when the
+    /// session is too large to cache, alone or beside the others (the
+    /// follower's previous session is still replaced): serve it without one.
+    pub fn open(&mut self, session: &Session<H, W>) -> (Option<Ticket>, Vec<Session<H, W>>) {
+        let (room, dropped) = self.make_room(session);
+        if !room {
+            return (None, dropped);
         }
+        let id = self.next_id();
+        (Some(self.insert(id, session)), dropped)
+    }
+
+    /// Removes the follower's previous session, then checks the bounds and
+    /// evicts for a new `session`. Returns whether it fits, and what left.
+    fn make_room(&mut self, session: &Session<H, W>) -> (bool, Vec<Session<H, W>>) {
         let mut dropped = Vec::new();
         if let Some(old) = self.by_follower.get(&session.follower).copied() {
             dropped.extend(self.remove(old));
+        }
+        if session.len() > MAX_SESSION_PARTITIONS || self.partitions + session.len() > self.max_partitions {
+            return (false, dropped);
         }
         while self.entries.len() >= self.max_sessions {
             let Some(lru) = self.entries.iter().min_by_key(|(_, e)| e.last_used).map(|(id, _)| *id) else { break };
             dropped.extend(self.remove(lru));
         }
-        let id = self.next_id();
+        (true, dropped)
+    }
+
+    /// Enters `session` under `id` (not held), checked out.
+    fn insert(&mut self, id: SessionId, session: &Session<H, W>) -> Ticket {
+        debug_assert!(!self.entries.contains_key(&id));
         self.tick += 1;
+        self.opened += 1;
+        let generation = self.opened;
         self.entries.insert(
             id,
             Entry {
                 follower: session.follower,
+                generation,
                 next_epoch: FIRST_INCREMENTAL_EPOCH,
                 last_used: self.tick,
                 session: None,
@@ -745,15 +842,21 @@ impl<H, W> FetchSessionCache<H, W> {
                 stats: session.stats,
             },
         );
+        self.partitions += session.len();
         self.by_follower.insert(session.follower, id);
-        Some((id, dropped))
+        Ticket { id, generation }
     }
 
     /// Takes session `id` out for an incremental request of `follower` with
     /// `epoch`, moving its expected epoch on. Refused when no such session
     /// belongs to this follower, when the epoch is not the expected one, or
     /// when another request has it.
-    pub fn check_out(&mut self, id: SessionId, epoch: i32, follower: BrokerId) -> Result<Session<H, W>, SessionError> {
+    pub fn check_out(
+        &mut self,
+        id: SessionId,
+        epoch: i32,
+        follower: BrokerId,
+    ) -> Result<(Ticket, Session<H, W>), SessionError> {
         let session_id = id.get();
         let entry = match self.entries.get_mut(&id) {
             Some(entry) if entry.follower == follower => entry,
@@ -766,22 +869,36 @@ impl<H, W> FetchSessionCache<H, W> {
         entry.next_epoch = next_epoch(epoch);
         self.tick += 1;
         entry.last_used = self.tick;
-        Ok(session)
+        Ok((Ticket { id, generation: entry.generation }, session))
     }
 
-    /// Returns a checked-out session after its request. A session that was
-    /// replaced, evicted or closed meanwhile is handed back, for the caller
-    /// to drop outside any lock.
-    pub fn check_in(&mut self, id: SessionId, session: Session<H, W>) -> Option<Session<H, W>> {
-        match self.entries.get_mut(&id) {
-            Some(entry) if entry.session.is_none() => {
-                entry.partitions = session.len();
-                entry.stats = session.stats;
-                entry.session = Some(session);
-                None
+    /// Returns a checked-out session after its request. Only the opening the
+    /// ticket names takes it back, and only from its follower: a session
+    /// that was replaced, evicted or closed meanwhile (even if its id was
+    /// drawn again since) is handed back, for the caller to drop outside any
+    /// lock. So is one that grew past the cache's partition bound: it is
+    /// closed (its follower asks again, and gets a session if there is room).
+    pub fn check_in(&mut self, ticket: Ticket, session: Session<H, W>) -> Option<Session<H, W>> {
+        let others = match self.entries.get(&ticket.id) {
+            Some(entry)
+                if entry.generation == ticket.generation
+                    && entry.follower == session.follower
+                    && entry.session.is_none() =>
+            {
+                self.partitions - entry.partitions
             }
-            _ => Some(session),
+            _ => return Some(session),
+        };
+        if others + session.len() > self.max_partitions {
+            self.remove(ticket.id);
+            return Some(session);
         }
+        let entry = self.entries.get_mut(&ticket.id).expect("found above");
+        entry.partitions = session.len();
+        entry.stats = session.stats;
+        entry.session = Some(session);
+        self.partitions = others + entry.partitions;
+        None
     }
 
     /// Closes session `id` if `follower` holds it; returns it, if it was
@@ -795,6 +912,7 @@ impl<H, W> FetchSessionCache<H, W> {
 
     fn remove(&mut self, id: SessionId) -> Option<Session<H, W>> {
         let entry = self.entries.remove(&id)?;
+        self.partitions -= entry.partitions;
         if self.by_follower.get(&entry.follower) == Some(&id) {
             self.by_follower.remove(&entry.follower);
         }
@@ -1155,6 +1273,45 @@ mod tests {
     }
 
     #[test]
+    fn two_busy_partitions_take_the_byte_budget_first_in_turn() {
+        let mut s = opened();
+        let mut firsts = Vec::new();
+        for round in 1..=4 {
+            incremental(&mut s, Vec::new(), Vec::new());
+            for p in [1, 3] {
+                let slot = s.by_key[&key("t", p)];
+                s.mark_hot(slot, s.generation(slot));
+            }
+            let read = pass(&mut s, round, |_| ReadSummary { bytes: 100, ..quiet(10) });
+            firsts.push(read.read[0].0.partition);
+            s.finish_request();
+        }
+        assert_eq!(firsts, vec![1, 3, 1, 3]);
+    }
+
+    #[test]
+    fn partitions_deferred_for_lack_of_room_are_read_first_in_the_next_request() {
+        let mut s = opened();
+        incremental(&mut s, Vec::new(), Vec::new());
+        for p in [0, 2, 4] {
+            let slot = s.by_key[&key("t", p)];
+            s.mark_hot(slot, s.generation(slot));
+        }
+        // Partition 0 takes the byte budget; 2 and 4 have records, no room.
+        let read = pass(&mut s, 1, |k| match k.partition {
+            0 => ReadSummary { bytes: 100, ..quiet(10) },
+            _ => ReadSummary { deferred: true, ..quiet(10) },
+        });
+        assert_eq!(keys(&read.read), vec![key("t", 0), key("t", 2), key("t", 4)]);
+        assert_eq!(read.answered, vec![key("t", 0)], "nothing new to say of the deferred ones yet");
+        s.finish_request();
+        // The follower lists its new position for 0; nothing moves for 2 and 4.
+        incremental(&mut s, vec![at("t", 0, 20)], Vec::new());
+        let next = pass(&mut s, 2, |_| quiet(10));
+        assert_eq!(keys(&next.read), vec![key("t", 2), key("t", 4), key("t", 0)], "the deferred first");
+    }
+
+    #[test]
     fn a_session_grows_no_larger_than_its_bound() {
         let mut s = TestSession::new(BrokerId(2), Vec::new());
         s.finish_request();
@@ -1172,11 +1329,11 @@ mod tests {
 
     fn open(cache: &mut TestCache, follower: u32, partitions: u32) -> SessionId {
         let mut session = TestSession::new(BrokerId(follower), idle(partitions));
-        let (id, _) = cache.open(&session).expect("cached");
+        let ticket = cache.open(&session).0.expect("cached");
         pass(&mut session, 0, |_| quiet(10));
         session.finish_request();
-        assert!(cache.check_in(id, session).is_none());
-        id
+        assert!(cache.check_in(ticket, session).is_none());
+        ticket.id
     }
 
     #[test]
@@ -1190,33 +1347,89 @@ mod tests {
             "another follower's session is not there for it"
         );
         assert_eq!(cache.check_out(id, 2, BrokerId(2)).unwrap_err().code(), ErrorCode::InvalidFetchSessionEpoch);
-        let s = cache.check_out(id, FIRST_INCREMENTAL_EPOCH, BrokerId(2)).unwrap();
+        let (ticket, s) = cache.check_out(id, FIRST_INCREMENTAL_EPOCH, BrokerId(2)).unwrap();
         assert_eq!(
             cache.check_out(id, 2, BrokerId(2)).unwrap_err(),
             SessionError::InUse { session_id: id.get() },
             "one request at a time"
         );
-        assert!(cache.check_in(id, s).is_none());
+        assert!(cache.check_in(ticket, s).is_none());
         let repeat = cache.check_out(id, FIRST_INCREMENTAL_EPOCH, BrokerId(2)).unwrap_err();
         assert_eq!(
             repeat,
             SessionError::InvalidEpoch { session_id: id.get(), expected: Some(2), got: 1 },
             "an accepted epoch is spent, whether or not its answer arrived"
         );
-        let s = cache.check_out(id, 2, BrokerId(2)).unwrap();
+        let (_, s) = cache.check_out(id, 2, BrokerId(2)).unwrap();
         assert_eq!(s.len(), 3);
     }
 
     #[test]
     fn a_followers_new_session_replaces_its_old_one() {
         let (mut cache, old) = cache_with(2, 3);
-        let out = cache.check_out(old, 1, BrokerId(2)).unwrap();
+        let (ticket, out) = cache.check_out(old, 1, BrokerId(2)).unwrap();
         let new = open(&mut cache, 2, 5);
         assert_ne!(new, old);
         assert_eq!(cache.len(), 1);
         assert_eq!(cache.check_out(old, 2, BrokerId(2)).unwrap_err().code(), ErrorCode::FetchSessionIdNotFound);
-        assert!(cache.check_in(old, out).is_some(), "the replaced session, checked in late, is handed back to drop");
-        assert_eq!(cache.check_out(new, 1, BrokerId(2)).unwrap().len(), 5);
+        assert!(cache.check_in(ticket, out).is_some(), "the replaced session, checked in late, is handed back to drop");
+        assert_eq!(cache.check_out(new, 1, BrokerId(2)).unwrap().1.len(), 5);
+        assert_eq!(cache.partitions(), 5, "the replaced session's partitions no longer count");
+    }
+
+    #[test]
+    fn a_replaced_session_checked_in_late_does_not_overwrite_a_new_one_that_drew_its_id() {
+        let (mut cache, id) = cache_with(2, 3);
+        let (old_ticket, mut old) = cache.check_out(id, 1, BrokerId(2)).unwrap();
+        // While the old session serves a request, its follower opens a new
+        // one (a reset), and the new one draws the same id.
+        let mut new = TestSession::new(BrokerId(2), idle(5));
+        let (room, dropped) = cache.make_room(&new);
+        assert!(room && dropped.is_empty(), "the old one is out, so nothing to drop here");
+        let new_ticket = cache.insert(id, &new);
+        assert_eq!(new_ticket.id, old_ticket.id);
+        // The old request ends first, its session moved on to other positions.
+        old.merge(id, vec![at("t", 0, 99)], Vec::new()).unwrap();
+        old.finish_request();
+        assert!(cache.check_in(old_ticket, old).is_some(), "the old opening is handed back, not taken in");
+        pass(&mut new, 0, |_| quiet(10));
+        new.finish_request();
+        assert!(cache.check_in(new_ticket, new).is_none(), "the new one goes back in");
+        let (_, held) = cache.check_out(id, FIRST_INCREMENTAL_EPOCH, BrokerId(2)).unwrap();
+        assert_eq!(held.len(), 5, "the new session's partitions");
+        let slot = held.by_key[&key("t", 0)];
+        assert_eq!(held.partition(slot).position().fetch_offset, 10, "at the new session's positions");
+    }
+
+    #[test]
+    fn a_session_is_checked_in_only_by_its_follower() {
+        let (mut cache, id) = cache_with(2, 3);
+        let (ticket, _) = cache.check_out(id, 1, BrokerId(2)).unwrap();
+        let impostor = TestSession::new(BrokerId(3), idle(1));
+        assert!(cache.check_in(ticket, impostor).is_some());
+        assert_eq!(cache.describe()[0].partitions, 3);
+    }
+
+    #[test]
+    fn the_partitions_of_all_sessions_are_bounded() {
+        let mut cache = TestCache::new(8, 1).with_max_partitions(10);
+        let first = open(&mut cache, 1, 6);
+        let refused = TestSession::new(BrokerId(2), idle(5));
+        let (ticket, dropped) = cache.open(&refused);
+        assert!(ticket.is_none() && dropped.is_empty(), "6 + 5 > 10: served without a session");
+        assert_eq!((cache.len(), cache.partitions()), (1, 6));
+        open(&mut cache, 2, 4);
+        assert_eq!(cache.partitions(), 10);
+        // A session that grows past the bound is closed at its check-in.
+        let (ticket, mut grown) = cache.check_out(first, 1, BrokerId(1)).unwrap();
+        grown.merge(first, vec![at("t", 6, 0)], Vec::new()).unwrap();
+        grown.finish_request();
+        assert!(cache.check_in(ticket, grown).is_some());
+        assert_eq!(cache.check_out(first, 2, BrokerId(1)).unwrap_err().code(), ErrorCode::FetchSessionIdNotFound);
+        assert_eq!((cache.len(), cache.partitions()), (1, 4));
+        // Its follower's new session fits again.
+        open(&mut cache, 1, 6);
+        assert_eq!(cache.partitions(), 10);
     }
 
     #[test]
@@ -1224,8 +1437,8 @@ mod tests {
         let mut cache = TestCache::new(3, 9);
         let ids: Vec<SessionId> = (1..=3).map(|f| open(&mut cache, f, 1)).collect();
         // Follower 1 fetches again: follower 2's session is now the oldest.
-        let s = cache.check_out(ids[0], 1, BrokerId(1)).unwrap();
-        cache.check_in(ids[0], s);
+        let (ticket, s) = cache.check_out(ids[0], 1, BrokerId(1)).unwrap();
+        cache.check_in(ticket, s);
         let fourth = open(&mut cache, 4, 1);
         assert_eq!(cache.len(), 3);
         let held: Vec<SessionId> = cache.describe().iter().map(|i| i.id).collect();
@@ -1263,18 +1476,18 @@ mod tests {
         let mut cache = TestCache::new(4, 1);
         let session =
             TestSession::new(BrokerId(2), (0..=MAX_SESSION_PARTITIONS as u32).map(|p| at("t", p, 0)).collect());
-        assert!(cache.open(&session).is_none());
+        assert!(cache.open(&session).0.is_none());
         assert!(cache.is_empty());
     }
 
     #[test]
     fn describe_shows_what_incremental_fetches_carried() {
         let (mut cache, id) = cache_with(2, 5);
-        let mut s = cache.check_out(id, 1, BrokerId(2)).unwrap();
+        let (ticket, mut s) = cache.check_out(id, 1, BrokerId(2)).unwrap();
         s.merge(id, vec![at("t", 0, 11)], vec![key("t", 4)]).unwrap();
         pass(&mut s, EVERY_MS, |_| quiet(10));
         s.finish_request();
-        cache.check_in(id, s);
+        cache.check_in(ticket, s);
         let info = &cache.describe()[0];
         assert_eq!((info.follower, info.next_epoch, info.partitions), (BrokerId(2), 2, 4));
         assert_eq!(info.stats.opened_with, 5);

@@ -58,8 +58,11 @@ pub struct FetcherSettings {
     pub replica_id: BrokerId,
     /// How long the leader may hold a fetch that finds nothing new.
     pub max_wait_ms: u32,
-    /// Bytes per response at most.
+    /// Bytes per response asked for (a response may carry one batch more).
     pub max_bytes: u32,
+    /// The largest batch a leader accepts (its `max_request_bytes`): what a
+    /// response may carry past `max_bytes`.
+    pub max_batch_bytes: usize,
     /// First wait after a failure; doubles up to `backoff_max`.
     pub backoff: Duration,
     /// Longest wait after failures.
@@ -278,6 +281,15 @@ impl FollowerSession {
         Ok(())
     }
 
+    /// An answer for `k` was not applied: whatever the leader holds for it,
+    /// the next request lists it again with where it stands (or forgets it,
+    /// if it is no longer followed).
+    fn unapplied(&mut self, k: &Key) {
+        if let Some(sent) = self.sent.get_mut(k) {
+            sent.fetch_offset = i64::MIN;
+        }
+    }
+
     /// Forgets the session: the next request is a full fetch that opens a
     /// new one. For any request whose fate is unknown (a transport error, a
     /// timeout, a cancelled call) and any session error.
@@ -340,9 +352,8 @@ impl FollowSet {
 /// One leader's fetch loop, until aborted.
 async fn run(leader: BrokerId, address: String, follows: watch::Receiver<Arc<Vec<Follow>>>, settings: FetcherSettings) {
     let client = match crate::peer::peer_channel(&address, settings.source) {
-        Ok(channel) => {
-            ReplicationClient::new(channel).max_decoding_message_size(settings.max_bytes as usize + (4 << 20))
-        }
+        Ok(channel) => ReplicationClient::new(channel)
+            .max_decoding_message_size((settings.max_bytes as usize).saturating_add(settings.max_batch_bytes)),
         Err(e) => {
             tracing::error!(error = %e, "cannot fetch from this leader");
             return;
@@ -554,8 +565,12 @@ impl LeaderFetcher {
             let k: Key = (Arc::from(p.topic.as_str()), p.partition);
             // Whatever happens to it, its position may move.
             self.dirty.insert(k.clone());
-            // Removed or paused while the request was out: dropped.
-            let Some(f) = self.set.get(&k).filter(|_| !self.paused.contains_key(&k)) else { continue };
+            // Removed or paused while the request was out: dropped, and
+            // listed (or forgotten) again by the next request.
+            let Some(f) = self.set.get(&k).filter(|_| !self.paused.contains_key(&k)) else {
+                self.session.unapplied(&k);
+                continue;
+            };
             match apply(f, p).await {
                 Ok(Applied::Done) => {
                     self.reasons.remove(&k);
@@ -770,6 +785,21 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_not_applied_is_listed_again_even_at_an_unchanged_position() {
+        let (mut session, partitions) = opened();
+        session.unapplied(&(Arc::from("t"), 2));
+        let pending = session.next(all(&partitions), |_| true);
+        assert_eq!(listed(&pending), vec![2], "the leader may think it moved on");
+        session.answered(pending, 7).unwrap();
+        // No longer followed: forgotten rather than listed.
+        session.unapplied(&(Arc::from("t"), 0));
+        let rest: Vec<(u32, Sent)> = partitions.iter().filter(|(p, _)| *p != 0).cloned().collect();
+        let pending = session.next(all(&rest), |k| k.1 != 0);
+        let forgotten: Vec<u32> = pending.forgotten.iter().map(|((_, p), _)| *p).collect();
+        assert_eq!((listed(&pending), forgotten), (Vec::new(), vec![0]));
+    }
+
+    #[test]
     fn a_leader_without_sessions_gets_a_full_fetch_every_time() {
         let mut session = FollowerSession::default();
         let partitions: Vec<(u32, Sent)> = (0..3).map(|p| (p, at(10))).collect();
@@ -937,6 +967,7 @@ mod tests {
                 diverging: read.diverging.is_some(),
                 high_watermark: read.high_watermark.to_wire(),
                 log_start_offset: read.log_start_offset.to_wire(),
+                deferred: false,
             };
             if session.record(slot, &summary).is_some() {
                 answers.push((key.partition, read));

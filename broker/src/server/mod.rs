@@ -149,9 +149,12 @@ pub async fn run_with_metrics(
     let groups = GroupsServer::new(GroupsService::new(coordinators.clone()))
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
+    // A follower's fetch response holds up to its max_bytes, plus one batch.
+    let replica_response_bytes = max_bytes
+        .saturating_add(usize::try_from(broker.config().replica_fetch_response_max_bytes).unwrap_or(usize::MAX));
     let replication = ReplicationServer::new(ReplicationService::new(broker.clone()))
         .max_decoding_message_size(max_bytes)
-        .max_encoding_message_size(max_bytes);
+        .max_encoding_message_size(replica_response_bytes);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<TallyServer<TallyService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()

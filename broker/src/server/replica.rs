@@ -37,7 +37,7 @@ use crate::error::BrokerError;
 use crate::partition::{Partition, ReplicaRead};
 use crate::replication::fetch_session::{
     AnswerAt, FetchEntry, FetchKind, FetchPosition, FetchSessionCache, MAX_SESSIONS, PartitionKey, ReadSummary,
-    Session, SessionError, SessionId,
+    Session, SessionError, Ticket,
 };
 use crate::replication::isr::now_ms;
 use crate::storage::Offset;
@@ -62,6 +62,9 @@ pub struct ReplicationService {
 pub struct Watched {
     partition: Weak<Partition>,
     abort: Option<AbortHandle>,
+    /// Counts the watchers armed; a wake-up from any but the latest is
+    /// ignored (it must not re-arm beside the current one).
+    armed: u64,
 }
 
 impl Drop for Watched {
@@ -89,6 +92,8 @@ impl std::fmt::Debug for Waits {
 struct LogEndMoved {
     slot: usize,
     generation: u32,
+    /// [`Watched::armed`] when this watcher was armed.
+    token: u64,
     log_end: watch::Receiver<Offset>,
     closed: bool,
 }
@@ -105,7 +110,8 @@ const DRAIN_MAX: usize = 4096;
 /// sessionless fetch's state is simply dropped.
 struct Lease {
     sessions: Arc<Mutex<Sessions>>,
-    id: Option<SessionId>,
+    /// The cache entry it goes back to; none for a sessionless fetch.
+    ticket: Option<Ticket>,
     session: Option<FetchSession>,
 }
 
@@ -117,8 +123,8 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let (Some(id), Some(session)) = (self.id, self.session.take()) else { return };
-        let stale = lock(&self.sessions).check_in(id, session);
+        let (Some(ticket), Some(session)) = (self.ticket, self.session.take()) else { return };
+        let stale = lock(&self.sessions).check_in(ticket, session);
         // A session replaced meanwhile ends here, outside the lock.
         drop(stale);
     }
@@ -159,7 +165,7 @@ impl ReplicationService {
         listed: Vec<FetchEntry>,
         forgotten: Vec<PartitionKey>,
     ) -> Result<Lease, SessionError> {
-        let detached = |session| Lease { sessions: self.sessions.clone(), id: None, session: Some(session) };
+        let detached = |session| Lease { sessions: self.sessions.clone(), ticket: None, session: Some(session) };
         match kind {
             FetchKind::Sessionless => Ok(detached(Session::new(follower, listed))),
             FetchKind::Close(id) => {
@@ -169,18 +175,18 @@ impl ReplicationService {
             }
             FetchKind::Open => {
                 let session = Session::new(follower, listed);
-                let opened = lock(&self.sessions).open(&session);
-                match opened {
-                    Some((id, dropped)) => {
-                        drop(dropped);
-                        Ok(Lease { sessions: self.sessions.clone(), id: Some(id), session: Some(session) })
-                    }
-                    None => Ok(detached(session)),
+                // Only brokers of the cluster get a session (what the cache
+                // holds is bounded, but strangers need not fill it).
+                if !self.broker.is_registered(follower) {
+                    return Ok(detached(session));
                 }
+                let (ticket, dropped) = lock(&self.sessions).open(&session);
+                drop(dropped);
+                Ok(Lease { sessions: self.sessions.clone(), ticket, session: Some(session) })
             }
             FetchKind::Incremental { id, epoch } => {
-                let session = lock(&self.sessions).check_out(id, epoch, follower)?;
-                let mut lease = Lease { sessions: self.sessions.clone(), id: Some(id), session: Some(session) };
+                let (ticket, session) = lock(&self.sessions).check_out(id, epoch, follower)?;
+                let mut lease = Lease { sessions: self.sessions.clone(), ticket: Some(ticket), session: Some(session) };
                 match lease.session().merge(id, listed, forgotten) {
                     Ok(released) => drop(released),
                     Err(e) => {
@@ -253,7 +259,12 @@ impl ReplicationService {
             watch_log_end(handle, waits, slot, generation, &partition);
             let p = session.partition(slot);
             let position = p.position();
-            let left = max_bytes.saturating_sub(*total).max(1);
+            // Only the first read of a response may go past the budget (by
+            // one batch, so a batch larger than the budget still moves);
+            // once it is spent, reads take no records but still count the
+            // follower's position (its ISR standing) and say whether records
+            // were left behind.
+            let left = max_bytes.saturating_sub(*total);
             let read = partition.replica_fetch(
                 follower,
                 position.fetch_offset,
@@ -267,7 +278,7 @@ impl ReplicationService {
             }
             Ok(read)
         });
-        let summary = summarize(&outcome);
+        let summary = summarize(&outcome, *total >= max_bytes);
         *total += summary.bytes;
         if let Some(at) = session.record(slot, &summary) {
             let p = session.partition(slot);
@@ -302,9 +313,11 @@ fn arm(handle: &mut Watched, waits: &mut Waits, slot: usize, generation: u32, mu
     let (abort, registration) = AbortHandle::new_pair();
     // The previous watcher (if any) has resolved or was aborted.
     handle.abort = Some(abort);
+    handle.armed += 1;
+    let token = handle.armed;
     let moved = async move {
         let closed = log_end.changed().await.is_err();
-        LogEndMoved { slot, generation, log_end, closed }
+        LogEndMoved { slot, generation, token, log_end, closed }
     };
     waits.waiting.push(Abortable::new(moved.boxed(), registration));
 }
@@ -315,7 +328,9 @@ fn arm(handle: &mut Watched, waits: &mut Waits, slot: usize, generation: u32, mu
 fn on_moved(session: &mut FetchSession, moved: Result<LogEndMoved, Aborted>) {
     // Aborted: its partition left the session.
     let Ok(moved) = moved else { return };
-    if !session.mark_hot(moved.slot, moved.generation) {
+    // Not the slot's partition any more, or not its latest watcher.
+    let Some((handle, _)) = session.handle_of(moved.slot, moved.generation) else { return };
+    if handle.armed != moved.token || !session.mark_hot(moved.slot, moved.generation) {
         return;
     }
     let (handle, waits) = session.handle_mut(moved.slot);
@@ -351,7 +366,9 @@ async fn wait_moved(session: &mut FetchSession, until: Instant) {
     }
 }
 
-fn summarize(outcome: &Result<ReplicaRead, BrokerError>) -> ReadSummary {
+/// What a read came to; `spent` when the response's byte budget was spent
+/// before it (so records it did not take were deferred, not absent).
+fn summarize(outcome: &Result<ReplicaRead, BrokerError>, spent: bool) -> ReadSummary {
     match outcome {
         Ok(read) => ReadSummary {
             bytes: read.read.bytes,
@@ -359,8 +376,19 @@ fn summarize(outcome: &Result<ReplicaRead, BrokerError>) -> ReadSummary {
             diverging: read.diverging.is_some(),
             high_watermark: read.high_watermark.to_wire(),
             log_start_offset: read.log_start_offset.to_wire(),
+            deferred: spent
+                && read.read.bytes == 0
+                && read.diverging.is_none()
+                && read.read.next_offset < read.log_end_offset,
         },
-        Err(_) => ReadSummary { bytes: 0, error: true, diverging: false, high_watermark: -1, log_start_offset: -1 },
+        Err(_) => ReadSummary {
+            bytes: 0,
+            error: true,
+            diverging: false,
+            high_watermark: -1,
+            log_start_offset: -1,
+            deferred: false,
+        },
     }
 }
 
@@ -434,7 +462,8 @@ impl Replication for ReplicationService {
         let req = request.into_inner();
         let follower = BrokerId(req.replica_id);
         let wait = Duration::from_millis(u64::from(req.max_wait_ms)).min(MAX_WAIT);
-        let max_bytes = u64::from(req.max_bytes.max(1));
+        // Capped by this leader's own bound, which its encoder is sized for.
+        let max_bytes = u64::from(req.max_bytes.clamp(1, self.broker.config().replica_fetch_response_max_bytes));
         let kind = match FetchKind::of(req.session_id, req.session_epoch) {
             Ok(kind) => kind,
             Err(e) => return Ok(Response::new(refused(&e))),
@@ -452,7 +481,7 @@ impl Replication for ReplicationService {
         let partitions = self.serve(lease.session(), wait, max_bytes).await;
         Ok(Response::new(pb::ReplicaFetchResponse {
             partitions,
-            session_id: lease.id.map_or(0, SessionId::get),
+            session_id: lease.ticket.map_or(0, |t| t.id.get()),
             error_code: ErrorCode::None as i32,
             error_message: String::new(),
         }))
@@ -485,7 +514,7 @@ mod tests {
     use tally_proto::batch::{BatchBuilder, BatchLimits, RecordBatch, RecordRef};
 
     use super::*;
-    use crate::replication::fetch_session::FetchPosition;
+    use crate::replication::fetch_session::{FetchPosition, SessionId};
     use crate::replication::{Assignment, LeaderSettings};
     use crate::storage::{Log, LogConfig, SystemClock};
 
