@@ -655,6 +655,24 @@ impl Controller {
         self.raft.wait(Some(timeout)).applied_index_at_least(Some(index), "wait_applied").await.is_ok()
     }
 
+    /// Builds a snapshot of this voter's image now, rather than when
+    /// [`ControllerConfig::snapshot_every_entries`] entries have gathered,
+    /// and waits until its latest snapshot covers every entry it had
+    /// applied when asked (or `timeout` passes). Returns that snapshot's
+    /// last log index. For benchmarks and operators; the policy needs no help.
+    pub async fn snapshot_now(&self, timeout: Duration) -> Result<u64, ControllerError> {
+        let applied = self.raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+        self.raft.trigger().snapshot().await.map_err(|e| ControllerError::Stopped(e.to_string()))?;
+        let covered = |m: &openraft::RaftMetrics<u64, BasicNode>| m.snapshot.is_some_and(|s| s.index >= applied);
+        match self.raft.wait(Some(timeout)).metrics(covered, "snapshot_now").await {
+            Ok(m) => Ok(m.snapshot.map_or(0, |s| s.index)),
+            Err(openraft::metrics::WaitError::Timeout(..)) => {
+                Err(ControllerError::Timeout { timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX) })
+            }
+            Err(e) => Err(ControllerError::Stopped(e.to_string())),
+        }
+    }
+
     /// Sees every image this voter applies, with its log index.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<AppliedImage> {
         self.state_machine.subscribe()
