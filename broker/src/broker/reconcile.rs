@@ -145,6 +145,7 @@ impl Broker {
     /// doc). Blocking; one at a time.
     pub fn reconcile(&self, applied: &AppliedImage) -> Result<(), BrokerError> {
         let _one = self.reconcile_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let started = std::time::Instant::now();
         let mut reconciled = self.reconciled_state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.next_producer_id.fetch_max(applied.image.next_producer_id(), Ordering::AcqRel);
         let current = self.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
@@ -191,6 +192,7 @@ impl Broker {
             let p = &pending[slot];
             self.open_partition(&p.topic_name, &p.image.id.0, index, &p.config)
         });
+        let (opened_count, open_took) = (to_open.len(), started.elapsed());
         for ((slot, index), opened) in to_open.into_iter().zip(opened) {
             match opened {
                 Ok(p) => {
@@ -228,7 +230,10 @@ impl Broker {
         } else {
             next.iter().filter(|(name, _)| changed.contains(name.as_str())).map(|(_, t)| t).collect()
         };
-        self.apply_roles(applied, &to_role, brokers_changed, &mut reconciled.follows);
+        let roled = to_role.len();
+        let roles_started = std::time::Instant::now();
+        let leaderships = self.apply_roles(applied, &to_role, brokers_changed, &mut reconciled.follows);
+        let roles_took = roles_started.elapsed();
         if brokers_changed {
             reconciled.brokers = applied.image.brokers().clone();
         }
@@ -247,6 +252,29 @@ impl Broker {
             tracing::info!(topic = %topic.name, "deleted topic");
         }
         self.reconciled.send_replace(applied.index);
+        let took = started.elapsed();
+        if took >= std::time::Duration::from_secs(1) {
+            // What a slow start or a large creation spent its time on.
+            tracing::info!(
+                index = applied.index,
+                opened = opened_count,
+                open_ms = open_took.as_millis() as u64,
+                topics_roled = roled,
+                leaderships_taken = leaderships,
+                roles_ms = roles_took.as_millis() as u64,
+                took_ms = took.as_millis() as u64,
+                "reconciled a metadata image"
+            );
+        } else {
+            tracing::debug!(
+                index = applied.index,
+                opened = opened_count,
+                topics_roled = roled,
+                leaderships_taken = leaderships,
+                took_ms = took.as_millis() as u64,
+                "reconciled a metadata image"
+            );
+        }
         match failure {
             Some(e) => Err(e),
             None => Ok(()),
@@ -259,14 +287,14 @@ impl Broker {
     /// the leaders when that changed (always when `all`: every hosted topic
     /// is in `topics`, and leaders' addresses may have moved). A topic some
     /// role of which did not take is marked incomplete, to be done again at
-    /// the next image.
+    /// the next image. Returns how many leaderships it took in a new epoch.
     fn apply_roles(
         &self,
         applied: &AppliedImage,
         topics: &[&Arc<Topic>],
         all: bool,
         follows: &mut BTreeMap<String, Vec<(BrokerId, Follow)>>,
-    ) {
+    ) -> usize {
         let me = BrokerId(self.node_id());
         let now = now_ms();
         let take = |t: &Topic, index: u32| {
@@ -348,6 +376,7 @@ impl Broker {
         if follows_changed || all {
             self.fetchers.update(self.wanted_fetches(applied, follows));
         }
+        new_epoch.len()
     }
 
     /// Per leader broker, its address and every partition followed from it.

@@ -184,6 +184,10 @@ pub struct Log {
     closed: bool,
     /// Per producer id, its epoch and last batches (see `log_producers.rs`).
     producers: ProducerStateTable,
+    /// `leader_epochs` holds an epoch begun at the log end that the epoch
+    /// file does not (see [`Log::begin_leader_epoch`]): written before the
+    /// next batch.
+    epochs_unwritten: bool,
 }
 
 #[path = "log_cleaning.rs"]
@@ -240,6 +244,7 @@ impl Log {
             last_clean_ms: None,
             closed: false,
             producers: ProducerStateTable::new(0),
+            epochs_unwritten: false,
         };
         log.producers = ProducerStateTable::new(log.config.max_producers);
         log.load_segments(&bases)?;
@@ -254,9 +259,26 @@ impl Log {
         // Whatever recovery validated (and trimmed) is synced before the
         // recovery point moves over it: the segments it re-validated are in
         // the unsynced list, the active one and the directory in every plan.
-        log.sync_all()?;
+        // When nothing lies above the recovery point (a clean shutdown synced
+        // everything) there is nothing to vouch for: the sync waits for the
+        // next flush, and an open costs no fsync (a broker restarting with
+        // ten thousand partitions pays ten thousand of each otherwise). A cut
+        // recovery made then is not synced either; made again after a crash.
+        if log.recovery_point < leo {
+            log.sync_all()?;
+        } else {
+            // Only the active segment was re-validated, and every sync plan
+            // takes it: its files (which hold descriptors) need not wait.
+            log.unsynced.clear();
+        }
         // Epochs first: the recovery point vouches for what lies below it.
-        if log.leader_epochs != checkpoints.leader_epochs {
+        // Entries only cut at the log's ends (an epoch begun at the log end
+        // with no batch in it yet) are cut again at every open, so the file
+        // is left as it is; anything recovery learned is written.
+        let mut reopened = checkpoints.leader_epochs.clone();
+        reopened.truncate_from_end(Offset(leo));
+        reopened.truncate_from_start(Offset(log.log_start_offset));
+        if log.leader_epochs != reopened {
             log.writer.write_epochs_now(&log.leader_epochs)?;
         }
         if log.recovery_point != checkpoints.recovery_point.get() {
@@ -562,19 +584,22 @@ impl Log {
     }
 
     /// Records that `epoch` begins at the log end (a broker becoming leader
-    /// in `epoch`), durably, so a follower asking for the end of an older
-    /// epoch is answered from here on, before any batch of `epoch` exists.
-    /// An epoch older than the latest is refused; the latest is kept.
+    /// in `epoch`), so a follower asking for the end of an older epoch is
+    /// answered from here on, before any batch of `epoch` exists. An epoch
+    /// older than the latest is refused; the latest is kept.
+    ///
+    /// The epoch file is written before the next batch, not now: an epoch
+    /// that begins at the log end is dropped by every open anyway (nothing
+    /// was written in it), so writing it durably at once would only cost a
+    /// restarting broker three syncs for each of its leaderships.
     pub fn begin_leader_epoch(&mut self, epoch: u32) -> Result<()> {
         self.check_not_failed()?;
         match self.leader_epochs.latest_epoch() {
             Some(latest) if latest > epoch => Err(StorageError::StaleLeaderEpoch { epoch, latest }),
             Some(latest) if latest == epoch => Ok(()),
             _ => {
-                let mut epochs = self.leader_epochs.clone();
-                epochs.assign(epoch, Offset(self.leo()));
-                self.writer.write_epochs_now(&epochs)?;
-                self.leader_epochs = epochs;
+                self.leader_epochs.assign(epoch, Offset(self.leo()));
+                self.epochs_unwritten = true;
                 Ok(())
             }
         }
@@ -639,15 +664,18 @@ impl Log {
         self.make_room(len, last, now)?;
         let interval = self.config.index_interval_bytes;
         let new_epoch = epoch >= 0 && self.leader_epochs.latest_epoch() != Some(epoch as u32);
-        if new_epoch {
+        if new_epoch || self.epochs_unwritten {
             // The epoch file is written before the batch. If the batch write
             // then fails, the file is put back to the cache in memory
             // (unchanged): otherwise a later append in the old epoch would
             // sit under an epoch that never began, and open would refuse the
             // log as damaged. If even that fails, the log fails.
             let mut epochs = self.leader_epochs.clone();
-            epochs.assign(epoch as u32, Offset(base));
+            if new_epoch {
+                epochs.assign(epoch as u32, Offset(base));
+            }
             self.writer.write_epochs_now(&epochs)?;
+            self.epochs_unwritten = false;
             if let Err(e) = self.active_mut().append(batch, base, epoch, interval, now) {
                 if let Err(restore) = self.writer.write_epochs_now(&self.leader_epochs) {
                     self.fail(&restore);

@@ -724,6 +724,42 @@ fn open_syncs_what_recovery_validated_before_moving_the_recovery_point() {
 }
 
 #[test]
+fn a_cleanly_closed_log_opens_without_a_sync_and_survives_power_loss_after() {
+    let dir = Watched::new();
+    let mut log = open(dir.path());
+    fill(&mut log, 40, 2);
+    log.begin_leader_epoch(4).unwrap();
+    log.close().unwrap();
+    drop(log);
+    // Any sync at open fails: there must be none (a restarting broker opens
+    // thousands of logs), and no epoch file rewrite either.
+    testfs::fail_next(dir.path(), testfs::Op::Fsync, None, 1);
+    let mut log = open(dir.path());
+    assert_eq!(log.recovery_point().get(), 80);
+    assert!(log.unsynced.is_empty(), "no descriptors held for a sync that is not needed");
+    // A leadership taken now writes nothing until its first batch.
+    log.begin_leader_epoch(5).unwrap();
+    assert_eq!(log.end_offset_for_epoch(0), Some((0, Offset(80))), "epoch 0 ends where 5 began: from memory");
+    testfs::forget(dir.path());
+    testfs::watch(dir.path());
+    drop(log);
+    testfs::power_loss(dir.path());
+    let mut log = open(dir.path());
+    assert_eq!(read_all(&log, 0).len(), 80, "everything a clean close synced");
+    assert_eq!(log.end_offset_for_epoch(5), None, "an epoch with no batch is dropped at open, written or not");
+    // Its first batch writes the epoch before itself.
+    log.begin_leader_epoch(5).unwrap();
+    log.append(&batch(&[b"x"], 1), 5).unwrap();
+    log.flush().unwrap();
+    drop(log);
+    testfs::power_loss(dir.path());
+    let log = open(dir.path());
+    assert_eq!(log.log_end_offset().get(), 81);
+    assert_eq!(log.end_offset_for_epoch(5), Some((5, Offset(81))));
+    assert_eq!(log.end_offset_for_epoch(0), Some((0, Offset(80))), "epoch 5 began at 80");
+}
+
+#[test]
 fn a_failed_fsync_fails_the_log_and_is_never_retried() {
     let dir = Watched::new();
     let mut log = open(dir.path());
