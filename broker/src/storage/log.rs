@@ -247,7 +247,7 @@ impl Log {
             epochs_unwritten: false,
         };
         log.producers = ProducerStateTable::new(log.config.max_producers);
-        log.load_segments(&bases)?;
+        let recovery_changed_files = log.load_segments(&bases)?;
         let leo = log.leo();
         let first_base = log.segments.keys().next().copied().unwrap_or(leo);
         log.log_start_offset = log.log_start_offset.max(first_base).min(leo);
@@ -264,7 +264,7 @@ impl Log {
         // next flush, and an open costs no fsync (a broker restarting with
         // ten thousand partitions pays ten thousand of each otherwise). A cut
         // recovery made then is not synced either; made again after a crash.
-        if log.recovery_point < leo {
+        if log.recovery_point < leo || recovery_changed_files {
             log.sync_all()?;
         } else {
             // Only the active segment was re-validated, and every sync plan
@@ -274,12 +274,17 @@ impl Log {
         // Epochs first: the recovery point vouches for what lies below it.
         // Entries only cut at the log's ends (an epoch begun at the log end
         // with no batch in it yet) are cut again at every open, so the file
-        // is left as it is; anything recovery learned is written.
+        // need not be rewritten now; but it must be before the next batch of
+        // any epoch (a follower's batch in an older epoch would otherwise lie
+        // under the file's stale later one, which recovery refuses). Anything
+        // else recovery learned is written now.
         let mut reopened = checkpoints.leader_epochs.clone();
         reopened.truncate_from_end(Offset(leo));
         reopened.truncate_from_start(Offset(log.log_start_offset));
         if log.leader_epochs != reopened {
             log.writer.write_epochs_now(&log.leader_epochs)?;
+        } else {
+            log.epochs_unwritten = log.leader_epochs != checkpoints.leader_epochs;
         }
         if log.recovery_point != checkpoints.recovery_point.get() {
             log.writer.write_offset_now(Kind::RecoveryPoint, Offset(log.recovery_point))?;
@@ -345,7 +350,10 @@ impl Log {
     /// all later ones are re-validated batch by batch. Each segment ends at
     /// the next one's base. What does not hold up is cut only above the
     /// recovery point; below it, it is an error.
-    fn load_segments(&mut self, bases: &[u64]) -> Result<()> {
+    /// Returns whether it changed any file beyond trimming the active
+    /// segment's preallocated zeros (a segment created, a tail cut, segments
+    /// deleted): those changes are synced before anything is appended.
+    fn load_segments(&mut self, bases: &[u64]) -> Result<bool> {
         let now = self.clock.now_ms();
         let sizes = self.sizes();
         let interval = self.config.index_interval_bytes;
@@ -354,8 +362,9 @@ impl Log {
             let segment = Segment::create(&self.dir, self.log_start_offset, sizes, now)?;
             self.segments.insert(self.log_start_offset, segment);
             self.recovery_point = self.recovery_point.min(self.log_start_offset);
-            return Ok(());
+            return Ok(true);
         }
+        let mut changed = false;
         // The epoch cache as read from its checkpoint: every batch's epoch
         // was recorded there before the batch was written (`append_at`).
         let checkpointed = self.leader_epochs.clone();
@@ -371,6 +380,7 @@ impl Log {
                 self.below_recovery_point(e, &self.dir.join(file_name(base, "log")), 0, what)?;
                 tracing::warn!(dir = %self.dir.display(), base, expected = e, "segment does not continue the log, above the recovery point; removing it and all later segments");
                 self.delete_segment_files_from(&bases[i..])?;
+                changed = true;
                 break;
             }
             if i < revalidate_from {
@@ -414,6 +424,9 @@ impl Log {
                 }
                 Tail::None | Tail::Zeros => {}
             }
+            // Zeros cut from the active segment may come back after a power
+            // loss and are cut again; any other cut must stay cut.
+            changed |= !matches!(recovered.tail, Tail::None) && !(is_last && recovered.tail == Tail::Zeros);
             segment.cut_recovered_tail(&recovered)?;
             if !is_last {
                 segment.close()?;
@@ -424,6 +437,7 @@ impl Log {
             if recovered.tail == Tail::Damaged && !is_last {
                 tracing::warn!(dir = %self.dir.display(), "removing the segments after the damaged one: they follow a hole");
                 self.delete_segment_files_from(&bases[i + 1..])?;
+                changed = true;
                 break;
             }
         }
@@ -437,7 +451,7 @@ impl Log {
         self.recovery_point = self.recovery_point.min(leo);
         let sizes = self.sizes();
         self.active_mut().make_active(sizes)?;
-        Ok(())
+        Ok(changed)
     }
 
     /// The error for damage found at `offset`, if that lies below the

@@ -724,8 +724,8 @@ fn open_syncs_what_recovery_validated_before_moving_the_recovery_point() {
 }
 
 #[test]
-fn a_cleanly_closed_log_opens_without_a_sync_and_survives_power_loss_after() {
-    let dir = Watched::new();
+fn a_cleanly_closed_log_opens_without_a_sync() {
+    let dir = tempfile::tempdir().unwrap();
     let mut log = open(dir.path());
     fill(&mut log, 40, 2);
     log.begin_leader_epoch(4).unwrap();
@@ -734,29 +734,80 @@ fn a_cleanly_closed_log_opens_without_a_sync_and_survives_power_loss_after() {
     // Any sync at open fails: there must be none (a restarting broker opens
     // thousands of logs), and no epoch file rewrite either.
     testfs::fail_next(dir.path(), testfs::Op::Fsync, None, 1);
-    let mut log = open(dir.path());
+    testfs::fail_next(dir.path(), testfs::Op::DirFsync, None, 1);
+    let log = open(dir.path());
     assert_eq!(log.recovery_point().get(), 80);
     assert!(log.unsynced.is_empty(), "no descriptors held for a sync that is not needed");
-    // A leadership taken now writes nothing until its first batch.
-    log.begin_leader_epoch(5).unwrap();
-    assert_eq!(log.end_offset_for_epoch(0), Some((0, Offset(80))), "epoch 0 ends where 5 began: from memory");
     testfs::forget(dir.path());
-    testfs::watch(dir.path());
+}
+
+#[test]
+fn a_log_opened_without_a_sync_survives_power_loss_and_rewrites_a_stale_epoch_file_before_its_next_batch() {
+    let dir = Watched::new();
+    let mut log = open(dir.path());
+    fill(&mut log, 40, 2);
+    // An idle leadership: the close writes "epoch 4 begins at 80", which
+    // every open drops (no batch of epoch 4 exists).
+    log.begin_leader_epoch(4).unwrap();
+    log.close().unwrap();
+    drop(log);
+    let log = open(dir.path());
     drop(log);
     testfs::power_loss(dir.path());
     let mut log = open(dir.path());
-    assert_eq!(read_all(&log, 0).len(), 80, "everything a clean close synced");
-    assert_eq!(log.end_offset_for_epoch(5), None, "an epoch with no batch is dropped at open, written or not");
-    // Its first batch writes the epoch before itself.
+    assert_eq!(read_all(&log, 0).len(), 80, "everything a clean close synced, though the open synced nothing");
+    assert_eq!(log.end_offset_for_epoch(4), None, "epoch 4 held no batch: dropped at open");
+    // A follower's batch of epoch 0 (another leader never cut it): the file
+    // still says epoch 4 begins at 80, so it is rewritten first, or the
+    // next open would find a batch of epoch 0 under epoch 4 and refuse.
+    let stamped = patched(&batch(&[b"x"], 1), |h| {
+        h[..8].copy_from_slice(&80i64.to_be_bytes());
+        h[12..16].copy_from_slice(&0i32.to_be_bytes());
+    });
+    log.append_replica(&stamped).unwrap();
+    drop(log); // a process crash: nothing synced, the page cache keeps it
+    let mut log = Log::open(dir.path(), tiny_config(), Arc::new(SystemClock)).expect("the epoch file matches the log");
+    assert_eq!(log.log_end_offset().get(), 81);
+    // A leadership writes its epoch before its first batch, not when taken.
     log.begin_leader_epoch(5).unwrap();
-    log.append(&batch(&[b"x"], 1), 5).unwrap();
+    assert_eq!(log.end_offset_for_epoch(0), Some((0, Offset(81))), "answered from memory");
+    log.append(&batch(&[b"y"], 1), 5).unwrap();
     log.flush().unwrap();
     drop(log);
     testfs::power_loss(dir.path());
     let log = open(dir.path());
-    assert_eq!(log.log_end_offset().get(), 81);
-    assert_eq!(log.end_offset_for_epoch(5), Some((5, Offset(81))));
-    assert_eq!(log.end_offset_for_epoch(0), Some((0, Offset(80))), "epoch 5 began at 80");
+    assert_eq!(log.log_end_offset().get(), 82);
+    assert_eq!(log.end_offset_for_epoch(5), Some((5, Offset(82))));
+    assert_eq!(log.end_offset_for_epoch(0), Some((0, Offset(81))), "epoch 5 began at 81");
+}
+
+#[test]
+fn what_recovery_cut_is_synced_at_open_even_with_nothing_above_the_recovery_point() {
+    let dir = Watched::new();
+    let mut log = open(dir.path());
+    fill(&mut log, 40, 2);
+    log.close().unwrap();
+    drop(log);
+    // The active segment gets junk after its last batch (a torn append
+    // never acknowledged: above the recovery point, so recovery cuts it).
+    let mut logs: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    let first = logs.pop().unwrap();
+    let mut bytes = std::fs::read(&first).unwrap();
+    bytes.extend_from_slice(&[0xAB; 64]);
+    std::fs::write(&first, &bytes).unwrap();
+    testfs::forget(dir.path());
+    testfs::watch(dir.path());
+    let log = open(dir.path());
+    assert_eq!(read_all(&log, 0).len(), 80);
+    drop(log);
+    testfs::power_loss(dir.path());
+    let cut = std::fs::read(&first).unwrap();
+    assert_eq!(cut.len(), bytes.len() - 64, "the cut was synced before open returned");
 }
 
 #[test]
