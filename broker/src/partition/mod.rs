@@ -233,14 +233,11 @@ impl Partition {
 
     /// Makes this broker the partition's leader in `assignment`'s epoch, or,
     /// when it already leads in that epoch, takes the newer committed ISR.
-    /// A new epoch is recorded in the log's epoch cache at once, and in its
-    /// epoch file before the first batch appended in it
-    /// ([`Log::begin_leader_epoch`]): a produce whose epoch file cannot be
-    /// written fails with a storage error and appends nothing.
+    /// A new epoch is recorded in the log (durably) before any append.
     ///
-    /// When recording it fails (the log has failed), the partition serves
-    /// nothing (idle) and the leadership is kept to be taken again with
-    /// backoff ([`Partition::retry_leadership`]); meanwhile
+    /// When recording it fails, the partition serves nothing (idle) and the
+    /// leadership is kept to be taken again with backoff
+    /// ([`Partition::retry_leadership`]); meanwhile
     /// [`Partition::leadership_failure`] says why.
     pub fn make_leader(
         &self,

@@ -143,28 +143,26 @@ async fn a_produce_admitted_under_a_live_session_appends_nothing_once_the_sessio
 }
 
 #[tokio::test]
-async fn a_leadership_records_its_epoch_before_its_first_batch_and_appends_nothing_until_it_can() {
+async fn a_leadership_whose_epoch_cannot_be_recorded_is_taken_again_until_it_is() {
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig { segment_bytes: 4096, ..LogConfig::default() };
-    let log = Log::open(dir.path(), config.clone(), Arc::new(SystemClock)).unwrap();
+    let log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
     let p = Arc::new(Partition::new(Arc::from("t"), 0, log, 1 << 20));
     let alone = Assignment { replicas: vec![BrokerId(1)], isr: vec![BrokerId(1)], leader_epoch: 3, partition_epoch: 3 };
     testfs::fail_next(dir.path(), testfs::Op::Fsync, Some("leader-epoch"), 2);
-    // Taking the leadership writes nothing (a restarting broker takes
-    // thousands): the epoch is written before its first batch.
-    p.make_leader(BrokerId(1), alone, settings(), 1000).unwrap();
+    assert!(p.make_leader(BrokerId(1), alone, settings(), 1000).is_err());
+    assert_eq!(p.leading_epoch(), None, "serves nothing meanwhile");
+    assert!(p.leadership_failure().is_some_and(|e| e.contains("leader-epoch")), "{:?}", p.leadership_failure());
+    let e = p.produce(&[batch(b"a")], 3, None).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::LeaderNotAvailable, "{e}");
+    assert!(p.retry_leadership(1000 + LEADERSHIP_RETRY_MS - 1).is_none(), "backing off");
+    assert!(p.retry_leadership(1000 + LEADERSHIP_RETRY_MS).unwrap().is_err(), "the second fault");
+    assert!(p.retry_leadership(1000 + 2 * LEADERSHIP_RETRY_MS).is_none(), "the backoff doubled");
+    p.retry_leadership(1000 + 3 * LEADERSHIP_RETRY_MS).unwrap().unwrap();
     assert_eq!(p.leading_epoch(), Some(3));
     assert_eq!(p.leadership_failure(), None);
-    for attempt in 0..2 {
-        let e = p.produce(&[batch(b"a")], 3, None).await.unwrap_err();
-        assert_eq!(e.code(), ErrorCode::KafkaStorageError, "attempt {attempt}: {e}");
-        assert_eq!(p.offsets().2, Offset(0), "no batch before its epoch is on disk");
-    }
     assert_eq!(p.produce(&[batch(b"a")], 3, None).await.unwrap().base_offset, Offset(0));
     testfs::forget(dir.path());
-    drop(p);
-    let reopened = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
-    assert_eq!(reopened.end_offset_for_epoch(3), Some((3, Offset(1))), "the epoch is on disk with its batch");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

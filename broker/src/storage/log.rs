@@ -184,9 +184,9 @@ pub struct Log {
     closed: bool,
     /// Per producer id, its epoch and last batches (see `log_producers.rs`).
     producers: ProducerStateTable,
-    /// `leader_epochs` holds an epoch begun at the log end that the epoch
-    /// file does not (see [`Log::begin_leader_epoch`]): written before the
-    /// next batch.
+    /// The epoch file still holds entries that open cut from `leader_epochs`
+    /// (an epoch begun at the log end with no batch): rewritten before the
+    /// next batch (see [`Log::open`]).
     epochs_unwritten: bool,
 }
 
@@ -598,22 +598,25 @@ impl Log {
     }
 
     /// Records that `epoch` begins at the log end (a broker becoming leader
-    /// in `epoch`), so a follower asking for the end of an older epoch is
-    /// answered from here on, before any batch of `epoch` exists. An epoch
-    /// older than the latest is refused; the latest is kept.
+    /// in `epoch`), durably, so a follower asking for the end of an older
+    /// epoch is answered from here on, before any batch of `epoch` exists.
+    /// An epoch older than the latest is refused; the latest is kept.
     ///
-    /// The epoch file is written before the next batch, not now: an epoch
-    /// that begins at the log end is dropped by every open anyway (nothing
-    /// was written in it), so writing it durably at once would only cost a
-    /// restarting broker three syncs for each of its leaderships.
+    /// (Written at once, not before the first batch: the file must be on
+    /// disk before any batch of the epoch can reach it, and writing it on
+    /// the produce path put three syncs in the first produce of every
+    /// partition after each election.)
     pub fn begin_leader_epoch(&mut self, epoch: u32) -> Result<()> {
         self.check_not_failed()?;
         match self.leader_epochs.latest_epoch() {
             Some(latest) if latest > epoch => Err(StorageError::StaleLeaderEpoch { epoch, latest }),
             Some(latest) if latest == epoch => Ok(()),
             _ => {
-                self.leader_epochs.assign(epoch, Offset(self.leo()));
-                self.epochs_unwritten = true;
+                let mut epochs = self.leader_epochs.clone();
+                epochs.assign(epoch, Offset(self.leo()));
+                self.writer.write_epochs_now(&epochs)?;
+                self.leader_epochs = epochs;
+                self.epochs_unwritten = false;
                 Ok(())
             }
         }
