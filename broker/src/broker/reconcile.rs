@@ -27,9 +27,12 @@ use crate::replication::{Assignment, LeaderSettings};
 use crate::storage::{Log, SystemClock};
 use crate::topic::{TopicConfig, TopicName};
 
-/// Threads that open partitions at once: opening one is mostly waiting on
-/// file creation and fsyncs, so more threads than cores pay off.
-const OPEN_THREADS: usize = 16;
+/// Threads that open partitions (or take their leaderships) at once: each
+/// is mostly waiting on file creation and fsyncs, and concurrent fsyncs
+/// share the file system's journal commits, so many more threads than cores
+/// pay off (64 rather than 16: 10,000 new partitions led in 6.5 s instead of
+/// 10 s on this machine).
+const OPEN_THREADS: usize = 64;
 
 /// What the last reconcile left for the next one to compare against.
 #[derive(Debug, Default)]
