@@ -426,7 +426,12 @@ impl Log {
             }
             // Zeros cut from the active segment may come back after a power
             // loss and are cut again; any other cut must stay cut.
-            changed |= !matches!(recovered.tail, Tail::None) && !(is_last && recovered.tail == Tail::Zeros);
+            let harmless = match recovered.tail {
+                Tail::None => true,
+                Tail::Zeros => is_last,
+                Tail::Damaged | Tail::Stale => false,
+            };
+            changed |= !harmless;
             segment.cut_recovered_tail(&recovered)?;
             if !is_last {
                 segment.close()?;
