@@ -351,8 +351,9 @@ impl Log {
     /// the next one's base. What does not hold up is cut only above the
     /// recovery point; below it, it is an error.
     /// Returns whether it changed any file beyond trimming the active
-    /// segment's preallocated zeros (a segment created, a tail cut, segments
-    /// deleted): those changes are synced before anything is appended.
+    /// segment's preallocated zeros or creating the first, empty segment (a
+    /// tail cut, segments deleted): those changes are synced before anything
+    /// is appended.
     fn load_segments(&mut self, bases: &[u64]) -> Result<bool> {
         let now = self.clock.now_ms();
         let sizes = self.sizes();
@@ -362,7 +363,11 @@ impl Log {
             let segment = Segment::create(&self.dir, self.log_start_offset, sizes, now)?;
             self.segments.insert(self.log_start_offset, segment);
             self.recovery_point = self.recovery_point.min(self.log_start_offset);
-            return Ok(true);
+            // An empty segment vouches for nothing: if a power loss takes its
+            // files, the next open creates them again. The first sync of
+            // anything appended syncs them and the directory (so a new
+            // partition costs no fsync here: thousands are created at once).
+            return Ok(false);
         }
         let mut changed = false;
         // The epoch cache as read from its checkpoint: every batch's epoch

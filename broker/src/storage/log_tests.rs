@@ -1217,6 +1217,18 @@ fn a_roll_between_planning_and_marking_a_sync_keeps_the_closed_segments_indexes_
 }
 
 #[test]
+fn a_new_log_is_created_without_syncing_its_empty_files() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("topic-0");
+    // Only the parent's fsync (the new directory's entry) is allowed.
+    testfs::fail_next(&dir, testfs::Op::Fsync, None, 1);
+    testfs::fail_next(&dir, testfs::Op::DirFsync, None, 1);
+    let log = open(&dir);
+    assert_eq!(log.log_end_offset().get(), 0);
+    testfs::forget(&dir);
+}
+
+#[test]
 fn a_new_partition_directory_survives_power_loss() {
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join("topic-0");
