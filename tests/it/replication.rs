@@ -862,6 +862,13 @@ async fn a_restarted_broker_answers_no_metadata_older_than_its_restart_and_clien
     cluster.stop_all().await;
 }
 
+/// Whether `topic` has its `partitions`, each led and with all three
+/// replicas in its ISR.
+async fn fully_replicated(client: &Client, topic: &str, partitions: u32) -> bool {
+    let Ok(d) = client.admin().describe_topic(topic).await else { return false };
+    d.partitions.len() == partitions as usize && d.partitions.iter().all(|p| p.leader.is_some() && p.isr.len() == 3)
+}
+
 /// Every fetch session the brokers hold as leaders, by (leader, follower).
 async fn fetch_sessions(cluster: &Cluster) -> BTreeMap<(u32, u32), tally_proto::internal::v1::FetchSessionInfo> {
     use tally_proto::internal::v1 as pb;
@@ -888,10 +895,7 @@ async fn idle_partitions_replicate_in_fetch_sessions_whose_requests_stay_empty_a
     let mut topic = NewTopic::new("many", PARTITIONS).config("min_insync_replicas", "2");
     topic.replication_factor = 3;
     client.admin().create_topic(topic).await.unwrap();
-    let isr_full = async || {
-        let Ok(d) = client.admin().describe_topic("many").await else { return false };
-        d.partitions.len() == PARTITIONS as usize && d.partitions.iter().all(|p| p.leader.is_some() && p.isr.len() == 3)
-    };
+    let isr_full = async || fully_replicated(&client, "many", PARTITIONS).await;
     assert!(wait_for(Duration::from_secs(60), isr_full).await, "every partition replicated");
     // Each leader holds one session per follower, with the partitions it
     // leads (what a full fetch would carry in every request).
@@ -990,10 +994,7 @@ async fn a_follower_catches_up_on_many_partitions_whose_batches_together_exceed_
     let mut topic = NewTopic::new("wide", PARTITIONS).config("min_insync_replicas", "3");
     topic.replication_factor = 3;
     client.admin().create_topic(topic).await.unwrap();
-    let isr_full = async || {
-        let Ok(d) = client.admin().describe_topic("wide").await else { return false };
-        d.partitions.len() == PARTITIONS as usize && d.partitions.iter().all(|p| p.leader.is_some() && p.isr.len() == 3)
-    };
+    let isr_full = async || fully_replicated(&client, "wide", PARTITIONS).await;
     assert!(wait_for(Duration::from_secs(60), isr_full).await, "every partition replicated");
     let value = vec![b'x'; BATCH];
     for round in 0..2 {
