@@ -134,6 +134,13 @@ pub struct BrokerConfig {
     /// expire. Bounds the table's memory (about 200 bytes a producer).
     /// Default 10 000.
     pub max_producers_per_partition: u32,
+    /// Write-behind and drop-behind take a partition's pages out of the
+    /// page cache only while free memory (the machine's, or a cgroup
+    /// limit's, whichever is lower) is below this percent. With memory to
+    /// spare, written and read-back data stays cached for catch-up readers;
+    /// 100 always drops (each partition caches only its newest windows), 0
+    /// never does. Default 10.
+    pub page_cache_min_free_percent: u8,
     /// A group member's session when it asks for none
     /// (`group.consumer.session.timeout.ms`). Default 45 000.
     pub group_consumer_session_timeout_ms: u32,
@@ -183,6 +190,7 @@ impl Default for BrokerConfig {
             offsets_retention_minutes: 7 * 24 * 60,
             producer_id_expiration_ms: 24 * 3600 * 1000,
             max_producers_per_partition: 10_000,
+            page_cache_min_free_percent: 10,
             group_consumer_session_timeout_ms: 45_000,
             group_consumer_min_session_timeout_ms: 45_000,
             group_consumer_max_session_timeout_ms: 60_000,
@@ -311,6 +319,9 @@ impl BrokerConfig {
         }
         if self.max_producers_per_partition == 0 {
             problems.push("max_producers_per_partition must be at least 1".to_string());
+        }
+        if self.page_cache_min_free_percent > 100 {
+            problems.push("page_cache_min_free_percent must be at most 100".to_string());
         }
         if self.producer_id_expiration_ms == 0 {
             problems.push("producer_id_expiration_ms must be positive".to_string());
@@ -498,6 +509,7 @@ const BROKER_KEYS: &[&str] = &[
     "offsets_retention_minutes",
     "producer_id_expiration_ms",
     "max_producers_per_partition",
+    "page_cache_min_free_percent",
     "group_consumer_session_timeout_ms",
     "group_consumer_min_session_timeout_ms",
     "group_consumer_max_session_timeout_ms",

@@ -138,6 +138,7 @@ impl Broker {
             TopicConfig::from_defaults(&self.config.log).expect("validated defaults")
         });
         config.log.max_producers = self.config.max_producers_per_partition.max(1) as usize;
+        config.log.cache_min_free_percent = self.config.page_cache_min_free_percent.min(100);
         config
     }
 

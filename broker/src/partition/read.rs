@@ -123,9 +123,10 @@ impl Partition {
         }
     }
 
-    /// True when reading from `offset` may fault pages in from disk.
-    pub fn may_read_disk(&self, offset: Offset) -> bool {
-        self.read_log().may_read_disk(offset)
+    /// True when reading up to `max_bytes` from `offset` may fault pages in
+    /// from disk.
+    pub fn may_read_disk(&self, offset: Offset, max_bytes: u64) -> bool {
+        self.read_log().may_read_disk(offset, max_bytes)
     }
 
     /// A receiver that sees every move of the high watermark.

@@ -462,7 +462,7 @@ fn topic_metadata(t: &crate::broker::Topic) -> pb::TopicMetadata {
 }
 
 /// [`read_targets`], moved to a blocking thread when some partition's read
-/// may fault pages in from disk (data write-behind no longer caches).
+/// may fault pages in from disk (its data is not in the page cache).
 /// Reads served from the page cache stay inline: moving them cost a quarter
 /// of the page-cache fetch throughput (the encoder then copies bytes that
 /// another core just checksummed).
@@ -470,10 +470,10 @@ async fn read_off_runtime(
     shared: &Arc<(Vec<FetchTarget>, Vec<String>)>,
     max_bytes: u64,
 ) -> Result<(pb::FetchResponse, u64, bool), Status> {
-    let may_block = shared
-        .0
-        .iter()
-        .any(|t| t.resolved.as_ref().is_ok_and(|p| Offset::from_wire(t.offset).is_some_and(|o| p.may_read_disk(o))));
+    let may_block = shared.0.iter().any(|t| {
+        let budget = t.max_bytes.min(max_bytes);
+        t.resolved.as_ref().is_ok_and(|p| Offset::from_wire(t.offset).is_some_and(|o| p.may_read_disk(o, budget)))
+    });
     if !may_block {
         return Ok(read_targets(&shared.0, &shared.1, max_bytes));
     }

@@ -798,11 +798,12 @@ impl Log {
             };
             let budget = max_bytes.saturating_sub(out.bytes);
             let is_active = segment.base_offset() == active_base;
-            segment.read_ahead(position, budget, window, is_active);
+            segment.read_ahead(position, budget);
             let taken =
                 segment.read_from(position, budget, upper, out.chunks.is_empty(), self.config.verify_on_read)?;
             let Some((bytes, next)) = taken else { break };
-            out.cold.extend(segment.cold_read(position, bytes.len() as u64, window, is_active));
+            let cache = self.config.cache_min_free_percent;
+            out.cold.extend(segment.cold_read(position, bytes.len() as u64, window, is_active, cache));
             out.bytes += bytes.len() as u64;
             out.next_offset = Offset(next);
             out.chunks.push(bytes);
@@ -813,20 +814,13 @@ impl Log {
         Ok(out)
     }
 
-    /// True when a read from `offset` may have to go to disk: write-behind is
-    /// on and the offset lies in a closed segment or below what the active
-    /// segment keeps cached. (With write-behind off the OS decides, and this
-    /// says false.)
-    pub fn may_read_disk(&self, offset: Offset) -> bool {
+    /// True when a read of up to `max_bytes` from `offset` may have to go to
+    /// disk: its first or last page is not in the page cache. Touches no
+    /// page of the log, so the answer itself never waits on the disk.
+    pub fn may_read_disk(&self, offset: Offset, max_bytes: u64) -> bool {
         let offset = offset.get();
-        if self.config.writeback_window_bytes == 0 {
-            return false;
-        }
-        let active = self.active();
-        if offset < active.base_offset() {
-            return true;
-        }
-        active.find_position(offset).ok().flatten().is_some_and(|p| active.is_dropped(p))
+        let Some((_, segment)) = self.segments.range(..=offset).next_back() else { return false };
+        !segment.resident_from(offset, max_bytes)
     }
 
     /// The first offset whose record timestamp is >= `timestamp`, with that
@@ -1140,7 +1134,8 @@ impl Log {
     /// `writeback_window_bytes` is 0.
     pub fn take_writeback(&mut self) -> Option<Writeback> {
         let window = self.config.writeback_window_bytes;
-        self.active_mut().take_writeback(window)
+        let cache = self.config.cache_min_free_percent;
+        self.active_mut().take_writeback(window, cache)
     }
 
     /// What a sync right now would cover. Cheap; does no I/O.

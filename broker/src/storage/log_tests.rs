@@ -512,7 +512,8 @@ fn recovery_cuts_damage_above_the_recovery_point_and_refuses_damage_below_it() {
 #[test]
 fn corruption_found_at_read_time_is_an_error_not_data() {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = open(dir.path());
+    let config = LogConfig { verify_on_read: true, ..tiny_config() };
+    let mut log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
     fill(&mut log, 3, 2);
     // Corrupt a value byte in the live map through the file.
     let path = dir.path().join("00000000000000000000.log");
@@ -1055,6 +1056,7 @@ fn write_behind_covers_completed_windows_and_dropped_pages_read_back_intact() {
     let mut config = tiny_config();
     config.segment_bytes = 16 << 20;
     config.writeback_window_bytes = 1 << 20;
+    config.cache_min_free_percent = 100; // memory short: drop what is written back
     let mut log = Log::open(dir.path(), config, Arc::new(SystemClock)).unwrap();
     let value = vec![9u8; 64 << 10];
     let mut runs = 0;
@@ -1068,8 +1070,8 @@ fn write_behind_covers_completed_windows_and_dropped_pages_read_back_intact() {
     // ~3.75 MiB written: windows complete at 1, 2 and 3 MiB.
     assert_eq!(runs, 3);
     assert!(log.take_writeback().is_none(), "nothing new is due");
-    assert!(log.may_read_disk(Offset(0)), "the first window was dropped from the cache");
-    assert!(!log.may_read_disk(Offset(59)), "the newest windows stay cached");
+    assert!(log.may_read_disk(Offset(0), 64 << 10), "the first window was dropped from the cache");
+    assert!(!log.may_read_disk(Offset(59), 64 << 10), "the newest windows stay cached");
     let r = log.read(Offset(0), u64::MAX, Offset::MAX).unwrap();
     let mut n = 0;
     for chunk in r.chunks {
@@ -1079,6 +1081,67 @@ fn write_behind_covers_completed_windows_and_dropped_pages_read_back_intact() {
         }
     }
     assert_eq!(n, 60, "bytes dropped from the cache fault back in from the file");
+}
+
+/// Bytes of `path` in the page cache.
+fn cached_bytes(path: &std::path::Path) -> u64 {
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    // SAFETY: a read-only map of a file this test owns; only its residency
+    // is asked for.
+    let map = unsafe { memmap2::Mmap::map(&file).unwrap() };
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: the range is the whole mapping and `vec` has a byte per page.
+    let rc = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().filter(|v| **v & 1 == 1).count() as u64 * 4096
+}
+
+/// Writes ~3.75 MiB through 1 MiB write-behind windows into each of 16
+/// logs under `cache_min_free_percent` and returns each log's cached bytes
+/// of its segment, and whether a read from offset 0 may go to disk.
+fn write_behind_cache(cache_min_free_percent: u8) -> Vec<(u64, bool)> {
+    let root = tempfile::tempdir().unwrap();
+    let value = vec![7u8; 64 << 10];
+    (0..16)
+        .map(|p| {
+            let dir = root.path().join(format!("t-{p}"));
+            let config = LogConfig {
+                segment_bytes: 16 << 20,
+                writeback_window_bytes: 1 << 20,
+                cache_min_free_percent,
+                retention_ms: None,
+                ..LogConfig::default()
+            };
+            let mut log = Log::open(&dir, config, Arc::new(SystemClock)).unwrap();
+            for _ in 0..60 {
+                log.append(&batch(&[&value], 1), 0).unwrap();
+                if let Some(w) = log.take_writeback() {
+                    w.run().unwrap();
+                }
+            }
+            (cached_bytes(&dir.join("00000000000000000000.log")), log.may_read_disk(Offset(0), 64 << 10))
+        })
+        .collect()
+}
+
+#[test]
+fn with_memory_short_each_partition_caches_only_its_newest_windows() {
+    // 100: memory counts as short whatever is free.
+    for (p, (cached, may_read_disk)) in write_behind_cache(100).into_iter().enumerate() {
+        // Windows complete at 1, 2 and 3 MiB; the third drops [0, 2 MiB).
+        assert!(cached <= 2 << 20, "partition {p} caches {cached} bytes, more than its two newest windows");
+        assert!(may_read_disk, "partition {p}: the dropped window is read from disk");
+    }
+}
+
+#[test]
+fn with_memory_to_spare_written_windows_stay_cached_for_catch_up_readers() {
+    // 0: memory never counts as short.
+    for (p, (cached, may_read_disk)) in write_behind_cache(0).into_iter().enumerate() {
+        assert!(cached >= 3 << 20, "partition {p} caches only {cached} bytes of ~3.75 MiB written");
+        assert!(!may_read_disk, "partition {p}: a read from the start is served from the cache");
+    }
 }
 
 fn allocated_bytes(path: &std::path::Path) -> u64 {

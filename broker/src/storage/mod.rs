@@ -19,7 +19,8 @@
 //!   end offset; only the last (active) segment is written.
 //! - Every byte handed out by [`Log::read`] lies below the segment's valid size
 //!   and was validated when written or recovered; batches are CRC-checked again
-//!   when read if `verify_on_read` is set.
+//!   when read only if `verify_on_read` is set (off by default: readers check
+//!   each batch's CRC themselves).
 //! - Logs and indexes are memory-mapped; the active segment's files get real
 //!   blocks (fallocate, in steps) before anything is written into them, so a
 //!   full disk is an error from the allocation, never a hole in the map.
@@ -34,6 +35,7 @@ mod group_commit;
 mod index;
 mod log;
 mod offset;
+pub mod page_cache;
 mod producer_snapshot;
 pub mod producer_state;
 mod scan;

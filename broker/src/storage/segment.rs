@@ -38,6 +38,9 @@ pub(crate) const LOG_ALLOCATION_STEP: u64 = 32 << 20;
 /// segment reaches 32 MiB steps after 64 MiB, an idle one stays at 64 KiB.
 pub(crate) const LOG_FIRST_ALLOCATION: u64 = 64 << 10;
 
+/// The page size residency is checked and ranges are dropped in.
+const PAGE: u64 = 4096;
+
 /// The next allocation target for a segment with `allocated` bytes of real
 /// blocks that must reach `end`, within `capacity`.
 fn allocation_target(allocated: u64, end: u64, capacity: u64) -> u64 {
@@ -214,11 +217,6 @@ impl Segment {
         }
     }
 
-    /// True when `position` lies in what write-behind dropped from the cache.
-    pub(crate) fn is_dropped(&self, position: u64) -> bool {
-        position < self.dropped
-    }
-
     pub(crate) fn base_offset(&self) -> u64 {
         self.base_offset
     }
@@ -314,7 +312,7 @@ impl Segment {
 
     /// The write-behind work that appends since the last call made due (see
     /// [`LogConfig::writeback_window_bytes`](super::LogConfig)), or `None`.
-    pub(crate) fn take_writeback(&mut self, window: u64) -> Option<Writeback> {
+    pub(crate) fn take_writeback(&mut self, window: u64, cache_min_free_percent: u8) -> Option<Writeback> {
         if window == 0 {
             return None;
         }
@@ -327,7 +325,7 @@ impl Segment {
         let drop = self.dropped..drop_to;
         self.written_back = complete;
         self.dropped = drop_to;
-        Some(Writeback { file: self.file.clone(), map: self.map.clone(), start, drop })
+        Some(Writeback { file: self.file.clone(), map: self.map.clone(), start, drop, cache_min_free_percent })
     }
 
     /// Makes sure the file has real blocks up to `end`, allocating a step
@@ -455,39 +453,80 @@ impl Segment {
 
     /// For a range just read: if write-behind is on (`window` > 0) and the
     /// range lies below what it keeps cached (the segment is closed, or the
-    /// range is below the dropped mark), the work that drops it again once
-    /// the reader has moved on. Reads of cold data then recycle page-cache
-    /// pages instead of growing the cache.
-    pub(crate) fn cold_read(&self, position: u64, len: u64, window: u64, active: bool) -> Option<Writeback> {
+    /// range is below its two newest windows), the work that drops it again once
+    /// the reader has moved on: out of this process's map always, out of the
+    /// page cache while memory is short (`cache_min_free_percent`). A reader
+    /// catching up from disk then recycles page-cache pages instead of
+    /// growing the cache, unless there is memory to spare.
+    pub(crate) fn cold_read(
+        &self,
+        position: u64,
+        len: u64,
+        window: u64,
+        active: bool,
+        cache_min_free_percent: u8,
+    ) -> Option<Writeback> {
         let end = position + len;
-        let cold = window > 0 && (!active || end <= self.dropped);
-        let page = 4096;
-        let (start, end) = (position.div_ceil(page) * page, end / page * page);
+        // What write-behind has dropped, or would have by now: everything
+        // below the two newest windows (also after a restart, before any
+        // append has run write-behind on the reopened segment).
+        let cold_below = (self.size / window.max(1) * window).saturating_sub(window).max(self.dropped);
+        let cold = window > 0 && (!active || end <= cold_below);
+        let (start, end) = (position.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
         (cold && end > start).then(|| Writeback {
             file: self.file.clone(),
             map: self.map.clone(),
             start: 0..0,
             drop: start..end,
+            cache_min_free_percent,
         })
     }
 
-    /// Before reading `len` bytes at `position` of data write-behind no
-    /// longer caches: ask the kernel to read that range and as much again
-    /// after it, so one fetch waits on one large read instead of a page
-    /// fault per readahead window, and the next fetch finds its data cached.
-    pub(crate) fn read_ahead(&self, position: u64, len: u64, window: u64, active: bool) {
-        let cold = window > 0 && (!active || position < self.dropped);
+    /// Before reading `len` bytes at `position`: if that range is not in the
+    /// page cache, ask the kernel to read it and as much again after it, so
+    /// one fetch waits on one large read instead of a page fault per
+    /// readahead window, and the next fetch finds its data cached.
+    pub(crate) fn read_ahead(&self, position: u64, len: u64) {
         let Some(map) = &self.map else { return };
-        if !cold || position >= self.size {
+        if position >= self.size || self.resident(position, len) {
             return;
         }
-        let start = position / 4096 * 4096;
+        let start = position / PAGE * PAGE;
         let end = (position + len.saturating_mul(2)).min(self.size);
         // SAFETY: [start, end) lies inside the mapping; MADV_WILLNEED only
         // starts reads.
         unsafe {
             libc::madvise(map.as_mut_ptr().add(start as usize).cast(), (end - start) as usize, libc::MADV_WILLNEED)
         };
+    }
+
+    /// True when a read of up to `len` bytes from the batch holding `offset`
+    /// finds its first and last pages in the page cache. Touches no page of
+    /// the segment (the position is the offset index's, at or before the
+    /// batch), so asking never blocks on the disk.
+    pub(crate) fn resident_from(&self, offset: u64, len: u64) -> bool {
+        let position = u64::from(self.offset_index.lookup(offset));
+        self.resident(position, len)
+    }
+
+    /// True when the first and last pages of `[position, position + len)`
+    /// (within the segment's bytes) are in the page cache. Data is written,
+    /// dropped and read ahead in whole ranges, so the two ends stand for
+    /// the range.
+    fn resident(&self, position: u64, len: u64) -> bool {
+        let Some(map) = &self.map else { return true };
+        let end = position.saturating_add(len).min(self.size);
+        if position >= end {
+            return true;
+        }
+        [position, end - 1].iter().all(|&at| {
+            let page = at / PAGE * PAGE;
+            let mut vec = 0u8;
+            // SAFETY: the page lies inside the mapping (below `size`, which
+            // is within its length); mincore only reports residency.
+            let rc = unsafe { libc::mincore(map.as_mut_ptr().add(page as usize).cast(), PAGE as usize, &mut vec) };
+            rc == 0 && vec & 1 == 1
+        })
     }
 
     fn check_batch(&self, position: u64, total: u64) -> Result<()> {

@@ -8,14 +8,17 @@ use memmap2::MmapRaw;
 
 /// Write-behind work for one segment, run outside the log's lock: start
 /// writeback of `start`, then wait for `drop` to be on disk and drop it from
-/// this process's map and the page cache. It changes no data: a reader that
-/// touches a dropped range faults it back in from the file.
+/// this process's map, and from the page cache while memory is short (see
+/// [`page_cache`](super::page_cache)). It changes no data: a reader that
+/// touches a dropped range faults it back in from the cache or the file.
 #[derive(Debug, Clone)]
 pub struct Writeback {
     pub(crate) file: Arc<File>,
     pub(crate) map: Option<Arc<MmapRaw>>,
     pub(crate) start: std::ops::Range<u64>,
     pub(crate) drop: std::ops::Range<u64>,
+    /// `LogConfig::cache_min_free_percent` of the log.
+    pub(crate) cache_min_free_percent: u8,
 }
 
 impl Writeback {
@@ -48,6 +51,11 @@ impl Writeback {
             // SAFETY: the range lies inside a shared file mapping; dropping
             // its pages only makes the next access fault them back in.
             unsafe { libc::madvise(map.as_mut_ptr().add(at as usize).cast(), len as usize, libc::MADV_DONTNEED) };
+        }
+        if !super::page_cache::should_drop(self.cache_min_free_percent) {
+            // Memory to spare: the pages stay cached for the next reader
+            // (out of this process's map, so they do not count as its RSS).
+            return Ok(());
         }
         // SAFETY: as above.
         let rc = unsafe { libc::posix_fadvise(fd, at, len, libc::POSIX_FADV_DONTNEED) };
