@@ -149,6 +149,7 @@ async fn main() {
                 duration: Duration::from_secs(30),
                 broker_pid: Some(pid),
                 through_consumer: false,
+                from_disk: None,
             };
             reports.push(consume(&client, &p).await.expect("bench"));
         }

@@ -76,6 +76,11 @@ pub struct ConsumeParams {
     /// every record decoded and handed out) instead of raw fetches through a
     /// `PartitionClient`.
     pub through_consumer: bool,
+    /// The broker's data directory: before reading, measure the disk's own
+    /// sequential read of the topic's segment files and drop them from the
+    /// page cache, so the read-back comes from disk; the report then gives
+    /// both figures and the page cache's growth.
+    pub from_disk: Option<std::path::PathBuf>,
 }
 
 /// Figures of one run.
@@ -91,6 +96,14 @@ pub struct Report {
     pub requests: u64,
     /// Peak broker RssAnon seen, in MiB.
     pub broker_rss_anon_mib: Option<f64>,
+    /// Peak broker RSS seen (anonymous and file pages mapped), in MiB.
+    pub broker_rss_mib: Option<f64>,
+    /// Growth of the machine's page cache over the run, in MiB (consume
+    /// `--from-disk`).
+    pub page_cache_growth_mib: Option<f64>,
+    /// The disk's sequential read of the same files, 1 MiB reads after
+    /// dropping them from the cache (consume `--from-disk`), MB/s.
+    pub disk_read_mb_s: Option<f64>,
     /// Broker CPU seconds per GB (10^9) of record values, over the run
     /// (warm-up included in both).
     pub broker_cpu_s_per_gb: Option<f64>,
@@ -110,6 +123,19 @@ impl std::fmt::Display for Report {
         )?;
         if let Some(rss) = self.broker_rss_anon_mib {
             write!(f, ", broker RssAnon peak {rss:.1} MiB")?;
+        }
+        if let Some(rss) = self.broker_rss_mib {
+            write!(f, ", RSS peak {rss:.1} MiB")?;
+        }
+        if let Some(growth) = self.page_cache_growth_mib {
+            write!(f, ", page cache {growth:+.0} MiB")?;
+        }
+        if let Some(disk) = self.disk_read_mb_s {
+            write!(
+                f,
+                "; disk sequential read of the same files {disk:.1} MB/s (read-back {:.0}% of it)",
+                100.0 * self.mb_per_s / disk
+            )?;
         }
         if let Some(cpu) = self.broker_cpu_s_per_gb {
             write!(f, ", broker CPU {cpu:.2} s per GB")?;
@@ -173,16 +199,21 @@ fn percentiles(h: &Histogram<u64>) -> [f64; 3] {
     [0.5, 0.99, 0.999].map(|q| h.value_at_quantile(q) as f64 / 1000.0)
 }
 
-/// Samples the broker's RssAnon every 100 ms until stopped; returns the peak.
-fn watch_rss(pid: Option<u32>, stop: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<u64>> {
+/// Samples the broker's RssAnon and VmRSS every 100 ms until stopped;
+/// returns their peaks in KiB.
+fn watch_rss(pid: Option<u32>, stop: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<(u64, u64)>> {
     let pid = pid?;
     Some(std::thread::spawn(move || {
-        let mut peak = 0;
-        while !stop.load(Ordering::Relaxed) {
-            peak = peak.max(rss_anon_kib(pid).unwrap_or(0));
+        let sample = || (rss_anon_kib(pid).unwrap_or(0), crate::child::rss_kib(pid).unwrap_or(0));
+        let mut peak = (0, 0);
+        loop {
+            let (anon, all) = sample();
+            peak = (peak.0.max(anon), peak.1.max(all));
+            if stop.load(Ordering::Relaxed) {
+                return peak;
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
-        peak.max(rss_anon_kib(pid).unwrap_or(0))
     }))
 }
 
@@ -205,7 +236,7 @@ struct Run {
     records: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-    rss: Option<std::thread::JoinHandle<u64>>,
+    rss: Option<std::thread::JoinHandle<(u64, u64)>>,
     /// The broker's pid and CPU seconds at the start.
     cpu: Option<(u32, f64)>,
     /// Bytes counted from the start, warm-up included (for CPU per GB).
@@ -232,6 +263,7 @@ impl Run {
         }
         self.stop.store(true, Ordering::Relaxed);
         let secs = measured().as_secs_f64();
+        let rss = self.rss.and_then(|h| h.join().ok());
         let all_gb = self.all_bytes.load(Ordering::Relaxed) as f64 / 1e9;
         let broker_cpu_s_per_gb = self
             .cpu
@@ -242,7 +274,10 @@ impl Run {
             mb_per_s: self.bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
             latency_ms: percentiles(&all),
             requests: all.len(),
-            broker_rss_anon_mib: self.rss.and_then(|h| h.join().ok()).map(|kib| kib as f64 / 1024.0),
+            broker_rss_anon_mib: rss.map(|(anon, _)| anon as f64 / 1024.0),
+            broker_rss_mib: rss.map(|(_, all)| all as f64 / 1024.0),
+            page_cache_growth_mib: None,
+            disk_read_mb_s: None,
             broker_cpu_s_per_gb,
         })
     }
@@ -454,6 +489,22 @@ impl Counted {
 /// Runs a consume benchmark: each consumer reads its partition from the
 /// beginning to the high watermark it saw at the start.
 pub async fn consume(client: &Client, p: &ConsumeParams) -> anyhow::Result<Report> {
+    let Some(data_dir) = &p.from_disk else { return consume_cached(client, p).await };
+    let files = crate::bench_disk::segment_files(data_dir, &p.topic)?;
+    crate::bench_disk::drop_from_cache(&files)?;
+    let disk = crate::bench_disk::sequential_read_mb_s(&files)?;
+    crate::bench_disk::drop_from_cache(&files)?;
+    let cached_before = crate::bench_disk::page_cache_bytes();
+    let mut report = consume_cached(client, p).await?;
+    let cached_after = crate::bench_disk::page_cache_bytes();
+    report.disk_read_mb_s = Some(disk);
+    report.page_cache_growth_mib =
+        cached_before.zip(cached_after).map(|(b, a)| (a as f64 - b as f64) / (1 << 20) as f64);
+    Ok(report)
+}
+
+/// [`consume`] of whatever the page cache holds.
+async fn consume_cached(client: &Client, p: &ConsumeParams) -> anyhow::Result<Report> {
     let info = client.topic_info(&p.topic).await?;
     let partitions = info.leaders.len() as u32;
     if p.through_consumer {
@@ -602,7 +653,7 @@ pub async fn create_replicated(client: &Client, p: &ProduceParams) -> anyhow::Re
 pub struct LocalCluster {
     processes: Vec<crate::child::BrokerProcess>,
     stop: Arc<AtomicBool>,
-    watches: Vec<Option<std::thread::JoinHandle<u64>>>,
+    watches: Vec<Option<std::thread::JoinHandle<(u64, u64)>>>,
     /// A client of the cluster.
     pub client: Client,
 }
@@ -677,7 +728,7 @@ impl LocalCluster {
         self.stop.store(true, Ordering::Relaxed);
         let mut peaks = Vec::new();
         for (i, watch) in self.watches.into_iter().enumerate() {
-            let kib = watch.and_then(|h| h.join().ok()).unwrap_or(0);
+            let (kib, _) = watch.and_then(|h| h.join().ok()).unwrap_or((0, 0));
             peaks.push((i as u32 + 1, kib as f64 / 1024.0));
         }
         for b in self.processes {

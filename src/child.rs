@@ -158,6 +158,13 @@ impl Drop for BrokerProcess {
     }
 }
 
+/// `VmRSS` of a process (anonymous and mapped file pages) in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// `RssAnon` of a process in KiB, from /proc.
 pub fn rss_anon_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

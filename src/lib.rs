@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bench_chart;
+pub mod bench_disk;
 pub mod bench_idempotence;
 pub mod bench_partitions;
 pub mod bench_sweep;

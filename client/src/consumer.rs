@@ -32,9 +32,10 @@ use tokio::sync::Notify;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::fetch_buffer::Chunk;
 use crate::group::{CommittedOffset, CoordinatorClient, TopicPartitions};
 use crate::membership::{GroupShared, RebalanceEvent};
-use crate::partition_client::{OffsetSpec, decode_fetch, list_offset_rpc};
+use crate::partition_client::{OffsetSpec, list_offset_rpc, split_fetch};
 
 /// Where to start reading a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +144,10 @@ pub struct ConsumerRecord {
 pub struct Headers(RawHeaders);
 
 impl Headers {
+    pub(crate) fn from_raw(raw: RawHeaders) -> Headers {
+        Headers(raw)
+    }
+
     /// Iterates `(key, value)` pairs in order. Keys are UTF-8 (the broker
     /// refuses batches whose header keys are not).
     pub fn iter(&self) -> impl Iterator<Item = (String, Option<Bytes>)> + '_ {
@@ -218,19 +223,6 @@ impl Assigned {
     }
 }
 
-/// Fetched records of one partition, not yet handed out.
-#[derive(Debug)]
-struct Chunk {
-    key: Key,
-    generation: u64,
-    records: VecDeque<ConsumerRecord>,
-    bytes: usize,
-    /// Offset after the fetched batches: the position once every record
-    /// is handed out (a compacted log's batches may end in offsets that
-    /// hold no record).
-    next_offset: i64,
-}
-
 #[derive(Debug, Default)]
 struct State {
     assigned: BTreeMap<Key, Assigned>,
@@ -275,30 +267,53 @@ impl State {
         self.buffered_bytes -= freed;
     }
 
-    /// The next record to hand out, moving its partition's position.
-    fn next_record(&mut self) -> Option<ConsumerRecord> {
-        loop {
-            let chunk = self.buffered.front_mut()?;
-            let live = self
-                .assigned
-                .get(&chunk.key)
-                .is_some_and(|a| a.generation == chunk.generation && !a.paused && !a.revoking);
-            let record = if live { chunk.records.pop_front() } else { None };
-            match record {
-                Some(r) => {
-                    let exhausted = chunk.records.is_empty();
-                    let cycle = self.cycle;
-                    if let Some(a) = self.assigned.get_mut(&chunk.key) {
-                        a.advance(r.offset + 1, cycle);
+    /// Hands out up to `limit` buffered records to `sink`, moving their
+    /// partitions' positions; returns how many. A record that does not
+    /// decode fails its partition (reported once, as a fetch error would
+    /// be) after the records before it.
+    fn take_records(&mut self, limit: usize, mut sink: impl FnMut(ConsumerRecord)) -> usize {
+        let mut taken = 0;
+        let cycle = self.cycle;
+        while taken < limit {
+            let State { buffered, assigned, errors, .. } = self;
+            let Some(chunk) = buffered.front_mut() else { break };
+            let state = assigned.get_mut(&chunk.key).filter(|a| a.generation == chunk.generation);
+            let Some(a) = state.filter(|a| !a.paused && !a.revoking) else {
+                self.pop_chunk();
+                continue;
+            };
+            match chunk.take(limit - taken, &mut sink) {
+                Ok((n, after)) => {
+                    taken += n;
+                    if let Some(after) = after {
+                        a.advance(after, cycle);
                     }
-                    if exhausted {
-                        self.pop_chunk();
+                    if !chunk.is_exhausted() {
+                        break; // the limit was reached
                     }
-                    return Some(r);
                 }
-                None => self.pop_chunk(),
+                Err((n, after, e)) => {
+                    taken += n;
+                    if let Some(after) = after {
+                        a.advance(after, cycle);
+                    }
+                    let (topic, partition) = (chunk.key.0.to_string(), chunk.key.1);
+                    tracing::warn!(topic = %topic, partition, error = %e, "partition failed");
+                    a.failed = true;
+                    errors.push_back(Error::Corrupt(e));
+                    let key = chunk.key.clone();
+                    self.drop_buffered(&key);
+                    continue;
+                }
             }
+            self.pop_chunk();
         }
+        taken
+    }
+
+    /// Records buffered at most (to size what `poll` returns).
+    fn records_hint(&self) -> usize {
+        self.buffered.iter().map(|c| c.records_hint).sum()
     }
 
     /// Drops the front chunk; a live one that was handed out whole moves its
@@ -306,7 +321,7 @@ impl State {
     fn pop_chunk(&mut self) {
         if let Some(c) = self.buffered.pop_front() {
             let cycle = self.cycle;
-            if c.records.is_empty()
+            if c.is_exhausted()
                 && let Some(a) = self.assigned.get_mut(&c.key).filter(|a| a.generation == c.generation)
             {
                 a.advance(c.next_offset, cycle);
@@ -605,10 +620,8 @@ impl Consumer {
                 if st.assigned.is_empty() && self.inner.group.is_none() {
                     return Err(Error::InvalidArgument("no partition is assigned".into()));
                 }
-                let mut out = Vec::new();
-                while let Some(r) = st.next_record() {
-                    out.push(r);
-                }
+                let mut out = Vec::with_capacity(st.records_hint());
+                st.take_records(usize::MAX, |r| out.push(r));
                 if !out.is_empty() {
                     st.in_poll = false;
                     drop(st);
@@ -805,7 +818,9 @@ impl Stream for RecordStream<'_> {
                 let mut st = inner.lock();
                 inner.polled(&mut st);
                 let before = st.buffered_bytes;
-                let item = match st.next_record() {
+                let mut record = None;
+                st.take_records(1, |r| record = Some(r));
+                let item = match record {
                     Some(r) => Some(Ok(r)),
                     None => st.errors.pop_front().map(Err),
                 };
@@ -963,7 +978,7 @@ async fn fetch_round(inner: &Arc<Inner>, targets: Vec<Target>, budget: usize) ->
 /// Buffers one partition's answer, or deals with its error.
 async fn take_partition(inner: &Arc<Inner>, target: &Target, p: pb::FetchPartitionResponse) {
     let (topic, partition) = (&target.key.0, target.key.1);
-    let fetched = match decode_fetch(topic, p) {
+    let (batches, high_watermark) = match split_fetch(topic, p) {
         Ok(f) => f,
         Err(Error::Broker { code: ErrorCode::OffsetOutOfRange, message, .. })
             if inner.config.auto_offset_reset != OffsetReset::Error =>
@@ -989,45 +1004,28 @@ async fn take_partition(inner: &Arc<Inner>, target: &Target, p: pb::FetchPartiti
         }
         Err(e) => return report(inner, target, e),
     };
-    // Decode the whole partition before buffering any of it, so a bad record
-    // leaves neither the buffer nor the position half-moved.
-    let mut records = VecDeque::new();
-    let mut bytes = 0;
-    for b in &fetched.batches {
-        bytes += b.len();
-    }
-    for record in fetched.records(target.offset) {
-        match record {
-            Ok(r) => records.push_back(ConsumerRecord {
-                topic: topic.clone(),
-                partition,
-                offset: r.offset,
-                timestamp: r.timestamp,
-                headers: Headers(r.raw_headers()),
-                key: r.key,
-                value: r.value,
-            }),
-            Err(e) => return report(inner, target, e),
-        }
-    }
+    let chunk = Chunk::new(target.key.clone(), target.generation, batches, target.offset);
     let mut st = inner.lock();
     let Some(a) = st.assigned.get_mut(&target.key).filter(|a| a.generation == target.generation) else {
         return; // sought, paused or unassigned meanwhile
     };
-    a.high_watermark = fetched.high_watermark;
-    let Some(next) = fetched.next_offset() else { return };
+    a.high_watermark = high_watermark;
+    let Some(chunk) = chunk else { return };
+    let next = chunk.next_offset;
     a.fetch_position = a.fetch_position.max(next);
-    let (key, generation) = (target.key.clone(), target.generation);
-    if records.is_empty() && !st.buffered.iter().any(|c| c.key == key && c.generation == generation) {
+    let (key, generation) = (&target.key, target.generation);
+    if chunk.records_hint == 0 && !st.buffered.iter().any(|c| c.key == *key && c.generation == generation) {
         // Batches without records for us (a compacted log's removed
-        // offsets): nothing to hand out, the position moves past them.
-        if let Some(a) = st.assigned.get_mut(&key) {
+        // offsets) and nothing buffered before them: the position moves
+        // past them now. (Behind buffered records, the chunk moves it once
+        // those are handed out.)
+        if let Some(a) = st.assigned.get_mut(key) {
             a.position = a.position.max(next);
         }
         return;
     }
-    st.buffered_bytes += bytes;
-    st.buffered.push_back(Chunk { key, generation, records, bytes, next_offset: next });
+    st.buffered_bytes += chunk.bytes;
+    st.buffered.push_back(chunk);
 }
 
 /// Reports a partition's non-retriable failure once and stops fetching it.

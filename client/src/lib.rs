@@ -23,6 +23,7 @@ mod admin;
 mod client;
 mod consumer;
 mod error;
+mod fetch_buffer;
 mod group;
 mod membership;
 mod partition_client;

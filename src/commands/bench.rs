@@ -131,6 +131,12 @@ pub enum BenchCommand {
         /// instead of raw fetches.
         #[arg(long)]
         through_consumer: bool,
+        /// The broker's data directory: read back from disk. Before
+        /// reading, the topic's segment files are synced and dropped from
+        /// the page cache (posix_fadvise, no root needed) and read once
+        /// sequentially to give the disk's own speed on them.
+        #[arg(long, value_name = "DATA_DIR")]
+        from_disk: Option<std::path::PathBuf>,
     },
     /// What a partition costs: one broker (started here) gets `--count`
     /// partitions; prints disk allocated, RssAnon, descriptors, maps,
@@ -285,9 +291,18 @@ pub async fn run(ctx: &Context, cmd: BenchCommand) -> anyhow::Result<()> {
             };
             produce(&ctx.connect().await?, &params).await?
         }
-        BenchCommand::Consume { topic, consumers, fetch_bytes, duration_s, broker_pid, through_consumer } => {
+        BenchCommand::Consume {
+            topic,
+            consumers,
+            fetch_bytes,
+            duration_s,
+            broker_pid,
+            through_consumer,
+            from_disk,
+        } => {
             let duration = Duration::from_secs(duration_s);
-            let params = ConsumeParams { topic, consumers, fetch_bytes, duration, broker_pid, through_consumer };
+            let params =
+                ConsumeParams { topic, consumers, fetch_bytes, duration, broker_pid, through_consumer, from_disk };
             consume(&ctx.connect().await?, &params).await?
         }
     };
