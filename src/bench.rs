@@ -76,10 +76,10 @@ pub struct ConsumeParams {
     /// every record decoded and handed out) instead of raw fetches through a
     /// `PartitionClient`.
     pub through_consumer: bool,
-    /// The broker's data directory: before reading, measure the disk's own
-    /// sequential read of the topic's segment files and drop them from the
-    /// page cache, so the read-back comes from disk; the report then gives
-    /// both figures and the page cache's growth.
+    /// The broker's data directory: before reading, drop the topic's segment
+    /// files from the page cache, so the read-back comes from disk, and
+    /// measure the disk's own sequential read of them (direct I/O); the
+    /// report then gives both figures and the page cache's growth.
     pub from_disk: Option<std::path::PathBuf>,
 }
 
@@ -101,8 +101,8 @@ pub struct Report {
     /// Growth of the machine's page cache over the run, in MiB (consume
     /// `--from-disk`).
     pub page_cache_growth_mib: Option<f64>,
-    /// The disk's sequential read of the same files, 1 MiB reads after
-    /// dropping them from the cache (consume `--from-disk`), MB/s.
+    /// The disk's sequential read of the same files, 1 MiB direct reads
+    /// (consume `--from-disk`), MB/s.
     pub disk_read_mb_s: Option<f64>,
     /// Broker CPU seconds per GB (10^9) of record values, over the run
     /// (warm-up included in both).
@@ -493,7 +493,6 @@ pub async fn consume(client: &Client, p: &ConsumeParams) -> anyhow::Result<Repor
     let files = crate::bench_disk::segment_files(data_dir, &p.topic)?;
     crate::bench_disk::drop_from_cache(&files)?;
     let disk = crate::bench_disk::sequential_read_mb_s(&files)?;
-    crate::bench_disk::drop_from_cache(&files)?;
     let cached_before = crate::bench_disk::page_cache_bytes();
     let mut report = consume_cached(client, p).await?;
     let cached_after = crate::bench_disk::page_cache_bytes();

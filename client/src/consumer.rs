@@ -282,29 +282,21 @@ impl State {
                 self.pop_chunk();
                 continue;
             };
-            match chunk.take(limit - taken, &mut sink) {
-                Ok((n, after)) => {
-                    taken += n;
-                    if let Some(after) = after {
-                        a.advance(after, cycle);
-                    }
-                    if !chunk.is_exhausted() {
-                        break; // the limit was reached
-                    }
-                }
-                Err((n, after, e)) => {
-                    taken += n;
-                    if let Some(after) = after {
-                        a.advance(after, cycle);
-                    }
-                    let (topic, partition) = (chunk.key.0.to_string(), chunk.key.1);
-                    tracing::warn!(topic = %topic, partition, error = %e, "partition failed");
-                    a.failed = true;
-                    errors.push_back(Error::Corrupt(e));
-                    let key = chunk.key.clone();
-                    self.drop_buffered(&key);
-                    continue;
-                }
+            let done = chunk.take(limit - taken, &mut sink);
+            taken += done.count;
+            if let Some(after) = done.after {
+                a.advance(after, cycle);
+            }
+            if let Some(e) = done.failure {
+                tracing::warn!(topic = %chunk.key.0, partition = chunk.key.1, error = %e, "partition failed");
+                a.failed = true;
+                errors.push_back(Error::Corrupt(e));
+                let key = chunk.key.clone();
+                self.drop_buffered(&key);
+                continue;
+            }
+            if !chunk.is_exhausted() {
+                break; // the limit was reached
             }
             self.pop_chunk();
         }

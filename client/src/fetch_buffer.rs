@@ -95,20 +95,15 @@ impl Chunk {
         }
     }
 
-    /// Hands out up to `limit` records to `sink`. Returns how many, and the
-    /// offset after the last one (`None` when none was), or the error of a
-    /// record that does not decode (the records before it were handed out).
-    pub(crate) fn take(
-        &mut self,
-        limit: usize,
-        mut sink: impl FnMut(ConsumerRecord),
-    ) -> Result<(usize, Option<i64>), (usize, Option<i64>, BatchError)> {
-        let (mut taken, mut after) = (0, None);
-        while taken < limit {
+    /// Hands out up to `limit` records to `sink`; stops early at a record
+    /// that does not decode (the records before it are handed out).
+    pub(crate) fn take(&mut self, limit: usize, mut sink: impl FnMut(ConsumerRecord)) -> Taken {
+        let mut taken = Taken { count: 0, after: None, failure: None };
+        while taken.count < limit {
             match self.next_record() {
                 Some(Ok(r)) => {
-                    after = Some(r.offset + 1);
-                    taken += 1;
+                    taken.after = Some(r.offset + 1);
+                    taken.count += 1;
                     sink(ConsumerRecord {
                         topic: self.key.0.clone(),
                         partition: self.key.1,
@@ -119,12 +114,27 @@ impl Chunk {
                         value: r.value,
                     });
                 }
-                Some(Err(e)) => return Err((taken, after, e)),
+                Some(Err(e)) => {
+                    taken.failure = Some(e);
+                    break;
+                }
                 None => break,
             }
         }
-        Ok((taken, after))
+        taken
     }
+}
+
+/// What one [`Chunk::take`] handed out.
+#[derive(Debug)]
+pub(crate) struct Taken {
+    /// Records handed out.
+    pub(crate) count: usize,
+    /// The offset after the last of them (`None` when none was).
+    pub(crate) after: Option<i64>,
+    /// Why it stopped before `limit` with records left: a batch or record
+    /// that does not decode.
+    pub(crate) failure: Option<BatchError>,
 }
 
 #[cfg(test)]
@@ -152,9 +162,11 @@ mod tests {
         let mut chunk = Chunk::new(key(), 1, vec![batch(10, &["a", "b", "c"]), batch(13, &["d"])], 11).unwrap();
         assert_eq!(chunk.next_offset, 14);
         let mut out = Vec::new();
-        assert_eq!(chunk.take(2, |r| out.push(r)).unwrap(), (2, Some(13)));
+        let taken = chunk.take(2, |r| out.push(r));
+        assert_eq!((taken.count, taken.after, taken.failure.is_none()), (2, Some(13), true));
         assert!(!chunk.is_exhausted());
-        assert_eq!(chunk.take(10, |r| out.push(r)).unwrap(), (1, Some(14)));
+        let taken = chunk.take(10, |r| out.push(r));
+        assert_eq!((taken.count, taken.after, taken.failure.is_none()), (1, Some(14), true));
         assert!(chunk.is_exhausted());
         let got: Vec<(i64, &[u8])> = out.iter().map(|r| (r.offset, r.value.as_deref().unwrap())).collect();
         assert_eq!(got, [(11, &b"b"[..]), (12, b"c"), (13, b"d")]);
@@ -167,16 +179,17 @@ mod tests {
         bad[last] ^= 0xff;
         let mut chunk = Chunk::new(key(), 1, vec![batch(10, &["a", "b"]), bad.into()], 10).unwrap();
         let mut out = Vec::new();
-        let (taken, after, e) = chunk.take(10, |r| out.push(r.offset)).unwrap_err();
-        assert_eq!((taken, after, out), (2, Some(12), vec![10, 11]));
-        assert!(matches!(e, BatchError::CrcMismatch { .. }), "{e}");
+        let taken = chunk.take(10, |r| out.push(r.offset));
+        assert_eq!((taken.count, taken.after, out), (2, Some(12), vec![10, 11]));
+        assert!(matches!(taken.failure, Some(BatchError::CrcMismatch { .. })), "{:?}", taken.failure);
     }
 
     #[test]
     fn batches_wholly_below_the_fetch_offset_leave_a_chunk_with_no_record_that_ends_at_their_end() {
         let mut chunk = Chunk::new(key(), 1, vec![batch(10, &["a", "b"])], 12).unwrap();
         assert_eq!((chunk.records_hint, chunk.next_offset), (0, 12));
-        assert_eq!(chunk.take(10, |_| panic!("no record is at or after 12")).unwrap(), (0, None));
+        let taken = chunk.take(10, |_| panic!("no record is at or after 12"));
+        assert_eq!((taken.count, taken.after, taken.failure.is_none()), (0, None, true));
         assert!(chunk.is_exhausted());
         assert!(Chunk::new(key(), 1, Vec::new(), 0).is_none(), "no batch, no chunk");
     }

@@ -134,7 +134,7 @@ pub enum BenchCommand {
         /// The broker's data directory: read back from disk. Before
         /// reading, the topic's segment files are synced and dropped from
         /// the page cache (posix_fadvise, no root needed) and read once
-        /// sequentially to give the disk's own speed on them.
+        /// sequentially with direct I/O to give the disk's own speed on them.
         #[arg(long, value_name = "DATA_DIR")]
         from_disk: Option<std::path::PathBuf>,
     },

@@ -815,7 +815,7 @@ impl Log {
     }
 
     /// True when a read of up to `max_bytes` from `offset` may have to go to
-    /// disk: its first or last page is not in the page cache. Touches no
+    /// disk: one of its pages is not in the page cache. Touches no
     /// page of the log, so the answer itself never waits on the disk.
     pub fn may_read_disk(&self, offset: Offset, max_bytes: u64) -> bool {
         let offset = offset.get();

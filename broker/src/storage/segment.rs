@@ -41,6 +41,10 @@ pub(crate) const LOG_FIRST_ALLOCATION: u64 = 64 << 10;
 /// The page size residency is checked and ranges are dropped in.
 const PAGE: u64 = 4096;
 
+/// Least a read of data that is not cached asks the kernel to read ahead
+/// (`MADV_WILLNEED`): enough in flight to keep a disk busy between fetches.
+const READ_AHEAD_MIN: u64 = 8 << 20;
+
 /// The next allocation target for a segment with `allocated` bytes of real
 /// blocks that must reach `end`, within `capacity`.
 fn allocation_target(allocated: u64, end: u64, capacity: u64) -> u64 {
@@ -482,17 +486,20 @@ impl Segment {
         })
     }
 
-    /// Before reading `len` bytes at `position`: if that range is not in the
-    /// page cache, ask the kernel to read it and as much again after it, so
-    /// one fetch waits on one large read instead of a page fault per
-    /// readahead window, and the next fetch finds its data cached.
+    /// Before reading `len` bytes at `position`: if that range and the one
+    /// after it are not both in the page cache, ask the kernel to read them
+    /// (at least [`READ_AHEAD_MIN`]),
+    /// so one fetch waits on one large read instead of a page fault per
+    /// readahead window, and the next fetch finds its data cached or on its
+    /// way (checking the next range too keeps one fetch's worth of reads
+    /// always in flight, not every other fetch's).
     pub(crate) fn read_ahead(&self, position: u64, len: u64) {
         let Some(map) = &self.map else { return };
-        if position >= self.size || self.resident(position, len) {
+        if position >= self.size || self.resident(position, len.saturating_mul(2)) {
             return;
         }
         let start = position / PAGE * PAGE;
-        let end = (position + len.saturating_mul(2)).min(self.size);
+        let end = (position + len.saturating_mul(2).max(READ_AHEAD_MIN)).min(self.size);
         // SAFETY: [start, end) lies inside the mapping; MADV_WILLNEED only
         // starts reads.
         unsafe {
@@ -501,7 +508,7 @@ impl Segment {
     }
 
     /// True when a read of up to `len` bytes from the batch holding `offset`
-    /// finds its first and last pages in the page cache. Touches no page of
+    /// finds all its pages in the page cache. Touches no page of
     /// the segment (the position is the offset index's, at or before the
     /// batch), so asking never blocks on the disk.
     pub(crate) fn resident_from(&self, offset: u64, len: u64) -> bool {
@@ -509,24 +516,33 @@ impl Segment {
         self.resident(position, len)
     }
 
-    /// True when the first and last pages of `[position, position + len)`
-    /// (within the segment's bytes) are in the page cache. Data is written,
-    /// dropped and read ahead in whole ranges, so the two ends stand for
-    /// the range.
+    /// True when every page of `[position, position + len)` (within the
+    /// segment's bytes) is in the page cache and read (a page whose read is
+    /// still in flight counts as absent: touching it would wait on the
+    /// disk). One `mincore` per 4 MiB asked about.
     fn resident(&self, position: u64, len: u64) -> bool {
+        const PAGES_PER_CALL: usize = 1024;
         let Some(map) = &self.map else { return true };
         let end = position.saturating_add(len).min(self.size);
         if position >= end {
             return true;
         }
-        [position, end - 1].iter().all(|&at| {
-            let page = at / PAGE * PAGE;
-            let mut vec = 0u8;
-            // SAFETY: the page lies inside the mapping (below `size`, which
-            // is within its length); mincore only reports residency.
-            let rc = unsafe { libc::mincore(map.as_mut_ptr().add(page as usize).cast(), PAGE as usize, &mut vec) };
-            rc == 0 && vec & 1 == 1
-        })
+        let mut at = position / PAGE * PAGE;
+        let mut vec = [0u8; PAGES_PER_CALL];
+        while at < end {
+            let pages = ((end - at).div_ceil(PAGE) as usize).min(PAGES_PER_CALL);
+            // SAFETY: [at, at + pages pages) lies inside the mapping (below
+            // `size` rounded up to a page, within its length); mincore only
+            // reports residency, one byte per page into `vec`.
+            let rc = unsafe {
+                libc::mincore(map.as_mut_ptr().add(at as usize).cast(), pages * PAGE as usize, vec.as_mut_ptr())
+            };
+            if rc != 0 || vec[..pages].iter().any(|v| v & 1 == 0) {
+                return false;
+            }
+            at += pages as u64 * PAGE;
+        }
+        true
     }
 
     fn check_batch(&self, position: u64, total: u64) -> Result<()> {
