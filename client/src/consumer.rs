@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::fetch_buffer::Chunk;
 use crate::group::{CommittedOffset, CoordinatorClient, TopicPartitions};
 use crate::membership::{GroupShared, RebalanceEvent};
-use crate::partition_client::{OffsetSpec, list_offset_rpc, split_fetch};
+use crate::partition_client::{OffsetSpec, decode_fetch, list_offset_rpc};
 
 /// Where to start reading a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,8 +291,11 @@ impl State {
                 tracing::warn!(topic = %chunk.key.0, partition = chunk.key.1, error = %e, "partition failed");
                 a.failed = true;
                 errors.push_back(Error::Corrupt(e));
+                // A new generation: what the fetcher has in flight for the
+                // partition is dropped when it lands, not handed out past
+                // the records this chunk still held.
                 let key = chunk.key.clone();
-                self.drop_buffered(&key);
+                self.bump(&key);
                 continue;
             }
             if !chunk.is_exhausted() {
@@ -411,7 +414,8 @@ impl Inner {
             if let Some(a) = st.assigned.get_mut(&key) {
                 a.revoking = true;
             }
-            st.drop_buffered(&key);
+            // A new generation drops what is buffered and what is in flight.
+            st.bump(&key);
         }
         st.revoke_waiting = true;
         st.cycle
@@ -612,12 +616,18 @@ impl Consumer {
                 if st.assigned.is_empty() && self.inner.group.is_none() {
                     return Err(Error::InvalidArgument("no partition is assigned".into()));
                 }
-                let mut out = Vec::with_capacity(st.records_hint());
+                // A hint from CRC-checked headers; capped all the same.
+                let mut out = Vec::with_capacity(st.records_hint().min(1 << 16));
+                let before = st.buffered_bytes;
                 st.take_records(usize::MAX, |r| out.push(r));
+                if st.buffered_bytes < before {
+                    // Space freed, whatever is returned: a corrupt batch or
+                    // stale chunks free it too, and the fetcher may be
+                    // waiting for it.
+                    self.inner.space.notify_one();
+                }
                 if !out.is_empty() {
                     st.in_poll = false;
-                    drop(st);
-                    self.inner.space.notify_one();
                     return Ok(out);
                 }
                 if let Some(e) = st.errors.pop_front() {
@@ -970,8 +980,8 @@ async fn fetch_round(inner: &Arc<Inner>, targets: Vec<Target>, budget: usize) ->
 /// Buffers one partition's answer, or deals with its error.
 async fn take_partition(inner: &Arc<Inner>, target: &Target, p: pb::FetchPartitionResponse) {
     let (topic, partition) = (&target.key.0, target.key.1);
-    let (batches, high_watermark) = match split_fetch(topic, p) {
-        Ok(f) => f,
+    let (batches, high_watermark) = match decode_fetch(topic, p) {
+        Ok(f) => (f.batches, f.high_watermark),
         Err(Error::Broker { code: ErrorCode::OffsetOutOfRange, message, .. })
             if inner.config.auto_offset_reset != OffsetReset::Error =>
         {
@@ -984,6 +994,9 @@ async fn take_partition(inner: &Arc<Inner>, target: &Target, p: pb::FetchPartiti
                     if let Some(a) = st.assigned.get_mut(&target.key).filter(|a| a.generation == target.generation) {
                         a.position = position;
                         a.fetch_position = position;
+                        a.committable = position;
+                        // Nothing fetched from before the reset is handed out.
+                        st.bump(&target.key);
                     }
                 }
                 Err(e) => tracing::debug!(topic = %topic, partition, error = %e, "offset reset failed"),
@@ -998,22 +1011,20 @@ async fn take_partition(inner: &Arc<Inner>, target: &Target, p: pb::FetchPartiti
     };
     let chunk = Chunk::new(target.key.clone(), target.generation, batches, target.offset);
     let mut st = inner.lock();
-    let Some(a) = st.assigned.get_mut(&target.key).filter(|a| a.generation == target.generation) else {
-        return; // sought, paused or unassigned meanwhile
+    let live = |a: &&mut Assigned| a.generation == target.generation && !a.failed && !a.revoking && !a.paused;
+    let Some(a) = st.assigned.get_mut(&target.key).filter(live) else {
+        return; // sought, paused, failed, revoked or unassigned meanwhile
     };
     a.high_watermark = high_watermark;
     let Some(chunk) = chunk else { return };
     let next = chunk.next_offset;
     a.fetch_position = a.fetch_position.max(next);
-    let (key, generation) = (&target.key, target.generation);
-    if chunk.records_hint == 0 && !st.buffered.iter().any(|c| c.key == *key && c.generation == generation) {
+    if chunk.records_hint == 0 && a.position >= target.offset {
         // Batches without records for us (a compacted log's removed
-        // offsets) and nothing buffered before them: the position moves
-        // past them now. (Behind buffered records, the chunk moves it once
-        // those are handed out.)
-        if let Some(a) = st.assigned.get_mut(key) {
-            a.position = a.position.max(next);
-        }
+        // offsets), fetched from the position itself: it moves past them
+        // now. (Behind buffered records, the chunk moves it once those are
+        // handed out; never past records dropped unseen.)
+        a.position = a.position.max(next);
         return;
     }
     st.buffered_bytes += chunk.bytes;

@@ -1,16 +1,15 @@
 //! What the [`Consumer`](crate::Consumer) fetched ahead for one partition:
-//! whole batches, split at their framing, each CRC-checked and decoded into
+//! whole batches, CRC-checked by the fetcher (their headers decide offsets
+//! and positions, so they are trusted only once checked), decoded into
 //! records only as they are handed out. The background fetcher then does no
-//! per-byte or per-record work (it splits a response and goes straight back
-//! for the next one, so the next fetch overlaps the checking and decoding
-//! of this one), and a record is decoded once, straight into what `poll`
-//! returns.
+//! per-record work (it checks a response and goes straight back for the
+//! next one, so the next fetch overlaps the decoding of this one), and a
+//! record is decoded once, straight into what `poll` returns.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use tally_proto::batch::{BatchError, BatchHeader, Record, RecordBatch, Records};
+use tally_proto::batch::{BatchError, Record, RecordBatch, Records};
 
 use crate::consumer::{ConsumerRecord, Headers};
 
@@ -18,9 +17,8 @@ use crate::consumer::{ConsumerRecord, Headers};
 pub(crate) struct Chunk {
     pub(crate) key: (Arc<str>, u32),
     pub(crate) generation: u64,
-    /// Batches not yet started, in offset order, framing checked (whole
-    /// headers, lengths that fit), CRC not yet.
-    batches: VecDeque<Bytes>,
+    /// Batches not yet started, in offset order, CRC-checked.
+    batches: VecDeque<RecordBatch>,
     /// The records of the batch being handed out.
     current: Option<Records>,
     /// Records below this offset are skipped (the first batch may start
@@ -50,25 +48,16 @@ impl std::fmt::Debug for Chunk {
 }
 
 impl Chunk {
-    /// The batches of one fetch from offset `from` (`None` when there are
-    /// none). Batches wholly below `from` are left out; a chunk with a
-    /// `records_hint` of 0 holds no record for the reader, only a position
-    /// to move to.
-    /// `batches` must each hold a whole header (as `split_batches` makes
-    /// them); the offsets in their headers are trusted until the CRC check
-    /// at hand-out says otherwise.
-    pub(crate) fn new(key: (Arc<str>, u32), generation: u64, batches: Vec<Bytes>, from: i64) -> Option<Chunk> {
-        let next_offset = Self::header(batches.last()?)?.next_offset();
-        let bytes = batches.iter().map(Bytes::len).sum();
-        let batches: VecDeque<Bytes> =
-            batches.into_iter().filter(|b| Self::header(b).is_some_and(|h| h.last_offset() >= from)).collect();
-        let records_hint = batches.iter().filter_map(Self::header).map(|h| h.record_count().max(0) as usize).sum();
+    /// The CRC-checked batches of one fetch from offset `from` (`None` when
+    /// there are none). Batches wholly below `from` are left out; a chunk
+    /// with a `records_hint` of 0 holds no record for the reader, only a
+    /// position to move to.
+    pub(crate) fn new(key: (Arc<str>, u32), generation: u64, batches: Vec<RecordBatch>, from: i64) -> Option<Chunk> {
+        let next_offset = batches.last()?.header().next_offset();
+        let bytes = batches.iter().map(RecordBatch::len).sum();
+        let batches: VecDeque<RecordBatch> = batches.into_iter().filter(|b| b.header().last_offset() >= from).collect();
+        let records_hint = batches.iter().map(|b| b.header().record_count().max(0) as usize).sum();
         Some(Chunk { key, generation, batches, current: None, from, bytes, records_hint, next_offset })
-    }
-
-    /// The header at the front of `b`.
-    fn header(b: &Bytes) -> Option<BatchHeader<'_>> {
-        BatchHeader::new(b).ok()
     }
 
     /// True when every record was handed out.
@@ -76,8 +65,8 @@ impl Chunk {
         self.current.is_none() && self.batches.is_empty()
     }
 
-    /// The next record at or after `from`, checking and decoding the next
-    /// batch when the current one is done.
+    /// The next record at or after `from`, decoding the next batch when the
+    /// current one is done.
     fn next_record(&mut self) -> Option<Result<Record, BatchError>> {
         loop {
             if let Some(records) = &mut self.current {
@@ -88,7 +77,7 @@ impl Chunk {
                 }
             }
             let batch = self.batches.pop_front()?;
-            match RecordBatch::check_framing(batch).and_then(|b| b.records()) {
+            match batch.records() {
                 Ok(records) => self.current = Some(records),
                 Err(e) => return Some(Err(e)),
             }
@@ -132,8 +121,8 @@ pub(crate) struct Taken {
     pub(crate) count: usize,
     /// The offset after the last of them (`None` when none was).
     pub(crate) after: Option<i64>,
-    /// Why it stopped before `limit` with records left: a batch or record
-    /// that does not decode.
+    /// Why it stopped before `limit` with records left: a record that does
+    /// not decode (or a compressed batch that does not decompress).
     pub(crate) failure: Option<BatchError>,
 }
 
@@ -143,14 +132,14 @@ mod tests {
 
     use super::*;
 
-    fn batch(base: i64, values: &[&str]) -> Bytes {
+    fn batch(base: i64, values: &[&str]) -> RecordBatch {
         let mut b = BatchBuilder::new();
         for v in values {
             b.push(&RecordRef { timestamp: 1, key: None, value: Some(v.as_bytes()), headers: &[] });
         }
         let mut bytes = b.finish().to_vec();
         bytes[..8].copy_from_slice(&base.to_be_bytes());
-        RecordBatch::validate(bytes.into(), &BatchLimits::default()).unwrap().bytes().clone()
+        RecordBatch::validate(bytes.into(), &BatchLimits::default()).unwrap()
     }
 
     fn key() -> (Arc<str>, u32) {
@@ -170,18 +159,6 @@ mod tests {
         assert!(chunk.is_exhausted());
         let got: Vec<(i64, &[u8])> = out.iter().map(|r| (r.offset, r.value.as_deref().unwrap())).collect();
         assert_eq!(got, [(11, &b"b"[..]), (12, b"c"), (13, b"d")]);
-    }
-
-    #[test]
-    fn a_batch_with_a_bad_crc_fails_after_the_records_of_the_batches_before_it() {
-        let mut bad = batch(12, &["c", "d"]).to_vec();
-        let last = bad.len() - 1;
-        bad[last] ^= 0xff;
-        let mut chunk = Chunk::new(key(), 1, vec![batch(10, &["a", "b"]), bad.into()], 10).unwrap();
-        let mut out = Vec::new();
-        let taken = chunk.take(10, |r| out.push(r.offset));
-        assert_eq!((taken.count, taken.after, out), (2, Some(12), vec![10, 11]));
-        assert!(matches!(taken.failure, Some(BatchError::CrcMismatch { .. })), "{:?}", taken.failure);
     }
 
     #[test]

@@ -232,20 +232,6 @@ pub(crate) fn decode_fetch(topic: &str, p: pb::FetchPartitionResponse) -> Result
     Ok(FetchedBatches { batches, high_watermark: p.high_watermark, log_start_offset: p.log_start_offset })
 }
 
-/// A fetch answer's batches split at their framing (each a whole header
-/// and a length that fits), CRC not checked yet, and the high watermark:
-/// what the `Consumer` buffers, checking each batch as it hands it out.
-pub(crate) fn split_fetch(topic: &str, p: pb::FetchPartitionResponse) -> Result<(Vec<Bytes>, i64)> {
-    if p.error_code != 0 {
-        return Err(Error::broker(p.error_code, p.error_message, topic, Some(p.partition)));
-    }
-    let mut batches = Vec::new();
-    for chunk in &p.records {
-        batches.extend(tally_proto::batch::split_batches(chunk).map_err(Error::Corrupt)?);
-    }
-    Ok((batches, p.high_watermark))
-}
-
 /// A per-partition answer in a response.
 trait PartitionAnswer {
     fn partition(&self) -> u32;

@@ -825,3 +825,59 @@ async fn partitions_past_the_per_broker_limit_are_refused_up_front_with_the_numb
     admin.create_partitions("eight", 10).await.unwrap();
     assert_eq!(admin.describe_topic("eight").await.unwrap().partitions.len(), 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_rotten_on_disk_fails_its_partition_and_nothing_from_it_or_after_it_comes_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let client = broker.client().await;
+    client.admin().create_topic(NewTopic::new("rot", 1)).await.unwrap();
+    let pc = client.partition_client("rot", 0);
+    // Three batches of ten records: offsets 0..10, 10..20 and 20..30.
+    for b in 0..3 {
+        let values: Vec<String> = (0..10).map(|i| format!("r{}", b * 10 + i)).collect();
+        let records: Vec<RecordRef> = values
+            .iter()
+            .map(|v| RecordRef { timestamp: 1, value: Some(v.as_bytes()), ..Default::default() })
+            .collect();
+        pc.produce_records(&records, Acks::Leader).await.unwrap();
+    }
+    // Flip the second batch's last byte (a value byte its CRC covers) in the
+    // segment file: bit rot the broker does not check for on reads.
+    let path = dir.path().join("rot-0").join("00000000000000000000.log");
+    let data = std::fs::read(&path).unwrap();
+    let first = tally_proto::batch::batch_size_at(&data).unwrap();
+    let second = tally_proto::batch::batch_size_at(&data[first..]).unwrap();
+    let at = first + second - 1;
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_at(&file, &[data[at] ^ 0xff], at as u64).unwrap();
+
+    let mut config = ConsumerConfig::default();
+    config.max_wait = Duration::from_millis(200);
+    let consumer = Consumer::new(client.clone(), config);
+    consumer.assign("rot", 0, SeekTo::Beginning).await.unwrap();
+    let (mut offsets, mut failure) = (Vec::new(), None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while failure.is_none() && Instant::now() < deadline {
+        match consumer.poll().await {
+            Ok(records) => offsets.extend(records.iter().map(|r| r.offset)),
+            Err(e) => failure = Some(e),
+        }
+    }
+    let failure = failure.expect("the rotten batch is reported");
+    assert!(matches!(failure, tally_client::Error::Corrupt(_)), "{failure}");
+    // Later polls hand out nothing more of the partition until a seek.
+    for _ in 0..3 {
+        offsets.extend(consumer.poll().await.unwrap_or_default().iter().map(|r| r.offset));
+    }
+    assert!(offsets.iter().all(|o| *o < 10), "nothing of the rotten batch or after it: {offsets:?}");
+    assert_eq!(offsets, (0..offsets.len() as i64).collect::<Vec<_>>(), "what came out is in order, once");
+    // Past it, reading goes on.
+    consumer.seek("rot", 0, SeekTo::Offset(20)).await.unwrap();
+    let mut after = Vec::new();
+    while after.len() < 10 && Instant::now() < deadline {
+        after.extend(consumer.poll().await.unwrap().iter().map(|r| r.offset));
+    }
+    assert_eq!(after, (20..30).collect::<Vec<_>>());
+    broker.stop().await.unwrap();
+}

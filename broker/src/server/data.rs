@@ -465,7 +465,7 @@ fn topic_metadata(t: &crate::broker::Topic) -> pb::TopicMetadata {
 /// may fault pages in from disk (its data is not in the page cache).
 /// Reads served from the page cache stay inline: moving them cost a quarter
 /// of the page-cache fetch throughput (the encoder then copies bytes that
-/// another core just checksummed).
+/// another core just read).
 async fn read_off_runtime(
     shared: &Arc<(Vec<FetchTarget>, Vec<String>)>,
     max_bytes: u64,

@@ -767,7 +767,8 @@ impl Log {
     /// (at least one batch, even if larger), never including a batch that
     /// reaches `upper` (exclusive; pass the high watermark for consumers).
     /// Crosses segment boundaries. Fails with `OffsetOutOfRange` outside
-    /// `[log_start, log_end]`, and with `Corrupt` rather than return bad bytes.
+    /// `[log_start, log_end]`, and, with `verify_on_read`, with `Corrupt`
+    /// rather than return a batch whose CRC does not match.
     pub fn read(&self, offset: Offset, max_bytes: u64, upper: Offset) -> Result<ReadResult> {
         self.check_not_failed()?;
         let leo = self.leo();
@@ -819,8 +820,22 @@ impl Log {
     /// page of the log, so the answer itself never waits on the disk.
     pub fn may_read_disk(&self, offset: Offset, max_bytes: u64) -> bool {
         let offset = offset.get();
-        let Some((_, segment)) = self.segments.range(..=offset).next_back() else { return false };
-        !segment.resident_from(offset, max_bytes)
+        let floor = self.segments.range(..=offset).next_back().map_or(0, |(b, _)| *b);
+        // The read starts at the batch holding `offset`, up to one index
+        // interval past the indexed position, and may go on into the
+        // following segments.
+        let mut left = max_bytes.saturating_add(self.config.index_interval_bytes);
+        for (i, segment) in self.segments.range(floor..).map(|(_, s)| s).enumerate() {
+            let from = if i == 0 { offset } else { segment.base_offset() };
+            if !segment.resident_from(from, left) {
+                return true;
+            }
+            left = segment.overflow_from(from, left);
+            if left == 0 {
+                break;
+            }
+        }
+        false
     }
 
     /// The first offset whose record timestamp is >= `timestamp`, with that

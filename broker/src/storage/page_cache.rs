@@ -11,8 +11,9 @@
 //! again holds only its newest windows, and the kernel reclaims the clean
 //! pages kept earlier before anything else.
 //!
-//! "Free" is the smaller of the machine's `MemFree / MemTotal` and, for each
-//! cgroup v2 ancestor with a `memory.max`, `(max - current) / max` (a
+//! "Free" is the smaller of the machine's `MemFree / MemTotal` and, for the
+//! cgroup v2 group and each ancestor with a `memory.max`, `(max - current)
+//! / max` (a
 //! container's page cache counts against its limit). Page cache is not
 //! free: a full cache is what "short" means here. The figure is sampled at
 //! most every [`SAMPLE_INTERVAL_MS`], by whichever thread asks.
@@ -97,8 +98,9 @@ fn cgroup_values(max: &str, current: &str) -> Option<(u64, u64)> {
     Some((max.saturating_sub(current), max))
 }
 
-/// This process's cgroup v2 directory and its ancestors below the root
-/// that have a `memory.max` file, found once.
+/// This process's cgroup v2 directory and its ancestors that have a
+/// `memory.max` file, found once (the host's root has none; a container's
+/// own root, in a cgroup namespace, has its limit there).
 fn limited_cgroups() -> &'static [PathBuf] {
     static DIRS: OnceLock<Vec<PathBuf>> = OnceLock::new();
     DIRS.get_or_init(|| {
@@ -108,14 +110,14 @@ fn limited_cgroups() -> &'static [PathBuf] {
 }
 
 /// The cgroup v2 path of `/proc/self/cgroup` text (`0::/a/b`) under `root`,
-/// and each ancestor below the root: `root/a/b`, `root/a`.
+/// and each ancestor up to the root: `root/a/b`, `root/a`, `root`.
 fn cgroup_dirs(text: &str, root: &Path) -> Vec<PathBuf> {
     let Some(path) = text.lines().find_map(|l| l.strip_prefix("0::")) else { return Vec::new() };
     let mut dirs = Vec::new();
     let mut dir = root.join(path.trim().trim_start_matches('/'));
-    while dir != root && dir.starts_with(root) {
+    while dir.starts_with(root) {
         dirs.push(dir.clone());
-        if !dir.pop() {
+        if dir == root || !dir.pop() {
             break;
         }
     }
@@ -142,11 +144,11 @@ mod tests {
     }
 
     #[test]
-    fn the_cgroup_and_its_ancestors_below_the_root_are_checked() {
+    fn the_cgroup_and_its_ancestors_are_checked() {
         let root = Path::new("/sys/fs/cgroup");
         let dirs = cgroup_dirs("0::/system.slice/tally.service\n", root);
-        assert_eq!(dirs, [root.join("system.slice/tally.service"), root.join("system.slice")]);
-        assert!(cgroup_dirs("0::/\n", root).is_empty(), "the root has no memory.max");
+        assert_eq!(dirs, [root.join("system.slice/tally.service"), root.join("system.slice"), root.to_path_buf()]);
+        assert_eq!(cgroup_dirs("0::/\n", root), [root.to_path_buf()], "a container's namespace root");
         assert!(cgroup_dirs("1:memory:/x\n", root).is_empty(), "cgroup v1 only");
     }
 

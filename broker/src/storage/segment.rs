@@ -39,7 +39,13 @@ pub(crate) const LOG_ALLOCATION_STEP: u64 = 32 << 20;
 pub(crate) const LOG_FIRST_ALLOCATION: u64 = 64 << 10;
 
 /// The page size residency is checked and ranges are dropped in.
-const PAGE: u64 = 4096;
+fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| {
+        u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok().filter(|&p| p > 0).unwrap_or(4096)
+    })
+}
 
 /// Least a read of data that is not cached asks the kernel to read ahead
 /// (`MADV_WILLNEED`): enough in flight to keep a disk busy between fetches.
@@ -329,7 +335,14 @@ impl Segment {
         let drop = self.dropped..drop_to;
         self.written_back = complete;
         self.dropped = drop_to;
-        Some(Writeback { file: self.file.clone(), map: self.map.clone(), start, drop, cache_min_free_percent })
+        Some(Writeback {
+            file: self.file.clone(),
+            map: self.map.clone(),
+            start,
+            drop,
+            cache_min_free_percent,
+            sync_drop: true,
+        })
     }
 
     /// Makes sure the file has real blocks up to `end`, allocating a step
@@ -476,13 +489,15 @@ impl Segment {
         // append has run write-behind on the reopened segment).
         let cold_below = (self.size / window.max(1) * window).saturating_sub(window).max(self.dropped);
         let cold = window > 0 && (!active || end <= cold_below);
-        let (start, end) = (position.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
+        let page = page_size();
+        let (start, end) = (position.div_ceil(page) * page, end / page * page);
         (cold && end > start).then(|| Writeback {
             file: self.file.clone(),
             map: self.map.clone(),
             start: 0..0,
             drop: start..end,
             cache_min_free_percent,
+            sync_drop: false,
         })
     }
 
@@ -498,7 +513,8 @@ impl Segment {
         if position >= self.size || self.resident(position, len.saturating_mul(2)) {
             return;
         }
-        let start = position / PAGE * PAGE;
+        let page = page_size();
+        let start = position / page * page;
         let end = (position + len.saturating_mul(2).max(READ_AHEAD_MIN)).min(self.size);
         // SAFETY: [start, end) lies inside the mapping; MADV_WILLNEED only
         // starts reads.
@@ -516,31 +532,39 @@ impl Segment {
         self.resident(position, len)
     }
 
+    /// Bytes of a read of `len` from the batch holding `offset` that would
+    /// lie past this segment's end (read from the next segment).
+    pub(crate) fn overflow_from(&self, offset: u64, len: u64) -> u64 {
+        let position = u64::from(self.offset_index.lookup(offset));
+        (position + len).saturating_sub(self.size)
+    }
+
     /// True when every page of `[position, position + len)` (within the
     /// segment's bytes) is in the page cache and read (a page whose read is
     /// still in flight counts as absent: touching it would wait on the
-    /// disk). One `mincore` per 4 MiB asked about.
-    fn resident(&self, position: u64, len: u64) -> bool {
+    /// disk). One `mincore` per 1024 pages asked about.
+    pub(crate) fn resident(&self, position: u64, len: u64) -> bool {
         const PAGES_PER_CALL: usize = 1024;
         let Some(map) = &self.map else { return true };
         let end = position.saturating_add(len).min(self.size);
         if position >= end {
             return true;
         }
-        let mut at = position / PAGE * PAGE;
+        let page = page_size();
+        let mut at = position / page * page;
         let mut vec = [0u8; PAGES_PER_CALL];
         while at < end {
-            let pages = ((end - at).div_ceil(PAGE) as usize).min(PAGES_PER_CALL);
+            let pages = ((end - at).div_ceil(page) as usize).min(PAGES_PER_CALL);
             // SAFETY: [at, at + pages pages) lies inside the mapping (below
             // `size` rounded up to a page, within its length); mincore only
             // reports residency, one byte per page into `vec`.
             let rc = unsafe {
-                libc::mincore(map.as_mut_ptr().add(at as usize).cast(), pages * PAGE as usize, vec.as_mut_ptr())
+                libc::mincore(map.as_mut_ptr().add(at as usize).cast(), pages * page as usize, vec.as_mut_ptr())
             };
             if rc != 0 || vec[..pages].iter().any(|v| v & 1 == 0) {
                 return false;
             }
-            at += pages as u64 * PAGE;
+            at += pages as u64 * page;
         }
         true
     }

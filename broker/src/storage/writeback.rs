@@ -19,6 +19,10 @@ pub struct Writeback {
     pub(crate) drop: std::ops::Range<u64>,
     /// `LogConfig::cache_min_free_percent` of the log.
     pub(crate) cache_min_free_percent: u8,
+    /// Write `drop` out and wait for it before dropping it (write-behind:
+    /// its pages may be dirty). A read-side drop skips this and never
+    /// waits on the disk: dirty pages simply stay cached.
+    pub(crate) sync_drop: bool,
 }
 
 impl Writeback {
@@ -42,9 +46,12 @@ impl Writeback {
             return Ok(());
         }
         let (at, len) = range(&self.drop)?;
-        let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-        // SAFETY: as above.
-        check(unsafe { libc::sync_file_range(fd, at, len, wait) })?;
+        if self.sync_drop {
+            let wait =
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            // SAFETY: as above.
+            check(unsafe { libc::sync_file_range(fd, at, len, wait) })?;
+        }
         if let Some(map) = &self.map
             && self.drop.end <= map.len() as u64
         {
