@@ -543,7 +543,7 @@ impl Segment {
     /// segment's bytes) is in the page cache and read (a page whose read is
     /// still in flight counts as absent: touching it would wait on the
     /// disk). One `mincore` per 1024 pages asked about.
-    pub(crate) fn resident(&self, position: u64, len: u64) -> bool {
+    fn resident(&self, position: u64, len: u64) -> bool {
         const PAGES_PER_CALL: usize = 1024;
         let Some(map) = &self.map else { return true };
         let end = position.saturating_add(len).min(self.size);
