@@ -139,7 +139,9 @@ pub struct BrokerConfig {
     /// limit's, whichever is lower) is below this percent. With memory to
     /// spare, written and read-back data stays cached for catch-up readers;
     /// 100 always drops (each partition caches only its newest windows), 0
-    /// never does. Default 10.
+    /// never does. Default 10, or 100 on a VM whose balloon reports free
+    /// pages to its host (where growing the cache is slow; see
+    /// `storage::page_cache::default_min_free_percent`).
     pub page_cache_min_free_percent: u8,
     /// A group member's session when it asks for none
     /// (`group.consumer.session.timeout.ms`). Default 45 000.
@@ -190,7 +192,7 @@ impl Default for BrokerConfig {
             offsets_retention_minutes: 7 * 24 * 60,
             producer_id_expiration_ms: 24 * 3600 * 1000,
             max_producers_per_partition: 10_000,
-            page_cache_min_free_percent: 10,
+            page_cache_min_free_percent: crate::storage::page_cache::default_min_free_percent(),
             group_consumer_session_timeout_ms: 45_000,
             group_consumer_min_session_timeout_ms: 45_000,
             group_consumer_max_session_timeout_ms: 60_000,

@@ -84,6 +84,14 @@ pub async fn run_with_metrics(
     let heartbeat_interval = Duration::from_millis(config.broker_heartbeat_interval_ms);
     let session_timeout = Duration::from_millis(config.broker_session_timeout_ms);
     let address = advertised.clone();
+    match config.page_cache_min_free_percent {
+        100 => tracing::info!(
+            "page cache: each partition caches only its newest write-behind windows (page_cache_min_free_percent = 100)"
+        ),
+        p => tracing::info!(
+            "page cache: written and read-back data stays cached while at least {p}% of memory is free (page_cache_min_free_percent)"
+        ),
+    }
     let broker = tokio::task::spawn_blocking(move || Broker::open(config, advertised))
         .await
         .map_err(|e| BrokerError::InvalidRequest(format!("startup task failed: {e}")))??;
