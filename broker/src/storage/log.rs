@@ -827,10 +827,8 @@ impl Log {
         let mut left = max_bytes.saturating_add(self.config.index_interval_bytes);
         for (i, segment) in self.segments.range(floor..).map(|(_, s)| s).enumerate() {
             let from = if i == 0 { offset } else { segment.base_offset() };
-            if !segment.resident_from(from, left) {
-                return true;
-            }
-            left = segment.overflow_from(from, left);
+            let Some(overflow) = segment.resident_from(from, left) else { return true };
+            left = overflow;
             if left == 0 {
                 break;
             }

@@ -523,20 +523,14 @@ impl Segment {
         };
     }
 
-    /// True when a read of up to `len` bytes from the batch holding `offset`
-    /// finds all its pages in the page cache. Touches no page of
-    /// the segment (the position is the offset index's, at or before the
-    /// batch), so asking never blocks on the disk.
-    pub(crate) fn resident_from(&self, offset: u64, len: u64) -> bool {
+    /// For a read of up to `len` bytes from the batch holding `offset`: the
+    /// bytes of it that lie past this segment's end (read from the next
+    /// segment), or `None` when some page of it here is not in the page
+    /// cache. Touches no page of the segment (the position is the offset
+    /// index's, at or before the batch), so asking never blocks on the disk.
+    pub(crate) fn resident_from(&self, offset: u64, len: u64) -> Option<u64> {
         let position = u64::from(self.offset_index.lookup(offset));
-        self.resident(position, len)
-    }
-
-    /// Bytes of a read of `len` from the batch holding `offset` that would
-    /// lie past this segment's end (read from the next segment).
-    pub(crate) fn overflow_from(&self, offset: u64, len: u64) -> u64 {
-        let position = u64::from(self.offset_index.lookup(offset));
-        (position + len).saturating_sub(self.size)
+        self.resident(position, len).then(|| (position + len).saturating_sub(self.size))
     }
 
     /// True when every page of `[position, position + len)` (within the
